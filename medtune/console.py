@@ -1,0 +1,69 @@
+"""The one rich Console, progress bars, and how errors are shown."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)  # stdout: results and --json
+
+
+def info(msg: str) -> None:
+    console.print(msg)
+
+
+def step(msg: str) -> None:
+    console.print(f"[bold cyan]▶[/] {msg}")
+
+
+def done(msg: str) -> None:
+    console.print(f"[bold green]✓[/] {msg}")
+
+
+def warn(msg: str) -> None:
+    console.print(f"[bold yellow]![/] {msg}")
+
+
+def progress(*extra_columns, transient: bool = False) -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra_columns,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+        disable=not console.is_terminal and not _force_progress(),
+    )
+
+
+def _force_progress() -> bool:
+    import os
+
+    return os.environ.get("MEDTUNE_PROGRESS", "") == "1"
+
+
+def error(exc) -> None:
+    """Render a MedtuneError: one line, one hint."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(exc.line())}", soft_wrap=True)
+    if getattr(exc, "hint", ""):
+        console.print(f"[dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

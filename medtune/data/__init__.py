@@ -1,0 +1,1 @@
+"""Datasets: sources -> format registry -> prepare (records, rendering checks, split, stats)."""

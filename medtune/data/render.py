@@ -1,0 +1,98 @@
+"""How the model's chat template renders a training record, and the checks that keep it honest.
+
+The template, not the record, closes the assistant turn. We find out which token it closes the
+turn with, and check on every record that (a) the prompt's tokens are a true prefix of the full
+sequence, (b) the end-of-turn token appears exactly once in the assistant part, at its end, and
+(c) the reasoning survived rendering (some templates delete <think> blocks from assistant turns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medtune.errors import BadInput
+
+PROBE_ANSWER = "medtune-probe-answer-7c1f"
+PROBE_REASONING = "medtune-probe-reasoning-42ab"
+
+
+@dataclass
+class TemplateInfo:
+    end_token: str
+    end_token_id: int
+    eos_token: str | None
+    strips_think: bool
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def load_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as exc:  # transformers raises OSError/ValueError/... for broken folders
+        raise BadInput(f"cannot load the tokenizer: {str(exc).splitlines()[0]}", where=str(model_dir),
+                       hint="the model folder needs tokenizer.json or tokenizer.model and tokenizer_config.json") from exc
+
+
+def chat(tok, messages, **kw):
+    return tok.apply_chat_template(messages, return_dict=False, **kw)
+
+
+def _special_strings(tok) -> list[str]:
+    specials = set(tok.all_special_tokens)
+    for tid, added in getattr(tok, "added_tokens_decoder", {}).items():
+        if added.special:
+            specials.add(added.content)
+    return sorted(specials, key=len, reverse=True)
+
+
+def inspect_template(tok, model_dir="") -> TemplateInfo:
+    if not getattr(tok, "chat_template", None):
+        raise BadInput("the model's tokenizer has no chat template", where=str(model_dir),
+                       hint="use an instruct/chat model, or add a chat_template to tokenizer_config.json")
+    msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": PROBE_ANSWER}]
+    text = chat(tok, msgs, tokenize=False)
+    if PROBE_ANSWER not in text:
+        raise BadInput("the chat template drops the assistant's answer", where=str(model_dir),
+                       hint="this template cannot be used for training")
+    tail = text[text.rindex(PROBE_ANSWER) + len(PROBE_ANSWER):]
+    end = next((s for s in _special_strings(tok) if tail.lstrip().startswith(s)), None)
+    if end is None:
+        raise BadInput(f"the chat template does not close the assistant turn with a special token (renders {tail!r})",
+                       where=str(model_dir), hint="the tuned model would never learn to stop; fix the chat template")
+    think = [{"role": "user", "content": "Q"},
+             {"role": "assistant", "content": f"<think>\n{PROBE_REASONING}\n</think>\n\n{PROBE_ANSWER}"}]
+    strips = PROBE_REASONING not in chat(tok, think, tokenize=False)
+    return TemplateInfo(end_token=end, end_token_id=tok.convert_tokens_to_ids(end),
+                        eos_token=tok.eos_token, strips_think=strips)
+
+
+def render_ids(tok, prompt: str, completion: str, system: str = ""):
+    """(full token ids, prompt length) exactly as mlx_lm's completions dataset builds them."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    full = chat(tok, msgs + [{"role": "assistant", "content": completion}])
+    head = chat(tok, msgs, add_generation_prompt=True)
+    return full, head
+
+
+def check_rendered(tok, info: TemplateInfo, full: list[int], head: list[int], reasoning: str, where: str) -> None:
+    if full[: len(head)] != head:
+        raise BadInput("the prompt's tokens are not a prefix of the rendered training sequence", where=where,
+                       hint="prompt masking would be wrong; the chat template renders the prompt differently on its own")
+    answer = full[len(head):]
+    hits = [i for i, t in enumerate(answer) if t == info.end_token_id]
+    if len(hits) != 1:
+        raise BadInput(f"end-of-turn token {info.end_token!r} appears {len(hits)} times in the answer, expected once",
+                       where=where, hint="remove end tokens from the record's text; the chat template adds it")
+    rest = tok.decode(answer[hits[0] + 1:])
+    if rest.strip():
+        raise BadInput(f"text after the end-of-turn token: {rest[:40]!r}", where=where,
+                       hint="the chat template renders something after the answer's end token")
+    if reasoning and reasoning[:32] not in tok.decode(answer):
+        raise BadInput("the reasoning is missing from the rendered sample", where=where,
+                       hint="the chat template strips it; use --reasoning inline or drop")

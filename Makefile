@@ -1,0 +1,56 @@
+# medtune: the two commands a new user types are `make all` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MT     := $(BIN)/medtune
+
+# The main job, on the embedded default model and the bundled sample set.
+MODEL  ?= builtin:smollm2-135m
+NAME   ?= medtune-smollm2
+DATA   ?= data/sample/medical_o1_sample.jsonl
+# Sized to finish well inside 15 minutes on a 2-core CPU; raise them on a Mac.
+ITERS  ?= 24
+BATCH  ?= 2
+MAXLEN ?= 512
+LAYERS ?= 8
+
+.PHONY: all test setup setup-test openblas clean-outputs help
+
+help:
+	@echo "make all   - set up .venv and run prepare → train → fuse → export on $(MODEL)"
+	@echo "make test  - set up .venv with test extras and run the test suite"
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "medtune needs Python >= 3.10 (set PYTHON=python3.x)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.base: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e .
+	@touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	@echo "installing test extras (llama-cpp-python builds from source the first time: ~8 minutes)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $@
+
+openblas:
+	@bash scripts/install_openblas.sh
+
+setup: $(VENV)/.base openblas
+
+setup-test: $(VENV)/.test openblas
+
+all: setup
+	$(MT) models pull $(MODEL)
+	$(MT) prepare $(DATA) --model $(MODEL) --out data/processed/$(NAME) --max-seq-length $(MAXLEN)
+	$(MT) train --model $(MODEL) --data data/processed/$(NAME) --out adapters/$(NAME) \
+		--iters $(ITERS) --batch-size $(BATCH) --num-layers $(LAYERS) --max-seq-length $(MAXLEN) --eval-every 12
+	$(MT) fuse --model $(MODEL) --adapter adapters/$(NAME) --out models/$(NAME)
+	$(MT) export models/$(NAME) --name $(NAME) --modelfile Modelfiles/$(NAME).Modelfile
+
+test: setup-test
+	$(BIN)/python -m pytest -q
+
+clean-outputs:
+	rm -rf data/processed adapters/$(NAME) models/$(NAME) Modelfiles/$(NAME).Modelfile

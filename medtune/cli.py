@@ -1,0 +1,256 @@
+"""The `medtune` command line. Thin: parse options, call one library function, render the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from medtune import __version__
+from medtune.console import console, done, info, step
+from medtune.errors import MedtuneError
+
+app = typer.Typer(
+    name="medtune",
+    help="Make a local medical specialist out of an open model: prepare → train → fuse → export → Ollama.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+)
+models_app = typer.Typer(help="Fetch and inspect models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+DEFAULT_MODEL = "builtin:smollm2-135m"
+
+# Shared option aliases.
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Folder, .gguf file, builtin:NAME, ORG/NAME (Hub) or modelscope:ORG/NAME.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def _emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def _version(value: bool):
+    if value:
+        print(f"medtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+):
+    if debug:
+        os.environ["MEDTUNE_DEBUG"] = "1"
+
+
+@app.command()
+def doctor(as_json: JsonOpt = False):
+    """Check this machine: OS, CPU/GPU, MLX device and BLAS, package versions, Ollama, memory and disk."""
+    from medtune.doctor import doctor as run
+
+    report = run()
+    if as_json:
+        return _emit_json(report)
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None)
+    t.add_row("OS", f"{report['os']}  (Python {report['python']})")
+    t.add_row("CPU", f"{report['cpu']['name']}, {report['cpu']['cores']} cores")
+    t.add_row("GPU", ", ".join(report["gpu"]["devices"]) or "none")
+    m = report["mlx"]
+    blas = m.get("blas", {})
+    blas_line = "n/a" if not blas.get("wanted") else (f"OpenBLAS bound ({blas['path']})" if blas.get("active") else f"NOT bound: {blas.get('reason')}")
+    t.add_row("MLX", f"{m.get('device', m.get('error'))}, float32 matmul {m.get('matmul_gflops', '?')} GFLOP/s")
+    t.add_row("BLAS", blas_line)
+    t.add_row("Versions", ", ".join(f"{k} {v or '—'}" for k, v in report["versions"].items()))
+    o = report["ollama"]
+    t.add_row("Ollama", f"{o['host']}: " + (f"reachable, {o.get('version')}" if o["reachable"] else "not reachable"))
+    mem = report["memory"]
+    t.add_row("Memory", f"{mem.get('available_gb')} GB available of {mem.get('total_gb')} GB")
+    for path, d in report["disk"].items():
+        t.add_row("Disk", f"{d['free_gb']} GB free at {path}")
+    console.print(t)
+    for tip in report["advice"]:
+        console.print(f"[yellow]•[/] {tip}")
+
+
+@models_app.command("pull")
+def models_pull(spec: Annotated[str, typer.Argument(help="Model spec.")] = DEFAULT_MODEL, as_json: JsonOpt = False):
+    """Make a model available locally and print its Hugging Face folder."""
+    from medtune.console import progress
+    from medtune.models import pull
+
+    with progress(transient=True) as p:
+        ref = pull(spec, progress=p)
+    if as_json:
+        return _emit_json(ref.to_dict())
+    print(ref.path)
+
+
+@app.command()
+def prepare(
+    dataset: Annotated[Path, typer.Argument(help="A .json/.jsonl file (or folder) in a known format.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (train/valid jsonl + manifest).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Dataset format; detected from the fields if omitted.")] = None,
+    valid_ratio: Annotated[float, typer.Option(help="Fraction for valid.jsonl.")] = 0.1,
+    test_ratio: Annotated[float, typer.Option(help="Fraction for test.jsonl.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 42,
+    reasoning: Annotated[str, typer.Option(help="think | drop | inline: where the chain of thought goes.")] = "think",
+    max_seq_length: Annotated[int, typer.Option(help="Records longer than this (in tokens, rendered) are handled by --overlong.")] = 2048,
+    overlong: Annotated[str, typer.Option(help="drop | keep | error.")] = "drop",
+    limit: Annotated[Optional[int], typer.Option(help="Use at most N records.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and summarise without writing.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Convert a dataset to prompt/completion JSONL rendered through the model's chat template."""
+    from medtune.console import progress
+    from medtune.data.prepare import prepare as run
+
+    if out is None and not dry_run:
+        out = Path("data/processed") / dataset.stem
+    with progress(transient=True) as p:
+        res = run(dataset, model, out, fmt=fmt, valid_ratio=valid_ratio, test_ratio=test_ratio, seed=seed,
+                  reasoning=reasoning, max_seq_length=max_seq_length, overlong=overlong, limit=limit,
+                  dry_run=dry_run, progress=p)
+    if as_json:
+        return _emit_json(res.to_dict())
+    c = res.counts
+    info(f"format [bold]{res.format}[/], end-of-turn token [bold]{res.template['end_token']}[/] (added by the chat template)")
+    info(f"read {c['read']}, kept {c['kept']}: train {c['train']}, valid {c['valid']}, test {c['test']}; "
+         f"dropped {c['dropped'] or 'none'}")
+    t = res.tokens
+    info(f"tokens per record: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}")
+    if dry_run:
+        from rich.panel import Panel
+
+        console.print(Panel(res.example.get("rendered", ""), title="first training example, as the model sees it", expand=False))
+    else:
+        done(f"prepared data in {res.out}")
+        print(res.out)
+
+
+@app.command()
+def train(
+    model: ModelOpt = DEFAULT_MODEL,
+    data: Annotated[Path, typer.Option("--data", "-d", help="Folder from `medtune prepare`.")] = Path("data/processed/medical_o1_sample"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter output folder.")] = Path("adapters/medtune"),
+    iters: Annotated[int, typer.Option(help="Training steps.")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Records per step.")] = 4,
+    num_layers: Annotated[int, typer.Option(help="Layers (from the top) that get LoRA; -1 = all.")] = 8,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    scale: Annotated[float, typer.Option(help="LoRA scale.")] = 20.0,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
+    max_seq_length: Annotated[int, typer.Option(help="Longest record allowed (tokens).")] = 2048,
+    mask_prompt: Annotated[bool, typer.Option("--mask-prompt/--no-mask-prompt", help="Loss on the answer only.")] = True,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    eval_every: Annotated[int, typer.Option(help="Steps between validation passes.")] = 50,
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
+    as_json: JsonOpt = False,
+):
+    """LoRA-train a model on prepared data (MLX: Apple Silicon, or CPU on Linux)."""
+    from rich.progress import TextColumn
+
+    from medtune.console import progress
+    from medtune.train import TrainOptions
+    from medtune.train import train as run
+
+    opts = TrainOptions(iters=iters, batch_size=batch_size, num_layers=num_layers, rank=rank, scale=scale,
+                        dropout=dropout, lr=lr, max_seq_length=max_seq_length, mask_prompt=mask_prompt, seed=seed,
+                        steps_per_eval=eval_every, save_every=save_every)
+    step(f"training LoRA on {model} with {data} → {out}")
+    cols = TextColumn("loss [bold]{task.fields[loss]}[/] val [bold]{task.fields[val]}[/] "
+                      "{task.fields[tps]} tok/s peak {task.fields[mem]} GB")
+    with progress(cols) as p:
+        res = run(model, data, out, opts, progress=p)
+    if as_json:
+        return _emit_json(res.to_dict())
+    done(f"trained {res.steps} steps in {res.seconds:.0f}s ({res.tokens_per_second:.0f} tok/s); "
+         f"val loss {res.first_val_loss:.3f} → {res.final_val_loss:.3f}")
+    info(f"adapter: {res.adapter_file}\nloss curve: {res.files.get('loss_plot')}")
+    print(res.out)
+
+
+@app.command()
+def fuse(
+    model: ModelOpt = DEFAULT_MODEL,
+    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="Folder from `medtune train`.")] = Path("adapters/medtune"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Fused model folder.")] = Path("models/medtune"),
+    as_json: JsonOpt = False,
+):
+    """Merge a LoRA adapter into its base model → a Hugging Face safetensors folder."""
+    from medtune.fuse import fuse as run
+
+    step(f"fusing {adapter} into {model}")
+    res = run(model, adapter, out)
+    if as_json:
+        return _emit_json(res.to_dict())
+    done(f"fused {res.fused_layers} layers → {res.out}")
+    print(res.out)
+
+
+@app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="Fused model folder (from `medtune fuse`).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the GGUF files (default: MODEL_DIR).")] = None,
+    name: Annotated[str, typer.Option("--name", "-n", help="Model name for files and Ollama.")] = "medtune",
+    quant: Annotated[List[str], typer.Option("--quant", "-q", help="f16, f32, bf16, q8_0 (repeatable).")] = ["f16"],  # noqa: B006
+    system: Annotated[Optional[str], typer.Option(help="SYSTEM prompt for the Modelfile (default: the one training saw).")] = None,
+    modelfile: Annotated[Optional[Path], typer.Option(help="Modelfile path (default: Modelfiles/NAME.Modelfile).")] = None,
+    as_json: JsonOpt = False,
+):
+    """Write GGUF file(s) and an Ollama Modelfile that renders prompts exactly like training did."""
+    from medtune.console import progress
+    from medtune.export import export as run
+
+    out = out or model_dir
+    modelfile = modelfile or Path("Modelfiles") / f"{name}.Modelfile"
+    step(f"exporting {model_dir} → {out} ({', '.join(quant)})")
+    with progress(transient=True) as p:
+        res = run(model_dir, out, name, quants=tuple(quant), system=system, modelfile_path=modelfile, progress=p)
+    if as_json:
+        return _emit_json(res.to_dict() if hasattr(res, "to_dict") else res.__dict__)
+    for g in res.gguf_paths:
+        done(f"GGUF: {g}")
+    done(f"Modelfile: {res.modelfile_path}")
+    info("[bold]To run it in Ollama:[/]")
+    for line in res.ollama_commands:
+        print(f"  {line}")
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv or os.environ.get("MEDTUNE_DEBUG") == "1"
+    try:
+        app()
+    except MedtuneError as exc:
+        if debug:
+            raise
+        from medtune.console import error
+
+        error(exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc).splitlines()[0] if str(exc) else '')}")
+        console.print("[dim]hint:[/] re-run with --debug for the traceback, and report it if it is a bug")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

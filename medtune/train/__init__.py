@@ -1,0 +1,22 @@
+"""Training backends. One registry entry per backend; `train()` picks one and runs it."""
+
+from __future__ import annotations
+
+from medtune.errors import BadInput
+from medtune.train.options import TrainOptions, TrainResult
+
+BACKENDS = {
+    "mlx": "medtune.train.mlx_backend",
+}
+
+
+def train(model: str, data, out, options: TrainOptions | None = None, backend: str = "mlx", progress=None) -> TrainResult:
+    import importlib
+
+    if backend not in BACKENDS:
+        raise BadInput(f"unknown backend {backend!r}", hint=f"backends: {', '.join(BACKENDS)}")
+    module = importlib.import_module(BACKENDS[backend])
+    return module.train(model, data, out, options or TrainOptions(), progress=progress)
+
+
+__all__ = ["train", "TrainOptions", "TrainResult", "BACKENDS"]

@@ -1,0 +1,50 @@
+"""metrics.jsonl and loss.png for a training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medtune import fsutil
+
+
+class MetricsLog:
+    """Appends one JSON object per report to metrics.jsonl (flushed, so a crash keeps what was logged)."""
+
+    def __init__(self, path: Path, truncate: bool = True):
+        self.path = path
+        self.rows: list[dict] = []
+        if truncate and path.exists():
+            path.unlink()
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def plot_losses(rows: list[dict], path: Path, title: str = "") -> Path | None:
+    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#1f77b4", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), label="validation loss", color="#d62728", marker="o", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or "medtune training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with fsutil.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

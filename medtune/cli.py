@@ -220,8 +220,8 @@ def export(
         res = run(model_dir, out, name, quants=tuple(quant), system=system, modelfile_path=modelfile, progress=p)
     if as_json:
         return _emit_json(res.to_dict() if hasattr(res, "to_dict") else res.__dict__)
-    for g in res.gguf_paths:
-        done(f"GGUF: {g}")
+    for q, g in res.gguf_paths.items():
+        done(f"GGUF ({q}): {g}")
     done(f"Modelfile: {res.modelfile_path}")
     info("[bold]To run it in Ollama:[/]")
     for line in res.ollama_commands:

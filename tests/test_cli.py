@@ -1,0 +1,41 @@
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, run_cli
+
+COMMANDS = ("doctor", "models", "prepare", "train", "fuse", "export")
+
+
+def test_help_lists_every_command():
+    res = run_cli("--help")
+    assert res.returncode == 0
+    for cmd in COMMANDS:
+        assert cmd in res.stdout
+
+
+def test_cli_import_stays_light():
+    """`medtune --help` must stay fast: importing the CLI pulls in none of the heavy libraries."""
+    code = ("import sys, medtune.cli; heavy = ('mlx', 'mlx_lm', 'torch', 'transformers', 'llama_cpp', 'gguf', "
+            "'numpy', 'safetensors'); print([m for m in heavy if m in sys.modules])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
+def test_doctor_json_reports_the_machine():
+    res = run_cli("doctor", "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    for key in ("os", "cpu", "gpu", "mlx", "versions", "ollama", "memory", "disk"):
+        assert key in report
+    assert report["versions"]["mlx-lm"]
+    assert report["ollama"]["reachable"] in (True, False)
+    assert "device" in report["mlx"] and report["mlx"]["matmul_gflops"] > 0
+    if sys.platform.startswith("linux"):
+        assert report["mlx"]["blas"]["wanted"] is True
+
+
+def test_unknown_option_is_a_usage_error():
+    res = run_cli("prepare", "--no-such-option")
+    assert res.returncode == 2

@@ -1,0 +1,106 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from medtune.errors import BadInput, MedtuneError
+from medtune.models import pull
+from medtune.models.gguf_import import permute_rows, unpermute_rows
+
+PROMPTS = [
+    "A 58-year-old man has crushing chest pain for 40 minutes. What is the first step?",
+    "患者，女，32岁，发热3天，体温39.2℃。最可能的诊断是什么？",
+    "Dose: 2024 mg/day split as 3 × 675 mg; HbA1c 7.5% → 6.9%.\n\nNext line\twith tab",
+]
+
+
+def test_builtin_is_a_normalised_float32_hf_folder(smollm2_dir):
+    cfg = json.loads((smollm2_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["rope_theta"] == 100000.0  # top-level: mlx_lm ignores rope_parameters
+    assert cfg["torch_dtype"] == "float32" and cfg["tie_word_embeddings"] is True
+    tok_cfg = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    assert tok_cfg["eos_token"] == "<|im_end|>" and "chat_template" in tok_cfg
+    from safetensors import safe_open
+
+    with safe_open(str(smollm2_dir / "model.safetensors"), "np") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == np.float32
+
+
+def test_builtin_loads_in_mlx_and_transformers_and_they_agree(smollm2_dir):
+    import mlx.core as mx
+    import torch
+    from mlx_lm import load
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
+                                  return_dict=False)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    model, _ = load(str(smollm2_dir))
+    got = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    assert np.abs(ref - got).max() < 1e-3
+    assert ref[-1].argmax() == got[-1].argmax()
+
+
+def test_imported_tokenizer_splits_text_like_llama_cpp(smollm2_dir, smollm2_gguf):
+    """The tokenizer.json we rebuilt from the GGUF tokenizes exactly as llama.cpp does on the original file."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ref = llama_cpp.Llama(model_path=str(smollm2_gguf), vocab_only=True, verbose=False)
+    for text in PROMPTS:
+        assert tok.encode(text, add_special_tokens=False) == ref.tokenize(text.encode(), add_bos=False, special=False)
+    chat = tok.apply_chat_template([{"role": "user", "content": PROMPTS[2]}], add_generation_prompt=True,
+                                   tokenize=False)
+    assert tok.encode(chat, add_special_tokens=False) == ref.tokenize(chat.encode(), add_bos=False, special=True)
+
+
+def test_qk_permutation_round_trips():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8 * 16, 24)).astype(np.float32)
+    p = permute_rows(w, 8)
+    assert not np.array_equal(p, w)
+    assert np.array_equal(unpermute_rows(p, 8), w)
+    # within each head, llama.cpp interleaves the two rotary halves: row 1 is the first row of the second half
+    assert np.array_equal(p[1], w[8])
+
+
+def test_pull_local_folder(tiny_llama_dir):
+    ref = pull(str(tiny_llama_dir))
+    assert ref.kind == "local" and ref.path == tiny_llama_dir.resolve()
+
+
+def test_pull_errors_are_clear(tmp_path):
+    with pytest.raises(BadInput, match="no such folder"):
+        pull(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInput, match="no config.json"):
+        pull(str(tmp_path / "empty"))
+    with pytest.raises(BadInput, match="unknown builtin"):
+        pull("builtin:nope")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + b"\x00" * 64)
+    with pytest.raises(BadInput, match="not a readable GGUF"):
+        pull(str(bad))
+
+
+def test_pull_hub_offline_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(MedtuneError) as exc:
+        pull("medtune-test-org/does-not-exist")
+    assert "does-not-exist" in exc.value.line()
+
+
+def test_models_pull_cli_prints_the_folder(smollm2_dir):
+    res = run_cli("models", "pull", "builtin:smollm2-135m", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["path"] == str(smollm2_dir)
+    res = run_cli("models", "pull", "/definitely/not/here")
+    assert res.returncode == 2
+    assert "error:" in res.stderr and "Traceback" not in res.stderr

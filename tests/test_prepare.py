@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from conftest import SAMPLE, run_cli
+from medtune.data.prepare import prepare
+from medtune.errors import BadInput
+
+
+def test_sample_set_is_bilingual_and_complete():
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(rows) >= 60
+    zh = [r for r in rows if any("\u4e00" <= ch <= "\u9fff" for ch in r["Question"])]
+    assert len(zh) >= 10 and len(rows) - len(zh) >= 10
+    assert all(set(r) == {"Question", "Complex_CoT", "Response"} and all(r.values()) for r in rows)
+    assert len({r["Question"] for r in rows}) == len(rows)
+
+
+def test_prepare_writes_checked_splits(tmp_path, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "prep"
+    res = prepare(SAMPLE, str(smollm2_dir), out)
+    assert res.counts["read"] >= 60 and res.counts["train"] + res.counts["valid"] == res.counts["kept"]
+    assert res.template["end_token"] == "<|im_end|>"  # from the template, not hard-coded
+    train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    valid = [json.loads(x) for x in (out / "valid.jsonl").read_text().splitlines()]
+    assert set(train[0]) == {"prompt", "completion"}
+    assert train[0]["completion"].startswith("<think>\n") and "\n</think>\n\n" in train[0]["completion"]
+    assert not any("<|im_end|>" in r["completion"] for r in train)  # the template adds it, exactly once
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in valid}
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    rendered = tok.apply_chat_template([{"role": "user", "content": train[0]["prompt"]},
+                                        {"role": "assistant", "content": train[0]["completion"]}], tokenize=False)
+    assert rendered.rstrip().endswith("<|im_end|>")
+    assert rendered.count("<|im_end|>") == 3  # default system, user, assistant
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["sha256"][str(SAMPLE)]
+    assert manifest["first_example"]["rendered"].rstrip().endswith("<|im_end|>")
+    assert manifest["tokens"]["max"] <= 2048
+
+
+def test_split_is_reproducible_and_seeded(tmp_path, smollm2_dir):
+    a = prepare(SAMPLE, str(smollm2_dir), tmp_path / "a", seed=1)
+    b = prepare(SAMPLE, str(smollm2_dir), tmp_path / "b", seed=1)
+    c = prepare(SAMPLE, str(smollm2_dir), tmp_path / "c", seed=2)
+    read = lambda r: (r.out / "valid.jsonl").read_text()  # noqa: E731
+    assert read(a) == read(b)
+    assert read(a) != read(c)
+
+
+def test_overlong_records_are_dropped_never_truncated(tmp_path, smollm2_dir):
+    res = prepare(SAMPLE, str(smollm2_dir), tmp_path / "p", max_seq_length=300)
+    assert res.counts["dropped"]["over max_seq_length"] > 0
+    assert res.tokens["max"] <= 300
+    with pytest.raises(BadInput, match="over --max-seq-length"):
+        prepare(SAMPLE, str(smollm2_dir), tmp_path / "q", max_seq_length=300, overlong="error")
+
+
+def test_dry_run_writes_nothing(tmp_path, smollm2_dir):
+    res = prepare(SAMPLE, str(smollm2_dir), tmp_path / "dry", dry_run=True)
+    assert not (tmp_path / "dry").exists()
+    assert "<think>" in res.example["rendered"]
+
+
+@pytest.mark.parametrize("content, where, message", [
+    ('{"Question": "a", "Complex_CoT": "b", "Response": "c"}\n{"Question": "x", "Complex_CoT": \n', ":2", "invalid JSON"),
+    ('{"Question": "a", "Complex_CoT": "b"}\n', ":1", "cannot tell the dataset format"),
+    ('{"Question": "a", "Complex_CoT": "b", "Response": 5}\n', ":1", "expected text"),
+    ("", "", "empty"),
+    ('["not an object"]', "[0]", "not an object"),
+])
+def test_bad_input_names_the_place(tmp_path, smollm2_dir, content, where, message):
+    bad = tmp_path / ("bad.json" if content.startswith("[") else "bad.jsonl")
+    bad.write_text(content, encoding="utf-8")
+    out = tmp_path / "out"
+    with pytest.raises(BadInput) as exc:
+        prepare(bad, str(smollm2_dir), out)
+    assert message in exc.value.line() and f"{bad}{where}" in exc.value.line()
+    assert not out.exists()
+
+
+def test_bad_input_via_cli_is_one_line_exit_2_and_keeps_previous_output(tmp_path, smollm2_dir):
+    out = tmp_path / "out"
+    ok = run_cli("prepare", SAMPLE, "--model", smollm2_dir, "--out", out)
+    assert ok.returncode == 0, ok.stderr
+    before = (out / "train.jsonl").read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"Question": "q", "Complex_CoT": "c", "Response": "r"}\n\xff\xfe broken\n')
+    res = run_cli("prepare", bad, "--model", smollm2_dir, "--out", out)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert f"{bad}:2" in res.stderr and "hint:" in res.stderr
+    assert (out / "train.jsonl").read_bytes() == before

@@ -1,0 +1,365 @@
+"""Ollama Modelfile: chat-template families, an explicit TEMPLATE, every stop token, a safe SYSTEM.
+
+The family is chosen by rendering the tokenizer's own chat template (the one training used) on probe
+conversations and comparing with what each family's reference renderer produces, never by model name.
+The family's Go TEMPLATE makes Ollama build byte-for-byte the prompt the HF template builds. When the
+HF template inserts a default system prompt (SmolLM2 does), the Modelfile's SYSTEM defaults to that
+exact text, because Ollama only renders a system block when it has a system prompt.
+
+Modelfile values: Ollama's parser has no escape sequences. A `\"\"\"` block ends at the first line that
+ends in `\"\"\"`, and characters that are not printable (other than newline and tab) are silently
+dropped. So a value containing `\"\"\"` or such characters is refused (BadInput): it cannot be encoded
+without changing it, and `\"\"\"` followed by a newline would let the rest become Modelfile instructions.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from medtune.errors import BadInput
+
+# ---- families ---------------------------------------------------------------------------------------
+# Both templates walk .Messages, which in Ollama holds every system message in place (the Modelfile
+# SYSTEM is prepended as one when a request starts without one), so an explicit empty system prompt
+# and a system message in mid-conversation render exactly as the HF template renders them.
+CHATML_TEMPLATE = """\
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant
+{{ end }}
+{{- end }}"""
+
+GENERIC_TEMPLATE = """\
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "system" }}{{ .Content }}
+
+{{ else if eq .Role "user" }}User: {{ .Content }}
+{{ else }}Assistant: {{ .Content }}
+{{ end }}
+{{- if and $last (ne .Role "assistant") }}Assistant:{{ end }}
+{{- end }}"""
+
+
+def _render_chatml(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _render_generic(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    out = []
+    for m in messages:
+        if m["role"] == "system":
+            out.append(f"{m['content']}\n\n")
+        else:
+            out.append(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n")
+    return "".join(out) + ("Assistant:" if add_generation_prompt else "")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    template: str  # Ollama Go template
+    render: Callable[..., str]  # what a matching HF chat template renders
+    stops: tuple[str, ...]  # end-of-turn and role markers, in this order
+    system_open: str  # text before / after the system prompt in a rendering (to find a default one)
+    system_close: str
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> None:
+    FAMILIES[family.name] = family
+
+
+register(Family("chatml", CHATML_TEMPLATE, _render_chatml, ("<|im_end|>", "<|im_start|>"),
+                "<|im_start|>system\n", "<|im_end|>\n"))
+register(Family("generic", GENERIC_TEMPLATE, _render_generic, ("User:",), "", "\n\n"))
+
+# Probe conversations: what the template is checked against. Contents avoid anything a template might
+# rewrite (leading/trailing spaces, think tags).
+_PROBES = [
+    [{"role": "system", "content": "You are a careful clinician."},
+     {"role": "user", "content": "What lowers fever?"},
+     {"role": "assistant", "content": "Paracetamol, fluids and rest."},
+     {"role": "user", "content": "And in children?"}],
+    [{"role": "user", "content": "Define tachycardia."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+     {"role": "user", "content": "Dose of\nibuprofen?"}],
+]
+
+
+@dataclass
+class Match:
+    family: Family
+    default_system: str | None  # the system prompt the HF template inserts when none is given
+
+
+def _hf_renderer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+
+    def render(messages):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    return render
+
+
+def hf_render(model_dir: str | Path, messages: list[dict]) -> str:
+    """The tokenizer's own chat template applied with add_generation_prompt=True."""
+    return _hf_renderer(Path(model_dir))(messages)
+
+
+def _match_family(family: Family, render) -> Match | None:
+    """Match if every probe renders as the family does, with one consistent default system prompt
+    (or none) on the probes that give no system message."""
+    defaults = set()
+    for probe in _PROBES:
+        got = render(probe)
+        if got == family.render(probe):
+            if probe[0]["role"] != "system":
+                defaults.add(None)
+            continue
+        if probe[0]["role"] == "system":
+            return None
+        # Maybe the template inserts a default system prompt: find it, then re-check with it.
+        if not got.startswith(family.system_open):
+            return None
+        end = got.find(family.system_close, len(family.system_open))
+        if end < 0:
+            return None
+        candidate = got[len(family.system_open):end]
+        if got != family.render([{"role": "system", "content": candidate}, *probe]):
+            return None
+        defaults.add(candidate)
+    if len(defaults) > 1:
+        return None
+    return Match(family, defaults.pop() if defaults else None)
+
+
+def detect_family(model_dir: str | Path, template: str | None = None) -> Match:
+    """The family whose rendering equals the tokenizer's own chat template on every probe."""
+    from medtune.export.tokenizer import chat_template
+
+    model_dir = Path(model_dir)
+    template = template if template is not None else chat_template(model_dir)
+    if not template:
+        raise BadInput("the tokenizer has no chat template", where=str(model_dir),
+                       hint="train with a chat template (a chat model's tokenizer), or pass family='generic' "
+                            "to use medtune's plain User:/Assistant: format")
+    try:
+        render = _hf_renderer(model_dir)
+        for family in FAMILIES.values():
+            found = _match_family(family, render)
+            if found:
+                return found
+    except BadInput:
+        raise
+    except Exception as exc:  # jinja errors: the template raised on a probe
+        raise BadInput(f"the tokenizer's chat template cannot render a probe conversation ({exc})",
+                       where=str(model_dir), hint="check chat_template in tokenizer_config.json") from exc
+    raise BadInput(f"the tokenizer's chat template matches no known family ({', '.join(FAMILIES)})",
+                   where=str(model_dir),
+                   hint="add a family to medtune/export/modelfile.py (a renderer, a Go TEMPLATE and its stops)")
+
+
+# ---- Modelfile values -------------------------------------------------------------------------------
+_PARAM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+DEFAULT_PARAMS = {"temperature": 0.6, "top_p": 0.9, "repeat_penalty": 1.1}
+
+
+def _check_chars(value: str, what: str) -> None:
+    for ch in value:
+        if ch in "\n\r\t":
+            continue
+        if not ch.isprintable():
+            raise BadInput(f"{what} contains the non-printable character U+{ord(ch):04X}, which Ollama's "
+                           "Modelfile parser drops", hint="remove it (or replace it with a plain space)")
+
+
+def quote_value(value: str, what: str = "value") -> str:
+    """A Modelfile argument that Ollama's parser reads back as exactly `value`."""
+    if not isinstance(value, str):
+        raise BadInput(f"{what} must be text, got {type(value).__name__}")
+    _check_chars(value, what)
+    if '"""' in value:
+        raise BadInput(f'{what} contains """, which cannot be written into a Modelfile safely',
+                       hint='Modelfile values have no escapes and """ ends a block; rephrase without """')
+    simple = value and value == value.strip(" \t") and "\n" not in value and "\r" not in value \
+        and not value.startswith('"')
+    if simple:
+        return value
+    return f'"""{value}"""'
+
+
+def _param_value(name: str, value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value) if isinstance(value, float) else str(value)
+    return quote_value(str(value), f"PARAMETER {name}")
+
+
+def modelfile_lines(from_path: str, template: str, system: str | None, stops: list[str],
+                    params: dict) -> list[str]:
+    lines = ["# Written by medtune. TEMPLATE reproduces the tokenizer's chat template; do not edit by hand.",
+             f"FROM {quote_value(str(from_path), 'FROM path')}",
+             f"TEMPLATE {quote_value(template, 'TEMPLATE')}"]
+    if system:
+        lines.append(f"SYSTEM {quote_value(system, 'system prompt')}")
+    for s in stops:
+        lines.append(f"PARAMETER stop {quote_value(s, 'stop')}")
+    for name, value in params.items():
+        if not _PARAM_NAME.fullmatch(name) or name == "stop":
+            raise BadInput(f"bad Modelfile parameter name {name!r}", hint="use Ollama option names such as temperature")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        lines += [f"PARAMETER {name} {_param_value(name, v)}" for v in values]
+    return lines
+
+
+# ---- the Modelfile ----------------------------------------------------------------------------------
+def stop_tokens(family: Family, vocab) -> list[str]:
+    """Family markers, then every end-of-sequence token and <|endoftext|>-like special tokens."""
+    stops = list(family.stops)
+    for idx in vocab.eos_ids:
+        text = vocab.text(idx)
+        if text:
+            stops.append(text)
+    for text in ("<|endoftext|>", "<|eot_id|>", "<|end|>"):
+        if vocab.is_special(text):
+            stops.append(text)
+    return list(dict.fromkeys(s for s in stops if s))
+
+
+def render_modelfile(gguf_filename: str | Path, model_dir: str | Path, system: str | None = None,
+                     params: dict | None = None, *, family: str | None = None, vocab=None) -> tuple[str, dict]:
+    """Modelfile text for the GGUF at `gguf_filename` (written as given: pass an absolute path).
+
+    system: None -> the chat template's own default system prompt, if it has one; "" -> no SYSTEM.
+    params: Ollama PARAMETERs added to / overriding the defaults (temperature, top_p, num_ctx, ...).
+    family: force a family by name instead of detecting it (e.g. "generic" for a template-less base).
+    Returns (text, info) where info has family, stops, system, default_system, template, params, warnings.
+    """
+    from medtune.export.tokenizer import read_vocab
+    from medtune.models.config import read_config
+
+    model_dir = Path(model_dir)
+    vocab = vocab or read_vocab(model_dir)
+    warnings: list[str] = []
+    if family is not None:
+        if family not in FAMILIES:
+            raise BadInput(f"unknown chat-template family {family!r}", hint=f"known: {', '.join(FAMILIES)}")
+        found = None
+        if vocab.chat_template:
+            try:
+                found = _match_family(FAMILIES[family], _hf_renderer(model_dir))
+            except Exception:  # noqa: BLE001 - a forced family does not need the HF template to render
+                found = None
+            if found is None:
+                warnings.append(f"family {family!r} was forced and does not match the tokenizer's chat template: "
+                                "Ollama's prompts will differ from training")
+        else:
+            warnings.append(f"the tokenizer has no chat template: the Modelfile uses the {family!r} format, "
+                            "which the model only follows if it was trained on it")
+        match = found or Match(FAMILIES[family], None)
+    else:
+        match = detect_family(model_dir, vocab.chat_template)
+    fam = match.family
+    if system is None:
+        system = match.default_system
+    elif system == "" and match.default_system:
+        warnings.append("system prompt disabled although the chat template has a default one: "
+                        "Ollama's prompts will differ from training")
+
+    cfg = read_config(model_dir)
+    ctx = int(cfg.get("max_position_embeddings") or 4096)
+    merged = {**DEFAULT_PARAMS, "num_ctx": min(ctx, 4096), **(params or {})}
+    stops = stop_tokens(fam, vocab)
+    if isinstance(merged.get("stop"), (list, tuple, str)):
+        extra = merged.pop("stop")
+        stops += [s for s in ([extra] if isinstance(extra, str) else extra) if s not in stops]
+    lines = modelfile_lines(str(gguf_filename), fam.template, system or None, stops, merged)
+    text = "\n".join(lines) + "\n"
+    info = {"family": fam.name, "stops": stops, "system": system or None, "default_system": match.default_system,
+            "template": fam.template, "params": merged, "warnings": warnings}
+    return text, info
+
+
+# ---- reading a Modelfile back (the way Ollama's parser does) ---------------------------------------
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """(command, argument) pairs as Ollama's parser (parser/parser.go) reads them.
+
+    A value ends at a newline once the text gathered so far, trimmed, is a complete value: unquoted,
+    "…" or \"\"\"…\"\"\". Non-printable characters other than newline and tab are dropped, as there.
+    Lines starting with # are comments.
+    """
+    commands: list[tuple[str, str]] = []
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        if i >= n:
+            break
+        if text[i] == "#":
+            while i < n and text[i] not in "\r\n":
+                i += 1
+            continue
+        j = i
+        while j < n and text[j].isascii() and text[j].isalpha():
+            j += 1
+        name = text[i:j].lower()
+        if j >= n or text[j] not in " \t":
+            raise ValueError(f"invalid command at offset {i}: {text[i:j + 10]!r}")
+        if name not in ("from", "license", "template", "system", "adapter", "draft", "renderer", "parser",
+                        "parameter", "message", "requires"):
+            raise ValueError(f"invalid command {name!r}")
+        i = j + 1
+        if name in ("parameter", "message"):
+            j = i
+            while j < n and (text[j].isalnum() or text[j] == "_"):
+                j += 1
+            sub = text[i:j]
+            i = j + 1
+        buf = []
+        value = None
+        while i < n:
+            ch = text[i]
+            i += 1
+            if ch in "\r\n":
+                ok, value = _unquote("".join(buf).strip())
+                if ok:
+                    break
+                buf.append(ch)
+                value = None
+                continue
+            if ch in " \t" or ch.isprintable():
+                buf.append(ch)
+        if value is None:
+            ok, value = _unquote("".join(buf).strip())
+            if not ok:
+                raise ValueError("unexpected end of file inside a quoted value")
+        if name == "parameter":
+            commands.append((sub, value))
+        elif name == "message":
+            commands.append(("message", f"{sub}: {value}"))
+        else:
+            commands.append(("model" if name == "from" else name, value))
+    return commands
+
+
+def _unquote(s: str) -> tuple[bool, str]:
+    if s.startswith('"""'):
+        if len(s) >= 6 and s.endswith('"""'):
+            return True, s[3:-3]
+        return False, ""
+    if s.startswith('"'):
+        if len(s) >= 2 and s.endswith('"'):
+            return True, s[1:-1]
+        return False, ""
+    return True, s

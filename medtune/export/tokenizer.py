@@ -1,0 +1,248 @@
+"""The tokenizer part of a GGUF, read from a Hugging Face folder.
+
+tokenizer.json gives the vocabulary, merges, added tokens and the pre-tokenizer; tokenizer_config.json
+the special tokens, add_bos/add_eos and the chat template; generation_config.json / config.json the
+end-of-sequence id the model was trained to emit. The pre-tokenizer is recognised from its definition
+(medtune.pretok) and an unknown one is refused: llama.cpp would split text differently from training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medtune import pretok
+from medtune.errors import BadInput
+
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+
+@dataclass
+class Vocab:
+    model: str  # tokenizer.ggml.model
+    pre: str  # tokenizer.ggml.pre
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    bos_id: int | None = None
+    eos_id: int | None = None
+    unk_id: int | None = None
+    pad_id: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: str | None = None
+    eos_ids: list[int] = field(default_factory=list)  # every id the model may end a turn with
+
+    def text(self, idx: int | None) -> str | None:
+        return self.tokens[idx] if idx is not None and 0 <= idx < len(self.tokens) else None
+
+    def is_special(self, text: str) -> bool:
+        try:
+            return self.token_types[self.tokens.index(text)] == CONTROL
+        except ValueError:
+            return False
+
+    def write(self, w) -> None:
+        """Add the tokenizer keys to a gguf.GGUFWriter."""
+        w.add_tokenizer_model(self.model)
+        w.add_tokenizer_pre(self.pre)
+        w.add_token_list(self.tokens)
+        w.add_token_types(self.token_types)
+        w.add_token_merges(self.merges)
+        for idx, add in ((self.bos_id, w.add_bos_token_id), (self.eos_id, w.add_eos_token_id),
+                         (self.unk_id, w.add_unk_token_id), (self.pad_id, w.add_pad_token_id)):
+            if idx is not None:
+                add(idx)
+        w.add_add_bos_token(self.add_bos)
+        w.add_add_eos_token(self.add_eos)
+        if self.chat_template:
+            w.add_chat_template(self.chat_template)
+
+
+def _load_json(path: Path, required: bool = False) -> dict:
+    if not path.is_file():
+        if required:
+            raise BadInput(f"no {path.name} in model folder {path.parent}", where=str(path.parent),
+                           hint="export needs a fast tokenizer (tokenizer.json); re-save the tokenizer with transformers")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path.name} is not valid JSON ({exc})", where=str(path), hint="re-download the model") from exc
+    if not isinstance(data, dict):
+        raise BadInput(f"{path.name} is not a JSON object", where=str(path), hint="re-download the model")
+    return data
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config writes special tokens as strings or as {"content": ...} objects."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def chat_template(model_dir: str | Path) -> str | None:
+    """The tokenizer's default chat template: tokenizer_config.json, else chat_template.jinja/.json."""
+    model_dir = Path(model_dir)
+    value = _load_json(model_dir / "tokenizer_config.json").get("chat_template")
+    if value is None and (model_dir / "chat_template.jinja").is_file():
+        value = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    if value is None:
+        value = _load_json(model_dir / "chat_template.json").get("chat_template")
+    if isinstance(value, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value else None
+
+
+def _adds_special(tok: dict, text: str | None, first: bool) -> bool:
+    """Does the post-processor put `text` at the start (first) / end of every encoding?"""
+    if not text:
+        return False
+    post = tok.get("post_processor") or {}
+    procs = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for p in procs:
+        if p.get("type") == "TemplateProcessing":
+            single = p.get("single") or []
+            item = single[0] if first else single[-1] if single else None
+            if item and "SpecialToken" in item and item["SpecialToken"].get("id") == text:
+                return True
+    return False
+
+
+def read_vocab(model_dir: str | Path, n_vocab: int | None = None) -> Vocab:
+    """Everything the GGUF needs about the tokenizer. `n_vocab`: rows of the embedding matrix."""
+    model_dir = Path(model_dir)
+    tok = _load_json(model_dir / "tokenizer.json", required=True)
+    tcfg = _load_json(model_dir / "tokenizer_config.json")
+    gen = _load_json(model_dir / "generation_config.json")
+    cfg = _load_json(model_dir / "config.json")
+    where = str(model_dir / "tokenizer.json")
+
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE" or not _byte_level(tok):
+        kind = model.get("type") or "?"
+        raise BadInput(
+            f"tokenizer model {kind!r}{'' if kind != 'BPE' else ' without byte-level encoding'} cannot be exported yet",
+            where=where, hint="byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen, SmolLM) are supported")
+
+    entry = pretok.recognise(tok.get("pre_tokenizer"))
+    if entry is None:
+        found = json.dumps(tok.get("pre_tokenizer"), ensure_ascii=False)
+        if len(found) > 300:
+            found = found[:300] + "…"
+        raise BadInput(
+            f"pre-tokenizer not recognised: {found}",
+            where=where,
+            hint=f"known pre-tokenizers: {', '.join(sorted(pretok.REGISTRY))}; add this one to medtune/pretok.py "
+                 "if llama.cpp implements it (a wrong one would split text differently from training)")
+
+    # Tokens ordered by id: the BPE vocabulary plus added tokens (which may lie outside it).
+    by_id: dict[int, str] = {}
+    for text, idx in (model.get("vocab") or {}).items():
+        by_id[int(idx)] = text
+    types: dict[int, int] = {}
+    for added in tok.get("added_tokens") or []:
+        idx = int(added["id"])
+        by_id[idx] = added["content"]
+        types[idx] = CONTROL if added.get("special") else USER_DEFINED
+    if not by_id:
+        raise BadInput("tokenizer.json has an empty vocabulary", where=where, hint="re-save the tokenizer")
+    size = max(by_id) + 1
+    if n_vocab is not None:
+        if size > n_vocab:
+            raise BadInput(f"the tokenizer has {size} tokens but the embedding matrix only {n_vocab} rows",
+                           where=where, hint="the tokenizer does not belong to these weights")
+        size = n_vocab
+    tokens, token_types = [], []
+    for i in range(size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            token_types.append(types.get(i, NORMAL))
+        else:  # embedding rows with no token (vocab padded to a multiple of 64/128)
+            tokens.append(f"[PAD{i}]")
+            token_types.append(UNUSED)
+
+    merges = []
+    for m in model.get("merges") or []:
+        if isinstance(m, str):
+            merges.append(m)
+        else:
+            a, b = m
+            if " " in a or " " in b:
+                raise BadInput(f"merge {m!r} contains a space and cannot be written to GGUF", where=where,
+                               hint="this tokenizer is not a byte-level BPE that llama.cpp can load")
+            merges.append(f"{a} {b}")
+
+    ids = {t: i for i, t in enumerate(tokens)}
+
+    def id_of(text):
+        return ids.get(text) if text is not None else None
+
+    bos_text = _token_text(tcfg.get("bos_token"))
+    eos_text = _token_text(tcfg.get("eos_token"))
+    bos = id_of(bos_text)
+    if bos is None:
+        bos = _first_int(cfg.get("bos_token_id"), gen.get("bos_token_id"))
+    eos_ids = _ids(gen.get("eos_token_id")) or _ids(cfg.get("eos_token_id"))
+    tok_eos = id_of(eos_text)
+    if eos_ids:
+        eos = tok_eos if tok_eos in eos_ids else eos_ids[0]
+    else:
+        eos = tok_eos
+    if tok_eos is not None and tok_eos not in eos_ids:
+        eos_ids.append(tok_eos)
+    if eos is not None and eos not in eos_ids:
+        eos_ids.insert(0, eos)
+    if eos is None:
+        raise BadInput("no end-of-sequence token (generation_config.json, config.json and tokenizer_config.json "
+                       "name none)", where=str(model_dir), hint="set eos_token in tokenizer_config.json")
+    unk = id_of(_token_text(tcfg.get("unk_token")) or model.get("unk_token"))
+    pad = id_of(_token_text(tcfg.get("pad_token")))
+    if pad is None:
+        pad = _first_int(cfg.get("pad_token_id"), gen.get("pad_token_id"))
+    for label, idx in (("bos", bos), ("eos", eos), ("pad", pad)):
+        if idx is not None and not 0 <= idx < size:
+            raise BadInput(f"{label} token id {idx} is outside the vocabulary (size {size})", where=str(model_dir),
+                           hint="fix the token ids in config.json / generation_config.json")
+
+    add_bos = tcfg.get("add_bos_token")
+    if add_bos is None:
+        add_bos = _adds_special(tok, bos_text, first=True)
+    add_eos = tcfg.get("add_eos_token")
+    if add_eos is None:
+        add_eos = _adds_special(tok, eos_text, first=False)
+
+    return Vocab(
+        model="gpt2", pre=entry.name, tokens=tokens, token_types=token_types, merges=merges,
+        bos_id=bos, eos_id=eos, unk_id=unk, pad_id=pad, add_bos=bool(add_bos), add_eos=bool(add_eos),
+        chat_template=chat_template(model_dir), eos_ids=[i for i in eos_ids if 0 <= i < size],
+    )
+
+
+def _byte_level(tok: dict) -> bool:
+    def has(node) -> bool:
+        if not isinstance(node, dict):
+            return False
+        if node.get("type") == "ByteLevel":
+            return True
+        return any(has(p) for p in node.get("pretokenizers", []) or node.get("decoders", []) or [])
+
+    return has(tok.get("pre_tokenizer")) or has(tok.get("decoder"))
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value if isinstance(v, int)]
+
+
+def _first_int(*values) -> int | None:
+    for v in values:
+        got = _ids(v)
+        if got:
+            return got[0]
+    return None

@@ -12,7 +12,7 @@ from medtune.train.mlx_backend import make_batch, masked_loss
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, smollm2_dir):
     out = tmp_path_factory.mktemp("prep") / "sample"
-    prepare(SAMPLE, str(smollm2_dir), out, max_seq_length=400, limit=24)
+    prepare(SAMPLE, str(smollm2_dir), out, max_seq_length=300, limit=24)
     return out
 
 
@@ -38,14 +38,14 @@ def test_mask_counts_exactly_the_completion_tokens():
 def test_training_lowers_validation_loss_and_writes_a_loadable_adapter(tmp_path, tiny_llama_dir, prepared):
     out = tmp_path / "adapter"
     res = train(str(tiny_llama_dir), prepared, out,
-                TrainOptions(iters=30, batch_size=4, num_layers=-1, rank=8, lr=3e-3, steps_per_eval=15, seed=1))
+                TrainOptions(iters=20, batch_size=2, num_layers=-1, rank=8, lr=3e-3, steps_per_eval=10, seed=1))
     assert res.final_val_loss < res.first_val_loss - 0.2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 31))
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 21))
     assert all(r["label_tokens"] > 0 for r in rows if "train_loss" in r)
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["inputs"]["train_sha256"] and manifest["options"]["iters"] == 30
+    assert manifest["inputs"]["train_sha256"] and manifest["options"]["iters"] == 20
 
     import mlx.core as mx
     from mlx.utils import tree_flatten

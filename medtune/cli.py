@@ -98,42 +98,63 @@ def models_pull(spec: Annotated[str, typer.Argument(help="Model spec.")] = DEFAU
 
 @app.command()
 def prepare(
-    dataset: Annotated[Path, typer.Argument(help="A .json/.jsonl file (or folder) in a known format.")],
+    dataset: Annotated[str, typer.Argument(help="A .json/.jsonl/.csv/.parquet file or folder, a cMedQA2 folder "
+                                                "(question.csv + answer.csv), hf:ORG/NAME[:config][@split] or modelscope:ORG/NAME.")],
     model: ModelOpt = DEFAULT_MODEL,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (train/valid jsonl + manifest).")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="Dataset format; detected from the fields if omitted.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: data/processed/<name>).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="medical-o1, alpaca, sharegpt, chat, completions, text, "
+                                                                 "cmedqa2; detected from the fields if omitted.")] = None,
+    field_map: Annotated[Optional[str], typer.Option("--map", help="Rename fields: question=Q,response=A.")] = None,
+    style: Annotated[str, typer.Option(help="auto | completions | chat | text: the records' shape.")] = "auto",
+    reasoning: Annotated[str, typer.Option(help="think | drop | inline: where the chain of thought goes.")] = "think",
     valid_ratio: Annotated[float, typer.Option(help="Fraction for valid.jsonl.")] = 0.1,
     test_ratio: Annotated[float, typer.Option(help="Fraction for test.jsonl.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Split seed.")] = 42,
-    reasoning: Annotated[str, typer.Option(help="think | drop | inline: where the chain of thought goes.")] = "think",
-    max_seq_length: Annotated[int, typer.Option(help="Records longer than this (in tokens, rendered) are handled by --overlong.")] = 2048,
-    overlong: Annotated[str, typer.Option(help="drop | keep | error.")] = "drop",
-    limit: Annotated[Optional[int], typer.Option(help="Use at most N records.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the split and --sample.")] = 42,
+    max_seq_length: Annotated[int, typer.Option(help="Longest record in tokens, as rendered; see --overlong.")] = 2048,
+    overlong: Annotated[str, typer.Option(help="drop | keep | error: records over --max-seq-length.")] = "drop",
+    limit: Annotated[Optional[int], typer.Option(help="Use the first N examples.")] = None,
+    sample: Annotated[Optional[int], typer.Option(help="Use N examples drawn at random (seeded).")] = None,
+    answers: Annotated[str, typer.Option(help="cMedQA2: all (one example per answer) | first.")] = "all",
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Count and drop bad records instead of stopping.")] = False,
+    token_stats: Annotated[bool, typer.Option("--token-stats/--no-token-stats",
+                                              help="Tokenize and check every record (default), or only a sample.")] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and summarise without writing.")] = False,
     as_json: JsonOpt = False,
 ):
-    """Convert a dataset to prompt/completion JSONL rendered through the model's chat template."""
+    """Convert a dataset to JSONL rendered through the model's chat template, and check every record."""
     from medtune.console import progress
     from medtune.data.prepare import prepare as run
 
     if out is None and not dry_run:
-        out = Path("data/processed") / dataset.stem
+        stem = dataset.split(":", 1)[-1].rstrip("/").replace("/", "_").split("@")[0] if ":" in dataset else Path(dataset).stem
+        out = Path("data/processed") / stem
     with progress(transient=True) as p:
-        res = run(dataset, model, out, fmt=fmt, valid_ratio=valid_ratio, test_ratio=test_ratio, seed=seed,
-                  reasoning=reasoning, max_seq_length=max_seq_length, overlong=overlong, limit=limit,
-                  dry_run=dry_run, progress=p)
+        res = run(dataset, model, out, fmt=fmt, mapping=field_map, style=style, reasoning=reasoning,
+                  valid_ratio=valid_ratio, test_ratio=test_ratio, seed=seed, max_seq_length=max_seq_length,
+                  overlong=overlong, limit=limit, sample=sample, answers=answers, skip_invalid=skip_invalid,
+                  token_stats=token_stats, dry_run=dry_run, progress=p)
     if as_json:
         return _emit_json(res.to_dict())
-    c = res.counts
-    info(f"format [bold]{res.format}[/], end-of-turn token [bold]{res.template['end_token']}[/] (added by the chat template)")
-    info(f"read {c['read']}, kept {c['kept']}: train {c['train']}, valid {c['valid']}, test {c['test']}; "
-         f"dropped {c['dropped'] or 'none'}")
-    t = res.tokens
-    info(f"tokens per record: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}")
+    from rich.table import Table
+
+    c, t = res.counts, res.tokens
+    table = Table(title=f"prepare: {dataset}", show_header=False, title_justify="left")
+    table.add_row("format / style", f"{res.format} → {res.style}")
+    table.add_row("end-of-turn token", f"{res.template['end_token']} (eos {res.template['eos_token']})")
+    table.add_row("records", f"read {c['read']}, examples {c['examples']}, kept {c['kept']}")
+    table.add_row("split", f"train {c['train']}, valid {c['valid']}, test {c['test']}")
+    table.add_row("dropped", ", ".join(f"{k}: {v}" for k, v in c["dropped"].items()) or "none")
+    if t:
+        table.add_row("tokens / record", f"min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}")
+    console.print(table)
+    for note in res.notes:
+        console.print(f"[yellow]note:[/] {note}")
     if dry_run:
         from rich.panel import Panel
+        from rich.text import Text
 
-        console.print(Panel(res.example.get("rendered", ""), title="first training example, as the model sees it", expand=False))
+        console.print(Panel(Text(res.example.get("rendered", "")), title="first training example, as the model sees it",
+                            expand=False))
     else:
         done(f"prepared data in {res.out}")
         print(res.out)
@@ -230,6 +251,8 @@ def export(
 
 def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("MEDTUNE_DEBUG") == "1"
+    # transformers announces at import that PyTorch is absent (we only need its tokenizers): keep stderr for us.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except MedtuneError as exc:

@@ -104,3 +104,27 @@ def test_models_pull_cli_prints_the_folder(smollm2_dir):
     res = run_cli("models", "pull", "/definitely/not/here")
     assert res.returncode == 2
     assert "error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_gguf_export_then_import_gives_back_the_same_weights(tmp_path, monkeypatch, tiny_llama_dir):
+    """pull(file.gguf) dequantises into the cache; an F32 export read back must equal the original exactly
+    (the import's Q/K un-permutation inverts the export's permutation, names and config round-trip)."""
+    from safetensors.numpy import load_file
+
+    from medtune.export import export
+
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
+    res = export(tiny_llama_dir, tmp_path / "out", "tiny", quants=("f32",))
+    ref = pull(str(res.gguf_paths["f32"]))
+    assert ref.kind == "gguf" and str(ref.path).startswith(str(tmp_path / "cache"))
+    original = load_file(str(tiny_llama_dir / "model.safetensors"))
+    imported = load_file(str(ref.path / "model.safetensors"))
+    assert set(imported) == set(original)
+    for name, w in original.items():
+        assert np.array_equal(imported[name], w), name
+    a = json.loads((tiny_llama_dir / "config.json").read_text())
+    b = json.loads((ref.path / "config.json").read_text())
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rope_theta",
+                "vocab_size", "tie_word_embeddings", "intermediate_size"):
+        assert a[key] == b[key], key
+    assert pull(str(res.gguf_paths["f32"])).path == ref.path  # cached by content hash

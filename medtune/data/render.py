@@ -4,6 +4,7 @@ The template, not the record, closes the assistant turn. We find out which token
 turn with, and check on every record that (a) the prompt's tokens are a true prefix of the full
 sequence, (b) the end-of-turn token appears exactly once in the assistant part, at its end, and
 (c) the reasoning survived rendering (some templates delete <think> blocks from assistant turns).
+The per-record checks live in medtune.data.prepare; this module inspects the template itself.
 """
 
 from __future__ import annotations
@@ -68,31 +69,16 @@ def inspect_template(tok, model_dir="") -> TemplateInfo:
     think = [{"role": "user", "content": "Q"},
              {"role": "assistant", "content": f"<think>\n{PROBE_REASONING}\n</think>\n\n{PROBE_ANSWER}"}]
     strips = PROBE_REASONING not in chat(tok, think, tokenize=False)
+    open_, close = think_markers(tok)
     return TemplateInfo(end_token=end, end_token_id=tok.convert_tokens_to_ids(end),
-                        eos_token=tok.eos_token, strips_think=strips)
+                        eos_token=tok.eos_token, strips_think=strips, think_open=open_, think_close=close)
 
 
-def render_ids(tok, prompt: str, completion: str, system: str = ""):
-    """(full token ids, prompt length) exactly as mlx_lm's completions dataset builds them."""
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    full = chat(tok, msgs + [{"role": "assistant", "content": completion}])
-    head = chat(tok, msgs, add_generation_prompt=True)
-    return full, head
-
-
-def check_rendered(tok, info: TemplateInfo, full: list[int], head: list[int], reasoning: str, where: str) -> None:
-    if full[: len(head)] != head:
-        raise BadInput("the prompt's tokens are not a prefix of the rendered training sequence", where=where,
-                       hint="prompt masking would be wrong; the chat template renders the prompt differently on its own")
-    answer = full[len(head):]
-    hits = [i for i, t in enumerate(answer) if t == info.end_token_id]
-    if len(hits) != 1:
-        raise BadInput(f"end-of-turn token {info.end_token!r} appears {len(hits)} times in the answer, expected once",
-                       where=where, hint="remove end tokens from the record's text; the chat template adds it")
-    rest = tok.decode(answer[hits[0] + 1:])
-    if rest.strip():
-        raise BadInput(f"text after the end-of-turn token: {rest[:40]!r}", where=where,
-                       hint="the chat template renders something after the answer's end token")
-    if reasoning and reasoning[:32] not in tok.decode(answer):
-        raise BadInput("the reasoning is missing from the rendered sample", where=where,
-                       hint="the chat template strips it; use --reasoning inline or drop")
+def think_markers(tok) -> tuple[str, str]:
+    """The model's own reasoning markers when its vocabulary has them as tokens, else <think></think>."""
+    vocab = tok.get_vocab()
+    for open_, close in (("<think>", "</think>"), ("<|begin_of_thought|>", "<|end_of_thought|>"),
+                         ("<reasoning>", "</reasoning>")):
+        if open_ in vocab and close in vocab:
+            return open_, close
+    return "<think>", "</think>"

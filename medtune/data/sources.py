@@ -1,56 +1,82 @@
-"""Read records from local files, with the file:line of every record kept for error messages."""
+"""Read raw records from where datasets live, keeping each record's place (file:line) for errors.
+
+Local: .json (an array, or an object holding one list), .jsonl, .csv/.tsv, .parquet, a folder of them,
+and a cMedQA2 pair (question.csv + answer.csv, joined on question_id). Remote: `hf:ORG/NAME[:config][@split]`
+(Hugging Face Hub, through huggingface_hub: HF_HOME, HF_ENDPOINT and HF_TOKEN are honoured) and
+`modelscope:ORG/NAME`, both downloaded to their usual caches and then read as local files.
+"""
 
 from __future__ import annotations
 
+import csv
+import fnmatch
+import io
 import json
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from medtune.errors import BadInput
+from medtune.errors import BadInput, MedtuneError
+
+SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 
 
 @dataclass
 class Record:
     data: dict
-    where: str  # "file:line" (JSONL) or "file[index]" (JSON array)
+    where: str  # "file:line" (JSONL/CSV), "file[index]" (JSON array, parquet)
 
 
-def _decode(raw: bytes, path: Path) -> str:
-    if b"\x00" in raw[:4096]:
-        raise BadInput("file looks binary (NUL bytes), not JSON text", where=str(path),
-                       hint="pass a .json or .jsonl file in UTF-8")
+class RecordError(BadInput):
+    """A problem with one record (not the whole file). Readers *yield* it in place of the record, so that
+    reading can go on: the consumer raises it, or counts it under `--skip-invalid`."""
+
+
+# ---- text decoding --------------------------------------------------------------------------------
+def decode(raw: bytes, path: Path) -> str:
+    if b"\x00" in raw[:8192]:
+        raise BadInput("file looks binary (NUL bytes), not text", where=str(path),
+                       hint="pass a UTF-8 .json, .jsonl or .csv file (or .parquet)")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise BadInput(f"not valid UTF-8 (byte {exc.start})", where=f"{path}:{line}",
-                       hint="re-save the file as UTF-8 (e.g. iconv -f GBK -t UTF-8)") from exc
-    return text.replace("\r\n", "\n")
+                       hint="re-save the file as UTF-8 (e.g. iconv -f GBK -t UTF-8 in > out)") from exc
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    return text
 
 
-def read_records(path: str | Path) -> Iterator[Record]:
-    path = Path(path)
-    if not path.exists():
-        raise BadInput(f"dataset not found: {path}", hint="check the path")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".json", ".jsonl"))
-        if not files:
-            raise BadInput(f"no .json or .jsonl files in folder {path}", hint="pass a file or a folder of them")
-        for f in files:
-            yield from read_records(f)
-        return
-    text = _decode(path.read_bytes(), path)
+def _read_text(path: Path) -> str:
+    text = decode(path.read_bytes(), path)
     if not text.strip():
         raise BadInput("dataset file is empty", where=str(path), hint="check the download")
+    return text
+
+
+# ---- one file -------------------------------------------------------------------------------------
+def read_file(path: Path) -> Iterator[Record | RecordError]:
     suffix = path.suffix.lower()
-    if suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith(("[", "{"))):
-        yield from _jsonl(text, path)
+    if suffix == ".parquet":
+        yield from _parquet(path)
         return
+    text = _read_text(path)
+    if suffix in (".csv", ".tsv"):
+        yield from _csv(text, path, "\t" if suffix == ".tsv" else ",")
+    elif suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith(("[", "{"))):
+        yield from _jsonl(text, path)
+    else:
+        yield from _json(text, path)
+
+
+def _json(text: str, path: Path) -> Iterator[Record]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        if suffix != ".json":
+        if path.suffix.lower() != ".json":  # an unsuffixed file that is really JSON Lines
             yield from _jsonl(text, path)
             return
         raise BadInput(f"invalid JSON: {exc.msg}", where=f"{path}:{exc.lineno}:{exc.colno}",
@@ -58,15 +84,16 @@ def read_records(path: str | Path) -> Iterator[Record]:
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise BadInput("JSON object must hold exactly one list of records", where=str(path),
+            raise BadInput("a JSON object must hold exactly one list of records", where=str(path),
                            hint="use a JSON array of objects, or JSON Lines")
         obj = lists[0]
     if not isinstance(obj, list):
         raise BadInput("JSON top level is not a list of records", where=str(path), hint="use a JSON array of objects")
     for i, item in enumerate(obj):
         if not isinstance(item, dict):
-            raise BadInput(f"record is a {type(item).__name__}, not an object", where=f"{path}[{i}]",
-                           hint="every record must be a JSON object with the dataset's fields")
+            yield RecordError(f"record is a {type(item).__name__}, not an object", where=f"{path}[{i}]",
+                              hint="every record must be a JSON object with the dataset's fields")
+            continue
         yield Record(item, f"{path}[{i}]")
 
 
@@ -77,9 +104,256 @@ def _jsonl(text: str, path: Path) -> Iterator[Record]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise BadInput(f"invalid JSON on this line: {exc.msg} (column {exc.colno})", where=f"{path}:{n}",
-                           hint="fix or delete that line; every line must be one JSON object") from exc
+            yield RecordError(f"invalid JSON on this line: {exc.msg} (column {exc.colno})", where=f"{path}:{n}",
+                              hint="fix or delete that line (or --skip-invalid); each line must be one JSON object")
+            continue
         if not isinstance(item, dict):
-            raise BadInput(f"line holds a {type(item).__name__}, not an object", where=f"{path}:{n}",
-                           hint="every line must be one JSON object")
+            yield RecordError(f"line holds a {type(item).__name__}, not an object", where=f"{path}:{n}",
+                              hint="each line must be one JSON object")
+            continue
         yield Record(item, f"{path}:{n}")
+
+
+def _csv(text: str, path: Path, delimiter: str) -> Iterator[Record]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = next(reader)
+    except csv.Error as exc:
+        raise BadInput(f"bad CSV header: {exc}", where=f"{path}:1", hint="check the quoting of the first line") from exc
+    header = [h.strip() for h in header]
+    if len(set(header)) != len(header) or not all(header):
+        raise BadInput(f"CSV header has empty or repeated column names: {header}", where=f"{path}:1",
+                       hint="every column needs a unique name")
+    start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise BadInput(f"malformed CSV: {exc}", where=f"{path}:{start}",
+                           hint="look for an unbalanced double quote on or after this line; quotes inside a field are doubled (\"\")") from exc
+        where, start = f"{path}:{start}", reader.line_num + 1
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            yield RecordError(f"row has {len(row)} columns, the header has {len(header)}", where=where,
+                              hint="quote fields that contain the delimiter")
+            continue
+        yield Record(dict(zip(header, row)), where)
+
+
+def _parquet(path: Path) -> Iterator[Record]:
+    from medtune.errors import require
+
+    pq = require("pyarrow.parquet", purpose="reading .parquet datasets")
+    try:
+        pf = pq.ParquetFile(str(path))
+    except Exception as exc:  # pyarrow raises ArrowInvalid and friends
+        raise BadInput(f"not a readable parquet file ({str(exc).splitlines()[0]})", where=str(path),
+                       hint="check the download") from exc
+    i = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            yield Record(row, f"{path}[{i}]")
+            i += 1
+
+
+# ---- cMedQA2: two CSVs joined on question_id -------------------------------------------------------
+def cmedqa2_pair(path: Path) -> tuple[Path, Path] | None:
+    """(question.csv, answer.csv) if `path` is such a folder or one of the two files."""
+    folder = path if path.is_dir() else path.parent
+    qs = sorted(folder.glob("question*.csv"))
+    ans = sorted(folder.glob("answer*.csv"))
+    if len(qs) == 1 and len(ans) == 1 and (path.is_dir() or path in (qs[0], ans[0])):
+        return qs[0], ans[0]
+    return None
+
+
+def read_cmedqa2(questions: Path, answers: Path) -> Iterator[Record]:
+    def rows(path, need):
+        for rec in _csv(_read_text(path), path, ","):
+            if isinstance(rec, RecordError):
+                raise rec
+            lower = {k.lower(): v for k, v in rec.data.items()}
+            missing = [c for c in need if c not in lower]
+            if missing:
+                raise BadInput(f"column {missing[0]!r} missing", where=f"{path}:1",
+                               hint=f"cMedQA2 {path.name} has columns: {', '.join(need)}")
+            yield rec.where, lower
+
+    by_q: dict[str, list[str]] = {}
+    for where, row in rows(answers, ("ans_id", "question_id", "content")):
+        by_q.setdefault(row["question_id"].strip(), []).append(row["content"])
+    for where, row in rows(questions, ("question_id", "content")):
+        qid = row["question_id"].strip()
+        yield Record({"question_id": qid, "question": row["content"], "answers": by_q.get(qid, [])}, where)
+
+
+# ---- everything local ------------------------------------------------------------------------------
+def data_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise BadInput(f"no dataset files ({', '.join(SUFFIXES)}) in folder {path}", hint="pass a file or a folder of them")
+        return files
+    return [path]
+
+
+def read_local(path: Path) -> Iterator[Record]:
+    if not path.exists():
+        raise BadInput(f"dataset not found: {path}", hint="check the path (or use hf:ORG/NAME, modelscope:ORG/NAME)")
+    pair = cmedqa2_pair(path)
+    if pair:
+        yield from read_cmedqa2(*pair)
+        return
+    for f in data_files(path):
+        if f.suffix.lower() not in SUFFIXES:
+            raise BadInput(f"unsupported file type {f.suffix or '(none)'}", where=str(f),
+                           hint=f"use one of {', '.join(SUFFIXES)}")
+        yield from read_file(f)
+
+
+# ---- remote ----------------------------------------------------------------------------------------
+HF_SPEC = re.compile(r"^hf:(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.-]+))?$")
+
+
+@dataclass
+class Resolved:
+    spec: str
+    kind: str  # local | hf | modelscope
+    files: list[Path]
+    root: Path
+
+
+def _card_configs(readme: Path) -> list[dict]:
+    """The `configs:` list of a dataset card's YAML front matter (data_files per config and split)."""
+    if not readme.is_file():
+        return []
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return []
+    end = text.find("\n---", 3)
+    if end < 0:
+        return []
+    import yaml
+
+    try:
+        meta = yaml.safe_load(text[3:end]) or {}
+    except yaml.YAMLError:
+        return []
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    return configs if isinstance(configs, list) else []
+
+
+def select_hf_files(root: Path, config: str | None, split: str | None, spec: str) -> list[Path]:
+    """Data files of a downloaded dataset repo for a config and split, following its card's `configs`."""
+    configs = _card_configs(root / "README.md")
+    patterns: list[str] = []
+    if configs:
+        names = [c.get("config_name", "default") for c in configs]
+        if config is None:
+            chosen = next((c for c in configs if c.get("default")), None) or (configs[0] if len(configs) == 1 else None)
+            if chosen is None:
+                raise BadInput(f"dataset has several configs: {', '.join(names)}", where=spec,
+                               hint=f"choose one: hf:ORG/NAME:{names[0]}")
+        else:
+            chosen = next((c for c in configs if c.get("config_name", "default") == config), None)
+            if chosen is None:
+                raise BadInput(f"no config {config!r} in this dataset", where=spec, hint=f"configs: {', '.join(names)}")
+        files = chosen.get("data_files", [])
+        if isinstance(files, str):
+            files = [{"split": "train", "path": files}]
+        splits = {}
+        for entry in files:
+            if isinstance(entry, dict):
+                p = entry.get("path")
+                splits.setdefault(entry.get("split", "train"), []).extend([p] if isinstance(p, str) else p or [])
+            elif isinstance(entry, str):
+                splits.setdefault("train", []).append(entry)
+        if split is None:
+            split = "train" if "train" in splits else next(iter(splits), None)
+        if split not in splits:
+            raise BadInput(f"no split {split!r} in config {chosen.get('config_name', 'default')!r}", where=spec,
+                           hint=f"splits: {', '.join(splits)}")
+        patterns = splits[split]
+    candidates = [p for p in data_files(root)]
+    rel = {p: p.relative_to(root).as_posix() for p in candidates}
+    if patterns:
+        found = [p for p in candidates if any(fnmatch.fnmatch(rel[p], pat) for pat in patterns)]
+    else:
+        found = candidates
+        if config:
+            found = [p for p in found if config in rel[p].split("/")[0] or config in p.stem] or found
+        if split:
+            found = [p for p in found if split in p.stem or f"/{split}" in rel[p]] or []
+    if not found:
+        raise BadInput("no data files match this dataset config/split", where=spec,
+                       hint="list the repo's files, then pass hf:ORG/NAME[:config][@split]")
+    return found
+
+
+def _hf_download(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["README.md", *(f"*{s}" for s in SUFFIXES), *(f"**/*{s}" for s in SUFFIXES)]
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", allow_patterns=patterns))
+    except RepositoryNotFoundError as exc:
+        raise BadInput(f"no such dataset on the Hub: {repo}",
+                       hint="check the id; private or gated datasets need `huggingface-cli login` or HF_TOKEN") from exc
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise MedtuneError(f"could not download dataset {repo}: {str(exc).splitlines()[0]}",
+                           hint="check the network or HF_ENDPOINT; offline, HF_HUB_OFFLINE=1 uses the HF_HOME cache") from exc
+
+
+def _modelscope_download(repo: str) -> Path:
+    from medtune.errors import require
+
+    ms = require("modelscope", purpose="modelscope: datasets")
+    try:
+        return Path(ms.dataset_snapshot_download(repo))
+    except Exception as exc:  # modelscope raises many exception types
+        raise MedtuneError(f"could not download dataset {repo} from ModelScope: {str(exc).splitlines()[0]}",
+                           hint="check the id and the network (MODELSCOPE_CACHE sets the cache)") from exc
+
+
+def resolve(spec: str | Path) -> Resolved:
+    s = str(spec)
+    if s.startswith("hf:"):
+        m = HF_SPEC.match(s)
+        if not m:
+            raise BadInput(f"bad Hub dataset spec {s!r}", hint="hf:ORG/NAME, hf:ORG/NAME:config, hf:ORG/NAME:config@split")
+        root = _hf_download(m["repo"])
+        return Resolved(s, "hf", select_hf_files(root, m["config"], m["split"], s), root)
+    if s.startswith("modelscope:"):
+        root = _modelscope_download(s.split(":", 1)[1])
+        return Resolved(s, "modelscope", data_files(root), root)
+    path = Path(s).expanduser()
+    if not path.exists():
+        raise BadInput(f"dataset not found: {path}", hint="check the path (or use hf:ORG/NAME, modelscope:ORG/NAME)")
+    pair = cmedqa2_pair(path)
+    return Resolved(s, "local", list(pair) if pair else data_files(path), path)
+
+
+def read(resolved: Resolved) -> Iterator[Record | RecordError]:
+    if resolved.kind == "local":
+        yield from read_local(resolved.root)
+        return
+    pair = cmedqa2_pair(resolved.root) if len(resolved.files) == 2 else None
+    if pair and set(pair) == set(resolved.files):
+        yield from read_cmedqa2(*pair)
+        return
+    for f in resolved.files:
+        yield from read_file(f)
+
+
+def read_records(path) -> Iterator[Record]:
+    """Every record of a local path; the first bad record raises."""
+    for rec in read_local(Path(path)):
+        if isinstance(rec, RecordError):
+            raise rec
+        yield rec

@@ -1,6 +1,7 @@
 """LoRA training on MLX (Apple Silicon, or CPU on Linux) through mlx_lm's Python API.
 
-We use mlx_lm's model loading, LoRA layers and datasets, and run our own short loop around them:
+We use mlx_lm's model loading and LoRA layers, medtune.data.encode for the records (the rendering
+prepare checked), and run our own short loop around them:
 mlx_lm's `train()` draws its own UI, and cannot save the optimizer or data position. Our loss also
 counts exactly the completion tokens as labels (mlx_lm's default mask also takes the padding slot
 after the last token as a label).
@@ -39,27 +40,30 @@ def load_jsonl(path: Path) -> list[dict]:
 
 
 def build_dataset(rows: list[dict], tokenizer, mask_prompt: bool, max_seq_length: int, where: Path):
-    """Tokenise every record now, so that bad records fail before the first step, not at 3 a.m."""
-    from mlx_lm.tuner.datasets import CacheDataset, create_dataset
+    """Tokenise every record now (medtune.data.encode: the same rendering prepare checked), so that a
+    bad record fails before the first step, not at 3 a.m."""
+    from medtune.data import encode
 
     if not rows:
         raise BadInput("no records", where=str(where), hint="re-run `medtune prepare`")
-    cfg = types.SimpleNamespace(mask_prompt=mask_prompt)
+    for i, row in enumerate(rows):
+        try:
+            encode.style_of(row)
+        except ValueError as exc:
+            raise BadInput(f"record has none of prompt/completion, messages, text", where=f"{where}:{i + 1}",
+                           hint="re-run `medtune prepare`") from exc
     try:
-        ds = CacheDataset(create_dataset(rows, tokenizer, cfg))
+        items = encode.encode_all(tokenizer, rows, mask_prompt)
     except ValueError as exc:
-        raise BadInput(str(exc), where=str(where), hint="records need prompt/completion, messages, or text") from exc
-    items = []
-    for i in range(len(ds)):
-        tokens, offset = ds[i]
+        raise BadInput(str(exc), where=str(where), hint="re-run `medtune prepare`, which checks every record") from exc
+    for i, (tokens, offset) in enumerate(items):
         if len(tokens) > max_seq_length:
             raise BadInput(f"record is {len(tokens)} tokens, over --max-seq-length {max_seq_length}: "
                            "truncating it would cut off its end token", where=f"{where}:{i + 1}",
                            hint="raise --max-seq-length, or re-run prepare with the same --max-seq-length")
-        if offset >= len(tokens) - 1:
+        if offset >= len(tokens) - 1 and mask_prompt:
             raise BadInput("record has no completion tokens to learn from (every label is masked)",
                            where=f"{where}:{i + 1}", hint="check the record's completion")
-        items.append((list(tokens), int(offset)))
     return items
 
 
@@ -200,6 +204,8 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None) -> Trai
         metrics.write({"step": it, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
         if progress:
             progress.update(task, val=f"{val_loss:.3f}")
+            _log(progress, f"step {it}/{opts.iters}: train loss {train_loss if train_loss is not None else float('nan'):.3f}, "
+                           f"val loss {val_loss:.3f}" + (f", {tokens_seen / t_train:.0f} tok/s" if t_train else ""))
 
     run_eval(0)
     model.train()
@@ -247,6 +253,11 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None) -> Trai
         "outputs": {"adapters.safetensors": fsutil.sha256_file(adapter_file)},
     })
     return result
+
+
+def _log(progress, line: str) -> None:
+    """A plain line above the bar; when stderr is not a terminal (nohup, CI) it is the only record."""
+    progress.console.print(line, markup=False, highlight=False)
 
 
 def _versions() -> dict:

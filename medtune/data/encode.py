@@ -1,0 +1,139 @@
+"""Records -> token ids and the prompt offset (where the loss starts): one definition for prepare's
+checks and for every training backend, so what prepare checked is exactly what training sees.
+
+Styles (what a prepared record holds):
+  completions  {"prompt", "completion"}   rendered as [user, assistant] through the chat template
+  chat         {"messages": [...]}        rendered through the chat template; loss on the last turn
+  text         {"text", "prompt_chars"?}  already rendered; loss after the first prompt_chars characters
+The chat template, not the record, closes the assistant turn with its end-of-turn token.
+"""
+
+from __future__ import annotations
+
+STYLES = ("completions", "chat", "text")
+
+
+def record_messages(record: dict) -> list[dict] | None:
+    if "messages" in record:
+        return record["messages"]
+    if "prompt" in record and "completion" in record:
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    return None
+
+
+def style_of(record: dict) -> str:
+    if "prompt" in record and "completion" in record:
+        return "completions"
+    if "messages" in record:
+        return "chat"
+    if "text" in record:
+        return "text"
+    raise ValueError("record has none of prompt/completion, messages, text")
+
+
+class Renderer:
+    """The tokenizer's chat template, compiled once and called directly.
+
+    transformers' apply_chat_template costs ~0.3 ms a call in Python overhead; rendering the compiled
+    jinja template directly costs a few microseconds. The two are compared on probe conversations at
+    construction, and we fall back to apply_chat_template if they ever differ.
+    """
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.fast = None
+        template = getattr(tok, "chat_template", None)
+        if isinstance(template, str):
+            try:
+                from transformers.utils.chat_template_utils import _compile_jinja_template
+
+                self.fast = _compile_jinja_template(template)
+                self.extra = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
+                probes = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+                          [{"role": "system", "content": "S"}, {"role": "user", "content": "Q\n2"}]]
+                for p in probes:
+                    for gen in (False, True):
+                        if self._fast(p, gen) != self._slow(p, gen):
+                            self.fast = None
+                            break
+            except Exception:  # noqa: BLE001 - any problem: use the reference path
+                self.fast = None
+
+    def _slow(self, messages, add_generation_prompt):
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _fast(self, messages, add_generation_prompt):
+        return self.fast.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                documents=None, **self.extra)
+
+    def __call__(self, messages, add_generation_prompt: bool = False) -> str:
+        if self.fast is not None:
+            return self._fast(messages, add_generation_prompt)
+        return self._slow(messages, add_generation_prompt)
+
+
+def texts(record: dict, render: Renderer) -> tuple[str, str]:
+    """(full text, prompt text) of a record: the prompt text is where the loss starts."""
+    msgs = record_messages(record)
+    if msgs is not None:
+        return render(msgs), render(msgs[:-1], add_generation_prompt=True)
+    text = record["text"]
+    return text, text[: int(record.get("prompt_chars", 0) or 0)]
+
+
+def hf_tokenizer(tok):
+    """The transformers tokenizer inside mlx_lm's TokenizerWrapper (or `tok` itself)."""
+    inner = getattr(tok, "_tokenizer", None)
+    return inner if inner is not None and hasattr(inner, "apply_chat_template") else tok
+
+
+def _backend(tok):
+    """The Rust `tokenizers.Tokenizer` behind a fast tokenizer, if there is one."""
+    for _ in range(3):
+        if tok is None or hasattr(tok, "encode_batch"):
+            return tok
+        tok = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
+    return None
+
+
+def encode_texts(tok, items: list[str]) -> list[list[int]]:
+    """Batch tokenization with the fast tokenizer (all cores); no special tokens added: the rendered
+    text already holds them, exactly as apply_chat_template(tokenize=True) does."""
+    backend = _backend(tok)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(items, add_special_tokens=False)]
+    return [hf_tokenizer(tok).encode(t, add_special_tokens=False) for t in items]
+
+
+def encode(tok, record: dict, render: Renderer | None = None, mask_prompt: bool = True) -> tuple[list[int], int]:
+    """(token ids, offset): the loss covers ids[offset:] (offset 0 without prompt masking)."""
+    tok = hf_tokenizer(tok)
+    render = render or Renderer(tok)
+    full, prompt = texts(record, render)
+    ids = encode_texts(tok, [full])[0]
+    if style_of(record) == "text" and not record.get("prompt_chars") and ids and ids[-1] != tok.eos_token_id \
+            and tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)  # plain text: end with eos, as mlx_lm's text dataset does
+    if not mask_prompt or not prompt:
+        return ids, 0
+    head = encode_texts(tok, [prompt])[0]
+    if ids[: len(head)] != head:
+        raise ValueError("the prompt's tokens are not a prefix of the record's tokens")
+    return ids, len(head)
+
+
+def encode_all(tok, records: list[dict], mask_prompt: bool = True) -> list[tuple[list[int], int]]:
+    tok = hf_tokenizer(tok)
+    render = Renderer(tok)
+    pairs = [texts(r, render) for r in records]
+    full = encode_texts(tok, [p[0] for p in pairs])
+    heads = encode_texts(tok, [p[1] for p in pairs]) if mask_prompt else [[] for _ in pairs]
+    out = []
+    for rec, ids, head in zip(records, full, heads):
+        if style_of(rec) == "text" and not rec.get("prompt_chars") and ids and ids[-1] != tok.eos_token_id \
+                and tok.eos_token_id is not None:
+            ids = ids + [tok.eos_token_id]
+        if head and ids[: len(head)] != head:
+            raise ValueError("the prompt's tokens are not a prefix of the record's tokens")
+        out.append((ids, len(head)))
+    return out

@@ -44,11 +44,16 @@ def write_json(path, obj, indent: int = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
-def write_jsonl(path, rows) -> Path:
+_JSONL = json.JSONEncoder(ensure_ascii=False)
+
+
+def write_jsonl(path, rows, chunk: int = 512) -> Path:
+    rows = list(rows)
+    encode = _JSONL.encode
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for i in range(0, len(rows), chunk):
+                fh.write("".join(encode(row) + "\n" for row in rows[i:i + chunk]))
     return Path(path)
 
 

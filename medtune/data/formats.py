@@ -34,13 +34,21 @@ class Example:
 class Fields:
     """Case-insensitive field access with the user's --map renames, reporting file:line and field."""
 
+    _lower_cache: dict[tuple, dict] = {}  # a dataset's records share their keys: fold case once per key set
+
     def __init__(self, rec: dict, where: str, mapping: dict[str, str], options: dict | None = None):
         self.rec, self.where, self.mapping = rec, where, mapping
         self.options = options or {}
-        self.lower = {str(k).lower(): k for k in rec}
+        keys = tuple(rec)
+        lower = self._lower_cache.get(keys)
+        if lower is None:
+            if len(self._lower_cache) > 256:
+                self._lower_cache.clear()
+            lower = self._lower_cache[keys] = {str(k).lower(): k for k in rec}
+        self.lower = lower
 
     def key(self, name: str) -> str | None:
-        wanted = self.mapping.get(name.lower(), name).lower()
+        wanted = self.mapping.get(name, name).lower() if self.mapping else name
         return self.lower.get(wanted)
 
     def has(self, name: str) -> bool:
@@ -58,7 +66,10 @@ class Fields:
         return self.rec[key]
 
     def text(self, name: str, required: bool = True) -> str:
-        value = self.raw(name, required)
+        key = self.lower.get(self.mapping.get(name, name).lower() if self.mapping else name)
+        value = self.rec[key] if key is not None else self.raw(name, required)
+        if value.__class__ is str:
+            return value
         if value is None:
             return ""
         if not isinstance(value, str):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 import statistics
 import unicodedata
 from collections import Counter
@@ -25,8 +24,6 @@ REASONING_MODES = ("think", "drop", "inline")
 OVERLONG_MODES = ("drop", "keep", "error")
 STYLES = ("auto", *encode.STYLES)
 OUTPUT_FILES = {"train.jsonl", "valid.jsonl", "test.jsonl", "manifest.json"}
-CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-SPACES = re.compile(r"\s+")
 CHECK_SAMPLE = 64  # records fully checked when token statistics are off
 CHUNK = 2048  # records per tokenization batch (progress granularity)
 
@@ -50,18 +47,21 @@ class PrepareResult:
                 "notes": self.notes, "files": self.files}
 
 
-def clean(text: str) -> str:
+def clean(text: str, controls: bool = True) -> str:
+    """CRLF -> LF, Unicode NFC, control characters removed (when the source may hold any), stripped."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.isascii():
         text = unicodedata.normalize("NFC", text)
-    return CONTROL.sub("", text).strip()
+    if controls:
+        text = sources.CONTROL.sub("", text)
+    return text.strip()
 
 
 def split_key(ex: formats.Example) -> str:
     """What must never land on two sides of the split: the opening question, normalised."""
     users = [m["content"] for m in ex.messages if m["role"] == "user"]
-    return SPACES.sub(" ", (users[0] if users else ex.text or "").casefold()).strip()
+    return " ".join((users[0] if users else ex.text or "").casefold().split())
 
 
 def _side(key: str, seed: int, valid_ratio: float, test_ratio: float) -> str:
@@ -91,14 +91,14 @@ def _check_out(out: Path) -> None:
                            where=str(out), hint="use an empty or new folder; prepare replaces the whole folder")
 
 
-def _clean_example(ex: formats.Example) -> str | None:
+def _clean_example(ex: formats.Example, controls: bool = True) -> str | None:
     """Clean in place; return the reason to drop it, if any."""
     if ex.text is not None:
-        ex.text = clean(ex.text)
+        ex.text = clean(ex.text, controls)
         return None if ex.text else "empty text"
     for m in ex.messages:
-        m["content"] = clean(m["content"])
-    ex.reasoning = clean(ex.reasoning)
+        m["content"] = clean(m["content"], controls)
+    ex.reasoning = clean(ex.reasoning, controls)
     if not ex.messages or not ex.messages[-1]["content"]:
         return "empty response"
     if not ex.prompt:
@@ -208,8 +208,13 @@ def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict |
     info = render.inspect_template(tok, model_path)
     notes: list[str] = []
 
-    # Read, convert, clean, dedupe.
+    # Read, convert, clean, dedupe; the sources' sha256 is computed on the other core meanwhile.
     resolved = sources.resolve(dataset)
+    from concurrent.futures import ThreadPoolExecutor
+
+    hasher = ThreadPoolExecutor(max_workers=1)
+    digests = hasher.submit(lambda: {str(f): fsutil.sha256_file(f) for f in resolved.files}) if out and not dry_run else None
+    hasher.shutdown(wait=False)
     dropped: Counter = Counter()
     fmt_obj = formats.get(fmt) if fmt else None
     seen: set[int] = set()
@@ -237,7 +242,7 @@ def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict |
         if not converted:
             dropped["no answer"] += 1
         for ex in converted:
-            reason = _clean_example(ex)
+            reason = _clean_example(ex, rec.controls)
             if reason:
                 dropped[reason] += 1
                 continue
@@ -355,7 +360,7 @@ def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict |
     manifest = {
         "stage": "prepare",
         "inputs": {"dataset": str(dataset), "kind": resolved.kind,
-                   "sha256": {str(f): fsutil.sha256_file(f) for f in resolved.files},
+                   "sha256": digests.result(),
                    "model": model_ref.to_dict() if model_ref else {"path": str(model_path)}},
         "options": {"format": fmt_obj.name, "map": mapping, "style": style, "reasoning": reasoning,
                     "valid_ratio": valid_ratio, "test_ratio": test_ratio, "seed": seed,

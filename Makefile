@@ -14,11 +14,12 @@ BATCH  ?= 2
 MAXLEN ?= 512
 LAYERS ?= 8
 
-.PHONY: all test setup setup-test openblas clean-outputs help
+.PHONY: all test bench setup setup-test openblas clean-outputs help
 
 help:
 	@echo "make all   - set up .venv and run prepare → train → fuse → export on $(MODEL)"
 	@echo "make test  - set up .venv with test extras and run the test suite"
+	@echo "make bench - benchmarks against the tools a user would otherwise run"
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "medtune needs Python >= 3.10 (set PYTHON=python3.x)")'
@@ -51,6 +52,10 @@ all: setup
 
 test: setup-test
 	$(BIN)/python -m pytest -q
+
+bench: setup
+	mkdir -p bench
+	$(BIN)/python scripts/bench_prepare.py --json bench/prepare.json
 
 clean-outputs:
 	rm -rf data/processed adapters/$(NAME) models/$(NAME) Modelfiles/$(NAME).Modelfile

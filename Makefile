@@ -47,7 +47,7 @@ all: setup
 	$(MT) prepare $(DATA) --model $(MODEL) --out data/processed/$(NAME) --max-seq-length $(MAXLEN)
 	$(MT) train --model $(MODEL) --data data/processed/$(NAME) --out adapters/$(NAME) \
 		--iters $(ITERS) --batch-size $(BATCH) --num-layers $(LAYERS) --max-seq-length $(MAXLEN) --eval-every 12
-	$(MT) fuse --model $(MODEL) --adapter adapters/$(NAME) --out models/$(NAME)
+	$(MT) fuse --model $(MODEL) --adapter adapters/$(NAME) --out models/$(NAME) --force
 	$(MT) export models/$(NAME) --name $(NAME) --modelfile Modelfiles/$(NAME).Modelfile
 
 test: setup-test

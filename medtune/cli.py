@@ -160,44 +160,116 @@ def prepare(
         print(res.out)
 
 
+def load_config(path: Path | None, known: set[str]) -> dict:
+    """A YAML file whose keys are the command's options (snake_case or dashed); unknown keys are refused."""
+    if path is None:
+        return {}
+    from medtune.errors import BadInput
+
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as exc:
+        raise BadInput(f"config file not found: {path}", hint="check the path") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise BadInput(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where, hint="fix the YAML syntax") from exc
+    if not isinstance(data, dict):
+        raise BadInput("the config must be a mapping of option: value", where=str(path), hint="e.g. iters: 200")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            raise BadInput(f"unknown option {key!r} in the config", where=str(path),
+                           hint=f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}")
+        out[name] = value
+    return out
+
+
+def _merge(ctx: typer.Context, config: dict, given: dict) -> dict:
+    """Command-line flags win over the config file, which wins over the defaults."""
+    from click.core import ParameterSource
+
+    merged = dict(given)
+    for name, value in config.items():
+        if ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT):
+            merged[name] = value
+    return merged
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     model: ModelOpt = DEFAULT_MODEL,
     data: Annotated[Path, typer.Option("--data", "-d", help="Folder from `medtune prepare`.")] = Path("data/processed/medical_o1_sample"),
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter output folder.")] = Path("adapters/medtune"),
-    iters: Annotated[int, typer.Option(help="Training steps.")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Records per step.")] = 4,
-    num_layers: Annotated[int, typer.Option(help="Layers (from the top) that get LoRA; -1 = all.")] = 8,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of these options; flags win.")] = None,
+    fine_tune_type: Annotated[str, typer.Option(help="lora | dora | full.")] = "lora",
+    iters: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data (overrides --iters).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Records per micro-batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    num_layers: Annotated[int, typer.Option(help="Layers (from the top) that are trained; -1 = all.")] = 8,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    scale: Annotated[float, typer.Option(help="LoRA scale.")] = 20.0,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (scale = alpha / rank).")] = None,
+    scale: Annotated[float, typer.Option(help="LoRA scale (when --alpha is not given).")] = 20.0,
     dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
-    max_seq_length: Annotated[int, typer.Option(help="Longest record allowed (tokens).")] = 2048,
+    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated, e.g. q_proj,v_proj (default: all linear).")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
+    lr_schedule: Annotated[str, typer.Option(help="constant | cosine | linear.")] = "constant",
+    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 0,
+    max_seq_length: Annotated[int, typer.Option(help="Longest record allowed (tokens); longer ones are refused, never cut.")] = 2048,
+    grad_checkpoint: Annotated[bool, typer.Option("--grad-checkpoint", help="Trade compute for memory.")] = False,
     mask_prompt: Annotated[bool, typer.Option("--mask-prompt/--no-mask-prompt", help="Loss on the answer only.")] = True,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     eval_every: Annotated[int, typer.Option(help="Steps between validation passes.")] = 50,
+    val_batches: Annotated[int, typer.Option(help="Validation batches per pass; -1 = all.")] = -1,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
+    test: Annotated[bool, typer.Option("--test", help="Evaluate loss/perplexity on test.jsonl at the end.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Stop after the preflight (sizes, steps, memory).")] = False,
     as_json: JsonOpt = False,
 ):
-    """LoRA-train a model on prepared data (MLX: Apple Silicon, or CPU on Linux)."""
+    """Fine-tune a model on prepared data (LoRA/DoRA/full, MLX: Apple Silicon, or CPU on Linux)."""
     from rich.progress import TextColumn
 
     from medtune.console import progress
     from medtune.train import TrainOptions
     from medtune.train import train as run
+    from medtune.train.options import option_names
 
-    opts = TrainOptions(iters=iters, batch_size=batch_size, num_layers=num_layers, rank=rank, scale=scale,
-                        dropout=dropout, lr=lr, max_seq_length=max_seq_length, mask_prompt=mask_prompt, seed=seed,
-                        steps_per_eval=eval_every, save_every=save_every)
-    step(f"training LoRA on {model} with {data} → {out}")
+    given = {k: v for k, v in ctx.params.items() if k not in ("config", "as_json")}
+    known = option_names() | {"model", "data", "out", "eval_every", "resume", "dry_run"}
+    opts_in = _merge(ctx, load_config(config, known), given)
+    tm = opts_in.pop("target_modules")
+    if isinstance(tm, str):
+        tm = [x.strip() for x in tm.split(",") if x.strip()]
+    model, data, out = str(opts_in.pop("model")), Path(opts_in.pop("data")), Path(opts_in.pop("out"))
+    resume, dry_run = bool(opts_in.pop("resume")), bool(opts_in.pop("dry_run"))
+    opts_in["steps_per_eval"] = opts_in.pop("eval_every")
+    opts = TrainOptions(**opts_in, target_modules=tm)
+    step(f"{'preflight for' if dry_run else 'training'} {opts.fine_tune_type.upper()} on {model} with {data} → {out}")
     cols = TextColumn("loss [bold]{task.fields[loss]}[/] val [bold]{task.fields[val]}[/] "
                       "{task.fields[tps]} tok/s peak {task.fields[mem]} GB")
     with progress(cols) as p:
-        res = run(model, data, out, opts, progress=p)
+        res = run(model, data, out, opts, progress=p, resume=resume, dry_run=dry_run)
     if as_json:
         return _emit_json(res.to_dict())
+    pf = res.preflight
+    info(f"parameters {pf['parameters']:,} (trainable {pf['trainable_parameters']:,}); {pf['records']} records, "
+         f"{pf['tokens_per_epoch']:,} tokens per epoch; {pf['steps']} steps (~{pf['epochs']} epochs); "
+         f"estimated peak {pf['estimated_peak_bytes'] / 1e9:.2f} GB of {pf['available_bytes'] / 1e9:.1f} GB available")
+    if dry_run:
+        return
+    extra = f"; test loss {res.test_loss:.3f}" if res.test_loss is not None else ""
+    first = f"{res.first_val_loss:.3f} → " if res.first_val_loss is not None else ""
     done(f"trained {res.steps} steps in {res.seconds:.0f}s ({res.tokens_per_second:.0f} tok/s); "
-         f"val loss {res.first_val_loss:.3f} → {res.final_val_loss:.3f}")
+         f"val loss {first}{res.final_val_loss:.3f}{extra}")
     info(f"adapter: {res.adapter_file}\nloss curve: {res.files.get('loss_plot')}")
     print(res.out)
 
@@ -207,13 +279,16 @@ def fuse(
     model: ModelOpt = DEFAULT_MODEL,
     adapter: Annotated[Path, typer.Option("--adapter", "-a", help="Folder from `medtune train`.")] = Path("adapters/medtune"),
     out: Annotated[Path, typer.Option("--out", "-o", help="Fused model folder.")] = Path("models/medtune"),
+    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, float16 on a GPU) | float32 | float16 | bfloat16.")] = "auto",
+    dequantize: Annotated[bool, typer.Option("--dequantize", help="Plain weights from a quantized (QLoRA) base.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     as_json: JsonOpt = False,
 ):
     """Merge a LoRA adapter into its base model → a Hugging Face safetensors folder."""
     from medtune.fuse import fuse as run
 
     step(f"fusing {adapter} into {model}")
-    res = run(model, adapter, out)
+    res = run(model, adapter, out, dtype=dtype, dequantize=dequantize, force=force)
     if as_json:
         return _emit_json(res.to_dict())
     done(f"fused {res.fused_layers} layers → {res.out}")
@@ -247,6 +322,12 @@ def export(
     info("[bold]To run it in Ollama:[/]")
     for line in res.ollama_commands:
         print(f"  {line}")
+
+
+from medtune.cli_chat import chat, generate  # noqa: E402 - light module: heavy imports happen inside
+
+app.command()(chat)
+app.command()(generate)
 
 
 def main() -> None:

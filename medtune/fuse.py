@@ -41,7 +41,16 @@ def read_adapter_config(adapter_dir: Path) -> dict:
                        hint="re-run training or restore the file") from exc
 
 
-def fuse(model: str, adapter, out, progress=None) -> FuseResult:
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequantize: bool = False,
+         force: bool = False) -> FuseResult:
+    """Merge `adapter` into `model` and write an HF safetensors folder at `out`.
+
+    dtype: auto = float32 on CPU, float16 on a GPU (Apple Silicon); dequantize: turn a quantized (QLoRA)
+    base into plain weights; force: replace an existing `out`.
+    """
     from medtune.models import pull
     from medtune.models.config import read_config, write_config
 
@@ -52,12 +61,17 @@ def fuse(model: str, adapter, out, progress=None) -> FuseResult:
     from mlx_lm.utils import save_model
 
     adapter, out = Path(adapter), Path(out)
-    read_adapter_config(adapter)
+    if dtype not in DTYPES:
+        raise BadInput(f"--dtype must be one of {', '.join(DTYPES)}", hint="auto picks float32 on CPU, float16 on a GPU")
+    acfg = read_adapter_config(adapter)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise BadInput(f"output folder exists and is not empty: {out}", hint="pass --force to replace it, or choose another --out")
     base = pull(model)
     cfg = read_config(base.path)
-    if cfg.get("quantization") or cfg.get("quantization_config"):
-        raise BadInput("fusing into a quantized base is not supported yet", where=str(base.path),
-                       hint="train and fuse on the 16/32-bit base model")
+    quantized = bool(cfg.get("quantization") or cfg.get("quantization_config"))
+    if quantized and not dequantize:
+        raise BadInput("the base model is quantized: GGUF export and other tools need plain weights",
+                       where=str(base.path), hint="pass --dequantize")
     model_obj, _ = load(str(base.path))
     try:
         load_adapters(model_obj, str(adapter))
@@ -66,11 +80,21 @@ def fuse(model: str, adapter, out, progress=None) -> FuseResult:
         detail = first[1] if len(first) > 1 else first[0]
         raise BadInput(f"adapter does not fit this base model ({detail})", where=str(adapter),
                        hint="fuse with the same --model the adapter was trained on") from exc
-    fused = [(name, m.fuse()) for name, m in model_obj.named_modules() if hasattr(m, "fuse")]
-    if not fused:
+    fused = [(name, m.fuse(dequantize=dequantize)) for name, m in model_obj.named_modules() if hasattr(m, "fuse")]
+    if not fused and acfg.get("fine_tune_type", "lora") != "full":
         raise BadInput("the adapter added no LoRA layers to the model", where=str(adapter), hint="check adapter_config.json")
-    model_obj.update_modules(tree_unflatten(fused))
+    if fused:
+        model_obj.update_modules(tree_unflatten(fused))
+    if dequantize:
+        from mlx_lm.utils import dequantize_model
+
+        model_obj = dequantize_model(model_obj)
+    target = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}.get(dtype)
+    if target is None:  # auto
+        target = mx.float32 if runtime.on_cpu() else mx.float16
+    model_obj.set_dtype(target)
     mx.eval(model_obj.parameters())
+    cfg["torch_dtype"] = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[target]
 
     with fsutil.atomic_dir(out) as tmp:
         save_model(tmp, model_obj)
@@ -83,7 +107,7 @@ def fuse(model: str, adapter, out, progress=None) -> FuseResult:
             "inputs": {"base": base.to_dict(), "adapter": str(adapter),
                        "adapter_sha256": fsutil.sha256_file(adapter / "adapters.safetensors"),
                        "adapter_config": json.loads((adapter / "adapter_config.json").read_text())},
-            "fused_layers": len(fused),
+            "fused_layers": len(fused), "dtype": cfg["torch_dtype"], "dequantized": dequantize,
         })
     files = sorted(p.name for p in out.iterdir())
     return FuseResult(out=out, base=base.spec, adapter=str(adapter), fused_layers=len(fused), files=files)

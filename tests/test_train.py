@@ -64,3 +64,117 @@ def test_training_refuses_a_record_it_would_truncate(tmp_path, tiny_llama_dir, p
 
     with pytest.raises(BadInput, match="cut off its end token"):
         train(str(tiny_llama_dir), prepared, tmp_path / "a", TrainOptions(iters=1, max_seq_length=64))
+
+
+RESUME_OPTS = dict(iters=8, batch_size=2, num_layers=-1, rank=4, lr=3e-3, dropout=0.1, steps_per_eval=4,
+                   save_every=3, seed=2, lr_schedule="cosine", warmup=2)
+
+
+def _losses(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return ([(r["step"], r["train_loss"]) for r in rows if "train_loss" in r],
+            [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r])
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, tiny_llama_dir, prepared):
+    out = tmp_path_factory.mktemp("unbroken") / "a"
+    train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS))
+    return out
+
+
+def test_resume_after_a_crash_is_the_same_run(tmp_path, tiny_llama_dir, prepared, unbroken):
+    """Killed at step 5 (checkpoints every 3 steps), resumed: the same losses at the same steps as a run
+    that never stopped; dropout (RNG), the cosine schedule and Adam's moments all come back."""
+    out = tmp_path / "b"
+
+    def power_cut(step, row):
+        if step == 5:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), on_step=power_cut)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000003"]
+    res = train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), resume=True)
+    assert res.resumed_from == 3
+    (train_a, val_a), (train_b, val_b) = _losses(unbroken), _losses(out)
+    assert [s for s, _ in train_b] == list(range(1, 9))
+    np.testing.assert_allclose([v for _, v in train_b], [v for _, v in train_a], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([v for _, v in val_b], [v for _, v in val_a], rtol=1e-5, atol=1e-6)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_llama_dir, prepared, unbroken):
+    import signal
+
+    from medtune.train.mlx_backend import Interrupted
+
+    out = tmp_path / "c"
+
+    def ctrl_c(step, row):
+        if step == 4:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(Interrupted, match="stopped at step 4/8") as exc:
+        train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), on_step=ctrl_c)
+    assert exc.value.exit_code == 130 and "--resume" in exc.value.hint
+    assert (out / "checkpoints" / "step-0000004" / "optimizer.safetensors").is_file()
+    assert not (out / "adapters.safetensors").exists()
+    res = train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), resume=True)
+    assert res.resumed_from == 4
+    np.testing.assert_allclose([v for _, v in _losses(out)[0]], [v for _, v in _losses(unbroken)[0]], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accumulation_dora_and_schedules_train(tmp_path, tiny_llama_dir, prepared):
+    res = train(str(tiny_llama_dir), prepared, tmp_path / "d",
+                TrainOptions(iters=6, batch_size=2, grad_accum=2, fine_tune_type="dora", num_layers=1,
+                             target_modules=["q_proj", "v_proj"], lr=1e-3, lr_schedule="linear", warmup=2,
+                             steps_per_eval=6))
+    cfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == "dora" and cfg["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    rows = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines() if "train_loss" in x]
+    lrs = [r["learning_rate"] for r in rows]
+    top = lrs.index(max(lrs))
+    assert 0 < top < len(lrs) - 1 and max(lrs) <= 1e-3 + 1e-9  # warm-up, then linear decay
+    assert lrs[:top + 1] == sorted(lrs[:top + 1]) and lrs[top:] == sorted(lrs[top:], reverse=True)
+    assert all(r["tokens_per_second"] > 0 for r in rows) and res.trainable_parameters > 0
+
+
+def test_preflight_refuses_what_cannot_fit(tmp_path, tiny_llama_dir, prepared, monkeypatch):
+    from medtune.errors import ResourceError
+
+    dry = train(str(tiny_llama_dir), prepared, tmp_path / "e", TrainOptions(iters=5, batch_size=2), dry_run=True)
+    pf = dry.preflight
+    assert pf["trainable_parameters"] < pf["parameters"] and pf["steps"] == 5 and pf["estimated_peak_bytes"] > 0
+    assert not (tmp_path / "e").exists()
+    monkeypatch.setenv("MEDTUNE_MEMORY_LIMIT_GB", str(pf["estimated_peak_bytes"] / 1e9 / 2))
+    with pytest.raises(ResourceError, match="needs ~") as exc:
+        train(str(tiny_llama_dir), prepared, tmp_path / "e", TrainOptions(iters=5, batch_size=2))
+    assert exc.value.exit_code == 4 and "--batch-size 1" in exc.value.hint
+    assert not (tmp_path / "e").exists()
+
+
+def test_full_fine_tune_fuses_and_fuse_will_not_overwrite_without_force(tmp_path, tiny_llama_dir, prepared):
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import load_adapters
+
+    from medtune.errors import BadInput
+    from medtune.fuse import fuse
+
+    adapter = tmp_path / "full"
+    train(str(tiny_llama_dir), prepared, adapter,
+          TrainOptions(iters=2, batch_size=2, fine_tune_type="full", num_layers=1, lr=1e-3, steps_per_eval=2))
+    out = tmp_path / "fused"
+    res = fuse(str(tiny_llama_dir), adapter, out)
+    assert res.fused_layers == 0
+    ids = mx.array([[1, 2, 3, 4, 5, 6]])
+    fused, _ = load(str(out))
+    expected = load_adapters(load(str(tiny_llama_dir))[0], str(adapter))
+    base, _ = load(str(tiny_llama_dir))
+    f, e, b = (np.array(m(ids)) for m in (fused, expected, base))
+    assert np.abs(f - e).max() < 1e-4 and np.abs(f - b).max() > 1e-4
+    with pytest.raises(BadInput, match="exists and is not empty") as exc:
+        fuse(str(tiny_llama_dir), adapter, out)
+    assert "--force" in exc.value.hint
+    fuse(str(tiny_llama_dir), adapter, out, force=True, dtype="float16")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"

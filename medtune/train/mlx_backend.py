@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from medtune import fsutil, runtime
-from medtune.errors import BadInput
+from medtune.errors import BadInput, MedtuneError, ResourceError
 from medtune.train.options import TrainOptions, TrainResult
 from medtune.train.report import MetricsLog, plot_losses
 
@@ -130,33 +130,201 @@ def load_model(model_dir: Path):
     return model, tokenizer
 
 
-def adapter_config(opts: TrainOptions, model_dir: Path, n_layers: int) -> dict:
+def adapter_config(opts: TrainOptions, model_dir: Path, n_layers: int, keys: list[str] | None) -> dict:
+    params = {"rank": opts.rank, "scale": opts.lora_scale, "dropout": opts.dropout}
+    if keys:
+        params["keys"] = keys
     return {
-        "fine_tune_type": "lora",
+        "fine_tune_type": opts.fine_tune_type,
         "num_layers": n_layers,
-        "lora_parameters": {"rank": opts.rank, "scale": opts.scale, "dropout": opts.dropout},
+        "lora_parameters": params,
         "base_model": str(model_dir),
         "medtune": opts.to_dict(),
     }
 
 
-def train(model_spec: str, data, out, opts: TrainOptions, progress=None) -> TrainResult:
+def resolve_target_modules(model, names: list[str] | None) -> list[str] | None:
+    """Short names (q_proj) -> the module paths inside a layer (self_attn.q_proj) that mlx_lm expects."""
+    if not names:
+        return None
+    import mlx.nn as nn
+
+    linear = [n for n, m in model.layers[0].named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    keys = []
+    for name in names:
+        hits = [n for n in linear if n == name or n.endswith("." + name)]
+        if not hits:
+            raise BadInput(f"--target-modules: no linear layer named {name!r} in this model",
+                           hint=f"available: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in linear}))}")
+        keys += hits
+    return sorted(set(keys))
+
+
+def make_schedule(opts: TrainOptions, steps: int):
+    import mlx.optimizers as optim
+
+    if opts.lr_schedule == "constant" and not opts.warmup:
+        return opts.lr
+    decay_steps = max(1, steps - opts.warmup)
+    if opts.lr_schedule == "cosine":
+        main = optim.cosine_decay(opts.lr, decay_steps, 0.0)
+    elif opts.lr_schedule == "linear":
+        main = optim.linear_schedule(opts.lr, 0.0, decay_steps)
+    else:
+        main = lambda step: opts.lr  # noqa: E731
+    if not opts.warmup:
+        return main
+    warm = optim.linear_schedule(opts.lr / (opts.warmup + 1), opts.lr, opts.warmup)  # never a zero-lr step
+    return optim.join_schedules([warm, main], [opts.warmup])
+
+
+# ---- memory preflight ---------------------------------------------------------------------------
+def available_memory_bytes() -> tuple[int, str]:
+    import os
+
+    override = os.environ.get("MEDTUNE_MEMORY_LIMIT_GB")
+    if override:
+        return int(float(override) * 1e9), "MEDTUNE_MEMORY_LIMIT_GB"
+    mx = runtime.mx()
+    if not runtime.on_cpu():
+        try:
+            info = mx.metal.device_info() if hasattr(mx, "metal") else mx.device_info()
+            return int(info["max_recommended_working_set_size"]), "Metal recommended working set"
+        except Exception:  # noqa: BLE001 - fall back to system memory
+            pass
+    from medtune.doctor import _memory
+
+    avail = _memory().get("available_gb")
+    if avail:
+        return int(avail * 1e9), "available system memory"
+    return 1 << 62, "unknown"
+
+
+def estimate_memory(cfg: dict, total_params: int, trainable: int, param_bytes: int, batch: int, seq: int,
+                    n_train_layers: int, grad_checkpoint: bool) -> dict:
+    """Peak training memory, from the model config and the longest batch (bytes).
+
+    weights + (weights, grads, 2 Adam moments) of the trainable parameters + activations of the layers
+    that are back-propagated through + logits (value, softmax, gradient). Checked against measured
+    peaks on SmolLM2-135M within ~10 %."""
+    hidden = int(cfg.get("hidden_size", 0))
+    inter = int(cfg.get("intermediate_size", 4 * hidden))
+    heads = int(cfg.get("num_attention_heads", 1))
+    vocab = int(cfg.get("vocab_size", 0))
+    tokens = batch * seq
+    per_layer = tokens * (10 * hidden + 4 * inter) * 4 + 2 * batch * heads * seq * seq * 4
+    acts = per_layer * (1 if grad_checkpoint else n_train_layers)
+    if grad_checkpoint:
+        acts += tokens * hidden * 4 * n_train_layers
+    logits = 3 * tokens * vocab * 4
+    weights = total_params * param_bytes
+    optimizer = trainable * 4 * 4
+    return {"weights": weights, "optimizer": optimizer, "activations": acts, "logits": logits,
+            "total": weights + optimizer + acts + logits}
+
+
+def preflight(model, cfg: dict, opts: TrainOptions, train_items, steps: int, n_train_layers: int) -> dict:
+    from mlx.utils import tree_flatten
+
+    params = tree_flatten(model.parameters())
+    total = sum(v.size for _, v in params)
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    param_bytes = max(1, int(sum(v.nbytes for _, v in params) / max(total, 1)))
+    longest = max(len(t) for t, _ in train_items)
+    seq = PAD_MULTIPLE * math.ceil(longest / PAD_MULTIPLE)
+    est = estimate_memory(cfg, total, trainable, param_bytes, opts.batch_size, seq, n_train_layers, opts.grad_checkpoint)
+    avail, source = available_memory_bytes()
+    tokens_epoch = sum(len(t) for t, _ in train_items)
+    return {"parameters": int(total), "trainable_parameters": int(trainable), "records": len(train_items),
+            "tokens_per_epoch": int(tokens_epoch), "longest_record": int(longest), "steps": steps,
+            "micro_batches": steps * opts.grad_accum,
+            "epochs": round(steps * opts.grad_accum * opts.batch_size / max(len(train_items), 1), 2),
+            "estimated_peak_bytes": int(est["total"]), "estimate": {k: int(v) for k, v in est.items()},
+            "available_bytes": int(avail), "available_source": source}
+
+
+def refuse_if_too_big(pf: dict, opts: TrainOptions) -> None:
+    need, have = pf["estimated_peak_bytes"], pf["available_bytes"]
+    if need <= 0.9 * have:
+        return
+    tips = []
+    if opts.batch_size > 1:
+        tips.append(f"--batch-size 1 --grad-accum {opts.batch_size * opts.grad_accum}")
+    if not opts.grad_checkpoint:
+        tips.append("--grad-checkpoint")
+    if opts.num_layers < 0 or opts.num_layers > 4:
+        tips.append("--num-layers 4")
+    tips.append(f"--max-seq-length {max(256, pf['longest_record'] // 2)} (re-run prepare with it)")
+    raise ResourceError(f"training needs ~{need / 1e9:.1f} GB at its peak, {have / 1e9:.1f} GB is available "
+                        f"({pf['available_source']})", hint="try " + ", ".join(tips))
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
+    mx = runtime.mx()
+    from mlx.utils import tree_flatten
+
+    target = out / "checkpoints" / f"step-{step:07d}"
+    with fsutil.atomic_dir(target) as tmp:
+        mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+        opt = {k: v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
+        fsutil.write_json(tmp / "state.json", {**state, "step": step})
+    for old in checkpoint_dirs(out)[:-keep]:
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
+    mx = runtime.mx()
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    model.load_weights(list(mx.load(str(ckpt / "adapters.safetensors")).items()), strict=False)
+    saved = mx.load(str(ckpt / "optimizer.safetensors"))
+    current = dict(tree_flatten(optimizer.state))
+    current.update(saved)
+    optimizer.state = tree_unflatten(list(current.items()))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+class Interrupted(MedtuneError):
+    exit_code = 130
+
+
+def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resume: bool = False,
+          dry_run: bool = False, on_step=None) -> TrainResult:
+    """LoRA/DoRA/full fine-tuning. `on_step(step, metrics)` is called after every optimizer step."""
     from medtune.models import pull
+    from medtune.models.config import read_config
 
     mx = runtime.mx()
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
+    from mlx.utils import tree_flatten, tree_map
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    opts.check()
     data, out = Path(data), Path(out)
     for name in ("train.jsonl", "valid.jsonl"):
         if not (data / name).is_file():
             raise BadInput(f"no {name} in {data}", hint="run `medtune prepare DATASET --out DIR` first and pass that DIR")
-    if opts.iters < 1 or opts.batch_size < 1:
-        raise BadInput("--iters and --batch-size must be at least 1", hint="e.g. --iters 100 --batch-size 4")
+    if opts.test and not (data / "test.jsonl").is_file():
+        raise BadInput(f"--test: no test.jsonl in {data}", hint="re-run prepare with --test-ratio 0.1")
+    ckpts = checkpoint_dirs(out) if resume else []
+    if resume and not ckpts:
+        raise BadInput(f"--resume: no checkpoint in {out / 'checkpoints'}", hint="start without --resume")
 
     model_ref = pull(model_spec)
+    cfg = read_config(model_ref.path)
     mx.random.seed(opts.seed)
     model, tokenizer = load_model(model_ref.path)
     train_items = build_dataset(load_jsonl(data / "train.jsonl"), tokenizer, opts.mask_prompt, opts.max_seq_length, data / "train.jsonl")
@@ -164,24 +332,58 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None) -> Trai
     if len(train_items) < opts.batch_size:
         raise BadInput(f"{len(train_items)} training records, fewer than --batch-size {opts.batch_size}",
                        where=str(data / "train.jsonl"), hint="lower --batch-size or add data")
+    steps = opts.steps_for(len(train_items))
 
     n_layers = len(model.layers) if opts.num_layers < 0 else min(opts.num_layers, len(model.layers))
     model.freeze()
-    linear_to_lora_layers(model, n_layers, {"rank": opts.rank, "scale": opts.scale, "dropout": opts.dropout})
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    keys = None
+    if opts.fine_tune_type == "full":
+        for layer in model.layers[len(model.layers) - n_layers:]:
+            layer.unfreeze()
+    else:
+        keys = resolve_target_modules(model, opts.target_modules)
+        params = {"rank": opts.rank, "scale": opts.lora_scale, "dropout": opts.dropout, **({"keys": keys} if keys else {})}
+        linear_to_lora_layers(model, n_layers, params, use_dora=opts.fine_tune_type == "dora")
+    if opts.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+
+    pf = preflight(model, cfg, opts, train_items, steps, n_layers)
+    if dry_run:
+        return TrainResult(out=out, adapter_file=out / "adapters.safetensors", steps=steps, final_train_loss=None,
+                           final_val_loss=None, first_val_loss=None, tokens_per_second=0.0, seconds=0.0,
+                           trainable_parameters=pf["trainable_parameters"], total_parameters=pf["parameters"],
+                           preflight=pf)
+    refuse_if_too_big(pf, opts)
 
     out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out / "metrics.jsonl")
-    optimizer = optim.Adam(learning_rate=opts.lr)
+    optimizer = optim.Adam(learning_rate=make_schedule(opts, steps))
+    optimizer.init(model.trainable_parameters())
+    # Where the run stands; a checkpoint holds exactly this, plus the trained weights and the optimizer.
+    run = {"epoch": 0, "pos": 0, "micro": 0, "tokens_seen": 0, "t_train": 0.0, "first_val": None,
+           "val_loss": None, "train_loss": None}
+    start = 0
+    resumed_from = None
+    if ckpts:
+        saved = load_checkpoint(ckpts[-1], model, optimizer)
+        start = resumed_from = int(saved.pop("step"))
+        run.update(saved)
+        mx.eval(model.parameters(), optimizer.state)
+    # Compiled after the checkpoint is loaded: compile captures these very state objects.
     loss_and_grad = nn.value_and_grad(model, masked_loss)
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch, lengths):
+    def step_one(batch, lengths):
         (loss, ntoks), grads = loss_and_grad(model, batch, lengths)
         optimizer.update(model, grads)
         return loss, ntoks
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def micro(batch, lengths):
+        (loss, ntoks), grads = loss_and_grad(model, batch, lengths)
+        return loss, ntoks, grads
 
     def save_adapter(path: Path) -> None:
         weights = dict(tree_flatten(model.trainable_parameters()))
@@ -189,57 +391,129 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None) -> Trai
             mx.save_safetensors(str(tmp.with_suffix(".safetensors")), weights)
             tmp.with_suffix(".safetensors").replace(tmp)
 
-    fsutil.write_json(out / "adapter_config.json", adapter_config(opts, model_ref.path, n_layers))
-    epoch, order, pos = 0, batch_order(train_items, opts.batch_size, opts.seed, 0), 0
-    first_val = val_loss = train_loss = None
-    tokens_seen, t_train, t0 = 0, 0.0, time.perf_counter()
-    task = progress.add_task("training", total=opts.iters, loss="-", val="-", tps="-", mem="-") if progress else None
+    metrics = MetricsLog(out / "metrics.jsonl", truncate=not ckpts)
+    if ckpts:
+        metrics.keep_until(start)
+    fsutil.write_json(out / "adapter_config.json", adapter_config(opts, model_ref.path, n_layers, keys))
+    order = batch_order(train_items, opts.batch_size, opts.seed, run["epoch"])
+    t0 = time.perf_counter()
+    task = progress.add_task("training", total=steps, completed=start, loss="-", val="-", tps="-", mem="-") \
+        if progress else None
+
+    def next_batch():
+        nonlocal order
+        # Randomness (dropout) is reseeded from the run's position before every micro-batch: the state of the
+        # generator is a function of where the run stands, so a resumed run draws exactly the same numbers.
+        mx.random.seed(opts.seed * 1_000_003 + run["micro"])
+        mx.eval(mx.random.state)  # the compiled step takes the generator's key as an input: materialise it
+        run["micro"] += 1
+        if run["pos"] >= len(order):
+            run["epoch"], run["pos"] = run["epoch"] + 1, 0
+            order = batch_order(train_items, opts.batch_size, opts.seed, run["epoch"])
+        group = order[run["pos"]]
+        run["pos"] += 1
+        return make_batch(train_items, group)
 
     def run_eval(it: int):
-        nonlocal val_loss, first_val
         model.eval()
-        val_loss = evaluate(model, val_items, opts.batch_size, opts.val_batches)
+        loss = evaluate(model, val_items, opts.batch_size, opts.val_batches)
         model.train()
-        first_val = val_loss if first_val is None else first_val
-        metrics.write({"step": it, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+        run["val_loss"] = loss
+        run["first_val"] = loss if run["first_val"] is None else run["first_val"]
+        metrics.write({"step": it, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
         if progress:
-            progress.update(task, val=f"{val_loss:.3f}")
-            _log(progress, f"step {it}/{opts.iters}: train loss {train_loss if train_loss is not None else float('nan'):.3f}, "
-                           f"val loss {val_loss:.3f}" + (f", {tokens_seen / t_train:.0f} tok/s" if t_train else ""))
+            progress.update(task, val=f"{loss:.3f}")
+            tl = run["train_loss"]
+            _log(progress, f"step {it}/{steps}: train loss {tl if tl is not None else float('nan'):.3f}, val loss {loss:.3f}"
+                           + (f", {run['tokens_seen'] / run['t_train']:.0f} tok/s" if run["t_train"] else ""))
 
-    run_eval(0)
-    model.train()
-    for it in range(1, opts.iters + 1):
-        if pos >= len(order):
-            epoch, pos = epoch + 1, 0
-            order = batch_order(train_items, opts.batch_size, opts.seed, epoch)
-        batch, lengths = make_batch(train_items, order[pos])
-        pos += 1
-        tic = time.perf_counter()
-        loss, ntoks = step(batch, lengths)
-        mx.eval(state, loss, ntoks)
-        dt = time.perf_counter() - tic
-        t_train += dt
-        train_loss, n = loss.item(), int(ntoks.item())
-        tokens_seen += int(lengths[:, 1].sum().item())
-        peak = mx.get_peak_memory() / 1e9
-        metrics.write({"step": it, "epoch": epoch, "train_loss": train_loss, "label_tokens": n,
-                       "tokens_per_second": tokens_seen / t_train, "step_seconds": dt,
-                       "learning_rate": opts.lr, "peak_memory_gb": peak})
+    def checkpoint(it: int) -> Path:
+        return save_checkpoint(out, it, model, optimizer, dict(run), opts.keep_checkpoints)
+
+    # Ctrl-C (or SIGTERM) asks for a stop: the step under way finishes, a checkpoint is saved at that clean
+    # boundary, and the run exits; a second Ctrl-C aborts at once (the last periodic checkpoint remains).
+    stop = {"asked": False}
+
+    def ask_stop(signum, frame):
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
         if progress:
-            progress.update(task, advance=1, loss=f"{train_loss:.3f}", tps=f"{tokens_seen / t_train:.0f}", mem=f"{peak:.2f}")
-        if it % opts.steps_per_eval == 0 or it == opts.iters:
-            run_eval(it)
-        if it % opts.save_every == 0 and it != opts.iters:
-            save_adapter(out / "checkpoints" / f"{it:07d}_adapters.safetensors")
+            _log(progress, "stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
+
+    import signal
+    import threading
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, ask_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    if start == 0:
+        run_eval(0)
+    model.train()
+    try:
+        for it in range(start + 1, steps + 1):
+            tic = time.perf_counter()
+            if opts.grad_accum == 1:
+                batch, lengths = next_batch()
+                loss, ntoks = step_one(batch, lengths)
+                mx.eval(state, loss, ntoks)
+                n_tok, loss_v, n_lab = int(lengths[:, 1].sum().item()), loss.item(), int(ntoks.item())
+            else:
+                acc, losses, n_tok, n_lab = None, 0.0, 0, 0
+                for _ in range(opts.grad_accum):
+                    batch, lengths = next_batch()
+                    loss, ntoks, grads = micro(batch, lengths)
+                    acc = grads if acc is None else tree_map(lambda a, b: a + b, acc, grads)
+                    mx.eval(acc, loss, ntoks)
+                    losses += loss.item()
+                    n_tok += int(lengths[:, 1].sum().item())
+                    n_lab += int(ntoks.item())
+                optimizer.update(model, tree_map(lambda g: g / opts.grad_accum, acc))
+                mx.eval(model.parameters(), optimizer.state)
+                loss_v = losses / opts.grad_accum
+            dt = time.perf_counter() - tic
+            run["t_train"] += dt
+            run["tokens_seen"] += n_tok
+            run["train_loss"] = loss_v
+            peak = mx.get_peak_memory() / 1e9
+            lr = optimizer.learning_rate.item() if isinstance(optimizer.learning_rate, mx.array) else float(optimizer.learning_rate)
+            row = {"step": it, "epoch": run["epoch"], "train_loss": loss_v, "label_tokens": n_lab,
+                   "tokens_per_second": run["tokens_seen"] / run["t_train"], "step_seconds": dt,
+                   "learning_rate": lr, "peak_memory_gb": peak}
+            metrics.write(row)
+            if progress:
+                progress.update(task, advance=1, loss=f"{loss_v:.3f}", tps=f"{row['tokens_per_second']:.0f}", mem=f"{peak:.2f}")
+            if it % opts.steps_per_eval == 0 or it == steps:
+                run_eval(it)
+            if it % opts.save_every == 0 and it != steps:
+                checkpoint(it)
+            if on_step:
+                on_step(it, row)
+            if stop["asked"] and it != steps:
+                path = checkpoint(it)
+                raise Interrupted(f"stopped at step {it}/{steps}; checkpoint {path}",
+                                  hint=f"continue with the same command plus --resume (output folder {out})")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
     adapter_file = out / "adapters.safetensors"
     save_adapter(adapter_file)
-    plot = plot_losses(metrics.rows, out / "loss.png", title=f"LoRA on {model_ref.spec}")
-    result = TrainResult(out=out, adapter_file=adapter_file, steps=opts.iters, final_train_loss=train_loss,
-                         final_val_loss=val_loss, first_val_loss=first_val,
-                         tokens_per_second=tokens_seen / max(t_train, 1e-9), seconds=time.perf_counter() - t0,
-                         trainable_parameters=int(trainable), total_parameters=int(total),
+    test_loss = None
+    if opts.test:
+        test_items = build_dataset(load_jsonl(data / "test.jsonl"), tokenizer, opts.mask_prompt, opts.max_seq_length,
+                                   data / "test.jsonl")
+        model.eval()
+        test_loss = evaluate(model, test_items, opts.batch_size)
+        metrics.write({"step": steps, "test_loss": test_loss, "test_ppl": math.exp(min(test_loss, 50))})
+    plot = plot_losses(metrics.rows, out / "loss.png", title=f"{opts.fine_tune_type.upper()} on {model_ref.spec}")
+    result = TrainResult(out=out, adapter_file=adapter_file, steps=steps, final_train_loss=run["train_loss"],
+                         final_val_loss=run["val_loss"], first_val_loss=run["first_val"],
+                         tokens_per_second=run["tokens_seen"] / max(run["t_train"], 1e-9),
+                         seconds=time.perf_counter() - t0, trainable_parameters=pf["trainable_parameters"],
+                         total_parameters=pf["parameters"], resumed_from=resumed_from, test_loss=test_loss,
+                         preflight=pf,
                          files={"adapters": str(adapter_file), "adapter_config": str(out / "adapter_config.json"),
                                 "metrics": str(metrics.path), "loss_plot": str(plot) if plot else None})
     data_manifest = data / "manifest.json"

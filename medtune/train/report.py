@@ -17,6 +17,21 @@ class MetricsLog:
         if truncate and path.exists():
             path.unlink()
 
+    def keep_until(self, step: int) -> None:
+        """On resume: drop what was logged after the checkpoint, so the log reads as one unbroken run."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if row.get("step", 0) <= step and "test_loss" not in row:
+                kept.append(row)
+        fsutil.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.rows = kept
+
     def write(self, row: dict) -> None:
         self.rows.append(row)
         with open(self.path, "a", encoding="utf-8") as fh:

@@ -1,0 +1,116 @@
+"""`medtune chat` and `medtune generate`: talk to a model (base, fused, or base + adapter).
+
+Registered in medtune.cli with `app.command()(chat)` and `app.command()(generate)`. Nothing heavy is
+imported here at module level: `medtune --help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from medtune.errors import BadInput
+
+DEFAULT_MODEL = "builtin:smollm2-135m"
+
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="Folder, .gguf file, builtin:NAME, ORG/NAME (Hub) or modelscope:ORG/NAME.")]
+AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", "-a", metavar="DIR", help="LoRA adapter folder from `medtune train` "
+                                                                           "(adapter_config.json + adapters.safetensors).")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", help="System prompt.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Most tokens per answer.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling (1 = off).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
+
+
+def chat(
+    model: ModelArg = DEFAULT_MODEL,
+    adapter: AdapterOpt = None,
+    system: SystemOpt = None,
+    temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")] = 0.7,
+    top_p: TopPOpt = 0.9,
+    max_tokens: MaxTokensOpt = 512,
+    hide_think: Annotated[bool, typer.Option("--hide-think", help="Do not show the <think> reasoning.")] = False,
+    seed: SeedOpt = 0,
+):
+    """Chat with a model in the terminal (or from a pipe, one message per line). /clear, /exit."""
+    from medtune.chat import chat_loop
+    from medtune.console import console
+    from medtune.generate import load
+
+    console.print(f"[dim]loading {model}" + (f" + {adapter}" if adapter else "") + " …[/]")
+    net, tokenizer = load(model, adapter)
+    console.print("[dim]ready. /clear resets the conversation, /exit (or Ctrl-D) ends it.[/]")
+    chat_loop(net, tokenizer, system=system, temp=temp, top_p=top_p, max_tokens=max_tokens,
+              hide_think=hide_think, seed=seed)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line, or JSON Lines with a "prompt" field (.jsonl)."""
+    if not path.is_file():
+        raise BadInput(f"prompts file not found: {path}", hint="one prompt per line, or .jsonl with a \"prompt\" field")
+    prompts = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            if path.suffix.lower() != ".jsonl":
+                prompts.append(line.strip())
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadInput(f"invalid JSON: {exc.msg}", where=f"{path}:{n}",
+                               hint="each line must be a JSON object with a \"prompt\" field") from exc
+            value = row.get("prompt") if isinstance(row, dict) else None
+            if not isinstance(value, str) or not value.strip():
+                raise BadInput("no \"prompt\" text in this record", where=f"{path}:{n}",
+                               hint="each line must be a JSON object with a \"prompt\" field")
+            prompts.append(value.strip())
+    return prompts
+
+
+def generate(
+    model: ModelArg = DEFAULT_MODEL,
+    adapter: AdapterOpt = None,
+    prompt: Annotated[Optional[List[str]], typer.Option("--prompt", "-p", metavar="TEXT", help="A prompt; repeat for several.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", metavar="FILE", help="File: one prompt per line, or .jsonl "
+                                                                      "with a \"prompt\" field.")] = None,
+    system: SystemOpt = None,
+    temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")] = 0.0,
+    top_p: TopPOpt = 1.0,
+    max_tokens: MaxTokensOpt = 256,
+    seed: SeedOpt = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+):
+    """Answer prompts with a model, each on its own; answers on stdout (or --json)."""
+    from medtune.console import console, out, warn
+    from medtune.generate import generate_many
+
+    todo = list(prompt or []) + (read_prompts(prompts) if prompts else [])
+    todo = [p for p in todo if p.strip()]
+    if not todo:
+        raise BadInput("no prompt given", hint="pass --prompt TEXT (repeatable) or --prompts FILE")
+
+    def show(i: int, res) -> None:
+        if not as_json:
+            if len(todo) > 1:
+                console.print(f"[bold]## {i + 1}/{len(todo)}:[/] ", end="")
+                console.print(res.prompt, markup=False, highlight=False)
+            if res.reasoning:
+                console.print(res.reasoning, style="dim", markup=False, highlight=False, soft_wrap=True)
+            out.print(res.answer, markup=False, highlight=False)
+            if len(todo) > 1 and i + 1 < len(todo):
+                out.print()
+        console.print(f"[dim]{res.tokens} tokens, {res.tokens_per_second:.1f} tokens/s, finish {res.finish_reason}[/]")
+        if res.finish_reason == "length":
+            warn(f"answer {i + 1} was cut off at --max-tokens {max_tokens}")
+
+    console.print(f"[dim]loading {model}" + (f" + {adapter}" if adapter else "") + f", {len(todo)} prompt(s) …[/]")
+    results = generate_many(model, todo, adapter=adapter, system=system, on_result=show,
+                            max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
+    if as_json:
+        sys.stdout.write(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,238 @@
+"""medtune.generate, medtune.chat and their commands, on real (tiny and SmolLM2) models. No mocks."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+from medtune.errors import BadInput
+from medtune.generate import GenerationResult, ThinkSplitter, generate, generate_many, load, split_reasoning
+
+QUESTION = "What is the normal resting heart rate for an adult? Answer in one sentence."
+
+# Until medtune.cli registers the commands, run them through a two-command Typer app with the same
+# error handling as medtune.cli.main.
+HARNESS = """
+import sys, typer
+from medtune.cli_chat import chat, generate
+from medtune.errors import MedtuneError
+app = typer.Typer(pretty_exceptions_enable=False)
+app.command()(chat)
+app.command()(generate)
+try:
+    app()
+except MedtuneError as exc:
+    from medtune.console import error
+    error(exc)
+    sys.exit(exc.exit_code)
+"""
+
+
+def _registered() -> bool:
+    from medtune.cli import app
+
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    return {"chat", "generate"} <= names
+
+
+def medtune(*args, input: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python -m medtune ARGS` with stdin from `input` (piped, no TTY)."""
+    head = ["-m", "medtune"] if _registered() else ["-c", HARNESS]
+    return subprocess.run([sys.executable, *head, *map(str, args)], input=input, capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"}, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return load(str(tiny_llama_dir))
+
+
+# --- split_reasoning -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>\nweigh anemia vs. thyroid\n</think>\n\nCheck ferritin.", ("weigh anemia vs. thyroid", "Check ferritin.")),
+    ("  Check ferritin.  ", ("", "Check ferritin.")),
+    ("<think>still thinking about the dose", ("still thinking about the dose", "")),  # unterminated
+    ("<think></think>Answer.", ("", "Answer.")),
+    ("Before <think>r</think> after", ("r", "Before  after")),
+    ("", ("", "")),
+])
+def test_split_reasoning(text, expected):
+    assert split_reasoning(text) == expected
+
+
+def test_split_reasoning_when_the_prompt_opened_the_block():
+    # DeepSeek-R1 templates end the generation prompt with "<think>\n": the output starts inside it.
+    assert split_reasoning("r1 r2\n</think>\n\nA.", in_think=True) == ("r1 r2", "A.")
+    assert split_reasoning("cut off mid-thought", in_think=True) == ("cut off mid-thought", "")
+
+
+def test_streamed_split_matches_whole_text_even_with_markers_cut_across_segments():
+    text = "<think>\nA vs B, lab first.\n</think>\n\nOrder a CBC. a < b, </thin is text."
+    splitter, parts = ThinkSplitter(), {"reasoning": "", "answer": ""}
+    for ch in text:  # one character per segment: every marker arrives in pieces
+        for kind, piece in splitter.feed(ch):
+            parts[kind] += piece
+    for kind, piece in splitter.flush():
+        parts[kind] += piece
+    assert (parts["reasoning"].strip(), parts["answer"].strip()) == split_reasoning(text)
+    assert parts["answer"].strip() == "Order a CBC. a < b, </thin is text."
+
+
+# --- generate (library) --------------------------------------------------------------------------
+
+def test_generate_stops_at_max_tokens_on_tiny_model(tiny):
+    model, tok = tiny
+    seen = []
+    res = generate(model, tok, [{"role": "user", "content": "Hi"}], max_tokens=8, on_text=lambda k, t: seen.append(t))
+    assert isinstance(res, GenerationResult)
+    assert res.finish_reason == "length" and res.tokens == 8
+    assert res.prompt_tokens > 5 and res.tokens_per_second > 0
+    assert "".join(seen) == res.text  # what was streamed is what was returned
+    d = res.to_dict()
+    assert set(d) >= {"text", "tokens", "prompt_tokens", "finish_reason", "tokens_per_second", "reasoning", "answer"}
+    json.dumps(d)
+
+
+def test_end_of_turn_token_is_a_stop_token(tiny):
+    _, tok = tiny
+    assert tok.convert_tokens_to_ids("<|im_end|>") in tok.eos_token_ids
+
+
+def test_generate_answers_a_medical_question_with_smollm2(smollm2_dir):
+    model, tok = load(str(smollm2_dir))
+    msgs = [{"role": "user", "content": QUESTION}]
+    first = generate(model, tok, msgs, max_tokens=64)
+    again = generate(model, tok, msgs, max_tokens=64)
+    assert first.text.strip() and first.answer == first.text.strip() and first.reasoning == ""
+    assert first.finish_reason in {"stop", "length"}
+    assert 0 < first.tokens <= 64
+    assert first.finish_reason == "length" or first.tokens < 64  # a stop ends early, on the end token
+    assert again.text == first.text and again.tokens == first.tokens  # greedy is deterministic
+
+
+def test_generate_many_with_an_adapter_applies_it(tiny_llama_dir, tmp_path):
+    """A fresh LoRA adapter (lora_b = 0) changes nothing; the same adapter with weights does."""
+    from medtune import runtime
+
+    mx = runtime.mx()
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = load(str(tiny_llama_dir))
+    model.freeze()
+    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0}
+    linear_to_lora_layers(model, 2, lora)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}))
+    mx.save_safetensors(str(tmp_path / "zero" / "adapters.safetensors"), weights)
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "adapter_config.json").write_text((tmp_path / "zero" / "adapter_config.json").read_text())
+    big = {k: (mx.ones(v.shape) * 0.5 if k.endswith("lora_b") else v) for k, v in weights.items()}
+    mx.save_safetensors(str(tmp_path / "big" / "adapters.safetensors"), big)
+
+    prompts = ["Hi", "What is a fever?"]
+    base = generate_many(str(tiny_llama_dir), prompts, max_tokens=6)
+    zero = generate_many(str(tiny_llama_dir), prompts, adapter=tmp_path / "zero", max_tokens=6)
+    tuned = generate_many(str(tiny_llama_dir), prompts, adapter=tmp_path / "big", max_tokens=6, system="Be brief.")
+    assert [r.prompt for r in base] == prompts
+    assert [r.text for r in zero] == [r.text for r in base]
+    assert [r.text for r in tuned] != [r.text for r in base]
+
+
+def test_bad_adapter_is_bad_input(tiny_llama_dir, tmp_path):
+    with pytest.raises(BadInput, match="adapter folder not found"):
+        load(str(tiny_llama_dir), tmp_path / "nope")
+    with pytest.raises(BadInput, match="adapters.safetensors"):
+        load(str(tiny_llama_dir), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2,
+                                                              "lora_parameters": {"rank": 4, "scale": 1.0, "dropout": 0.0}}))
+    (tmp_path / "adapters.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(BadInput, match="cannot apply the adapter"):
+        load(str(tiny_llama_dir), tmp_path)
+    with pytest.raises(BadInput, match="no prompts"):
+        generate_many(str(tiny_llama_dir), [])
+
+
+# --- chat (library) ------------------------------------------------------------------------------
+
+def test_chat_loop_keeps_history_and_clear_keeps_the_system_prompt(tiny):
+    from rich.console import Console
+
+    from medtune.chat import chat_loop
+
+    model, tok = tiny
+    lines = iter(["First question?", "", "Second?", "/clear", "Third?"])  # then EOF
+
+    def input_fn(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    buf = io.StringIO()
+    history = chat_loop(model, tok, system="You are a nurse.", temp=0.0, top_p=1.0, max_tokens=4,
+                        input_fn=input_fn, console=Console(file=buf, width=200))
+    roles = [m["role"] for m in history]
+    assert roles == ["system", "user", "assistant"]  # /clear dropped the first two turns, kept the system
+    assert history[0]["content"] == "You are a nurse." and history[1]["content"] == "Third?"
+    text = buf.getvalue()
+    assert text.count("tokens/s") == 3 and "conversation cleared" in text
+
+
+@pytest.mark.parametrize("hide", [False, True])
+def test_chat_printer_shows_reasoning_dim_or_hides_it(hide):
+    from rich.console import Console
+
+    from medtune.chat import _Printer
+
+    buf = io.StringIO()
+    printer = _Printer(Console(file=buf, force_terminal=True, color_system="standard", width=200), hide_think=hide)
+    for kind, piece in [("reasoning", "\nferritin first"), ("answer", "\n\n"), ("answer", "Order ferritin.")]:
+        printer(kind, piece)
+    printer.end()
+    text = buf.getvalue()
+    assert "Order ferritin." in text
+    if hide:
+        assert "ferritin first" not in text and text.startswith("Order ferritin.")
+    else:
+        assert "\x1b[2mferritin first" in text  # dim
+        assert "\n\nOrder ferritin." in text
+
+
+# --- the commands --------------------------------------------------------------------------------
+
+def test_cli_generate_json(tiny_llama_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is a fever?"}) + "\n\n" + json.dumps({"prompt": "And a cough?"}) + "\n")
+    res = medtune("generate", tiny_llama_dir, "--prompt", "Hi", "--prompts", prompts, "--max-tokens", "5", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert [r["prompt"] for r in rows] == ["Hi", "What is a fever?", "And a cough?"]
+    assert all(r["finish_reason"] == "length" and r["tokens"] == 5 for r in rows)
+    assert "tokens/s" in res.stderr
+
+
+def test_cli_generate_without_prompt_is_bad_input(tiny_llama_dir):
+    res = medtune("generate", tiny_llama_dir)
+    assert res.returncode == 2
+    assert "no prompt given" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_chat_from_a_pipe(tiny_llama_dir):
+    res = medtune("chat", tiny_llama_dir, "--temp", "0", "--max-tokens", "6", "--system", "Be brief.",
+                  input="What is anemia?\n/clear\nWhat is a fever?\n/exit\nnever read\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("tokens/s") == 2  # two answers, each followed by its speed
+    assert "conversation cleared" in res.stdout
+    answers = [ln for ln in res.stdout.splitlines() if ln.strip() and "tokens/s" not in ln and "cleared" not in ln]
+    assert len(answers) >= 2

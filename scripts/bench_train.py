@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -69,6 +70,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+COUNTING = ("tokens/s = sum of full sequence lengths (prompt+completion, unpadded) of steps warmup+1..iters / "
+            "sum of the trainer's own step times of those steps; mlx_lm's native figure counts loss-mask tokens")
 
 RUNS = {
     "a": {"name": "mlx_lm.lora by hand", "kind": "mlx_lm", "openblas": False},
@@ -130,6 +134,7 @@ def child_mlx_lm(cfg: dict) -> dict:
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.datasets import load_dataset
     from mlx_lm.utils import load
+    from mlx.utils import tree_flatten
 
     # What `mlx_lm lora --model ... --mask-prompt -c lora.yaml ...` builds in lora.main().
     args = copy.deepcopy(lora.CONFIG_DEFAULTS)
@@ -163,7 +168,7 @@ def child_mlx_lm(cfg: dict) -> dict:
     model, tokenizer = load(args.model)
     train_set, valid_set, _ = load_dataset(args, tokenizer)
     lora.train_model(args, model, train_set, valid_set, training_callback=Collect())
-    dtypes = sorted({str(v.dtype) for _, v in __import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(model.parameters())})
+    dtypes = sorted({str(v.dtype) for _, v in tree_flatten(model.parameters())})
     return {"steps": steps, "param_dtypes": dtypes, "mlx_peak_memory_gb": mx.get_peak_memory() / 1e9}
 
 
@@ -201,7 +206,8 @@ def child_medtune(cfg: dict) -> dict:
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     opts = TrainOptions(**wanted, **{k: v for k, v in optional.items() if k in names})
     progress = _Progress()
-    result = train(cfg["model_spec"], cfg["data"], cfg["out"], opts, progress=progress)
+    kw = {"progress": progress} if "progress" in inspect.signature(train).parameters else {}
+    result = train(cfg["model_spec"], cfg["data"], cfg["out"], opts, **kw)
 
     rows = [json.loads(l) for l in open(Path(cfg["out"]) / "metrics.jsonl", encoding="utf-8") if l.strip()]
     rows = [r for r in rows if "tokens_per_second" in r]
@@ -402,7 +408,7 @@ def main() -> None:
     print("Note: the trainers draw different batches (medtune pairs records of similar length, mlx_lm 0.32 keeps "
           "file order); see the docstring.")
     if a.json:
-        Path(a.json).write_text(json.dumps({"settings": cfg, "runs": {k: dict(d, label=RUNS[k]["name"]) for k, d in results.items()},
+        Path(a.json).write_text(json.dumps({"settings": cfg, "counting": COUNTING, "runs": {k: dict(d, label=RUNS[k]["name"]) for k, d in results.items()},
                                             "cli_check": cli, "cpu_count": os.cpu_count(),
                                             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                                             "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}, indent=1))

@@ -178,3 +178,69 @@ def test_full_fine_tune_fuses_and_fuse_will_not_overwrite_without_force(tmp_path
     assert "--force" in exc.value.hint
     fuse(str(tiny_llama_dir), adapter, out, force=True, dtype="float16")
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def _two_free_ports() -> int:
+    import random
+    import socket
+
+    for _ in range(50):
+        port = random.randint(40000, 60000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    pytest.skip("no two free consecutive ports on localhost")
+
+
+def test_two_processes_train_like_one_with_the_whole_batch(tmp_path, tiny_llama_dir, prepared):
+    """`mlx.launch --backend ring -n 2` runs `medtune train` data-parallel on this machine: each process takes
+    half of every batch, and the loss curve equals one process's on the whole batch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    if not launcher.exists():
+        pytest.skip("mlx.launch is not installed")
+    args = ["--iters", "4", "--batch-size", "4", "--num-layers", "-1", "--rank", "4", "--lr", "3e-3",
+            "--eval-every", "2", "--seed", "0"]
+    one = tmp_path / "one"
+    train(str(tiny_llama_dir), prepared, one,
+          TrainOptions(iters=4, batch_size=4, num_layers=-1, rank=4, lr=3e-3, steps_per_eval=2, seed=0))
+    two = tmp_path / "two"
+    cmd = [str(launcher), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1", "--starting-port",
+           str(_two_free_ports()), sys.executable, "-m", "medtune", "train", "--model", str(tiny_llama_dir),
+           "--data", str(prepared), "--out", str(two), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    (train_1, val_1), (train_2, val_2) = _losses(one), _losses(two)
+    assert [s for s, _ in train_2] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in train_2], [v for _, v in train_1], rtol=1e-4)
+    np.testing.assert_allclose([v for _, v in val_2], [v for _, v in val_1], rtol=1e-4)
+    assert json.loads((two / "manifest.json").read_text())["processes"] == 2
+
+
+def test_qlora_on_an_mlx_quantized_base_and_dequantized_fuse(tmp_path, tiny_llama_dir, prepared):
+    from mlx_lm import convert
+    from mlx_lm import load
+
+    from medtune.errors import BadInput
+    from medtune.fuse import fuse
+
+    q = tmp_path / "q4"
+    convert(str(tiny_llama_dir), mlx_path=str(q), quantize=True, q_group_size=32, q_bits=4)
+    assert "quantization" in json.loads((q / "config.json").read_text())
+    res = train(str(q), prepared, tmp_path / "a", TrainOptions(iters=3, batch_size=2, num_layers=-1, lr=3e-3,
+                                                                steps_per_eval=3))
+    assert res.final_train_loss is not None and res.trainable_parameters < res.total_parameters
+    with pytest.raises(BadInput, match="quantized"):
+        fuse(str(q), tmp_path / "a", tmp_path / "f")
+    fuse(str(q), tmp_path / "a", tmp_path / "f", dequantize=True)
+    cfg = json.loads((tmp_path / "f" / "config.json").read_text())
+    assert "quantization" not in cfg and "quantization_config" not in cfg
+    model, _ = load(str(tmp_path / "f"))
+    assert model(__import__("mlx.core", fromlist=["array"]).array([[1, 2, 3]])).shape[-1] == cfg["vocab_size"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from medtune.errors import BadInput, MedtuneError
+from medtune.errors import BadInput
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 
@@ -319,29 +319,15 @@ def select_hf_files(root: Path, config: str | None, split: str | None, spec: str
 
 
 def _hf_download(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from medtune.hub import hf_snapshot
 
-    patterns = ["README.md", *(f"*{s}" for s in SUFFIXES), *(f"**/*{s}" for s in SUFFIXES)]
-    try:
-        return Path(snapshot_download(repo, repo_type="dataset", allow_patterns=patterns))
-    except RepositoryNotFoundError as exc:
-        raise BadInput(f"no such dataset on the Hub: {repo}",
-                       hint="check the id; private or gated datasets need `huggingface-cli login` or HF_TOKEN") from exc
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise MedtuneError(f"could not download dataset {repo}: {str(exc).splitlines()[0]}",
-                           hint="check the network or HF_ENDPOINT; offline, HF_HUB_OFFLINE=1 uses the HF_HOME cache") from exc
+    return hf_snapshot(repo, ["README.md", *(f"*{s}" for s in SUFFIXES), *(f"**/*{s}" for s in SUFFIXES)], "dataset")
 
 
 def _modelscope_download(repo: str) -> Path:
-    from medtune.errors import require
+    from medtune.hub import modelscope_snapshot
 
-    ms = require("modelscope", purpose="modelscope: datasets")
-    try:
-        return Path(ms.dataset_snapshot_download(repo))
-    except Exception as exc:  # modelscope raises many exception types
-        raise MedtuneError(f"could not download dataset {repo} from ModelScope: {str(exc).splitlines()[0]}",
-                           hint="check the id and the network (MODELSCOPE_CACHE sets the cache)") from exc
+    return modelscope_snapshot(repo, repo_type="dataset")
 
 
 def resolve(spec: str | Path) -> Resolved:

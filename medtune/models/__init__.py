@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from medtune.errors import BadInput, MedtuneError
+from medtune.errors import BadInput
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -82,25 +82,12 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"
 
 
 def _pull_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from medtune.hub import hf_snapshot
 
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-    except RepositoryNotFoundError as exc:
-        raise BadInput(f"no such model on the Hub: {repo_id}",
-                       hint="check the id; private or gated models need `huggingface-cli login` or HF_TOKEN") from exc
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise MedtuneError(f"could not download {repo_id} from the Hub: {str(exc).splitlines()[0]}",
-                           hint="check the network, HF_ENDPOINT, or HF_HUB_OFFLINE with a filled HF_HOME cache") from exc
+    return hf_snapshot(repo_id, HUB_PATTERNS)
 
 
 def _pull_modelscope(repo_id: str) -> Path:
-    from medtune.errors import require
+    from medtune.hub import modelscope_snapshot
 
-    ms = require("modelscope", purpose="modelscope: model specs")
-    try:
-        return Path(ms.snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-    except Exception as exc:  # modelscope raises many exception types
-        raise MedtuneError(f"could not download {repo_id} from ModelScope: {str(exc).splitlines()[0]}",
-                           hint="check the id and the network (MODELSCOPE_CACHE sets the cache)") from exc
+    return modelscope_snapshot(repo_id, HUB_PATTERNS)

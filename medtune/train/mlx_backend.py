@@ -97,23 +97,32 @@ def masked_loss(model, batch, lengths):
     pos = mx.arange(1, targets.shape[1] + 1)[None, :]  # index of each target token in the sequence
     mask = (pos >= lengths[:, 0:1]) & (pos < lengths[:, 1:2])
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
-    ntoks = mask.sum()
+    ntoks = mask.sum().astype(mx.float32)
     return ce.sum() / ntoks, ntoks
 
 
-def evaluate(model, items, batch_size: int, max_batches: int = -1) -> float:
+def evaluate(model, items, batch_size: int, max_batches: int = -1, world=None) -> float:
+    """Mean loss over the label tokens of `items`; with several processes each takes its share of every
+    batch and the sums are combined, so the result is the same as one process's."""
     mx = runtime.mx()
+    rank, size = (world.rank(), world.size()) if world is not None else (0, 1)
     groups = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
     if max_batches > 0:
         groups = groups[:max_batches]
-    total, count = 0.0, 0
+    total, count = mx.array(0.0), mx.array(0.0)
     for g in groups:
-        batch, lengths = make_batch(items, g)
+        mine = g[rank::size]
+        if not mine:
+            continue
+        batch, lengths = make_batch(items, mine)
         loss, ntoks = masked_loss(model, batch, lengths)
-        mx.eval(loss, ntoks)
-        total += loss.item() * ntoks.item()
-        count += ntoks.item()
-    return total / max(count, 1)
+        total = total + loss * ntoks
+        count = count + ntoks
+        mx.eval(total, count)
+    if size > 1:
+        total, count = mx.distributed.all_sum(total, stream=mx.cpu), mx.distributed.all_sum(count, stream=mx.cpu)
+        mx.eval(total, count)
+    return total.item() / max(count.item(), 1)
 
 
 def load_model(model_dir: Path):
@@ -333,6 +342,14 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
         raise BadInput(f"{len(train_items)} training records, fewer than --batch-size {opts.batch_size}",
                        where=str(data / "train.jsonl"), hint="lower --batch-size or add data")
     steps = opts.steps_for(len(train_items))
+    world = mx.distributed.init()
+    rank, size = world.rank(), world.size()
+    if opts.batch_size % size:
+        raise BadInput(f"--batch-size {opts.batch_size} is not a multiple of the {size} processes",
+                       hint=f"--batch-size is the global batch: use a multiple of {size}")
+    lead = rank == 0  # only the first process writes files and shows progress
+    if not lead:
+        progress = None
 
     n_layers = len(model.layers) if opts.num_layers < 0 else min(opts.num_layers, len(model.layers))
     model.freeze()
@@ -357,7 +374,8 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
                            preflight=pf)
     refuse_if_too_big(pf, opts)
 
-    out.mkdir(parents=True, exist_ok=True)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     optimizer = optim.Adam(learning_rate=make_schedule(opts, steps))
     optimizer.init(model.trainable_parameters())
     # Where the run stands; a checkpoint holds exactly this, plus the trained weights and the optimizer.
@@ -374,16 +392,26 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
     loss_and_grad = nn.value_and_grad(model, masked_loss)
     state = [model.state, optimizer.state, mx.random.state]
 
+    def combined(batch, lengths):
+        """Loss and gradients of the whole (global) batch: each process's share weighted by its label
+        tokens, so N processes compute exactly what one process would on the full batch."""
+        (loss, ntoks), grads = loss_and_grad(model, batch, lengths)
+        if size > 1:
+            total = mx.distributed.all_sum(ntoks)
+            weight = ntoks / total
+            grads = tree_map(lambda g: mx.distributed.all_sum(g * weight), grads)
+            loss, ntoks = mx.distributed.all_sum(loss * weight), total
+        return loss, ntoks, grads
+
     @partial(mx.compile, inputs=state, outputs=state)
     def step_one(batch, lengths):
-        (loss, ntoks), grads = loss_and_grad(model, batch, lengths)
+        loss, ntoks, grads = combined(batch, lengths)
         optimizer.update(model, grads)
         return loss, ntoks
 
     @partial(mx.compile, inputs=state, outputs=state)
     def micro(batch, lengths):
-        (loss, ntoks), grads = loss_and_grad(model, batch, lengths)
-        return loss, ntoks, grads
+        return combined(batch, lengths)
 
     def save_adapter(path: Path) -> None:
         weights = dict(tree_flatten(model.trainable_parameters()))
@@ -391,10 +419,11 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
             mx.save_safetensors(str(tmp.with_suffix(".safetensors")), weights)
             tmp.with_suffix(".safetensors").replace(tmp)
 
-    metrics = MetricsLog(out / "metrics.jsonl", truncate=not ckpts)
+    metrics = MetricsLog(out / "metrics.jsonl", truncate=not ckpts, enabled=lead)
     if ckpts:
         metrics.keep_until(start)
-    fsutil.write_json(out / "adapter_config.json", adapter_config(opts, model_ref.path, n_layers, keys))
+    if lead:
+        fsutil.write_json(out / "adapter_config.json", adapter_config(opts, model_ref.path, n_layers, keys))
     order = batch_order(train_items, opts.batch_size, opts.seed, run["epoch"])
     t0 = time.perf_counter()
     task = progress.add_task("training", total=steps, completed=start, loss="-", val="-", tps="-", mem="-") \
@@ -404,19 +433,23 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
         nonlocal order
         # Randomness (dropout) is reseeded from the run's position before every micro-batch: the state of the
         # generator is a function of where the run stands, so a resumed run draws exactly the same numbers.
-        mx.random.seed(opts.seed * 1_000_003 + run["micro"])
+        mx.random.seed((opts.seed * 1_000_003 + run["micro"]) * size + rank)
         mx.eval(mx.random.state)  # the compiled step takes the generator's key as an input: materialise it
         run["micro"] += 1
         if run["pos"] >= len(order):
             run["epoch"], run["pos"] = run["epoch"] + 1, 0
             order = batch_order(train_items, opts.batch_size, opts.seed, run["epoch"])
-        group = order[run["pos"]]
+        group = order[run["pos"]][rank::size]
         run["pos"] += 1
         return make_batch(train_items, group)
 
+    def tokens_in(lengths) -> int:
+        n = lengths[:, 1].sum()
+        return int((mx.distributed.all_sum(n, stream=mx.cpu) if size > 1 else n).item())
+
     def run_eval(it: int):
         model.eval()
-        loss = evaluate(model, val_items, opts.batch_size, opts.val_batches)
+        loss = evaluate(model, val_items, opts.batch_size, opts.val_batches, world)
         model.train()
         run["val_loss"] = loss
         run["first_val"] = loss if run["first_val"] is None else run["first_val"]
@@ -428,7 +461,10 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
                            + (f", {run['tokens_seen'] / run['t_train']:.0f} tok/s" if run["t_train"] else ""))
 
     def checkpoint(it: int) -> Path:
-        return save_checkpoint(out, it, model, optimizer, dict(run), opts.keep_checkpoints)
+        target = out / "checkpoints" / f"step-{it:07d}"
+        if lead:
+            save_checkpoint(out, it, model, optimizer, dict(run), opts.keep_checkpoints)
+        return target
 
     # Ctrl-C (or SIGTERM) asks for a stop: the step under way finishes, a checkpoint is saved at that clean
     # boundary, and the run exits; a second Ctrl-C aborts at once (the last periodic checkpoint remains).
@@ -458,7 +494,7 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
                 batch, lengths = next_batch()
                 loss, ntoks = step_one(batch, lengths)
                 mx.eval(state, loss, ntoks)
-                n_tok, loss_v, n_lab = int(lengths[:, 1].sum().item()), loss.item(), int(ntoks.item())
+                n_tok, loss_v, n_lab = tokens_in(lengths), loss.item(), int(ntoks.item())
             else:
                 acc, losses, n_tok, n_lab = None, 0.0, 0, 0
                 for _ in range(opts.grad_accum):
@@ -467,7 +503,7 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
                     acc = grads if acc is None else tree_map(lambda a, b: a + b, acc, grads)
                     mx.eval(acc, loss, ntoks)
                     losses += loss.item()
-                    n_tok += int(lengths[:, 1].sum().item())
+                    n_tok += tokens_in(lengths)
                     n_lab += int(ntoks.item())
                 optimizer.update(model, tree_map(lambda g: g / opts.grad_accum, acc))
                 mx.eval(model.parameters(), optimizer.state)
@@ -499,15 +535,17 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
             signal.signal(sig, handler)
 
     adapter_file = out / "adapters.safetensors"
-    save_adapter(adapter_file)
+    if lead:
+        save_adapter(adapter_file)
     test_loss = None
     if opts.test:
         test_items = build_dataset(load_jsonl(data / "test.jsonl"), tokenizer, opts.mask_prompt, opts.max_seq_length,
                                    data / "test.jsonl")
         model.eval()
-        test_loss = evaluate(model, test_items, opts.batch_size)
+        test_loss = evaluate(model, test_items, opts.batch_size, world=world)
         metrics.write({"step": steps, "test_loss": test_loss, "test_ppl": math.exp(min(test_loss, 50))})
-    plot = plot_losses(metrics.rows, out / "loss.png", title=f"{opts.fine_tune_type.upper()} on {model_ref.spec}")
+    plot = plot_losses(metrics.rows, out / "loss.png", title=f"{opts.fine_tune_type.upper()} on {model_ref.spec}") \
+        if lead else None
     result = TrainResult(out=out, adapter_file=adapter_file, steps=steps, final_train_loss=run["train_loss"],
                          final_val_loss=run["val_loss"], first_val_loss=run["first_val"],
                          tokens_per_second=run["tokens_seen"] / max(run["t_train"], 1e-9),
@@ -516,9 +554,11 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
                          preflight=pf,
                          files={"adapters": str(adapter_file), "adapter_config": str(out / "adapter_config.json"),
                                 "metrics": str(metrics.path), "loss_plot": str(plot) if plot else None})
+    if not lead:
+        return result
     data_manifest = data / "manifest.json"
     fsutil.write_json(out / "manifest.json", {
-        "stage": "train", "backend": "mlx",
+        "stage": "train", "backend": "mlx", "processes": size,
         "inputs": {"model": model_ref.to_dict(), "data": str(data),
                    "data_manifest_sha256": fsutil.sha256_file(data_manifest) if data_manifest.exists() else None,
                    "train_sha256": fsutil.sha256_file(data / "train.jsonl"),

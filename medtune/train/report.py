@@ -11,15 +11,16 @@ from medtune import fsutil
 class MetricsLog:
     """Appends one JSON object per report to metrics.jsonl (flushed, so a crash keeps what was logged)."""
 
-    def __init__(self, path: Path, truncate: bool = True):
+    def __init__(self, path: Path, truncate: bool = True, enabled: bool = True):
         self.path = path
+        self.enabled = enabled  # False on every process but the first of a distributed run
         self.rows: list[dict] = []
-        if truncate and path.exists():
+        if enabled and truncate and path.exists():
             path.unlink()
 
     def keep_until(self, step: int) -> None:
         """On resume: drop what was logged after the checkpoint, so the log reads as one unbroken run."""
-        if not self.path.exists():
+        if not self.path.exists() or not self.enabled:
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -34,6 +35,8 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 

@@ -253,7 +253,8 @@ def train(
     resume, dry_run = bool(opts_in.pop("resume")), bool(opts_in.pop("dry_run"))
     opts_in["steps_per_eval"] = opts_in.pop("eval_every")
     opts = TrainOptions(**opts_in, target_modules=tm)
-    step(f"{'preflight for' if dry_run else 'training'} {opts.fine_tune_type.upper()} on {model} with {data} → {out}")
+    kind = {"lora": "LoRA", "dora": "DoRA", "full": "full fine-tuning"}[opts.fine_tune_type]
+    step(f"{'preflight for' if dry_run else 'training'} {kind} on {model} with {data} → {out}")
     cols = TextColumn("loss [bold]{task.fields[loss]}[/] val [bold]{task.fields[val]}[/] "
                       "{task.fields[tps]} tok/s peak {task.fields[mem]} GB")
     with progress(cols) as p:

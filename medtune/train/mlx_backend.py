@@ -544,7 +544,7 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
         model.eval()
         test_loss = evaluate(model, test_items, opts.batch_size, world=world)
         metrics.write({"step": steps, "test_loss": test_loss, "test_ppl": math.exp(min(test_loss, 50))})
-    plot = plot_losses(metrics.rows, out / "loss.png", title=f"{opts.fine_tune_type.upper()} on {model_ref.spec}") \
+    plot = plot_losses(metrics.rows, out / "loss.png", title=f"{ {'lora': 'LoRA', 'dora': 'DoRA', 'full': 'Full fine-tune'}[opts.fine_tune_type]} on {model_ref.spec}") \
         if lead else None
     result = TrainResult(out=out, adapter_file=adapter_file, steps=steps, final_train_loss=run["train_loss"],
                          final_val_loss=run["val_loss"], first_val_loss=run["first_val"],

@@ -252,7 +252,7 @@ def train(
     model, data, out = str(opts_in.pop("model")), Path(opts_in.pop("data")), Path(opts_in.pop("out"))
     resume, dry_run = bool(opts_in.pop("resume")), bool(opts_in.pop("dry_run"))
     opts_in["steps_per_eval"] = opts_in.pop("eval_every")
-    opts = TrainOptions(**opts_in, target_modules=tm)
+    opts = TrainOptions(**opts_in, target_modules=tm).check()
     kind = {"lora": "LoRA", "dora": "DoRA", "full": "full fine-tuning"}[opts.fine_tune_type]
     step(f"{'preflight for' if dry_run else 'training'} {kind} on {model} with {data} → {out}")
     cols = TextColumn("loss [bold]{task.fields[loss]}[/] val [bold]{task.fields[val]}[/] "

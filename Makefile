@@ -56,6 +56,7 @@ test: setup-test
 bench: setup
 	mkdir -p bench
 	$(BIN)/python scripts/bench_prepare.py --json bench/prepare.json
+	$(BIN)/python scripts/bench_train.py --json bench/train.json
 
 clean-outputs:
 	rm -rf data/processed adapters/$(NAME) models/$(NAME) Modelfiles/$(NAME).Modelfile

@@ -15,7 +15,8 @@ from pathlib import Path
 
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Hidden, per-process, and with the real suffix (writers such as mx.save_safetensors append one)."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
 @contextlib.contextmanager
@@ -99,7 +100,3 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

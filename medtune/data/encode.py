@@ -105,21 +105,18 @@ def encode_texts(tok, items: list[str]) -> list[list[int]]:
     return [hf_tokenizer(tok).encode(t, add_special_tokens=False) for t in items]
 
 
-def encode(tok, record: dict, render: Renderer | None = None, mask_prompt: bool = True) -> tuple[list[int], int]:
-    """(token ids, offset): the loss covers ids[offset:] (offset 0 without prompt masking)."""
-    tok = hf_tokenizer(tok)
-    render = render or Renderer(tok)
-    full, prompt = texts(record, render)
-    ids = encode_texts(tok, [full])[0]
-    if style_of(record) == "text" and not record.get("prompt_chars") and ids and ids[-1] != tok.eos_token_id \
-            and tok.eos_token_id is not None:
-        ids.append(tok.eos_token_id)  # plain text: end with eos, as mlx_lm's text dataset does
-    if not mask_prompt or not prompt:
-        return ids, 0
-    head = encode_texts(tok, [prompt])[0]
-    if ids[: len(head)] != head:
-        raise ValueError("the prompt's tokens are not a prefix of the record's tokens")
-    return ids, len(head)
+def with_eos(tok, record: dict, ids: list[int]) -> list[int]:
+    """Plain-text records (no template, no prompt) end with eos, as mlx_lm's text dataset does; records
+    rendered through a chat template already end on its end-of-turn token."""
+    eos = tok.eos_token_id
+    if style_of(record) == "text" and not record.get("prompt_chars") and eos is not None and (not ids or ids[-1] != eos):
+        return ids + [eos]
+    return ids
+
+
+def encode(tok, record: dict, mask_prompt: bool = True) -> tuple[list[int], int]:
+    """(token ids, offset) of one record: the loss covers ids[offset:] (offset 0 without prompt masking)."""
+    return encode_all(tok, [record], mask_prompt)[0]
 
 
 def encode_all(tok, records: list[dict], mask_prompt: bool = True) -> list[tuple[list[int], int]]:
@@ -130,9 +127,7 @@ def encode_all(tok, records: list[dict], mask_prompt: bool = True) -> list[tuple
     heads = encode_texts(tok, [p[1] for p in pairs]) if mask_prompt else [[] for _ in pairs]
     out = []
     for rec, ids, head in zip(records, full, heads):
-        if style_of(rec) == "text" and not rec.get("prompt_chars") and ids and ids[-1] != tok.eos_token_id \
-                and tok.eos_token_id is not None:
-            ids = ids + [tok.eos_token_id]
+        ids = with_eos(tok, rec, ids)
         if head and ids[: len(head)] != head:
             raise ValueError("the prompt's tokens are not a prefix of the record's tokens")
         out.append((ids, len(head)))

@@ -154,7 +154,7 @@ def _to_record(ex: formats.Example, style: str, reasoning: str, info, renderer) 
     return {"messages": ex.messages[:-1] + [{"role": "assistant", "content": answer}]}
 
 
-def _check(tok, info, rec, full_text, prompt_text, full_ids, head_ids, reasoning_text, where):
+def _check(info, full_text, prompt_text, full_ids, head_ids, reasoning_text, where):
     """Every promise about one rendered record; raises RecordError naming the record."""
     err = sources.RecordError
     if not full_text.startswith(prompt_text) or full_ids[: len(head_ids)] != head_ids:
@@ -300,12 +300,12 @@ def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict |
         full_ids = encode.encode_texts(tok, [p[0] for p in pairs])
         head_ids = encode.encode_texts(tok, [p[1] for p in pairs])
         for i, (full_text, prompt_text), ids, head in zip(chunk, pairs, full_ids, head_ids):
-            if examples[i].text is not None:  # plain text: no template; training appends eos
-                lengths[i] = len(ids) + (not ids or ids[-1] != tok.eos_token_id)
+            if examples[i].text is not None:  # plain text: no template to check; training appends eos
+                lengths[i] = len(encode.with_eos(tok, rows[i], ids))
                 continue
             kept_reasoning = examples[i].reasoning if reasoning != "drop" else ""
             try:
-                _check(tok, info, rows[i], full_text, prompt_text, ids, head, kept_reasoning, examples[i].where)
+                _check(info, full_text, prompt_text, ids, head, kept_reasoning, examples[i].where)
             except sources.RecordError:
                 if not skip_invalid:
                     raise

@@ -358,11 +358,3 @@ def read(resolved: Resolved) -> Iterator[Record | RecordError]:
         return
     for f in resolved.files:
         yield from read_file(f)
-
-
-def read_records(path) -> Iterator[Record]:
-    """Every record of a local path; the first bad record raises."""
-    for rec in read_local(Path(path)):
-        if isinstance(rec, RecordError):
-            raise rec
-        yield rec

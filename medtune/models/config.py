@@ -61,12 +61,3 @@ def write_config(model_dir: str | Path, cfg: dict, *, drop_quantization: bool = 
 
     cfg = normalise_config(cfg, drop_quantization=drop_quantization)
     return fsutil.write_json(Path(model_dir) / "config.json", cfg)
-
-
-def normalise_config_file(model_dir: str | Path) -> None:
-    """Rewrite config.json in place if normalising changes it."""
-    path = Path(model_dir) / "config.json"
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    fixed = normalise_config(raw)
-    if fixed != raw:
-        write_config(model_dir, fixed)

@@ -416,8 +416,7 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
     def save_adapter(path: Path) -> None:
         weights = dict(tree_flatten(model.trainable_parameters()))
         with fsutil.atomic_path(path) as tmp:
-            mx.save_safetensors(str(tmp.with_suffix(".safetensors")), weights)
-            tmp.with_suffix(".safetensors").replace(tmp)
+            mx.save_safetensors(str(tmp), weights)
 
     metrics = MetricsLog(out / "metrics.jsonl", truncate=not ckpts, enabled=lead)
     if ckpts:

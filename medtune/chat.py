@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
-from medtune.generate import GenerationResult, generate
+from medtune.generate import REPEAT_LAST_N, REPEAT_PENALTY, GenerationResult, generate
 
 COMMANDS = {
     "/clear": "forget the conversation (keeps the system prompt)",
@@ -65,6 +65,7 @@ def _stats(res: GenerationResult) -> str:
 
 def chat_loop(model, tokenizer, *, system: Optional[str] = None, temp: float = 0.7, top_p: float = 0.9,
               max_tokens: int = 512, hide_think: bool = False, seed: int = 0,
+              repeat_penalty: float = REPEAT_PENALTY, repeat_last_n: int = REPEAT_LAST_N,
               input_fn: Callable[[str], str] = input, console=None) -> list[dict]:
     """Chat until /exit or EOF; return the conversation (system prompt included)."""
     if console is None:
@@ -99,7 +100,7 @@ def chat_loop(model, tokenizer, *, system: Optional[str] = None, temp: float = 0
         printer = _Printer(console, hide_think)
         try:
             res = generate(model, tokenizer, history, max_tokens=max_tokens, temp=temp, top_p=top_p,
-                           seed=seed + turn, on_text=printer)
+                           repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed + turn, on_text=printer)
         except KeyboardInterrupt:
             printer.end()
             console.print("[yellow](answer interrupted)[/]")

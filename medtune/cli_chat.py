@@ -23,6 +23,9 @@ AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", "-a", metavar="
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", help="System prompt.")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Most tokens per answer.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling (1 = off).")]
+RepeatPenaltyOpt = Annotated[float, typer.Option("--repeat-penalty", help="Penalise tokens seen in the last "
+                                                 "--repeat-last-n (1 = off); the Modelfile sets the same for Ollama.")]
+RepeatLastNOpt = Annotated[int, typer.Option("--repeat-last-n", help="How many recent tokens the penalty looks at (0 = off).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
 
 
@@ -33,6 +36,8 @@ def chat(
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")] = 0.7,
     top_p: TopPOpt = 0.9,
     max_tokens: MaxTokensOpt = 512,
+    repeat_penalty: RepeatPenaltyOpt = 1.1,
+    repeat_last_n: RepeatLastNOpt = 64,
     hide_think: Annotated[bool, typer.Option("--hide-think", help="Do not show the <think> reasoning.")] = False,
     seed: SeedOpt = 0,
 ):
@@ -45,7 +50,7 @@ def chat(
     net, tokenizer = load(model, adapter)
     console.print("[dim]ready. /clear resets the conversation, /exit (or Ctrl-D) ends it.[/]")
     chat_loop(net, tokenizer, system=system, temp=temp, top_p=top_p, max_tokens=max_tokens,
-              hide_think=hide_think, seed=seed)
+              hide_think=hide_think, seed=seed, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -83,6 +88,8 @@ def generate(
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")] = 0.0,
     top_p: TopPOpt = 1.0,
     max_tokens: MaxTokensOpt = 256,
+    repeat_penalty: RepeatPenaltyOpt = 1.1,
+    repeat_last_n: RepeatLastNOpt = 64,
     seed: SeedOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ):
@@ -111,6 +118,7 @@ def generate(
 
     console.print(f"[dim]loading {model}" + (f" + {adapter}" if adapter else "") + f", {len(todo)} prompt(s) …[/]")
     results = generate_many(model, todo, adapter=adapter, system=system, on_result=show,
-                            max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
+                            max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
+                            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
     if as_json:
         sys.stdout.write(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False) + "\n")

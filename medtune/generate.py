@@ -43,6 +43,12 @@ class GenerationResult:
 # --- reasoning markers -------------------------------------------------------------------------
 
 
+# The repetition penalty medtune's Modelfile sets for Ollama (and Ollama's own documented default), so
+# that `medtune chat`/`generate` and `ollama run` decode with the same penalty.
+REPEAT_PENALTY = 1.1
+REPEAT_LAST_N = 64
+
+
 def _held_back(buf: str, marker: str) -> int:
     """Length of the longest end of `buf` that could be the start of `marker` (wait for more text)."""
     for n in range(min(len(marker) - 1, len(buf)), 0, -1):
@@ -184,9 +190,16 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 
 def generate(model, tokenizer, messages: list[dict], *, max_tokens: int = 256, temp: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, on_text: Optional[OnText] = None) -> GenerationResult:
+             top_p: float = 1.0, repeat_penalty: float = REPEAT_PENALTY, repeat_last_n: int = REPEAT_LAST_N,
+             seed: int = 0, on_text: Optional[OnText] = None) -> GenerationResult:
     """Answer the conversation `messages` ([{role, content}, …]). `on_text(kind, text)` gets the text
-    as it is produced, kind "reasoning" or "answer"."""
+    as it is produced, kind "reasoning" or "answer".
+
+    `repeat_penalty` divides (positive) or multiplies (negative) the logits of every token among the
+    last `repeat_last_n` of prompt + answer, the way llama.cpp and Ollama do; 1 or n = 0 turns it off."""
+    if repeat_penalty <= 0 or repeat_last_n < 0:
+        raise BadInput(f"bad repetition options repeat_penalty={repeat_penalty}, repeat_last_n={repeat_last_n}",
+                       hint="--repeat-penalty > 0 (1 = off), --repeat-last-n >= 0 (0 = off)")
     if max_tokens < 1:
         raise BadInput(f"max_tokens must be at least 1, got {max_tokens}", hint="e.g. --max-tokens 256")
     if temp < 0 or not 0 < top_p <= 1:
@@ -194,7 +207,7 @@ def generate(model, tokenizer, messages: list[dict], *, max_tokens: int = 256, t
                        hint="temp >= 0 (0 is greedy), 0 < top_p <= 1")
     mx = runtime.mx()
     from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
     from medtune.data.render import think_markers
 
@@ -208,11 +221,15 @@ def generate(model, tokenizer, messages: list[dict], *, max_tokens: int = 256, t
 
     mx.random.seed(seed)
     sampler = make_sampler(temp, top_p=top_p)
+    processors = None
+    if repeat_penalty != 1.0 and repeat_last_n > 0:
+        processors = make_logits_processors(repetition_penalty=repeat_penalty, repetition_context_size=repeat_last_n)
     chunks: list[str] = []
     last = None
     t0 = time.perf_counter()
     t_first = t_last = t0
-    for resp in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler):
+    for resp in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
+                                  logits_processors=processors):
         t_last = time.perf_counter()
         if last is None:
             t_first = t_last

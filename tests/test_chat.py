@@ -101,6 +101,41 @@ def test_generate_stops_at_max_tokens_on_tiny_model(tiny):
     json.dumps(d)
 
 
+def _greedy_with_penalty(model, tok, msgs, n, penalty, last_n):
+    """Reference decoding, written out: full forward each step, the llama.cpp penalty over the last
+    `last_n` tokens of prompt + answer, argmax."""
+    from medtune import runtime
+
+    mx = runtime.mx()
+    import numpy as np
+
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
+    out = []
+    for _ in range(n):
+        logits = np.array(model(mx.array([ids + out]))[0, -1].astype(mx.float32))
+        for t in set((ids + out)[-last_n:]):
+            logits[t] = logits[t] * penalty if logits[t] < 0 else logits[t] / penalty
+        out.append(int(logits.argmax()))
+    return out
+
+
+def test_repeat_penalty_decodes_like_llama_cpp_and_breaks_loops(tiny):
+    """A random tiny model loops under plain greedy; the penalty (Ollama's repeat_penalty/repeat_last_n,
+    which our Modelfile sets) changes the tokens exactly as the reference rule says, and 1.0 is off."""
+    model, tok = tiny
+    msgs = [{"role": "user", "content": "Hi"}]
+    plain = generate(model, tok, msgs, max_tokens=24, repeat_penalty=1.0)
+    ref_plain = _greedy_with_penalty(model, tok, msgs, 24, 1.0, 64)
+    assert plain.text.strip() == tok.decode(ref_plain).strip()
+    pen = generate(model, tok, msgs, max_tokens=24, repeat_penalty=1.5, repeat_last_n=64)
+    ref_pen = _greedy_with_penalty(model, tok, msgs, 24, 1.5, 64)
+    assert pen.text.strip() == tok.decode(ref_pen).strip()
+    assert ref_pen != ref_plain
+    assert len(set(ref_pen)) > len(set(ref_plain))  # fewer repeats
+    with pytest.raises(BadInput, match="repeat_penalty"):
+        generate(model, tok, msgs, max_tokens=4, repeat_penalty=0)
+
+
 def test_end_of_turn_token_is_a_stop_token(tiny):
     _, tok = tiny
     assert tok.convert_tokens_to_ids("<|im_end|>") in tok.eos_token_ids

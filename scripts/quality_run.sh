@@ -8,11 +8,13 @@ MT=${MT:-.venv/bin/medtune}
 OUT=${OUT:-runs/quality}
 STEPS=${STEPS:-200}
 mkdir -p "$OUT"
+if [ "${SKIP_TRAIN:-0}" != 1 ]; then
 $MT prepare data/sample/medical_o1_sample.jsonl --out "$OUT/data" --max-seq-length 768 --valid-ratio 0.15
 $MT train --data "$OUT/data" --out "$OUT/adapter" --iters "$STEPS" --batch-size 1 --lr 2e-4 \
     --lr-schedule cosine --warmup 10 --num-layers 8 --max-seq-length 768 --eval-every 50 --save-every 50 --json \
     > "$OUT/train.json"
 $MT fuse --adapter "$OUT/adapter" --out "$OUT/fused" --force
+fi
 # held-out questions first, then the first training ones
 python3 - "$OUT" <<'PY'
 import json, sys
@@ -22,7 +24,9 @@ with open(f"{out}/questions.jsonl", "w") as fh:
     for r in rows:
         fh.write(json.dumps({"prompt": r["prompt"]}, ensure_ascii=False) + "\n")
 PY
-$MT generate "$OUT/fused" --prompts "$OUT/questions.jsonl" --max-tokens 768 --json > "$OUT/answers.json"
+$MT generate "$OUT/fused" --prompts "$OUT/questions.jsonl" --max-tokens 768 \
+    --temp "${TEMP:-0.6}" --top-p "${TOP_P:-0.9}" --repeat-penalty "${REPEAT_PENALTY:-1.1}" --repeat-last-n 64 --seed 0 \
+    --json > "$OUT/answers.json"
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]

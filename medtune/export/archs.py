@@ -4,6 +4,10 @@ An entry says which llama.cpp architecture a model becomes, how its tensors are 
 tensors are transformed on the way (llama's Q/K row permutation), and which hyper-parameters go
 into the GGUF metadata. A new architecture is one subclass that overrides only what differs,
 registered under its `config.json` `architectures[0]` name.
+
+RoPE scaling: `linear` and `yarn` are read by llama.cpp's common loader for every architecture
+(`rope.scaling.*` keys); `llama3` is a per-frequency divisor tensor (`rope_freqs`) that only the
+llama graph applies. An entry lists the kinds it can express; anything else is refused up front.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ LLAMA_BLOCK = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# Qwen3 normalises each head's queries and keys (RMSNorm over head_dim) before the rotary embedding.
+QWEN3_BLOCK = {**LLAMA_BLOCK, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 LLAMA_GLOBAL = {
     "model.embed_tokens": "token_embd",
     "model.norm": "output_norm",
@@ -57,6 +63,10 @@ class Arch:
     gguf_arch: str = ""
     block_map: dict[str, str] = LLAMA_BLOCK
     global_map: dict[str, str] = LLAMA_GLOBAL
+    # Per-block GGUF parts whose bias llama.cpp's graph adds (None: any). A bias elsewhere is refused as
+    # a tensor with no GGUF counterpart, since llama.cpp would not load a file carrying it.
+    bias_parts: tuple[str, ...] | None = None
+    rope_kinds: tuple[str, ...] = ("linear", "yarn")  # rope scaling kinds the entry can write
     # HF tensors that carry nothing llama.cpp needs (recomputed buffers).
     ignore = re.compile(r".*rotary_emb\.inv_freq|.*\.masked_bias|.*\.attn\.bias")
 
@@ -103,6 +113,8 @@ class Arch:
         m = _LAYER.fullmatch(hf_name)
         if m:
             part = self.block_map.get(m.group(2))
+            if m.group(3) == "bias" and self.bias_parts is not None and part not in self.bias_parts:
+                return None
             return f"blk.{m.group(1)}.{part}.{m.group(3)}" if part else None
         m = _GLOBAL.fullmatch(hf_name)
         if m and m.group(1) in self.global_map:
@@ -122,11 +134,81 @@ class Arch:
 
     # ---- metadata -------------------------------------------------------------------------------
     def hparams(self, vocab_size: int) -> list[tuple[str, str, object]]:
-        """(key without the arch prefix, gguf value type, value) triples."""
-        raise NotImplementedError
+        """(key without the arch prefix, gguf value type, value) triples: the dense decoder's set."""
+        h = [
+            ("vocab_size", "u32", vocab_size),
+            ("context_length", "u32", self.context_length),
+            ("embedding_length", "u32", int(self.get("hidden_size"))),
+            ("block_count", "u32", int(self.get("num_hidden_layers"))),
+            ("feed_forward_length", "u32", int(self.get("intermediate_size"))),
+            ("attention.head_count", "u32", self.n_head),
+            ("attention.head_count_kv", "u32", self.n_head_kv),
+            ("attention.layer_norm_rms_epsilon", "f32", float(self.get("rms_norm_eps"))),
+            ("rope.freq_base", "f32", self.rope_theta),
+            ("rope.dimension_count", "u32", self.head_dim),
+        ]
+        if self.head_dim * self.n_head != int(self.get("hidden_size")):
+            # llama.cpp assumes hidden_size / heads otherwise (Qwen3-0.6B: 1024 / 16 = 64, head_dim 128).
+            h += [("attention.key_length", "u32", self.head_dim), ("attention.value_length", "u32", self.head_dim)]
+        return h + self.rope_scaling_hparams()
 
     def check(self) -> None:
         """Refuse configurations this entry cannot express (before anything is written)."""
+        kind, s = self.rope_scaling()
+        if kind is None:
+            return
+        if kind not in self.rope_kinds:
+            raise BadInput(f"rope scaling {kind!r} is not supported for {self.hf_arch} export", where="config.json",
+                           hint=f"supported: none, {', '.join(self.rope_kinds)}")
+        if kind in ("linear", "yarn") and not s.get("factor"):
+            raise BadInput(f"{kind} rope scaling without a factor", where="config.json",
+                           hint="set rope_scaling.factor (the context extension ratio)")
+        if kind == "yarn":
+            # llama.cpp's loader reads the factor, the original context and an attention factor; it uses
+            # beta_fast 32 / beta_slow 1 and a truncated correction range, as transformers does by default.
+            odd = [k for k in ("mscale", "mscale_all_dim") if s.get(k)]
+            odd += [k for k, default in (("beta_fast", 32), ("beta_slow", 1)) if s.get(k) not in (None, default)]
+            if s.get("truncate") is False:
+                odd.append("truncate")
+            if odd:
+                raise BadInput(f"yarn rope scaling with {', '.join(odd)} cannot be written for llama.cpp",
+                               where="config.json",
+                               hint="llama.cpp would compute different rotary frequencies; export with "
+                                    "llama.cpp's convert_hf_to_gguf.py and check the result")
+
+    # ---- rope -----------------------------------------------------------------------------------
+    @property
+    def rope_theta(self) -> float:
+        return float(self.get("rope_theta", default=10000.0))
+
+    def rope_scaling(self) -> tuple[str | None, dict]:
+        """(kind, parameters) of the config's rope scaling; kind None when there is none."""
+        s = self.cfg.get("rope_scaling")
+        if not isinstance(s, dict):
+            return None, {}
+        kind = s.get("rope_type") or s.get("type")
+        return (None if kind in (None, "default") else kind), s
+
+    def original_context(self, s: dict) -> int:
+        """The pre-training context of a scaled rope (transformers' fallback: max_position_embeddings)."""
+        return int(s.get("original_max_position_embeddings") or self.cfg.get("original_max_position_embeddings")
+                   or self.context_length)
+
+    def rope_scaling_hparams(self) -> list[tuple[str, str, object]]:
+        kind, s = self.rope_scaling()
+        if kind == "linear":
+            return [("rope.scaling.type", "str", "linear"), ("rope.scaling.factor", "f32", float(s["factor"]))]
+        if kind != "yarn":
+            return []
+        factor = float(s["factor"])
+        h = [("rope.scaling.type", "str", "yarn"), ("rope.scaling.factor", "f32", factor),
+             ("rope.scaling.original_context_length", "u32", self.original_context(s))]
+        if s.get("attention_factor") is not None:
+            # transformers scales cos/sin by attention_factor (default 0.1 ln(factor) + 1); llama.cpp by
+            # that default times rope.scaling.attn_factor.
+            default = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+            h.append(("rope.scaling.attn_factor", "f32", float(s["attention_factor"]) / default))
+        return h
 
 
 def _permute_qk(arch: "Arch", gguf_name: str, data: np.ndarray) -> np.ndarray:
@@ -142,56 +224,50 @@ def _permute_qk(arch: "Arch", gguf_name: str, data: np.ndarray) -> np.ndarray:
 @register("LlamaForCausalLM", "MistralForCausalLM")
 class Llama(Arch):
     gguf_arch = "llama"
+    rope_kinds = ("linear", "yarn", "llama3")
 
     def transform(self, gguf_name, data):
         # llama.cpp's llama graph applies rotary embedding to adjacent pairs: regroup Q/K rows per head.
         return _permute_qk(self, gguf_name, data)
 
-    def check(self):
-        scaling = self._rope_scaling()
-        kind = scaling.get("rope_type") or scaling.get("type") if scaling else None
-        if kind not in (None, "default", "linear", "llama3"):
-            raise BadInput(f"rope scaling {kind!r} is not supported for {self.hf_arch} export",
-                           where="config.json", hint="supported: none, linear, llama3")
-
-    def _rope_scaling(self) -> dict | None:
-        s = self.cfg.get("rope_scaling")
-        return s if isinstance(s, dict) else None
-
-    def hparams(self, vocab_size):
-        h = [
-            ("vocab_size", "u32", vocab_size),
-            ("context_length", "u32", self.context_length),
-            ("embedding_length", "u32", int(self.get("hidden_size"))),
-            ("block_count", "u32", int(self.get("num_hidden_layers"))),
-            ("feed_forward_length", "u32", int(self.get("intermediate_size"))),
-            ("attention.head_count", "u32", self.n_head),
-            ("attention.head_count_kv", "u32", self.n_head_kv),
-            ("attention.layer_norm_rms_epsilon", "f32", float(self.get("rms_norm_eps"))),
-            ("rope.freq_base", "f32", float(self.get("rope_theta", default=10000.0))),
-            ("rope.dimension_count", "u32", self.head_dim),
-        ]
-        if self.head_dim * self.n_head != int(self.get("hidden_size")):
-            h += [("attention.key_length", "u32", self.head_dim), ("attention.value_length", "u32", self.head_dim)]
-        s = self._rope_scaling()
-        kind = (s.get("rope_type") or s.get("type")) if s else None
-        if kind == "linear":
-            h += [("rope.scaling.type", "str", "linear"), ("rope.scaling.factor", "f32", float(s["factor"]))]
-        return h
-
     def extra_tensors(self):
-        s = self._rope_scaling()
-        if not s or (s.get("rope_type") or s.get("type")) != "llama3":
+        kind, s = self.rope_scaling()
+        if kind != "llama3":
             return []
-        return [("rope_freqs.weight", llama3_rope_factors(self.head_dim, float(self.get("rope_theta", default=10000.0)), s))]
+        return [("rope_freqs.weight", llama3_rope_factors(self.head_dim, self.rope_theta, s,
+                                                          self.original_context(s)))]
 
 
-def llama3_rope_factors(head_dim: int, theta: float, s: dict) -> np.ndarray:
+@register("Qwen2ForCausalLM")
+class Qwen2(Arch):
+    """Qwen2/2.5: llama's layout plus q/k/v biases; NEOX rotary (halves), so no Q/K permutation."""
+
+    gguf_arch = "qwen2"
+    bias_parts = ("attn_q", "attn_k", "attn_v")
+
+    def check(self):
+        super().check()
+        if self.cfg.get("use_sliding_window"):
+            raise BadInput(f"{self.hf_arch} with use_sliding_window cannot be exported", where="config.json",
+                           hint="llama.cpp's qwen2/qwen3 graphs attend to the whole context; "
+                                "set use_sliding_window to false if the model was trained that way")
+
+
+@register("Qwen3ForCausalLM")
+class Qwen3(Qwen2):
+    """Qwen3: Qwen2's layout (biases off unless attention_bias) plus per-head q/k RMSNorms; head_dim is
+    explicit and may differ from hidden_size / heads."""
+
+    gguf_arch = "qwen3"
+    block_map = QWEN3_BLOCK
+
+
+def llama3_rope_factors(head_dim: int, theta: float, s: dict, original_context: int) -> np.ndarray:
     """Per-frequency divisors of Llama 3.1-style rope scaling (llama.cpp reads them as rope_freqs)."""
     factor = float(s.get("factor", 8.0))
     low = float(s.get("low_freq_factor", 1.0))
     high = float(s.get("high_freq_factor", 4.0))
-    old_ctx = float(s.get("original_max_position_embeddings", 8192))
+    old_ctx = float(original_context)
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
     out = []
     for i in range(0, head_dim, 2):

@@ -4,12 +4,15 @@ pipeline around it, so that tests can check the prompt Ollama will build without
 Supported: text; actions with `{{-` / `-}}` whitespace trimming; `if` / `else if` / `else` / `end`;
 `range $i, $x := pipeline` / `end`; variables (`$x := ...`, `$`, `$.Field`, `$x.Field`); fields on dot
 (`.Role`); parenthesised calls; string, number and boolean literals; the builtins and, or, not, eq, ne,
-len, slice, index. Anything else raises TemplateError: a template that uses more than this is not ours.
+lt, le, gt, ge, len, slice, index. Anything else raises TemplateError: a template that uses more than this
+is not ours.
 
 The pipeline mirrors Ollama's chat handler (server/routes.go and template/template.go):
 the Modelfile SYSTEM is prepended as a system message unless the request's first message is one;
 then consecutive messages of the same role are joined with a blank line, and the template receives
-`.System` (all system messages joined with a blank line) and `.Messages` (system messages included).
+`.System` (all system messages joined with a blank line) and `.Messages` (system messages included,
+each with `.Role`, `.Content` and `.Thinking`: the reasoning Ollama parsed out of a reply), plus
+`.Think` / `.IsThinkSet` (the request's think option, and whether it was given).
 """
 
 from __future__ import annotations
@@ -266,6 +269,10 @@ def _index(x, *keys):
 FUNCS = {
     "eq": _eq,
     "ne": lambda a, b: a != b,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
     "not": lambda a: not truth(a),
     "len": lambda a: len(a),
     "slice": _slice,
@@ -402,11 +409,15 @@ def _run(nodes, dot, ev: _Eval, out):
 
 
 # ---- Ollama's chat pipeline -------------------------------------------------------------------------
-def ollama_prompt(template: str, messages: list[dict], system: str | None = None) -> str:
-    """The prompt Ollama's /api/chat builds from a Modelfile TEMPLATE and SYSTEM for these messages."""
-    msgs = [{"role": m["role"], "content": m.get("content", "")} for m in messages]
+def ollama_prompt(template: str, messages: list[dict], system: str | None = None, *,
+                  think: bool | None = None) -> str:
+    """The prompt Ollama's /api/chat builds from a Modelfile TEMPLATE and SYSTEM for these messages.
+
+    A message may carry "thinking" (what Ollama parsed out of a reply); think is the request's option."""
+    msgs = [{"role": m["role"], "content": m.get("content", ""), "thinking": m.get("thinking", "")}
+            for m in messages]
     if system and (not msgs or msgs[0]["role"] != "system"):
-        msgs.insert(0, {"role": "system", "content": system})
+        msgs.insert(0, {"role": "system", "content": system, "thinking": ""})
     systems, collated = [], []
     for m in msgs:
         if m["role"] == "system":
@@ -414,5 +425,6 @@ def ollama_prompt(template: str, messages: list[dict], system: str | None = None
         if collated and collated[-1]["Role"] == m["role"] and m["role"] != "tool":
             collated[-1]["Content"] += "\n\n" + m["content"]
         else:
-            collated.append({"Role": m["role"], "Content": m["content"]})
-    return execute(template, {"System": "\n\n".join(systems), "Messages": collated, "Response": ""})
+            collated.append({"Role": m["role"], "Content": m["content"], "Thinking": m["thinking"]})
+    return execute(template, {"System": "\n\n".join(systems), "Messages": collated, "Response": "",
+                              "Think": bool(think), "IsThinkSet": think is not None})

@@ -2,7 +2,8 @@
 
 The family is chosen by rendering the tokenizer's own chat template (the one training used) on probe
 conversations and comparing with what each family's reference renderer produces, never by model name.
-The family's Go TEMPLATE makes Ollama build byte-for-byte the prompt the HF template builds. When the
+The family's Go TEMPLATE makes Ollama build byte-for-byte the prompt the HF template builds (a BOS that
+the HF template writes first is left to the runtime when the GGUF's add_bos is set). When the
 HF template inserts a default system prompt (SmolLM2 does), the Modelfile's SYSTEM defaults to that
 exact text, because Ollama only renders a system block when it has a system prompt.
 
@@ -45,6 +46,73 @@ GENERIC_TEMPLATE = """\
 {{- end }}"""
 
 
+# Qwen3: ChatML whose assistant turns lose their reasoning in the history (HF cuts `content` at the last
+# </think>); an assistant turn after the last user message (a continuation) shows its reasoning in a
+# think block, empty or not. In Ollama the reasoning of a reply arrives as `.Thinking` (Ollama parses
+# it out of the output because the template names `.Thinking` between <think> and </think>), and
+# `.Content` is the answer with the whitespace after </think> eaten, as HF's lstrip does. `$.Think`
+# false (`ollama run --think=false`) renders the empty think block of HF's enable_thinking=False.
+QWEN3_TEMPLATE = """\
+{{- $lastUser := len .Messages }}
+{{- range $i, $m := .Messages }}{{ if eq $m.Role "user" }}{{ $lastUser = $i }}{{ end }}{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "assistant" }}<|im_start|>assistant
+{{ if and (gt $i $lastUser) (or $last .Thinking) }}<think>
+{{ .Thinking }}
+</think>
+
+{{ end }}{{ .Content }}<|im_end|>
+{{ else }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}
+{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
+{{ if and $.IsThinkSet (not $.Think) }}<think>
+
+</think>
+
+{{ end }}
+{{- end }}
+{{- end }}"""
+
+# DeepSeek-R1 (the Qwen and Llama distills): BOS, every system message joined by a blank line (Ollama's
+# .System is exactly that), then <｜User｜>/<｜Assistant｜> turns; an assistant turn keeps only what
+# follows its last </think>, and the generation prompt opens a think block. The BOS is not in the
+# TEMPLATE: the GGUF's add_bos makes the runtime add it (see render_modelfile). For a reply whose
+# reasoning Ollama parsed out, HF's history keeps what the model wrote after </think>, which is "\n\n"
+# for these models: the TEMPLATE writes that back.
+DS_BOS, DS_EOS, DS_USER, DS_ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+DEEPSEEK_R1_TEMPLATE = """\
+{{- .System }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<｜User｜>{{ .Content }}
+{{- else if eq .Role "assistant" }}<｜Assistant｜>{{ if and (not $last) .Thinking }}
+
+{{ end }}{{ if and $last .Thinking }}<think>
+{{ .Thinking }}
+</think>
+
+{{ end }}{{ .Content }}<｜end▁of▁sentence｜>
+{{- end }}
+{{- if and $last (ne .Role "assistant") }}<｜Assistant｜><think>
+{{ end }}
+{{- end }}"""
+
+# Llama 3: header-delimited turns, BOS first (added by the runtime, as for DeepSeek). HF trims every
+# content; a Go template cannot, so contents with leading/trailing whitespace render differently.
+LLAMA3_BOS = "<|begin_of_text|>"
+LLAMA3_TEMPLATE = """\
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+
+{{ .Content }}<|eot_id|>
+{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
+
+{{ end }}
+{{- end }}"""
+
+
 def _render_chatml(messages: list[dict], add_generation_prompt: bool = True) -> str:
     out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
@@ -60,6 +128,44 @@ def _render_generic(messages: list[dict], add_generation_prompt: bool = True) ->
     return "".join(out) + ("Assistant:" if add_generation_prompt else "")
 
 
+def _split_reasoning(content: str) -> tuple[str, str]:
+    """Qwen3's split of an assistant message into (reasoning, answer) around the last </think>."""
+    if "</think>" not in content:
+        return "", content
+    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+    return reasoning, content.split("</think>")[-1].lstrip("\n")
+
+
+def _render_qwen3(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+            continue
+        reasoning, answer = _split_reasoning(m["content"])
+        if i > last_user and (i == len(messages) - 1 or reasoning):
+            answer = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}"
+        out.append(f"<|im_start|>assistant\n{answer}<|im_end|>\n")
+    return "".join(out) + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _render_deepseek_r1(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    out = [DS_BOS, "\n\n".join(m["content"] for m in messages if m["role"] == "system")]
+    for m in messages:
+        if m["role"] == "user":
+            out.append(DS_USER + m["content"])
+        elif m["role"] == "assistant":
+            out.append(DS_ASSISTANT + m["content"].split("</think>")[-1] + DS_EOS)
+    return "".join(out) + (DS_ASSISTANT + "<think>\n" if add_generation_prompt else "")
+
+
+def _render_llama3(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    out = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                  for m in messages)
+    return LLAMA3_BOS + out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -68,6 +174,7 @@ class Family:
     stops: tuple[str, ...]  # end-of-turn and role markers, in this order
     system_open: str  # text before / after the system prompt in a rendering (to find a default one)
     system_close: str
+    bos: str = ""  # the BOS text the HF template starts with; the runtime adds it when the GGUF's add_bos says so
 
 
 FAMILIES: dict[str, Family] = {}
@@ -80,9 +187,16 @@ def register(family: Family) -> None:
 register(Family("chatml", CHATML_TEMPLATE, _render_chatml, ("<|im_end|>", "<|im_start|>"),
                 "<|im_start|>system\n", "<|im_end|>\n"))
 register(Family("generic", GENERIC_TEMPLATE, _render_generic, ("User:",), "", "\n\n"))
+register(Family("qwen3", QWEN3_TEMPLATE, _render_qwen3, ("<|im_end|>", "<|im_start|>"),
+                "<|im_start|>system\n", "<|im_end|>\n"))
+register(Family("deepseek-r1", DEEPSEEK_R1_TEMPLATE, _render_deepseek_r1, (DS_EOS, DS_USER, DS_ASSISTANT),
+                DS_BOS, DS_USER, bos=DS_BOS))
+register(Family("llama3", LLAMA3_TEMPLATE, _render_llama3, ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+                LLAMA3_BOS + "<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>", bos=LLAMA3_BOS))
 
-# Probe conversations: what the template is checked against. Contents avoid anything a template might
-# rewrite (leading/trailing spaces, think tags).
+# Probe conversations: what the template is checked against. Contents avoid what a template might
+# rewrite by accident (leading/trailing spaces); the last probe has reasoning in an assistant turn of
+# the history, which tells the families that strip it (qwen3, deepseek-r1) from those that keep it.
 _PROBES = [
     [{"role": "system", "content": "You are a careful clinician."},
      {"role": "user", "content": "What lowers fever?"},
@@ -91,6 +205,9 @@ _PROBES = [
     [{"role": "user", "content": "Define tachycardia."}],
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
      {"role": "user", "content": "Dose of\nibuprofen?"}],
+    [{"role": "user", "content": "Is 38.5 C a fever?"},
+     {"role": "assistant", "content": "<think>\nAdults: fever from 38.0 C.\n</think>\n\nYes, a mild one."},
+     {"role": "user", "content": "Treat it?"}],
 ]
 
 
@@ -171,7 +288,9 @@ def detect_family(model_dir: str | Path, template: str | None = None) -> Match:
 
 # ---- Modelfile values -------------------------------------------------------------------------------
 _PARAM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-DEFAULT_PARAMS = {"temperature": 0.6, "top_p": 0.9, "repeat_penalty": 1.1}
+# repeat_penalty/repeat_last_n are medtune chat's and generate's defaults too (medtune.generate), so the
+# two runtimes decode with the same penalty; they are written out rather than left to Ollama's defaults.
+DEFAULT_PARAMS = {"temperature": 0.6, "top_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 64}
 
 
 def _check_chars(value: str, what: str) -> None:
@@ -237,6 +356,27 @@ def stop_tokens(family: Family, vocab) -> list[str]:
     return list(dict.fromkeys(s for s in stops if s))
 
 
+def _with_bos(family: Family, vocab, model_dir: Path, warnings: list[str]) -> str:
+    """The family's TEMPLATE such that BOS + prompt tokens are what training saw.
+
+    Training tokenizes the HF rendering without adding special tokens, so a BOS comes only from the
+    template text; Ollama adds one itself when the GGUF's add_bos is set. A family that starts with BOS
+    leaves it to the runtime then, and writes it into the TEMPLATE otherwise."""
+    bos_text = vocab.text(vocab.bos_id) if vocab.bos_id is not None else None
+    if not family.bos:
+        if vocab.add_bos:
+            warnings.append(f"the GGUF adds {bos_text} before every prompt and the chat template does not: "
+                            "Ollama's prompts start with one token that training did not see")
+        return family.template
+    if not vocab.add_bos:
+        return family.bos + family.template
+    if bos_text != family.bos:
+        raise BadInput(f"the chat template starts with {family.bos} but the tokenizer's BOS (added to every "
+                       f"prompt) is {bos_text}", where=str(model_dir),
+                       hint="fix bos_token in tokenizer_config.json, or set add_bos_token false")
+    return family.template
+
+
 def render_modelfile(gguf_filename: str | Path, model_dir: str | Path, system: str | None = None,
                      params: dict | None = None, *, family: str | None = None, vocab=None) -> tuple[str, dict]:
     """Modelfile text for the GGUF at `gguf_filename` (written as given: pass an absolute path).
@@ -277,6 +417,7 @@ def render_modelfile(gguf_filename: str | Path, model_dir: str | Path, system: s
         warnings.append("system prompt disabled although the chat template has a default one: "
                         "Ollama's prompts will differ from training")
 
+    template = _with_bos(fam, vocab, model_dir, warnings)
     cfg = read_config(model_dir)
     ctx = int(cfg.get("max_position_embeddings") or 4096)
     merged = {**DEFAULT_PARAMS, "num_ctx": min(ctx, 4096), **(params or {})}
@@ -284,10 +425,10 @@ def render_modelfile(gguf_filename: str | Path, model_dir: str | Path, system: s
     if isinstance(merged.get("stop"), (list, tuple, str)):
         extra = merged.pop("stop")
         stops += [s for s in ([extra] if isinstance(extra, str) else extra) if s not in stops]
-    lines = modelfile_lines(str(gguf_filename), fam.template, system or None, stops, merged)
+    lines = modelfile_lines(str(gguf_filename), template, system or None, stops, merged)
     text = "\n".join(lines) + "\n"
     info = {"family": fam.name, "stops": stops, "system": system or None, "default_system": match.default_system,
-            "template": fam.template, "params": merged, "warnings": warnings}
+            "template": template, "params": merged, "warnings": warnings}
     return text, info
 
 

@@ -127,6 +127,12 @@ def read_vocab(model_dir: str | Path, n_vocab: int | None = None) -> Vocab:
             f"tokenizer model {kind!r}{'' if kind != 'BPE' else ' without byte-level encoding'} cannot be exported yet",
             where=where, hint="byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen, SmolLM) are supported")
 
+    normalizer = _normalizer_kind(tok.get("normalizer"))
+    if normalizer not in (None, "NFC"):
+        raise BadInput(f"tokenizer normalizer {normalizer!r} cannot be exported", where=where,
+                       hint="llama.cpp's BPE tokenizer does not normalise text; only none and NFC (Qwen's, "
+                            "a no-op on the composed text people type) keep tokenization the same")
+
     entry = pretok.recognise(tok.get("pre_tokenizer"))
     if entry is None:
         found = json.dumps(tok.get("pre_tokenizer"), ensure_ascii=False)
@@ -230,6 +236,17 @@ def _byte_level(tok: dict) -> bool:
         return any(has(p) for p in node.get("pretokenizers", []) or node.get("decoders", []) or [])
 
     return has(tok.get("pre_tokenizer")) or has(tok.get("decoder"))
+
+
+def _normalizer_kind(node) -> str | None:
+    """The normalizer's type, None when there is none (an empty Sequence counts as none)."""
+    if not isinstance(node, dict):
+        return None
+    if node.get("type") == "Sequence":
+        kinds = [_normalizer_kind(n) for n in node.get("normalizers") or []]
+        kinds = [k for k in kinds if k]
+        return None if not kinds else kinds[0] if len(kinds) == 1 else "+".join(kinds)
+    return node.get("type") or "?"
 
 
 def _ids(value) -> list[int]:

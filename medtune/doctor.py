@@ -83,10 +83,14 @@ def _disk(paths) -> dict:
 
 
 def ollama_host() -> str:
-    host = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434")
-    if not host.startswith(("http://", "https://")):
-        host = "http://" + host
-    return host.rstrip("/")
+    """$OLLAMA_HOST read the way Ollama's clients read it (default port 11434); a bad value is reported as is."""
+    from medtune.errors import BadInput
+    from medtune.ollama import resolve_host
+
+    try:
+        return resolve_host()
+    except BadInput:
+        return os.environ.get("OLLAMA_HOST", "")
 
 
 def _ollama() -> dict:

@@ -1,0 +1,76 @@
+"""`medtune eval …`: measure a model. `fidelity` compares an exported GGUF with the MLX model it came from.
+
+Registered in medtune.cli with `app.add_typer(eval_app, name="eval")`. Light at import: mlx, mlx_lm and
+llama_cpp are imported inside medtune.fidelity's functions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Evaluate models: GGUF fidelity against MLX.", no_args_is_help=True)
+
+
+@app.command("fidelity")
+def fidelity(
+    model_dir: Annotated[Path, typer.Argument(metavar="MODEL_DIR", help="The HF folder the GGUF was exported from "
+                                                                        "(from `medtune fuse`).")],
+    gguf: Annotated[Path, typer.Argument(metavar="GGUF", help="The exported .gguf file.")],
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", metavar="FILE", help="One prompt per line, .jsonl with "
+                                                    "a prompt/Question field, or a JSON array (default: the sample "
+                                                    "set's questions).")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", "-n", help="Greedy tokens compared per prompt.")] = 32,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N prompts.")] = None,
+    tie_tolerance: Annotated[Optional[float], typer.Option("--tie-tolerance", help="Largest top-2 logit margin "
+                                                           "excused as a near-tie (default by type: F32 0.01, F16 "
+                                                           "0.05, BF16 0.25; quantized: not judged).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+):
+    """Does the GGUF tokenize and greedily continue like the MLX model? Exit 1 if not (near-ties excused)."""
+    from medtune.console import console, done, progress, step, warn
+    from medtune.fidelity import fidelity as run
+    from medtune.fidelity import read_prompts
+
+    todo = read_prompts(prompts, limit=limit)
+    step(f"comparing {gguf} with {model_dir} on {len(todo)} prompt(s), {tokens} tokens each")
+    with progress(transient=True) as p:
+        report = run(model_dir, gguf, todo, tokens, tie_tolerance=tie_tolerance, progress=p)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"fidelity: {gguf.name} ({report.file_type}) vs MLX", title_justify="left")
+        for col in ("#", "tokens", "continuation", "Δlogit@1", "stops", "ok"):
+            t.add_column(col, no_wrap=True)
+        t.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=max(12, console.width - 66))
+        for i, r in enumerate(report.prompts, start=1):
+            if r.continuation_equal:
+                cont = "equal"
+            else:
+                margin = "" if r.top2_margin is None else f" (Δ {r.top2_margin:.2g})"
+                cont = f"{'[yellow]near-tie' if r.near_tie else '[red]differs'} @{r.divergence}{margin}[/]"
+            t.add_row(str(i), "equal" if r.tokens_equal else f"[red]differ @{r.first_token_mismatch}[/]", cont,
+                      f"{r.max_logit_diff:.2g}", f"{'y' if r.mlx_stopped else 'n'}/{'y' if r.gguf_stopped else 'n'}",
+                      "[green]✓[/]" if r.ok else "[red]✗[/]", r.prompt)
+        console.print(t)
+        s = report.summary
+        console.print(f"tokens equal {s['tokens_equal']}/{s['prompts']}, continuations equal "
+                      f"{s['continuations_equal']}/{s['prompts']} (near-ties {s['near_ties']}), stopped MLX "
+                      f"{s['mlx_stopped']} / GGUF {s['gguf_stopped']}, max |Δlogit| at step 1 {s['max_logit_diff']:.3g}"
+                      + (f", tie tolerance {report.tie_tolerance}" if report.judged else ""))
+        for note in report.notes:
+            warn(note)
+        for i, r in enumerate(report.prompts, start=1):
+            if r.reason:
+                (warn if not r.ok else console.print)(f"prompt {i}: {r.reason}")
+    if not report.passed:
+        console.print(f"[bold red]✗[/] {report.summary['failed']} of {len(report.prompts)} prompt(s) do not match: "
+                      "a tokenizer or weight mismatch in the export (see the table, or --json)")
+        raise typer.Exit(1)
+    done(f"the GGUF matches the MLX model on {len(report.prompts)} prompt(s)")

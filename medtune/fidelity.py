@@ -1,0 +1,312 @@
+"""GGUF fidelity: does the exported GGUF, run by llama.cpp, answer like the MLX model it came from?
+
+    report = fidelity("models/sample", "models/sample/sample-f16.gguf", tokens=32)
+    print(report.summary, report.passed)
+
+For each prompt, rendered through the model's own chat template:
+
+- tokens: the MLX (HF) tokenizer's ids against llama.cpp's tokenization of the same text, with special
+  tokens parsed and BOS added only where the GGUF says the model adds one (what Ollama's runner does);
+- continuation: greedy decoding for N tokens on both runtimes from the same prompt ids (the MLX ones),
+  each stopping on its own end tokens (MLX: eos and the template's end-of-turn token; llama.cpp: the
+  GGUF's end-of-generation tokens);
+- at the first step, the largest |logit difference| between the two runtimes;
+- at the first divergence, how far apart the two candidate tokens are in each runtime's logits (the
+  top-2 margin), so that a near-tie (rounding in F16 can flip it) can be told from a real bug.
+
+Verdict: the run fails (`passed` False, `medtune eval fidelity` exits 1) when a tokenization differs, or,
+for an F32/F16/BF16 GGUF, when a continuation differs at a point that is not a near-tie (margin above
+the tolerance for that type) or when one runtime stops where the other does not. Quantized GGUFs
+(Q8_0, Q4_…) are expected to drift: their continuations are reported, not judged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from medtune.errors import BadInput
+
+SAMPLE_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "sample" / "medical_o1_sample.jsonl"
+DEFAULT_TOKENS = 32
+
+# GGUF general.file_type → name (llama.cpp's LLAMA_FTYPE_*; the ones medtune writes or users bring).
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+              12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+              32: "BF16"}
+# Largest top-2 margin (in logits) at a divergence that still counts as a near-tie, per unquantized type.
+# F32: both runtimes compute in float32, differences are ~1e-4. F16: rounding the weights moves logits by
+# ~0.015 on SmolLM2 (measured against HF). BF16 keeps 8 bits of mantissa, 8x coarser than F16.
+TIE_TOLERANCE = {"F32": 0.01, "F16": 0.05, "BF16": 0.25}
+TEXT_FIELDS = ("prompt", "Question", "question", "instruction", "input")
+
+
+@dataclass
+class PromptReport:
+    prompt: str
+    prompt_tokens: int
+    tokens_equal: bool
+    first_token_mismatch: Optional[int]  # index of the first differing token id (None: equal)
+    continuation_equal: bool
+    divergence: Optional[int]  # first differing generated token (None: equal)
+    mlx_tokens: list[int]
+    gguf_tokens: list[int]
+    mlx_text: str
+    gguf_text: str
+    max_logit_diff: float  # max |MLX - llama.cpp| over the vocabulary at the first generated position
+    top2_margin: Optional[float]  # at the divergence: max over runtimes of |logit(a) - logit(b)|
+    near_tie: Optional[bool]
+    mlx_stopped: bool  # ended on an end token (not cut at N)
+    gguf_stopped: bool
+    ok: bool
+    reason: str  # "" when ok, else why not
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FidelityReport:
+    model_dir: str
+    gguf: str
+    file_type: str
+    judged: bool  # continuations are judged (unquantized GGUF)
+    tie_tolerance: Optional[float]
+    tokens: int
+    gguf_adds_bos: bool
+    prompts: list[PromptReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> dict:
+        p = self.prompts
+        return {"prompts": len(p), "tokens_equal": sum(r.tokens_equal for r in p),
+                "continuations_equal": sum(r.continuation_equal for r in p),
+                "near_ties": sum(bool(r.near_tie) for r in p), "mlx_stopped": sum(r.mlx_stopped for r in p),
+                "gguf_stopped": sum(r.gguf_stopped for r in p), "failed": sum(not r.ok for r in p),
+                "max_logit_diff": max((r.max_logit_diff for r in p), default=0.0)}
+
+    @property
+    def passed(self) -> bool:
+        return all(r.ok for r in self.prompts)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["summary"], d["passed"] = self.summary, self.passed
+        return d
+
+
+# ---- prompts ----------------------------------------------------------------------------------------
+def read_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
+    """Prompts from a file: JSON Lines with a prompt/Question/question/instruction field, a JSON array of
+    strings or such objects, or plain text with one prompt per line. Default: the sample set's questions."""
+    if path is None:
+        if not SAMPLE_PROMPTS.is_file():
+            raise BadInput(f"the sample set is not here ({SAMPLE_PROMPTS})", hint="pass --prompts FILE")
+        path = SAMPLE_PROMPTS
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"prompts file not found: {path}", hint="one prompt per line, or .jsonl with a \"prompt\" "
+                                                              "or \"Question\" field")
+    text = path.read_text(encoding="utf-8-sig")
+    prompts: list[str] = []
+
+    def pick(row, where: str) -> str:
+        if isinstance(row, str):
+            value = row
+        elif isinstance(row, dict):
+            value = next((row[k] for k in TEXT_FIELDS if isinstance(row.get(k), str) and row[k].strip()), None)
+        else:
+            value = None
+        if not isinstance(value, str) or not value.strip():
+            raise BadInput(f"no prompt text (fields {', '.join(TEXT_FIELDS)})", where=where,
+                           hint="each record needs one of these fields, with text")
+        return value.strip()
+
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"invalid JSON: {exc.msg}", where=f"{path}:{exc.lineno}", hint="fix the JSON") from exc
+        if not isinstance(rows, list):
+            raise BadInput("expected a JSON array of prompts", where=str(path), hint='["What lowers fever?", …]')
+        prompts = [pick(r, f"{path}[{i}]") for i, r in enumerate(rows)]
+    else:
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            if suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise BadInput(f"invalid JSON: {exc.msg}", where=f"{path}:{n}",
+                                   hint="each line must be a JSON object") from exc
+                prompts.append(pick(row, f"{path}:{n}"))
+            else:
+                prompts.append(line.strip())
+    if not prompts:
+        raise BadInput("no prompts in the file", where=str(path), hint="one prompt per line")
+    return prompts[:limit] if limit else prompts
+
+
+# ---- the two runtimes -------------------------------------------------------------------------------
+def _mlx_greedy(model, ids: list[int], n: int, stops: set[int]):
+    """Greedy tokens and the logits (float32 numpy) before each of them."""
+    import numpy as np
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from medtune import runtime
+
+    mx = runtime.mx()
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([ids]), cache=cache)[0, -1]
+    out, rows = [], []
+    for _ in range(n):
+        row = np.array(logits.astype(mx.float32))
+        tok = int(row.argmax())
+        out.append(tok)
+        rows.append(row)
+        if tok in stops:
+            break
+        logits = model(mx.array([[tok]]), cache=cache)[0, -1]
+    return out, rows
+
+
+def _gguf_greedy(llm, ids: list[int], n: int):
+    import llama_cpp
+    import numpy as np
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    llm.reset()
+    llm.eval(ids)
+    out, rows = [], []
+    for _ in range(n):
+        row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        tok = int(row.argmax())
+        out.append(tok)
+        rows.append(row)
+        if llama_cpp.llama_vocab_is_eog(vocab, tok):
+            break
+        llm.eval([tok])
+    return out, rows
+
+
+def _compare(prompt: str, ids: list[int], gguf_ids: list[int], mlx_run, gguf_run, stops: set[int], is_eog,
+             decode, tolerance: Optional[float]) -> PromptReport:
+    import numpy as np
+
+    (ours, our_rows), (theirs, their_rows) = mlx_run, gguf_run
+    width = min(len(our_rows[0]), len(their_rows[0]))
+    max_diff = float(np.abs(our_rows[0][:width] - their_rows[0][:width]).max())
+    tokens_equal = ids == gguf_ids
+    mismatch = None if tokens_equal else next((i for i, (a, b) in enumerate(zip(ids, gguf_ids)) if a != b),
+                                              min(len(ids), len(gguf_ids)))
+    mlx_stopped = bool(ours) and ours[-1] in stops
+    gguf_stopped = bool(theirs) and bool(is_eog(theirs[-1]))
+    equal = ours == theirs
+    divergence = margin = near_tie = None
+    reason = ""
+    if not equal:
+        divergence = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        if divergence < len(ours) and divergence < len(theirs):
+            a, b = ours[divergence], theirs[divergence]
+            m, g = our_rows[divergence], their_rows[divergence]
+            margin = float(max(abs(m[a] - m[b]), abs(g[a] - g[b]) if max(a, b) < len(g) else float("inf")))
+            near_tie = tolerance is not None and margin <= tolerance
+            reason = f"continuations part at token {divergence}: top-2 margin {margin:.4g}" + \
+                (" (a near-tie)" if near_tie else "")
+        else:  # one runtime stopped, the other went on past the same token
+            near_tie = False
+            last = (ours if len(ours) < len(theirs) else theirs)[-1]
+            who = "llama.cpp (GGUF) stops" if len(theirs) < len(ours) else "MLX stops"
+            reason = f"{who} on token {last} ({decode([last])!r}) and the other runtime does not: the end tokens differ"
+    if not tokens_equal:
+        reason = f"token ids differ from index {mismatch}" + (f"; {reason}" if reason else "")
+    ok = tokens_equal and (equal or tolerance is None or bool(near_tie))
+    return PromptReport(prompt=prompt, prompt_tokens=len(ids), tokens_equal=tokens_equal, first_token_mismatch=mismatch,
+                        continuation_equal=equal, divergence=divergence, mlx_tokens=ours, gguf_tokens=theirs,
+                        mlx_text=decode(ours), gguf_text=decode(theirs), max_logit_diff=max_diff, top2_margin=margin,
+                        near_tie=near_tie, mlx_stopped=mlx_stopped, gguf_stopped=gguf_stopped, ok=ok,
+                        reason="" if ok and equal else reason)
+
+
+def _threads() -> int:
+    """Half the logical cores (about the physical ones), at most 8: llama.cpp's threads spin while they
+    wait, so one per logical core on a busy machine makes every token ~100x slower (measured here)."""
+    import os
+
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def _file_type(llm) -> str:
+    raw = llm.metadata.get("general.file_type")
+    try:
+        return FILE_TYPES.get(int(raw), f"type {raw}")
+    except (TypeError, ValueError):
+        return "unknown"
+
+
+def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None = None, tokens: int = DEFAULT_TOKENS,
+             *, tie_tolerance: float | None = None, progress=None, n_threads: int | None = None) -> FidelityReport:
+    """Compare the GGUF (llama.cpp) with the MLX model in `model_dir` on `prompts` (default: the sample
+    set's questions). See the module docstring for what is compared and when it fails."""
+    from medtune.errors import require
+
+    model_dir, gguf = Path(model_dir), Path(gguf)
+    if tokens < 1:
+        raise BadInput(f"--tokens must be at least 1, got {tokens}", hint="e.g. --tokens 32")
+    if not gguf.is_file():
+        raise BadInput(f"GGUF not found: {gguf}", hint="`medtune export` writes models/<run>/<name>-<quant>.gguf")
+    if not model_dir.is_dir():
+        raise BadInput(f"model folder not found: {model_dir}", hint="pass the fused folder the GGUF was exported from")
+    with open(gguf, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise BadInput("not a GGUF file (no GGUF magic)", where=str(gguf), hint="pass the .gguf `medtune export` wrote")
+    prompts = read_prompts() if prompts is None else [p for p in prompts if p and p.strip()]
+    if not prompts:
+        raise BadInput("no prompts to compare", hint="pass --prompts FILE")
+    llama_cpp = require("llama_cpp", extra="test", purpose="the GGUF runtime that fidelity compares against")
+
+    from medtune.generate import load, messages_for, render_prompt
+
+    model, tokenizer = load(str(model_dir))
+    stops = set(tokenizer.eos_token_ids)
+    rendered = [render_prompt(tokenizer, messages_for(p)) for p in prompts]
+    ids_list = [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
+    n_ctx = -(-(max(len(i) for i in ids_list) + tokens + 8) // 256) * 256
+    try:
+        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
+                              n_threads=n_threads or _threads(), seed=0, verbose=False)
+    except (ValueError, RuntimeError) as exc:
+        raise BadInput(f"llama.cpp cannot load the GGUF: {exc}", where=str(gguf),
+                       hint="re-export it with `medtune export`") from exc
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        ftype = _file_type(llm)
+        tolerance = tie_tolerance if tie_tolerance is not None else TIE_TOLERANCE.get(ftype)
+        report = FidelityReport(model_dir=str(model_dir), gguf=str(gguf), file_type=ftype,
+                                judged=tolerance is not None, tie_tolerance=tolerance, tokens=tokens,
+                                gguf_adds_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)))
+        if tolerance is None:
+            report.notes.append(f"{ftype} is a quantized type: continuations are reported, not judged")
+        if llm.n_vocab() != len(tokenizer._tokenizer):
+            report.notes.append(f"vocabulary sizes differ: GGUF {llm.n_vocab()}, tokenizer {len(tokenizer._tokenizer)}")
+        task = progress.add_task("comparing MLX and llama.cpp", total=len(prompts)) if progress else None
+
+        def is_eog(tok: int) -> bool:
+            return bool(llama_cpp.llama_vocab_is_eog(vocab, tok))
+
+        for prompt, text, ids in zip(prompts, rendered, ids_list):
+            gguf_ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+            mlx_run = _mlx_greedy(model, ids, tokens, stops)
+            gguf_run = _gguf_greedy(llm, ids, tokens)
+            report.prompts.append(_compare(prompt, ids, gguf_ids, mlx_run, gguf_run, stops, is_eog,
+                                           tokenizer.decode, tolerance))
+            if progress:
+                progress.advance(task)
+    finally:
+        llm.close()
+    return report

@@ -301,22 +301,33 @@ def export(
     model_dir: Annotated[Path, typer.Argument(help="Fused model folder (from `medtune fuse`).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the GGUF files (default: MODEL_DIR).")] = None,
     name: Annotated[str, typer.Option("--name", "-n", help="Model name for files and Ollama.")] = "medtune",
-    quant: Annotated[List[str], typer.Option("--quant", "-q", help="f16, f32, bf16, q8_0 (repeatable).")] = ["f16"],  # noqa: B006
+    quant: Annotated[List[str], typer.Option("--quant", "-q", help="f16, f32, bf16, q8_0, q4_0 (medtune's writer); q4_k_m, "
+                                                   "q4_k_s, q5_k_m, q5_k_s, q6_k, q3_k_m, q2_k (llama.cpp's quantizer). "
+                                                   "Repeatable or comma-separated: -q f16,q4_k_m.")] = ["f16"],  # noqa: B006
     system: Annotated[Optional[str], typer.Option(help="SYSTEM prompt for the Modelfile (default: the one training saw).")] = None,
     modelfile: Annotated[Optional[Path], typer.Option(help="Modelfile path (default: Modelfiles/NAME.Modelfile).")] = None,
+    converter: Annotated[str, typer.Option(help="auto | medtune | llama.cpp: auto uses medtune's writer for the architectures "
+                                                "it knows, llama.cpp's convert_hf_to_gguf.py for the others.")] = "auto",
+    llama_cpp: Annotated[Optional[Path], typer.Option("--llama-cpp", metavar="DIR", help="A llama.cpp checkout, for its converter "
+                                                      "and llama-quantize (default: $LLAMA_CPP_DIR).")] = None,
     as_json: JsonOpt = False,
 ):
     """Write GGUF file(s) and an Ollama Modelfile that renders prompts exactly like training did."""
     from medtune.console import progress
     from medtune.export import export as run
+    from medtune.export.quantize import parse_quants
 
     out = out or model_dir
     modelfile = modelfile or Path("Modelfiles") / f"{name}.Modelfile"
-    step(f"exporting {model_dir} → {out} ({', '.join(quant)})")
+    quants = parse_quants(quant)
+    step(f"exporting {model_dir} → {out} ({', '.join(quants)})")
     with progress(transient=True) as p:
-        res = run(model_dir, out, name, quants=tuple(quant), system=system, modelfile_path=modelfile, progress=p)
+        res = run(model_dir, out, name, quants=quants, system=system, modelfile_path=modelfile, progress=p,
+                  converter=converter, llama_cpp_dir=llama_cpp)
     if as_json:
         return _emit_json(res.to_dict() if hasattr(res, "to_dict") else res.__dict__)
+    if res.converter != "medtune":
+        info("converted with llama.cpp's convert_hf_to_gguf.py")
     for q, g in res.gguf_paths.items():
         done(f"GGUF ({q}): {g}")
     done(f"Modelfile: {res.modelfile_path}")
@@ -329,6 +340,12 @@ from medtune.cli_chat import chat, generate  # noqa: E402 - light module: heavy 
 
 app.command()(chat)
 app.command()(generate)
+from medtune.cli_gguf import app as gguf_app  # noqa: E402 - light module, like cli_chat
+app.add_typer(gguf_app, name="gguf")
+from medtune.cli_ollama import app as ollama_app  # noqa: E402 - light module, like cli_chat
+app.add_typer(ollama_app, name="ollama")
+from medtune.cli_eval import app as eval_app  # noqa: E402 - light module, like cli_chat
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

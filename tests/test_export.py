@@ -433,7 +433,8 @@ def test_llama_cpp_tokenizes_like_hf(tiny_f16, tiny_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_dir))
-    llm = llama_cpp.Llama(model_path=str(tiny_f16), vocab_only=False, n_ctx=256, verbose=False, logits_all=True)
+    llm = llama_cpp.Llama(model_path=str(tiny_f16), vocab_only=False, n_ctx=256, verbose=False, logits_all=True,
+                          n_threads=1, n_threads_batch=1)  # a tiny model: threads only add waiting
     for conv in CONVERSATIONS:
         prompt = hf_render(tiny_dir, conv)
         want = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -446,7 +447,7 @@ def test_llama_cpp_tokenizes_like_hf(tiny_f16, tiny_dir):
 def _llama_cpp_logits(llama_cpp, path, ids):
     # F32 KV cache: llama.cpp's default F16 cache alone would cost ~1e-2.
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=False, n_ctx=256, verbose=False, logits_all=True,
-                          type_k=0, type_v=0)
+                          type_k=0, type_v=0, n_threads=1, n_threads_batch=1)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)])
 

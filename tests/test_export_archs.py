@@ -393,6 +393,18 @@ def test_family_and_modelfile(built, name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
+def test_export_renders_the_template_like_apply_chat_template(built, name):
+    """Export renders with the compiled template and the special tokens (no tokenizer, no torch);
+    it must give apply_chat_template's text exactly."""
+    from medtune.export.modelfile import _hf_renderer, hf_render
+
+    model_dir = built(name)["dir"]
+    render = _hf_renderer(Path(model_dir))
+    for chat in CHATS:
+        assert render(chat) == hf_render(model_dir, chat)
+
+
+@pytest.mark.parametrize("name", list(CASES))
 def test_llama_cpp_tokenizes_like_hf_directly_and_through_ollama(built, name):
     """HF renders, HF tokenizes without adding anything (as training does): llama.cpp gives the same ids for
     the same text, and for the prompt Ollama builds from the Modelfile (its BOS added by add_bos)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from medtune.errors import BadInput
 
-__all__ = ["ExportResult", "export", "inspect_gguf", "ollama_commands"]
+__all__ = ["ExportResult", "export", "inspect_gguf", "ollama_commands", "read_gguf_header"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?::[A-Za-z0-9._-]+)?")
 
@@ -36,6 +36,16 @@ class ExportResult:
     ollama_commands: list[str]
     summaries: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    converter: str = "medtune"  # "medtune" or "llama.cpp"
+    quantizer: str | None = None  # what made the K-quants, if any
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "gguf_paths": {q: str(p) for q, p in self.gguf_paths.items()},
+                "modelfile_path": str(self.modelfile_path), "modelfile_text": self.modelfile_text,
+                "family": self.family, "stops": self.stops, "system": self.system,
+                "manifest_path": str(self.manifest_path), "ollama_commands": self.ollama_commands,
+                "summaries": self.summaries, "warnings": self.warnings, "converter": self.converter,
+                "quantizer": self.quantizer}
 
 
 def ollama_commands(name: str, modelfile_path: str | Path) -> list[str]:
@@ -46,62 +56,129 @@ def ollama_commands(name: str, modelfile_path: str | Path) -> list[str]:
 
 def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",), system: str | None = None,
            progress=None, *, modelfile_path: str | Path | None = None, params: dict | None = None,
-           family: str | None = None) -> ExportResult:
+           family: str | None = None, converter: str = "auto", llama_cpp_dir: str | Path | None = None) -> ExportResult:
     """Write `<out_dir>/<name>-<quant>.gguf` for each quant, a Modelfile (FROM the first quant, by absolute
     path) and `<out_dir>/export_manifest.json`.
 
+    quants: types, as a list and/or comma-separated ("f16,q4_k_m"): f16 f32 bf16 q8_0 q4_0 (medtune's writer),
+        q4_k_m q4_k_s q5_k_m q5_k_s q6_k q3_k_m q2_k (llama.cpp's quantizer, from an F16 GGUF: the f16 file
+        when it is asked for too, otherwise a temporary one).
     system: None keeps the chat template's default system prompt (if any); a string replaces it.
+    converter: "auto" (medtune's writer for the architectures in medtune.export.archs.REGISTRY, llama.cpp's
+        convert_hf_to_gguf.py for the others), "medtune" or "llama.cpp".
+    llama_cpp_dir: a llama.cpp checkout (default: $LLAMA_CPP_DIR), for its converter and llama-quantize.
+
+    All GGUF files are written under temporary names and renamed together once every one is complete: a
+    failure leaves no new GGUF (and the previous ones untouched).
     """
+    import contextlib
+    import os
+
     from medtune import __version__, fsutil
-    from medtune.export.gguf_writer import OUTTYPES, check_disk, estimate_bytes, plan_gguf, write_gguf
-    from medtune.export.modelfile import render_modelfile
+    from medtune.export import llamacpp
+    from medtune.export import quantize as qz
+    from medtune.export.gguf_writer import Checkpoint, check_disk, estimate_bytes, plan_gguf, write_gguf
+    from medtune.export.modelfile import detect_family, render_modelfile
+    from medtune.export.tokenizer import read_vocab
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir).absolute()
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise BadInput(f"model name {name!r} is not a valid Ollama name",
                        hint="letters, digits, '.', '_', '-' and an optional ':tag', e.g. medtune-smol:v1")
-    quants = [quants] if isinstance(quants, str) else list(dict.fromkeys(q.lower() for q in quants))
-    if not quants:
-        raise BadInput("no GGUF type asked for", hint=f"choose from: {', '.join(OUTTYPES)}")
-    for q in quants:
-        if q not in OUTTYPES:
-            raise BadInput(f"unknown GGUF type {q!r}", hint=f"choose from: {', '.join(OUTTYPES)}")
+    quants = qz.parse_quants(quants)
     if not model_dir.is_dir():
         raise BadInput(f"model folder {model_dir} does not exist", hint="run `medtune fuse` first")
 
-    # Everything is decided before anything is written.
-    plans = {q: plan_gguf(model_dir, q) for q in quants}
+    # Everything is decided before anything is written: converter, quantizer, tensors, tokenizer, Modelfile.
+    route = llamacpp.choose(converter, model_dir, llama_cpp_dir)
+    direct_types = qz.WRITER_TYPES if route.converter == "medtune" else llamacpp.CONVERTER_TYPES
+    derived = [q for q in quants if q not in direct_types]  # made by llama.cpp's quantizer from an F16 GGUF
+    quantizer = None
+    if derived:
+        quantizer = qz.find_quantizer(llama_cpp_dir)
+        if quantizer is None:
+            raise qz.missing_quantizer(derived, llama_cpp_dir)
+    written = [q for q in quants if q in direct_types]
+    if derived and qz.SOURCE_TYPE not in written:
+        written.insert(0, qz.SOURCE_TYPE)  # a temporary intermediate
+    # The source first, so that the K-quants can be made from it.
+    written.sort(key=lambda q: q != qz.SOURCE_TYPE if derived else 0)
+
     stem = name.replace(":", "-")
     ggufs = {q: out_dir / f"{stem}-{q}.gguf" for q in quants}
     mf_path = Path(modelfile_path).absolute() if modelfile_path else out_dir / "Modelfile"
-    text, info = render_modelfile(ggufs[quants[0]], model_dir, system=system, params=params, family=family,
-                                  vocab=plans[quants[0]].vocab)
+    plans, vocab = {}, None
+    if route.converter == "medtune":
+        plans = {q: plan_gguf(model_dir, q) for q in written}
+        vocab = plans[written[0]].vocab
+    else:
+        try:  # medtune's own reading of the tokenizer, when it knows it (the same stops as our writer's)
+            vocab = read_vocab(model_dir)
+        except BadInput:
+            vocab = None  # read back from llama.cpp's GGUF once written
+            if family is None:
+                detect_family(model_dir)  # refuse an unknown chat template now, not after converting
+    text = info = None
+    if vocab is not None:
+        text, info = render_modelfile(ggufs[quants[0]], model_dir, system=system, params=params, family=family,
+                                      vocab=vocab)
 
-    check_disk(ggufs[quants[0]], sum(estimate_bytes(p) for p in plans.values()))
+    n_params = _n_params(model_dir)
+    need = sum(estimate_bytes(plans[q]) if q in plans else int(n_params * qz.BITS[q] / 8) + (8 << 20)
+               for q in dict.fromkeys([*written, *quants]))
+    check_disk(ggufs[quants[0]], need)
 
-    summaries = []
-    for q in quants:
-        summaries.append(write_gguf(model_dir, ggufs[q], q, progress, name=name, plan=plans[q]))
+    # The manifest's input hashes are computed in a background thread while the GGUFs are written (hashlib
+    # releases the GIL): on a 2-core machine this hides the ~1-2 s of hashing a 0.5 GB checkpoint.
+    weight_files = plans[written[0]].ckpt.files if plans else _weight_files(model_dir, Checkpoint)
+    input_files = [model_dir / f for f in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                                           "generation_config.json", "chat_template.jinja",
+                                           "model.safetensors.index.json") if (model_dir / f).is_file()]
+    summaries: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        hashing = stack.enter_context(_Hasher([*input_files, *weight_files]))
+        tmp = {q: stack.enter_context(fsutil.atomic_path(ggufs[q])) for q in quants}
+        if qz.SOURCE_TYPE in written and qz.SOURCE_TYPE not in tmp:
+            tmp[qz.SOURCE_TYPE] = stack.enter_context(
+                _scratch(out_dir / f".{stem}-{qz.SOURCE_TYPE}.intermediate-{os.getpid()}.gguf"))
+        for q in written:
+            label = f"writing {stem}-{q}.gguf" if q in ggufs else f"writing the {q} intermediate"
+            if route.converter == "medtune":
+                s = write_gguf(model_dir, tmp[q], q, progress, name=name, plan=plans[q], label=label)
+            else:
+                s = llamacpp.convert(route, model_dir, tmp[q], q, progress, name=name,
+                                     label=label.replace("writing", "converting (llama.cpp)"))
+            if q in ggufs:
+                summaries[q] = s
+        for q in derived:
+            summaries[q] = qz.quantize_gguf(tmp[qz.SOURCE_TYPE], tmp[q], q, quantizer, progress,
+                                            label=f"quantizing {stem}-{q}.gguf")
+            summaries[q]["quantized_from"] = qz.SOURCE_TYPE
+    for q, s in summaries.items():  # the summaries speak of the files under their final names
+        s.update(path=str(ggufs[q]), bytes=ggufs[q].stat().st_size)
+        s.setdefault("converter", "medtune" if route.converter == "medtune" else "llama.cpp")
+    summaries_list = [summaries[q] for q in quants]
+
+    if text is None:  # llama.cpp path with a tokenizer medtune does not read: use what llama.cpp wrote
+        vocab = llamacpp.vocab_from_gguf(ggufs[quants[0]], model_dir)
+        text, info = render_modelfile(ggufs[quants[0]], model_dir, system=system, params=params, family=family,
+                                      vocab=vocab)
     fsutil.write_text(mf_path, text)
 
-    inputs = {"model_dir": str(model_dir.absolute()), "files": {}}
-    for fname in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                  "chat_template.jinja", "model.safetensors.index.json"):
-        if (model_dir / fname).is_file():
-            inputs["files"][fname] = fsutil.sha256_file(model_dir / fname)
-    for f in plans[quants[0]].ckpt.files:
-        inputs["files"][f.name] = fsutil.sha256_file(f)
+    inputs = {"model_dir": str(model_dir.absolute()), "files": {f.name: h for f, h in hashing.result().items()}}
     outputs = {str(p): {"sha256": fsutil.sha256_file(p), "bytes": p.stat().st_size}
                for p in [*ggufs.values(), mf_path]}
     manifest = {
         "stage": "export",
         "inputs": inputs,
         "options": {"name": name, "quants": quants, "system": system, "params": params, "family": family,
-                    "modelfile_path": str(mf_path)},
+                    "modelfile_path": str(mf_path), "converter": route.converter,
+                    "llama_cpp_dir": str(route.checkout) if route.checkout else None},
         "result": {"family": info["family"], "stops": info["stops"], "system": info["system"],
                    "default_system": info["default_system"], "parameters": info["params"],
-                   "warnings": info["warnings"], "gguf": summaries},
+                   "warnings": info["warnings"], "gguf": summaries_list,
+                   "quantizer": quantizer.describe() if quantizer else None},
         "outputs": outputs,
         "versions": _versions(__version__),
     }
@@ -109,8 +186,84 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
     return ExportResult(
         name=name, gguf_paths=ggufs, modelfile_path=mf_path, modelfile_text=text, family=info["family"],
         stops=info["stops"], system=info["system"], manifest_path=manifest_path,
-        ollama_commands=ollama_commands(name, mf_path), summaries=summaries, warnings=info["warnings"],
+        ollama_commands=ollama_commands(name, mf_path), summaries=summaries_list, warnings=info["warnings"],
+        converter=route.converter, quantizer=quantizer.describe() if quantizer else None,
     )
+
+
+class _Hasher:
+    """sha256 of files in a background thread. Leaving the `with` block on an error stops it promptly;
+    on success the thread goes on and result() waits for it."""
+
+    def __init__(self, files: list[Path]):
+        import threading
+
+        self.files, self.hashes, self.error = files, {}, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="medtune-hash", daemon=True)
+
+    def _run(self) -> None:
+        import hashlib
+
+        try:
+            for f in self.files:
+                h = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    while block := fh.read(1 << 22):
+                        if self._stop.is_set():
+                            return
+                        h.update(block)
+                self.hashes[f] = h.hexdigest()
+        except OSError as exc:
+            self.error = exc
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self._stop.set()
+            self._thread.join()
+        return False
+
+    def result(self) -> dict[Path, str]:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.hashes
+
+
+def _scratch(path: Path):
+    """A temporary file that is removed whatever happens (the F16 intermediate of K-quants)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    return cm()
+
+
+def _n_params(model_dir: Path) -> int:
+    """Parameters in the checkpoint, from the safetensors headers (0 when there are none to read)."""
+    from medtune.export.gguf_writer import Checkpoint
+
+    try:
+        ckpt = Checkpoint(model_dir)
+    except BadInput:
+        return 0
+    return sum(math.prod(s) for s in ckpt.shape.values())
+
+
+def _weight_files(model_dir: Path, checkpoint_cls) -> list[Path]:
+    try:
+        return checkpoint_cls(model_dir).files
+    except BadInput:  # llama.cpp's converter also reads PyTorch .bin checkpoints
+        return sorted(model_dir.glob("pytorch_model*.bin"))
 
 
 def _versions(medtune_version: str) -> dict:
@@ -125,40 +278,182 @@ def _versions(medtune_version: str) -> dict:
     return out
 
 
-def inspect_gguf(path: str | Path, *, head: int = 5) -> dict:
-    """Metadata (long arrays summarised) and a tensor table of a GGUF file."""
-    import gguf
+# ---- reading GGUF files back ---------------------------------------------------------------------------
+# GGUF value types (the file format's own numbering) -> struct format; 8 = string, 9 = array.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf_header(path: str | Path, *, head: int = 5, full_arrays=()) -> dict:
+    """The metadata and tensor table of a GGUF file, without reading its tensor data.
+
+    Arrays longer than `head` are summarised as {"len": n, "head": [first `head` items]}, except the keys
+    named in `full_arrays`. Much faster than gguf.GGUFReader on a large vocabulary (it builds an object per
+    token).
+    """
+    import mmap
+    import struct
 
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"no such GGUF file: {path}", hint="check the path")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        if size < 24 or fh.read(4) != b"GGUF":
+            raise BadInput("not a GGUF file (it does not start with the magic bytes 'GGUF')", where=str(path),
+                           hint="check the path; an interrupted download or a git-lfs pointer looks like this")
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError/struct errors for bad files
+        pos = 4
+
+        def take(fmt: str):
+            nonlocal pos
+            value = struct.unpack_from(fmt, mm, pos)
+            pos += struct.calcsize(fmt)
+            return value[0]
+
+        def string() -> str:
+            nonlocal pos
+            n = take("<Q")
+            if pos + n > size:
+                raise ValueError("a string runs past the end of the file")
+            value = mm[pos:pos + n].decode("utf-8", errors="replace")
+            pos += n
+            return value
+
+        def value(vtype: int, key: str):
+            nonlocal pos
+            if vtype == _STRING:
+                return string()
+            if vtype in _SCALARS:
+                return take(_SCALARS[vtype])
+            if vtype != _ARRAY:
+                raise ValueError(f"unknown value type {vtype} for {key}")
+            etype, count = take("<I"), take("<Q")
+            keep = count if key in full_arrays else min(count, head)
+            if etype in _SCALARS:
+                width = struct.calcsize(_SCALARS[etype])
+                items = list(struct.unpack_from(f"<{keep}{_SCALARS[etype][1]}", mm, pos))
+                pos += width * count
+            elif etype == _STRING:
+                items = [string() for _ in range(keep)]
+                for _ in range(count - keep):  # skip the rest: only the lengths are read
+                    pos += 8 + struct.unpack_from("<Q", mm, pos)[0]
+            else:  # nested arrays: read them all (rare, short)
+                items = [value(etype, key) for _ in range(count)]
+            if key in full_arrays or count <= head:
+                return items
+            return {"len": count, "head": items[:head]}
+
+        version = take("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)"
+                             + (" - a big-endian file?" if version > 0xFFFF else ""))
+        n_tensors, n_kv = take("<Q"), take("<Q")
+        metadata = {}
+        for _ in range(n_kv):
+            key = string()
+            metadata[key] = value(take("<I"), key)
+        raw = []
+        for _ in range(n_tensors):
+            tname = string()
+            dims = [take("<Q") for _ in range(take("<I"))]
+            raw.append((tname, dims, take("<I"), take("<Q")))
+        alignment = int(metadata.get("general.alignment", 32) or 32)
+        data_start = (pos + alignment - 1) // alignment * alignment
+    except (struct.error, ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise BadInput(f"not a readable GGUF file ({exc})", where=str(path),
-                       hint="a GGUF starts with the magic bytes 'GGUF'; check the download") from exc
-    metadata = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = f.contents()
-        if isinstance(value, list) and len(value) > head:
-            value = {"len": len(value), "head": value[:head]}
-        metadata[key] = value
-    tensors = [{"name": t.name, "shape": [int(d) for d in t.shape], "type": t.tensor_type.name,
-                "bytes": int(t.n_bytes)} for t in reader.tensors]
+                       hint="the file is truncated or damaged; export or download it again") from exc
+    finally:
+        mm.close()
+    return {"version": version, "metadata": metadata, "tensors": _tensor_table(raw, data_start, size),
+            "data_offset": data_start}
+
+
+def _tensor_table(raw: list, data_start: int, file_size: int) -> list[dict]:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    ends = sorted(off for *_, off in raw) + [file_size - data_start]
+    nxt = {off: ends[i + 1] for i, off in enumerate(ends[:-1])}
+    out = []
+    for tname, dims, ttype, off in raw:
+        try:
+            qtype = GGMLQuantizationType(ttype)
+            block, nbytes = GGML_QUANT_SIZES[qtype]
+            type_name, n = qtype.name, math.prod(dims) // block * nbytes
+        except (ValueError, KeyError):  # a type newer than the installed gguf-py: its extent in the file
+            type_name, n = f"TYPE_{ttype}", nxt[off] - off
+        out.append({"name": tname, "shape": dims, "type": type_name, "bytes": int(n), "offset": off})
+    return out
+
+
+def inspect_gguf(path: str | Path, *, head: int = 5) -> dict:
+    """What a GGUF file holds: the facts that decide how it runs (architecture, context, tokenizer, chat
+    template, file type), its metadata (long arrays summarised) and its tensors (shapes in GGUF order,
+    innermost dimension first, as llama.cpp prints them)."""
+    header = read_gguf_header(path, head=head, full_arrays=("tokenizer.ggml.tokens",))
+    meta, tensors = header["metadata"], header["tensors"]
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) > head:  # read whole for the bos/eos texts, shown summarised
+        meta["tokenizer.ggml.tokens"] = {"len": len(tokens), "head": tokens[:head]}
+    arch = meta.get("general.architecture")
+
+    def arch_key(key):
+        return meta.get(f"{arch}.{key}") if arch else None
+
+    n_tokens = len(tokens) if isinstance(tokens, list) else None
+    template = meta.get("tokenizer.chat_template")
     types: dict[str, int] = {}
+    type_bytes: dict[str, int] = {}
     for t in tensors:
         types[t["type"]] = types.get(t["type"], 0) + 1
+        type_bytes[t["type"]] = type_bytes.get(t["type"], 0) + t["bytes"]
+
+    def token(key):
+        idx = meta.get(key)
+        if idx is None:
+            return None
+        text = None
+        if isinstance(tokens, list) and 0 <= idx < len(tokens):
+            text = tokens[idx]
+        return {"id": idx, "text": text}
+
+    path = Path(path)
     return {
         "path": str(path),
         "bytes": path.stat().st_size,
-        "architecture": metadata.get("general.architecture"),
-        "name": metadata.get("general.name"),
-        "file_type": metadata.get("general.file_type"),
-        "metadata": metadata,
+        "version": header["version"],
+        "architecture": arch,
+        "name": meta.get("general.name"),
+        "file_type": meta.get("general.file_type"),
+        "file_type_name": _file_type_name(meta.get("general.file_type")),
+        "context_length": arch_key("context_length"),
+        "embedding_length": arch_key("embedding_length"),
+        "block_count": arch_key("block_count"),
+        "vocab_size": arch_key("vocab_size") or n_tokens,
+        "tokenizer_model": meta.get("tokenizer.ggml.model"),
+        "pre_tokenizer": meta.get("tokenizer.ggml.pre"),
+        "bos": token("tokenizer.ggml.bos_token_id"),
+        "eos": token("tokenizer.ggml.eos_token_id"),
+        "add_bos": meta.get("tokenizer.ggml.add_bos_token"),
+        "chat_template": bool(template),
+        "chat_template_first_line": template.strip().splitlines()[0] if isinstance(template, str) and template.strip()
+        else None,
+        "metadata": meta,
         "n_tensors": len(tensors),
         "n_params": sum(math.prod(t["shape"]) for t in tensors),
         "tensor_types": types,
+        "tensor_bytes": type_bytes,
         "tensors": tensors,
     }
+
+
+def _file_type_name(value) -> str | None:
+    if value is None:
+        return None
+    try:
+        from gguf import LlamaFileType
+
+        return LlamaFileType(int(value)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (ValueError, TypeError):
+        return f"unknown ({value})"

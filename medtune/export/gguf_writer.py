@@ -21,7 +21,11 @@ from medtune.errors import BadInput, ResourceError
 from medtune.export import archs
 from medtune.export.tokenizer import Vocab, read_vocab
 
-OUTTYPES = ("f16", "f32", "bf16", "q8_0")
+OUTTYPES = ("f16", "f32", "bf16", "q8_0", "q4_0")
+# In a Q4_0 file the tensor that produces the logits (output.weight, or token_embd.weight when the embeddings
+# are tied) is kept at 8 bits: it is the one most sensitive to quantization (llama.cpp's quantizer keeps it at
+# Q6_K, which gguf-py cannot write).
+LOGITS_TYPE = {"q4_0": "q8_0"}
 
 
 def _types():
@@ -32,6 +36,7 @@ def _types():
         "f16": (T.F16, F.MOSTLY_F16),
         "bf16": (T.BF16, F.MOSTLY_BF16),
         "q8_0": (T.Q8_0, F.MOSTLY_Q8_0),
+        "q4_0": (T.Q4_0, F.MOSTLY_Q4_0),
     }
 
 
@@ -137,12 +142,17 @@ class Plan:
         return sum(t.nbytes for t in self.tensors)
 
 
-def tensor_qtype(gguf_name: str, shape: tuple[int, ...], outtype: str):
-    """1-D tensors and norms stay F32; matrices take the out type (F16 where a row does not fit blocks)."""
+def tensor_qtype(gguf_name: str, shape: tuple[int, ...], outtype: str, *, logits: bool = False):
+    """1-D tensors and norms stay F32; matrices take the out type (F16 where a row does not fit blocks).
+
+    logits: this tensor produces the logits (output.weight, or the tied token_embd.weight): see LOGITS_TYPE.
+    """
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
     if len(shape) == 1 or gguf_name.endswith("_norm.weight"):
         return T.F32
+    if logits:
+        outtype = LOGITS_TYPE.get(outtype, outtype)
     qtype = _types()[outtype][0]
     block, _ = GGML_QUANT_SIZES[qtype]
     if shape[-1] % block:
@@ -196,7 +206,8 @@ def plan_gguf(model_dir: str | Path, outtype: str = "f16") -> Plan:
                            where=str(ckpt.where[hf]),
                            hint="fuse with de-quantization (mlx_lm fuse --dequantize) first")
         shape = ckpt.shape[hf]
-        qtype = tensor_qtype(name, shape, outtype)
+        logits = name == "output.weight" or (name == "token_embd.weight" and arch.tied)
+        qtype = tensor_qtype(name, shape, outtype, logits=logits)
         tensors.append(TensorPlan(name, hf, shape, qtype, _nbytes(shape, qtype)))
         seen.add(name)
     if unknown:
@@ -240,8 +251,11 @@ def _add_kv(w, key: str, vtype: str, value) -> None:
 
 
 def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16", progress=None,
-               *, name: str | None = None, plan: Plan | None = None) -> dict:
-    """Write `model_dir` as a GGUF file at `out_path`. Returns a summary of what was written."""
+               *, name: str | None = None, plan: Plan | None = None, label: str | None = None) -> dict:
+    """Write `model_dir` as a GGUF file at `out_path`. Returns a summary of what was written.
+
+    label: the progress bar's text (default: "writing <file name>").
+    """
     import gguf
 
     out_path = Path(out_path)
@@ -250,13 +264,13 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     arch, vocab = plan.arch, plan.vocab
     extra = dict(arch.extra_tensors())
 
-    task = progress.add_task(f"writing {out_path.name}", total=len(plan.tensors)) if progress else None
+    task = progress.add_task(label or f"writing {out_path.name}", total=len(plan.tensors)) if progress else None
     with fsutil.atomic_path(out_path) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
         try:
             w.add_name(name or plan.model_dir.name)
             w.add_file_type(plan.file_type)
-            if plan.outtype == "q8_0":
+            if plan.outtype.startswith("q"):
                 w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             for key, vtype, value in arch.hparams(len(vocab.tokens)):
                 _add_kv(w, f"{arch.gguf_arch}.{key}", vtype, value)

@@ -217,20 +217,38 @@ class Match:
     default_system: str | None  # the system prompt the HF template inserts when none is given
 
 
-def _hf_renderer(model_dir: Path):
-    from transformers import AutoTokenizer
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+
+def _hf_renderer(model_dir: Path):
+    """The tokenizer's chat template, compiled by transformers' own jinja compiler and given what
+    apply_chat_template gives it (messages, add_generation_prompt, the special tokens). Building the
+    whole tokenizer would import torch and cost ~3 s and ~450 MB in an export that needs neither;
+    tests compare this with apply_chat_template (`hf_render`)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from medtune.export.tokenizer import _load_json, _token_text, chat_template
+
+    template = chat_template(model_dir)
+    if template is None:
+        raise ValueError("the tokenizer has no chat template")
+    cfg = _load_json(model_dir / "tokenizer_config.json")
+    special = {k: _token_text(cfg.get(k)) for k in _SPECIAL_KEYS}
+    special = {k: v for k, v in special.items() if v is not None}
+    compiled = _compile_jinja_template(template)
 
     def render(messages):
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return compiled.render(messages=messages, add_generation_prompt=True, tools=None, documents=None, **special)
 
     return render
 
 
 def hf_render(model_dir: str | Path, messages: list[dict]) -> str:
-    """The tokenizer's own chat template applied with add_generation_prompt=True."""
-    return _hf_renderer(Path(model_dir))(messages)
+    """The reference: transformers' apply_chat_template with add_generation_prompt=True."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _match_family(family: Family, render) -> Match | None:

@@ -57,6 +57,7 @@ bench: setup
 	mkdir -p bench
 	$(BIN)/python scripts/bench_prepare.py --json bench/prepare.json
 	$(BIN)/python scripts/bench_train.py --json bench/train.json
+	$(BIN)/python scripts/bench_export.py --json > bench/export.json
 
 clean-outputs:
 	rm -rf data/processed adapters/$(NAME) models/$(NAME) Modelfiles/$(NAME).Modelfile

@@ -11,7 +11,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from medtune import __version__
-from medtune.console import console, done, info, step
+from medtune.console import console, done, info, step, warn
 from medtune.errors import MedtuneError
 
 app = typer.Typer(
@@ -310,6 +310,10 @@ def export(
                                                 "it knows, llama.cpp's convert_hf_to_gguf.py for the others.")] = "auto",
     llama_cpp: Annotated[Optional[Path], typer.Option("--llama-cpp", metavar="DIR", help="A llama.cpp checkout, for its converter "
                                                       "and llama-quantize (default: $LLAMA_CPP_DIR).")] = None,
+    ollama: Annotated[Optional[str], typer.Option("--ollama", metavar="NAME", help="Then create NAME in Ollama from the "
+                                                  "Modelfile (as `medtune ollama create`).")] = None,
+    host: Annotated[Optional[str], typer.Option("--host", metavar="URL", help="Ollama server for --ollama "
+                                                "(default: $OLLAMA_HOST or http://127.0.0.1:11434).")] = None,
     as_json: JsonOpt = False,
 ):
     """Write GGUF file(s) and an Ollama Modelfile that renders prompts exactly like training did."""
@@ -320,12 +324,30 @@ def export(
     out = out or model_dir
     modelfile = modelfile or Path("Modelfiles") / f"{name}.Modelfile"
     quants = parse_quants(quant)
+    if ollama:
+        from medtune.ollama import check_name
+
+        check_name(ollama)  # refuse a bad name before an export that may take minutes
     step(f"exporting {model_dir} → {out} ({', '.join(quants)})")
     with progress(transient=True) as p:
         res = run(model_dir, out, name, quants=quants, system=system, modelfile_path=modelfile, progress=p,
                   converter=converter, llama_cpp_dir=llama_cpp)
+    created = None
+    if ollama:
+        from medtune.ollama import create_from_modelfile
+
+        if not as_json:
+            done(f"Modelfile: {res.modelfile_path}")
+            step(f"creating {ollama} in Ollama")
+        with progress(transient=True) as p:
+            created = create_from_modelfile(ollama, res.modelfile_path, host=host, progress=p)
     if as_json:
-        return _emit_json(res.to_dict() if hasattr(res, "to_dict") else res.__dict__)
+        return _emit_json({**res.to_dict(), "ollama": created})
+    if created:
+        for w in created["warnings"]:
+            warn(w)
+        done(f"created {ollama} in Ollama ({created['method']}); try: ollama run {ollama}")
+        return
     if res.converter != "medtune":
         info("converted with llama.cpp's convert_hf_to_gguf.py")
     for q, g in res.gguf_paths.items():

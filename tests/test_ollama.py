@@ -355,6 +355,20 @@ def test_create_cli_against_a_server_that_is_down(exported, tmp_path):
     assert "--host" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_export_with_ollama_creates_the_model_in_one_command(server, tiny_llama_dir, tmp_path):
+    out, mf = tmp_path / "out", tmp_path / "one.Modelfile"
+    res = run_cli("export", tiny_llama_dir, "--out", out, "--name", "one", "--modelfile", mf, "--ollama", "one:latest",
+                  "--host", server.url, "--json", env={"PATH": _no_ollama_path(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["ollama"]["method"] == "api" and got["ollama"]["name"] == "one:latest"
+    assert "one:latest" in server.models
+    assert server.creates[-1]["files"] == {Path(got["gguf_paths"]["f16"]).name: got["ollama"]["digest"]}
+    bad = run_cli("export", tiny_llama_dir, "--out", tmp_path / "bad", "--ollama", "no spaces allowed",
+                  "--host", server.url, env={"PATH": _no_ollama_path(tmp_path)})
+    assert bad.returncode == 2 and not (tmp_path / "bad").exists()  # refused before exporting
+
+
 def test_a_missing_gguf_fails_before_the_server_is_contacted(server, exported, tmp_path):
     text = exported["modelfile"].read_text()
     missing = tmp_path / "gone" / "tiny-f16.gguf"

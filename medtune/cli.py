@@ -209,6 +209,8 @@ def train(
     data: Annotated[Path, typer.Option("--data", "-d", help="Folder from `medtune prepare`.")] = Path("data/processed/medical_o1_sample"),
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter output folder.")] = Path("adapters/medtune"),
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of these options; flags win.")] = None,
+    backend: Annotated[str, typer.Option(help="auto | mlx | torch | unsloth. auto: MLX on Apple Silicon (and on a CPU with mlx "
+                                              "installed), Unsloth on CUDA when installed, else PyTorch + PEFT.")] = "auto",
     fine_tune_type: Annotated[str, typer.Option(help="lora | dora | full.")] = "lora",
     iters: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
     epochs: Annotated[Optional[float], typer.Option(help="Passes over the data (overrides --iters).")] = None,
@@ -230,46 +232,66 @@ def train(
     eval_every: Annotated[int, typer.Option(help="Steps between validation passes.")] = 50,
     val_batches: Annotated[int, typer.Option(help="Validation batches per pass; -1 = all.")] = -1,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept (the newest).")] = 2,
+    load_in_4bit: Annotated[Optional[bool], typer.Option("--load-in-4bit/--no-load-in-4bit",
+                                                         help="torch/unsloth: QLoRA on a 4-bit base (bitsandbytes, CUDA); "
+                                                              "default: on for models over 3B parameters on CUDA.")] = None,
+    precision: Annotated[str, typer.Option(help="torch/unsloth: auto | fp32 | fp16 | bf16. auto: bf16 on Ampere and newer, "
+                                                "fp16 with loss scaling before (T4), fp32 on CPU.")] = "auto",
     test: Annotated[bool, typer.Option("--test", help="Evaluate loss/perplexity on test.jsonl at the end.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Stop after the preflight (sizes, steps, memory).")] = False,
     as_json: JsonOpt = False,
 ):
-    """Fine-tune a model on prepared data (LoRA/DoRA/full, MLX: Apple Silicon, or CPU on Linux)."""
+    """Fine-tune a model on prepared data (LoRA/DoRA/full; MLX on Apple Silicon or a Linux CPU, PyTorch/Unsloth on CUDA)."""
     from rich.progress import TextColumn
 
     from medtune.console import progress
-    from medtune.train import TrainOptions
+    from medtune.train import TrainOptions, resolve_backend
     from medtune.train import train as run
     from medtune.train.options import option_names
 
     given = {k: v for k, v in ctx.params.items() if k not in ("config", "as_json")}
-    known = option_names() | {"model", "data", "out", "eval_every", "resume", "dry_run"}
+    known = option_names() | {"model", "data", "out", "eval_every", "resume", "dry_run", "backend"}
     opts_in = _merge(ctx, load_config(config, known), given)
     tm = opts_in.pop("target_modules")
     if isinstance(tm, str):
         tm = [x.strip() for x in tm.split(",") if x.strip()]
     model, data, out = str(opts_in.pop("model")), Path(opts_in.pop("data")), Path(opts_in.pop("out"))
     resume, dry_run = bool(opts_in.pop("resume")), bool(opts_in.pop("dry_run"))
+    backend = str(opts_in.pop("backend"))
     opts_in["steps_per_eval"] = opts_in.pop("eval_every")
     opts = TrainOptions(**opts_in, target_modules=tm).check()
+    backend = resolve_backend(backend, opts)
+    follower = int(os.environ.get("RANK", "0")) > 0  # torchrun / accelerate launch: rank 0 reports
     kind = {"lora": "LoRA", "dora": "DoRA", "full": "full fine-tuning"}[opts.fine_tune_type]
-    step(f"{'preflight for' if dry_run else 'training'} {kind} on {model} with {data} → {out}")
+    if not follower:
+        step(f"{'preflight for' if dry_run else 'training'} {kind} on {model} with {data} → {out} ({backend} backend)")
     cols = TextColumn("loss [bold]{task.fields[loss]}[/] val [bold]{task.fields[val]}[/] "
                       "{task.fields[tps]} tok/s peak {task.fields[mem]} GB")
     with progress(cols) as p:
-        res = run(model, data, out, opts, progress=p, resume=resume, dry_run=dry_run)
+        res = run(model, data, out, opts, backend=backend, progress=p, resume=resume, dry_run=dry_run)
+    if follower:
+        return
     if as_json:
         return _emit_json(res.to_dict())
     pf = res.preflight
+    where = ""
+    if pf.get("device"):
+        dev = pf["device"]
+        where = (f"; {dev['name']}, {pf['precision']}" + (", 4-bit base" if pf.get("load_in_4bit") else "")
+                 + (f", {pf['processes']} processes" if pf.get("processes", 1) > 1 else ""))
     info(f"parameters {pf['parameters']:,} (trainable {pf['trainable_parameters']:,}); {pf['records']} records, "
          f"{pf['tokens_per_epoch']:,} tokens per epoch; {pf['steps']} steps (~{pf['epochs']} epochs); "
-         f"estimated peak {pf['estimated_peak_bytes'] / 1e9:.2f} GB of {pf['available_bytes'] / 1e9:.1f} GB available")
+         f"estimated peak {pf['estimated_peak_bytes'] / 1e9:.2f} GB of {pf['available_bytes'] / 1e9:.1f} GB available{where}")
     if dry_run:
+        for note in pf.get("notes", []):
+            info(f"note: {note}")
         return
     extra = f"; test loss {res.test_loss:.3f}" if res.test_loss is not None else ""
     first = f"{res.first_val_loss:.3f} → " if res.first_val_loss is not None else ""
-    done(f"trained {res.steps} steps in {res.seconds:.0f}s ({res.tokens_per_second:.0f} tok/s); "
+    peak = f", peak {res.peak_memory_gb:.2f} GB" if res.peak_memory_gb is not None else ""
+    done(f"trained {res.steps} steps in {res.seconds:.0f}s ({res.tokens_per_second:.0f} tok/s{peak}); "
          f"val loss {first}{res.final_val_loss:.3f}{extra}")
     info(f"adapter: {res.adapter_file}\nloss curve: {res.files.get('loss_plot')}")
     print(res.out)
@@ -280,12 +302,16 @@ def fuse(
     model: ModelOpt = DEFAULT_MODEL,
     adapter: Annotated[Path, typer.Option("--adapter", "-a", help="Folder from `medtune train`.")] = Path("adapters/medtune"),
     out: Annotated[Path, typer.Option("--out", "-o", help="Fused model folder.")] = Path("models/medtune"),
-    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, float16 on a GPU) | float32 | float16 | bfloat16.")] = "auto",
-    dequantize: Annotated[bool, typer.Option("--dequantize", help="Plain weights from a quantized (QLoRA) base.")] = False,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16. auto: MLX adapters float32 on CPU, float16 "
+                                            "on a GPU; PEFT adapters (torch/unsloth) the base's 16-bit dtype, float16 for a "
+                                            "float32 base.")] = "auto",
+    dequantize: Annotated[bool, typer.Option("--dequantize", help="Plain weights from a quantized base (an MLX-quantized "
+                                                                  "QLoRA base; PEFT adapters trained with --load-in-4bit "
+                                                                  "merge into the unquantized base without it).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     as_json: JsonOpt = False,
 ):
-    """Merge a LoRA adapter into its base model → a Hugging Face safetensors folder."""
+    """Merge an adapter (mlx_lm's, or a PEFT adapter from the torch/unsloth backends) into its base → a Hugging Face folder."""
     from medtune.fuse import fuse as run
 
     step(f"fusing {adapter} into {model}")

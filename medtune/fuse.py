@@ -28,17 +28,42 @@ class FuseResult:
         return d
 
 
+ADAPTER_WEIGHTS = {  # adapter kind -> weight files it may have (the first one found is used)
+    "mlx": ("adapters.safetensors",),
+    "peft": ("adapter_model.safetensors", "adapter_model.bin"),
+    "torch-full": ("adapter_model.safetensors",),
+}
+
+
+def adapter_kind(acfg: dict) -> str:
+    """mlx (mlx_lm's adapter_config), peft (a PEFT adapter: medtune's torch/unsloth backends, TRL, ...)
+    or torch-full (medtune's torch backend, full fine-tune: trained tensors under the base's names)."""
+    if "peft_type" in acfg:
+        return "peft"
+    if acfg.get("medtune_format") == "torch-full":
+        return "torch-full"
+    return "mlx"
+
+
+def adapter_weights(adapter_dir: Path, acfg: dict) -> Path:
+    names = ADAPTER_WEIGHTS[adapter_kind(acfg)]
+    for name in names:
+        if (adapter_dir / name).is_file():
+            return adapter_dir / name
+    raise BadInput(f"no {names[0]} in {adapter_dir}", hint="training did not finish; resume or re-run it")
+
+
 def read_adapter_config(adapter_dir: Path) -> dict:
     path = adapter_dir / "adapter_config.json"
     if not path.is_file():
         raise BadInput(f"no adapter_config.json in {adapter_dir}", hint="pass the --out folder of `medtune train`")
-    if not (adapter_dir / "adapters.safetensors").is_file():
-        raise BadInput(f"no adapters.safetensors in {adapter_dir}", hint="training did not finish; resume or re-run it")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        acfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise BadInput(f"adapter_config.json is not valid JSON ({exc.msg})", where=f"{path}:{exc.lineno}",
                        hint="re-run training or restore the file") from exc
+    adapter_weights(adapter_dir, acfg)
+    return acfg
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -48,17 +73,14 @@ def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequan
          force: bool = False) -> FuseResult:
     """Merge `adapter` into `model` and write an HF safetensors folder at `out`.
 
-    dtype: auto = float32 on CPU, float16 on a GPU (Apple Silicon); dequantize: turn a quantized (QLoRA)
-    base into plain weights; force: replace an existing `out`.
+    The adapter may be mlx_lm's (from the mlx backend) or a PEFT adapter (torch/unsloth backends), told
+    apart by its adapter_config.json; see fuse_torch for the second.
+    dtype: auto = float32 on CPU, float16 on a GPU (Apple Silicon) for MLX adapters, the base's 16-bit dtype
+    (float16 for a float32 base) for PEFT adapters; dequantize: turn a quantized (QLoRA) base into plain
+    weights; force: replace an existing `out`.
     """
     from medtune.models import pull
     from medtune.models.config import read_config, write_config
-
-    mx = runtime.mx()
-    from mlx.utils import tree_unflatten
-    from mlx_lm import load
-    from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import save_model
 
     adapter, out = Path(adapter), Path(out)
     if dtype not in DTYPES:
@@ -66,6 +88,14 @@ def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequan
     acfg = read_adapter_config(adapter)
     if out.exists() and any(out.iterdir()) and not force:
         raise BadInput(f"output folder exists and is not empty: {out}", hint="pass --force to replace it, or choose another --out")
+    if adapter_kind(acfg) != "mlx":
+        return fuse_torch(model, adapter, out, acfg, dtype=dtype, dequantize=dequantize)
+    mx = runtime.mx()
+    from mlx.utils import tree_unflatten
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import save_model
+
     base = pull(model)
     cfg = read_config(base.path)
     quantized = bool(cfg.get("quantization") or cfg.get("quantization_config"))
@@ -111,3 +141,122 @@ def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequan
         })
     files = sorted(p.name for p in out.iterdir())
     return FuseResult(out=out, base=base.spec, adapter=str(adapter), fused_layers=len(fused), files=files)
+
+
+# ---- PEFT adapters (torch and unsloth backends) ---------------------------------------------------
+TORCH_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def fuse_torch(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str = "auto",
+               dequantize: bool = False) -> FuseResult:
+    """PEFT adapter (or a torch full fine-tune) + base -> 16-bit HF folder, with transformers on CPU.
+
+    The base is loaded unquantized, also for an adapter trained on a 4-bit (QLoRA) base: the merge goes
+    into the 16-bit weights. Merged in float32 where memory allows, in the output dtype otherwise; refused
+    (exit 4) when neither the merge nor the output fits in memory and on disk."""
+    from medtune.errors import ResourceError, require
+    from medtune.models import pull
+    from medtune.models.config import read_config, write_config
+    from medtune.train.torch_backend import _dtype_kw, count_params
+
+    torch = require("torch", "cuda", "merging a PyTorch (PEFT) adapter")
+    kind = adapter_kind(acfg)
+    if kind == "peft":
+        require("peft", "cuda", "merging a PEFT adapter")
+        if acfg.get("peft_type") != "LORA":
+            raise BadInput(f"a {acfg.get('peft_type')} adapter cannot be merged; medtune merges LoRA/DoRA adapters",
+                           where=str(adapter / "adapter_config.json"), hint="train with medtune's torch or unsloth backend")
+    from transformers import AutoModelForCausalLM
+
+    base = pull(model)
+    cfg = read_config(base.path)
+    quantized = bool(cfg.get("quantization") or cfg.get("quantization_config"))
+    if quantized and not dequantize:
+        raise BadInput("the base model is quantized: pass the unquantized base the adapter was trained from, or "
+                       "--dequantize", where=str(base.path),
+                       hint="a QLoRA adapter trained with --load-in-4bit merges into the original 16-bit base")
+    src = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    target = dtype if dtype != "auto" else (src if src in ("float16", "bfloat16") else "float16")
+
+    n_params = count_params(base.path, cfg)
+    from medtune.doctor import _memory
+
+    avail = (_memory().get("available_gb") or 0) * 1e9 or float("inf")
+    work = "float32" if n_params * 4 * 1.2 <= 0.9 * avail else target
+    if n_params * TORCH_DTYPES[work] * 1.2 > 0.9 * avail:
+        raise ResourceError(f"merging needs ~{n_params * TORCH_DTYPES[work] * 1.2 / 1e9:.1f} GB of memory, "
+                            f"{avail / 1e9:.1f} GB is available", hint="close other programs, or merge on a bigger machine")
+    need_disk = n_params * TORCH_DTYPES[target] * 1.05
+    probe = out.parent if out.parent.exists() else Path(".")
+    free = shutil.disk_usage(probe).free
+    if need_disk > free:
+        raise ResourceError(f"the merged model needs ~{need_disk / 1e9:.1f} GB on disk, {free / 1e9:.1f} GB is free "
+                            f"at {probe.resolve()}", hint="free some disk or choose another --out")
+
+    try:
+        model_obj = AutoModelForCausalLM.from_pretrained(str(base.path), **_dtype_kw(getattr(torch, work)))
+    except (ValueError, OSError, KeyError) as exc:
+        raise BadInput(f"transformers cannot load the base model: {str(exc).splitlines()[0]}", where=str(base.path),
+                       hint="check the model folder") from exc
+    if quantized:
+        try:
+            model_obj = model_obj.dequantize()
+        except Exception as exc:  # noqa: BLE001 - what the quantizer raises varies
+            raise BadInput(f"cannot dequantize this base on this machine ({exc})", where=str(base.path),
+                           hint="pass the original unquantized base model instead") from exc
+    weights = adapter_weights(adapter, acfg)
+    merged = 0
+    if kind == "peft":
+        from peft import PeftModel, get_peft_model_state_dict
+
+        try:
+            peft_model = PeftModel.from_pretrained(model_obj, str(adapter))
+        except (ValueError, RuntimeError, KeyError) as exc:
+            detail = [line.strip() for line in str(exc).splitlines() if line.strip()][:1]
+            raise BadInput(f"adapter does not fit this base model ({detail[0] if detail else type(exc).__name__})",
+                           where=str(adapter), hint="fuse with the same --model the adapter was trained on") from exc
+        expected = set(get_peft_model_state_dict(peft_model))
+        if weights.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(weights), "pt") as fh:
+                found = set(fh.keys())
+            if found != expected:
+                odd = sorted(found ^ expected)[0]
+                raise BadInput(f"adapter does not fit this base model ({odd})", where=str(adapter),
+                               hint="fuse with the same --model the adapter was trained on")
+        from peft.tuners.lora import LoraLayer
+
+        merged = sum(isinstance(m, LoraLayer) for m in peft_model.modules())
+        if not merged:
+            raise BadInput("the adapter added no LoRA layers to the model", where=str(adapter), hint="check adapter_config.json")
+        model_obj = peft_model.merge_and_unload()
+    else:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(weights))
+        own = model_obj.state_dict()
+        odd = [k for k, v in saved.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
+        if odd:
+            raise BadInput(f"adapter does not fit this base model ({odd[0]})", where=str(adapter),
+                           hint="fuse with the same --model the adapter was trained on")
+        model_obj.load_state_dict(saved, strict=False)
+    model_obj = model_obj.to(getattr(torch, target))
+    cfg["torch_dtype"] = target
+    if "dtype" in cfg:
+        cfg["dtype"] = target
+
+    with fsutil.atomic_dir(out) as tmp:
+        model_obj.save_pretrained(str(tmp))
+        write_config(tmp, cfg, drop_quantization=True)
+        for name in TOKENIZER_FILES:
+            if (base.path / name).is_file():
+                shutil.copy2(base.path / name, tmp / name)
+        fsutil.write_json(tmp / "medtune_manifest.json", {
+            "stage": "fuse", "backend": "peft" if kind == "peft" else "torch",
+            "inputs": {"base": base.to_dict(), "adapter": str(adapter), "adapter_sha256": fsutil.sha256_file(weights),
+                       "adapter_config": acfg},
+            "fused_layers": merged, "dtype": target, "merged_in": work, "dequantized": quantized,
+        })
+    files = sorted(p.name for p in out.iterdir())
+    return FuseResult(out=out, base=base.spec, adapter=str(adapter), fused_layers=merged, files=files)

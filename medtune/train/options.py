@@ -10,6 +10,7 @@ from medtune.errors import BadInput
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 SCHEDULES = ("constant", "cosine", "linear")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclass
@@ -37,6 +38,9 @@ class TrainOptions:
     save_every: int = 100
     keep_checkpoints: int = 2
     test: bool = False  # evaluate on test.jsonl at the end
+    # PyTorch backends (torch, unsloth). None = 4-bit for models over 3B parameters on CUDA.
+    load_in_4bit: bool | None = None
+    precision: str = "auto"  # auto: bf16 on Ampere and newer, fp16 + loss scaling before (T4), fp32 on CPU
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +55,8 @@ class TrainOptions:
 
         if self.fine_tune_type not in FINE_TUNE_TYPES:
             bad(f"--fine-tune-type must be one of {', '.join(FINE_TUNE_TYPES)}", "lora is the default")
+        if self.precision not in PRECISIONS:
+            bad(f"--precision must be one of {', '.join(PRECISIONS)}", "auto picks what the device supports")
         if self.lr_schedule not in SCHEDULES:
             bad(f"--lr-schedule must be one of {', '.join(SCHEDULES)}", "cosine with --warmup is a good default")
         for name in ("iters", "batch_size", "grad_accum", "rank", "max_seq_length", "steps_per_eval", "save_every"):
@@ -92,6 +98,8 @@ class TrainResult:
     total_parameters: int
     resumed_from: int | None = None
     test_loss: float | None = None
+    backend: str = "mlx"
+    peak_memory_gb: float | None = None
     preflight: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
 

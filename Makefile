@@ -30,8 +30,19 @@ $(VENV)/.base: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	@touch $@
 
+# llama.cpp's default -march=native build dies with SIGILL on quantized GGUFs (Q8_0, Q4_K…) on x86 VMs
+# whose CPU advertises AMX; a portable AVX2 build runs them. Built without pip's wheel cache, so an
+# earlier native build cannot slip back in. Empty elsewhere (macOS builds with Metal as usual).
+ifeq ($(shell uname -s)-$(shell uname -m),Linux-x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+endif
+
 $(VENV)/.test: $(VENV)/.base
 	@echo "installing test extras (llama-cpp-python builds from source the first time: ~8 minutes)"
+	@if [ -n "$(LLAMA_CMAKE_ARGS)" ]; then \
+		echo "llama-cpp-python: CMAKE_ARGS=$(LLAMA_CMAKE_ARGS)"; \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir "llama-cpp-python>=0.3"; \
+	fi
 	$(BIN)/python -m pip install -q -e ".[test]"
 	@touch $@
 

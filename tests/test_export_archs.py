@@ -453,12 +453,26 @@ def test_greedy_continuation_equals_mlx_and_logits_equal_transformers(built, nam
     tok = _hf_tok(got["dir"])
     mlx_model, _ = load(str(got["dir"]))
     f16 = _llama(got["result"].gguf_paths["f16"])
+    agreeing = 0
     for conv in CHATS:
         ids = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True),
                   add_special_tokens=False)["input_ids"]
         ours = _mlx_greedy(mlx_model, ids, N_TOKENS)
         assert len(ours) == N_TOKENS and len(set(ours)) > 3  # a continuation, not one token repeated
-        assert _llama_greedy(f16, ids, N_TOKENS) == ours, conv
+        theirs = _llama_greedy(f16, ids, N_TOKENS)
+        if theirs == ours:
+            agreeing += 1
+            continue
+        # llama.cpp's F16 matmul rounds the activations to F16 as well, and its sums run in another order
+        # from one CPU build to the next: a parting is allowed only where MLX's two candidates are a
+        # near-tie (what a wrong tensor or a wrong RoPE never gives: those move logits by whole units).
+        k = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        import mlx.core as mx
+
+        logits = np.array(mlx_model(mx.array([ids + ours[:k]]))[0, -1].astype(mx.float32))
+        margin = abs(float(logits[ours[k]] - logits[theirs[k]]))
+        assert margin < 0.02, (conv, k, margin)
+    assert agreeing >= len(CHATS) - 1
     del f16
 
     hf = AutoModelForCausalLM.from_pretrained(str(got["dir"]), dtype=torch.float32).eval()

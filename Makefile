@@ -17,7 +17,7 @@ LAYERS ?= 8
 .PHONY: all test bench setup setup-test openblas clean-outputs help
 
 help:
-	@echo "make all   - set up .venv and run prepare → train → fuse → export on $(MODEL)"
+	@echo "make all   - set up .venv and run prepare → train → fuse → export → eval on $(MODEL) (medtune run)"
 	@echo "make test  - set up .venv with test extras and run the test suite"
 	@echo "make bench - benchmarks against the tools a user would otherwise run"
 
@@ -53,13 +53,23 @@ setup: $(VENV)/.base openblas
 
 setup-test: $(VENV)/.test openblas
 
+# `make all` is `medtune run` on a config written from these variables (runs/$(NAME).yaml, rewritten only when a
+# variable changes): prepare → train → fuse → export → ollama (when a server answers) → eval, into runs/$(NAME)/.
+# A second `make all` finds every stage up to date and does no work.
+EVAL_TOKENS ?= 64
+EVAL_LIMIT  ?= 2
+RUN_CONFIG  := runs/$(NAME).yaml
+
 all: setup
-	$(MT) models pull $(MODEL)
-	$(MT) prepare $(DATA) --model $(MODEL) --out data/processed/$(NAME) --max-seq-length $(MAXLEN)
-	$(MT) train --model $(MODEL) --data data/processed/$(NAME) --out adapters/$(NAME) \
-		--iters $(ITERS) --batch-size $(BATCH) --num-layers $(LAYERS) --max-seq-length $(MAXLEN) --eval-every 12
-	$(MT) fuse --model $(MODEL) --adapter adapters/$(NAME) --out models/$(NAME) --force
-	$(MT) export models/$(NAME) --name $(NAME) --modelfile Modelfiles/$(NAME).Modelfile
+	@mkdir -p runs
+	@printf '%s\n' "# written by make all; edit the Makefile variables instead (make all ITERS=200)" \
+		"name: $(NAME)" "model: $(MODEL)" "runs_dir: runs" \
+		"prepare:" "  dataset: $(DATA)" "  max_seq_length: $(MAXLEN)" \
+		"train:" "  iters: $(ITERS)" "  batch_size: $(BATCH)" "  num_layers: $(LAYERS)" "  max_seq_length: $(MAXLEN)" \
+		"  eval_every: 12" "  save_every: 12" \
+		"eval:" "  max_tokens: $(EVAL_TOKENS)" "  limit: $(EVAL_LIMIT)" > $(RUN_CONFIG).tmp
+	@if cmp -s $(RUN_CONFIG).tmp $(RUN_CONFIG); then rm -f $(RUN_CONFIG).tmp; else mv $(RUN_CONFIG).tmp $(RUN_CONFIG); fi
+	$(MT) run $(RUN_CONFIG)
 
 test: setup-test
 	$(BIN)/python -m pytest -q
@@ -69,6 +79,7 @@ bench: setup
 	$(BIN)/python scripts/bench_prepare.py --json bench/prepare.json
 	$(BIN)/python scripts/bench_train.py --json bench/train.json
 	$(BIN)/python scripts/bench_export.py --json > bench/export.json
+	$(BIN)/python scripts/bench_report.py --dir bench
 
 clean-outputs:
-	rm -rf data/processed adapters/$(NAME) models/$(NAME) Modelfiles/$(NAME).Modelfile
+	rm -rf data/processed adapters/$(NAME) models/$(NAME) Modelfiles/$(NAME).Modelfile runs/$(NAME) runs/$(NAME).yaml

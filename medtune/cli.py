@@ -394,6 +394,8 @@ from medtune.cli_ollama import app as ollama_app  # noqa: E402 - light module, l
 app.add_typer(ollama_app, name="ollama")
 from medtune.cli_eval import app as eval_app  # noqa: E402 - light module, like cli_chat
 app.add_typer(eval_app, name="eval")
+from medtune.cli_run import run as run_command  # noqa: E402 - light module: medtune.pipeline is imported inside
+app.command("run")(run_command)
 
 
 def main() -> None:

@@ -1,4 +1,11 @@
-"""`medtune eval …`: measure a model. `fidelity` compares an exported GGUF with the MLX model it came from.
+"""`medtune eval …`: measure a model.
+
+    medtune eval MODEL --data DIR [--base SPEC] [--gguf FILE …]   (the same as `medtune eval run MODEL …`)
+    medtune eval fidelity MODEL_DIR GGUF
+
+`run` (medtune.evaluate) measures base, tuned and GGUF models side by side and writes report.json/.md/.html;
+`fidelity` compares an exported GGUF with the MLX model it came from. A first argument that is not a
+sub-command name is taken as MODEL for `run`, so `medtune eval MODEL` works as the short form.
 
 Registered in medtune.cli with `app.add_typer(eval_app, name="eval")`. Light at import: mlx, mlx_lm and
 llama_cpp are imported inside medtune.fidelity's functions.
@@ -13,7 +20,74 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(help="Evaluate models: GGUF fidelity against MLX.", no_args_is_help=True)
+from typer.core import TyperGroup
+
+
+class _DefaultRun(TyperGroup):
+    """`medtune eval MODEL …` means `medtune eval run MODEL …`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=_DefaultRun, no_args_is_help=True,
+                  help="Evaluate models: `medtune eval MODEL --data DIR` (base vs tuned vs GGUF, report.html), "
+                       "`medtune eval fidelity MODEL_DIR GGUF`.")
+
+
+@app.command("run")
+def run_eval(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="The tuned model: a fused folder, or a base spec with --adapter.")],
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Folder from `medtune prepare` (test.jsonl, "
+                                                 "else valid.jsonl).")] = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", "-a", help="Adapter folder applied to MODEL.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", "-b", help="The base model, for comparison.")] = None,
+    gguf: Annotated[Optional[list[Path]], typer.Option("--gguf", "-g", help="GGUF file(s) to evaluate (repeatable).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for report.json, report.md, report.html "
+                                                "(default: runs/eval/<model name>).")] = None,
+    probes: Annotated[Optional[Path], typer.Option("--probes", help="Probe questions .jsonl (default: data/probes.jsonl).")] = None,
+    choices: Annotated[Optional[Path], typer.Option("--choices", help="Multiple-choice .jsonl (question, options, answer).")] = None,
+    metrics: Annotated[Optional[Path], typer.Option("--metrics", help="metrics.jsonl for the loss curves "
+                                                    "(default: the adapter's).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per answer (greedy).")] = 256,
+    limit: Annotated[int, typer.Option("--limit", help="Held-out questions answered.")] = 8,
+    probe_limit: Annotated[Optional[int], typer.Option("--probe-limit", help="Use the first N probes.")] = None,
+    gguf_loss: Annotated[bool, typer.Option("--gguf-loss", help="Also the GGUFs' validation loss and multiple-choice "
+                                            "accuracy (memory: context x vocabulary floats).")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads (default: half the cores).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+):
+    """Base vs tuned vs GGUF: loss, stop rate, length, think blocks, repetition, MC accuracy, fidelity, answers."""
+    from medtune.console import console, done, progress, step
+    from medtune.evaluate import evaluate
+    from medtune.report_html import headings, metric_rows
+
+    step(f"evaluating {model}" + (f" + {adapter}" if adapter else "") + (f" against {base}" if base else "")
+         + (f" and {len(gguf)} GGUF(s)" if gguf else ""))
+    if out is None:
+        import re
+
+        out = Path("runs") / "eval" / (re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model.rstrip("/")).name).strip("._") or "model")
+    with progress(transient=True) as p:
+        report = evaluate(model, data, adapter=adapter, base=base, ggufs=gguf or [], out=out, probes=probes,
+                          choices=choices, metrics=metrics, max_tokens=max_tokens, limit=limit,
+                          probe_limit=probe_limit, n_threads=threads, gguf_loss=gguf_loss,
+                          progress=p)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        return
+    from rich.table import Table
+
+    t = Table(title="medtune eval", title_justify="left")
+    for h in headings():
+        t.add_column(h)
+    for r in metric_rows(report):
+        t.add_row(*r)
+    console.print(t)
+    done(f"report: {report['files']['html']}")
+    print(report["files"]["html"])
 
 
 @app.command("fidelity")

@@ -1,0 +1,46 @@
+"""`medtune run [CONFIG.yaml]`: the whole chain from one config (medtune.pipeline). Light at import."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def run(
+    config: Annotated[Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="Run config (default: the built-in "
+                                                     "one: embedded SmolLM2, the sample set, small settings).")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print a commented default config and exit.")] = False,
+    from_stage: Annotated[Optional[str], typer.Option("--from", metavar="STAGE", help="Redo STAGE and the ones after it "
+                                                      "(prepare, train, fuse, export, ollama, eval).")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE", help="Redo just STAGE.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo every stage, even those that are up to date.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+):
+    """prepare → train → fuse → export → ollama → eval from one YAML; stages already done are skipped, and an
+    interrupted training resumes from its checkpoint. Everything lands in runs/<name>/."""
+    if print_config:
+        from medtune.pipeline import DEFAULT_CONFIG_TEXT
+
+        sys.stdout.write(DEFAULT_CONFIG_TEXT)
+        return
+    from medtune.console import done, info, progress
+    from medtune.pipeline import run_pipeline
+
+    with progress() as p:
+        res = run_pipeline(config, from_stage=from_stage, only=only, force=force, progress=p,
+                           log=lambda line: p.console.print(line, markup=False, highlight=False))
+    if as_json:
+        sys.stdout.write(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        return
+    done(f"run {res['name']}: " + ", ".join(f"{k} {v}" for k, v in res["stages"].items()))
+    if res["modelfile"]:
+        info(f"Modelfile: {res['modelfile']}  (ollama create {res['name']} -f {res['modelfile']})")
+    if res["report"]:
+        info(f"report: {res['report']}")
+        print(res["report"])
+    else:
+        print(res["root"])

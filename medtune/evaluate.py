@@ -1,0 +1,511 @@
+"""`medtune eval`: measure base, tuned and exported models side by side, and write one report.
+
+    report = evaluate("models/sample", data="data/processed/sample", base="builtin:smollm2-135m",
+                      ggufs=["models/sample/sample-f16.gguf"], out="runs/eval/sample")
+    print(report["models"][1]["metrics"])
+
+For every model (base and tuned on MLX, each GGUF on llama.cpp), greedy decoding on the held-out split's
+questions and on a small fixed probe set (data/probes.jsonl, English and Chinese):
+
+- validation loss / perplexity on the held-out split, answer tokens only (MLX models);
+- stop rate: answers that ended on an end token before --max-tokens;
+- mean answer length (tokens);
+- think-block well-formedness: <think>…</think> opened and closed once, with a non-empty answer after it;
+- repetition rate: the fraction of the answer's word 4-grams (CJK: character 4-grams) that repeat an
+  earlier one; a looping answer scores high;
+- multiple-choice accuracy when the data has `options` + `answer` (MedQA/CMB style), each option scored by
+  its mean token log-likelihood after the question (MLX models);
+- for each GGUF: medtune.fidelity against the tuned model's folder.
+
+The metric functions at the top are pure (text in, number out) and tested on constructed cases.
+Heavy imports (mlx, llama_cpp) happen inside the functions that run models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from medtune.errors import BadInput
+
+PROBES = Path(__file__).resolve().parents[1] / "data" / "probes.jsonl"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+NGRAM = 4
+
+# ---- pure metrics ---------------------------------------------------------------------------------
+_CJK = r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+_WORDS = re.compile(rf"{_CJK}|(?:(?!{_CJK})\w)+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words; each CJK character is a word of its own. Punctuation is ignored."""
+    return _WORDS.findall(text.lower())
+
+
+def repetition_rate(text: str, n: int = NGRAM) -> float:
+    """Fraction of the n-grams of `text` that repeat an earlier n-gram (0: none; → 1: a loop)."""
+    w = words(text)
+    grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+THINK_STATES = ("absent", "ok", "unclosed", "unopened", "repeated", "empty_answer")
+
+
+def think_state(text: str, open_: str = THINK_OPEN, close: str = THINK_CLOSE, in_think: bool = False) -> str:
+    """How the answer's think block is formed. `in_think`: the prompt already opened it (DeepSeek-R1 templates).
+
+    absent: no marker at all; ok: opened once, closed once after it, non-empty answer after the close;
+    unclosed: opened, never closed; unopened: closed without (or before) an open; repeated: more than one
+    open or close; empty_answer: a well-formed block and nothing after it."""
+    opens, closes = text.count(open_) + (1 if in_think else 0), text.count(close)
+    if opens == 0 and closes == 0:
+        return "absent"
+    if opens > 1 or closes > 1:
+        return "repeated"
+    if closes == 0:
+        return "unclosed"
+    if opens == 0 or (not in_think and text.find(open_) > text.find(close)):
+        return "unopened"
+    if not text[text.find(close) + len(close):].strip():
+        return "empty_answer"
+    return "ok"
+
+
+def stop_rate(finish_reasons: list[str]) -> Optional[float]:
+    """Fraction of answers that ended on an end token ("stop") rather than at max tokens ("length")."""
+    return sum(r == "stop" for r in finish_reasons) / len(finish_reasons) if finish_reasons else None
+
+
+def perplexity(loss: Optional[float]) -> Optional[float]:
+    return None if loss is None else math.exp(min(loss, 50.0))
+
+
+def summarise(answers: list[dict]) -> dict:
+    """Generation metrics over answer dicts (tokens, finish_reason, think, repetition)."""
+    if not answers:
+        return {"answers": 0}
+    present = [a for a in answers if a["think"] != "absent"]
+    return {
+        "answers": len(answers),
+        "stop_rate": stop_rate([a["finish_reason"] for a in answers]),
+        "mean_tokens": sum(a["tokens"] for a in answers) / len(answers),
+        "think_present": len(present) / len(answers),
+        "think_ok": (sum(a["think"] == "ok" for a in present) / len(present)) if present else None,
+        "repetition_rate": sum(a["repetition"] for a in answers) / len(answers),
+    }
+
+
+def score_answer(text: str, tokens: int, finish_reason: str, open_: str = THINK_OPEN, close: str = THINK_CLOSE,
+                 in_think: bool = False) -> dict:
+    """One answer with its per-answer metrics, reasoning split off."""
+    from medtune.generate import split_reasoning
+
+    reasoning, answer = split_reasoning(text, open_, close, in_think=in_think)
+    return {"text": text, "reasoning": reasoning, "answer": answer, "tokens": tokens, "finish_reason": finish_reason,
+            "think": think_state(text, open_, close, in_think), "repetition": repetition_rate(text)}
+
+
+# ---- multiple choice ------------------------------------------------------------------------------
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass
+class Choice:
+    question: str
+    options: list[tuple[str, str]]  # (letter, text)
+    answer: int  # index into options
+
+
+def parse_choice(row: dict, where: str = "") -> Optional[Choice]:
+    """A MedQA/CMB-style record (question, options as a dict or list, answer as letter, index or text), or None."""
+    opts, ans = row.get("options"), row.get("answer")
+    q = next((row[k] for k in ("question", "Question", "prompt") if isinstance(row.get(k), str)), None)
+    if opts is None or ans is None or q is None:
+        return None
+    if isinstance(opts, dict):
+        options = [(str(k).strip(), str(v).strip()) for k, v in opts.items()]
+    elif isinstance(opts, list):
+        options = [(LETTERS[i], str(v).strip()) for i, v in enumerate(opts)]
+    else:
+        raise BadInput("`options` must be a mapping or a list", where=where, hint='"options": {"A": "…", "B": "…"}')
+    keys = [k for k, _ in options]
+    if isinstance(ans, int) and not isinstance(ans, bool) and 0 <= ans < len(options):
+        idx = ans
+    elif isinstance(ans, str) and ans.strip() in keys:
+        idx = keys.index(ans.strip())
+    elif isinstance(ans, str) and ans.strip() in [t for _, t in options]:
+        idx = [t for _, t in options].index(ans.strip())
+    else:
+        raise BadInput(f"`answer` {ans!r} is none of the options {keys}", where=where, hint="a letter, index or option text")
+    return Choice(question=q.strip(), options=options, answer=idx)
+
+
+def choice_prompt(c: Choice) -> str:
+    lines = "\n".join(f"{k}. {t}" for k, t in c.options)
+    return f"{c.question}\n\n{lines}\n\nAnswer with the letter and the text of the correct option."
+
+
+def pick(scores: list[float]) -> int:
+    """Index of the best-scoring option (the first on a tie)."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def accuracy(choices: list[Choice], picks: list[int]) -> Optional[float]:
+    return sum(c.answer == p for c, p in zip(choices, picks)) / len(choices) if choices else None
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise BadInput(f"invalid JSON: {exc.msg}", where=f"{path}:{n}", hint="one JSON object per line") from exc
+    return rows
+
+
+def heldout_file(data: Path) -> Path:
+    for name in ("test.jsonl", "valid.jsonl"):
+        if (data / name).is_file():
+            return data / name
+    raise BadInput(f"no test.jsonl or valid.jsonl in {data}", hint="pass the folder `medtune prepare` wrote")
+
+
+def question_of(row: dict) -> Optional[list[dict]]:
+    """The conversation to answer for a held-out record (prompt/completion or messages), or None (text)."""
+    if isinstance(row.get("prompt"), str):
+        return [{"role": "user", "content": row["prompt"]}]
+    msgs = row.get("messages")
+    if isinstance(msgs, list) and msgs and msgs[-1].get("role") == "assistant":
+        return [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]]
+    return None
+
+
+def read_probes(path: Path | None = None) -> list[dict]:
+    path = Path(path or PROBES)
+    if not path.is_file():
+        raise BadInput(f"probe file not found: {path}", hint="a .jsonl with a prompt field per line")
+    out = []
+    for i, row in enumerate(_read_jsonl(path)):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise BadInput("probe has no prompt", where=f"{path}:{i + 1}", hint='{"prompt": "…"}')
+        out.append({"id": row.get("id", f"probe-{i + 1}"), "lang": row.get("lang", ""), "prompt": row["prompt"]})
+    return out
+
+
+def read_curves(metrics: Path | None) -> dict:
+    """(step, loss) pairs from a metrics.jsonl (train and validation)."""
+    if metrics is None or not Path(metrics).is_file():
+        return {}
+    train, val = [], []
+    for line in Path(metrics).read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "train_loss" in r:
+            train.append([r["step"], r["train_loss"]])
+        if "val_loss" in r:
+            val.append([r["step"], r["val_loss"]])
+    return {"train": train, "val": val, "source": str(metrics)}
+
+
+def metrics_for(model: str, adapter: Path | None) -> Path | None:
+    """metrics.jsonl of the adapter, given or named in a fused folder's medtune_manifest.json."""
+    if adapter is not None:
+        return Path(adapter) / "metrics.jsonl"
+    man = Path(model) / "medtune_manifest.json"
+    if man.is_file():
+        try:
+            src = json.loads(man.read_text(encoding="utf-8"))["inputs"]["adapter"]
+        except (KeyError, TypeError, json.JSONDecodeError):
+            return None
+        return Path(src) / "metrics.jsonl"
+    return None
+
+
+# ---- runners --------------------------------------------------------------------------------------
+def option_tokens(tokenizer, c: Choice) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, option ids) per option: the question rendered through the chat template, then "B. text"."""
+    from medtune.generate import messages_for, render_prompt
+
+    prompt = render_prompt(tokenizer, messages_for(choice_prompt(c)))
+    head = tokenizer.encode(prompt, add_special_tokens=False)
+    return [(head, tokenizer.encode(prompt + f"{k}. {t}", add_special_tokens=False)[len(head):]) for k, t in c.options]
+
+
+class MLXRunner:
+    kind = "mlx"
+
+    def __init__(self, spec: str, adapter: Path | None = None):
+        from medtune.data.render import think_markers
+        from medtune.generate import load
+
+        self.spec, self.adapter = spec, adapter
+        self.model, self.tokenizer = load(spec, adapter)
+        self.markers = think_markers(self.tokenizer)
+
+    def answer(self, messages: list[dict], max_tokens: int) -> dict:
+        from medtune.generate import generate, render_prompt
+
+        res = generate(self.model, self.tokenizer, messages, max_tokens=max_tokens, temp=0.0)
+        in_think = render_prompt(self.tokenizer, messages).rstrip().endswith(self.markers[0])
+        return score_answer(res.text, res.tokens, res.finish_reason, *self.markers, in_think=in_think)
+
+    def loss(self, rows: list[dict], where: Path) -> tuple[float, int]:
+        from medtune.train.mlx_backend import build_dataset, evaluate
+
+        items = build_dataset(rows, self.tokenizer, True, 1 << 30, where)
+        self.model.eval()
+        return evaluate(self.model, items, batch_size=1), sum(len(t) - o for t, o in items)
+
+    def option_scores(self, c: Choice) -> list[float]:
+        """Mean log-probability of each option's tokens ("B. text") after the rendered question."""
+        import mlx.core as mx
+
+        scores = []
+        for head, tail in option_tokens(self.tokenizer, c):
+            if not tail:
+                scores.append(float("-inf"))
+                continue
+            ids = head + tail
+            logits = self.model(mx.array([ids[:-1]]))[0].astype(mx.float32)
+            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            rows = logp[len(head) - 1:]
+            picked = mx.take_along_axis(rows, mx.array(tail)[:, None], axis=-1)
+            scores.append(float(picked.mean().item()))
+        return scores
+
+
+class GGUFRunner:
+    kind = "gguf"
+
+    def __init__(self, path: Path, n_ctx: int = 2048, n_threads: int | None = None, tokenizer=None,
+                 markers: tuple[str, str] = (THINK_OPEN, THINK_CLOSE), logits_all: bool = False):
+        from medtune.errors import require
+        from medtune.fidelity import _threads
+
+        llama_cpp = require("llama_cpp", extra="test", purpose="running GGUF files in `medtune eval`")
+        self.path, self.tokenizer, self.markers = Path(path), tokenizer, markers
+        if not self.path.is_file():
+            raise BadInput(f"GGUF not found: {self.path}", hint="`medtune export` writes models/<run>/<name>-<quant>.gguf")
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads or _threads(),
+                                       logits_all=logits_all, seed=0, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise BadInput(f"llama.cpp cannot load the GGUF: {exc}", where=str(self.path),
+                           hint="re-export it with `medtune export`") from exc
+
+    def answer(self, messages: list[dict], max_tokens: int) -> dict:
+        """Greedy, with the Modelfile's repeat penalty. With `tokenizer` (the tuned model's: the GGUF's source) the
+        prompt is rendered exactly as in training, and as the Modelfile's TEMPLATE does for Ollama; without it,
+        llama-cpp-python renders the chat template stored in the GGUF."""
+        from medtune.generate import REPEAT_PENALTY, render_prompt
+
+        self.llm.reset()
+        kw = dict(max_tokens=max_tokens, temperature=0.0, top_k=1, repeat_penalty=REPEAT_PENALTY, seed=0)
+        if self.tokenizer is None:
+            out = self.llm.create_chat_completion(messages=messages, **kw)
+            choice = out["choices"][0]
+            text, markers, in_think = choice["message"].get("content") or "", (THINK_OPEN, THINK_CLOSE), False
+        else:
+            prompt = render_prompt(self.tokenizer, messages)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            out = self.llm.create_completion(prompt=ids, **kw)
+            choice = out["choices"][0]
+            text, markers = choice.get("text") or "", self.markers
+            in_think = prompt.rstrip().endswith(markers[0])
+        reason = "stop" if choice.get("finish_reason") == "stop" else "length"
+        return score_answer(text, int(out["usage"]["completion_tokens"]), reason, *markers, in_think=in_think)
+
+    def _nll(self, tokens: list[int], offset: int):
+        """Negative log-likelihood of tokens[offset:] given what precedes them (needs logits_all)."""
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(tokens[:-1])
+        rows = np.asarray(self.llm.scores[:len(tokens) - 1], dtype=np.float64)[offset - 1:]
+        targets = np.asarray(tokens[offset:])
+        peak = rows.max(axis=1)
+        lse = peak + np.log(np.exp(rows - peak[:, None]).sum(axis=1))
+        return lse - rows[np.arange(len(targets)), targets]
+
+    def loss(self, items: list[tuple[list[int], int]]) -> tuple[float, int]:
+        """Mean cross-entropy over the answer tokens of (token ids, prompt offset) items."""
+        total, count = 0.0, 0
+        for tokens, offset in items:
+            nll = self._nll(tokens, offset)
+            total += float(nll.sum())
+            count += len(nll)
+        return total / max(count, 1), count
+
+    def option_scores(self, c: Choice) -> list[float]:
+        """As MLXRunner.option_scores, on llama.cpp (the tuned model's tokenization)."""
+        return [float(-self._nll(head + tail, len(head)).mean()) if tail else float("-inf")
+                for head, tail in option_tokens(self.tokenizer, c)]
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+# ---- the evaluation -------------------------------------------------------------------------------
+def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path | None = None, base: str | None = None,
+             ggufs: list | tuple = (), out: str | Path = "runs/eval/model", probes: str | Path | None = None,
+             choices: str | Path | None = None, metrics: str | Path | None = None, max_tokens: int = 256,
+             limit: int = 8, probe_limit: int | None = None, fidelity_tokens: int = 32, n_threads: int | None = None,
+             gguf_loss: bool = False, progress=None) -> dict:
+    """Evaluate `model` (the tuned model: a fused folder, or a base spec with `adapter`), `base` and each GGUF;
+    write report.json, report.md and report.html in `out`. Returns the report (a dict).
+
+    data: a `medtune prepare` folder (test.jsonl, else valid.jsonl: loss, and the first `limit` questions are
+    answered); probes: the probe set (default data/probes.jsonl; `probe_limit` takes the first N);
+    choices: a .jsonl of multiple-choice records (question, options, answer); the held-out split's records
+    that have options are used too; metrics: a metrics.jsonl for the loss curves (default: the adapter's);
+    gguf_loss: also the GGUFs' validation loss and multiple-choice accuracy (llama.cpp then keeps logits for every
+    position: context x vocabulary floats of memory), with the tuned model's tokenization; only when MODEL is a
+    fused folder."""
+    from medtune import fsutil
+
+    if max_tokens < 1:
+        raise BadInput(f"--max-tokens must be at least 1, got {max_tokens}", hint="e.g. --max-tokens 256")
+    out = Path(out)
+    adapter = Path(adapter) if adapter else None
+    t0 = time.time()
+    rows, heldout = [], None
+    if data is not None:
+        heldout = heldout_file(Path(data))
+        rows = _read_jsonl(heldout)
+    probe_rows = read_probes(probes)[:probe_limit] if probe_limit is not None else read_probes(probes)
+    mc: list[Choice] = []
+    for i, r in enumerate(rows):
+        c = parse_choice(r, f"{heldout}:{i + 1}")
+        if c:
+            mc.append(c)
+    if choices:
+        for i, r in enumerate(_read_jsonl(Path(choices))):
+            c = parse_choice(r, f"{choices}:{i + 1}")
+            if c is None:
+                raise BadInput("record has no question/options/answer", where=f"{choices}:{i + 1}",
+                               hint='{"question": "…", "options": {"A": "…"}, "answer": "A"}')
+            mc.append(c)
+    loss_rows = [r for r in rows if question_of(r) is not None or isinstance(r.get("text"), str)]
+    questions = [{"source": "probe", "id": p["id"], "lang": p["lang"], "messages": [{"role": "user", "content": p["prompt"]}]}
+                 for p in probe_rows]
+    held = [(i, question_of(r)) for i, r in enumerate(rows)]
+    questions += [{"source": "held-out", "id": f"{heldout.name}:{i + 1}", "lang": "", "messages": m}
+                  for i, m in held if m is not None][:limit]
+
+    specs = []
+    if base:
+        specs.append(("base", "mlx", base, None))
+    specs.append(("tuned", "mlx", str(model), adapter))
+    labels_seen = set()
+    for g in ggufs:
+        label = Path(g).name
+        while label in labels_seen:
+            label += "'"
+        labels_seen.add(label)
+        specs.append((label, "gguf", str(g), None))
+
+    n_gen = len(questions)
+    task = progress.add_task("evaluating", total=len(specs) * n_gen) if progress else None
+    results = []
+    tuned_tok = None
+    for label, kind, spec, adp in specs:
+        entry = {"label": label, "kind": kind, "spec": spec, "adapter": str(adp) if adp else None, "metrics": {}}
+        answers = []
+        if kind == "mlx":
+            runner = MLXRunner(spec, adp)
+            if loss_rows:
+                loss, n = runner.loss(loss_rows, heldout)
+                entry["metrics"].update(val_loss=loss, val_ppl=perplexity(loss), val_tokens=n)
+            if mc:
+                picks = [pick(runner.option_scores(c)) for c in mc]
+                entry["metrics"].update(mc_accuracy=accuracy(mc, picks), mc_questions=len(mc))
+                entry["mc_picks"] = picks
+        else:
+            items = None
+            if gguf_loss and tuned_tok and loss_rows:
+                from medtune.train.mlx_backend import build_dataset
+
+                items = build_dataset(loss_rows, tuned_tok[0], True, 1 << 30, heldout)
+            n_ctx = max(2048, -(-(max((len(t) for t, _ in items or []), default=0) + 8) // 256) * 256)
+            runner = GGUFRunner(Path(spec), n_ctx=n_ctx, n_threads=n_threads,
+                                tokenizer=tuned_tok[0] if tuned_tok else None,
+                                markers=tuned_tok[1] if tuned_tok else (THINK_OPEN, THINK_CLOSE),
+                                logits_all=bool(gguf_loss and tuned_tok))
+            if items:
+                loss, n = runner.loss(items)
+                entry["metrics"].update(val_loss=loss, val_ppl=perplexity(loss), val_tokens=n)
+            if mc and gguf_loss and tuned_tok:
+                picks = [pick(runner.option_scores(c)) for c in mc]
+                entry["metrics"].update(mc_accuracy=accuracy(mc, picks), mc_questions=len(mc))
+                entry["mc_picks"] = picks
+        try:
+            for q in questions:
+                answers.append(runner.answer(q["messages"], max_tokens))
+                if progress:
+                    progress.advance(task)
+        finally:
+            if kind == "gguf":
+                runner.close()
+            elif label == "tuned" and adp is None:  # a fused folder: the GGUFs' source, whose tokenizer renders their prompts
+                tuned_tok = (runner.tokenizer, runner.markers)
+        del runner
+        entry["metrics"].update(summarise(answers))
+        entry["metrics"]["probe"] = summarise(answers[:len(probe_rows)])
+        entry["metrics"]["held_out"] = summarise(answers[len(probe_rows):])
+        if kind == "gguf":
+            entry["fidelity"] = _fidelity(model, adapter, spec, [p["prompt"] for p in probe_rows],
+                                          min(fidelity_tokens, max_tokens), n_threads)
+        entry["answers"] = answers
+        results.append(entry)
+
+    report = {
+        "medtune_eval": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - t0, 2), "model": str(model), "adapter": str(adapter) if adapter else None,
+        "data": str(data) if data else None, "held_out": str(heldout) if heldout else None,
+        "probes": str(probes or PROBES), "max_tokens": max_tokens, "decoding": "greedy",
+        "repeat_penalty": _penalty()[0], "repeat_last_n": _penalty()[1],
+        "repetition_ngram": NGRAM, "curves": read_curves(Path(metrics) if metrics else metrics_for(str(model), adapter)),
+        "questions": [{k: v for k, v in q.items()} for q in questions],
+        "multiple_choice": [{"question": c.question, "options": c.options, "answer": c.answer} for c in mc],
+        "models": [{k: v for k, v in e.items() if k != "answers"} for e in results],
+    }
+    for qi, q in enumerate(report["questions"]):
+        q["answers"] = {e["label"]: e["answers"][qi] for e in results}
+    from medtune.report_html import render_html, render_markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    report["files"] = {"json": str(out / "report.json"), "md": str(out / "report.md"), "html": str(out / "report.html")}
+    fsutil.write_json(out / "report.json", report)
+    fsutil.write_text(out / "report.md", render_markdown(report))
+    fsutil.write_text(out / "report.html", render_html(report))
+    return report
+
+
+def _penalty() -> tuple[float, int]:
+    from medtune.generate import REPEAT_LAST_N, REPEAT_PENALTY
+
+    return REPEAT_PENALTY, REPEAT_LAST_N
+
+
+def _fidelity(model: str, adapter: Path | None, gguf: str, prompts: list[str], tokens: int, n_threads) -> dict:
+    """medtune.fidelity against the tuned model's folder (a fused folder only: an adapter is not the GGUF's source)."""
+    if adapter is not None or not Path(model).is_dir():
+        return {"skipped": "fidelity needs the fused folder the GGUF came from (pass it as MODEL)"}
+    from medtune.fidelity import fidelity
+
+    rep = fidelity(model, gguf, prompts, tokens, n_threads=n_threads)
+    return {"file_type": rep.file_type, "judged": rep.judged, "passed": rep.passed, "summary": rep.summary,
+            "notes": rep.notes}

@@ -1,0 +1,495 @@
+"""`medtune run`: prepare → train → fuse → export → ollama → eval from one YAML, skipping what is done.
+
+    result = run_pipeline("medtune.yaml")            # or a dict; see DEFAULT_CONFIG for the keys
+    print(result["stages"], result["report"])
+
+A run lives in runs/<name>/: config.yaml (the resolved config: `medtune run runs/<name>/config.yaml`
+reproduces it), data/, adapter/, fused/, gguf/, <name>.Modelfile, eval/, stages/<stage>.json (each stage's
+fingerprint, inputs, options, result) and run.log.
+
+Each stage has a fingerprint: the content hashes of its inputs (the dataset, the model when it is a local
+path, the previous stage's outputs), its options, and the medtune / library versions. A stage whose
+fingerprint equals the one recorded in stages/<stage>.json, and whose outputs are still there, is skipped.
+Training that was interrupted (Ctrl-C, a crash) with the same fingerprint resumes from its last checkpoint.
+The stages call the library functions (medtune.data.prepare.prepare, medtune.train.train,
+medtune.fuse.fuse, medtune.export.export, medtune.ollama, medtune.evaluate.evaluate), not subprocesses.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from medtune.errors import BadInput, MedtuneError, MissingDependency
+
+STAGES = ("prepare", "train", "fuse", "export", "ollama", "eval")
+DEFAULT_RUNS = Path("runs")
+
+DEFAULT_CONFIG_TEXT = """\
+# medtune run: one config for the whole chain. Write it with `medtune run --print-config > medtune.yaml`,
+# then `medtune run medtune.yaml`. Keys mirror the options of each command (snake_case or dashed).
+# A second run skips every stage whose inputs and options did not change; an interrupted run resumes.
+
+name: medtune-smollm2            # the run folder: runs/<name>/
+model: builtin:smollm2-135m      # folder, .gguf, builtin:NAME, ORG/NAME (Hub) or modelscope:ORG/NAME
+runs_dir: runs
+
+prepare:                         # medtune prepare DATASET --model MODEL --out runs/<name>/data
+  dataset: data/sample/medical_o1_sample.jsonl
+  max_seq_length: 512
+  valid_ratio: 0.1
+  test_ratio: 0.0
+  seed: 42
+  reasoning: think               # think | drop | inline
+  style: auto
+  # format: medical-o1           # detected from the fields when omitted
+  # limit: 1000
+  # sample: 2000
+
+train:                           # medtune train --model MODEL --data runs/<name>/data --out runs/<name>/adapter
+  backend: auto                  # auto | mlx | torch | unsloth
+  fine_tune_type: lora
+  iters: 24
+  batch_size: 2
+  grad_accum: 1
+  num_layers: 8
+  rank: 8
+  lr: 1.0e-4
+  lr_schedule: constant
+  max_seq_length: 512
+  eval_every: 12
+  save_every: 12                 # checkpoints: an interrupted run resumes from the last one
+  seed: 0
+
+fuse:                            # medtune fuse --model MODEL --adapter runs/<name>/adapter --out runs/<name>/fused
+  dtype: auto
+
+export:                          # medtune export runs/<name>/fused --out runs/<name>/gguf --name <name>
+  quant: [f16]                   # f16 f32 bf16 q8_0 q4_0 q4_k_m …
+  # system: "You are a careful clinician."
+
+ollama:                          # ollama create <name> -f runs/<name>/<name>.Modelfile
+  create: auto                   # auto: when an Ollama server answers; true: required; false: never
+  # host: http://127.0.0.1:11434
+
+eval:                            # medtune eval runs/<name>/fused --data runs/<name>/data --base MODEL --gguf …
+  enabled: true
+  base: true                     # compare with the base model
+  gguf: true                     # evaluate the exported GGUF(s) with llama.cpp (when llama-cpp-python is installed)
+  gguf_loss: false               # also their validation loss (llama.cpp keeps context x vocabulary logits)
+  max_tokens: 128
+  limit: 4                       # held-out questions answered
+  # probe_limit: 8
+  # threads: 1
+"""
+
+PREPARE_KEYS = {"dataset", "fmt", "format", "mapping", "map", "style", "reasoning", "valid_ratio", "test_ratio", "seed",
+                "max_seq_length", "overlong", "limit", "sample", "answers", "skip_invalid", "token_stats"}
+TRAIN_EXTRA = {"backend", "eval_every"}
+FUSE_KEYS = {"dtype", "dequantize"}
+EXPORT_KEYS = {"quant", "quants", "system", "converter", "llama_cpp", "family"}
+OLLAMA_KEYS = {"create", "host"}
+EVAL_KEYS = {"enabled", "base", "gguf", "max_tokens", "limit", "probe_limit", "probes", "choices", "threads",
+             "fidelity_tokens", "gguf_loss"}
+TOP_KEYS = {"name", "model", "runs_dir", *STAGES}
+
+
+def default_config() -> dict:
+    import yaml
+
+    return yaml.safe_load(DEFAULT_CONFIG_TEXT)
+
+
+def _norm(d: dict) -> dict:
+    return {str(k).replace("-", "_"): v for k, v in (d or {}).items()}
+
+
+def _check_keys(section: str, d: dict, known: set[str], where: str) -> None:
+    for key in d:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise BadInput(f"unknown option {key!r} in section {section!r}", where=where,
+                           hint=f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}")
+
+
+def load_config(config: str | Path | dict | None) -> dict:
+    """The default config, updated section by section with `config` (a YAML path or a dict); keys checked."""
+    import yaml
+
+    from medtune.train.options import option_names
+
+    where = "config"
+    if config is None:
+        given = {}
+    elif isinstance(config, dict):
+        given = copy.deepcopy(config)
+    else:
+        where = str(config)
+        try:
+            given = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError as exc:
+            raise BadInput(f"config file not found: {config}", hint="write one with `medtune run --print-config`") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise BadInput(f"invalid YAML: {getattr(exc, 'problem', exc)}",
+                           where=f"{config}:{mark.line + 1}" if mark else str(config), hint="fix the YAML syntax") from exc
+        if not isinstance(given, dict):
+            raise BadInput("the config must be a mapping", where=where, hint="see `medtune run --print-config`")
+    given = _norm(given)
+    _check_keys("top level", given, TOP_KEYS, where)
+    cfg = default_config()
+    known = {"prepare": PREPARE_KEYS, "train": option_names() | TRAIN_EXTRA, "fuse": FUSE_KEYS, "export": EXPORT_KEYS,
+             "ollama": OLLAMA_KEYS, "eval": EVAL_KEYS}
+    for key, value in given.items():
+        if key in known:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise BadInput(f"section {key!r} must be a mapping", where=where, hint=f"{key}:\n  option: value")
+            value = _norm(value)
+            _check_keys(key, value, known[key], where)
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    # aliases that mirror the CLI's flag names
+    p = cfg["prepare"]
+    if "format" in p:
+        p["fmt"] = p.pop("format")
+    if "map" in p:
+        p["mapping"] = p.pop("map")
+    e = cfg["export"]
+    if "quants" in e:
+        e["quant"] = e.pop("quants")
+    if isinstance(e.get("quant"), str):
+        e["quant"] = [e["quant"]]
+    t = cfg["train"]
+    if "steps_per_eval" in t:
+        t["eval_every"] = t.pop("steps_per_eval")
+    name = str(cfg.get("name") or "")
+    if not name or "/" in name or name.startswith("."):
+        raise BadInput(f"bad run name {name!r}", where=where, hint="name: a folder name under runs/, e.g. medtune-smollm2")
+    return cfg
+
+
+# ---- hashing and fingerprints ---------------------------------------------------------------------
+class Hasher:
+    """sha256 of files, cached by (path, size, mtime) in runs/<name>/stages/hashes.json, so that a run with
+    nothing to do does not re-read gigabytes."""
+
+    def __init__(self, cache_file: Path | None = None):
+        self.cache_file = cache_file
+        self.cache = {}
+        if cache_file and cache_file.is_file():
+            try:
+                self.cache = json.loads(cache_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                self.cache = {}
+
+    def file(self, path: Path) -> str:
+        from medtune.fsutil import sha256_file
+
+        st = path.stat()
+        key = str(path.resolve())
+        stamp = [st.st_size, st.st_mtime_ns]
+        hit = self.cache.get(key)
+        if hit and hit[0] == stamp:
+            return hit[1]
+        digest = sha256_file(path)
+        self.cache[key] = [stamp, digest]
+        return digest
+
+    def path(self, path: Path, names: tuple[str, ...] | None = None) -> str:
+        """A file's hash, or a folder's: every visible file (or only `names`) by relative path, checkpoints excluded."""
+        path = Path(path)
+        if path.is_file():
+            return self.file(path)
+        if not path.is_dir():
+            raise BadInput(f"not found: {path}", hint="check the path in the config")
+        h = hashlib.sha256()
+        if names is not None:
+            files = [path / n for n in names if (path / n).is_file()]
+        else:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+                part.startswith(".") or part == "checkpoints" for part in p.relative_to(path).parts))
+        for f in files:
+            h.update(f"{f.relative_to(path)}\0{self.file(f)}\n".encode())
+        return h.hexdigest()
+
+    def spec(self, spec: str) -> str:
+        """A model or dataset spec: a local path is hashed by content, anything else (hub, builtin) by name."""
+        p = Path(spec).expanduser()
+        return self.path(p) if p.exists() else f"spec:{spec}"
+
+    def save(self) -> None:
+        if self.cache_file:
+            from medtune import fsutil
+
+            fsutil.write_json(self.cache_file, self.cache)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from medtune import __version__
+
+    found = {"medtune": __version__}
+    for pkg in ("transformers", "tokenizers", "mlx", "mlx-lm", "gguf", "llama_cpp_python", "torch", "peft"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def fingerprint(stage: str, inputs: dict, options: dict, vers: dict | None = None) -> str:
+    blob = json.dumps({"stage": stage, "inputs": inputs, "options": options, "versions": vers or versions()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---- the run --------------------------------------------------------------------------------------
+class Run:
+    def __init__(self, cfg: dict, log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.name = cfg["name"]
+        self.root = Path(cfg.get("runs_dir") or DEFAULT_RUNS) / self.name
+        self.data, self.adapter, self.fused = self.root / "data", self.root / "adapter", self.root / "fused"
+        self.gguf_dir, self.eval_dir = self.root / "gguf", self.root / "eval"
+        self.modelfile = self.root / f"{self.name}.Modelfile"
+        self.stages_dir = self.root / "stages"
+        self.hasher = Hasher(self.stages_dir / "hashes.json")
+        self.vers = versions()
+        self._log = log
+
+    def log(self, line: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "run.log", "a", encoding="utf-8") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {line}\n")
+        if self._log:
+            self._log(line)
+
+    def record_path(self, stage: str) -> Path:
+        return self.stages_dir / f"{stage}.json"
+
+    def record(self, stage: str) -> dict | None:
+        p = self.record_path(stage)
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return None
+
+    # -- what each stage reads, and how it is fingerprinted
+    def inputs(self, stage: str) -> tuple[dict, dict]:
+        c, h = self.cfg, self.hasher
+        model = str(c["model"])
+        need = {"train": (self.data, "prepare"), "fuse": (self.adapter, "train"), "export": (self.fused, "fuse"),
+                "ollama": (self.modelfile, "export"), "eval": (self.fused, "fuse")}
+        if stage in need and not need[stage][0].exists():
+            raise BadInput(f"stage {stage} needs {need[stage][0]}, which is not there",
+                           hint=f"run the earlier stages first (`medtune run` without --only, or --from {need[stage][1]})")
+        if stage == "prepare":
+            opts = dict(c["prepare"])
+            return {"dataset": h.spec(str(opts["dataset"])), "model": h.spec(model)}, opts
+        if stage == "train":
+            return ({"model": h.spec(model), "data": h.path(self.data, ("train.jsonl", "valid.jsonl", "test.jsonl"))},
+                    dict(c["train"]))
+        if stage == "fuse":
+            return ({"model": h.spec(model), "adapter": h.path(self.adapter, ("adapters.safetensors", "adapter_config.json",
+                                                                                "adapter_model.safetensors"))},
+                    dict(c["fuse"]))
+        if stage == "export":
+            return {"fused": h.path(self.fused)}, {**c["export"], "name": self.name}
+        if stage == "ollama":
+            ggufs = sorted(self.gguf_dir.glob("*.gguf")) if self.gguf_dir.is_dir() else []
+            return ({"modelfile": h.path(self.modelfile), "gguf": {g.name: h.path(g) for g in ggufs}},
+                    {**c["ollama"], "name": self.name})
+        if stage == "eval":
+            ins = {"fused": h.path(self.fused), "data": h.path(self.data, ("valid.jsonl", "test.jsonl"))}
+            e = c["eval"]
+            if e.get("base"):
+                ins["base"] = h.spec(model)
+            if e.get("gguf"):
+                ins["gguf"] = {g.name: h.path(g) for g in self._ggufs()}
+            for key in ("probes", "choices"):
+                if e.get(key):
+                    ins[key] = h.spec(str(e[key]))
+            return ins, dict(e)
+        raise BadInput(f"unknown stage {stage!r}", hint=f"stages: {', '.join(STAGES)}")
+
+    def outputs(self, stage: str) -> list[Path]:
+        return {"prepare": [self.data / "train.jsonl", self.data / "valid.jsonl"],
+                "train": [self.adapter / "adapter_config.json"], "fuse": [self.fused / "config.json"],
+                "export": [self.modelfile], "ollama": [], "eval": [self.eval_dir / "report.html"]}[stage]
+
+    def _ggufs(self) -> list[Path]:
+        rec = self.record("export") or {}
+        paths = [Path(p) for p in (rec.get("result") or {}).get("gguf_paths", {}).values()]
+        return [p for p in paths if p.is_file()]
+
+    # -- the stages themselves
+    def do_prepare(self, progress=None, **_) -> dict:
+        from medtune.data.prepare import prepare
+
+        opts = dict(self.cfg["prepare"])
+        dataset = opts.pop("dataset")
+        res = prepare(dataset, str(self.cfg["model"]), self.data, progress=progress, **opts)
+        return {"counts": res.counts, "out": str(res.out)}
+
+    def do_train(self, progress=None, on_step=None, fp: str = "", forced: bool = False, **_) -> dict:
+        from medtune.train import TrainOptions, train
+
+        opts = dict(self.cfg["train"])
+        backend = str(opts.pop("backend", "auto"))
+        opts["steps_per_eval"] = opts.pop("eval_every", 50)
+        tm = opts.get("target_modules")
+        if isinstance(tm, str):
+            opts["target_modules"] = [x.strip() for x in tm.split(",") if x.strip()]
+        started = self.stages_dir / "train.started.json"
+        resume = False
+        if self.adapter.exists():
+            # resume only a training that started with this fingerprint and did not finish, unless told to redo it
+            same = started.is_file() and json.loads(started.read_text(encoding="utf-8")).get("fingerprint") == fp
+            finished = (self.record("train") or {}).get("fingerprint") == fp
+            ckpts = self.adapter / "checkpoints"
+            if same and not finished and not forced and ckpts.is_dir() and any(ckpts.glob("step-*")):
+                resume = True
+                self.log(f"train: resuming from the last checkpoint in {ckpts}")
+            else:
+                shutil.rmtree(self.adapter)  # another fingerprint (or no checkpoint): start afresh
+        from medtune import fsutil
+
+        fsutil.write_json(started, {"fingerprint": fp})
+        res = train(str(self.cfg["model"]), self.data, self.adapter, TrainOptions(**opts), backend=backend,
+                    progress=progress, resume=resume, on_step=on_step)
+        return {k: v for k, v in res.to_dict().items() if k != "preflight"}
+
+    def do_fuse(self, progress=None, **_) -> dict:
+        from medtune.fuse import fuse
+
+        res = fuse(str(self.cfg["model"]), self.adapter, self.fused, progress=progress, force=True, **self.cfg["fuse"])
+        return res.to_dict()
+
+    def do_export(self, progress=None, **_) -> dict:
+        from medtune.export import export
+        from medtune.export.quantize import parse_quants
+
+        e = dict(self.cfg["export"])
+        quants = parse_quants(list(e.pop("quant", ["f16"])))
+        llama_cpp = e.pop("llama_cpp", None)
+        res = export(self.fused, self.gguf_dir, self.name, quants=quants, modelfile_path=self.modelfile,
+                     progress=progress, llama_cpp_dir=llama_cpp, **e)
+        d = res.to_dict()
+        d.pop("modelfile_text", None)
+        return d
+
+    def do_ollama(self, progress=None, **_) -> dict:
+        from medtune import ollama
+
+        o = self.cfg["ollama"]
+        mode = o.get("create", "auto")
+        if mode is False or str(mode).lower() in ("false", "no", "off"):
+            return {"skipped": "ollama.create is false"}
+        try:
+            version = ollama.server_version(o.get("host"))
+        except MissingDependency as exc:
+            if mode is True or str(mode).lower() in ("true", "yes", "on"):
+                raise
+            return {"skipped": f"no Ollama server answers ({str(exc).splitlines()[0]})"}
+        created = ollama.create_from_modelfile(self.name, self.modelfile, host=o.get("host"), progress=progress)
+        return {"server_version": version, **{k: v for k, v in created.items() if k != "request"}}
+
+    def do_eval(self, progress=None, **_) -> dict:
+        import importlib.util
+
+        from medtune.evaluate import evaluate
+
+        e = self.cfg["eval"]
+        if not e.get("enabled", True):
+            return {"skipped": "eval.enabled is false"}
+        ggufs = self._ggufs() if e.get("gguf") and importlib.util.find_spec("llama_cpp") is not None else []
+        report = evaluate(str(self.fused), self.data, base=str(self.cfg["model"]) if e.get("base") else None,
+                          ggufs=ggufs, out=self.eval_dir, probes=e.get("probes"), choices=e.get("choices"),
+                          metrics=self.adapter / "metrics.jsonl", max_tokens=int(e.get("max_tokens", 128)),
+                          limit=int(e.get("limit", 4)), probe_limit=e.get("probe_limit"),
+                          fidelity_tokens=int(e.get("fidelity_tokens", 32)), n_threads=e.get("threads"),
+                          gguf_loss=bool(e.get("gguf_loss", False)), progress=progress)
+        return {"files": report["files"], "metrics": {m["label"]: m["metrics"] for m in report["models"]}}
+
+
+def run_pipeline(config: str | Path | dict | None = None, *, from_stage: str | None = None, only: str | None = None,
+                 force: bool = False, progress=None, on_step=None, log: Callable[[str], None] | None = None) -> dict:
+    """Run the stages in order; skip those whose fingerprint matches their record (unless forced).
+
+    from_stage: redo this stage and every later one (the earlier ones must be done); only: redo just this stage;
+    force: redo every stage; on_step(step, metrics): passed to training (notebooks, tests)."""
+    from medtune import fsutil
+
+    for flag, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in STAGES:
+            raise BadInput(f"{flag} {value!r} is not a stage", hint=f"stages: {', '.join(STAGES)}")
+    if from_stage and only:
+        raise BadInput("--from and --only together", hint="use one of them")
+    cfg = load_config(config)
+    r = Run(cfg, log=log)
+    r.root.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    fsutil.write_text(r.root / "config.yaml", "# resolved config of this run: `medtune run " + str(r.root / "config.yaml")
+                      + "` reproduces it\n" + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    if only:
+        todo = [only]
+    elif from_stage:
+        todo = list(STAGES[STAGES.index(from_stage):])
+    else:
+        todo = list(STAGES)
+    forced = set(todo) if (force or only or from_stage) else set()
+    status: dict[str, str] = {}
+    t_run = time.time()
+    r.log(f"run {r.name}: stages {', '.join(todo)}" + (" (forced)" if forced else ""))
+    try:
+        for stage in todo:
+            inputs, options = r.inputs(stage)
+            fp = fingerprint(stage, inputs, options, r.vers)
+            rec = r.record(stage)
+            if (stage not in forced and rec and rec.get("fingerprint") == fp
+                    and all(p.exists() for p in r.outputs(stage))):
+                status[stage] = "skipped"
+                r.log(f"{stage}: up to date (fingerprint {fp[:12]}), skipped")
+                continue
+            r.log(f"{stage}: running (fingerprint {fp[:12]})")
+            t0 = time.time()
+            try:
+                result = getattr(r, f"do_{stage}")(progress=progress, on_step=on_step, fp=fp, forced=stage in forced)
+            except MedtuneError as exc:
+                if exc.exit_code != 130:  # training's Interrupted (Ctrl-C): say how to go on
+                    raise
+                r.log(f"{stage}: interrupted: {exc.message}")
+                raise type(exc)(exc.message, hint="run the same `medtune run` again: training resumes from this "
+                                                  "checkpoint and the stages already done are skipped") from exc
+            seconds = round(time.time() - t0, 2)
+            if isinstance(result, dict) and "skipped" in result and stage == "ollama":
+                status[stage] = "not run"  # no fingerprint recorded: tried again next time
+                r.log(f"{stage}: not run: {result['skipped']}")
+                r.record_path(stage).unlink(missing_ok=True)
+                continue
+            fsutil.write_json(r.record_path(stage), {"stage": stage, "fingerprint": fp, "inputs": inputs,
+                                                     "options": options, "versions": r.vers, "seconds": seconds,
+                                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                     "outputs": [str(p) for p in r.outputs(stage)], "result": result})
+            status[stage] = "done"
+            r.log(f"{stage}: done in {seconds:.1f}s")
+    finally:
+        r.hasher.save()
+    report = r.eval_dir / "report.html"
+    r.log(f"run {r.name}: {', '.join(f'{k} {v}' for k, v in status.items())} in {time.time() - t_run:.1f}s")
+    return {"name": r.name, "root": str(r.root), "stages": status,
+            "report": str(report) if report.is_file() else None,
+            "modelfile": str(r.modelfile) if r.modelfile.is_file() else None}

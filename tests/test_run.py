@@ -1,0 +1,180 @@
+"""`medtune run`: fingerprints, skipping, --only/--from/--force, and an interrupted run that resumes."""
+
+import json
+
+import pytest
+
+from conftest import SAMPLE, run_cli
+from medtune.errors import BadInput
+from medtune.pipeline import Hasher, Run, fingerprint, load_config, run_pipeline
+
+STAGES = ["prepare", "train", "fuse", "export", "ollama", "eval"]
+
+
+def tiny_config(root, model, name="tiny", **train):
+    return {
+        "name": name, "model": str(model), "runs_dir": str(root),
+        "prepare": {"dataset": str(SAMPLE), "max_seq_length": 1024, "limit": 10, "valid_ratio": 0.2, "token_stats": False},
+        "train": {"iters": 4, "batch_size": 2, "num_layers": 2, "max_seq_length": 1024, "eval_every": 2, "save_every": 2,
+                  "backend": "mlx", **train},
+        "export": {"quant": ["f32"]},
+        "ollama": {"create": "auto", "host": "http://127.0.0.1:9"},  # nothing answers there
+        "eval": {"max_tokens": 4, "limit": 1, "probe_limit": 1, "threads": 1},
+    }
+
+
+def test_config_defaults_and_unknown_keys(tmp_path):
+    cfg = load_config(None)
+    assert cfg["model"] == "builtin:smollm2-135m" and cfg["train"]["iters"] == 24 and cfg["train"]["batch_size"] == 2
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\ntrain:\n  itres: 3\n", encoding="utf-8")
+    with pytest.raises(BadInput, match="itres") as e:
+        load_config(p)
+    assert "iters" in e.value.hint
+    cfg = load_config({"name": "x", "train": {"batch-size": 8}, "export": {"quants": "q8_0"}})
+    assert cfg["train"]["batch_size"] == 8 and cfg["export"]["quant"] == ["q8_0"]
+
+
+def test_print_config_is_the_default():
+    r = run_cli("run", "--print-config")
+    assert r.returncode == 0, r.stderr
+    import yaml
+
+    assert yaml.safe_load(r.stdout) == load_config(None) | {}  # comments aside, the same settings
+    assert "# " in r.stdout
+
+
+def test_fingerprints_change_with_inputs_and_options(tmp_path):
+    f = tmp_path / "data.jsonl"
+    f.write_text('{"a": 1}\n')
+    h = Hasher(tmp_path / "hashes.json")
+    v = {"medtune": "0"}
+    base = fingerprint("prepare", {"dataset": h.spec(str(f))}, {"seed": 1}, v)
+    assert base == fingerprint("prepare", {"dataset": h.spec(str(f))}, {"seed": 1}, v)
+    assert base != fingerprint("prepare", {"dataset": h.spec(str(f))}, {"seed": 2}, v)
+    assert base != fingerprint("prepare", {"dataset": h.spec(str(f))}, {"seed": 1}, {"medtune": "1"})
+    f.write_text('{"a": 2}\n')
+    assert base != fingerprint("prepare", {"dataset": h.spec(str(f))}, {"seed": 1}, v)
+    assert h.spec("builtin:smollm2-135m") == "spec:builtin:smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory, tiny_llama_dir):
+    root = tmp_path_factory.mktemp("runs")
+    cfg = tiny_config(root, tiny_llama_dir)
+    first = run_pipeline(cfg)
+    return {"root": root, "cfg": cfg, "first": first}
+
+
+def test_run_does_every_stage_then_skips_them(done_run):
+    first = done_run["first"]
+    assert first["stages"] == {"prepare": "done", "train": "done", "fuse": "done", "export": "done",
+                               "ollama": "not run", "eval": "done"}
+    root = done_run["root"] / "tiny"
+    for p in ("config.yaml", "run.log", "data/train.jsonl", "adapter/adapters.safetensors", "fused/config.json",
+              "tiny.Modelfile", "eval/report.html", "eval/report.json", "stages/train.json"):
+        assert (root / p).exists(), p
+    rec = json.loads((root / "stages" / "train.json").read_text())
+    assert rec["options"]["iters"] == 4 and rec["inputs"]["data"] and rec["versions"]["medtune"]
+    assert first["report"].endswith("report.html")
+    rep = json.loads((root / "eval" / "report.json").read_text())
+    assert [m["label"] for m in rep["models"]] == ["base", "tuned", "tiny-f32.gguf"]
+    # the folder alone reproduces the run: its config.yaml is the resolved config
+    assert load_config(root / "config.yaml") == load_config(done_run["cfg"])
+
+    second = run_pipeline(done_run["cfg"])
+    assert second["stages"] == {s: "skipped" for s in STAGES if s != "ollama"} | {"ollama": "not run"}
+
+
+def test_changed_option_reruns_from_that_stage(done_run):
+    cfg = json.loads(json.dumps(done_run["cfg"]))
+    cfg["eval"]["max_tokens"] = 3
+    res = run_pipeline(cfg)
+    assert res["stages"]["train"] == "skipped" and res["stages"]["eval"] == "done"
+    res = run_pipeline(cfg)
+    assert res["stages"]["eval"] == "skipped"
+
+
+def test_only_from_and_force(done_run):
+    cfg = done_run["cfg"]
+    assert run_pipeline(cfg, only="eval")["stages"] == {"eval": "done"}
+    res = run_pipeline(cfg, from_stage="export")
+    assert res["stages"] == {"export": "done", "ollama": "not run", "eval": "done"}
+    with pytest.raises(BadInput):
+        run_pipeline(cfg, only="nope")
+    forced = json.loads(json.dumps(cfg))
+    forced["eval"]["enabled"] = False
+    res = run_pipeline(forced, force=True)
+    assert all(res["stages"][s] == "done" for s in ("prepare", "train", "fuse", "export", "eval")), res["stages"]
+    run = Run(load_config(forced))
+    assert run.record("train")["result"]["resumed_from"] is None  # forced: trained afresh, not resumed
+    assert run_pipeline(forced, only="train")["stages"] == {"train": "done"}
+    assert run.record("train")["result"]["resumed_from"] is None
+
+
+def test_interrupted_training_resumes_to_the_same_adapter(done_run, tiny_llama_dir):
+    import mlx.core as mx
+
+    cfg = tiny_config(done_run["root"], tiny_llama_dir, name="broken")
+    cfg["eval"]["enabled"] = False
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, metrics):
+        if step == 3:  # after the checkpoint at step 2
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_pipeline(cfg, on_step=crash)
+    run = Run(load_config(cfg))
+    assert (run.adapter / "checkpoints" / "step-0000002").is_dir() and run.record("train") is None
+    res = run_pipeline(cfg)
+    assert res["stages"]["prepare"] == "skipped" and res["stages"]["train"] == "done"
+    rec = run.record("train")
+    assert rec["result"]["resumed_from"] == 2
+    assert "resuming from the last checkpoint" in (run.root / "run.log").read_text()
+    # the unbroken run (its fingerprint for train is the same: the name is not an input)
+    unbroken = mx.load(str(done_run["root"] / "tiny" / "adapter" / "adapters.safetensors"))
+    resumed = mx.load(str(run.adapter / "adapters.safetensors"))
+    assert unbroken.keys() == resumed.keys()
+    for k in unbroken:
+        assert mx.allclose(unbroken[k], resumed[k], atol=1e-6).item(), k
+
+
+def test_ctrl_c_during_training_then_run_again_resumes(done_run, tiny_llama_dir, tmp_path):
+    """The real command: SIGINT after the first checkpoint stops with exit 130 and a hint; the same command again
+    resumes training from the checkpoint and skips prepare."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from conftest import ROOT
+
+    # validation and periodic checkpoints only at the end: Ctrl-C itself saves the checkpoint to resume from
+    cfg = tiny_config(done_run["root"], tiny_llama_dir, name="ctrlc", iters=12, eval_every=12, save_every=12)
+    cfg["eval"]["enabled"] = False
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    metrics = done_run["root"] / "ctrlc" / "adapter" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "medtune", "run", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (
+            metrics.is_file() and "train_loss" in metrics.read_text(encoding="utf-8")):
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("training finished before the signal could be sent")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "run the same `medtune run` again" in err + out
+    r = run_cli("run", path, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["stages"]["prepare"] == "skipped" and res["stages"]["train"] == "done"
+    rec = json.loads((done_run["root"] / "ctrlc" / "stages" / "train.json").read_text())
+    assert 0 < rec["result"]["resumed_from"] < 12 and rec["result"]["steps"] == 12

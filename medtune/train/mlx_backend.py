@@ -456,7 +456,7 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
         if progress:
             progress.update(task, val=f"{loss:.3f}")
             tl = run["train_loss"]
-            _log(progress, f"step {it}/{steps}: train loss {tl if tl is not None else float('nan'):.3f}, val loss {loss:.3f}"
+            _log(progress, f"step {it}/{steps}: train loss {'-' if tl is None else f'{tl:.3f}'}, val loss {loss:.3f}"
                            + (f", {run['tokens_seen'] / run['t_train']:.0f} tok/s" if run["t_train"] else ""))
 
     def checkpoint(it: int) -> Path:

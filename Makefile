@@ -58,6 +58,7 @@ setup-test: $(VENV)/.test openblas
 # A second `make all` finds every stage up to date and does no work.
 EVAL_TOKENS ?= 64
 EVAL_LIMIT  ?= 2
+EVAL_PROBES ?= 4
 RUN_CONFIG  := runs/$(NAME).yaml
 
 all: setup
@@ -67,7 +68,7 @@ all: setup
 		"prepare:" "  dataset: $(DATA)" "  max_seq_length: $(MAXLEN)" \
 		"train:" "  iters: $(ITERS)" "  batch_size: $(BATCH)" "  num_layers: $(LAYERS)" "  max_seq_length: $(MAXLEN)" \
 		"  eval_every: 12" "  save_every: 12" \
-		"eval:" "  max_tokens: $(EVAL_TOKENS)" "  limit: $(EVAL_LIMIT)" > $(RUN_CONFIG).tmp
+		"eval:" "  max_tokens: $(EVAL_TOKENS)" "  limit: $(EVAL_LIMIT)" "  probe_limit: $(EVAL_PROBES)" > $(RUN_CONFIG).tmp
 	@if cmp -s $(RUN_CONFIG).tmp $(RUN_CONFIG); then rm -f $(RUN_CONFIG).tmp; else mv $(RUN_CONFIG).tmp $(RUN_CONFIG); fi
 	$(MT) run $(RUN_CONFIG)
 

@@ -14,7 +14,7 @@ BATCH  ?= 2
 MAXLEN ?= 512
 LAYERS ?= 8
 
-.PHONY: all test bench setup setup-test openblas clean-outputs help
+.PHONY: all test bench setup setup-test openblas browser clean-outputs help
 
 help:
 	@echo "make all   - set up .venv and run prepare → train → fuse → export → eval on $(MODEL) (medtune run)"
@@ -51,7 +51,10 @@ openblas:
 
 setup: $(VENV)/.base openblas
 
-setup-test: $(VENV)/.test openblas
+setup-test: $(VENV)/.test openblas browser
+
+browser:
+	@bash scripts/install_chromium.sh
 
 # `make all` is `medtune run` on a config written from these variables (runs/$(NAME).yaml, rewritten only when a
 # variable changes): prepare → train → fuse → export → ollama (when a server answers) → eval, into runs/$(NAME)/.

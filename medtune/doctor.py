@@ -13,7 +13,8 @@ import urllib.request
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-PACKAGES = ("mlx", "mlx-lm", "transformers", "gguf", "llama-cpp-python", "torch", "huggingface-hub", "typer", "rich")
+PACKAGES = ("mlx", "mlx-lm", "transformers", "gguf", "llama-cpp-python", "torch", "peft", "unsloth", "bitsandbytes",
+            "ollama", "huggingface-hub", "typer", "rich")
 
 
 def _versions() -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import types
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 from medtune import fsutil, runtime
 from medtune.errors import BadInput, MedtuneError, ResourceError
 from medtune.train.options import TrainOptions, TrainResult
-from medtune.train.report import MetricsLog, plot_losses
+from medtune.train.report import MetricsLog, StopOnSignal, plot_losses
 
 PAD_MULTIPLE = 32
 
@@ -50,7 +49,7 @@ def build_dataset(rows: list[dict], tokenizer, mask_prompt: bool, max_seq_length
         try:
             encode.style_of(row)
         except ValueError as exc:
-            raise BadInput(f"record has none of prompt/completion, messages, text", where=f"{where}:{i + 1}",
+            raise BadInput("record has none of prompt/completion, messages, text", where=f"{where}:{i + 1}",
                            hint="re-run `medtune prepare`") from exc
     try:
         items = encode.encode_all(tokenizer, rows, mask_prompt)
@@ -465,23 +464,11 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
             save_checkpoint(out, it, model, optimizer, dict(run), opts.keep_checkpoints)
         return target
 
-    # Ctrl-C (or SIGTERM) asks for a stop: the step under way finishes, a checkpoint is saved at that clean
-    # boundary, and the run exits; a second Ctrl-C aborts at once (the last periodic checkpoint remains).
-    stop = {"asked": False}
-
-    def ask_stop(signum, frame):
-        if stop["asked"]:
-            raise KeyboardInterrupt
-        stop["asked"] = True
+    def said_stop() -> None:
         if progress:
             _log(progress, "stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
 
-    import signal
-    import threading
-
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, ask_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopOnSignal(said_stop).install()
 
     if start == 0:
         run_eval(0)
@@ -525,13 +512,12 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
                 checkpoint(it)
             if on_step:
                 on_step(it, row)
-            if stop["asked"] and it != steps:
+            if stop.asked and it != steps:
                 path = checkpoint(it)
                 raise Interrupted(f"stopped at step {it}/{steps}; checkpoint {path}",
                                   hint=f"continue with the same command plus --resume (output folder {out})")
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        stop.restore()
 
     adapter_file = out / "adapters.safetensors"
     if lead:

@@ -66,3 +66,37 @@ def plot_losses(rows: list[dict], path: Path, title: str = "") -> Path | None:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+class StopOnSignal:
+    """Ctrl-C (or SIGTERM) asks a training loop to stop: the step under way finishes, the loop saves a
+    checkpoint at that clean boundary and exits; a second Ctrl-C aborts at once (the last periodic
+    checkpoint remains). Handlers are only installed from the main thread; `restore()` puts the
+    previous ones back. Shared by every backend."""
+
+    def __init__(self, on_first=None):
+        self.asked = False
+        self._on_first = on_first
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        if self._on_first:
+            self._on_first()
+
+    def install(self) -> "StopOnSignal":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

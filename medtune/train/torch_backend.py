@@ -42,7 +42,7 @@ from medtune.train.mlx_backend import (
     load_jsonl,
 )
 from medtune.train.options import TrainOptions, TrainResult
-from medtune.train.report import MetricsLog, plot_losses
+from medtune.train.report import MetricsLog, StopOnSignal, plot_losses
 
 IGNORE = -100  # label of a position that gets no loss (transformers' convention)
 QLORA_AUTO_PARAMS = 3e9  # on CUDA, models over this many parameters load in 4-bit unless told otherwise
@@ -825,9 +825,6 @@ def _agree_fits(world: World, refusal: ResourceError | None) -> None:
 def _run(model, params, tokenizer, train_items, val_items, data: Path, out: Path, opts: TrainOptions, plan: Plan,
          device: Device, world: World, pf: dict, steps: int, n_layers: int, model_ref, ckpts, progress, on_step,
          backend: str, lead: bool) -> TrainResult:
-    import signal
-    import threading
-
     torch = _torch()
     rank, size = world.rank, world.size
     if lead:
@@ -893,20 +890,11 @@ def _run(model, params, tokenizer, train_items, val_items, data: Path, out: Path
                             opts.keep_checkpoints)
         return target
 
-    # Ctrl-C (or SIGTERM) asks for a stop: the step under way finishes, a checkpoint is saved at that clean
-    # boundary, and the run exits (130); a second Ctrl-C aborts at once (the last periodic checkpoint remains).
-    stop = {"asked": False}
-
-    def ask_stop(signum, frame):
-        if stop["asked"]:
-            raise KeyboardInterrupt
-        stop["asked"] = True
+    def said_stop() -> None:
         if progress:
             _log(progress, "stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
 
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, ask_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopOnSignal(said_stop).install()
 
     if start == 0:
         run_eval(0)
@@ -959,13 +947,12 @@ def _run(model, params, tokenizer, train_items, val_items, data: Path, out: Path
                 checkpoint(it)
             if on_step:
                 on_step(it, row)
-            if world.any(stop["asked"]) and it != steps:
+            if world.any(stop.asked) and it != steps:
                 path = checkpoint(it)
                 raise Interrupted(f"stopped at step {it}/{steps}; checkpoint {path}",
                                   hint=f"continue with the same command plus --resume (output folder {out})")
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        stop.restore()
 
     adapter_file = out / "adapter_model.safetensors"
     if lead:

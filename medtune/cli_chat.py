@@ -14,6 +14,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from medtune.errors import BadInput
+from medtune.generate import REPEAT_LAST_N, REPEAT_PENALTY  # light: mlx is imported inside its functions
 
 DEFAULT_MODEL = "builtin:smollm2-135m"
 
@@ -36,8 +37,8 @@ def chat(
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")] = 0.7,
     top_p: TopPOpt = 0.9,
     max_tokens: MaxTokensOpt = 512,
-    repeat_penalty: RepeatPenaltyOpt = 1.1,
-    repeat_last_n: RepeatLastNOpt = 64,
+    repeat_penalty: RepeatPenaltyOpt = REPEAT_PENALTY,
+    repeat_last_n: RepeatLastNOpt = REPEAT_LAST_N,
     hide_think: Annotated[bool, typer.Option("--hide-think", help="Do not show the <think> reasoning.")] = False,
     seed: SeedOpt = 0,
 ):
@@ -88,8 +89,8 @@ def generate(
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")] = 0.0,
     top_p: TopPOpt = 1.0,
     max_tokens: MaxTokensOpt = 256,
-    repeat_penalty: RepeatPenaltyOpt = 1.1,
-    repeat_last_n: RepeatLastNOpt = 64,
+    repeat_penalty: RepeatPenaltyOpt = REPEAT_PENALTY,
+    repeat_last_n: RepeatLastNOpt = REPEAT_LAST_N,
     seed: SeedOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ):

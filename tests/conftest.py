@@ -77,3 +77,88 @@ def run_cli(*args, cwd=None, env=None, timeout=900):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "medtune", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=full_env, timeout=timeout)
+
+
+# Ollama renders a Modelfile TEMPLATE with Go's text/template over its messages (consecutive same-role
+# messages collated, system prompts joined). This program does the same, for tests that check our
+# TEMPLATEs on Go itself; `go_ollama_render` builds it once per session and skips without a Go toolchain.
+GO_OLLAMA = """package main
+
+// Ollama's chat pipeline (server/routes.go, template/template.go) on Go's own text/template.
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role     string `json:"role"`
+	Content  string `json:"content"`
+	Thinking string `json:"thinking"`
+}
+
+type Case struct {
+	Template string    `json:"template"`
+	System   string    `json:"system"`
+	Think    *bool     `json:"think"`
+	Messages []Message `json:"messages"`
+}
+
+func main() {
+	var cases []Case
+	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
+		panic(err)
+	}
+	outs := []string{}
+	for _, c := range cases {
+		msgs := c.Messages
+		if len(msgs) > 0 && msgs[0].Role != "system" && c.System != "" {
+			msgs = append([]Message{{Role: "system", Content: c.System}}, msgs...)
+		}
+		var system []string
+		var collated []*Message
+		for i := range msgs {
+			if msgs[i].Role == "system" {
+				system = append(system, msgs[i].Content)
+			}
+			if len(collated) > 0 && collated[len(collated)-1].Role == msgs[i].Role && msgs[i].Role != "tool" {
+				collated[len(collated)-1].Content += "\\n\\n" + msgs[i].Content
+			} else {
+				m := msgs[i]
+				collated = append(collated, &m)
+			}
+		}
+		t := template.Must(template.New("").Option("missingkey=zero").Parse(c.Template))
+		var b strings.Builder
+		data := map[string]any{"System": strings.Join(system, "\\n\\n"), "Messages": collated, "Response": "",
+			"Think": c.Think != nil && *c.Think, "IsThinkSet": c.Think != nil}
+		if err := t.Execute(&b, data); err != nil {
+			panic(err)
+		}
+		outs = append(outs, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(outs)
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def go_ollama_render(tmp_path_factory):
+    """cases [{template, system, messages, think?}] -> the prompts Go's text/template renders."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("no Go toolchain (apt-get install golang-go)")
+    d = tmp_path_factory.mktemp("gotpl")
+    (d / "main.go").write_text(GO_OLLAMA)
+    (d / "go.mod").write_text("module ollamatpl\n\ngo 1.18\n")
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "GO111MODULE": "on"}
+    subprocess.run([go, "build", "-o", str(d / "tpl"), "."], cwd=d, env=env, check=True, capture_output=True,
+                   timeout=300)
+
+    def render(cases: list[dict]) -> list[str]:
+        out = subprocess.run([str(d / "tpl")], input=json.dumps(cases), capture_output=True, text=True, check=True,
+                             timeout=60).stdout
+        return json.loads(out)
+
+    return render

@@ -501,77 +501,10 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path, smollm2_dir):
     assert np.abs(got - want).max() < 1e-3
 
 
-GO_OLLAMA = """package main
-
-// Ollama's chat pipeline (server/routes.go, template/template.go) on Go's own text/template.
-import (
-	"encoding/json"
-	"os"
-	"strings"
-	"text/template"
-)
-
-type Message struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
-}
-
-type Case struct {
-	Template string    `json:"template"`
-	System   string    `json:"system"`
-	Messages []Message `json:"messages"`
-}
-
-func main() {
-	var cases []Case
-	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
-		panic(err)
-	}
-	outs := []string{}
-	for _, c := range cases {
-		msgs := c.Messages
-		if len(msgs) > 0 && msgs[0].Role != "system" && c.System != "" {
-			msgs = append([]Message{{Role: "system", Content: c.System}}, msgs...)
-		}
-		var system []string
-		var collated []*Message
-		for i := range msgs {
-			if msgs[i].Role == "system" {
-				system = append(system, msgs[i].Content)
-			}
-			if len(collated) > 0 && collated[len(collated)-1].Role == msgs[i].Role && msgs[i].Role != "tool" {
-				collated[len(collated)-1].Content += "\\n\\n" + msgs[i].Content
-			} else {
-				m := msgs[i]
-				collated = append(collated, &m)
-			}
-		}
-		t := template.Must(template.New("").Option("missingkey=zero").Parse(c.Template))
-		var b strings.Builder
-		data := map[string]any{"System": strings.Join(system, "\\n\\n"), "Messages": collated, "Response": ""}
-		if err := t.Execute(&b, data); err != nil {
-			panic(err)
-		}
-		outs = append(outs, b.String())
-	}
-	json.NewEncoder(os.Stdout).Encode(outs)
-}
-"""
 
 
-def test_real_go_template_agrees(tmp_path, tiny_dir):
+def test_real_go_template_agrees(tiny_dir, go_ollama_render):
     """Where a Go toolchain exists, run our TEMPLATEs on Go's text/template itself."""
-    import os
-    import subprocess
-
-    go = shutil.which("go")
-    if go is None:
-        pytest.skip("no Go toolchain (apt-get install golang-go)")
-    (tmp_path / "main.go").write_text(GO_OLLAMA)
-    (tmp_path / "go.mod").write_text("module ollamatpl\n\ngo 1.18\n")
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "GO111MODULE": "on"}
-    subprocess.run([go, "build", "-o", str(tmp_path / "tpl"), "."], cwd=tmp_path, env=env, check=True,
-                   capture_output=True, timeout=120)
     from medtune.export.modelfile import FAMILIES
 
     cases, ours, hf = [], [], []
@@ -583,8 +516,6 @@ def test_real_go_template_agrees(tmp_path, tiny_dir):
             cases.append({"template": template, "system": sys_prompt, "messages": conv})
             ours.append(ollama_prompt(template, conv, sys_prompt))
         hf.append(hf_render(tiny_dir, conv))
-    out = subprocess.run([str(tmp_path / "tpl")], input=json.dumps(cases), capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    got = json.loads(out)
+    got = go_ollama_render(cases)
     assert got == ours
     assert got[::2] == hf

@@ -287,6 +287,19 @@ class MLXRunner:
         return scores
 
 
+def _detokenize(tokenizer, toks: list[int]) -> str:
+    """Text of answer tokens as mlx_lm's streaming detokenizer gives it (the MLX column's text), e.g. without
+    the leading space a BPE tokenizer's first answer token carries."""
+    detok = getattr(tokenizer, "detokenizer", None)
+    if detok is None:
+        return tokenizer.decode(toks)
+    detok.reset()
+    for t in toks:
+        detok.add_token(t)
+    detok.finalize()
+    return detok.text
+
+
 class GGUFRunner:
     kind = "gguf"
 
@@ -308,25 +321,48 @@ class GGUFRunner:
 
     def answer(self, messages: list[dict], max_tokens: int) -> dict:
         """Greedy, with the Modelfile's repeat penalty. With `tokenizer` (the tuned model's: the GGUF's source) the
-        prompt is rendered exactly as in training, and as the Modelfile's TEMPLATE does for Ollama; without it,
-        llama-cpp-python renders the chat template stored in the GGUF."""
+        prompt is rendered exactly as in training, and as the Modelfile's TEMPLATE does for Ollama, and the tokens
+        are picked step by step with the very rule the MLX column uses (medtune.generate.apply_repeat_penalty over
+        prompt + answer), so that the side-by-side answers compare the files, not two samplers. Without it,
+        llama-cpp-python renders the chat template stored in the GGUF and samples with its own penalty."""
         from medtune.generate import REPEAT_PENALTY, render_prompt
 
         self.llm.reset()
-        kw = dict(max_tokens=max_tokens, temperature=0.0, top_k=1, repeat_penalty=REPEAT_PENALTY, seed=0)
         if self.tokenizer is None:
+            kw = dict(max_tokens=max_tokens, temperature=0.0, top_k=1, repeat_penalty=REPEAT_PENALTY, seed=0)
             out = self.llm.create_chat_completion(messages=messages, **kw)
             choice = out["choices"][0]
-            text, markers, in_think = choice["message"].get("content") or "", (THINK_OPEN, THINK_CLOSE), False
-        else:
-            prompt = render_prompt(self.tokenizer, messages)
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-            out = self.llm.create_completion(prompt=ids, **kw)
-            choice = out["choices"][0]
-            text, markers = choice.get("text") or "", self.markers
-            in_think = prompt.rstrip().endswith(markers[0])
-        reason = "stop" if choice.get("finish_reason") == "stop" else "length"
-        return score_answer(text, int(out["usage"]["completion_tokens"]), reason, *markers, in_think=in_think)
+            text, markers = choice["message"].get("content") or "", (THINK_OPEN, THINK_CLOSE)
+            reason = "stop" if choice.get("finish_reason") == "stop" else "length"
+            return score_answer(text, int(out["usage"]["completion_tokens"]), reason, *markers, in_think=False)
+        prompt = render_prompt(self.tokenizer, messages)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        toks, stopped = self.greedy(ids, max_tokens)
+        text = _detokenize(self.tokenizer, toks[:-1] if stopped else toks)
+        return score_answer(text, len(toks), "stop" if stopped else "length", *self.markers,
+                            in_think=prompt.rstrip().endswith(self.markers[0]))
+
+    def greedy(self, ids: list[int], max_tokens: int) -> tuple[list[int], bool]:
+        """Penalised greedy tokens after `ids` (the stop token included, as mlx_lm counts it) and whether it stopped."""
+        import llama_cpp
+        import numpy as np
+
+        from medtune.generate import apply_repeat_penalty
+
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        stops = set(getattr(self.tokenizer, "eos_token_ids", None) or ())
+        self.llm.reset()
+        self.llm.eval(ids)
+        out: list[int] = []
+        while len(out) < max_tokens:
+            row = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+            tok = int(apply_repeat_penalty(row, ids + out).argmax())
+            out.append(tok)
+            if tok in stops or llama_cpp.llama_vocab_is_eog(vocab, tok):
+                return out, True
+            if len(out) < max_tokens:
+                self.llm.eval([tok])
+        return out, False
 
     def _nll(self, tokens: list[int], offset: int):
         """Negative log-likelihood of tokens[offset:] given what precedes them (needs logits_all)."""

@@ -49,6 +49,20 @@ REPEAT_PENALTY = 1.1
 REPEAT_LAST_N = 64
 
 
+def apply_repeat_penalty(row, history: list[int], penalty: float = REPEAT_PENALTY, last_n: int = REPEAT_LAST_N):
+    """The penalty rule `generate` applies through mlx_lm (and llama.cpp's sampler): every distinct token among
+    the last `last_n` of `history` (prompt + answer so far) has a positive logit divided by `penalty` and a
+    negative one multiplied by it. Numpy, in place; used to decode a GGUF with exactly the MLX rule."""
+    import numpy as np
+
+    if penalty == 1.0 or last_n <= 0 or not history:
+        return row
+    seen = np.fromiter(set(history[-last_n:]), dtype=np.int64)
+    picked = row[seen]
+    row[seen] = np.where(picked < 0, picked * penalty, picked / penalty)
+    return row
+
+
 def _held_back(buf: str, marker: str) -> int:
     """Length of the longest end of `buf` that could be the start of `marker` (wait for more text)."""
     for n in range(min(len(marker) - 1, len(buf)), 0, -1):

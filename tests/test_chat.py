@@ -271,3 +271,24 @@ def test_cli_chat_from_a_pipe(tiny_llama_dir):
     assert "conversation cleared" in res.stdout
     answers = [ln for ln in res.stdout.splitlines() if ln.strip() and "tokens/s" not in ln and "cleared" not in ln]
     assert len(answers) >= 2
+
+
+def test_numpy_penalty_rule_is_mlx_lms():
+    """apply_repeat_penalty (used to decode GGUFs in `medtune eval`) changes logits exactly as mlx_lm's processor
+    that `generate` uses: same window, each distinct token once, sign-aware."""
+    import numpy as np
+    from mlx_lm.sample_utils import make_logits_processors
+
+    from medtune import runtime
+    from medtune.generate import apply_repeat_penalty
+
+    mx = runtime.mx()
+    rng = np.random.default_rng(0)
+    row = rng.normal(size=50).astype(np.float32)
+    history = [int(t) for t in rng.integers(0, 50, size=90)]
+    (proc,) = make_logits_processors(repetition_penalty=1.3, repetition_context_size=16)
+    want = np.array(proc(mx.array(history), mx.array(row[None]))[0])
+    got = apply_repeat_penalty(row.copy(), history, 1.3, 16)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not np.allclose(got, row)
+    assert np.array_equal(apply_repeat_penalty(row.copy(), history, 1.0, 16), row)

@@ -350,12 +350,15 @@ class GGUFRunner:
         from medtune.generate import apply_repeat_penalty
 
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        n_vocab = self.llm.n_vocab()
         stops = set(getattr(self.tokenizer, "eos_token_ids", None) or ())
         self.llm.reset()
         self.llm.eval(ids)
         out: list[int] = []
         while len(out) < max_tokens:
-            row = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+            # the last position's logits straight from the context: llm.scores only holds them with logits_all
+            ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+            row = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float32)
             tok = int(apply_repeat_penalty(row, ids + out).argmax())
             out.append(tok)
             if tok in stops or llama_cpp.llama_vocab_is_eog(vocab, tok):

@@ -144,6 +144,25 @@ def test_eval_report_has_every_model_and_metric(report, evalset):
     assert "| base | mlx |" in md and "急性胰腺炎" in md
 
 
+def test_gguf_answers_like_mlx_with_the_same_penalty_rule(evalset):
+    """Without --gguf-loss (llama.cpp keeps no per-position logits) the GGUF column still decodes with the MLX
+    column's rule: the same text, token count and finish on an F32 file of the same weights, and not merely
+    on the first tokens (a random tiny model loops, so the penalty matters at every step)."""
+    from medtune.evaluate import GGUFRunner, MLXRunner
+
+    mlx = MLXRunner(str(evalset["tuned"]))
+    gguf = GGUFRunner(evalset["gguf"], n_threads=1, tokenizer=mlx.tokenizer, markers=mlx.markers, logits_all=False)
+    try:
+        for prompt in ("What is the antidote for paracetamol overdose?", "急性胰腺炎的初始治疗是什么？"):
+            msgs = [{"role": "user", "content": prompt}]
+            want, got = mlx.answer(msgs, 20), gguf.answer(msgs, 20)
+            assert want["tokens"] == 20 and want["text"]
+            assert (got["text"], got["tokens"], got["finish_reason"]) == (want["text"], want["tokens"],
+                                                                          want["finish_reason"])
+    finally:
+        gguf.close()
+
+
 def _browser():
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         path = shutil.which(name)

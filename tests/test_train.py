@@ -116,10 +116,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_llama_dir,
 
     with pytest.raises(Interrupted, match="stopped at step 4/8") as exc:
         train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), on_step=ctrl_c)
-    assert exc.value.exit_code == 130 and "--resume" in exc.value.hint
+    assert exc.value.exit_code == 130 and "same command again" in exc.value.hint
     assert (out / "checkpoints" / "step-0000004" / "optimizer.safetensors").is_file()
     assert not (out / "adapters.safetensors").exists()
-    res = train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), resume=True)
+    res = train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS))  # the same call: it resumes
     assert res.resumed_from == 4
     np.testing.assert_allclose([v for _, v in _losses(out)[0]], [v for _, v in _losses(unbroken)[0]], rtol=1e-5, atol=1e-6)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from medtune.errors import BadInput, MissingDependency
+from medtune.errors import BadInput, MedtuneError, MissingDependency
 from medtune.train.options import TrainOptions, TrainResult
 
 BACKENDS = {
@@ -86,14 +86,21 @@ def _cuda_available() -> bool:
 
 
 def train(model: str, data, out, options: TrainOptions | None = None, backend: str = "mlx", progress=None,
-          *, resume: bool = False, dry_run: bool = False, on_step=None) -> TrainResult:
+          *, resume: bool | None = None, dry_run: bool = False, on_step=None, fresh: bool = False) -> TrainResult:
     """Train `model` on the prepared folder `data` into `out`.
 
     backend: mlx | torch | unsloth | auto (see the module docstring);
-    resume: continue from the last checkpoint in `out`; dry_run: stop after the preflight;
-    on_step(step, metrics): called after every optimizer step (notebooks, tests).
+    resume: True continues from the last checkpoint in `out`; False (or fresh=True) discards checkpoints and
+    starts over; None (the default) resumes only when `out` holds an unfinished run of the very same model,
+    data, options and backend (a run that was killed: the same command again picks it up, losing at most
+    --save-every steps), starts over when there is none, and refuses an unfinished run of other settings;
+    dry_run: stop after the preflight; on_step(step, metrics): called after every optimizer step.
     """
     import importlib
+    import shutil
+    from pathlib import Path
+
+    from medtune import lock, redact
 
     opts = (options or TrainOptions()).check()
     backend = resolve_backend(backend, opts)
@@ -101,8 +108,91 @@ def train(model: str, data, out, options: TrainOptions | None = None, backend: s
     if refused:
         msg, hint = refused[0]
         raise BadInput(msg, hint=hint)
+    if fresh and resume:
+        raise BadInput("--fresh and --resume contradict each other", hint="--resume continues, --fresh starts over")
     module = importlib.import_module(BACKENDS[backend])
-    return module.train(model, data, out, opts, progress=progress, resume=resume, dry_run=dry_run, on_step=on_step)
+    if dry_run:
+        return module.train(model, data, out, opts, progress=progress, resume=bool(resume), dry_run=True,
+                            on_step=on_step)
+    out = Path(out)
+    rank, launched = _launch_rank()
+    if launched:  # several processes (mlx.launch, torchrun, MPI): rank 0 alone decides and writes
+        if resume is None:
+            resume = False  # the ranks cannot agree on resuming before they are connected: say --resume
+        if rank != 0:
+            return module.train(model, data, out, opts, progress=progress, resume=bool(resume), dry_run=False,
+                                on_step=on_step)
+    created = not out.exists()
+    with lock.locked(out):
+        marker = out / RUN_MARKER
+        ident = run_identity(model, data, opts, backend)
+        prev = _read_marker(marker)
+        ckpts = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*/state.json"))
+        unfinished = prev is not None and not prev.get("finished") and ckpts
+        if fresh or resume is False or (resume is None and not unfinished):
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # never mix another run's checkpoints in
+            resume = False
+        elif resume is None:
+            if prev.get("identity") != ident:
+                changed = sorted(k for k in set(ident) | set(prev.get("identity") or {})
+                                 if ident.get(k) != (prev.get("identity") or {}).get(k))
+                raise BadInput(f"{out} holds an unfinished training run with other settings "
+                               f"(changed: {', '.join(changed)})",
+                               hint="--fresh discards it and starts over; --resume continues it with these "
+                                    "settings; or choose another --out")
+            resume = True
+            if progress is not None:
+                progress.console.print(f"[yellow]{out} holds an unfinished run of these settings: resuming from "
+                                       "its last checkpoint[/] (--fresh starts over)")
+        # down before any checkpoint: a run killed from here on is known as unfinished, with its settings
+        redact.write_json(marker, {"identity": ident, "finished": False})
+        try:
+            res = module.train(model, data, out, opts, progress=progress, resume=bool(resume), dry_run=False,
+                               on_step=on_step)
+        except MedtuneError as exc:
+            # refused before training began (preflight, bad data): leave nothing behind, and the marker as it was
+            if exc.exit_code != 130 and not (out / "checkpoints").exists():
+                if created:
+                    shutil.rmtree(out, ignore_errors=True)
+                elif prev is None:
+                    marker.unlink(missing_ok=True)
+                else:
+                    redact.write_json(marker, prev)
+            raise
+        redact.write_json(marker, {"identity": ident, "finished": True})
+        return res
+
+
+def _launch_rank() -> tuple[int, bool]:
+    """(this process's rank, whether a launcher started several processes)."""
+    for key in ("RANK", "MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key]), True
+    return 0, False
+
+
+RUN_MARKER = ".medtune-train.json"
+
+
+def _read_marker(path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_identity(model: str, data, opts: TrainOptions, backend: str) -> dict:
+    """What makes two training runs the same run: resuming one with the other's checkpoint is exact."""
+    from pathlib import Path
+
+    from medtune import fsutil
+
+    data = Path(data)
+    hashes = {n: fsutil.sha256_file(data / n) for n in ("train.jsonl", "valid.jsonl") if (data / n).is_file()}
+    options = {k: v for k, v in opts.to_dict().items() if k not in ("keep_checkpoints",)}
+    return {"model": str(model), "data": hashes, "options": options, "backend": backend}
 
 
 def __getattr__(name):

@@ -11,6 +11,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from medtune import __version__
+from medtune.cli_flags import AllowPickleOpt, TrustRemoteCodeOpt, untrusted
 from medtune.console import console, done, info, step, warn
 from medtune.errors import MedtuneError
 
@@ -34,7 +35,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 
 
 def _emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    from medtune.redact import redact
+
+    sys.stdout.write(json.dumps(redact(obj), indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def _version(value: bool):
@@ -84,12 +87,13 @@ def doctor(as_json: JsonOpt = False):
 
 
 @models_app.command("pull")
-def models_pull(spec: Annotated[str, typer.Argument(help="Model spec.")] = DEFAULT_MODEL, as_json: JsonOpt = False):
+def models_pull(spec: Annotated[str, typer.Argument(help="Model spec.")] = DEFAULT_MODEL, as_json: JsonOpt = False,
+                trust_remote_code: TrustRemoteCodeOpt = False, allow_pickle: AllowPickleOpt = False):
     """Make a model available locally and print its Hugging Face folder."""
     from medtune.console import progress
     from medtune.models import pull
 
-    with progress(transient=True) as p:
+    with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
         ref = pull(spec, progress=p)
     if as_json:
         return _emit_json(ref.to_dict())
@@ -120,15 +124,19 @@ def prepare(
                                               help="Tokenize and check every record (default), or only a sample.")] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and summarise without writing.")] = False,
     as_json: JsonOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Convert a dataset to JSONL rendered through the model's chat template, and check every record."""
     from medtune.console import progress
     from medtune.data.prepare import prepare as run
 
     if out is None and not dry_run:
+        from medtune.safety import safe_component
+
         stem = dataset.split(":", 1)[-1].rstrip("/").replace("/", "_").split("@")[0] if ":" in dataset else Path(dataset).stem
-        out = Path("data/processed") / stem
-    with progress(transient=True) as p:
+        out = Path("data/processed") / safe_component(stem, "dataset")  # never '..' or a path from the spec
+    with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
         res = run(dataset, model, out, fmt=fmt, mapping=field_map, style=style, reasoning=reasoning,
                   valid_ratio=valid_ratio, test_ratio=test_ratio, seed=seed, max_seq_length=max_seq_length,
                   overlong=overlong, limit=limit, sample=sample, answers=answers, skip_invalid=skip_invalid,
@@ -191,15 +199,42 @@ def load_config(path: Path | None, known: set[str]) -> dict:
     return out
 
 
-def _merge(ctx: typer.Context, config: dict, given: dict) -> dict:
-    """Command-line flags win over the config file, which wins over the defaults."""
-    from click.core import ParameterSource
+def _merge(ctx: typer.Context, config: dict, given: dict, where: str | None = None) -> dict:
+    """Command-line flags win over the config file, which wins over the defaults. Config values are
+    converted (and checked) like the command line's: `iters: many` is refused, naming the file."""
+    from medtune.errors import BadInput
 
+    params = {p.name: p for p in ctx.command.params}
     merged = dict(given)
     for name, value in config.items():
-        if ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT):
+        param = params.get(name)
+        if param is not None:  # checked even where a flag overrides it: the file must be right as a whole
+            value = _config_value(ctx, param, name, value, where, BadInput)
+        source = ctx.get_parameter_source(name)
+        # by name: typer vendors its own click, whose ParameterSource is not click.core's
+        if source is None or getattr(source, "name", "") == "DEFAULT":
             merged[name] = value
     return merged
+
+
+def _config_value(ctx, param, name: str, value, where, BadInput):
+    flag = f"--{name.replace('_', '-')}"
+    if isinstance(value, list) and name == "target_modules" and all(isinstance(v, str) for v in value):
+        return value
+    if isinstance(value, (list, dict)):
+        raise BadInput(f"option {name!r} in the config must be a single value, not a {type(value).__name__}",
+                       where=where, hint=f"write it as {name}: VALUE, as {flag} VALUE would be")
+    if value is None:
+        if param.default is None:
+            return None
+        raise BadInput(f"option {name!r} in the config has no value", where=where,
+                       hint=f"give it one ({name}: {param.default}) or delete the line")
+    try:
+        return param.process_value(ctx, value)
+    except Exception as exc:  # noqa: BLE001 - click's BadParameter (typer vendors its own click)
+        detail = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        raise BadInput(f"option {name!r} in the config: {detail}", where=where,
+                       hint=f"the value must be what {flag} takes on the command line") from exc
 
 
 @app.command()
@@ -239,9 +274,13 @@ def train(
     precision: Annotated[str, typer.Option(help="torch/unsloth: auto | fp32 | fp16 | bf16. auto: bf16 on Ampere and newer, "
                                                 "fp16 with loss scaling before (T4), fp32 on CPU.")] = "auto",
     test: Annotated[bool, typer.Option("--test", help="Evaluate loss/perplexity on test.jsonl at the end.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    resume: Annotated[Optional[bool], typer.Option("--resume/--fresh", help="--resume: continue from the last checkpoint "
+                                                   "in --out; --fresh: discard it and start over. Default: an "
+                                                   "unfinished run of the same settings in --out resumes.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Stop after the preflight (sizes, steps, memory).")] = False,
     as_json: JsonOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Fine-tune a model on prepared data (LoRA/DoRA/full; MLX on Apple Silicon or a Linux CPU, PyTorch/Unsloth on CUDA)."""
     from rich.progress import TextColumn
@@ -252,13 +291,16 @@ def train(
     from medtune.train.options import option_names
 
     given = {k: v for k, v in ctx.params.items() if k not in ("config", "as_json")}
-    known = option_names() | {"model", "data", "out", "eval_every", "resume", "dry_run", "backend"}
-    opts_in = _merge(ctx, load_config(config, known), given)
+    known = option_names() | {"model", "data", "out", "eval_every", "resume", "dry_run", "backend", "trust_remote_code",
+                              "allow_pickle"}
+    opts_in = _merge(ctx, load_config(config, known), given, where=str(config) if config else None)
+    safe_flags = {k: bool(opts_in.pop(k)) for k in ("trust_remote_code", "allow_pickle")}
     tm = opts_in.pop("target_modules")
     if isinstance(tm, str):
         tm = [x.strip() for x in tm.split(",") if x.strip()]
     model, data, out = str(opts_in.pop("model")), Path(opts_in.pop("data")), Path(opts_in.pop("out"))
-    resume, dry_run = bool(opts_in.pop("resume")), bool(opts_in.pop("dry_run"))
+    resume, dry_run = opts_in.pop("resume"), bool(opts_in.pop("dry_run"))
+    resume = None if resume is None else bool(resume)
     backend = str(opts_in.pop("backend"))
     opts_in["steps_per_eval"] = opts_in.pop("eval_every")
     opts = TrainOptions(**opts_in, target_modules=tm).check()
@@ -269,7 +311,7 @@ def train(
         step(f"{'preflight for' if dry_run else 'training'} {kind} on {model} with {data} → {out} ({backend} backend)")
     cols = TextColumn("loss [bold]{task.fields[loss]}[/] val [bold]{task.fields[val]}[/] "
                       "{task.fields[tps]} tok/s peak {task.fields[mem]} GB")
-    with progress(cols) as p:
+    with progress(cols) as p, untrusted(**safe_flags):
         res = run(model, data, out, opts, backend=backend, progress=p, resume=resume, dry_run=dry_run)
     if follower:
         return
@@ -310,12 +352,15 @@ def fuse(
                                                                   "merge into the unquantized base without it).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     as_json: JsonOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Merge an adapter (mlx_lm's, or a PEFT adapter from the torch/unsloth backends) into its base → a Hugging Face folder."""
     from medtune.fuse import fuse as run
 
     step(f"fusing {adapter} into {model}")
-    res = run(model, adapter, out, dtype=dtype, dequantize=dequantize, force=force)
+    with untrusted(trust_remote_code, allow_pickle):
+        res = run(model, adapter, out, dtype=dtype, dequantize=dequantize, force=force)
     if as_json:
         return _emit_json(res.to_dict())
     done(f"fused {res.fused_layers} layers → {res.out}")
@@ -341,6 +386,8 @@ def export(
     host: Annotated[Optional[str], typer.Option("--host", metavar="URL", help="Ollama server for --ollama "
                                                 "(default: $OLLAMA_HOST or http://127.0.0.1:11434).")] = None,
     as_json: JsonOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Write GGUF file(s) and an Ollama Modelfile that renders prompts exactly like training did."""
     from medtune.console import progress
@@ -355,7 +402,7 @@ def export(
 
         check_name(ollama)  # refuse a bad name before an export that may take minutes
     step(f"exporting {model_dir} → {out} ({', '.join(quants)})")
-    with progress(transient=True) as p:
+    with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
         res = run(model_dir, out, name, quants=quants, system=system, modelfile_path=modelfile, progress=p,
                   converter=converter, llama_cpp_dir=llama_cpp)
     created = None
@@ -417,10 +464,19 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
             raise
+        from medtune.fsutil import disk_full
+
+        full = disk_full(exc, getattr(exc, "filename", None) or ".")
+        if full is not None:  # a write outside medtune's atomic writers (a library's own file)
+            from medtune.console import error
+
+            error(full)
+            sys.exit(full.exit_code)
         from rich.markup import escape
 
-        console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc).splitlines()[0] if str(exc) else '')}")
-        console.print("[dim]hint:[/] re-run with --debug for the traceback, and report it if it is a bug")
+        console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc).splitlines()[0] if str(exc) else '')}",
+                      soft_wrap=True)
+        console.print("[dim]hint:[/] re-run with --debug for the traceback, and report it if it is a bug", soft_wrap=True)
         sys.exit(1)
 
 

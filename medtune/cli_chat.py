@@ -13,6 +13,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from medtune.cli_flags import AllowPickleOpt, TrustRemoteCodeOpt, untrusted
 from medtune.errors import BadInput
 from medtune.generate import REPEAT_LAST_N, REPEAT_PENALTY  # light: mlx is imported inside its functions
 
@@ -41,6 +42,8 @@ def chat(
     repeat_last_n: RepeatLastNOpt = REPEAT_LAST_N,
     hide_think: Annotated[bool, typer.Option("--hide-think", help="Do not show the <think> reasoning.")] = False,
     seed: SeedOpt = 0,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Chat with a model in the terminal (or from a pipe, one message per line). /clear, /exit."""
     from medtune.chat import chat_loop
@@ -48,7 +51,8 @@ def chat(
     from medtune.generate import load
 
     console.print(f"[dim]loading {model}" + (f" + {adapter}" if adapter else "") + " …[/]")
-    net, tokenizer = load(model, adapter)
+    with untrusted(trust_remote_code, allow_pickle):
+        net, tokenizer = load(model, adapter)
     console.print("[dim]ready. /clear resets the conversation, /exit (or Ctrl-D) ends it.[/]")
     chat_loop(net, tokenizer, system=system, temp=temp, top_p=top_p, max_tokens=max_tokens,
               hide_think=hide_think, seed=seed, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
@@ -93,6 +97,8 @@ def generate(
     repeat_last_n: RepeatLastNOpt = REPEAT_LAST_N,
     seed: SeedOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Answer prompts with a model, each on its own; answers on stdout (or --json)."""
     from medtune.console import console, out, warn
@@ -118,8 +124,9 @@ def generate(
             warn(f"answer {i + 1} was cut off at --max-tokens {max_tokens}")
 
     console.print(f"[dim]loading {model}" + (f" + {adapter}" if adapter else "") + f", {len(todo)} prompt(s) …[/]")
-    results = generate_many(model, todo, adapter=adapter, system=system, on_result=show,
-                            max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
-                            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
+    with untrusted(trust_remote_code, allow_pickle):
+        results = generate_many(model, todo, adapter=adapter, system=system, on_result=show,
+                                max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
+                                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
     if as_json:
         sys.stdout.write(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False) + "\n")

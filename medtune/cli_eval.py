@@ -22,6 +22,8 @@ import typer
 
 from typer.core import TyperGroup
 
+from medtune.cli_flags import AllowPickleOpt, TrustRemoteCodeOpt, untrusted
+
 
 class _DefaultRun(TyperGroup):
     """`medtune eval MODEL …` means `medtune eval run MODEL …`."""
@@ -58,6 +60,8 @@ def run_eval(
                                             "accuracy (memory: context x vocabulary floats).")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads (default: half the cores).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Base vs tuned vs GGUF: loss, stop rate, length, think blocks, repetition, MC accuracy, fidelity, answers."""
     from medtune.console import console, done, progress, step
@@ -70,7 +74,7 @@ def run_eval(
         import re
 
         out = Path("runs") / "eval" / (re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model.rstrip("/")).name).strip("._") or "model")
-    with progress(transient=True) as p:
+    with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
         report = evaluate(model, data, adapter=adapter, base=base, ggufs=gguf or [], out=out, probes=probes,
                           choices=choices, metrics=metrics, max_tokens=max_tokens, limit=limit,
                           probe_limit=probe_limit, n_threads=threads, gguf_loss=gguf_loss,
@@ -104,6 +108,8 @@ def fidelity(
                                                            "excused as a near-tie (default by type: F32 0.01, F16 "
                                                            "0.05, BF16 0.25; quantized: not judged).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Does the GGUF tokenize and greedily continue like the MLX model? Exit 1 if not (near-ties excused)."""
     from medtune.console import console, done, progress, step, warn
@@ -112,7 +118,7 @@ def fidelity(
 
     todo = read_prompts(prompts, limit=limit)
     step(f"comparing {gguf} with {model_dir} on {len(todo)} prompt(s), {tokens} tokens each")
-    with progress(transient=True) as p:
+    with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
         report = run(model_dir, gguf, todo, tokens, tie_tolerance=tie_tolerance, progress=p)
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")

@@ -69,7 +69,7 @@ def inspect(
     for key, value in rows:
         out.print(f"  {key:<15} {escape(str(value))}")
     listed = info["tensors"]
-    out.print(f"[bold]tensors[/]" + ("" if tensors else f" (first {len(listed)} of {info['n_tensors']}; --tensors for all)"))
+    out.print("[bold]tensors[/]" + ("" if tensors else f" (first {len(listed)} of {info['n_tensors']}; --tensors for all)"))
     width = max((len(t["name"]) for t in listed), default=4)
     for t in listed:
         shape = "×".join(map(str, t["shape"]))

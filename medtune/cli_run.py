@@ -19,6 +19,10 @@ def run(
     only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE", help="Redo just STAGE.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo every stage, even those that are up to date.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Let the model run the Python code it "
+                                                    "ships (as trust_remote_code: true in the config).")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle weights when there are no "
+                                               "safetensors (as allow_pickle: true in the config).")] = False,
 ):
     """prepare → train → fuse → export → ollama → eval from one YAML; stages already done are skipped, and an
     interrupted training resumes from its checkpoint. Everything lands in runs/<name>/."""
@@ -27,10 +31,11 @@ def run(
 
         sys.stdout.write(DEFAULT_CONFIG_TEXT)
         return
+    from medtune.cli_flags import untrusted
     from medtune.console import done, info, progress
     from medtune.pipeline import run_pipeline
 
-    with progress() as p:
+    with progress() as p, untrusted(trust_remote_code, allow_pickle):
         res = run_pipeline(config, from_stage=from_stage, only=only, force=force, progress=p,
                            log=lambda line: p.console.print(line, markup=False, highlight=False))
     if as_json:

@@ -60,9 +60,11 @@ def error(exc) -> None:
     """Render a MedtuneError: one line, one hint."""
     from rich.markup import escape
 
-    console.print(f"[bold red]error:[/] {escape(exc.line())}", soft_wrap=True)
+    from medtune.redact import redact_text
+
+    console.print(f"[bold red]error:[/] {escape(redact_text(exc.line()))}", soft_wrap=True)
     if getattr(exc, "hint", ""):
-        console.print(f"[dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
+        console.print(f"[dim]hint:[/] {escape(redact_text(exc.hint))}", soft_wrap=True)
 
 
 def is_tty() -> bool:

@@ -527,6 +527,9 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
 
     out.mkdir(parents=True, exist_ok=True)
     report["files"] = {"json": str(out / "report.json"), "md": str(out / "report.md"), "html": str(out / "report.html")}
+    from medtune import redact
+
+    report = redact.redact(report)  # no Hub token in the reports, whatever a model or a path holds
     fsutil.write_json(out / "report.json", report)
     fsutil.write_text(out / "report.md", render_markdown(report))
     fsutil.write_text(out / "report.html", render_html(report))

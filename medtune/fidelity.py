@@ -262,9 +262,9 @@ def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None 
         raise BadInput(f"GGUF not found: {gguf}", hint="`medtune export` writes models/<run>/<name>-<quant>.gguf")
     if not model_dir.is_dir():
         raise BadInput(f"model folder not found: {model_dir}", hint="pass the fused folder the GGUF was exported from")
-    with open(gguf, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise BadInput("not a GGUF file (no GGUF magic)", where=str(gguf), hint="pass the .gguf `medtune export` wrote")
+    from medtune.export import read_gguf_header
+
+    read_gguf_header(gguf)  # magic, header and tensor extents: a damaged file is refused before anything loads
     prompts = read_prompts() if prompts is None else [p for p in prompts if p and p.strip()]
     if not prompts:
         raise BadInput("no prompts to compare", hint="pass --prompts FILE")

@@ -7,8 +7,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from medtune import fsutil, runtime
+from medtune import fsutil, redact, runtime, safety
 from medtune.errors import BadInput
+from medtune.lock import holds as _holds_lock
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
@@ -48,8 +49,16 @@ def adapter_kind(acfg: dict) -> str:
 def adapter_weights(adapter_dir: Path, acfg: dict) -> Path:
     names = ADAPTER_WEIGHTS[adapter_kind(acfg)]
     for name in names:
-        if (adapter_dir / name).is_file():
-            return adapter_dir / name
+        path = adapter_dir / name
+        if path.is_file():
+            if path.suffix == ".safetensors":
+                from medtune.modelcheck import safetensors_problem
+
+                problem = safetensors_problem(path)
+                if problem:
+                    raise BadInput(f"not a readable safetensors file: {problem}", where=str(path),
+                                   hint="the adapter is damaged or was cut short; train it again")
+            return path
     raise BadInput(f"no {names[0]} in {adapter_dir}", hint="training did not finish; resume or re-run it")
 
 
@@ -69,6 +78,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+@_holds_lock("out")  # one writer per output folder (medtune.lock)
 def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequantize: bool = False,
          force: bool = False) -> FuseResult:
     """Merge `adapter` into `model` and write an HF safetensors folder at `out`.
@@ -85,6 +95,7 @@ def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequan
     adapter, out = Path(adapter), Path(out)
     if dtype not in DTYPES:
         raise BadInput(f"--dtype must be one of {', '.join(DTYPES)}", hint="auto picks float32 on CPU, float16 on a GPU")
+    adapter = safety.adapter_dir_for_loading(adapter)  # symlinks, remote code, pickle-only weights
     acfg = read_adapter_config(adapter)
     if out.exists() and any(out.iterdir()) and not force:
         raise BadInput(f"output folder exists and is not empty: {out}", hint="pass --force to replace it, or choose another --out")
@@ -102,7 +113,23 @@ def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequan
     if quantized and not dequantize:
         raise BadInput("the base model is quantized: GGUF export and other tools need plain weights",
                        where=str(base.path), hint="pass --dequantize")
-    model_obj, _ = load(str(base.path))
+    target_name = dtype if dtype != "auto" else ("float32" if runtime.on_cpu() else "float16")
+    from medtune.train.torch_backend import count_params  # safetensors headers; torch is not imported
+
+    n_params = count_params(base.path, cfg)
+    src_bytes = 4 if quantized else TORCH_DTYPES.get(str(cfg.get("torch_dtype") or "float32"), 4)
+    from medtune.resources import check_disk, check_memory
+
+    # the base in its own dtype, then cast: both copies can be alive at the peak
+    check_memory(int(n_params * (src_bytes + TORCH_DTYPES[target_name]) * 1.1), "merging the adapter",
+                 hint="close other programs, fuse with --dtype float16, or merge on a bigger machine")
+    check_disk(out / "model.safetensors", int(n_params * TORCH_DTYPES[target_name] * 1.02), f"the fused model ({out})")
+    try:
+        model_obj, _ = load(str(base.path), **safety.mlx_load_kwargs())
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as exc:  # RuntimeError: a bad safetensors
+        from medtune.modelcheck import load_failure
+
+        raise load_failure(base.path, exc, "mlx_lm") from exc
     try:
         load_adapters(model_obj, str(adapter))
     except ValueError as exc:
@@ -132,7 +159,7 @@ def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequan
         for name in TOKENIZER_FILES:
             if (base.path / name).is_file():
                 shutil.copy2(base.path / name, tmp / name)
-        fsutil.write_json(tmp / "medtune_manifest.json", {
+        redact.write_json(tmp / "medtune_manifest.json", {
             "stage": "fuse",
             "inputs": {"base": base.to_dict(), "adapter": str(adapter),
                        "adapter_sha256": fsutil.sha256_file(adapter / "adapters.safetensors"),
@@ -179,22 +206,20 @@ def fuse_torch(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str =
     target = dtype if dtype != "auto" else (src if src in ("float16", "bfloat16") else "float16")
 
     n_params = count_params(base.path, cfg)
-    from medtune.doctor import _memory
+    from medtune.resources import available_memory
 
-    avail = (_memory().get("available_gb") or 0) * 1e9 or float("inf")
+    avail = available_memory()[0]
     work = "float32" if n_params * 4 * 1.2 <= 0.9 * avail else target
     if n_params * TORCH_DTYPES[work] * 1.2 > 0.9 * avail:
         raise ResourceError(f"merging needs ~{n_params * TORCH_DTYPES[work] * 1.2 / 1e9:.1f} GB of memory, "
                             f"{avail / 1e9:.1f} GB is available", hint="close other programs, or merge on a bigger machine")
-    need_disk = n_params * TORCH_DTYPES[target] * 1.05
-    probe = out.parent if out.parent.exists() else Path(".")
-    free = shutil.disk_usage(probe).free
-    if need_disk > free:
-        raise ResourceError(f"the merged model needs ~{need_disk / 1e9:.1f} GB on disk, {free / 1e9:.1f} GB is free "
-                            f"at {probe.resolve()}", hint="free some disk or choose another --out")
+    from medtune.resources import check_disk
+
+    check_disk(out / "model.safetensors", int(n_params * TORCH_DTYPES[target] * 1.02), f"the merged model ({out})")
 
     try:
-        model_obj = AutoModelForCausalLM.from_pretrained(str(base.path), **_dtype_kw(getattr(torch, work)))
+        model_obj = AutoModelForCausalLM.from_pretrained(str(base.path), **_dtype_kw(getattr(torch, work)),
+                                                         **safety.hf_load_kwargs(base.path))
     except (ValueError, OSError, KeyError) as exc:
         raise BadInput(f"transformers cannot load the base model: {str(exc).splitlines()[0]}", where=str(base.path),
                        hint="check the model folder") from exc
@@ -212,7 +237,9 @@ def fuse_torch(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str =
         try:
             peft_model = PeftModel.from_pretrained(model_obj, str(adapter))
         except (ValueError, RuntimeError, KeyError) as exc:
-            detail = [line.strip() for line in str(exc).splitlines() if line.strip()][:1]
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            # torch's load_state_dict says "Error(s) in loading state_dict ...:" first, the mismatch after it
+            detail = [x for x in lines if "size mismatch" in x or "shape" in x][:1] or lines[:1]
             raise BadInput(f"adapter does not fit this base model ({detail[0] if detail else type(exc).__name__})",
                            where=str(adapter), hint="fuse with the same --model the adapter was trained on") from exc
         expected = set(get_peft_model_state_dict(peft_model))
@@ -252,7 +279,7 @@ def fuse_torch(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str =
         for name in TOKENIZER_FILES:
             if (base.path / name).is_file():
                 shutil.copy2(base.path / name, tmp / name)
-        fsutil.write_json(tmp / "medtune_manifest.json", {
+        redact.write_json(tmp / "medtune_manifest.json", {
             "stage": "fuse", "backend": "peft" if kind == "peft" else "torch",
             "inputs": {"base": base.to_dict(), "adapter": str(adapter), "adapter_sha256": fsutil.sha256_file(weights),
                        "adapter_config": acfg},

@@ -132,7 +132,9 @@ def _check_adapter(adapter) -> Path:
     if missing:
         raise BadInput(f"adapter folder has no {', '.join(missing)}", where=str(path),
                        hint="pass the folder `medtune train` wrote (adapter_config.json + adapters.safetensors)")
-    return path
+    from medtune import safety
+
+    return safety.adapter_dir_for_loading(path)
 
 
 def load(model: str, adapter: str | Path | None = None):
@@ -152,8 +154,10 @@ def load(model: str, adapter: str | Path | None = None):
     from mlx_lm import load as mlx_load
     from mlx_lm.tuner.utils import load_adapters
 
+    from medtune import safety
+
     try:
-        net, tokenizer = mlx_load(str(path), model_config=overrides)
+        net, tokenizer = mlx_load(str(path), model_config=overrides, **safety.mlx_load_kwargs())
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise BadInput(f"mlx_lm cannot load the model: {str(exc).splitlines()[0]}", where=str(path),
                        hint="check the model folder (config.json, safetensors, tokenizer)") from exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medtune.errors import BadInput, MedtuneError, require
+from medtune.safety import check_hub_id
 
 
 def hf_snapshot(repo_id: str, patterns: list[str], repo_type: str = "model") -> Path:
@@ -15,6 +16,7 @@ def hf_snapshot(repo_id: str, patterns: list[str], repo_type: str = "model") -> 
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     what = "dataset" if repo_type == "dataset" else "model"
+    check_hub_id(repo_id, what)  # never a path: '..', '/' or '--' could leave the cache
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, repo_type=repo_type, allow_patterns=patterns))
     except RepositoryNotFoundError as exc:
@@ -26,6 +28,7 @@ def hf_snapshot(repo_id: str, patterns: list[str], repo_type: str = "model") -> 
 
 
 def modelscope_snapshot(repo_id: str, patterns: list[str] | None = None, repo_type: str = "model") -> Path:
+    check_hub_id(repo_id, repo_type)
     ms = require("modelscope", purpose=f"modelscope: {repo_type}s")
     try:
         if repo_type == "dataset":

@@ -39,6 +39,8 @@ DEFAULT_CONFIG_TEXT = """\
 name: medtune-smollm2            # the run folder: runs/<name>/
 model: builtin:smollm2-135m      # folder, .gguf, builtin:NAME, ORG/NAME (Hub) or modelscope:ORG/NAME
 runs_dir: runs
+trust_remote_code: false         # true: let a model run its own Python code (auto_map); only models you trust
+allow_pickle: false              # true: accept *.bin/*.pt weights when there are no safetensors (weights_only)
 
 prepare:                         # medtune prepare DATASET --model MODEL --out runs/<name>/data
   dataset: data/sample/medical_o1_sample.jsonl
@@ -97,7 +99,7 @@ EXPORT_KEYS = {"quant", "quants", "system", "converter", "llama_cpp", "family"}
 OLLAMA_KEYS = {"create", "host"}
 EVAL_KEYS = {"enabled", "base", "gguf", "max_tokens", "limit", "probe_limit", "probes", "choices", "threads",
              "fidelity_tokens", "gguf_loss"}
-TOP_KEYS = {"name", "model", "runs_dir", *STAGES}
+TOP_KEYS = {"name", "model", "runs_dir", "trust_remote_code", "allow_pickle", *STAGES}
 
 
 def default_config() -> dict:
@@ -171,9 +173,11 @@ def load_config(config: str | Path | dict | None) -> dict:
     t = cfg["train"]
     if "steps_per_eval" in t:
         t["eval_every"] = t.pop("steps_per_eval")
-    name = str(cfg.get("name") or "")
-    if not name or "/" in name or name.startswith("."):
-        raise BadInput(f"bad run name {name!r}", where=where, hint="name: a folder name under runs/, e.g. medtune-smollm2")
+    from medtune import safety
+
+    safety.safe_name(cfg.get("name"), "run name", where=where,
+                     hint="name: a folder name under runs/, e.g. medtune-smollm2")
+    safety.config_flags(cfg, where)  # trust_remote_code / allow_pickle: booleans
     return cfg
 
 
@@ -228,9 +232,9 @@ class Hasher:
 
     def save(self) -> None:
         if self.cache_file:
-            from medtune import fsutil
+            from medtune import redact
 
-            fsutil.write_json(self.cache_file, self.cache)
+            redact.write_json(self.cache_file, self.cache)
 
 
 def versions() -> dict:
@@ -258,7 +262,9 @@ class Run:
     def __init__(self, cfg: dict, log: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.name = cfg["name"]
-        self.root = Path(cfg.get("runs_dir") or DEFAULT_RUNS) / self.name
+        from medtune.safety import inside
+
+        self.root = inside(Path(cfg.get("runs_dir") or DEFAULT_RUNS), self.name, "run folder")
         self.data, self.adapter, self.fused = self.root / "data", self.root / "adapter", self.root / "fused"
         self.gguf_dir, self.eval_dir = self.root / "gguf", self.root / "eval"
         self.modelfile = self.root / f"{self.name}.Modelfile"
@@ -268,9 +274,10 @@ class Run:
         self._log = log
 
     def log(self, line: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "run.log", "a", encoding="utf-8") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {line}\n")
+        from medtune import redact
+
+        line = redact.redact_text(line)  # appended without following a symlink at run.log
+        redact.append_line(self.root / "run.log", f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {line}")
         if self._log:
             self._log(line)
 
@@ -430,8 +437,6 @@ def run_pipeline(config: str | Path | dict | None = None, *, from_stage: str | N
 
     from_stage: redo this stage and every later one (the earlier ones must be done); only: redo just this stage;
     force: redo every stage; on_step(step, metrics): passed to training (notebooks, tests)."""
-    from medtune import fsutil
-
     for flag, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in STAGES:
             raise BadInput(f"{flag} {value!r} is not a stage", hint=f"stages: {', '.join(STAGES)}")
@@ -439,11 +444,20 @@ def run_pipeline(config: str | Path | dict | None = None, *, from_stage: str | N
         raise BadInput("--from and --only together", hint="use one of them")
     cfg = load_config(config)
     r = Run(cfg, log=log)
+    from medtune import lock
+
+    with lock.locked(r.root):  # one `medtune run` per run folder at a time
+        return _run_stages(r, cfg, from_stage, only, force, progress, on_step)
+
+
+def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -> dict:
+    from medtune import fsutil, redact, safety
+
     r.root.mkdir(parents=True, exist_ok=True)
     import yaml
 
     fsutil.write_text(r.root / "config.yaml", "# resolved config of this run: `medtune run " + str(r.root / "config.yaml")
-                      + "` reproduces it\n" + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+                      + "` reproduces it\n" + yaml.safe_dump(redact.redact(cfg), sort_keys=False, allow_unicode=True))
     if only:
         todo = [only]
     elif from_stage:
@@ -467,7 +481,9 @@ def run_pipeline(config: str | Path | dict | None = None, *, from_stage: str | N
             r.log(f"{stage}: running (fingerprint {fp[:12]})")
             t0 = time.time()
             try:
-                result = getattr(r, f"do_{stage}")(progress=progress, on_step=on_step, fp=fp, forced=stage in forced)
+                with safety.policy(**safety.config_flags(cfg)):  # the config's trust_remote_code / allow_pickle
+                    result = getattr(r, f"do_{stage}")(progress=progress, on_step=on_step, fp=fp,
+                                                       forced=stage in forced)
             except MedtuneError as exc:
                 if exc.exit_code != 130:  # training's Interrupted (Ctrl-C): say how to go on
                     raise
@@ -480,7 +496,7 @@ def run_pipeline(config: str | Path | dict | None = None, *, from_stage: str | N
                 r.log(f"{stage}: not run: {result['skipped']}")
                 r.record_path(stage).unlink(missing_ok=True)
                 continue
-            fsutil.write_json(r.record_path(stage), {"stage": stage, "fingerprint": fp, "inputs": inputs,
+            redact.write_json(r.record_path(stage), {"stage": stage, "fingerprint": fp, "inputs": inputs,
                                                      "options": options, "versions": r.vers, "seconds": seconds,
                                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                      "outputs": [str(p) for p in r.outputs(stage)], "result": result})

@@ -233,7 +233,11 @@ def detect(record: dict, where: str, mapping: dict[str, str] | None = None) -> F
 
 def get(name: str) -> Format:
     if name not in REGISTRY:
-        raise BadInput(f"unknown format {name!r}", hint=f"known formats: {', '.join(REGISTRY)}")
+        import difflib
+
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+        raise BadInput(f"--format: unknown format {name!r}",
+                       hint=(f"did you mean {close[0]!r}? " if close else "") + f"known formats: {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
 

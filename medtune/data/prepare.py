@@ -19,6 +19,7 @@ from pathlib import Path
 from medtune import fsutil
 from medtune.data import encode, formats, render, sources
 from medtune.errors import BadInput
+from medtune.lock import holds as _holds_lock
 
 REASONING_MODES = ("think", "drop", "inline")
 OVERLONG_MODES = ("drop", "keep", "error")
@@ -175,6 +176,7 @@ def _check(info, full_text, prompt_text, full_ids, head_ids, reasoning_text, whe
                   hint="the chat template strips it; use --reasoning inline or --style text")
 
 
+@_holds_lock("out")  # one writer per output folder (medtune.lock)
 def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict | str | None = None,
             style: str = "auto", reasoning: str = "think", valid_ratio: float = 0.1, test_ratio: float = 0.0,
             seed: int = 42, max_seq_length: int = 2048, overlong: str = "drop", limit: int | None = None,
@@ -201,11 +203,9 @@ def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict |
     if out and not dry_run:
         _check_out(out)
 
-    # The model's tokenizer and what its chat template does.
+    # The model (its tokenizer is loaded once the records are read: a bad dataset fails in a second).
     model_ref = pull(str(model)) if tokenizer is None or not Path(str(model)).is_dir() else None
     model_path = model_ref.path if model_ref else Path(str(model))
-    tok = tokenizer or render.load_tokenizer(model_path)
-    info = render.inspect_template(tok, model_path)
     notes: list[str] = []
 
     # Read, convert, clean, dedupe; the sources' sha256 is computed on the other core meanwhile.
@@ -260,6 +260,9 @@ def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict |
     if not examples:
         raise BadInput(f"no usable records in {dataset} (read {n_read}, dropped {dict(dropped) or 'none'})",
                        hint="check the fields (--format, --map) and that they are not empty")
+    # The model's tokenizer and what its chat template does.
+    tok = tokenizer or render.load_tokenizer(model_path)
+    info = render.inspect_template(tok, model_path)
     if sample and sample < len(examples):
         picked = sorted(random.Random(seed).sample(range(len(examples)), sample))
         dropped["not sampled"] += len(examples) - sample
@@ -318,11 +321,14 @@ def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict |
 
     # Overlong records: never one whose end token training would cut off.
     keep = []
+    longest = None  # (tokens, where) of the longest record dropped for its length
     for i in range(n):
         length = lengths.get(i)
         if length == -1:
             continue
         if length is not None and length > max_seq_length:
+            if longest is None or length > longest[0]:
+                longest = (length, examples[i].where)
             if overlong == "error":
                 raise BadInput(f"record is {length} tokens, over --max-seq-length {max_seq_length}",
                                where=examples[i].where, hint="raise --max-seq-length, or --overlong drop")
@@ -333,7 +339,11 @@ def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict |
                          "--max-seq-length is raised")
         keep.append(i)
     if not keep:
-        raise BadInput("no records left after the length and rendering checks",
+        if longest is not None:
+            raise BadInput(f"no records left: {dropped['over max_seq_length']} dropped for being over --max-seq-length "
+                           f"{max_seq_length}; this one is {longest[0]} tokens", where=longest[1],
+                           hint=f"raise --max-seq-length, or split such records (dropped: {dict(dropped)})")
+        raise BadInput(f"no records left in {dataset} after the length and rendering checks",
                        hint=f"dropped: {dict(dropped)}; raise --max-seq-length?")
 
     # Split on the opening question, so a question never lands on two sides.
@@ -379,7 +389,9 @@ def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict |
         for side, data in splits.items():
             if data or side != "test":
                 fsutil.write_jsonl(tmp / f"{side}.jsonl", data)
-        fsutil.write_json(tmp / "manifest.json", manifest)
+        from medtune import redact
+
+        redact.write_json(tmp / "manifest.json", manifest)
     result.files = {side: str(out / f"{side}.jsonl") for side in splits if (out / f"{side}.jsonl").exists()}
     result.manifest = manifest
     return result

@@ -33,9 +33,20 @@ class TemplateInfo:
 def load_tokenizer(model_dir):
     from transformers import AutoTokenizer
 
+    from medtune import safety
+
+    safety.check_links(model_dir)
+    safety.check_remote_code(model_dir)  # before transformers reads tokenizer_config.json's auto_map
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=safety.trust_remote_code())
     except Exception as exc:  # transformers raises OSError/ValueError/... for broken folders
+        from pathlib import Path
+
+        from medtune.modelcheck import TOKENIZER_FILES
+
+        if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+            raise BadInput(f"no tokenizer in the model folder (none of {', '.join(TOKENIZER_FILES[:2])})",
+                           where=str(model_dir), hint="copy the base model's tokenizer files into the folder") from exc
         raise BadInput(f"cannot load the tokenizer: {str(exc).splitlines()[0]}", where=str(model_dir),
                        hint="the model folder needs tokenizer.json or tokenizer.model and tokenizer_config.json") from exc
 

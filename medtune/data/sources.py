@@ -336,10 +336,14 @@ def resolve(spec: str | Path) -> Resolved:
         m = HF_SPEC.match(s)
         if not m:
             raise BadInput(f"bad Hub dataset spec {s!r}", hint="hf:ORG/NAME, hf:ORG/NAME:config, hf:ORG/NAME:config@split")
-        root = _hf_download(m["repo"])
+        from medtune.safety import check_hub_id
+
+        root = _hf_download(check_hub_id(m["repo"], "dataset"))
         return Resolved(s, "hf", select_hf_files(root, m["config"], m["split"], s), root)
     if s.startswith("modelscope:"):
-        root = _modelscope_download(s.split(":", 1)[1])
+        from medtune.safety import check_hub_id
+
+        root = _modelscope_download(check_hub_id(s.split(":", 1)[1], "dataset"))
         return Resolved(s, "modelscope", data_files(root), root)
     path = Path(s).expanduser()
     if not path.exists():

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medtune.errors import BadInput
+from medtune.lock import holds as _holds_lock
 
 __all__ = ["ExportResult", "export", "inspect_gguf", "ollama_commands", "read_gguf_header"]
 
@@ -54,6 +55,7 @@ def ollama_commands(name: str, modelfile_path: str | Path) -> list[str]:
     return [f"ollama create {shlex.quote(name)} -f {shlex.quote(str(modelfile_path))}", f"ollama run {shlex.quote(name)}"]
 
 
+@_holds_lock("out_dir")  # one writer per output folder (medtune.lock)
 def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",), system: str | None = None,
            progress=None, *, modelfile_path: str | Path | None = None, params: dict | None = None,
            family: str | None = None, converter: str = "auto", llama_cpp_dir: str | Path | None = None) -> ExportResult:
@@ -89,6 +91,9 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
     quants = qz.parse_quants(quants)
     if not model_dir.is_dir():
         raise BadInput(f"model folder {model_dir} does not exist", hint="run `medtune fuse` first")
+    from medtune import safety
+
+    model_dir = safety.model_dir_for_loading(model_dir)  # symlinks out, remote code, pickle-only weights
 
     # Everything is decided before anything is written: converter, quantizer, tensors, tokenizer, Modelfile.
     route = llamacpp.choose(converter, model_dir, llama_cpp_dir)
@@ -128,6 +133,12 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
     need = sum(estimate_bytes(plans[q]) if q in plans else int(n_params * qz.BITS[q] / 8) + (8 << 20)
                for q in dict.fromkeys([*written, *quants]))
     check_disk(ggufs[quants[0]], need)
+    if plans:  # our writer holds one tensor (and its quantized copy) at a time, plus the vocabulary
+        from medtune.resources import check_memory
+
+        biggest = max((math.prod(s) for s in plans[written[0]].ckpt.shape.values()), default=0)
+        check_memory(biggest * 4 * 3 + (256 << 20), "writing the GGUF",
+                     hint="close other programs, or export on a bigger machine")
 
     # The manifest's input hashes are computed in a background thread while the GGUFs are written (hashlib
     # releases the GIL): on a 2-core machine this hides the ~1-2 s of hashing a 0.5 GB checkpoint.
@@ -136,6 +147,7 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
                                            "generation_config.json", "chat_template.jinja",
                                            "model.safetensors.index.json") if (model_dir / f).is_file()]
     summaries: dict[str, dict] = {}
+    fsutil.sweep(out_dir / f"{stem}-{qz.SOURCE_TYPE}.gguf")  # an intermediate a killed export left behind
     with contextlib.ExitStack() as stack:
         hashing = stack.enter_context(_Hasher([*input_files, *weight_files]))
         tmp = {q: stack.enter_context(fsutil.atomic_path(ggufs[q])) for q in quants}
@@ -182,7 +194,9 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
         "outputs": outputs,
         "versions": _versions(__version__),
     }
-    manifest_path = fsutil.write_json(out_dir / "export_manifest.json", manifest)
+    from medtune import redact
+
+    manifest_path = redact.write_json(out_dir / "export_manifest.json", manifest)
     return ExportResult(
         name=name, gguf_paths=ggufs, modelfile_path=mf_path, modelfile_text=text, family=info["family"],
         stops=info["stops"], system=info["system"], manifest_path=manifest_path,
@@ -299,9 +313,12 @@ def read_gguf_header(path: str | Path, *, head: int = 5, full_arrays=()) -> dict
         raise BadInput(f"no such GGUF file: {path}", hint="check the path")
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        if size < 24 or fh.read(4) != b"GGUF":
+        if fh.read(4) != b"GGUF":
             raise BadInput("not a GGUF file (it does not start with the magic bytes 'GGUF')", where=str(path),
                            hint="check the path; an interrupted download or a git-lfs pointer looks like this")
+        if size < 24:
+            raise BadInput(f"truncated GGUF file ({size} bytes, shorter than the 24-byte header)", where=str(path),
+                           hint="the file is truncated; export or download it again")
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         pos = 4
@@ -362,12 +379,19 @@ def read_gguf_header(path: str | Path, *, head: int = 5, full_arrays=()) -> dict
         alignment = int(metadata.get("general.alignment", 32) or 32)
         data_start = (pos + alignment - 1) // alignment * alignment
     except (struct.error, ValueError, UnicodeDecodeError, OverflowError) as exc:
-        raise BadInput(f"not a readable GGUF file ({exc})", where=str(path),
+        detail = "the header runs past the end of the file" if isinstance(exc, struct.error) else exc
+        raise BadInput(f"not a readable GGUF file ({detail})", where=str(path),
                        hint="the file is truncated or damaged; export or download it again") from exc
     finally:
         mm.close()
-    return {"version": version, "metadata": metadata, "tensors": _tensor_table(raw, data_start, size),
-            "data_offset": data_start}
+    tensors = _tensor_table(raw, data_start, size)
+    if tensors:
+        last = max(tensors, key=lambda t: t["offset"] + t["bytes"])
+        end = data_start + last["offset"] + last["bytes"]
+        if end > size:
+            raise BadInput(f"truncated GGUF file: tensor {last['name']} ends at byte {end}, the file has {size}",
+                           where=str(path), hint="the file is truncated; export or download it again")
+    return {"version": version, "metadata": metadata, "tensors": tensors, "data_offset": data_start}
 
 
 def _tensor_table(raw: list, data_start: int, file_size: int) -> list[dict]:

@@ -9,7 +9,6 @@ written under a temporary name and renamed into place.
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medtune import fsutil
-from medtune.errors import BadInput, ResourceError
+from medtune.errors import BadInput
 from medtune.export import archs
 from medtune.export.tokenizer import Vocab, read_vocab
 
@@ -83,8 +82,16 @@ class Checkpoint:
                     (n,) = struct.unpack("<Q", fh.read(8))
                     header = json.loads(fh.read(n))
             except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-                raise BadInput(f"not a readable safetensors file ({exc})", where=str(path),
+                from medtune.modelcheck import safetensors_problem
+
+                raise BadInput(f"not a readable safetensors file: {safetensors_problem(path) or exc}", where=str(path),
                                hint="the file is damaged or a git-lfs pointer; re-download it") from exc
+            from medtune.modelcheck import safetensors_problem
+
+            problem = safetensors_problem(path)  # e.g. tensor data cut short: refused now, before any writing
+            if problem:
+                raise BadInput(f"not a readable safetensors file: {problem}", where=str(path),
+                               hint="the file is damaged or incomplete; re-download it (or fuse again)")
             self._headers[path] = (n, header)
         return self._headers[path]
 
@@ -231,14 +238,9 @@ def plan_gguf(model_dir: str | Path, outtype: str = "f16") -> Plan:
 
 def check_disk(out_path: Path, need: int) -> None:
     """ResourceError unless the folder of `out_path` has `need` bytes free (plus a margin)."""
-    folder = out_path.absolute().parent
-    while not folder.exists() and folder != folder.parent:  # the folder may not exist yet
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if free < need + (64 << 20):
-        raise ResourceError(f"not enough disk for {out_path.name}: needs ~{need / 2**30:.2f} GiB, "
-                            f"{free / 2**30:.2f} GiB free", where=str(out_path.parent),
-                            hint="free some space or choose another --out folder")
+    from medtune.resources import check_disk as check
+
+    check(out_path, need)
 
 
 def estimate_bytes(plan: Plan) -> int:

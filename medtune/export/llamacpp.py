@@ -103,7 +103,9 @@ def convert(route: Route, model_dir: str | Path, out_path: str | Path, outtype: 
         raise BadInput(f"llama.cpp's converter does not write {outtype}", hint=f"it writes {', '.join(CONVERTER_TYPES)}")
     out_path = Path(out_path)
     gguf_py = route.checkout / "gguf-py"
-    env = dict(os.environ)
+    from medtune.redact import scrubbed_env
+
+    env = scrubbed_env()  # offline, on a local folder: no Hub token for the converter
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(gguf_py), env.get("PYTHONPATH", "")) if p)
     env.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local folder: nothing to download
     env["PYTHONUNBUFFERED"] = "1"

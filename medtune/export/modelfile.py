@@ -248,7 +248,7 @@ def hf_render(model_dir: str | Path, messages: list[dict]) -> str:
     """The reference: transformers' apply_chat_template with add_generation_prompt=True."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from medtune import safety
 from medtune.errors import BadInput
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -30,10 +31,10 @@ class ModelRef:
 
 def _check_hf_dir(path: Path, spec: str) -> None:
     if not (path / "config.json").is_file():
-        raise BadInput(f"model folder has no config.json: {path}", where=spec,
+        raise BadInput("model folder has no config.json", where=str(path),
                        hint="a model folder needs config.json, *.safetensors and tokenizer files")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise BadInput(f"model folder has no weights (*.safetensors): {path}", where=spec,
+    if not any(path.glob("*.safetensors")) and not safety.pickle_weights(path):
+        raise BadInput("model folder has no weights (*.safetensors)", where=str(path),
                        hint="download the full model, or point at a .gguf file")
 
 
@@ -45,7 +46,8 @@ def pull(spec: str, progress=None) -> ModelRef:
 
         return ModelRef(spec, "builtin", pull_builtin(spec.split(":", 1)[1], progress=progress))
     if spec.startswith("modelscope:"):
-        return ModelRef(spec, "modelscope", _pull_modelscope(spec.split(":", 1)[1]))
+        repo = safety.check_hub_id(spec.split(":", 1)[1])
+        return ModelRef(spec, "modelscope", safety.model_dir_for_loading(_pull_modelscope(repo)))
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -53,11 +55,11 @@ def pull(spec: str, progress=None) -> ModelRef:
         return ModelRef(spec, "gguf", _import_local_gguf(path, progress))
     if path.is_dir():
         _check_hf_dir(path, spec)
-        return ModelRef(spec, "local", path.resolve())
+        return ModelRef(spec, "local", safety.model_dir_for_loading(path.resolve()))
     if path.exists():
         raise BadInput(f"not a model folder or .gguf file: {path}", hint="pass a folder, a .gguf, builtin:NAME or ORG/NAME")
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        return ModelRef(spec, "hub", _pull_hub(spec))
+        return ModelRef(spec, "hub", safety.model_dir_for_loading(_pull_hub(safety.check_hub_id(spec))))
     raise BadInput(f"cannot resolve model {spec!r}: no such folder or file",
                    hint="use a local folder, a .gguf file, builtin:smollm2-135m, ORG/NAME (Hub) or modelscope:ORG/NAME")
 
@@ -84,7 +86,15 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"
 def _pull_hub(repo_id: str) -> Path:
     from medtune.hub import hf_snapshot
 
-    return hf_snapshot(repo_id, HUB_PATTERNS)
+    # the model's own code and pickle weights are only fetched when the user allowed them
+    path = hf_snapshot(repo_id, HUB_PATTERNS + (["*.py"] if safety.trust_remote_code() else []))
+    if not any(path.glob("*.safetensors")):
+        if not safety.allow_pickle():
+            raise BadInput(f"{repo_id} has no safetensors weights (pickle weights are only fetched with "
+                           "--allow-pickle)", where=str(path), hint=safety.PICKLE_HINT)
+        path = hf_snapshot(repo_id, HUB_PATTERNS + safety.PICKLE_PATTERNS
+                           + (["*.py"] if safety.trust_remote_code() else []))
+    return path
 
 
 def _pull_modelscope(repo_id: str) -> Path:

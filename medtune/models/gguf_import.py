@@ -7,7 +7,6 @@ rebuilt as a `tokenizer.json` whose pre-tokenizer splits text exactly as llama.c
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

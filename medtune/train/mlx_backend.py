@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtune import fsutil, runtime
+from medtune import fsutil, redact, runtime
 from medtune.errors import BadInput, MedtuneError, ResourceError
 from medtune.train.options import TrainOptions, TrainResult
 from medtune.train.report import MetricsLog, StopOnSignal, plot_losses
@@ -27,20 +27,28 @@ PAD_MULTIPLE = 32
 
 def load_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadInput(f"not valid UTF-8 (byte {exc.start} of the line)", where=f"{path}:{n}",
+                               hint="re-run `medtune prepare`, which writes UTF-8 JSON Lines") from exc
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise BadInput(f"invalid JSON: {exc.msg}", where=f"{path}:{n}",
                                    hint="re-run `medtune prepare`; training data must be JSON Lines") from exc
+                if not isinstance(row, dict):
+                    raise BadInput(f"line holds a JSON {type(row).__name__}, not an object", where=f"{path}:{n}",
+                                   hint="re-run `medtune prepare`; each line must be one record object")
+                rows.append(row)
     return rows
 
 
-def build_dataset(rows: list[dict], tokenizer, mask_prompt: bool, max_seq_length: int, where: Path):
-    """Tokenise every record now (medtune.data.encode: the same rendering prepare checked), so that a
-    bad record fails before the first step, not at 3 a.m."""
+def check_rows(rows: list[dict], where: Path) -> None:
+    """Records of a prepared file: there are some, and each has a style (no tokenizer needed)."""
     from medtune.data import encode
 
     if not rows:
@@ -51,6 +59,14 @@ def build_dataset(rows: list[dict], tokenizer, mask_prompt: bool, max_seq_length
         except ValueError as exc:
             raise BadInput("record has none of prompt/completion, messages, text", where=f"{where}:{i + 1}",
                            hint="re-run `medtune prepare`") from exc
+
+
+def build_dataset(rows: list[dict], tokenizer, mask_prompt: bool, max_seq_length: int, where: Path):
+    """Tokenise every record now (medtune.data.encode: the same rendering prepare checked), so that a
+    bad record fails before the first step, not at 3 a.m."""
+    from medtune.data import encode
+
+    check_rows(rows, where)
     try:
         items = encode.encode_all(tokenizer, rows, mask_prompt)
     except ValueError as exc:
@@ -128,11 +144,14 @@ def load_model(model_dir: Path):
     mx = runtime.mx()
     from mlx_lm import load
 
+    from medtune import safety
+
     try:
-        model, tokenizer = load(str(model_dir))
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        raise BadInput(f"mlx_lm cannot load the model: {str(exc).splitlines()[0]}", where=str(model_dir),
-                       hint="check the model folder (config.json, safetensors, tokenizer)") from exc
+        model, tokenizer = load(str(model_dir), **safety.mlx_load_kwargs())
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as exc:  # RuntimeError: a bad safetensors
+        from medtune.modelcheck import load_failure
+
+        raise load_failure(model_dir, exc, "mlx_lm") from exc
     if runtime.on_cpu():
         model.set_dtype(mx.float32)  # bf16/fp16 matmuls are slow on MLX's CPU backend
     return model, tokenizer
@@ -275,7 +294,10 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
+def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: int,
+                    config: dict | None = None) -> Path:
+    """checkpoints/step-N: the adapter (with its adapter_config.json: the folder loads as an adapter), the
+    optimizer state and where the run stands."""
     mx = runtime.mx()
     from mlx.utils import tree_flatten
 
@@ -285,6 +307,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: i
         opt = {k: v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
         fsutil.write_json(tmp / "state.json", {**state, "step": step})
+        if config is not None:
+            fsutil.write_json(tmp / "adapter_config.json", config)
     for old in checkpoint_dirs(out)[:-keep]:
         import shutil
 
@@ -314,12 +338,6 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
     from medtune.models import pull
     from medtune.models.config import read_config
 
-    mx = runtime.mx()
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    from mlx.utils import tree_flatten, tree_map
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
     opts.check()
     data, out = Path(data), Path(out)
     for name in ("train.jsonl", "valid.jsonl"):
@@ -331,12 +349,23 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
     if resume and not ckpts:
         raise BadInput(f"--resume: no checkpoint in {out / 'checkpoints'}", hint="start without --resume")
 
+    # The data and the model folder are checked before mlx and mlx_lm are imported (seconds): a bad file fails at once.
+    train_rows, val_rows = load_jsonl(data / "train.jsonl"), load_jsonl(data / "valid.jsonl")
+    check_rows(train_rows, data / "train.jsonl")
+    check_rows(val_rows, data / "valid.jsonl")
     model_ref = pull(model_spec)
     cfg = read_config(model_ref.path)
+
+    mx = runtime.mx()
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
     mx.random.seed(opts.seed)
     model, tokenizer = load_model(model_ref.path)
-    train_items = build_dataset(load_jsonl(data / "train.jsonl"), tokenizer, opts.mask_prompt, opts.max_seq_length, data / "train.jsonl")
-    val_items = build_dataset(load_jsonl(data / "valid.jsonl"), tokenizer, opts.mask_prompt, opts.max_seq_length, data / "valid.jsonl")
+    train_items = build_dataset(train_rows, tokenizer, opts.mask_prompt, opts.max_seq_length, data / "train.jsonl")
+    val_items = build_dataset(val_rows, tokenizer, opts.mask_prompt, opts.max_seq_length, data / "valid.jsonl")
     if len(train_items) < opts.batch_size:
         raise BadInput(f"{len(train_items)} training records, fewer than --batch-size {opts.batch_size}",
                        where=str(data / "train.jsonl"), hint="lower --batch-size or add data")
@@ -420,8 +449,9 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
     metrics = MetricsLog(out / "metrics.jsonl", truncate=not ckpts, enabled=lead)
     if ckpts:
         metrics.keep_until(start)
-    if lead:
-        fsutil.write_json(out / "adapter_config.json", adapter_config(opts, model_ref.path, n_layers, keys))
+    # adapter_config.json is written with the final weights, not now: a killed run must not leave a finished
+    # run's adapters.safetensors beside another run's config
+    config = adapter_config(opts, model_ref.path, n_layers, keys)
     order = batch_order(train_items, opts.batch_size, opts.seed, run["epoch"])
     t0 = time.perf_counter()
     task = progress.add_task("training", total=steps, completed=start, loss="-", val="-", tps="-", mem="-") \
@@ -461,7 +491,7 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
     def checkpoint(it: int) -> Path:
         target = out / "checkpoints" / f"step-{it:07d}"
         if lead:
-            save_checkpoint(out, it, model, optimizer, dict(run), opts.keep_checkpoints)
+            save_checkpoint(out, it, model, optimizer, dict(run), opts.keep_checkpoints, config)
         return target
 
     def said_stop() -> None:
@@ -515,13 +545,14 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
             if stop.asked and it != steps:
                 path = checkpoint(it)
                 raise Interrupted(f"stopped at step {it}/{steps}; checkpoint {path}",
-                                  hint=f"continue with the same command plus --resume (output folder {out})")
+                                  hint=f"run the same command again to continue from this checkpoint (output folder {out})")
     finally:
         stop.restore()
 
     adapter_file = out / "adapters.safetensors"
     if lead:
         save_adapter(adapter_file)
+        fsutil.write_json(out / "adapter_config.json", config)
     test_loss = None
     if opts.test:
         test_items = build_dataset(load_jsonl(data / "test.jsonl"), tokenizer, opts.mask_prompt, opts.max_seq_length,
@@ -542,7 +573,7 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
     if not lead:
         return result
     data_manifest = data / "manifest.json"
-    fsutil.write_json(out / "manifest.json", {
+    redact.write_json(out / "manifest.json", {
         "stage": "train", "backend": "mlx", "processes": size,
         "inputs": {"model": model_ref.to_dict(), "data": str(data),
                    "data_manifest_sha256": fsutil.sha256_file(data_manifest) if data_manifest.exists() else None,

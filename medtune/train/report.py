@@ -37,8 +37,9 @@ class MetricsLog:
         self.rows.append(row)
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        from medtune.safety import append_text
+
+        append_text(self.path, json.dumps(row) + "\n")  # never through a symlink at metrics.jsonl
 
 
 def plot_losses(rows: list[dict], path: Path, title: str = "") -> Path | None:

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medtune import fsutil
+from medtune import fsutil, redact
 from medtune.errors import BadInput, ResourceError, require
 from medtune.train.mlx_backend import (
     PAD_MULTIPLE,
@@ -237,16 +237,27 @@ def weight_shapes(model_dir: Path) -> dict[str, tuple] | None:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({model_dir / f for f in weight_map.values()})
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise BadInput(f"model.safetensors.index.json has no valid weight_map ({exc})", where=str(index),
+                           hint="re-download the model") from exc
     else:
         files = sorted(p for p in model_dir.glob("*.safetensors") if not p.name.startswith("adapter"))
     if not files:
         return None
     shapes = {}
     for path in files:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+        try:
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            from medtune.modelcheck import safetensors_problem
+
+            raise BadInput(f"not a readable safetensors file: {safetensors_problem(path) or exc}", where=str(path),
+                           hint="the file is damaged or incomplete; download or fuse the model again") from exc
         shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
     return shapes
 
@@ -442,8 +453,10 @@ def load_hf_model(path: Path, opts: TrainOptions, plan: Plan, device: Device):
                                                        bnb_4bit_compute_dtype=getattr(torch, plan.dtype))
     if device.kind == "cuda":
         kw["device_map"] = {"": device.index}
+    from medtune import safety
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kw, **safety.hf_load_kwargs(path))
     except (ValueError, OSError, KeyError) as exc:
         raise BadInput(f"transformers cannot load the model: {str(exc).splitlines()[0]}", where=str(path),
                        hint="check the model folder (config.json, safetensors, tokenizer)") from exc
@@ -736,7 +749,9 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
                           stored_quantization(cfg))
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_ref.path))
+    from medtune import safety
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_ref.path), trust_remote_code=safety.trust_remote_code())
     train_items = build_dataset(load_jsonl(data / "train.jsonl"), tokenizer, opts.mask_prompt, opts.max_seq_length,
                                 data / "train.jsonl")
     val_items = build_dataset(load_jsonl(data / "valid.jsonl"), tokenizer, opts.mask_prompt, opts.max_seq_length,
@@ -950,7 +965,7 @@ def _run(model, params, tokenizer, train_items, val_items, data: Path, out: Path
             if world.any(stop.asked) and it != steps:
                 path = checkpoint(it)
                 raise Interrupted(f"stopped at step {it}/{steps}; checkpoint {path}",
-                                  hint=f"continue with the same command plus --resume (output folder {out})")
+                                  hint=f"run the same command again to continue from this checkpoint (output folder {out})")
     finally:
         stop.restore()
 
@@ -978,7 +993,7 @@ def _run(model, params, tokenizer, train_items, val_items, data: Path, out: Path
     if not lead:
         return result
     data_manifest = data / "manifest.json"
-    fsutil.write_json(out / "manifest.json", {
+    redact.write_json(out / "manifest.json", {
         "stage": "train", "backend": backend, "processes": size, "device": device.to_dict(),
         "precision": plan.dtype, "load_in_4bit": plan.load_in_4bit, "loss_scaling": plan.scaler,
         "peak_memory_gb": round(peak, 3), "tokens_per_second": result.tokens_per_second,

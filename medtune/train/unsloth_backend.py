@@ -35,10 +35,12 @@ def load_with_unsloth(path, opts: TrainOptions, plan, device, layer_ids, n_total
     import torch.nn as nn
     from unsloth import FastLanguageModel
 
+    from medtune import safety
+
     with contextlib.redirect_stdout(sys.stderr):  # Unsloth's banners must not mix with --json on stdout
         model, _tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(path), max_seq_length=opts.max_seq_length, dtype=getattr(torch, plan.dtype),
-            load_in_4bit=plan.load_in_4bit)
+            load_in_4bit=plan.load_in_4bit, trust_remote_code=safety.trust_remote_code())
         layer = torch_backend.decoder_layers(model)[0]
         targets = torch_backend.resolve_targets([n for n, m in layer.named_modules() if isinstance(m, nn.Linear)],
                                                 target_names)

@@ -45,6 +45,18 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def read_header(path: Path, hint: str = "the file is damaged or incomplete; download or fuse the model again") \
+        -> tuple[int, dict]:
+    """(header length, header) of a safetensors file, or BadInput naming the file and what is wrong with it."""
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            return n, json.loads(fh.read(n))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise BadInput(f"not a readable safetensors file: {safetensors_problem(path) or exc}", where=str(path),
+                       hint=hint) from exc
+
+
 def load_failure(model_dir: str | Path, exc: BaseException, loader: str) -> BadInput:
     """The BadInput to raise when `loader` (mlx_lm, transformers) could not load `model_dir`."""
     model_dir = Path(model_dir)

@@ -9,7 +9,6 @@ written under a temporary name and renamed into place.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,16 +76,9 @@ class Checkpoint:
 
     def _header(self, path: Path) -> tuple[int, dict]:
         if path not in self._headers:
-            try:
-                with open(path, "rb") as fh:
-                    (n,) = struct.unpack("<Q", fh.read(8))
-                    header = json.loads(fh.read(n))
-            except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-                from medtune.modelcheck import safetensors_problem
+            from medtune.modelcheck import read_header, safetensors_problem
 
-                raise BadInput(f"not a readable safetensors file: {safetensors_problem(path) or exc}", where=str(path),
-                               hint="the file is damaged or a git-lfs pointer; re-download it") from exc
-            from medtune.modelcheck import safetensors_problem
+            n, header = read_header(path, hint="the file is damaged or a git-lfs pointer; re-download it")
 
             problem = safetensors_problem(path)  # e.g. tensor data cut short: refused now, before any writing
             if problem:

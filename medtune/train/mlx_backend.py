@@ -207,24 +207,9 @@ def make_schedule(opts: TrainOptions, steps: int):
 
 # ---- memory preflight ---------------------------------------------------------------------------
 def available_memory_bytes() -> tuple[int, str]:
-    import os
+    from medtune.resources import available_memory
 
-    override = os.environ.get("MEDTUNE_MEMORY_LIMIT_GB")
-    if override:
-        return int(float(override) * 1e9), "MEDTUNE_MEMORY_LIMIT_GB"
-    mx = runtime.mx()
-    if not runtime.on_cpu():
-        try:
-            info = mx.metal.device_info() if hasattr(mx, "metal") else mx.device_info()
-            return int(info["max_recommended_working_set_size"]), "Metal recommended working set"
-        except Exception:  # noqa: BLE001 - fall back to system memory
-            pass
-    from medtune.doctor import _memory
-
-    avail = _memory().get("available_gb")
-    if avail:
-        return int(avail * 1e9), "available system memory"
-    return 1 << 62, "unknown"
+    return available_memory()  # mlx is imported here, so on Apple Silicon this is Metal's working set
 
 
 def estimate_memory(cfg: dict, total_params: int, trainable: int, param_bytes: int, batch: int, seq: int,

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,16 +247,10 @@ def weight_shapes(model_dir: Path) -> dict[str, tuple] | None:
     if not files:
         return None
     shapes = {}
-    for path in files:
-        try:
-            with open(path, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-            from medtune.modelcheck import safetensors_problem
+    from medtune.modelcheck import read_header
 
-            raise BadInput(f"not a readable safetensors file: {safetensors_problem(path) or exc}", where=str(path),
-                           hint="the file is damaged or incomplete; download or fuse the model again") from exc
+    for path in files:
+        _, header = read_header(path)
         shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
     return shapes
 

@@ -20,7 +20,7 @@ import numpy as np
 from medtune import fsutil, redact, runtime
 from medtune.errors import BadInput, MedtuneError, ResourceError
 from medtune.train.options import TrainOptions, TrainResult
-from medtune.train.report import MetricsLog, StopOnSignal, plot_losses
+from medtune.train.report import MetricsLog, StopOnSignal, log_validation, plot_losses
 
 PAD_MULTIPLE = 32
 
@@ -469,9 +469,7 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
         metrics.write({"step": it, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
         if progress:
             progress.update(task, val=f"{loss:.3f}")
-            tl = run["train_loss"]
-            _log(progress, f"step {it}/{steps}: train loss {'-' if tl is None else f'{tl:.3f}'}, val loss {loss:.3f}"
-                           + (f", {run['tokens_seen'] / run['t_train']:.0f} tok/s" if run["t_train"] else ""))
+            log_validation(progress, it, steps, run, loss)
 
     def checkpoint(it: int) -> Path:
         target = out / "checkpoints" / f"step-{it:07d}"
@@ -479,11 +477,7 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
             save_checkpoint(out, it, model, optimizer, dict(run), opts.keep_checkpoints, config)
         return target
 
-    def said_stop() -> None:
-        if progress:
-            _log(progress, "stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
-
-    stop = StopOnSignal(said_stop).install()
+    stop = StopOnSignal(progress).install()
 
     if start == 0:
         run_eval(0)
@@ -568,11 +562,6 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
         "outputs": {"adapters.safetensors": fsutil.sha256_file(adapter_file)},
     })
     return result
-
-
-def _log(progress, line: str) -> None:
-    """A plain line above the bar; when stderr is not a terminal (nohup, CI) it is the only record."""
-    progress.console.print(line, markup=False, highlight=False)
 
 
 def _versions() -> dict:

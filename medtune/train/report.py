@@ -75,17 +75,17 @@ class StopOnSignal:
     checkpoint remains). Handlers are only installed from the main thread; `restore()` puts the
     previous ones back. Shared by every backend."""
 
-    def __init__(self, on_first=None):
+    def __init__(self, progress=None):
         self.asked = False
-        self._on_first = on_first
+        self._progress = progress
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
         if self.asked:
             raise KeyboardInterrupt
         self.asked = True
-        if self._on_first:
-            self._on_first()
+        if self._progress is not None:
+            log_line(self._progress, "stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
 
     def install(self) -> "StopOnSignal":
         import signal
@@ -101,3 +101,15 @@ class StopOnSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def log_line(progress, line: str) -> None:
+    """A plain line above the bar; when stderr is not a terminal (nohup, CI) it is the only record."""
+    progress.console.print(line, markup=False, highlight=False)
+
+
+def log_validation(progress, it: int, steps: int, run: dict, loss: float) -> None:
+    """The line every backend prints after a validation pass."""
+    tl = run["train_loss"]
+    log_line(progress, f"step {it}/{steps}: train loss {'-' if tl is None else f'{tl:.3f}'}, val loss {loss:.3f}"
+                       + (f", {run['tokens_seen'] / run['t_train']:.0f} tok/s" if run["t_train"] else ""))

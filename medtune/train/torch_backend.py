@@ -34,14 +34,13 @@ from medtune.errors import BadInput, ResourceError, require
 from medtune.train.mlx_backend import (
     PAD_MULTIPLE,
     Interrupted,
-    _log,
     batch_order,
     build_dataset,
     checkpoint_dirs,
     load_jsonl,
 )
 from medtune.train.options import TrainOptions, TrainResult
-from medtune.train.report import MetricsLog, StopOnSignal, plot_losses
+from medtune.train.report import MetricsLog, StopOnSignal, log_line, log_validation, plot_losses
 
 IGNORE = -100  # label of a position that gets no loss (transformers' convention)
 QLORA_AUTO_PARAMS = 3e9  # on CUDA, models over this many parameters load in 4-bit unless told otherwise
@@ -783,12 +782,12 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
         shown = len(plan.notes)
         for note in plan.notes:
             if progress:
-                _log(progress, note)
+                log_line(progress, note)
         model = (loader or load_with_peft)(model_ref.path, opts, plan, device, layer_ids, n_total,
                                            opts.target_modules)
         for note in plan.notes[shown:]:
             if progress:
-                _log(progress, note)
+                log_line(progress, note)
         params = trainable_params(model)
         world.same_start(params)
         pf_model = preflight(cfg, opts, sizes_from_model(model), plan, device, train_items, steps, n_layers, size,
@@ -887,9 +886,7 @@ def _run(model, params, tokenizer, train_items, val_items, data: Path, out: Path
         metrics.write({"step": it, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
         if progress:
             progress.update(task, val=f"{loss:.3f}")
-            tl = run["train_loss"]
-            _log(progress, f"step {it}/{steps}: train loss {'-' if tl is None else f'{tl:.3f}'}, val loss {loss:.3f}"
-                           + (f", {run['tokens_seen'] / run['t_train']:.0f} tok/s" if run["t_train"] else ""))
+            log_validation(progress, it, steps, run, loss)
 
     def checkpoint(it: int) -> Path:
         target = out / "checkpoints" / f"step-{it:07d}"
@@ -898,11 +895,7 @@ def _run(model, params, tokenizer, train_items, val_items, data: Path, out: Path
                             opts.keep_checkpoints)
         return target
 
-    def said_stop() -> None:
-        if progress:
-            _log(progress, "stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
-
-    stop = StopOnSignal(said_stop).install()
+    stop = StopOnSignal(progress).install()
 
     if start == 0:
         run_eval(0)

@@ -189,7 +189,7 @@ def test_unfinished_run_of_other_settings_is_not_resumed(work, prepared):
     assert kill_when(proc, lambda: (out / "checkpoints" / "step-0000002" / "state.json").is_file())
     r = run_cli(*_train_cmd(work, prepared, out, seed=3))
     assert r.returncode == 2 and "unfinished training run with other settings" in r.stdout + r.stderr
-    assert "seed" in (r.stdout + r.stderr) and "--fresh" in r.stdout + r.stderr
+    assert "(changed: seed)" in r.stdout + r.stderr and "--fresh" in r.stdout + r.stderr
     r = run_cli(*_train_cmd(work, prepared, out, seed=3), "--fresh")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "manifest.json").read_text())["result"]["resumed_from"] is None

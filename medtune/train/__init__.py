@@ -134,8 +134,7 @@ def train(model: str, data, out, options: TrainOptions | None = None, backend: s
             resume = False
         elif resume is None:
             if prev.get("identity") != ident:
-                changed = sorted(k for k in set(ident) | set(prev.get("identity") or {})
-                                 if ident.get(k) != (prev.get("identity") or {}).get(k))
+                changed = _changed(prev.get("identity") or {}, ident)
                 raise BadInput(f"{out} holds an unfinished training run with other settings "
                                f"(changed: {', '.join(changed)})",
                                hint="--fresh discards it and starts over; --resume continues it with these "
@@ -161,6 +160,18 @@ def train(model: str, data, out, options: TrainOptions | None = None, backend: s
             raise
         redact.write_json(marker, {"identity": ident, "finished": True})
         return res
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    """What differs between two run identities, by name: the options and data files one level down."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}" if key == "data" else k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(key)
+    return out
 
 
 def _launch_rank() -> tuple[int, bool]:

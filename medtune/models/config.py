@@ -44,7 +44,8 @@ def read_config(model_dir: str | Path) -> dict:
     if not path.is_file():
         raise BadInput(
             f"no config.json in model folder {model_dir}",
-            hint="point --model at a Hugging Face model folder (config.json, *.safetensors, tokenizer files)",
+            hint="give a Hugging Face model folder (config.json, *.safetensors, tokenizer files), or a spec "
+                 "such as builtin:smollm2-135m",
         )
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))

@@ -153,6 +153,27 @@ def test_preflight_refuses_what_cannot_fit(tmp_path, tiny_llama_dir, prepared, m
     assert not (tmp_path / "e").exists()
 
 
+
+def test_dry_run_refuses_what_the_run_refuses_with_the_same_exit_code(tmp_path, tiny_llama_dir, prepared):
+    """`train --dry-run` of a run that cannot fit shows the figures, then the run's own refusal (exit 4)."""
+    from conftest import run_cli
+
+    pf = train(str(tiny_llama_dir), prepared, tmp_path / "e", TrainOptions(iters=5, batch_size=2), dry_run=True).preflight
+    env = {"MEDTUNE_MEMORY_LIMIT_GB": str(pf["estimated_peak_bytes"] / 1e9 / 2)}
+    args = ("train", "--model", tiny_llama_dir, "--data", prepared, "--out", tmp_path / "e", "--iters", "5",
+            "--batch-size", "2", "--backend", "mlx")
+    real = run_cli(*args, env=env, cwd=tmp_path)
+    dry = run_cli(*args, "--dry-run", env=env, cwd=tmp_path)
+    assert real.returncode == 4, real.stderr
+    assert dry.returncode == 4, dry.stderr
+    refusal = [ln for ln in real.stderr.splitlines() if ln.startswith(("error:", "hint:"))]
+    assert refusal and "needs ~" in refusal[0]
+    assert [ln for ln in dry.stderr.splitlines() if ln.startswith(("error:", "hint:"))] == refusal
+    assert "estimated peak" in dry.stderr.split("error:")[0]  # the figures come first
+    assert not (tmp_path / "e").exists()
+    js = run_cli(*args, "--dry-run", "--json", env=env, cwd=tmp_path)
+    assert js.returncode == 4 and json.loads(js.stdout)["preflight"]["steps"] == 5
+
 def test_full_fine_tune_fuses_and_fuse_will_not_overwrite_without_force(tmp_path, tiny_llama_dir, prepared):
     import mlx.core as mx
     from mlx_lm import load

@@ -334,6 +334,20 @@ def test_preflight_refuses_what_cannot_fit(tmp_path, tiny_llama_dir, prepared, m
     assert not (tmp_path / "e").exists()
 
 
+
+def test_dry_run_refuses_what_the_run_refuses(tmp_path, tiny_llama_dir, prepared, monkeypatch):
+    """The torch backend's dry run gives the run's verdict: the same ResourceError, with its figures attached."""
+    opts = TrainOptions(iters=5, batch_size=2)
+    pf = train(str(tiny_llama_dir), prepared, tmp_path / "e", opts, backend="torch", dry_run=True).preflight
+    monkeypatch.setenv("MEDTUNE_MEMORY_LIMIT_GB", str(pf["estimated_peak_bytes"] / 1e9 / 2))
+    with pytest.raises(ResourceError, match="needs ~") as real:
+        train(str(tiny_llama_dir), prepared, tmp_path / "e", opts, backend="torch")
+    with pytest.raises(ResourceError, match="needs ~") as dry:
+        train(str(tiny_llama_dir), prepared, tmp_path / "e", opts, backend="torch", dry_run=True)
+    assert (dry.value.line(), dry.value.hint, dry.value.exit_code) == (real.value.line(), real.value.hint, 4)
+    assert dry.value.preflight["estimated_peak_bytes"] == pf["estimated_peak_bytes"]
+    assert not (tmp_path / "e").exists()
+
 def test_two_processes_under_torchrun_train_like_one_with_the_whole_batch(tmp_path, tiny_llama_dir, prepared):
     """`torchrun --nproc_per_node 2 -m medtune train --backend torch` (gloo on CPU): each process takes half of
     every batch, gradients are combined by label tokens, and the loss curve is one process's on the whole batch."""

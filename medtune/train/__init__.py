@@ -94,7 +94,8 @@ def train(model: str, data, out, options: TrainOptions | None = None, backend: s
     starts over; None (the default) resumes only when `out` holds an unfinished run of the very same model,
     data, options and backend (a run that was killed: the same command again picks it up, losing at most
     --save-every steps), starts over when there is none, and refuses an unfinished run of other settings;
-    dry_run: stop after the preflight; on_step(step, metrics): called after every optimizer step.
+    dry_run: stop after the preflight, with the run's own verdict: what would not fit raises the same
+    ResourceError, its figures as the error's `.preflight`; on_step(step, metrics): called after every optimizer step.
     """
     import importlib
     import shutil

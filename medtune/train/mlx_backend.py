@@ -256,6 +256,7 @@ def preflight(model, cfg: dict, opts: TrainOptions, train_items, steps: int, n_t
 
 
 def refuse_if_too_big(pf: dict, opts: TrainOptions) -> None:
+    """Raise ResourceError when the estimate does not fit; the error carries the figures as `.preflight`."""
     need, have = pf["estimated_peak_bytes"], pf["available_bytes"]
     if need <= 0.9 * have:
         return
@@ -267,8 +268,10 @@ def refuse_if_too_big(pf: dict, opts: TrainOptions) -> None:
     if opts.num_layers < 0 or opts.num_layers > 4:
         tips.append("--num-layers 4")
     tips.append(f"--max-seq-length {max(256, pf['longest_record'] // 2)} (re-run prepare with it)")
-    raise ResourceError(f"training needs ~{need / 1e9:.1f} GB at its peak, {have / 1e9:.1f} GB is available "
+    err = ResourceError(f"training needs ~{need / 1e9:.1f} GB at its peak, {have / 1e9:.1f} GB is available "
                         f"({pf['available_source']})", hint="try " + ", ".join(tips))
+    err.preflight = pf
+    raise err
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -380,12 +383,12 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
         grad_checkpoint(model.layers[0])
 
     pf = preflight(model, cfg, opts, train_items, steps, n_layers)
+    refuse_if_too_big(pf, opts)  # a dry run gives the same verdict as the run itself
     if dry_run:
         return TrainResult(out=out, adapter_file=out / "adapters.safetensors", steps=steps, final_train_loss=None,
                            final_val_loss=None, first_val_loss=None, tokens_per_second=0.0, seconds=0.0,
                            trainable_parameters=pf["trainable_parameters"], total_parameters=pf["parameters"],
                            preflight=pf)
-    refuse_if_too_big(pf, opts)
 
     if lead:
         out.mkdir(parents=True, exist_ok=True)

@@ -406,9 +406,11 @@ def too_big(pf: dict, opts: TrainOptions, device: Device, plan: Plan) -> Resourc
     tips.append(f"--max-seq-length {max(256, pf['longest_record'] // 2)} (re-run prepare with it)")
     e = pf["estimate"]
     parts = ", ".join(f"{k} {e[k] / 1e9:.1f}" for k in ("weights", "optimizer", "activations", "logits"))
-    return ResourceError(f"training needs ~{need / 1e9:.1f} GB at its peak ({parts} GB; batch {opts.batch_size}, "
-                         f"longest record {pf['longest_record']} tokens), {have / 1e9:.1f} GB is available "
-                         f"({pf['available_source']})", hint="try " + ", ".join(tips))
+    err = ResourceError(f"training needs ~{need / 1e9:.1f} GB at its peak ({parts} GB; batch {opts.batch_size}, "
+                        f"longest record {pf['longest_record']} tokens), {have / 1e9:.1f} GB is available "
+                        f"({pf['available_source']})", hint="try " + ", ".join(tips))
+    err.preflight = pf  # the figures, for a dry run to show before the refusal
+    return err
 
 
 # ---- model ----------------------------------------------------------------------------------------
@@ -776,9 +778,9 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
             targets = resolve_targets(sorted(linears[min(linears)]), opts.target_modules)
             sizes = sizes_from_headers(shapes, opts, plan, layer_ids, targets)
             pf = preflight(cfg, opts, sizes, plan, device, train_items, steps, n_layers, size, backend)
+            _agree_fits(world, too_big(pf, opts, device, plan))  # a dry run gives the same verdict
             if dry_run:
                 return _dry(out, steps, pf, backend)
-            _agree_fits(world, too_big(pf, opts, device, plan))
         shown = len(plan.notes)
         for note in plan.notes:
             if progress:
@@ -794,9 +796,9 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
                              backend, loaded=True)
         if pf is None:
             pf = pf_model
+            _agree_fits(world, too_big(pf, opts, device, plan))
             if dry_run:
                 return _dry(out, steps, pf, backend)
-            _agree_fits(world, too_big(pf, opts, device, plan))
         pf.update(parameters=pf_model["parameters"], trainable_parameters=pf_model["trainable_parameters"],
                   notes=list(plan.notes))
         return _run(model, params, tokenizer, train_items, val_items, data, out, opts, plan, device, world, pf,

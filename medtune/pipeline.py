@@ -8,7 +8,9 @@ reproduces it), data/, adapter/, fused/, gguf/, <name>.Modelfile, eval/, stages/
 fingerprint, inputs, options, result) and run.log.
 
 Each stage has a fingerprint: the content hashes of its inputs (the dataset, the model when it is a local
-path, the previous stage's outputs), its options, and the medtune / library versions. A stage whose
+path, the previous stage's outputs), its options, and the versions of medtune and of the packages that stage
+uses (REGISTRY: installing or upgrading a package no stage uses, e.g. torch next to an MLX run, redoes
+nothing; one only the eval stage uses redoes only eval). A stage whose
 fingerprint equals the one recorded in stages/<stage>.json, and whose outputs are still there, is skipped.
 Training that was interrupted (Ctrl-C, a crash) with the same fingerprint resumes from its last checkpoint.
 The stages call the library functions (medtune.data.prepare.prepare, medtune.train.train,
@@ -23,12 +25,74 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from medtune.errors import BadInput, MedtuneError, MissingDependency
 
-STAGES = ("prepare", "train", "fuse", "export", "ollama", "eval")
+
+# ---- the stages, and the packages each one uses -----------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run (Run.do_<name> does it). packages(run): the distributions whose versions can change
+    what the stage writes, for this run's config; their versions (and medtune's) are in its fingerprint and
+    its record, and no other package's is."""
+
+    name: str
+    packages: Callable[["Run"], tuple[str, ...]]
+
+
+TEXT = ("transformers", "tokenizers", "jinja2")  # tokenizing and rendering chat templates
+TRAIN_PACKAGES = {  # per training backend (medtune.train.BACKENDS)
+    "mlx": ("mlx", "mlx-lm", *TEXT),
+    "torch": ("torch", "peft", *TEXT),
+    "unsloth": ("unsloth", "torch", "peft", *TEXT),
+}
+FUSE_PACKAGES = {  # per adapter kind (medtune.fuse.adapter_kind)
+    "mlx": ("mlx", "mlx-lm", *TEXT),
+    "peft": ("torch", "peft", "safetensors", *TEXT),
+    "torch-full": ("torch", "safetensors", *TEXT),
+}
+
+
+def _train_packages(run: "Run") -> tuple[str, ...]:
+    extra = ("bitsandbytes",) if run.cfg["train"].get("load_in_4bit") else ()  # QLoRA on CUDA
+    return TRAIN_PACKAGES[run.train_backend()] + extra
+
+
+def _fuse_packages(run: "Run") -> tuple[str, ...]:
+    return FUSE_PACKAGES.get(run.adapter_kind(), FUSE_PACKAGES["peft"])
+
+
+def _export_packages(run: "Run") -> tuple[str, ...]:
+    from medtune.export.quantize import KQUANTS, parse_quants
+
+    e = run.cfg["export"]
+    found = ("gguf", "numpy", "safetensors", *TEXT)
+    if any(q in KQUANTS for q in parse_quants(list(e.get("quant") or ["f16"]))):
+        found += ("llama-cpp-python",)  # its quantizer makes the K-quants
+    if str(e.get("converter") or "") == "llama.cpp":
+        found += ("torch",)  # llama.cpp's convert_hf_to_gguf.py reads the weights with torch
+    return found
+
+
+def _eval_packages(run: "Run") -> tuple[str, ...]:
+    e = run.cfg["eval"]
+    if not e.get("enabled", True):
+        return ()
+    return ("mlx", "mlx-lm", *TEXT) + (("llama-cpp-python",) if e.get("gguf") else ())
+
+
+REGISTRY: dict[str, Stage] = {s.name: s for s in (
+    Stage("prepare", lambda run: TEXT),
+    Stage("train", _train_packages),
+    Stage("fuse", _fuse_packages),
+    Stage("export", _export_packages),
+    Stage("ollama", lambda run: ()),  # the server is not a package: its version is in the stage's result
+    Stage("eval", _eval_packages),
+)}
+STAGES = tuple(REGISTRY)
 DEFAULT_RUNS = Path("runs")
 
 DEFAULT_CONFIG_TEXT = """\
@@ -237,22 +301,31 @@ class Hasher:
             redact.write_json(self.cache_file, self.cache)
 
 
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+def installed_version(dist: str) -> str | None:
+    """The installed version of a distribution (pip's name), None when it is not installed."""
+    from importlib import metadata
 
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions(packages=()) -> dict:
+    """medtune's version and those of `packages` that are installed."""
     from medtune import __version__
 
     found = {"medtune": __version__}
-    for pkg in ("transformers", "tokenizers", "mlx", "mlx-lm", "gguf", "llama_cpp_python", "torch", "peft"):
-        try:
-            found[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
+    for pkg in packages:
+        v = installed_version(pkg)
+        if v is not None:
+            found[pkg] = v
     return found
 
 
-def fingerprint(stage: str, inputs: dict, options: dict, vers: dict | None = None) -> str:
-    blob = json.dumps({"stage": stage, "inputs": inputs, "options": options, "versions": vers or versions()},
+def fingerprint(stage: str, inputs: dict, options: dict, vers: dict) -> str:
+    """vers: the stage's versions (Run.versions(stage)), not every installed package's."""
+    blob = json.dumps({"stage": stage, "inputs": inputs, "options": options, "versions": vers},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -270,8 +343,37 @@ class Run:
         self.modelfile = self.root / f"{self.name}.Modelfile"
         self.stages_dir = self.root / "stages"
         self.hasher = Hasher(self.stages_dir / "hashes.json")
-        self.vers = versions()
         self._log = log
+
+    def versions(self, stage: str) -> dict:
+        """The versions that go into `stage`'s fingerprint: medtune's and its packages' (REGISTRY)."""
+        return versions(REGISTRY[stage].packages(self))
+
+    def train_args(self) -> tuple[dict, str]:
+        """(TrainOptions keyword arguments, backend name) from the config's train section."""
+        opts = dict(self.cfg["train"])
+        backend = str(opts.pop("backend", "auto"))
+        opts["steps_per_eval"] = opts.pop("eval_every", 50)
+        tm = opts.get("target_modules")
+        if isinstance(tm, str):
+            opts["target_modules"] = [x.strip() for x in tm.split(",") if x.strip()]
+        return opts, backend
+
+    def train_backend(self) -> str:
+        """The backend the train stage uses on this machine ('auto' resolved)."""
+        from medtune.train import TrainOptions, resolve_backend
+
+        opts, backend = self.train_args()
+        return resolve_backend(backend, TrainOptions(**opts))
+
+    def adapter_kind(self) -> str:
+        """mlx | peft | torch-full: what the adapter folder holds (else what the train backend writes)."""
+        from medtune.fuse import adapter_kind
+
+        try:
+            return adapter_kind(json.loads((self.adapter / "adapter_config.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return "mlx" if self.train_backend() == "mlx" else "peft"
 
     def log(self, line: str) -> None:
         from medtune import redact
@@ -353,12 +455,7 @@ class Run:
     def do_train(self, progress=None, on_step=None, fp: str = "", forced: bool = False, **_) -> dict:
         from medtune.train import TrainOptions, train
 
-        opts = dict(self.cfg["train"])
-        backend = str(opts.pop("backend", "auto"))
-        opts["steps_per_eval"] = opts.pop("eval_every", 50)
-        tm = opts.get("target_modules")
-        if isinstance(tm, str):
-            opts["target_modules"] = [x.strip() for x in tm.split(",") if x.strip()]
+        opts, backend = self.train_args()
         started = self.stages_dir / "train.started.json"
         resume = False
         if self.adapter.exists():
@@ -471,7 +568,8 @@ def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -
     try:
         for stage in todo:
             inputs, options = r.inputs(stage)
-            fp = fingerprint(stage, inputs, options, r.vers)
+            vers = r.versions(stage)
+            fp = fingerprint(stage, inputs, options, vers)
             rec = r.record(stage)
             if (stage not in forced and rec and rec.get("fingerprint") == fp
                     and all(p.exists() for p in r.outputs(stage))):
@@ -497,7 +595,7 @@ def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -
                 r.record_path(stage).unlink(missing_ok=True)
                 continue
             redact.write_json(r.record_path(stage), {"stage": stage, "fingerprint": fp, "inputs": inputs,
-                                                     "options": options, "versions": r.vers, "seconds": seconds,
+                                                     "options": options, "versions": vers, "seconds": seconds,
                                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                      "outputs": [str(p) for p in r.outputs(stage)], "result": result})
             status[stage] = "done"

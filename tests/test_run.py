@@ -178,3 +178,43 @@ def test_ctrl_c_during_training_then_run_again_resumes(done_run, tiny_llama_dir,
     assert res["stages"]["prepare"] == "skipped" and res["stages"]["train"] == "done"
     rec = json.loads((done_run["root"] / "ctrlc" / "stages" / "train.json").read_text())
     assert 0 < rec["result"]["resumed_from"] < 12 and rec["result"]["steps"] == 12
+
+
+def test_installing_a_package_a_stage_does_not_use_redoes_nothing(tmp_path, tiny_llama_dir, monkeypatch):
+    """Installing the test extras (torch, peft, llama-cpp-python) after a finished MLX run must not retrain: a
+    stage's fingerprint holds only the versions of the packages it uses, and a change of one of those redoes
+    that stage (and what depends on its output) only."""
+    import importlib.metadata as metadata
+    import re
+
+    cfg = tiny_config(tmp_path, tiny_llama_dir, name="pkgs")
+    first = run_pipeline(cfg)
+    assert first["stages"]["train"] == "done" and first["stages"]["eval"] == "done", first["stages"]
+    rec = Run(load_config(cfg)).record("train")
+    assert {"medtune", "mlx", "mlx-lm"} <= set(rec["versions"]) and "torch" not in rec["versions"]
+    assert "gguf" not in rec["versions"]  # only what training uses
+
+    real = metadata.version
+    fake: dict[str, str] = {}
+
+    def version(name):
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        return fake[key] if key in fake else real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    # the test extras appear, or change version: no stage of an MLX run with an f32 export uses them but eval
+    fake.update({"torch": "99.0", "peft": "99.0", "bitsandbytes": "99.0", "llama-cpp-python": "99.0"})
+    res = run_pipeline(cfg)
+    assert res["stages"] == {"prepare": "skipped", "train": "skipped", "fuse": "skipped", "export": "skipped",
+                             "ollama": "not run", "eval": "done"}, res["stages"]
+    assert run_pipeline(cfg)["stages"]["eval"] == "skipped"
+    # a package the export stage uses: export runs again, what came before it does not
+    fake["gguf"] = "99.0"
+    res = run_pipeline(cfg)
+    assert [s for s in ("prepare", "train", "fuse") if res["stages"][s] != "skipped"] == [], res["stages"]
+    assert res["stages"]["export"] == "done"
+    # mlx-lm, which training uses: training runs again, prepare is still skipped
+    fake["mlx-lm"] = "99.0"
+    res = run_pipeline(cfg)
+    assert res["stages"]["prepare"] == "skipped" and res["stages"]["train"] == "done", res["stages"]
+    assert Run(load_config(cfg)).record("train")["versions"]["mlx-lm"] == "99.0"

@@ -14,9 +14,22 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)  # stdout: results and --json
+
+class _Console(Console):
+    """rich's Console, except that off a terminal (piped, redirected to a log) a line of text is printed whole:
+    rich would wrap it at 80 columns, its default width there, in the middle of a sentence or a path. Tables
+    and panels keep their layout; on a terminal nothing changes."""
+
+    def print(self, *objects, soft_wrap=None, **kwargs):
+        if soft_wrap is None and not self.is_terminal and all(isinstance(o, (str, Text)) for o in objects):
+            soft_wrap = True
+        return super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+
+
+console = _Console(stderr=True, highlight=False)
+out = _Console(highlight=False, soft_wrap=True)  # stdout: results and --json
 
 
 def info(msg: str) -> None:

@@ -53,3 +53,17 @@ def test_readme_guarantees_name_real_tests():
     for file, name in named:
         where = [stem for stem, text in sources.items() if re.search(rf"^def {name}\(", text, re.M)]
         assert where and (not file or file in where), (file, name)
+
+
+def test_piped_output_is_not_wrapped_at_80_columns(tmp_path):
+    """Off a terminal (a pipe, a log file) a long message comes out whole, one line each: rich's 80-column
+    default must not cut a path or a sentence in two."""
+    adapter = tmp_path / "a-rather-long-folder-name-for-the-adapter" / "that-goes-on-and-on" / "and-on" / "adapter"
+    res = run_cli("fuse", "--model", "builtin:smollm2-135m", "--adapter", adapter, "--out", tmp_path / "fused",
+                  env={"COLUMNS": "80"})
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(f"▶ fusing {adapter} into builtin:smollm2-135m") > 100
+    assert lines == [f"▶ fusing {adapter} into builtin:smollm2-135m",
+                     f"error: no adapter_config.json in {adapter}",
+                     "hint: pass the --out folder of `medtune train`"]

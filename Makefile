@@ -14,7 +14,7 @@ BATCH  ?= 2
 MAXLEN ?= 512
 LAYERS ?= 8
 
-.PHONY: all test bench setup setup-test openblas browser clean-outputs help
+.PHONY: all test bench setup setup-test openblas test-tools clean-outputs help
 
 help:
 	@echo "make all   - set up .venv and run prepare → train → fuse → export → eval on $(MODEL) (medtune run)"
@@ -30,19 +30,15 @@ $(VENV)/.base: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	@touch $@
 
-# llama.cpp's default -march=native build dies with SIGILL on quantized GGUFs (Q8_0, Q4_K…) on x86 VMs
-# whose CPU advertises AMX; a portable AVX2 build runs them. Built without pip's wheel cache, so an
-# earlier native build cannot slip back in. Empty elsewhere (macOS builds with Metal as usual).
-ifeq ($(shell uname -s)-$(shell uname -m),Linux-x86_64)
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
-endif
+# llama.cpp, built once for both GGUF runtimes: its tools (llama-server, the engine inside current Ollama;
+# llama-perplexity; llama-quantize) and the library llama-cpp-python loads, from the llama.cpp tree of the pinned
+# llama-cpp-python sdist, with portable x86 flags (a -march=native build dies with SIGILL on quantized GGUFs on
+# VMs that advertise AMX). Cached under ~/.cache/medtune/llama.cpp: ~7 minutes on 2 cores the first time, seconds after.
+$(VENV)/.llama-cpp: $(VENV)/.base scripts/build_llama_cpp.sh
+	bash scripts/build_llama_cpp.sh $(BIN)/python
+	@touch $@
 
-$(VENV)/.test: $(VENV)/.base
-	@echo "installing test extras (llama-cpp-python builds from source the first time: ~8 minutes)"
-	@if [ -n "$(LLAMA_CMAKE_ARGS)" ]; then \
-		echo "llama-cpp-python: CMAKE_ARGS=$(LLAMA_CMAKE_ARGS)"; \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir "llama-cpp-python>=0.3"; \
-	fi
+$(VENV)/.test: $(VENV)/.llama-cpp
 	$(BIN)/python -m pip install -q -e ".[test]"
 	@touch $@
 
@@ -51,10 +47,10 @@ openblas:
 
 setup: $(VENV)/.base openblas
 
-setup-test: $(VENV)/.test openblas browser
+setup-test: test-tools $(VENV)/.test openblas
 
-browser:
-	@bash scripts/install_chromium.sh
+test-tools:
+	@bash scripts/install_test_tools.sh
 
 # `make all` is `medtune run` on a config written from these variables (runs/$(NAME).yaml, rewritten only when a
 # variable changes): prepare → train → fuse → export → ollama (when a server answers) → eval, into runs/$(NAME)/.

@@ -124,6 +124,12 @@ def _mlx() -> dict:
     return info
 
 
+def _llama_cpp() -> dict:
+    from medtune.runtimes import tools
+
+    return tools.describe()
+
+
 def doctor() -> dict:
     from medtune.paths import cache_dir
 
@@ -137,6 +143,7 @@ def doctor() -> dict:
         "cache": str(cache_dir()),
         "versions": _versions(),
         "mlx": _mlx(),
+        "llama_cpp": _llama_cpp(),
         "ollama": _ollama(),
     }
     report["advice"] = advice(report)
@@ -151,6 +158,12 @@ def advice(r: dict) -> list[str]:
                     "(or set MEDTUNE_OPENBLAS=/path/to/libopenblas.so.0)")
     if r["versions"].get("llama-cpp-python") is None:
         tips.append('llama-cpp-python (the GGUF runtime used to verify exports) is missing: pip install "medtune[test]"')
+    missing = [t["name"] for t in r["llama_cpp"]["tools"] if not t["path"]]
+    if missing:
+        from medtune.runtimes.tools import INSTALL_HINT
+
+        tips.append(f"llama.cpp's {', '.join(missing)} not found (fidelity in llama-server, KL divergence of quants, "
+                    f"K-quants): {INSTALL_HINT}")
     if not r["ollama"]["reachable"]:
         tips.append(f"Ollama is not reachable at {r['ollama']['host']}: install it from ollama.com and run `ollama serve` "
                     "to use `ollama create`; the GGUF and Modelfile are written either way")

@@ -58,16 +58,20 @@ _NEEDED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE", "requi
 
 
 def llama_cpp_source(cache: Path | None = None, *, timeout: int = 900) -> Path:
-    """A llama.cpp source tree with convert_hf_to_gguf.py: LLAMA_CPP_DIR if set, else the vendor/llama.cpp of
-    the installed llama-cpp-python's sdist, downloaded with pip and extracted once into the cache.
-    Raises RuntimeError saying why when it cannot."""
+    """A llama.cpp source tree with convert_hf_to_gguf.py: LLAMA_CPP_DIR if set, else the tree medtune's llama.cpp
+    build was made from (scripts/build_llama_cpp.sh), else the vendor/llama.cpp of the installed llama-cpp-python's
+    sdist, downloaded with pip and extracted once into the cache. Raises RuntimeError saying why when it cannot."""
     from importlib import metadata
+
+    from medtune.runtimes import tools
 
     env_dir = os.environ.get("LLAMA_CPP_DIR")
     if env_dir:
         if not (Path(env_dir) / "convert_hf_to_gguf.py").is_file():
             raise RuntimeError(f"LLAMA_CPP_DIR={env_dir} has no convert_hf_to_gguf.py")
         return Path(env_dir)
+    if tools.source_tree():
+        return tools.source_tree()
     try:
         version = metadata.version("llama_cpp_python")
     except metadata.PackageNotFoundError as exc:

@@ -22,7 +22,6 @@ import collections
 import contextlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -107,19 +106,11 @@ def _version(dist: str) -> str | None:
         return None
 
 
-BINARY_NAMES = ("llama-quantize", "quantize")
-BINARY_DIRS = ("build/bin", "build/bin/Release", "bin", ".")
-
-
 def binary_in(folder: Path) -> Path | None:
-    """A llama-quantize executable in a llama.cpp checkout/build/release folder."""
-    for sub in BINARY_DIRS:
-        for name in BINARY_NAMES:
-            for suffix in ("", ".exe"):
-                p = folder / sub / f"{name}{suffix}"
-                if p.is_file() and os.access(p, os.X_OK):
-                    return p
-    return None
+    """A llama-quantize executable (or its old name, quantize) in a llama.cpp checkout/build/release folder."""
+    from medtune.runtimes import tools
+
+    return tools.in_folder(folder, "llama-quantize") or tools.in_folder(folder, "quantize")
 
 
 def api_available() -> bool:
@@ -143,8 +134,10 @@ def find_quantizer(llama_cpp_dir: str | Path | None = None) -> Quantizer | None:
             return Quantizer("binary", found)
     if api_available():
         return Quantizer("api")
-    on_path = shutil.which("llama-quantize")
-    return Quantizer("binary", Path(on_path)) if on_path else None
+    from medtune.runtimes import tools
+
+    found = tools.find("llama-quantize")  # PATH, then medtune's own llama.cpp build
+    return Quantizer("binary", found) if found else None
 
 
 def missing_quantizer(wanted: list[str], llama_cpp_dir=None) -> MissingDependency:

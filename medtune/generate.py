@@ -43,8 +43,9 @@ class GenerationResult:
 # --- reasoning markers -------------------------------------------------------------------------
 
 
-# The repetition penalty medtune's Modelfile sets for Ollama (and Ollama's own documented default), so
-# that `medtune chat`/`generate` and `ollama run` decode with the same penalty.
+# The repetition penalty medtune's Modelfile sets for Ollama, so that `medtune chat`/`generate` and
+# `ollama run` decode with the same penalty. It is written out explicitly: Ollama's own default is 1.0 (no
+# penalty) in current releases, and was 1.1 up to v0.24.
 REPEAT_PENALTY = 1.1
 REPEAT_LAST_N = 64
 

@@ -149,6 +149,23 @@ def _looks_like_path(value: str) -> bool:
         or value.lower().endswith((".gguf", ".bin", ".safetensors"))
 
 
+def resolve_from(value: str, modelfile_dir: str | Path, where: str | None = None) -> Path:
+    """The local path a FROM value names, by Ollama's rule (parser/parser.go, expandPath): absolute as it is;
+    `~` or `~/…` under the home folder, `~user/…` under that user's; anything else joined to the Modelfile's
+    folder. Lexically, as Go's filepath.Join/Abs do (`..` removes the previous part; symlinks are not
+    followed). Whether the path exists decides, afterwards, if FROM is a file or a model name."""
+    if os.path.isabs(value) or value.startswith(("\\", "/")):
+        return Path(os.path.abspath(value))
+    if value.startswith("~"):
+        expanded = os.path.expanduser(value)
+        if expanded == value:  # ~user of no such user: Ollama refuses the Modelfile
+            user = value[1:].split("/", 1)[0]
+            raise BadInput(f"FROM names the home folder of {user!r}, and there is no such user: {value}",
+                           where=where, hint="fix the FROM line (a path relative to the Modelfile is safest)")
+        return Path(os.path.abspath(expanded))
+    return Path(os.path.abspath(os.path.join(os.path.abspath(modelfile_dir), value)))
+
+
 def _where(path: Path, text: str, name: str) -> str:
     """file:line of the first line that starts the command (or PARAMETER) `name`, for error messages."""
     keyword = "FROM" if name == "model" else name
@@ -184,8 +201,7 @@ def read_modelfile(path: str | Path) -> CreateSpec:
         if name == "model":
             if spec.gguf or spec.from_model:
                 raise BadInput("the Modelfile has more than one FROM", where=where, hint="keep one FROM line")
-            local = Path(os.path.expanduser(value))
-            local = local if local.is_absolute() else (path.parent / local)
+            local = resolve_from(value, path.parent, where)
             if local.is_file():
                 spec.gguf = local.resolve()
             elif local.is_dir():
@@ -193,8 +209,11 @@ def read_modelfile(path: str | Path) -> CreateSpec:
                                where=where, hint="run `medtune export` to write a GGUF, or pass --use-cli to let "
                                                  "`ollama create` convert the folder")
             elif _looks_like_path(value):
+                rel = "" if Path(value).is_absolute() or value.startswith("~") else \
+                    f"a relative FROM is taken from the Modelfile's folder ({path.parent.absolute()}): keep the " \
+                    "GGUF where it names it (move or copy the two together), "
                 raise BadInput(f"the GGUF named by FROM does not exist: {local}", where=where,
-                               hint="run `medtune export` again, or fix the FROM line")
+                               hint=f"{rel}run `medtune export` again, or fix the FROM line")
             else:
                 spec.from_model = value
         elif name in ("template", "system"):
@@ -219,7 +238,8 @@ def read_modelfile(path: str | Path) -> CreateSpec:
     if stops:
         spec.parameters["stop"] = stops
     if spec.gguf is None and spec.from_model is None:
-        raise BadInput("the Modelfile has no FROM line", where=str(path), hint="FROM /path/to/model.gguf")
+        raise BadInput("the Modelfile has no FROM line", where=str(path),
+                       hint="FROM ./model.gguf (a path relative to the Modelfile's folder)")
     return spec
 
 

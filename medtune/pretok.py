@@ -5,6 +5,10 @@ any hash it has not seen. What actually decides how text is split is the pre-tok
 (regex splits, digit splitting, byte-level mapping), so we recognise that definition directly.
 One entry per pre-tokenizer that llama.cpp implements; the same entry drives both directions:
 GGUF import (name -> tokenizer.json piece) and GGUF export (tokenizer.json piece -> name).
+
+Names are llama.cpp's own (src/llama-vocab.cpp): an unknown `tokenizer.ggml.pre` makes llama.cpp refuse
+the file. The bare byte-level split is `gpt-2` there; `tokenizer.ggml.model` is a different key, and its
+value for byte-level BPE is `gpt2` (no hyphen).
 """
 
 from __future__ import annotations
@@ -40,19 +44,26 @@ class PreTokenizer:
 
 
 REGISTRY: dict[str, PreTokenizer] = {}
+# Other names a GGUF may carry for an entry's split, accepted on import only (export writes the entry's
+# own name): "gpt2", which earlier medtune versions wrote for "gpt-2" (llama.cpp does not know it), and
+# names that llama.cpp maps to the same split as an entry.
+ALIASES: dict[str, str] = {}
 
 
-def register(name: str, hf: dict) -> None:
+def register(name: str, hf: dict, aliases: tuple[str, ...] = ()) -> None:
     REGISTRY[name] = PreTokenizer(name, hf)
+    ALIASES.update(dict.fromkeys(aliases, name))
 
 
-register("gpt2", _bytelevel(True))
+register("gpt-2", _bytelevel(True), aliases=("gpt2",))
 register(
     "smollm",
     {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _bytelevel(True)]},
 )
-register("llama-bpe", {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), _bytelevel(False)]})
-register("qwen2", {"type": "Sequence", "pretokenizers": [_split(QWEN2_REGEX), _bytelevel(False)]})
+register("llama-bpe", {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), _bytelevel(False)]},
+         aliases=("llama3", "llama-v3"))
+register("qwen2", {"type": "Sequence", "pretokenizers": [_split(QWEN2_REGEX), _bytelevel(False)]},
+         aliases=("deepseek-r1-qwen",))
 
 
 def signature(pre: dict | None) -> tuple:
@@ -88,4 +99,5 @@ def recognise(pre: dict | None) -> PreTokenizer | None:
 
 
 def by_name(name: str) -> PreTokenizer | None:
-    return REGISTRY.get(name)
+    """The entry for a GGUF's `tokenizer.ggml.pre`: its own name or an alias (ALIASES)."""
+    return REGISTRY.get(name) or REGISTRY.get(ALIASES.get(name, ""))

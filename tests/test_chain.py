@@ -60,7 +60,7 @@ def exported(chain):
     f16, f32 = out / "chain-f16.gguf", out / "chain-f32.gguf"
     assert f16.is_file() and f32.is_file() and modelfile.is_file()
     assert f"ollama create chain -f {modelfile}" in res.stdout and "ollama run chain" in res.stdout
-    assert f"FROM {f16}" in modelfile.read_text()
+    assert (modelfile.parent / modelfile.read_text().split("\nFROM ")[1].split("\n")[0]).resolve() == f16.resolve()
     return {"f16": f16, "f32": f32, "modelfile": modelfile}
 
 

@@ -341,8 +341,8 @@ def test_modelfile_template_stops_and_default_system(tiny_dir, tmp_path):
     assert text == result.modelfile_path.read_text(encoding="utf-8")
     cmds = parse_modelfile(text)
     model = [v for k, v in cmds if k == "model"]
-    assert model == [str(result.gguf_paths["f16"])] and Path(model[0]).is_absolute()
-    assert Path(model[0]).is_file()
+    assert model == ["../out/tiny-med-f16.gguf"]  # relative to the Modelfile's folder, as Ollama reads it
+    assert (mf.parent / model[0]).resolve() == result.gguf_paths["f16"].resolve()
     assert result.family == "chatml"
     template = [v for k, v in cmds if k == "template"]
     assert len(template) == 1 and "{{ .Content }}" in template[0]
@@ -367,6 +367,52 @@ def test_modelfile_template_stops_and_default_system(tiny_dir, tmp_path):
     assert info["architecture"] == "llama" and info["n_tensors"] == len(_expected_names())
     assert info["tensor_types"] == {"F16": 15, "F32": 5}
     assert info["metadata"]["tokenizer.ggml.tokens"]["len"] == 49152
+
+
+def _ollama_from(modelfile: Path) -> Path:
+    """The file Ollama takes FROM to name (parser/parser.go expandPath): a relative path is joined to the
+    Modelfile's folder, lexically; written out here on its own so that medtune.ollama is checked against it."""
+    import os
+
+    value = next(v for k, v in parse_modelfile(modelfile.read_text(encoding="utf-8")) if k == "model")
+    assert not os.path.isabs(value) and not value.startswith("~"), value
+    return Path(os.path.normpath(os.path.join(os.path.abspath(modelfile.parent), value)))
+
+
+@pytest.mark.parametrize("layout", ["beside", "below", "sibling folders"])
+def test_modelfile_from_is_relative_to_the_modelfiles_folder(tiny_dir, tmp_path, layout):
+    """FROM is `./NAME.gguf` beside the Modelfile, `./sub/NAME.gguf` below it, `../models/run/NAME.gguf` from
+    Modelfiles/; it names the GGUF the way Ollama resolves it, and medtune's own reader agrees."""
+    from medtune.ollama import read_modelfile
+
+    root = tmp_path / "proj"
+    out, mf, want = {
+        "beside": (root / "runs" / "r1", root / "runs" / "r1" / "r1.Modelfile", "./r1-f16.gguf"),
+        "below": (root / "runs" / "r1" / "gguf", root / "runs" / "r1" / "r1.Modelfile", "./gguf/r1-f16.gguf"),
+        "sibling folders": (root / "models" / "r1", root / "Modelfiles" / "r1.Modelfile", "../models/r1/r1-f16.gguf"),
+    }[layout]
+    res = export(tiny_dir, out, "r1", quants=("f16",), modelfile_path=mf)
+    assert [v for k, v in parse_modelfile(res.modelfile_text) if k == "model"] == [want]
+    assert _ollama_from(mf) == res.gguf_paths["f16"]
+    assert read_modelfile(mf).gguf == res.gguf_paths["f16"].resolve()
+
+
+def test_a_moved_export_still_names_its_gguf(tiny_dir, tmp_path):
+    """Moving (or copying to another machine) the folder that holds the Modelfile and the GGUF keeps FROM right:
+    both runs/<name>/ alone and models/ + Modelfiles/ together."""
+    from medtune.ollama import read_modelfile
+
+    a, b, elsewhere = tmp_path / "a", tmp_path / "b", tmp_path / "elsewhere" / "r1"
+    run = a / "runs" / "r1"
+    export(tiny_dir, run / "gguf", "r1", quants=("f16",), modelfile_path=run / "r1.Modelfile")
+    export(tiny_dir, a / "models" / "r2", "r2", quants=("f16",), modelfile_path=a / "Modelfiles" / "r2.Modelfile")
+    shutil.move(str(a), str(b))
+    shutil.copytree(b / "runs" / "r1", elsewhere)  # runs/<name> alone, somewhere else
+    for mf, gguf in ((b / "runs" / "r1" / "r1.Modelfile", b / "runs" / "r1" / "gguf" / "r1-f16.gguf"),
+                     (elsewhere / "r1.Modelfile", elsewhere / "gguf" / "r1-f16.gguf"),
+                     (b / "Modelfiles" / "r2.Modelfile", b / "models" / "r2" / "r2-f16.gguf")):
+        assert _ollama_from(mf) == gguf and gguf.is_file()
+        assert read_modelfile(mf).gguf == gguf.resolve()
 
 
 @pytest.mark.parametrize("system", [None, "You are a cautious triage nurse.\nAlways advise seeing a doctor."])

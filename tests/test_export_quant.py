@@ -224,7 +224,7 @@ def test_k_quant_alone_uses_a_temporary_f16(model256, exported, tmp_path):
     res = export(model256, tmp_path, "tinyq", quants="q4_k_m", modelfile_path=tmp_path / "Modelfile")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "export_manifest.json", "tinyq-q4_k_m.gguf"]
     assert res.gguf_paths["q4_k_m"].read_bytes() == exported.gguf_paths["q4_k_m"].read_bytes()
-    assert "FROM " + str(res.gguf_paths["q4_k_m"]) in res.modelfile_text
+    assert "FROM ./tinyq-q4_k_m.gguf\n" in res.modelfile_text  # relative to the Modelfile, as Ollama resolves it
 
 
 def test_missing_quantizer_is_one_clear_error(model256, tmp_path):
@@ -232,8 +232,8 @@ def test_missing_quantizer_is_one_clear_error(model256, tmp_path):
     if shutil.which("llama-quantize", path=path):
         pytest.skip("a llama-quantize is installed in a system folder")
     out = tmp_path / "out"
-    res = run_cli("export", model256, "--out", out, "--name", "x", "--quant", "f16,q4_k_m",
-                  env={API_ENV: "0", "PATH": path, "LLAMA_CPP_DIR": ""})
+    res = run_cli("export", model256, "--out", out, "--name", "x", "--quant", "f16,q4_k_m",  # no medtune build either
+                  env={API_ENV: "0", "PATH": path, "LLAMA_CPP_DIR": "", "MEDTUNE_CACHE": str(tmp_path / "cache")})
     assert res.returncode == 3, res.stderr
     err = " ".join(res.stderr.split())
     assert "q4_k_m needs llama.cpp's quantizer" in err

@@ -85,7 +85,7 @@ def test_pull_errors_are_clear(tmp_path):
         pull("builtin:nope")
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"NOPE" + b"\x00" * 64)
-    with pytest.raises(BadInput, match="not a readable GGUF"):
+    with pytest.raises(BadInput, match="not a GGUF file"):  # read from the header, before anything else
         pull(str(bad))
 
 
@@ -128,3 +128,73 @@ def test_gguf_export_then_import_gives_back_the_same_weights(tmp_path, monkeypat
                 "vocab_size", "tie_word_embeddings", "intermediate_size"):
         assert a[key] == b[key], key
     assert pull(str(res.gguf_paths["f32"])).path == ref.path  # cached by content hash
+
+
+@pytest.mark.parametrize("pre_name", ["gpt-2", "gpt2"])
+def test_a_byte_level_gguf_imports_under_llama_cpps_name_and_the_old_spelling(tmp_path, monkeypatch, smollm2_dir,
+                                                                               pre_name):
+    """A bare byte-level pre-tokenizer is `gpt-2` in llama.cpp (what export writes now); GGUFs from earlier
+    medtune versions say `gpt2`. Both import to a tokenizer.json that splits text like the original."""
+    from transformers import AutoTokenizer
+
+    from conftest import make_tiny_llama
+    from medtune.export.gguf_writer import plan_gguf, write_gguf
+    from medtune.models.gguf_import import import_gguf
+    from pretok_models import TRICKY_TEXTS
+
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
+    model = make_tiny_llama(tmp_path / "hf", smollm2_dir, layers=1)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tok = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
+    tok["pre_tokenizer"] = byte_level
+    (model / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    plan = plan_gguf(model, "f32")
+    assert plan.vocab.pre == "gpt-2"  # what export writes
+    plan.vocab.pre = pre_name
+    write_gguf(model, tmp_path / "m.gguf", "f32", plan=plan)
+    out = import_gguf(tmp_path / "m.gguf", tmp_path / "imported")
+    assert json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))["pre_tokenizer"] == byte_level
+    want, got = AutoTokenizer.from_pretrained(str(model)), AutoTokenizer.from_pretrained(str(out))
+    for text in TRICKY_TEXTS:
+        assert got.encode(text, add_special_tokens=False) == want.encode(text, add_special_tokens=False), repr(text)
+
+
+def test_gguf_of_an_architecture_medtune_cannot_import_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A GGUF medtune cannot import is refused from its header, before any tensor data is read (the file is
+    not hashed, gguf's reader does not map the tensors, nothing is dequantised): one line with the file and
+    the architecture, a hint, exit 2."""
+    import gguf
+
+    from medtune import fsutil
+
+    path = tmp_path / "big-mamba.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_block_count(4)
+    w.add_embedding_length(1024)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        w.add_tensor(f"blk.{i}.ssm_in.weight", rng.standard_normal((1024, 1024), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert path.stat().st_size > 16_000_000
+
+    def read_tensors(*_a, **_k):
+        raise AssertionError("tensor data was read before the refusal")
+
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fsutil, "sha256_file", read_tensors)  # reads every byte of the file
+    monkeypatch.setattr(gguf, "GGUFReader", read_tensors)  # maps and builds every tensor
+    monkeypatch.setattr(gguf.quants, "dequantize", read_tensors)
+    with pytest.raises(BadInput) as exc:
+        pull(str(path))
+    assert exc.value.line() == f"{path}: GGUF architecture 'mamba' cannot be imported"
+    assert "llama" in exc.value.hint and "Hugging Face folder" in exc.value.hint
+    assert not (tmp_path / "cache" / "models" / "gguf").exists()
+
+    res = run_cli("models", "pull", path, env={"MEDTUNE_CACHE": str(tmp_path / "cache")})
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines[-2] == f"error: {path}: GGUF architecture 'mamba' cannot be imported"
+    assert lines[-1].startswith("hint: medtune imports llama, qwen2, qwen3 GGUFs")

@@ -5,7 +5,9 @@ the contract documented in Ollama's docs/api.md (and its server's checks where t
 GET /api/version; HEAD /api/blobs/<digest> (200 present, 404 absent); POST /api/blobs/<digest> (the
 bytes must hash to the digest, else 400; 201 when stored); POST /api/create (a valid model name,
 `from` or `files`, every file a known blob holding a GGUF, PARAMETERs of Ollama's types, an NDJSON
-status stream that ends with {"status": "success"}); POST /api/generate and /api/chat (404 for an
+status stream that ends with {"status": "success"}; `from` is a model name, as Ollama takes a FROM that
+names no existing file: a path is an invalid name, an unknown name fails as a pull from a registry that
+has no such model); POST /api/generate and /api/chat (404 for an
 unknown model; answers streamed as NDJSON, or one object with "stream": false; done_reason "stop" or
 "length", eval_count). It is stricter than Ollama in one way: a field it does not know in a create
 request is refused (Ollama ignores it), so that a misspelt key cannot pass unnoticed.
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import threading
@@ -44,6 +47,16 @@ OPTION_TYPES = {"num_keep": int, "seed": int, "num_predict": int, "top_k": int, 
                 "presence_penalty": float, "frequency_penalty": float, "stop": list, "num_ctx": int,
                 "num_batch": int, "num_gpu": int, "main_gpu": int, "use_mmap": bool, "num_thread": int}
 PROMPT = "What is the first-line treatment for anaphylaxis?"
+
+
+# A model name as Ollama parses one ([host/][namespace/]model[:tag], types/model/name.go): each part starts
+# with a letter, digit or '_'; '.' is allowed in the host and model, not in the namespace.
+FROM_NAME = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._:-]*/)?(?:[A-Za-z0-9_][A-Za-z0-9_-]*/)?"
+                       r"[A-Za-z0-9_][A-Za-z0-9._-]*(?::[A-Za-z0-9_][A-Za-z0-9._-]*)?")
+
+
+def _with_tag(name: str) -> str:
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
 def _type_ok(kind, value) -> bool:
@@ -186,7 +199,20 @@ class _Handler(BaseHTTPRequestHandler):
         files = req.get("files")
         if not files and not req.get("from"):
             return self._error(400, "neither 'from' or 'files' was specified")
-        gguf = None
+        gguf, base = None, {}
+        if req.get("from"):
+            # Ollama's client sends FROM as `from` when it names no existing file: the server takes it as a
+            # model name. Not a valid name (a path such as ./x.gguf): refused. A name it does not have: it
+            # pulls it from the registry; this server has none, and answers as Ollama does when the registry
+            # has no such model (the error follows the "pulling manifest" status in the stream).
+            source = req["from"]
+            if not FROM_NAME.fullmatch(source):
+                return self._error(400, "invalid model name")
+            base = self.server.models.get(source) or self.server.models.get(_with_tag(source))
+            if base is None:
+                return self._stream([{"status": "pulling manifest"},
+                                     {"error": "pull model manifest: file does not exist"}])
+            gguf = base["gguf"]
         for fname, digest in (files or {}).items():
             if fname.startswith("/") or ".." in fname.split("/") or not fname:
                 return self._error(400, "file path must be relative")
@@ -205,7 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
         for msg in req.get("messages") or []:
             if msg.get("role") not in ("system", "user", "assistant") or not isinstance(msg.get("content"), str):
                 return self._error(400, f"invalid message {msg!r}")
-        self.server.models[name] = {**req, "gguf": gguf}
+        inherited = {k: base[k] for k in ("template", "system", "parameters") if base.get(k) and not req.get(k)}
+        self.server.models[name] = {**req, **inherited, "gguf": gguf}
         statuses = ["parsing GGUF", f"using existing layer {gguf}"]
         statuses += [f"creating new layer sha256:{hashlib.sha256(json.dumps(req.get(k)).encode()).hexdigest()}"
                      for k in ("template", "system", "parameters") if req.get(k)]
@@ -379,6 +406,113 @@ def test_a_missing_gguf_fails_before_the_server_is_contacted(server, exported, t
     assert res.returncode == BadInput.exit_code == 2, res.stderr
     assert "the GGUF named by FROM does not exist" in res.stderr and str(missing) in res.stderr.replace("\n", "")
     assert server.log == []
+
+
+@pytest.fixture(scope="module")
+def exported_runs(tmp_path_factory, tiny_llama_dir):
+    """`medtune export` into a project: runs/r1/ (Modelfile beside gguf/) and models/r2/ + Modelfiles/r2.Modelfile."""
+    root = tmp_path_factory.mktemp("project") / "proj"
+    for out, name, mf in ((root / "runs" / "r1" / "gguf", "r1", root / "runs" / "r1" / "r1.Modelfile"),
+                          (root / "models" / "r2", "r2", root / "Modelfiles" / "r2.Modelfile")):
+        res = run_cli("export", tiny_llama_dir, "--out", out, "--name", name, "--modelfile", mf, "--quant", "f16")
+        assert res.returncode == 0, res.stderr
+    return root
+
+
+def test_a_moved_project_creates_from_its_relative_from(server, exported_runs, tmp_path):
+    """The exported FROM is relative to the Modelfile's folder: once the project is moved (or copied to another
+    machine), `medtune ollama create` run from any folder uploads the GGUF that sits beside the Modelfile."""
+    moved = tmp_path / "elsewhere" / "proj"
+    shutil.copytree(exported_runs, moved)
+    env = {"PATH": _no_ollama_path(tmp_path)}
+    cases = [("r1", Path("elsewhere/proj/runs/r1/r1.Modelfile"), moved / "runs" / "r1" / "gguf" / "r1-f16.gguf"),
+             ("r2", Path("elsewhere/proj/Modelfiles/r2.Modelfile"), moved / "models" / "r2" / "r2-f16.gguf")]
+    for name, mf, gguf in cases:
+        from_ = next(v for k, v in parse_modelfile((tmp_path / mf).read_text()) if k == "model")
+        assert not Path(from_).is_absolute() and from_.startswith(("./", "../")), from_
+        res = run_cli("ollama", "create", name, "--modelfile", mf, "--host", server.url, "--json", cwd=tmp_path,
+                      env=env)  # run from tmp_path: the Modelfile's folder, not the working folder, counts
+        assert res.returncode == 0, res.stderr
+        got = json.loads(res.stdout)
+        digest = "sha256:" + hashlib.sha256(gguf.read_bytes()).hexdigest()
+        assert got["gguf"] == str(gguf.resolve()) and got["digest"] == digest
+        assert server.creates[-1]["files"] == {gguf.name: digest} and name in server.models
+
+
+def test_a_relative_from_whose_file_is_missing_is_refused_before_the_server(server, exported_runs, tmp_path):
+    """A Modelfile moved without its GGUF: the relative FROM names a file that is not there. Ollama would take
+    the path as a model name; medtune refuses it, naming where it looked, before contacting the server."""
+    mf = tmp_path / "alone" / "r1.Modelfile"
+    mf.parent.mkdir()
+    shutil.copy(exported_runs / "runs" / "r1" / "r1.Modelfile", mf)
+    res = run_cli("ollama", "create", "r1", "--modelfile", mf, "--host", server.url,
+                  env={"PATH": _no_ollama_path(tmp_path)})
+    assert res.returncode == BadInput.exit_code == 2, res.stderr
+    flat = " ".join(res.stderr.split())
+    assert "the GGUF named by FROM does not exist" in flat
+    assert str(tmp_path / "alone" / "gguf" / "r1-f16.gguf") in res.stderr.replace("\n", "")
+    assert "relative FROM is taken from the Modelfile's folder" in flat and "Traceback" not in res.stderr
+    assert server.log == []
+
+
+def test_from_is_resolved_as_ollama_does(tmp_path, monkeypatch):
+    """Ollama's rule (parser/parser.go expandPath): a relative FROM is joined to the Modelfile's folder
+    lexically (`..` drops the previous part, even a symlink), `~` is the home folder; absolute stays."""
+    from medtune.ollama import read_modelfile
+
+    real = tmp_path / "real" / "deep"
+    real.mkdir(parents=True)
+    (tmp_path / "real" / "m.gguf").write_bytes(b"GGUF via the symlink target")
+    folder = tmp_path / "mf"
+    folder.mkdir()
+    (folder / "m.gguf").write_bytes(b"GGUF beside the Modelfile")
+    (folder / "link").symlink_to(real)
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "h.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("HOME", str(home))
+    mf = folder / "Modelfile"
+    for value, want in (("m.gguf", folder / "m.gguf"), ("./m.gguf", folder / "m.gguf"),
+                        ("link/../m.gguf", folder / "m.gguf"), ("./sub/../m.gguf", folder / "m.gguf"),
+                        ("~/models/h.gguf", home / "models" / "h.gguf"),
+                        (str(folder / "m.gguf"), folder / "m.gguf")):
+        mf.write_text(f"FROM {value}\n")
+        assert read_modelfile(mf).gguf == want.resolve(), value
+    mf.write_text("FROM ~no-such-user-medtune/m.gguf\n")
+    with pytest.raises(BadInput, match="no such user"):
+        read_modelfile(mf)
+
+
+def test_the_contract_server_takes_a_from_that_names_no_file_as_a_model_name(server, exported, monkeypatch,
+                                                                            tmp_path):
+    """As Ollama: `from` names a model. A path is an invalid name; an unknown name fails (it would be pulled
+    from a registry that has no such model) and creates nothing; an existing model is built upon."""
+    import httpx
+
+    from medtune.errors import MedtuneError
+    from medtune.ollama import create_from_modelfile
+
+    monkeypatch.setenv("PATH", _no_ollama_path(tmp_path))
+    with httpx.Client(base_url=server.url) as http:
+        bad = http.post("/api/create", json={"model": "x", "from": "./gone/tiny-f16.gguf"})
+        assert bad.status_code == 400 and bad.json() == {"error": "invalid model name"}
+        unknown = http.post("/api/create", json={"model": "x", "from": "no-such-model"})
+        lines = [json.loads(line) for line in unknown.text.splitlines()]
+        assert lines[-1] == {"error": "pull model manifest: file does not exist"}
+    assert "x" not in server.models
+
+    mf = tmp_path / "from-name.Modelfile"
+    mf.write_text("FROM no-such-model\nPARAMETER temperature 0.2\n")  # names no file: a model name
+    with pytest.raises(MedtuneError, match="Ollama refused to create 'y': pull model manifest: file does not exist"):
+        create_from_modelfile("y", mf, host=server.url)
+    assert "y" not in server.models
+
+    first = create_from_modelfile("tiny", exported["modelfile"], host=server.url)
+    mf.write_text("FROM tiny\nPARAMETER temperature 0.2\n")
+    res = create_from_modelfile("tiny-cold", mf, host=server.url)
+    assert res["statuses"][-1] == "success" and server.creates[-1]["from"] == "tiny"
+    assert server.models["tiny-cold"]["gguf"] == first["digest"]
+    assert server.models["tiny-cold"]["template"] == server.models["tiny"]["template"]
 
 
 def test_the_servers_refusal_is_shown(server, tmp_path, monkeypatch):

@@ -584,7 +584,7 @@ def test_exported_modelfile_with_hostile_system_prompt_parses_back(tiny_llama_di
                  modelfile_path=tmp_path / "hostile.Modelfile")
     cmds = parse_modelfile(res.modelfile_path.read_text(encoding="utf-8"))
     assert [v for k, v in cmds if k == "system"] == [system]
-    assert [v for k, v in cmds if k == "model"] == [str(res.gguf_paths["f32"])]
+    assert [v for k, v in cmds if k == "model"] == ["./gguf/hostile-f32.gguf"]
     assert not [k for k, _ in cmds if k in ("adapter", "license", "requires", "message")]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from medtune.errors import BadInput
 from medtune.lock import holds as _holds_lock
 
-__all__ = ["ExportResult", "export", "inspect_gguf", "ollama_commands", "read_gguf_header"]
+__all__ = ["ExportResult", "export", "inspect_gguf", "modelfile_from", "ollama_commands", "read_gguf_header"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?::[A-Za-z0-9._-]+)?")
 
@@ -55,12 +55,29 @@ def ollama_commands(name: str, modelfile_path: str | Path) -> list[str]:
     return [f"ollama create {shlex.quote(name)} -f {shlex.quote(str(modelfile_path))}", f"ollama run {shlex.quote(name)}"]
 
 
+def modelfile_from(gguf_path: str | Path, modelfile_path: str | Path) -> str:
+    """The FROM value that names `gguf_path` from a Modelfile at `modelfile_path`: relative to the Modelfile's
+    folder, which is how Ollama resolves a relative FROM (so the two can move together, to another folder or
+    another machine). `./NAME.gguf` beside the Modelfile, `./sub/NAME.gguf` below it, `../models/run/NAME.gguf`
+    elsewhere; forward slashes, which Ollama reads on every OS. Absolute only where no relative path exists
+    (another drive on Windows)."""
+    import os
+
+    gguf_path, folder = Path(gguf_path).absolute(), Path(modelfile_path).absolute().parent
+    try:
+        rel = Path(os.path.relpath(gguf_path, folder)).as_posix()
+    except ValueError:
+        return str(gguf_path)
+    return rel if rel.startswith("../") else f"./{rel}"
+
+
 @_holds_lock("out_dir")  # one writer per output folder (medtune.lock)
 def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",), system: str | None = None,
            progress=None, *, modelfile_path: str | Path | None = None, params: dict | None = None,
            family: str | None = None, converter: str = "auto", llama_cpp_dir: str | Path | None = None) -> ExportResult:
-    """Write `<out_dir>/<name>-<quant>.gguf` for each quant, a Modelfile (FROM the first quant, by absolute
-    path) and `<out_dir>/export_manifest.json`.
+    """Write `<out_dir>/<name>-<quant>.gguf` for each quant, a Modelfile (FROM the first quant, by a path
+    relative to the Modelfile's folder, as Ollama resolves it: `./NAME.gguf`, `../models/run/NAME.gguf`)
+    and `<out_dir>/export_manifest.json`.
 
     quants: types, as a list and/or comma-separated ("f16,q4_k_m"): f16 f32 bf16 q8_0 q4_0 (medtune's writer),
         q4_k_m q4_k_s q5_k_m q5_k_s q6_k q3_k_m q2_k (llama.cpp's quantizer, from an F16 GGUF: the f16 file
@@ -125,8 +142,9 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
             if family is None:
                 detect_family(model_dir)  # refuse an unknown chat template now, not after converting
     text = info = None
+    from_path = modelfile_from(ggufs[quants[0]], mf_path)
     if vocab is not None:
-        text, info = render_modelfile(ggufs[quants[0]], model_dir, system=system, params=params, family=family,
+        text, info = render_modelfile(from_path, model_dir, system=system, params=params, family=family,
                                       vocab=vocab)
 
     n_params = _n_params(model_dir)
@@ -174,7 +192,7 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
 
     if text is None:  # llama.cpp path with a tokenizer medtune does not read: use what llama.cpp wrote
         vocab = llamacpp.vocab_from_gguf(ggufs[quants[0]], model_dir)
-        text, info = render_modelfile(ggufs[quants[0]], model_dir, system=system, params=params, family=family,
+        text, info = render_modelfile(from_path, model_dir, system=system, params=params, family=family,
                                       vocab=vocab)
     fsutil.write_text(mf_path, text)
 
@@ -459,6 +477,7 @@ def inspect_gguf(path: str | Path, *, head: int = 5) -> dict:
         "pre_tokenizer": meta.get("tokenizer.ggml.pre"),
         "bos": token("tokenizer.ggml.bos_token_id"),
         "eos": token("tokenizer.ggml.eos_token_id"),
+        "eot": token("tokenizer.ggml.eot_token_id"),
         "add_bos": meta.get("tokenizer.ggml.add_bos_token"),
         "chat_template": bool(template),
         "chat_template_first_line": template.strip().splitlines()[0] if isinstance(template, str) and template.strip()

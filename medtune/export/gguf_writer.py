@@ -302,6 +302,8 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
         "bos": vocab.text(vocab.bos_id),
         "eos": vocab.text(vocab.eos_id),
         "eos_id": vocab.eos_id,
+        "eos_ids": list(vocab.eos_ids),
+        "eot": vocab.text(vocab.eot_id),
         "add_bos": vocab.add_bos,
         "tied_embeddings": arch.tied,
         "chat_template": vocab.chat_template is not None,

@@ -131,13 +131,17 @@ def vocab_from_gguf(path: str | Path, model_dir: str | Path):
     from medtune.export import read_gguf_header
     from medtune.export.tokenizer import Vocab
 
-    meta = read_gguf_header(path, full_arrays=("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"))["metadata"]
+    from medtune.export.tokenizer import EOS_IDS_KEY
+
+    meta = read_gguf_header(path, full_arrays=("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                                               EOS_IDS_KEY))["metadata"]
     tokens = list(meta.get("tokenizer.ggml.tokens") or [])
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eos_ids = [eos] if eos is not None else []
     for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
         if meta.get(key) is not None:
             eos_ids.append(meta[key])
+    eos_ids += [i for i in meta.get(EOS_IDS_KEY) or [] if isinstance(i, int)]
     for fname in ("generation_config.json", "config.json"):  # every id the model may end a turn with
         try:
             value = json.loads((Path(model_dir) / fname).read_text(encoding="utf-8")).get("eos_token_id")
@@ -156,4 +160,5 @@ def vocab_from_gguf(path: str | Path, model_dir: str | Path):
         add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         chat_template=meta.get("tokenizer.chat_template"),
         eos_ids=[i for i in dict.fromkeys(eos_ids) if 0 <= i < len(tokens)],
+        eot_id=meta.get("tokenizer.ggml.eot_token_id"),
     )

@@ -4,6 +4,11 @@ tokenizer.json gives the vocabulary, merges, added tokens and the pre-tokenizer;
 the special tokens, add_bos/add_eos and the chat template; generation_config.json / config.json the
 end-of-sequence id the model was trained to emit. The pre-tokenizer is recognised from its definition
 (medtune.pretok) and an unknown one is refused: llama.cpp would split text differently from training.
+
+End tokens: llama.cpp stops on its end-of-generation set, built from `tokenizer.ggml.eos_token_id`,
+`eot_token_id`, `eom_token_id` and a list of known end-token texts; so the end-of-turn token the chat
+template closes an assistant turn with is written as eot. Ollama's own converter also writes every end
+id as `tokenizer.ggml.eos_token_ids` (INT32 array), where Ollama <= 0.24's Go engine takes them from.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from medtune import pretok
 from medtune.errors import BadInput
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+EOS_IDS_KEY = "tokenizer.ggml.eos_token_ids"
 
 
 @dataclass
@@ -33,6 +39,7 @@ class Vocab:
     add_eos: bool = False
     chat_template: str | None = None
     eos_ids: list[int] = field(default_factory=list)  # every id the model may end a turn with
+    eot_id: int | None = None  # the end-of-turn token (tokenizer.ggml.eot_token_id)
 
     def text(self, idx: int | None) -> str | None:
         return self.tokens[idx] if idx is not None and 0 <= idx < len(self.tokens) else None
@@ -51,9 +58,17 @@ class Vocab:
         w.add_token_types(self.token_types)
         w.add_token_merges(self.merges)
         for idx, add in ((self.bos_id, w.add_bos_token_id), (self.eos_id, w.add_eos_token_id),
-                         (self.unk_id, w.add_unk_token_id), (self.pad_id, w.add_pad_token_id)):
+                         (self.eot_id, w.add_eot_token_id), (self.unk_id, w.add_unk_token_id),
+                         (self.pad_id, w.add_pad_token_id)):
             if idx is not None:
                 add(idx)
+        if self.eos_ids:
+            from gguf import GGUFValueType
+
+            # gguf-py has no helper for this key; the element type is given explicitly: INT32, as Ollama writes
+            # and reads it (a UINT32 or INT64 array is not found by Ollama's typed lookup).
+            w.add_key_value(EOS_IDS_KEY, [int(i) for i in self.eos_ids], GGUFValueType.ARRAY,
+                            sub_type=GGUFValueType.INT32)
         w.add_add_bos_token(self.add_bos)
         w.add_add_eos_token(self.add_eos)
         if self.chat_template:
@@ -220,11 +235,45 @@ def read_vocab(model_dir: str | Path, n_vocab: int | None = None) -> Vocab:
     if add_eos is None:
         add_eos = _adds_special(tok, eos_text, first=False)
 
+    eos_ids = [i for i in dict.fromkeys(eos_ids) if 0 <= i < size]
+    template = chat_template(model_dir)
+    specials = {k: _token_text(tcfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    turn_end = end_of_turn(template, [tokens[i] for i in eos_ids], specials)
+    eot = ids[turn_end] if turn_end is not None and ids.get(turn_end) in eos_ids else eos
     return Vocab(
         model="gpt2", pre=entry.name, tokens=tokens, token_types=token_types, merges=merges,
         bos_id=bos, eos_id=eos, unk_id=unk, pad_id=pad, add_bos=bool(add_bos), add_eos=bool(add_eos),
-        chat_template=chat_template(model_dir), eos_ids=[i for i in eos_ids if 0 <= i < size],
+        chat_template=template, eos_ids=eos_ids, eot_id=eot,
     )
+
+
+_PROBE_ANSWER = "medtune-probe-answer"
+_PROBE = [{"role": "user", "content": "medtune-probe-question"}, {"role": "assistant", "content": _PROBE_ANSWER}]
+
+
+def end_of_turn(template: str | None, candidates: list[str], specials: dict | None = None) -> str | None:
+    """Which of `candidates` (end-token texts) the chat template closes an assistant turn with.
+
+    The template renders a user/assistant exchange; the candidate found first after the answer is the
+    end-of-turn token. When the template cannot be rendered, the candidate it names (the first one, if it
+    names several); None when there is no template or it names none."""
+    if not template or not candidates:
+        return None
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        kwargs = {k: v for k, v in (specials or {}).items() if v is not None}
+        text = _compile_jinja_template(template).render(messages=_PROBE, add_generation_prompt=False, tools=None,
+                                                        documents=None, **kwargs)
+    except Exception:  # noqa: BLE001 - any jinja error: fall back to reading the template's text
+        text = None
+    if text is not None and _PROBE_ANSWER in text:
+        after = text[text.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER):]
+        found = [(after.find(c), n, c) for n, c in enumerate(candidates) if c in after]
+        if found:
+            return min(found)[2]
+    named = [c for c in candidates if c in template]
+    return named[0] if named else None
 
 
 def _byte_level(tok: dict) -> bool:

@@ -70,9 +70,10 @@ def resolve(spec: str, progress=None) -> Path:
 
 def _import_local_gguf(path: Path, progress) -> Path:
     from medtune import fsutil
-    from medtune.models.gguf_import import import_gguf
+    from medtune.models.gguf_import import check_importable, import_gguf
     from medtune.paths import cache_dir
 
+    check_importable(path)  # from the header: what cannot be imported is refused before the file is hashed
     digest = fsutil.sha256_file(path)[:16]
     out = cache_dir() / "models" / "gguf" / f"{path.stem}-{digest}"
     if not (out / "config.json").is_file():

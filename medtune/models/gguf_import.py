@@ -99,17 +99,60 @@ def _open(path: Path):
                        hint="check the download; a GGUF starts with the magic bytes 'GGUF'") from exc
 
 
+def _import_arch(arch_name, path: Path) -> ImportArch:
+    arch = IMPORT_ARCHS.get(arch_name)
+    if arch is None:
+        raise BadInput(f"GGUF architecture {arch_name!r} cannot be imported", where=str(path),
+                       hint=f"medtune imports {', '.join(sorted(IMPORT_ARCHS))} GGUFs: pass this model's Hugging "
+                            "Face folder (or ORG/NAME) instead of the .gguf, or pick a model of those architectures")
+    return arch
+
+
+def _pretokenizer(model, pre_name, path: Path):
+    if model != "gpt2":
+        raise BadInput(f"GGUF tokenizer model {model!r} cannot be imported yet", where=str(path),
+                       hint="byte-level BPE ('gpt2') tokenizers are supported")
+    pre = pretok.by_name(pre_name)  # llama.cpp's name, or an alias such as "gpt2" (older medtune GGUFs)
+    if pre is None:
+        raise BadInput(f"GGUF pre-tokenizer {pre_name!r} is not in our registry", where=str(path),
+                       hint=f"known: {', '.join(sorted(pretok.REGISTRY))} (also read: "
+                            f"{', '.join(sorted(pretok.ALIASES))})")
+    return pre
+
+
+SKIPPED_TENSORS = ("rope_freqs.weight",)  # llama.cpp's precomputed rope factors: HF recomputes them
+
+
+def _check_tensor_name(name: str, path: Path) -> None:
+    if hf_tensor_name(name) is None and name not in SKIPPED_TENSORS:
+        raise BadInput(f"GGUF tensor {name!r} has no Hugging Face counterpart", where=str(path),
+                       hint="this GGUF layout is not supported for import")
+
+
+def check_importable(path: str | Path) -> dict:
+    """Refuse at once what cannot be imported, from the header alone (no tensor data is read, the file is not
+    hashed): the architecture, the tokenizer, a tensor without a Hugging Face name. Returns the header."""
+    from medtune.export import read_gguf_header
+
+    path = Path(path)
+    header = read_gguf_header(path)
+    meta = header["metadata"]
+    _import_arch(meta.get("general.architecture"), path)
+    _pretokenizer(meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default"), path)
+    for t in header["tensors"]:
+        _check_tensor_name(t["name"], path)
+    return header
+
+
 def import_gguf(path: str | Path, out_dir: str | Path, progress=None) -> Path:
     """Dequantise `path` into an HF folder at `out_dir` (written atomically). Returns out_dir."""
     import gguf
 
     path, out_dir = Path(path), Path(out_dir)
+    check_importable(path)  # seconds, before gguf's reader maps every tensor and the dequantising
     reader = _open(path)
     arch_name = _field(reader, "general.architecture")
-    arch = IMPORT_ARCHS.get(arch_name)
-    if arch is None:
-        raise BadInput(f"GGUF architecture {arch_name!r} cannot be imported", where=str(path),
-                       hint=f"supported: {', '.join(sorted(IMPORT_ARCHS))}")
+    arch = _import_arch(arch_name, path)
     a = arch_name
     n_head = int(_field(reader, f"{a}.attention.head_count"))
     n_kv = int(_field(reader, f"{a}.attention.head_count_kv", n_head))
@@ -147,10 +190,8 @@ def import_gguf(path: str | Path, out_dir: str | Path, progress=None) -> Path:
     for t in reader.tensors:
         hf = hf_tensor_name(t.name)
         if hf is None:
-            if t.name in ("rope_freqs.weight",):
-                continue
-            raise BadInput(f"GGUF tensor {t.name!r} has no Hugging Face counterpart", where=str(path),
-                           hint="this GGUF layout is not supported for import")
+            _check_tensor_name(t.name, path)
+            continue
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         w = w.reshape([int(d) for d in reversed(t.shape)])
         if arch.permute_qk and t.name.endswith("attn_q.weight"):
@@ -178,15 +219,7 @@ def import_gguf(path: str | Path, out_dir: str | Path, progress=None) -> Path:
 
 
 def _tokenizer_files(reader, path: Path, cfg: dict) -> dict:
-    model = _field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise BadInput(f"GGUF tokenizer model {model!r} cannot be imported yet", where=str(path),
-                       hint="byte-level BPE ('gpt2') tokenizers are supported")
-    pre_name = _field(reader, "tokenizer.ggml.pre", "default")
-    pre = pretok.by_name(pre_name)
-    if pre is None:
-        raise BadInput(f"GGUF pre-tokenizer {pre_name!r} is not in our registry", where=str(path),
-                       hint=f"known: {', '.join(sorted(pretok.REGISTRY))}")
+    pre = _pretokenizer(_field(reader, "tokenizer.ggml.model"), _field(reader, "tokenizer.ggml.pre", "default"), path)
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [m.split(" ", 1) for m in _field(reader, "tokenizer.ggml.merges", [])]

@@ -13,7 +13,7 @@ import typer
 from medtune import __version__
 from medtune.cli_flags import AllowPickleOpt, TrustRemoteCodeOpt, untrusted
 from medtune.console import console, done, info, step, warn
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, ResourceError
 
 app = typer.Typer(
     name="medtune",
@@ -57,7 +57,7 @@ def _root(
 
 @app.command()
 def doctor(as_json: JsonOpt = False):
-    """Check this machine: OS, CPU/GPU, MLX device and BLAS, package versions, Ollama, memory and disk."""
+    """Check this machine: OS, CPU/GPU, MLX device and BLAS, package versions, llama.cpp's tools, Ollama, memory, disk."""
     from medtune.doctor import doctor as run
 
     report = run()
@@ -75,6 +75,8 @@ def doctor(as_json: JsonOpt = False):
     t.add_row("MLX", f"{m.get('device', m.get('error'))}, float32 matmul {m.get('matmul_gflops', '?')} GFLOP/s")
     t.add_row("BLAS", blas_line)
     t.add_row("Versions", ", ".join(f"{k} {v or '—'}" for k, v in report["versions"].items()))
+    for tool in report["llama_cpp"]["tools"]:
+        t.add_row(tool["name"], f"{tool['path']} (llama.cpp {tool['version'] or '?'})" if tool["path"] else "not found")
     o = report["ollama"]
     t.add_row("Ollama", f"{o['host']}: " + (f"reachable, {o.get('version')}" if o["reachable"] else "not reachable"))
     mem = report["memory"]
@@ -311,24 +313,23 @@ def train(
         step(f"{'preflight for' if dry_run else 'training'} {kind} on {model} with {data} → {out} ({backend} backend)")
     cols = TextColumn("loss [bold]{task.fields[loss]}[/] val [bold]{task.fields[val]}[/] "
                       "{task.fields[tps]} tok/s peak {task.fields[mem]} GB")
-    with progress(cols) as p, untrusted(**safe_flags):
-        res = run(model, data, out, opts, backend=backend, progress=p, resume=resume, dry_run=dry_run)
+    try:
+        with progress(cols) as p, untrusted(**safe_flags):
+            res = run(model, data, out, opts, backend=backend, progress=p, resume=resume, dry_run=dry_run)
+    except ResourceError as exc:
+        # a dry run that cannot fit: the figures, then the run's own refusal (exit 4)
+        if dry_run and not follower and getattr(exc, "preflight", None):
+            if as_json:
+                _emit_json({"preflight": exc.preflight})
+            else:
+                _show_preflight(exc.preflight, notes=True)
+        raise
     if follower:
         return
     if as_json:
         return _emit_json(res.to_dict())
-    pf = res.preflight
-    where = ""
-    if pf.get("device"):
-        dev = pf["device"]
-        where = (f"; {dev['name']}, {pf['precision']}" + (", 4-bit base" if pf.get("load_in_4bit") else "")
-                 + (f", {pf['processes']} processes" if pf.get("processes", 1) > 1 else ""))
-    info(f"parameters {pf['parameters']:,} (trainable {pf['trainable_parameters']:,}); {pf['records']} records, "
-         f"{pf['tokens_per_epoch']:,} tokens per epoch; {pf['steps']} steps (~{pf['epochs']} epochs); "
-         f"estimated peak {pf['estimated_peak_bytes'] / 1e9:.2f} GB of {pf['available_bytes'] / 1e9:.1f} GB available{where}")
+    _show_preflight(res.preflight, notes=dry_run)
     if dry_run:
-        for note in pf.get("notes", []):
-            info(f"note: {note}")
         return
     extra = f"; test loss {res.test_loss:.3f}" if res.test_loss is not None else ""
     first = f"{res.first_val_loss:.3f} → " if res.first_val_loss is not None else ""
@@ -337,6 +338,20 @@ def train(
          f"val loss {first}{res.final_val_loss:.3f}{extra}")
     info(f"adapter: {res.adapter_file}\nloss curve: {res.files.get('loss_plot')}")
     print(res.out)
+
+
+def _show_preflight(pf: dict, notes: bool) -> None:
+    where = ""
+    if pf.get("device"):
+        dev = pf["device"]
+        where = (f"; {dev['name']}, {pf['precision']}" + (", 4-bit base" if pf.get("load_in_4bit") else "")
+                 + (f", {pf['processes']} processes" if pf.get("processes", 1) > 1 else ""))
+    info(f"parameters {pf['parameters']:,} (trainable {pf['trainable_parameters']:,}); {pf['records']} records, "
+         f"{pf['tokens_per_epoch']:,} tokens per epoch; {pf['steps']} steps (~{pf['epochs']} epochs); "
+         f"estimated peak {pf['estimated_peak_bytes'] / 1e9:.2f} GB of {pf['available_bytes'] / 1e9:.1f} GB available{where}")
+    if notes:
+        for note in pf.get("notes", []):
+            info(f"note: {note}")
 
 
 @app.command()
@@ -367,6 +382,12 @@ def fuse(
     print(res.out)
 
 
+def _family_names() -> str:
+    from medtune.export.modelfile import FAMILIES  # plain Python, no heavy library: the registry's names for --help
+
+    return ", ".join(FAMILIES)
+
+
 @app.command()
 def export(
     model_dir: Annotated[Path, typer.Argument(help="Fused model folder (from `medtune fuse`).")],
@@ -377,6 +398,9 @@ def export(
                                                    "Repeatable or comma-separated: -q f16,q4_k_m.")] = ["f16"],  # noqa: B006
     system: Annotated[Optional[str], typer.Option(help="SYSTEM prompt for the Modelfile (default: the one training saw).")] = None,
     modelfile: Annotated[Optional[Path], typer.Option(help="Modelfile path (default: Modelfiles/NAME.Modelfile).")] = None,
+    family: Annotated[Optional[str], typer.Option("--family", metavar="NAME", help="Chat-template family of the Modelfile's "
+                                                  f"TEMPLATE and stops: {_family_names()} (default: the one the "
+                                                  "tokenizer's chat template renders like).")] = None,
     converter: Annotated[str, typer.Option(help="auto | medtune | llama.cpp: auto uses medtune's writer for the architectures "
                                                 "it knows, llama.cpp's convert_hf_to_gguf.py for the others.")] = "auto",
     llama_cpp: Annotated[Optional[Path], typer.Option("--llama-cpp", metavar="DIR", help="A llama.cpp checkout, for its converter "
@@ -397,6 +421,10 @@ def export(
     out = out or model_dir
     modelfile = modelfile or Path("Modelfiles") / f"{name}.Modelfile"
     quants = parse_quants(quant)
+    if family is not None:
+        from medtune.export.modelfile import get_family
+
+        get_family(family)  # refuse an unknown name before an export that may take minutes
     if ollama:
         from medtune.ollama import check_name
 
@@ -404,7 +432,10 @@ def export(
     step(f"exporting {model_dir} → {out} ({', '.join(quants)})")
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
         res = run(model_dir, out, name, quants=quants, system=system, modelfile_path=modelfile, progress=p,
-                  converter=converter, llama_cpp_dir=llama_cpp)
+                  family=family, converter=converter, llama_cpp_dir=llama_cpp)
+    if not as_json:
+        for w in res.warnings:  # e.g. a forced --family that renders other prompts than training saw
+            warn(w)
     created = None
     if ollama:
         from medtune.ollama import create_from_modelfile

@@ -111,13 +111,16 @@ def _clean_example(ex: formats.Example, controls: bool = True) -> str | None:
 
 
 def _answer(ex: formats.Example, reasoning: str, info: render.TemplateInfo, opened: bool = False) -> str:
-    """The last assistant message as the model should learn it (reasoning placed per --reasoning)."""
-    if not ex.reasoning or reasoning == "drop":
-        return ex.response
-    if reasoning == "inline":
-        return f"{ex.reasoning}\n\n{ex.response}"
-    head = "" if opened else f"{info.think_open}\n"
-    return f"{head}{ex.reasoning}\n{info.think_close}\n\n{ex.response}"
+    """The last assistant message as the model should learn it (reasoning placed per --reasoning).
+
+    opened: the prompt already ends with the think block's opening (a generation prompt such as DeepSeek-R1's
+    `<｜Assistant｜><think>\n`): the answer continues inside that block, and closes it at once when there is
+    no reasoning to put there."""
+    if ex.reasoning and reasoning == "think":
+        head = "" if opened else f"{info.think_open}\n"
+        return f"{head}{ex.reasoning}\n{info.think_close}\n\n{ex.response}"
+    answer = f"{ex.reasoning}\n\n{ex.response}" if ex.reasoning and reasoning == "inline" else ex.response
+    return f"{info.think_close}\n\n{answer}" if opened else answer
 
 
 def _choose_style(style: str, examples, info: render.TemplateInfo, reasoning: str, notes: list) -> str:
@@ -132,6 +135,14 @@ def _choose_style(style: str, examples, info: render.TemplateInfo, reasoning: st
                            "would train without the reasoning", hint="use --style text (the default here), or --reasoning inline/drop")
         notes.append("the chat template deletes <think> blocks from assistant turns, so records are written "
                      "pre-rendered (--style text) with the reasoning kept and the prompt masked")
+        return "text"
+    if not info.prompt_is_prefix:
+        if style in ("completions", "chat"):
+            raise BadInput(f"this model's chat template ends its generation prompt with text its assistant turns "
+                           f"do not start with: --style {style} would train on another prompt than the one the "
+                           "model gets", hint="use --style text (the default here)")
+        notes.append("the chat template's generation prompt is not where its assistant turns start, so records "
+                     "are written pre-rendered (--style text) from the generation prompt, prompt masked")
         return "text"
     if style != "auto":
         if style == "completions" and any(len(ex.messages) != 2 for ex in examples):

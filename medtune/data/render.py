@@ -4,6 +4,9 @@ The template, not the record, closes the assistant turn. We find out which token
 turn with, and check on every record that (a) the prompt's tokens are a true prefix of the full
 sequence, (b) the end-of-turn token appears exactly once in the assistant part, at its end, and
 (c) the reasoning survived rendering (some templates delete <think> blocks from assistant turns).
+We also find out whether the generation prompt (what an engine sends before the model's reply) is
+where the template's assistant turns start: the later DeepSeek-R1 templates end it with <think>\n,
+which their assistant turns do not hold, so records must be written from the generation prompt.
 The per-record checks live in medtune.data.prepare; this module inspects the template itself.
 """
 
@@ -25,6 +28,7 @@ class TemplateInfo:
     strips_think: bool
     think_open: str = "<think>"
     think_close: str = "</think>"
+    prompt_is_prefix: bool = True  # the generation prompt is the start of a rendered assistant turn
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -80,9 +84,10 @@ def inspect_template(tok, model_dir="") -> TemplateInfo:
     think = [{"role": "user", "content": "Q"},
              {"role": "assistant", "content": f"<think>\n{PROBE_REASONING}\n</think>\n\n{PROBE_ANSWER}"}]
     strips = PROBE_REASONING not in chat(tok, think, tokenize=False)
+    prefix = text.startswith(chat(tok, msgs[:1], tokenize=False, add_generation_prompt=True))
     open_, close = think_markers(tok)
-    return TemplateInfo(end_token=end, end_token_id=tok.convert_tokens_to_ids(end),
-                        eos_token=tok.eos_token, strips_think=strips, think_open=open_, think_close=close)
+    return TemplateInfo(end_token=end, end_token_id=tok.convert_tokens_to_ids(end), eos_token=tok.eos_token,
+                        strips_think=strips, think_open=open_, think_close=close, prompt_is_prefix=prefix)
 
 
 def think_markers(tok) -> tuple[str, str]:

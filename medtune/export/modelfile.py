@@ -15,8 +15,9 @@ without changing it, and `\"\"\"` followed by a newline would let the rest becom
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -78,12 +79,19 @@ QWEN3_TEMPLATE = """\
 
 # DeepSeek-R1 (the Qwen and Llama distills): BOS, every system message joined by a blank line (Ollama's
 # .System is exactly that), then <｜User｜>/<｜Assistant｜> turns; an assistant turn keeps only what
-# follows its last </think>, and the generation prompt opens a think block. The BOS is not in the
-# TEMPLATE: the GGUF's add_bos makes the runtime add it (see render_modelfile). For a reply whose
-# reasoning Ollama parsed out, HF's history keeps what the model wrote after </think>, which is "\n\n"
-# for these models: the TEMPLATE writes that back.
+# follows its last </think>. The BOS is not in the TEMPLATE: the GGUF's add_bos makes the runtime add it
+# (see render_modelfile). For a reply whose reasoning Ollama parsed out, HF's history keeps what the model
+# wrote after </think>, which is "\n\n" for these models: the TEMPLATE writes that back.
+# Two published versions differ only in the generation prompt: the later one (February 2025 on) opens the
+# think block itself (`<｜Assistant｜><think>\n`); the January 2025 one ends at `<｜Assistant｜>`, so the
+# model opens <think> on its own. DS_THINK_OPEN is what the later prompt adds.
 DS_BOS, DS_EOS, DS_USER, DS_ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-DEEPSEEK_R1_TEMPLATE = """\
+DS_THINK_OPEN = "<think>\n"
+
+
+def _deepseek_r1_template(think_open: str) -> str:
+    """The DeepSeek-R1 Go TEMPLATE whose generation prompt is <｜Assistant｜> + `think_open`."""
+    return """\
 {{- .System }}
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
@@ -96,9 +104,12 @@ DEEPSEEK_R1_TEMPLATE = """\
 
 {{ end }}{{ .Content }}<｜end▁of▁sentence｜>
 {{- end }}
-{{- if and $last (ne .Role "assistant") }}<｜Assistant｜><think>
-{{ end }}
+{{- if and $last (ne .Role "assistant") }}<｜Assistant｜>""" + think_open + """{{ end }}
 {{- end }}"""
+
+
+DEEPSEEK_R1_TEMPLATE = _deepseek_r1_template(DS_THINK_OPEN)
+DEEPSEEK_R1_JAN_TEMPLATE = _deepseek_r1_template("")
 
 # Llama 3: header-delimited turns, BOS first (added by the runtime, as for DeepSeek). HF trims every
 # content; a Go template cannot, so contents with leading/trailing whitespace render differently.
@@ -151,14 +162,14 @@ def _render_qwen3(messages: list[dict], add_generation_prompt: bool = True) -> s
     return "".join(out) + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def _render_deepseek_r1(messages: list[dict], add_generation_prompt: bool = True) -> str:
+def _render_deepseek_r1(messages: list[dict], add_generation_prompt: bool = True, think_open: str = DS_THINK_OPEN) -> str:
     out = [DS_BOS, "\n\n".join(m["content"] for m in messages if m["role"] == "system")]
     for m in messages:
         if m["role"] == "user":
             out.append(DS_USER + m["content"])
         elif m["role"] == "assistant":
             out.append(DS_ASSISTANT + m["content"].split("</think>")[-1] + DS_EOS)
-    return "".join(out) + (DS_ASSISTANT + "<think>\n" if add_generation_prompt else "")
+    return "".join(out) + (DS_ASSISTANT + think_open if add_generation_prompt else "")
 
 
 def _render_llama3(messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -185,6 +196,20 @@ def register(family: Family) -> None:
     FAMILIES[family.name] = family
 
 
+def _pass_family() -> str:
+    """The user's way out when detection fails: name the family the model was trained on."""
+    return f"pass --family NAME with the prompt format the model was trained on ({', '.join(FAMILIES)})"
+
+
+def get_family(name: str) -> Family:
+    """The registered family `name` (export's --family); an unknown name is refused listing the known ones."""
+    if name not in FAMILIES:
+        raise BadInput(f"unknown chat-template family {name!r} (known: {', '.join(FAMILIES)})", where="--family",
+                       hint="pass one of those, or leave --family out to detect the family from the tokenizer's "
+                            "chat template")
+    return FAMILIES[name]
+
+
 register(Family("chatml", CHATML_TEMPLATE, _render_chatml, ("<|im_end|>", "<|im_start|>"),
                 "<|im_start|>system\n", "<|im_end|>\n"))
 register(Family("generic", GENERIC_TEMPLATE, _render_generic, ("User:",), "", "\n\n"))
@@ -192,6 +217,8 @@ register(Family("qwen3", QWEN3_TEMPLATE, _render_qwen3, ("<|im_end|>", "<|im_sta
                 "<|im_start|>system\n", "<|im_end|>\n"))
 register(Family("deepseek-r1", DEEPSEEK_R1_TEMPLATE, _render_deepseek_r1, (DS_EOS, DS_USER, DS_ASSISTANT),
                 DS_BOS, DS_USER, bos=DS_BOS))
+register(replace(FAMILIES["deepseek-r1"], name="deepseek-r1-jan", template=DEEPSEEK_R1_JAN_TEMPLATE,
+                 render=functools.partial(_render_deepseek_r1, think_open="")))
 register(Family("llama3", LLAMA3_TEMPLATE, _render_llama3, ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
                 LLAMA3_BOS + "<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>", bos=LLAMA3_BOS))
 
@@ -287,8 +314,8 @@ def detect_family(model_dir: str | Path, template: str | None = None) -> Match:
     template = template if template is not None else chat_template(model_dir)
     if not template:
         raise BadInput("the tokenizer has no chat template", where=str(model_dir),
-                       hint="train with a chat template (a chat model's tokenizer), or pass family='generic' "
-                            "to use medtune's plain User:/Assistant: format")
+                       hint="fine-tune a chat model (its tokenizer has a chat template), or pass --family generic for "
+                            "medtune's plain User:/Assistant: format")
     try:
         render = _hf_renderer(model_dir)
         for family in FAMILIES.values():
@@ -299,10 +326,12 @@ def detect_family(model_dir: str | Path, template: str | None = None) -> Match:
         raise
     except Exception as exc:  # jinja errors: the template raised on a probe
         raise BadInput(f"the tokenizer's chat template cannot render a probe conversation ({exc})",
-                       where=str(model_dir), hint="check chat_template in tokenizer_config.json") from exc
+                       where=str(model_dir),
+                       hint="copy the base chat model's tokenizer_config.json into the folder, or "
+                            + _pass_family()) from exc
     raise BadInput(f"the tokenizer's chat template matches no known family ({', '.join(FAMILIES)})",
                    where=str(model_dir),
-                   hint="add a family to medtune/export/modelfile.py (a renderer, a Go TEMPLATE and its stops)")
+                   hint=_pass_family() + "; Ollama's prompts then follow that family, not this template")
 
 
 # ---- Modelfile values -------------------------------------------------------------------------------
@@ -392,7 +421,8 @@ def _with_bos(family: Family, vocab, model_dir: Path, warnings: list[str]) -> st
     if bos_text != family.bos:
         raise BadInput(f"the chat template starts with {family.bos} but the tokenizer's BOS (added to every "
                        f"prompt) is {bos_text}", where=str(model_dir),
-                       hint="fix bos_token in tokenizer_config.json, or set add_bos_token false")
+                       hint="fix bos_token in the model folder's tokenizer_config.json, or set add_bos_token "
+                            "false there")
     return family.template
 
 
@@ -412,12 +442,11 @@ def render_modelfile(gguf_filename: str | Path, model_dir: str | Path, system: s
     vocab = vocab or read_vocab(model_dir)
     warnings: list[str] = []
     if family is not None:
-        if family not in FAMILIES:
-            raise BadInput(f"unknown chat-template family {family!r}", hint=f"known: {', '.join(FAMILIES)}")
+        forced = get_family(family)
         found = None
         if vocab.chat_template:
             try:
-                found = _match_family(FAMILIES[family], _hf_renderer(model_dir))
+                found = _match_family(forced, _hf_renderer(model_dir))
             except Exception:  # noqa: BLE001 - a forced family does not need the HF template to render
                 found = None
             if found is None:
@@ -426,7 +455,7 @@ def render_modelfile(gguf_filename: str | Path, model_dir: str | Path, system: s
         else:
             warnings.append(f"the tokenizer has no chat template: the Modelfile uses the {family!r} format, "
                             "which the model only follows if it was trained on it")
-        match = found or Match(FAMILIES[family], None)
+        match = found or Match(forced, None)
     else:
         match = detect_family(model_dir, vocab.chat_template)
     fam = match.family

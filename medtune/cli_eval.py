@@ -107,26 +107,35 @@ def fidelity(
     tie_tolerance: Annotated[Optional[float], typer.Option("--tie-tolerance", help="Largest top-2 logit margin "
                                                            "excused as a near-tie (default by type: F32 0.01, F16 "
                                                            "0.05, BF16 0.25; quantized: not judged).")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="auto (llama-server when llama.cpp's tools are found), "
+                                         "llama-server (the engine inside Ollama ≥ 0.30: the GGUF's own chat template, "
+                                         "no client stop strings) or llama-cpp-python (llama.cpp in process).")] = "auto",
+    llama_cpp: Annotated[Optional[Path], typer.Option("--llama-cpp", metavar="DIR", help="A llama.cpp build with "
+                                                      "llama-server (default: $LLAMA_CPP_DIR, PATH, medtune's build).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ):
     """Does the GGUF tokenize and greedily continue like the MLX model? Exit 1 if not (near-ties excused)."""
     from medtune.console import console, done, progress, step, warn
+    from medtune.fidelity import choose_runtime, read_prompts
     from medtune.fidelity import fidelity as run
-    from medtune.fidelity import read_prompts
 
     todo = read_prompts(prompts, limit=limit)
-    step(f"comparing {gguf} with {model_dir} on {len(todo)} prompt(s), {tokens} tokens each")
+    engine = choose_runtime(runtime, llama_cpp)
+    step(f"comparing {gguf} in {engine} with {model_dir} on {len(todo)} prompt(s), {tokens} tokens each")
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
-        report = run(model_dir, gguf, todo, tokens, tie_tolerance=tie_tolerance, progress=p)
+        report = run(model_dir, gguf, todo, tokens, tie_tolerance=tie_tolerance, progress=p, runtime=engine,
+                     llama_cpp_dir=llama_cpp)
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
     else:
         from rich.table import Table
 
-        t = Table(title=f"fidelity: {gguf.name} ({report.file_type}) vs MLX", title_justify="left")
-        for col in ("#", "tokens", "continuation", "Δlogit@1", "stops", "ok"):
+        _template_table(report)
+        t = Table(title=f"fidelity: {gguf.name} ({report.file_type}) in {report.runtime} vs MLX", title_justify="left")
+        server = report.runtime == "llama-server"
+        for col in ("#", *(("prompt text",) if server else ()), "tokens", "continuation", "Δlogit@1", "stops", "ok"):
             t.add_column(col, no_wrap=True)
         t.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=max(12, console.width - 66))
         for i, r in enumerate(report.prompts, start=1):
@@ -135,7 +144,8 @@ def fidelity(
             else:
                 margin = "" if r.top2_margin is None else f" (Δ {r.top2_margin:.2g})"
                 cont = f"{'[yellow]near-tie' if r.near_tie else '[red]differs'} @{r.divergence}{margin}[/]"
-            t.add_row(str(i), "equal" if r.tokens_equal else f"[red]differ @{r.first_token_mismatch}[/]", cont,
+            rendered = (("equal" if r.rendered_equal else "[red]differs[/]"),) if server else ()
+            t.add_row(str(i), *rendered, "equal" if r.tokens_equal else f"[red]differ @{r.first_token_mismatch}[/]", cont,
                       f"{r.max_logit_diff:.2g}", f"{'y' if r.mlx_stopped else 'n'}/{'y' if r.gguf_stopped else 'n'}",
                       "[green]✓[/]" if r.ok else "[red]✗[/]", r.prompt)
         console.print(t)
@@ -150,7 +160,32 @@ def fidelity(
             if r.reason:
                 (warn if not r.ok else console.print)(f"prompt {i}: {r.reason}")
     if not report.passed:
-        console.print(f"[bold red]✗[/] {report.summary['failed']} of {len(report.prompts)} prompt(s) do not match: "
-                      "a tokenizer or weight mismatch in the export (see the table, or --json)")
+        bad_templates = [t for t in report.templates if not t.ok]
+        what = f"{report.summary['failed']} of {len(report.prompts)} prompt(s) do not match"
+        if bad_templates:
+            what += f", {len(bad_templates)} conversation(s) render differently"
+        console.print(f"[bold red]✗[/] {what}: a chat-template, tokenizer or weight mismatch in the export "
+                      "(see the table, or --json)")
         raise typer.Exit(1)
     done(f"the GGUF matches the MLX model on {len(report.prompts)} prompt(s)")
+
+
+def _template_table(report) -> None:
+    """llama-server's rendering of the structure conversations (system prompt, turns, reasoning)."""
+    from medtune.console import console, warn
+
+    if not report.templates:
+        return
+    from rich.table import Table
+
+    t = Table(title="chat template: llama-server (the GGUF's own) vs HF apply_chat_template", title_justify="left")
+    for col in ("conversation", "prompt text", "token ids", "ok"):
+        t.add_column(col, no_wrap=True)
+    for c in report.templates:
+        t.add_row(c.name, "equal" if c.rendered_equal else "[red]differs[/]",
+                  "equal" if c.tokens_equal else f"[red]differ @{c.first_token_mismatch}[/]",
+                  "[green]✓[/]" if c.ok else "[red]✗[/]")
+    console.print(t)
+    for c in report.templates:
+        if c.render_diff:
+            warn(f"{c.name}: {c.render_diff}")

@@ -305,19 +305,13 @@ class GGUFRunner:
 
     def __init__(self, path: Path, n_ctx: int = 2048, n_threads: int | None = None, tokenizer=None,
                  markers: tuple[str, str] = (THINK_OPEN, THINK_CLOSE), logits_all: bool = False):
-        from medtune.errors import require
-        from medtune.fidelity import _threads
+        from medtune.runtimes import load_gguf
 
-        llama_cpp = require("llama_cpp", extra="test", purpose="running GGUF files in `medtune eval`")
         self.path, self.tokenizer, self.markers = Path(path), tokenizer, markers
         if not self.path.is_file():
             raise BadInput(f"GGUF not found: {self.path}", hint="`medtune export` writes models/<run>/<name>-<quant>.gguf")
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads or _threads(),
-                                       logits_all=logits_all, seed=0, verbose=False)
-        except (ValueError, RuntimeError) as exc:
-            raise BadInput(f"llama.cpp cannot load the GGUF: {exc}", where=str(self.path),
-                           hint="re-export it with `medtune export`") from exc
+        self.llm = load_gguf(self.path, n_ctx, n_threads=n_threads, logits_all=logits_all,
+                             purpose="running GGUF files in `medtune eval`")
 
     def answer(self, messages: list[dict], max_tokens: int) -> dict:
         """Greedy, with the Modelfile's repeat penalty. With `tokenizer` (the tuned model's: the GGUF's source) the

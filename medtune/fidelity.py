@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from medtune.errors import BadInput
 
@@ -62,6 +62,8 @@ class PromptReport:
     gguf_stopped: bool
     ok: bool
     reason: str  # "" when ok, else why not
+    rendered_equal: Optional[bool] = None  # llama-server only: its chat-template rendering = the HF one
+    render_diff: Optional[str] = None  # where they part: "@index: hf …|server …"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +80,8 @@ class FidelityReport:
     gguf_adds_bos: bool
     prompts: list[PromptReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    runtime: str = "llama-cpp-python"
+    templates: list["TemplateCheck"] = field(default_factory=list)  # llama-server: conversations rendered
 
     @property
     def summary(self) -> dict:
@@ -86,11 +90,12 @@ class FidelityReport:
                 "continuations_equal": sum(r.continuation_equal for r in p),
                 "near_ties": sum(bool(r.near_tie) for r in p), "mlx_stopped": sum(r.mlx_stopped for r in p),
                 "gguf_stopped": sum(r.gguf_stopped for r in p), "failed": sum(not r.ok for r in p),
-                "max_logit_diff": max((r.max_logit_diff for r in p), default=0.0)}
+                "max_logit_diff": max((r.max_logit_diff for r in p), default=0.0),
+                "templates": len(self.templates), "templates_equal": sum(t.ok for t in self.templates)}
 
     @property
     def passed(self) -> bool:
-        return all(r.ok for r in self.prompts)
+        return all(r.ok for r in self.prompts) and all(t.ok for t in self.templates)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -194,18 +199,37 @@ def _gguf_greedy(llm, ids: list[int], n: int):
     return out, rows
 
 
-def _compare(prompt: str, ids: list[int], gguf_ids: list[int], mlx_run, gguf_run, stops: set[int], is_eog,
-             decode, tolerance: Optional[float]) -> PromptReport:
+@dataclass
+class GGUFRun:
+    """One runtime's greedy answer, seen the way _compare needs it."""
+    tokens: list[int]
+    stopped: bool  # ended on an end-of-generation token
+    first_diff: float  # max |Δ| against MLX at the first generated position
+    margin: Callable[[int, int, int], float]  # (position, token a, token b) -> |score(a) - score(b)| there
+
+
+def _rows_run(theirs: list[int], rows, mlx_first_row, is_eog) -> GGUFRun:
+    """A run with the full logits of every step (llama-cpp-python)."""
     import numpy as np
 
-    (ours, our_rows), (theirs, their_rows) = mlx_run, gguf_run
-    width = min(len(our_rows[0]), len(their_rows[0]))
-    max_diff = float(np.abs(our_rows[0][:width] - their_rows[0][:width]).max())
+    width = min(len(mlx_first_row), len(rows[0]))
+
+    def margin(d, a, b):
+        g = rows[d]
+        return abs(g[a] - g[b]) if max(a, b) < len(g) else float("inf")
+
+    return GGUFRun(theirs, bool(theirs) and bool(is_eog(theirs[-1])),
+                   float(np.abs(mlx_first_row[:width] - rows[0][:width]).max()), margin)
+
+
+def _compare(prompt: str, ids: list[int], gguf_ids: list[int], mlx_run, gguf: GGUFRun, stops: set[int],
+             decode, tolerance: Optional[float]) -> PromptReport:
+    ours, our_rows = mlx_run
+    theirs = gguf.tokens
     tokens_equal = ids == gguf_ids
     mismatch = None if tokens_equal else next((i for i, (a, b) in enumerate(zip(ids, gguf_ids)) if a != b),
                                               min(len(ids), len(gguf_ids)))
     mlx_stopped = bool(ours) and ours[-1] in stops
-    gguf_stopped = bool(theirs) and bool(is_eog(theirs[-1]))
     equal = ours == theirs
     divergence = margin = near_tie = None
     reason = ""
@@ -213,8 +237,8 @@ def _compare(prompt: str, ids: list[int], gguf_ids: list[int], mlx_run, gguf_run
         divergence = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
         if divergence < len(ours) and divergence < len(theirs):
             a, b = ours[divergence], theirs[divergence]
-            m, g = our_rows[divergence], their_rows[divergence]
-            margin = float(max(abs(m[a] - m[b]), abs(g[a] - g[b]) if max(a, b) < len(g) else float("inf")))
+            m = our_rows[divergence]
+            margin = float(max(abs(m[a] - m[b]), gguf.margin(divergence, a, b)))
             near_tie = tolerance is not None and margin <= tolerance
             reason = f"continuations part at token {divergence}: top-2 margin {margin:.4g}" + \
                 (" (a near-tie)" if near_tie else "")
@@ -228,17 +252,9 @@ def _compare(prompt: str, ids: list[int], gguf_ids: list[int], mlx_run, gguf_run
     ok = tokens_equal and (equal or tolerance is None or bool(near_tie))
     return PromptReport(prompt=prompt, prompt_tokens=len(ids), tokens_equal=tokens_equal, first_token_mismatch=mismatch,
                         continuation_equal=equal, divergence=divergence, mlx_tokens=ours, gguf_tokens=theirs,
-                        mlx_text=decode(ours), gguf_text=decode(theirs), max_logit_diff=max_diff, top2_margin=margin,
-                        near_tie=near_tie, mlx_stopped=mlx_stopped, gguf_stopped=gguf_stopped, ok=ok,
-                        reason="" if ok and equal else reason)
-
-
-def _threads() -> int:
-    """Half the logical cores (about the physical ones), at most 8: llama.cpp's threads spin while they
-    wait, so one per logical core on a busy machine makes every token ~100x slower (measured here)."""
-    import os
-
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+                        mlx_text=decode(ours), gguf_text=decode(theirs), max_logit_diff=gguf.first_diff,
+                        top2_margin=margin, near_tie=near_tie, mlx_stopped=mlx_stopped, gguf_stopped=gguf.stopped,
+                        ok=ok, reason="" if ok and equal else reason)
 
 
 def _file_type(llm) -> str:
@@ -250,9 +266,14 @@ def _file_type(llm) -> str:
 
 
 def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None = None, tokens: int = DEFAULT_TOKENS,
-             *, tie_tolerance: float | None = None, progress=None, n_threads: int | None = None) -> FidelityReport:
+             *, tie_tolerance: float | None = None, progress=None, n_threads: int | None = None,
+             runtime: str = "auto", llama_cpp_dir: str | Path | None = None) -> FidelityReport:
     """Compare the GGUF (llama.cpp) with the MLX model in `model_dir` on `prompts` (default: the sample
-    set's questions). See the module docstring for what is compared and when it fails."""
+    set's questions). See the module docstring for what is compared and when it fails.
+
+    runtime: "llama-server" (the engine inside Ollama ≥ 0.30, rendering the GGUF's own chat template),
+    "llama-cpp-python" (llama.cpp in process, fed the HF rendering's text), or "auto" (the server when
+    llama.cpp's tools are found)."""
     from medtune.errors import require
 
     model_dir, gguf = Path(model_dir), Path(gguf)
@@ -264,10 +285,13 @@ def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None 
         raise BadInput(f"model folder not found: {model_dir}", hint="pass the fused folder the GGUF was exported from")
     from medtune.export import read_gguf_header
 
-    read_gguf_header(gguf)  # magic, header and tensor extents: a damaged file is refused before anything loads
+    header = read_gguf_header(gguf)  # magic, header and tensor extents: a damaged file is refused before anything loads
     prompts = read_prompts() if prompts is None else [p for p in prompts if p and p.strip()]
     if not prompts:
         raise BadInput("no prompts to compare", hint="pass --prompts FILE")
+    if choose_runtime(runtime, llama_cpp_dir) == "llama-server":
+        return _server_fidelity(model_dir, gguf, prompts, tokens, tie_tolerance, progress, n_threads, llama_cpp_dir,
+                                header)
     llama_cpp = require("llama_cpp", extra="test", purpose="the GGUF runtime that fidelity compares against")
 
     from medtune.generate import load, messages_for, render_prompt
@@ -277,12 +301,9 @@ def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None 
     rendered = [render_prompt(tokenizer, messages_for(p)) for p in prompts]
     ids_list = [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
     n_ctx = -(-(max(len(i) for i in ids_list) + tokens + 8) // 256) * 256
-    try:
-        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
-                              n_threads=n_threads or _threads(), seed=0, verbose=False)
-    except (ValueError, RuntimeError) as exc:
-        raise BadInput(f"llama.cpp cannot load the GGUF: {exc}", where=str(gguf),
-                       hint="re-export it with `medtune export`") from exc
+    from medtune.runtimes import load_gguf
+
+    llm = load_gguf(gguf, n_ctx, n_threads=n_threads, logits_all=True, purpose="the GGUF runtime fidelity compares against")
     try:
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         ftype = _file_type(llm)
@@ -302,11 +323,150 @@ def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None 
         for prompt, text, ids in zip(prompts, rendered, ids_list):
             gguf_ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
             mlx_run = _mlx_greedy(model, ids, tokens, stops)
-            gguf_run = _gguf_greedy(llm, ids, tokens)
-            report.prompts.append(_compare(prompt, ids, gguf_ids, mlx_run, gguf_run, stops, is_eog,
-                                           tokenizer.decode, tolerance))
+            theirs, rows = _gguf_greedy(llm, ids, tokens)
+            gguf_run = _rows_run(theirs, rows, mlx_run[1][0], is_eog)
+            report.prompts.append(_compare(prompt, ids, gguf_ids, mlx_run, gguf_run, stops, tokenizer.decode,
+                                           tolerance))
             if progress:
                 progress.advance(task)
     finally:
         llm.close()
+    return report
+
+
+# ---- llama-server: the engine inside current Ollama ---------------------------------------------------
+RUNTIMES = ("auto", "llama-server", "llama-cpp-python")
+# Conversations rendered by both chat-template engines besides each prompt's own: a system prompt, several
+# turns, and an assistant turn with reasoning in the history (which think families must strip or keep as HF does).
+CONVERSATIONS = {
+    "system + user": [{"role": "system", "content": "You are a careful clinician. Answer briefly."},
+                      {"role": "user", "content": "BP 150/95 mmHg on 3 visits, eGFR 58. Next step?"}],
+    "several turns": [{"role": "system", "content": "You are a careful clinician."},
+                      {"role": "user", "content": "What lowers fever?"},
+                      {"role": "assistant", "content": "Paracetamol, fluids and rest."},
+                      {"role": "user", "content": "发烧39度怎么办？"}],
+    "reasoning turn": [{"role": "user", "content": "Is 38.5 C a fever?"},
+                       {"role": "assistant", "content": "<think>\nAdults: fever from 38.0 C.\n</think>\n\nYes, a mild one."},
+                       {"role": "user", "content": "Treat it?"}],
+}
+
+
+@dataclass
+class TemplateCheck:
+    """One conversation rendered by the GGUF's chat template in llama-server against the HF rendering."""
+    name: str
+    rendered_equal: bool
+    render_diff: Optional[str]
+    tokens_equal: bool
+    first_token_mismatch: Optional[int]
+    ok: bool
+
+
+def choose_runtime(runtime: str, llama_cpp_dir=None) -> str:
+    """auto: llama-server when llama.cpp's tools are found, else llama-cpp-python in process."""
+    from medtune.runtimes import tools
+
+    if runtime not in RUNTIMES:
+        raise BadInput(f"unknown runtime {runtime!r}", hint=f"choose from: {', '.join(RUNTIMES)}")
+    if runtime == "auto":
+        return "llama-server" if tools.find("llama-server", llama_cpp_dir) else "llama-cpp-python"
+    return runtime
+
+
+def engine_view(hf_text: str, bos_text: str | None, adds_bos: bool) -> str:
+    """The HF rendering as llama-server shows it: a leading BOS *string* is dropped from its rendering when
+    the GGUF adds BOS as a token (it is fed to the model all the same)."""
+    if adds_bos and bos_text and hf_text.startswith(bos_text):
+        return hf_text[len(bos_text):]
+    return hf_text
+
+
+def first_difference(a: str, b: str) -> Optional[str]:
+    """None when equal, else "@i: HF '…' | llama-server '…'" around the first differing character."""
+    if a == b:
+        return None
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    lo = max(0, i - 12)
+    return f"@{i}: HF {a[lo:i + 24]!r} | llama-server {b[lo:i + 24]!r}"
+
+
+def _first_mismatch(a: list[int], b: list[int]) -> Optional[int]:
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _server_run(comp, mlx_first_row) -> GGUFRun:
+    """A llama-server completion: its top-n logprobs per step stand in for the full logits."""
+    import numpy as np
+
+    first = np.asarray(mlx_first_row, dtype=np.float64)
+    first = first - (np.log(np.exp(first - first.max()).sum()) + first.max())  # MLX log-softmax
+    diff = max((abs(first[i] - lp) for i, lp in ((comp.top[0] if comp.top else None) or []) if i < len(first)),
+               default=0.0)
+
+    def margin(d, a, b):
+        if d >= len(comp.top) or comp.top[d] is None:
+            return 0.0  # no probabilities for this token from the server: MLX's margin decides alone
+        top = dict(comp.top[d])
+        return abs(top[a] - top[b]) if a in top and b in top else float("inf")
+
+    return GGUFRun(comp.tokens, comp.stopped, float(diff), margin)
+
+
+def _server_fidelity(model_dir: Path, gguf: Path, prompts: list[str], tokens: int, tie_tolerance, progress,
+                     n_threads, llama_cpp_dir, header: dict) -> FidelityReport:
+    from medtune.generate import load, messages_for, render_prompt
+    from medtune.runtimes import tools
+    from medtune.runtimes.server import LlamaServer
+
+    meta = header["metadata"]
+    ftype = FILE_TYPES.get(int(meta.get("general.file_type", -1)), f"type {meta.get('general.file_type')}")
+    tolerance = tie_tolerance if tie_tolerance is not None else TIE_TOLERANCE.get(ftype)
+    adds_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    model, tokenizer = load(str(model_dir))
+    stops = set(tokenizer.eos_token_ids)
+    bos_text = tokenizer.bos_token
+    convs = [(f"prompt {i}", messages_for(p)) for i, p in enumerate(prompts, start=1)]
+    hf_texts = [render_prompt(tokenizer, c) for _, c in convs]
+    hf_ids = [tokenizer.encode(t, add_special_tokens=False) for t in hf_texts]
+    n_ctx = max(512, -(-(max(len(i) for i in hf_ids) + tokens + 64) // 256) * 256)
+    binary = tools.require("llama-server", llama_cpp_dir, purpose="fidelity in the engine Ollama runs")
+    report = FidelityReport(model_dir=str(model_dir), gguf=str(gguf), file_type=ftype, judged=tolerance is not None,
+                            tie_tolerance=tolerance, tokens=tokens, gguf_adds_bos=adds_bos, runtime="llama-server")
+    report.notes.append(f"llama-server {tools.version(binary) or '?'} ({binary}), --jinja: the GGUF's own chat template")
+    if tolerance is None:
+        report.notes.append(f"{ftype} is a quantized type: continuations are reported, not judged")
+    task = progress.add_task("comparing MLX and llama-server", total=len(prompts) + len(CONVERSATIONS)) if progress else None
+    kv = "f32" if ftype == "F32" else None  # an F32 file is a reference: keep its KV cache in F32 too
+    with LlamaServer(gguf, ctx=n_ctx, llama_cpp_dir=llama_cpp_dir, n_threads=n_threads, kv_type=kv) as srv:
+        for name, conv in CONVERSATIONS.items():
+            try:
+                hf = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - a template that refuses a shape (e.g. no system role)
+                report.notes.append(f"{name}: the HF template refuses this conversation ({exc})")
+                continue
+            server_text = srv.apply_template(conv)
+            diff = first_difference(engine_view(hf, bos_text, adds_bos), server_text)
+            ids = tokenizer.encode(hf, add_special_tokens=False)
+            got = srv.tokenize(server_text)
+            report.templates.append(TemplateCheck(name, diff is None, diff, ids == got, _first_mismatch(ids, got),
+                                                  diff is None and ids == got))
+            if progress:
+                progress.advance(task)
+        for prompt, (_, conv), hf, ids in zip(prompts, convs, hf_texts, hf_ids):
+            server_text = srv.apply_template(conv)
+            diff = first_difference(engine_view(hf, bos_text, adds_bos), server_text)
+            got = srv.tokenize(server_text)
+            mlx_run = _mlx_greedy(model, ids, tokens, stops)
+            comp = srv.complete(server_text, n_predict=tokens)
+            row = _compare(prompt, ids, got, mlx_run, _server_run(comp, mlx_run[1][0]), stops, tokenizer.decode,
+                           tolerance)
+            row.rendered_equal, row.render_diff = diff is None, diff
+            if diff is not None:
+                row.ok = False
+                row.reason = f"llama-server renders the prompt differently {diff}" + (f"; {row.reason}" if row.reason else "")
+            report.prompts.append(row)
+            if progress:
+                progress.advance(task)
     return report

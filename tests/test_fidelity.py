@@ -30,15 +30,18 @@ def f32(tmp_path_factory, tiny_llama_dir):
     return {"gguf": res.gguf_paths["f32"], "prompts": prompts, "root": root}
 
 
-def test_f32_export_matches_mlx(f32, tiny_llama_dir):
+@pytest.mark.parametrize("runtime, templates", [("auto", 3), ("llama-server", 3), ("llama-cpp-python", 0)])
+def test_f32_export_matches_mlx(f32, tiny_llama_dir, runtime, templates):
     res = run_cli("eval", "fidelity", tiny_llama_dir, f32["gguf"], "--prompts", f32["prompts"], "--tokens", "16",
-                  "--json")
+                  "--runtime", runtime, "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
+    assert report["runtime"] == ("llama-server" if runtime == "auto" else runtime)  # auto: the server, when found
     assert report["passed"] is True and report["file_type"] == "F32" and report["judged"] is True
     assert report["summary"] | {"max_logit_diff": 0} == {"prompts": 3, "tokens_equal": 3, "continuations_equal": 3,
                                                          "near_ties": 0, "mlx_stopped": 0, "gguf_stopped": 0,
-                                                         "failed": 0, "max_logit_diff": 0}
+                                                         "failed": 0, "max_logit_diff": 0, "templates": templates,
+                                                         "templates_equal": templates}
     assert report["summary"]["max_logit_diff"] < 0.01
     assert report["gguf_adds_bos"] is False  # SmolLM2's template has no BOS, and the GGUF adds none
     for p in report["prompts"]:
@@ -75,7 +78,7 @@ def test_a_corrupted_gguf_is_reported_divergent(f32, tiny_llama_dir):
 def test_verdicts_near_tie_and_end_tokens():
     """The judging rules on hand-made logits: a flip inside the tolerance is a near-tie; a runtime that
     does not stop on the end token the other stops on is a failure whatever the margins."""
-    from medtune.fidelity import _compare
+    from medtune.fidelity import _compare, _rows_run
 
     v = 8
     rows = [np.zeros(v, np.float32) for _ in range(3)]
@@ -83,16 +86,20 @@ def test_verdicts_near_tie_and_end_tokens():
     gguf_rows = [r.copy() for r in rows]
     mlx_rows[1][[3, 4]] = [1.0, 0.99]  # MLX: 3 by 0.01
     gguf_rows[1][[3, 4]] = [0.995, 1.0]  # llama.cpp: 4 by 0.005
-    args = dict(stops={7}, is_eog=lambda t: t == 7, decode=lambda ids: " ".join(map(str, ids)))
-    tie = _compare("p", [1, 2], [1, 2], ([5, 3, 6], mlx_rows), ([5, 4, 6], gguf_rows), tolerance=0.05, **args)
+    args = dict(stops={7}, decode=lambda ids: " ".join(map(str, ids)))
+
+    def run(tokens, grows):
+        return _rows_run(tokens, grows, mlx_rows[0], lambda t: t == 7)
+
+    tie = _compare("p", [1, 2], [1, 2], ([5, 3, 6], mlx_rows), run([5, 4, 6], gguf_rows), tolerance=0.05, **args)
     assert tie.ok and tie.near_tie and tie.divergence == 1 and abs(tie.top2_margin - 0.01) < 1e-6
-    strict = _compare("p", [1, 2], [1, 2], ([5, 3, 6], mlx_rows), ([5, 4, 6], gguf_rows), tolerance=0.001, **args)
+    strict = _compare("p", [1, 2], [1, 2], ([5, 3, 6], mlx_rows), run([5, 4, 6], gguf_rows), tolerance=0.001, **args)
     assert not strict.ok and strict.near_tie is False
-    no_stop = _compare("p", [1, 2], [1, 2], ([5, 7], mlx_rows[:2]), ([5, 7, 6], gguf_rows), tolerance=0.05, **args)
+    no_stop = _compare("p", [1, 2], [1, 2], ([5, 7], mlx_rows[:2]), run([5, 7, 6], gguf_rows), tolerance=0.05, **args)
     assert not no_stop.ok and no_stop.mlx_stopped and not no_stop.gguf_stopped and "MLX stops" in no_stop.reason
-    quantized = _compare("p", [1, 2], [1, 2], ([5, 3, 6], mlx_rows), ([5, 4, 6], gguf_rows), tolerance=None, **args)
+    quantized = _compare("p", [1, 2], [1, 2], ([5, 3, 6], mlx_rows), run([5, 4, 6], gguf_rows), tolerance=None, **args)
     assert quantized.ok and not quantized.continuation_equal
-    bos = _compare("p", [1, 2], [0, 1, 2], ([5], rows[:1]), ([5], rows[:1]), tolerance=0.05, **args)
+    bos = _compare("p", [1, 2], [0, 1, 2], ([5], rows[:1]), run([5], rows[:1]), tolerance=0.05, **args)
     assert not bos.ok and bos.first_token_mismatch == 0 and "token ids differ" in bos.reason
 
 

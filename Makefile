@@ -54,7 +54,11 @@ test-tools:
 
 # `make all` is `medtune run` on a config written from these variables (runs/$(NAME).yaml, rewritten only when a
 # variable changes): prepare → train → fuse → export → ollama (when a server answers) → eval, into runs/$(NAME)/.
-# A second `make all` finds every stage up to date and does no work.
+# A second `make all` finds every stage up to date and does no work. On a machine without llama.cpp's build, the
+# build starts in the background at low priority while the model trains; export (K-quants) and eval (the GGUF
+# column: fidelity in llama-server, answers, KL divergence) wait for it.
+# The GGUFs: F16 (the reference) and two quants, which the eval judges by KL divergence and recommends from.
+QUANTS      ?= f16,q8_0,q4_k_m
 EVAL_TOKENS ?= 64
 EVAL_LIMIT  ?= 2
 EVAL_PROBES ?= 4
@@ -67,8 +71,10 @@ all: setup
 		"prepare:" "  dataset: $(DATA)" "  max_seq_length: $(MAXLEN)" \
 		"train:" "  iters: $(ITERS)" "  batch_size: $(BATCH)" "  num_layers: $(LAYERS)" "  max_seq_length: $(MAXLEN)" \
 		"  eval_every: 12" "  save_every: 12" \
+		"export:" "  quant: [$(QUANTS)]" \
 		"eval:" "  max_tokens: $(EVAL_TOKENS)" "  limit: $(EVAL_LIMIT)" "  probe_limit: $(EVAL_PROBES)" > $(RUN_CONFIG).tmp
 	@if cmp -s $(RUN_CONFIG).tmp $(RUN_CONFIG); then rm -f $(RUN_CONFIG).tmp; else mv $(RUN_CONFIG).tmp $(RUN_CONFIG); fi
+	@bash scripts/build_llama_cpp.sh --background $(BIN)/python
 	$(MT) run $(RUN_CONFIG)
 
 test: setup-test

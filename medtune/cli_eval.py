@@ -64,9 +64,8 @@ def run_eval(
     allow_pickle: AllowPickleOpt = False,
 ):
     """Base vs tuned vs GGUF: loss, stop rate, length, think blocks, repetition, MC accuracy, fidelity, answers."""
-    from medtune.console import console, done, progress, step
+    from medtune.console import done, progress, step
     from medtune.evaluate import evaluate
-    from medtune.report_html import headings, metric_rows
 
     step(f"evaluating {model}" + (f" + {adapter}" if adapter else "") + (f" against {base}" if base else "")
          + (f" and {len(gguf)} GGUF(s)" if gguf else ""))
@@ -82,7 +81,18 @@ def run_eval(
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         return
+    show_report(report)
+    done(f"report: {report['files']['html']}")
+    print(report["files"]["html"])
+
+
+def show_report(report: dict) -> None:
+    """The metrics table (base, tuned, each GGUF with its fidelity verdict), the quant table with its
+    recommendation, and the report's notes (e.g. why a GGUF column is missing)."""
     from rich.table import Table
+
+    from medtune.console import console, warn
+    from medtune.report_html import QUANT_HEADINGS, headings, metric_rows, quant_rows, quant_summary
 
     t = Table(title="medtune eval", title_justify="left")
     for h in headings():
@@ -90,8 +100,16 @@ def run_eval(
     for r in metric_rows(report):
         t.add_row(*r)
     console.print(t)
-    done(f"report: {report['files']['html']}")
-    print(report["files"]["html"])
+    if report.get("quants"):
+        q = Table(title="quantized files (KL divergence against the unquantized file)", title_justify="left")
+        for h in QUANT_HEADINGS:
+            q.add_column(h)
+        for r in quant_rows(report):
+            q.add_row(*r)
+        console.print(q)
+        console.print(quant_summary(report))
+    for note in report.get("notes") or []:
+        warn(note)
 
 
 @app.command("fidelity")
@@ -189,3 +207,65 @@ def _template_table(report) -> None:
     for c in report.templates:
         if c.render_diff:
             warn(f"{c.name}: {c.render_diff}")
+
+
+@app.command("quants")
+def quants(
+    model_dir: Annotated[Path, typer.Argument(metavar="MODEL_DIR", help="The fused folder the GGUFs were exported from "
+                                                                        "(its tokenizer tokenizes the held-out records).")],
+    ggufs: Annotated[list[Path], typer.Argument(metavar="GGUF...", help="The unquantized export (F16/F32/BF16: the "
+                                                "reference) and the quantized ones.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Folder from `medtune prepare`: its held-out answers "
+                                       "(test.jsonl, else valid.jsonl) are scored.")],
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N held-out records.")] = None,
+    max_positions: Annotated[int, typer.Option("--max-positions", help="Most answer tokens scored (the reference's "
+                                               "log-probs take positions x vocabulary x 4 bytes of disk).")] = 4096,
+    crosscheck: Annotated[Optional[Path], typer.Option("--crosscheck", metavar="TEXT", help="Also run llama.cpp's "
+                                                       "llama-perplexity --kl-divergence on this text file and our code "
+                                                       "on the same chunks, and print both.")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="Chunk length for --crosscheck (llama-perplexity -c).")] = 128,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads (default: half the cores).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON on stdout.")] = False,
+):
+    """KL divergence, same-top rate and ΔPPL of each quantized GGUF against the unquantized one, teacher-forced on the
+    held-out answers, with a verdict per file and the smallest good one recommended. Exit 1 if one is poor."""
+    from medtune.console import console, done, progress, step, warn
+    from medtune.errors import BadInput
+    from medtune.quant_eval import REFERENCE_TYPES, _file_type, crosscheck as run_crosscheck
+    from medtune.quant_eval import heldout_sequences, judge_quants
+    from medtune.report_html import QUANT_HEADINGS, quant_rows, quant_summary
+
+    types = {g: _file_type(g) for g in ggufs}
+    refs = [g for g in ggufs if types[g] in REFERENCE_TYPES]
+    if not refs or len(refs) == len(ggufs):
+        raise BadInput("pass one unquantized GGUF (F16, F32 or BF16: the reference) and at least one quantized one",
+                       hint="medtune export MODEL_DIR -q f16,q8_0,q4_k_m writes them")
+    quantized = [g for g in ggufs if g not in refs]
+    step(f"judging {len(quantized)} quantized file(s) against {refs[0].name}")
+    with progress(transient=True) as p:
+        table = judge_quants(refs[0], quantized, heldout_sequences(model_dir, data, limit), n_threads=threads,
+                             max_positions=max_positions, progress=p)
+        checks = [run_crosscheck(refs[0], q, crosscheck, ctx, n_threads=threads) for q in quantized] if crosscheck else []
+    result = {**table.to_dict(), "crosscheck": checks}
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    else:
+        from rich.table import Table
+
+        t = Table(title="quantized files (KL divergence against the unquantized file)", title_justify="left")
+        for h in QUANT_HEADINGS:
+            t.add_column(h)
+        for r in quant_rows({"quants": result}):
+            t.add_row(*r)
+        console.print(t)
+        console.print(quant_summary({"quants": result}))
+        for c, q in zip(checks, quantized):
+            theirs, ours = c["llama_perplexity"], c["medtune"]
+            console.print(f"cross-check {q.name} on {c['chunks']} chunks of {c['n_ctx']}: " + ", ".join(
+                f"{k} llama-perplexity {theirs.get(k, float('nan')):.5g} / medtune {ours[k]:.5g}"
+                for k in ("mean_kld", "p99_kld", "same_top", "ppl", "ref_ppl")))
+    poor = [r for r in table.rows if r.verdict == "poor"]
+    if poor:
+        warn(f"{len(poor)} file(s) are poor: " + "; ".join(f"{Path(r.file).name} ({r.why})" for r in poor))
+        raise typer.Exit(1)
+    done(f"{len(table.rows)} quantized file(s) within the thresholds")

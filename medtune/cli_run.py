@@ -45,6 +45,12 @@ def run(
     if res["modelfile"]:
         info(f"Modelfile: {res['modelfile']}  (ollama create {res['name']} -f {res['modelfile']})")
     if res["report"]:
+        from medtune.cli_eval import show_report
+
+        try:
+            show_report(json.loads((Path(res["report"]).parent / "report.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            pass
         info(f"report: {res['report']}")
         print(res["report"])
     else:

@@ -396,7 +396,7 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
              ggufs: list | tuple = (), out: str | Path = "runs/eval/model", probes: str | Path | None = None,
              choices: str | Path | None = None, metrics: str | Path | None = None, max_tokens: int = 256,
              limit: int = 8, probe_limit: int | None = None, fidelity_tokens: int = 32, n_threads: int | None = None,
-             gguf_loss: bool = False, progress=None) -> dict:
+             gguf_loss: bool = False, notes: list[str] | tuple = (), progress=None) -> dict:
     """Evaluate `model` (the tuned model: a fused folder, or a base spec with `adapter`), `base` and each GGUF;
     write report.json, report.md and report.html in `out`. Returns the report (a dict).
 
@@ -406,7 +406,9 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
     that have options are used too; metrics: a metrics.jsonl for the loss curves (default: the adapter's);
     gguf_loss: also the GGUFs' validation loss and multiple-choice accuracy (llama.cpp then keeps logits for every
     position: context x vocabulary floats of memory), with the tuned model's tokenization; only when MODEL is a
-    fused folder."""
+    fused folder. Quantized GGUFs are also judged against an unquantized one among `ggufs` (F16/F32/BF16) by KL
+    divergence on the held-out answers (medtune.quant_eval), with the smallest good quant recommended.
+    notes: lines shown at the top of the report (e.g. why a column is missing)."""
     from medtune import fsutil
 
     if max_tokens < 1:
@@ -514,6 +516,8 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
         "questions": [{k: v for k, v in q.items()} for q in questions],
         "multiple_choice": [{"question": c.question, "options": c.options, "answer": c.answer} for c in mc],
         "models": [{k: v for k, v in e.items() if k != "answers"} for e in results],
+        "quants": _quants(model, adapter, data, ggufs, n_threads, out, progress),
+        "notes": list(notes),
     }
     for qi, q in enumerate(report["questions"]):
         q["answers"] = {e["label"]: e["answers"][qi] for e in results}
@@ -536,6 +540,23 @@ def _penalty() -> tuple[float, int]:
     return REPEAT_PENALTY, REPEAT_LAST_N
 
 
+def _quants(model: str, adapter: Path | None, data, ggufs, n_threads, out: Path, progress) -> dict | None:
+    """The quantized GGUFs against the unquantized one (KL divergence on the held-out answers), when both exist."""
+    from medtune.quant_eval import REFERENCE_TYPES, _file_type, heldout_sequences, judge_quants
+
+    if data is None or adapter is not None or not Path(model).is_dir() or len(ggufs) < 2:
+        return None
+    types = {str(g): _file_type(Path(g)) for g in ggufs}
+    refs = sorted((g for g, t in types.items() if t in REFERENCE_TYPES), key=lambda g: REFERENCE_TYPES.index(types[g]))
+    quants = [g for g, t in types.items() if t not in REFERENCE_TYPES]
+    if not refs or not quants:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    table = judge_quants(refs[0], quants, heldout_sequences(model, data), n_threads=n_threads, progress=progress,
+                         workdir=out)
+    return table.to_dict()
+
+
 def _fidelity(model: str, adapter: Path | None, gguf: str, prompts: list[str], tokens: int, n_threads) -> dict:
     """medtune.fidelity against the tuned model's folder (a fused folder only: an adapter is not the GGUF's source)."""
     if adapter is not None or not Path(model).is_dir():
@@ -544,4 +565,4 @@ def _fidelity(model: str, adapter: Path | None, gguf: str, prompts: list[str], t
 
     rep = fidelity(model, gguf, prompts, tokens, n_threads=n_threads)
     return {"file_type": rep.file_type, "judged": rep.judged, "passed": rep.passed, "summary": rep.summary,
-            "notes": rep.notes}
+            "notes": rep.notes, "runtime": rep.runtime}

@@ -24,8 +24,34 @@ def _fid(entry: dict) -> str:
         return "skipped"
     s = f["summary"]
     verdict = "pass" if f["passed"] else "FAIL"
-    return (f"{f['file_type']}: {verdict}, tokens {s['tokens_equal']}/{s['prompts']}, "
-            f"continuations {s['continuations_equal']}/{s['prompts']}")
+    where = f" in {f['runtime']}" if f.get("runtime") else ""
+    templates = f", template {s['templates_equal']}/{s['templates']}" if s.get("templates") else ""
+    return (f"{f['file_type']}{where}: {verdict}, tokens {s['tokens_equal']}/{s['prompts']}, "
+            f"continuations {s['continuations_equal']}{'' if f['judged'] else ' (not judged)'}/{s['prompts']}{templates}")
+
+
+QUANT_HEADINGS = ["file", "type", "size", "mean KLD", "p99 KLD", "same top", "ΔPPL", "verdict"]
+
+
+def quant_rows(report: dict) -> list[list[str]]:
+    q = report.get("quants") or {}
+    return [[r["file"].rsplit("/", 1)[-1], r["file_type"], f"{r['bytes'] / 1e6:.0f} MB", f"{r['mean_kld']:.4f}",
+             f"{r['p99_kld']:.3f}", f"{100 * r['same_top']:.1f}%", f"{r['delta_ppl']:+.3f}",
+             r["verdict"] + (f" ({r['why']})" if r.get("why") else "")] for r in q.get("rows", [])]
+
+
+def quant_summary(report: dict) -> str:
+    q = report.get("quants")
+    if not q:
+        return ""
+    best = q.get("recommended")
+    t = q["thresholds"]
+    return (f"Quantized files against {q['reference'].rsplit('/', 1)[-1]} ({q['reference_type']}, PPL "
+            f"{q['reference_ppl']:.3f}), teacher-forced on {q['positions']} held-out answer tokens (KL divergence in nats, "
+            f"as llama-perplexity --kl-divergence). good: mean KLD ≤ {t['good']['mean_kld']}, p99 ≤ {t['good']['p99_kld']}, "
+            f"same top ≥ {t['good']['same_top']:.0%}; usable: ≤ {t['usable']['mean_kld']}, ≤ {t['usable']['p99_kld']}, "
+            f"≥ {t['usable']['same_top']:.0%}. Recommended: "
+            + (best.rsplit("/", 1)[-1] if best else "none of them (keep the unquantized file)") + ".")
 
 
 def metric_rows(report: dict) -> list[list[str]]:
@@ -48,6 +74,11 @@ def render_markdown(report: dict) -> str:
     for r in metric_rows(report):
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
     out.append("")
+    out += [f"> {n}" for n in report.get("notes") or []] + ([""] if report.get("notes") else [])
+    if report.get("quants"):
+        out += ["## Quantized files", "", quant_summary(report), "", "| " + " | ".join(QUANT_HEADINGS) + " |",
+                "|" + "---|" * len(QUANT_HEADINGS)]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in quant_rows(report)] + [""]
     for q in report["questions"]:
         prompt = q["messages"][-1]["content"]
         out += [f"## {q['id']} ({q['source']})", "", "> " + prompt.replace("\n", "\n> "), ""]
@@ -104,7 +135,7 @@ CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em;color:#222;max-width:1400px}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}
 th{background:#f3f3f3}.answers td{white-space:pre-wrap;font-size:13px;min-width:220px}
-.meta{color:#666;font-size:12px}.cut{color:#b00}.ok{color:#070}details{color:#555;margin-bottom:.5em}
+.meta{color:#666;font-size:12px}.note{color:#b00;font-weight:bold}.cut{color:#b00}.ok{color:#070}details{color:#555;margin-bottom:.5em}
 """
 
 
@@ -125,6 +156,12 @@ def render_html(report: dict) -> str:
     for r in metric_rows(report):
         out.append("<tr>" + "".join(f"<td>{h(c)}</td>" for c in r) + "</tr>")
     out.append("</tbody></table>")
+    out += [f'<p class="note">{h(n)}</p>' for n in report.get("notes") or []]
+    if report.get("quants"):
+        out += ["<h2>Quantized files</h2>", f'<p class="meta">{h(quant_summary(report))}</p>', '<table id="quants"><tr>']
+        out += [f"<th>{h(c)}</th>" for c in QUANT_HEADINGS] + ["</tr>"]
+        out += ["<tr>" + "".join(f"<td>{h(c)}</td>" for c in r) + "</tr>" for r in quant_rows(report)]
+        out.append("</table>")
     labels = [e["label"] for e in report["models"]]
     out += ["<h2>Answers</h2>", '<table class="answers" id="answers"><thead><tr><th>question</th>']
     out += [f"<th>{h(label)}</th>" for label in labels]

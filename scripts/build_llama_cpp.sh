@@ -6,11 +6,15 @@
 # the server run the very same llama.cpp. The build is cached under $MEDTUNE_CACHE (~/.cache/medtune):
 # a second run, or a second checkout on the same machine, only copies the libraries.
 #
-#   bash scripts/build_llama_cpp.sh [PYTHON]     PYTHON: the venv's python that gets llama-cpp-python
+#   bash scripts/build_llama_cpp.sh [PYTHON]                 PYTHON: the venv's python that gets llama-cpp-python
+#   bash scripts/build_llama_cpp.sh --background [PYTHON]    `make all`: when nothing is built yet, build at low
+#        priority in the background (holding the build lock, which `medtune eval` waits on) and return at once
 #
 # On a Mac, `brew install llama.cpp` gives the tools as well; this script builds with Metal there.
 set -euo pipefail
 
+BACKGROUND=0
+if [ "${1:-}" = "--background" ]; then BACKGROUND=1; shift; fi
 PY=${1:-}
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}   # llama-cpp-python release; its tree is llama.cpp@COMMIT
 COMMIT=${LLAMA_CPP_COMMIT:-0c1e57098}         # from that release's CHANGELOG, shown by `llama-server --version`
@@ -83,8 +87,17 @@ link_tools() {
 }
 
 mkdir -p "$CACHE/llama.cpp"
-exec 9> "$CACHE/llama.cpp/.build.lock"
-flock 9 2>/dev/null || true   # two checkouts building at once wait for each other
+if [ "${MEDTUNE_LLAMA_LOCK_HELD:-}" != 1 ]; then
+  exec 9> "$CACHE/llama.cpp/.build.lock"
+  flock 9 2>/dev/null || true   # two checkouts building at once wait for each other
+fi
+if [ "$BACKGROUND" = 1 ] && [ ! -f "$HOME_DIR/build-info.json" ]; then
+  LOG="$CACHE/llama.cpp/build.log"
+  echo "llama.cpp: building in the background at low priority (log: $LOG); the eval stage waits for it"
+  # The child inherits fd 9 and with it the lock: `medtune eval` sees the build running until the child ends.
+  MEDTUNE_LLAMA_LOCK_HELD=1 nohup nice -n 10 bash "$0" "$PY" > "$LOG" 2>&1 < /dev/null &
+  exit 0
+fi
 build
 link_tools
 install_python_binding

@@ -108,3 +108,41 @@ def describe(llama_cpp_dir: str | Path | None = None) -> dict:
     except (OSError, ValueError):
         build = None
     return {"tools": tools, "own_build": str(own_build()) if build else None, "own_build_info": build}
+
+
+def build_lock() -> Path:
+    return own_build().parent / ".build.lock"
+
+
+def building() -> bool:
+    """Is scripts/build_llama_cpp.sh building right now (it holds its lock)?"""
+    import fcntl
+
+    path = build_lock()
+    if not path.exists():
+        return False
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def wait_for_build(note=None, poll: float = 5.0, timeout: float = 3600.0) -> bool:
+    """If a build is running (`make all` starts one in the background on a fresh machine), wait for it to end.
+    `note(text)` is told once when waiting starts. Returns whether there was a build to wait for."""
+    import time
+
+    if not building():
+        return False
+    if note:
+        note(f"waiting for the llama.cpp build to finish (log: {own_build().parent / 'build.log'})")
+    deadline = time.monotonic() + timeout
+    while building() and time.monotonic() < deadline:
+        time.sleep(poll)
+    import importlib
+
+    importlib.invalidate_caches()  # llama-cpp-python may have just been installed
+    return True

@@ -184,3 +184,35 @@ def test_a_gguf_the_server_cannot_load_is_one_clear_error(tmp_path):
     with pytest.raises(BadInput, match="llama-server exited"):
         with LlamaServer(bad, ctx=256, timeout=60):
             pass
+
+
+def test_ctrl_c_during_fidelity_shuts_the_server_down(family_models, tmp_path):
+    """SIGINT to the real `medtune eval fidelity` while llama-server answers: exit 130 and no server left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model_dir, gguf = family_models("smollm2")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"Question {i}: what lowers fever in children?" for i in range(200)))
+    proc = subprocess.Popen([sys.executable, "-m", "medtune", "eval", "fidelity", str(model_dir), str(gguf), "--prompts",
+                             str(prompts), "--tokens", "32", "--runtime", "llama-server"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    server = None
+    deadline = time.monotonic() + 120
+    while server is None and time.monotonic() < deadline and proc.poll() is None:
+        out = subprocess.run(["pgrep", "-f", f"llama-server -m {gguf}"], capture_output=True, text=True).stdout.split()
+        server = int(out[0]) if out else None
+        time.sleep(0.2)
+    assert server is not None, proc.communicate()
+    time.sleep(2)  # the comparison is under way
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    for _ in range(50):
+        if not os.path.exists(f"/proc/{server}"):
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{server}"), "llama-server outlived the interrupted command"

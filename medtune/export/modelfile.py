@@ -376,6 +376,13 @@ def _param_value(name: str, value) -> str:
 def modelfile_lines(from_path: str, template: str, system: str | None, stops: list[str],
                     params: dict) -> list[str]:
     lines = ["# Written by medtune. TEMPLATE reproduces the tokenizer's chat template; do not edit by hand.",
+             "# Ollama >= 0.30 runs the GGUF in llama-server: for a chat template that mentions tools or <think> it renders",
+             "# the GGUF's own template (tokenizer.chat_template) instead of TEMPLATE (OLLAMA_GO_TEMPLATE=1 forces TEMPLATE);",
+             "# older Ollama renders TEMPLATE. `medtune eval fidelity` proves the GGUF's template in llama-server, the tests",
+             "# prove TEMPLATE with Go's text/template. Stopping rests on the GGUF's end tokens (eos, eot): llama-server",
+             "# runs without --special, so a stop that is a control token only matters to older Ollama.",
+             *(["# TEMPLATE uses .Thinking (the reasoning Ollama parses out of a reply): it needs Ollama >= 0.9."]
+               if ".Thinking" in template else []),
              f"FROM {quote_value(str(from_path), 'FROM path')}",
              f"TEMPLATE {quote_value(template, 'TEMPLATE')}"]
     if system:

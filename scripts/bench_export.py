@@ -19,7 +19,7 @@ bytes; where they differ, by how much after de-quantization.
 Targets (from the export issue): time <= 0.5x llama.cpp's converter; peak RSS <= largest tensor + 300 MB.
 
 The llama.cpp source tree: --llama-cpp DIR, or LLAMA_CPP_DIR, or else extracted (once, into the medtune
-cache) from the sdist of the installed llama-cpp-python (`pip download --no-deps --no-binary :all:
+cache) from the sdist of the installed llama-cpp-python (`pip download --no-deps --no-binary llama-cpp-python
 llama-cpp-python==VERSION`), whose vendor/llama.cpp has convert_hf_to_gguf.py and gguf-py. The tests use
 `llama_cpp_source()` from here too.
 
@@ -86,7 +86,7 @@ def llama_cpp_source(cache: Path | None = None, *, timeout: int = 900) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))  # the sdist (74 MB) and the tree, until renamed
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(tmp / "sdist"),
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "-d", str(tmp / "sdist"),
                f"llama-cpp-python=={version}"]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

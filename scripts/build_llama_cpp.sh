@@ -42,7 +42,7 @@ fetch_sdist() {
   [ -f "$SDIST" ] && return
   mkdir -p "$SDIST_DIR"
   echo "llama.cpp: downloading the llama-cpp-python $VERSION sdist (its llama.cpp tree, 77 MB)"
-  python3 -m pip download -q --no-deps --no-binary :all: -d "$SDIST_DIR" "llama-cpp-python==$VERSION"
+  python3 -m pip download -q --no-deps --no-binary llama-cpp-python -d "$SDIST_DIR" "llama-cpp-python==$VERSION"
 }
 
 build() {

@@ -483,13 +483,10 @@ class Run:
 
     def do_export(self, progress=None, **_) -> dict:
         from medtune.export import export
-        from medtune.export.quantize import KQUANTS, parse_quants
-        from medtune.runtimes import tools
+        from medtune.export.quantize import parse_quants
 
         e = dict(self.cfg["export"])
         quants = parse_quants(list(e.pop("quant", ["f16"])))
-        if any(q in KQUANTS for q in quants):
-            tools.wait_for_build(note=self.log)  # its quantizer: make all builds llama.cpp in the background
         llama_cpp = e.pop("llama_cpp", None)
         res = export(self.fused, self.gguf_dir, self.name, quants=quants, modelfile_path=self.modelfile,
                      progress=progress, llama_cpp_dir=llama_cpp, **e)
@@ -523,15 +520,13 @@ class Run:
             return {"skipped": "eval.enabled is false"}
         ggufs, missing = self._ggufs() if e.get("gguf") else [], None
         if ggufs:
-            from medtune.runtimes import tools
-
-            tools.wait_for_build(note=self.log)  # make all builds llama.cpp in the background on a fresh machine
             if importlib.util.find_spec("llama_cpp") is None:
                 ggufs, missing = [], ("no GGUF column: llama-cpp-python, the GGUF runtime, is not installed "
                                       "(bash scripts/build_llama_cpp.sh .venv/bin/python, or make test)")
                 self.log(missing)
         report = evaluate(str(self.fused), self.data, base=str(self.cfg["model"]) if e.get("base") else None,
-                          ggufs=ggufs, out=self.eval_dir, notes=[missing] if missing else [], probes=e.get("probes"), choices=e.get("choices"),
+                          ggufs=ggufs, out=self.eval_dir, notes=[missing] if missing else [], probes=e.get("probes"),
+                          choices=e.get("choices"),
                           metrics=self.adapter / "metrics.jsonl", max_tokens=int(e.get("max_tokens", 128)),
                           limit=int(e.get("limit", 4)), probe_limit=e.get("probe_limit"),
                           fidelity_tokens=int(e.get("fidelity_tokens", 32)), n_threads=e.get("threads"),
@@ -578,6 +573,11 @@ def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -
     r.log(f"run {r.name}: stages {', '.join(todo)}" + (" (forced)" if forced else ""))
     try:
         for stage in todo:
+            if "llama-cpp-python" in REGISTRY[stage].packages(r):
+                from medtune.runtimes import tools
+
+                # make all builds llama.cpp in the background on a fresh machine: its version belongs in the fingerprint
+                tools.wait_for_build(note=r.log)
             inputs, options = r.inputs(stage)
             vers = r.versions(stage)
             fp = fingerprint(stage, inputs, options, vers)

@@ -218,3 +218,47 @@ def test_installing_a_package_a_stage_does_not_use_redoes_nothing(tmp_path, tiny
     res = run_pipeline(cfg)
     assert res["stages"]["prepare"] == "skipped" and res["stages"]["train"] == "done", res["stages"]
     assert Run(load_config(cfg)).record("train")["versions"]["mlx-lm"] == "99.0"
+
+
+def test_a_missing_gguf_runtime_is_said_in_one_line_not_dropped(done_run, monkeypatch):
+    """Without llama-cpp-python the eval has no GGUF column: the run log, the report (json/md/html) say so."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    lines = []
+    res = run_pipeline(done_run["cfg"], only="eval", log=lines.append)
+    root = done_run["root"] / "tiny" / "eval"
+    rep = json.loads((root / "report.json").read_text())
+    assert [m["label"] for m in rep["models"]] == ["base", "tuned"]
+    note = [n for n in rep["notes"] if n.startswith("no GGUF column: llama-cpp-python")]
+    assert len(note) == 1 and note[0] in lines and res["stages"] == {"eval": "done"}
+    assert note[0] in (root / "report.md").read_text() and "no GGUF column" in (root / "report.html").read_text()
+    monkeypatch.undo()
+    run_pipeline(done_run["cfg"], only="eval")  # the GGUF column comes back
+
+
+def test_waiting_for_a_running_llama_cpp_build(tmp_path, monkeypatch):
+    """make all starts the llama.cpp build in the background (scripts/build_llama_cpp.sh holds its lock); a stage
+    that uses llama.cpp (export with K-quants, eval with GGUFs) waits on that lock before its fingerprint is taken,
+    so the next make all does not redo it because llama-cpp-python appeared meanwhile."""
+    import fcntl
+    import threading
+    import time
+
+    from medtune.runtimes import tools
+
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path))
+    tools.build_lock().parent.mkdir(parents=True)
+    held = open(tools.build_lock(), "w")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    assert tools.building()
+    released = []
+    threading.Timer(1.5, lambda: (released.append(time.monotonic()), fcntl.flock(held, fcntl.LOCK_UN))).start()
+    notes = []
+    t0 = time.monotonic()
+    assert tools.wait_for_build(note=notes.append, poll=0.1) is True
+    assert released and time.monotonic() >= released[0] and time.monotonic() - t0 >= 1.4
+    assert notes and "waiting for the llama.cpp build" in notes[0] and not tools.building()
+    assert tools.wait_for_build(poll=0.1) is False  # nothing running: no wait
+    held.close()

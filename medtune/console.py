@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
@@ -16,11 +17,13 @@ from rich.progress import (
 )
 from rich.text import Text
 
+TABLE_WIDTH = 200  # off a terminal, the most a table may take
+
 
 class _Console(Console):
     """rich's Console, except that off a terminal (piped, redirected to a log) a line of text is printed whole:
     rich would wrap it at 80 columns, its default width there, in the middle of a sentence or a path. Tables
-    and panels keep their layout; on a terminal nothing changes."""
+    keep their layout, up to TABLE_WIDTH columns (unless COLUMNS says otherwise); on a terminal nothing changes."""
 
     def print(self, *objects, soft_wrap=None, **kwargs):
         if soft_wrap is None and not self.is_terminal and all(isinstance(o, (str, Text)) for o in objects):
@@ -28,8 +31,15 @@ class _Console(Console):
         return super().print(*objects, soft_wrap=soft_wrap, **kwargs)
 
 
-console = _Console(stderr=True, highlight=False)
-out = _Console(highlight=False, soft_wrap=True)  # stdout: results and --json
+def _make(**kwargs) -> _Console:
+    c = _Console(**kwargs)
+    if not c.is_terminal and not os.environ.get("COLUMNS"):
+        c.width = TABLE_WIDTH  # a table is laid out at its natural width, not squeezed into 80 columns
+    return c
+
+
+console = _make(stderr=True, highlight=False)
+out = _make(highlight=False, soft_wrap=True)  # stdout: results and --json
 
 
 def info(msg: str) -> None:

@@ -24,10 +24,10 @@ def _fid(entry: dict) -> str:
         return "skipped"
     s = f["summary"]
     verdict = "pass" if f["passed"] else "FAIL"
-    where = f" in {f['runtime']}" if f.get("runtime") else ""
+    where = f" ({f['runtime']})" if f.get("runtime") else ""
     templates = f", template {s['templates_equal']}/{s['templates']}" if s.get("templates") else ""
-    return (f"{f['file_type']}{where}: {verdict}, tokens {s['tokens_equal']}/{s['prompts']}, "
-            f"continuations {s['continuations_equal']}{'' if f['judged'] else ' (not judged)'}/{s['prompts']}{templates}")
+    greedy = f"greedy {s['continuations_equal']}/{s['prompts']}" + ("" if f["judged"] else " not judged")
+    return f"{f['file_type']} {verdict}{where}: tokens {s['tokens_equal']}/{s['prompts']}, {greedy}{templates}"
 
 
 QUANT_HEADINGS = ["file", "type", "size", "mean KLD", "p99 KLD", "same top", "ΔPPL", "verdict"]

@@ -67,3 +67,16 @@ def test_piped_output_is_not_wrapped_at_80_columns(tmp_path):
     assert lines == [f"▶ fusing {adapter} into builtin:smollm2-135m",
                      f"error: no adapter_config.json in {adapter}",
                      "hint: pass the --out folder of `medtune train`"]
+
+
+def test_piped_tables_keep_their_rows_whole():
+    """Off a terminal a table is laid out at its own width (up to 200 columns), not squeezed into 80: doctor's
+    llama-server row (path and llama.cpp build, ~130 characters) stays on one line."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    res = subprocess.run([sys.executable, "-m", "medtune", "doctor"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    row = next(line for line in res.stderr.splitlines() if line.lstrip().startswith("llama-server"))
+    assert "bin/llama-server" in row and "commit" in row and row.rstrip().endswith(")"), res.stderr

@@ -38,7 +38,7 @@ def quants(tmp_path_factory, smollm2_dir):
     del reader, t
     text = root / "answers.txt"
     rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
-    text.write_text("\n\n".join(r["Response"] for r in rows[:6]), encoding="utf-8")
+    text.write_text("\n\n".join(r["Response"] for r in rows[:12]), encoding="utf-8")
     return {"model": model, "data": root / "data", "g": res.gguf_paths, "bad": bad, "text": text}
 
 
@@ -68,22 +68,24 @@ def test_the_reference_against_itself_is_zero(quants):
 
 
 def test_our_figures_agree_with_llama_perplexity_on_the_same_text(quants):
-    """Both on llama-perplexity's protocol (chunks of 64 tokens, BOS first, the second half scored). Tolerance:
-    mean KLD within 0.0015 nats + 3%, p99 within 15% + 0.002, same top within 1 point, both PPLs within 0.3%.
-    What is left is llama-perplexity's own rounding: it stores the reference's log-probs as 16-bit integers (steps
-    of (max - min logit) / 65535, ~0.001 nats) and sums the KL divergence in float32 over tokens with p > e^-16;
-    we keep float32 log-probs and sum every token in float64."""
+    """Both on llama-perplexity's protocol (chunks of 64 tokens, the second half scored). The reference's perplexity
+    equals llama-perplexity's own reference pass within 0.1%. The KL-mode figures agree within: mean KLD 0.0015 nats
+    + 3%, p99 25% + 0.005, same top 3 points, PPLs 1.5%. What is left is llama-perplexity's rounding in KL mode: it
+    rereads the reference's log-probs from 16-bit integers (steps of (max - min logit) / 65535; its "PPL(base)"
+    there is ~1% off its own reference pass) and sums the KL divergence in float32 over tokens with p > e^-16; we
+    keep float32 log-probs and sum every token in float64."""
     g = quants["g"]
     for q in ("q8_0", "q4_0"):
         c = crosscheck(g["f16"], g[q], quants["text"], n_ctx=64)
         theirs, ours = c["llama_perplexity"], c["medtune"]
-        assert c["chunks"] >= 2 and set(theirs) == {"mean_kld", "p99_kld", "max_kld", "same_top", "ppl", "ref_ppl"}
+        assert c["chunks"] >= 8 and {"mean_kld", "p99_kld", "max_kld", "same_top", "ppl", "ref_ppl",
+                                     "ref_ppl_exact"} <= set(theirs)
+        assert ours["ref_ppl"] == pytest.approx(theirs["ref_ppl_exact"], rel=0.001), c
         assert abs(ours["mean_kld"] - theirs["mean_kld"]) <= 0.0015 + 0.03 * theirs["mean_kld"], c
-        assert abs(ours["p99_kld"] - theirs["p99_kld"]) <= 0.002 + 0.15 * theirs["p99_kld"], c
-        assert abs(ours["same_top"] - theirs["same_top"]) <= 0.01, c
-        assert ours["ppl"] == pytest.approx(theirs["ppl"], rel=0.003), c
-        assert ours["ref_ppl"] == pytest.approx(theirs["ref_ppl"], rel=0.003), c
-        print(q, json.dumps(c))
+        assert abs(ours["p99_kld"] - theirs["p99_kld"]) <= 0.005 + 0.25 * theirs["p99_kld"], c
+        assert abs(ours["same_top"] - theirs["same_top"]) <= 0.03, c
+        assert ours["ppl"] == pytest.approx(theirs["ppl"], rel=0.015), c
+        assert ours["ref_ppl"] == pytest.approx(theirs["ref_ppl"], rel=0.015), c
 
 
 def test_quants_command_judges_and_fails_on_a_poor_file(quants):
@@ -103,8 +105,9 @@ def test_judge_thresholds_and_chunks():
     def stats(kld, p99, top):
         return judge(QuantStats("f", "Q8_0", 1, 10, kld, p99, p99, top, 2.0, 2.0))
 
-    assert stats(0.01, 0.1, 0.97).verdict == "good"
-    assert stats(0.05, 0.5, 0.92).verdict == "usable"
+    assert stats(0.01, 0.1, 0.95).verdict == "good"
+    assert stats(0.05, 0.5, 0.85).verdict == "usable"
+    assert stats(0.01, 0.1, 0.90).verdict == "usable"  # one figure out of "good" is enough
     poor = stats(0.5, 3.0, 0.6)
     assert poor.verdict == "poor" and "mean KLD" in poor.why and "p99" in poor.why and "same top" in poor.why
     seqs = chunk_sequences(list(range(10, 31)), 8, bos=1)  # 21 tokens: 2 whole chunks, the rest dropped

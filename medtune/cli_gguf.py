@@ -60,7 +60,9 @@ def inspect(
         ("layers / width", f"{info['block_count']} / {info['embedding_length']}"),
         ("vocab size", info["vocab_size"]),
         ("tokenizer", f"{info['tokenizer_model']}, pre-tokenizer {info['pre_tokenizer']}"),
-        ("bos / eos", f"{tok(info['bos'])} / {tok(info['eos'])}; add_bos {info['add_bos']}"),
+        ("bos / eos / eot", f"{tok(info['bos'])} / {tok(info['eos'])} / {tok(info['eot'])}; add_bos {info['add_bos']}"),
+        ("end ids", ", ".join(map(str, ids)) if isinstance(ids := info["metadata"].get("tokenizer.ggml.eos_token_ids"),
+                                                          list) else "—"),
         ("chat template", f"yes: {first[:100]}{'…' if len(first) > 100 else ''}" if first else "none"),
         ("tensors", f"{info['n_tensors']}: " + ", ".join(
             f"{t} × {n} ({_size(info['tensor_bytes'][t])})" for t, n in sorted(info["tensor_types"].items()))),

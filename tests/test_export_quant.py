@@ -274,6 +274,7 @@ def test_gguf_inspect_text_and_json(exported):
     assert "llama" in lines["architecture"]
     assert "Q4_0 (2)" in lines["file"]
     assert "tensors         20: F32 × 5" in text and "Q4_0 × 14" in text and "Q8_0 × 1" in text
+    assert "bos / eos / eot" in lines["bos"] and "'<|im_end|>'" in lines["bos"] and lines["end"].split()[-1] == "2"
     assert "smollm" in text and "'<|im_end|>'" in text and "context length  1024" in text
     assert "first 8 of 20" in text and "token_embd.weight" in text
 

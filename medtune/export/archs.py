@@ -292,7 +292,7 @@ def for_config(cfg: dict, where: str = "config.json") -> Arch:
         raise BadInput(
             f"architecture {name!r} cannot be exported to GGUF yet (supported: {', '.join(supported())})",
             where=where,
-            hint="add an entry in medtune/export/archs.py, or export with llama.cpp's convert_hf_to_gguf.py",
+            hint="export with llama.cpp's converter: --converter llama.cpp --llama-cpp DIR (a llama.cpp checkout)",
         )
     arch = cls(cfg)
     arch.check()

@@ -213,8 +213,8 @@ def plan_gguf(model_dir: str | Path, outtype: str = "f16") -> Plan:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         raise BadInput(f"tensors with no GGUF counterpart for {arch.hf_arch}: {', '.join(unknown[:3])}{more}",
                        where=str(model_dir),
-                       hint="quantized or adapter weights must be fused/de-quantized first; otherwise the "
-                            "architecture entry in medtune/export/archs.py is incomplete")
+                       hint="fuse adapter weights and de-quantize quantized ones first (medtune fuse --dequantize); "
+                            "if the folder holds neither, export with --converter llama.cpp --llama-cpp DIR")
     if "token_embd.weight" not in seen:
         raise BadInput("the checkpoint has no token embedding (model.embed_tokens.weight)", where=str(model_dir),
                        hint="the safetensors files are incomplete")

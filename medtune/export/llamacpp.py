@@ -79,7 +79,7 @@ def _unsupported(hf_arch, model_dir: Path, names: list[str]) -> BadInput:
         f"architecture {hf_arch!r} cannot be exported by medtune's GGUF writer (supported: {', '.join(names)})",
         where=str(Path(model_dir) / "config.json"),
         hint=f"export it with llama.cpp's converter: {_OPTION}, a llama.cpp checkout "
-             "(git clone https://github.com/ggml-org/llama.cpp); or add an entry in medtune/export/archs.py")
+             "(git clone https://github.com/ggml-org/llama.cpp)")
 
 
 def check_python_deps() -> None:

@@ -156,8 +156,9 @@ def read_vocab(model_dir: str | Path, n_vocab: int | None = None) -> Vocab:
         raise BadInput(
             f"pre-tokenizer not recognised: {found}",
             where=where,
-            hint=f"known pre-tokenizers: {', '.join(sorted(pretok.REGISTRY))}; add this one to medtune/pretok.py "
-                 "if llama.cpp implements it (a wrong one would split text differently from training)")
+            hint=f"medtune knows the pre-tokenizers {', '.join(sorted(pretok.REGISTRY))} (a wrong one would split text "
+                 "differently from training); export with llama.cpp's converter (--converter llama.cpp --llama-cpp DIR) "
+                 "if it knows this tokenizer, or fine-tune a model whose tokenizer is one of those")
 
     # Tokens ordered by id: the BPE vocabulary plus added tokens (which may lie outside it).
     by_id: dict[int, str] = {}

@@ -420,6 +420,7 @@ def _server_fidelity(model_dir: Path, gguf: Path, prompts: list[str], tokens: in
     from medtune.runtimes import tools
     from medtune.runtimes.server import LlamaServer
 
+    binary = tools.require("llama-server", llama_cpp_dir, purpose="fidelity in the engine Ollama runs")  # before loading
     meta = header["metadata"]
     ftype = FILE_TYPES.get(int(meta.get("general.file_type", -1)), f"type {meta.get('general.file_type')}")
     tolerance = tie_tolerance if tie_tolerance is not None else TIE_TOLERANCE.get(ftype)
@@ -431,7 +432,6 @@ def _server_fidelity(model_dir: Path, gguf: Path, prompts: list[str], tokens: in
     hf_texts = [render_prompt(tokenizer, c) for _, c in convs]
     hf_ids = [tokenizer.encode(t, add_special_tokens=False) for t in hf_texts]
     n_ctx = max(512, -(-(max(len(i) for i in hf_ids) + tokens + 64) // 256) * 256)
-    binary = tools.require("llama-server", llama_cpp_dir, purpose="fidelity in the engine Ollama runs")
     report = FidelityReport(model_dir=str(model_dir), gguf=str(gguf), file_type=ftype, judged=tolerance is not None,
                             tie_tolerance=tolerance, tokens=tokens, gguf_adds_bos=adds_bos, runtime="llama-server")
     report.notes.append(f"llama-server {tools.version(binary) or '?'} ({binary}), --jinja: the GGUF's own chat template")

@@ -29,8 +29,8 @@ if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
   # -march=native builds die with SIGILL on quantized GGUFs on x86 VMs that advertise AMX: stay portable.
   FLAGS+=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
 fi
-KEY=$(printf '%s ' "$VERSION" "$COMMIT" "${FLAGS[@]}" "$(uname -sm)" | sha256sum 2>/dev/null | cut -c1-12 \
-      || printf '%s ' "$VERSION" "${FLAGS[@]}" | shasum -a 256 | cut -c1-12)
+KEY=$(printf '%s ' "$VERSION" "$COMMIT" "${FLAGS[@]}" "$(uname -sm)" \
+      | python3 -c "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:12])")
 HOME_DIR="$CACHE/llama.cpp/$VERSION-$KEY"
 SRC="$HOME_DIR/src"
 BUILD="$HOME_DIR/build"

@@ -14,7 +14,14 @@ For each prompt, rendered through the model's own chat template:
 - at the first divergence, how far apart the two candidate tokens are in each runtime's logits (the
   top-2 margin), so that a near-tie (rounding in F16 can flip it) can be told from a real bug.
 
-Verdict: the run fails (`passed` False, `medtune eval fidelity` exits 1) when a tokenization differs, or,
+Two runtimes (`runtime=`): "llama-server" (the default when llama.cpp's tools are found), the engine inside
+Ollama >= 0.30, started with --jinja: the prompt is what *it* renders from the GGUF's own chat template
+(/apply-template), which must equal the HF rendering (a system prompt, several turns and a reasoning turn are
+checked besides the prompts), its /tokenize ids must equal the HF ids, and its greedy /completion runs with no
+client stop strings, so it ends only on the GGUF's end-of-generation tokens; the near-tie margins come from its
+top log-probs. "llama-cpp-python": llama.cpp in process, fed the HF rendering's text, full logits.
+
+Verdict: the run fails (`passed` False, `medtune eval fidelity` exits 1) when a rendering or a tokenization differs, or,
 for an F32/F16/BF16 GGUF, when a continuation differs at a point that is not a near-tie (margin above
 the tolerance for that type) or when one runtime stops where the other does not. Quantized GGUFs
 (Q8_0, Q4_…) are expected to drift: their continuations are reported, not judged.

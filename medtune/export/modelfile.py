@@ -435,7 +435,8 @@ def _with_bos(family: Family, vocab, model_dir: Path, warnings: list[str]) -> st
 
 def render_modelfile(gguf_filename: str | Path, model_dir: str | Path, system: str | None = None,
                      params: dict | None = None, *, family: str | None = None, vocab=None) -> tuple[str, dict]:
-    """Modelfile text for the GGUF at `gguf_filename` (written as given: pass an absolute path).
+    """Modelfile text for the GGUF at `gguf_filename`, written as FROM as given (`medtune export` passes it relative
+    to the Modelfile's folder, medtune.export.modelfile_from, which is how Ollama resolves FROM).
 
     system: None -> the chat template's own default system prompt, if it has one; "" -> no SYSTEM.
     params: Ollama PARAMETERs added to / overriding the defaults (temperature, top_p, num_ctx, ...).

@@ -231,11 +231,12 @@ def quants(
     held-out answers, with a verdict per file and the smallest good one recommended. Exit 1 if one is poor."""
     from medtune.console import console, done, progress, step, warn
     from medtune.errors import BadInput
-    from medtune.quant_eval import REFERENCE_TYPES, _file_type, crosscheck as run_crosscheck
+    from medtune.fidelity import gguf_file_type
+    from medtune.quant_eval import REFERENCE_TYPES, crosscheck as run_crosscheck
     from medtune.quant_eval import heldout_sequences, judge_quants
     from medtune.report_html import QUANT_HEADINGS, quant_rows, quant_summary
 
-    types = {g: _file_type(g) for g in ggufs}
+    types = {g: gguf_file_type(g) for g in ggufs}
     refs = [g for g in ggufs if types[g] in REFERENCE_TYPES]
     if not refs or len(refs) == len(ggufs):
         raise BadInput("pass one unquantized GGUF (F16, F32 or BF16: the reference) and at least one quantized one",

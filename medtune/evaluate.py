@@ -542,11 +542,12 @@ def _penalty() -> tuple[float, int]:
 
 def _quants(model: str, adapter: Path | None, data, ggufs, n_threads, out: Path, progress) -> dict | None:
     """The quantized GGUFs against the unquantized one (KL divergence on the held-out answers), when both exist."""
-    from medtune.quant_eval import REFERENCE_TYPES, _file_type, heldout_sequences, judge_quants
+    from medtune.fidelity import gguf_file_type
+    from medtune.quant_eval import REFERENCE_TYPES, heldout_sequences, judge_quants
 
     if data is None or adapter is not None or not Path(model).is_dir() or len(ggufs) < 2:
         return None
-    types = {str(g): _file_type(Path(g)) for g in ggufs}
+    types = {str(g): gguf_file_type(g) for g in ggufs}
     refs = sorted((g for g, t in types.items() if t in REFERENCE_TYPES), key=lambda g: REFERENCE_TYPES.index(types[g]))
     quants = [g for g, t in types.items() if t not in REFERENCE_TYPES]
     if not refs or not quants:

@@ -264,12 +264,23 @@ def _compare(prompt: str, ids: list[int], gguf_ids: list[int], mlx_run, gguf: GG
                         ok=ok, reason="" if ok and equal else reason)
 
 
-def _file_type(llm) -> str:
-    raw = llm.metadata.get("general.file_type")
+def file_type_name(raw) -> str:
+    """general.file_type as a name (F16, Q8_0, …)."""
     try:
         return FILE_TYPES.get(int(raw), f"type {raw}")
     except (TypeError, ValueError):
         return "unknown"
+
+
+def gguf_file_type(path: str | Path) -> str:
+    """A GGUF's file type, read from its header alone."""
+    from medtune.export import read_gguf_header
+
+    return file_type_name(read_gguf_header(path)["metadata"].get("general.file_type"))
+
+
+def _file_type(llm) -> str:
+    return file_type_name(llm.metadata.get("general.file_type"))
 
 
 def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None = None, tokens: int = DEFAULT_TOKENS,
@@ -429,7 +440,7 @@ def _server_fidelity(model_dir: Path, gguf: Path, prompts: list[str], tokens: in
 
     binary = tools.require("llama-server", llama_cpp_dir, purpose="fidelity in the engine Ollama runs")  # before loading
     meta = header["metadata"]
-    ftype = FILE_TYPES.get(int(meta.get("general.file_type", -1)), f"type {meta.get('general.file_type')}")
+    ftype = file_type_name(meta.get("general.file_type"))
     tolerance = tie_tolerance if tie_tolerance is not None else TIE_TOLERANCE.get(ftype)
     adds_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     model, tokenizer = load(str(model_dir))

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from medtune.errors import BadInput, MedtuneError
+from medtune.fidelity import gguf_file_type
 
 # Verdict thresholds (nats / fraction). llama.cpp publishes, on 7-8B models: Q8_0 mean KLD 0.0004-0.0014 and
 # 97.7-98.9% same top; Q6_K 0.0055 / 96.0%; Q4_K_M 0.013-0.031 / 91.9-94.7%. Small models are more sensitive.
@@ -185,14 +186,6 @@ class _Model:
         self.llm.close()
 
 
-def _file_type(path: Path) -> str:
-    from medtune.export import read_gguf_header
-    from medtune.fidelity import FILE_TYPES
-
-    raw = read_gguf_header(path)["metadata"].get("general.file_type")
-    return FILE_TYPES.get(int(raw), f"type {raw}") if raw is not None else "unknown"
-
-
 def _n_ctx(seqs: list[Sequence]) -> int:
     return -(-max(len(ids) for ids, _ in seqs) // 64) * 64
 
@@ -248,7 +241,7 @@ def _quant_pass(path: Path, seqs: list[Sequence], ref, n_threads, progress=None)
         model.close()
     k = np.maximum(np.concatenate(kld), 0.0)  # rounding can make a KL divergence of ~0 slightly negative
     q_nll = np.concatenate(nll)
-    return QuantStats(file=str(path), file_type=_file_type(path), bytes=path.stat().st_size, positions=len(k),
+    return QuantStats(file=str(path), file_type=gguf_file_type(path), bytes=path.stat().st_size, positions=len(k),
                       mean_kld=float(k.mean()), p99_kld=float(np.percentile(k, 99)), max_kld=float(k.max()),
                       same_top=same / len(k), ppl=float(np.exp(q_nll.mean())), ref_ppl=float(np.exp(ref_nll.mean())))
 
@@ -263,7 +256,7 @@ def judge_quants(reference: str | Path, quants: list[str | Path], seqs: list[Seq
     for p in [reference, *map(Path, quants)]:
         if not Path(p).is_file():
             raise BadInput(f"GGUF not found: {p}", hint="`medtune export -q f16,q8_0,q4_k_m` writes them")
-    ref_type = _file_type(reference)
+    ref_type = gguf_file_type(reference)
     if ref_type not in REFERENCE_TYPES:
         raise BadInput(f"the reference is {ref_type}, a quantized type", where=str(reference),
                        hint="pass the F16 (or F32/BF16) export as the reference")

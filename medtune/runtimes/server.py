@@ -160,9 +160,6 @@ class LlamaServer:
         res = self.post("/tokenize", {"content": text, "add_special": add_special, "parse_special": parse_special})
         return [t if isinstance(t, int) else t["id"] for t in res["tokens"]]
 
-    def detokenize(self, ids: list[int]) -> str:
-        return self.post("/detokenize", {"tokens": ids})["content"]
-
     def complete(self, prompt: str | list[int], n_predict: int = 32, n_probs: int = 4, **options) -> Completion:
         """Greedy (temperature 0, no repeat penalty), with no client stop strings: the generation ends on the
         GGUF's end-of-generation tokens or at n_predict."""
@@ -172,10 +169,6 @@ class LlamaServer:
         tokens = [int(t) for t in res.get("tokens") or []]
         return Completion(text=res.get("content", ""), tokens=tokens, top=_align(tokens, res),
                           stop_type=res.get("stop_type") or ("eos" if res.get("stopped_eos") else "none"))
-
-    def props(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/props", timeout=10) as resp:
-            return json.loads(resp.read())
 
 
 def _align(tokens: list[int], res: dict) -> list:

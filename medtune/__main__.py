@@ -1,3 +1,3 @@
-from medtune.cli import main
+from medtune.cli.app import main
 
 main()

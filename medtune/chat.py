@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
-from medtune.generate import REPEAT_LAST_N, REPEAT_PENALTY, GenerationResult, generate
+from medtune.runtimes.mlx import REPEAT_LAST_N, REPEAT_PENALTY, GenerationResult, generate
 
 COMMANDS = {
     "/clear": "forget the conversation (keeps the system prompt)",
@@ -69,7 +69,7 @@ def chat_loop(model, tokenizer, *, system: Optional[str] = None, temp: float = 0
               input_fn: Callable[[str], str] = input, console=None) -> list[dict]:
     """Chat until /exit or EOF; return the conversation (system prompt included)."""
     if console is None:
-        from medtune.console import out as console
+        from medtune.core.console import out as console
     system_msgs = [{"role": "system", "content": system}] if system else []
     history = list(system_msgs)
     prompt = ">>> " if sys.stdin.isatty() else ""  # no prompt text when reading a pipe

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from medtune.errors import BadInput, MedtuneError, MissingDependency, ResourceError
+from medtune.core.errors import BadInput, MedtuneError, MissingDependency, ResourceError
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PORT = 11434
@@ -59,7 +59,7 @@ DEPRECATED_PARAMS = ("penalize_newline", "low_vram", "f16_kv", "logits_all", "vo
                      "mirostat", "mirostat_tau", "mirostat_eta")
 MESSAGE_ROLES = ("system", "user", "assistant")
 
-Progress = Any  # a rich Progress (medtune.console.progress), or None
+Progress = Any  # a rich Progress (medtune.core.console.progress), or None
 
 
 # ---- host -------------------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def read_modelfile(path: str | Path) -> CreateSpec:
 
 # ---- HTTP helpers -----------------------------------------------------------------------------------
 def _require_client():
-    from medtune.errors import require
+    from medtune.core.errors import require
 
     return require("ollama", purpose="the Ollama API client")
 

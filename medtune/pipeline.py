@@ -14,7 +14,7 @@ nothing; one only the eval stage uses redoes only eval). A stage whose
 fingerprint equals the one recorded in stages/<stage>.json, and whose outputs are still there, is skipped.
 Training that was interrupted (Ctrl-C, a crash) with the same fingerprint resumes from its last checkpoint.
 The stages call the library functions (medtune.data.prepare.prepare, medtune.train.train,
-medtune.fuse.fuse, medtune.export.export, medtune.ollama, medtune.evaluate.evaluate), not subprocesses.
+medtune.fuse.fuse, medtune.export.export, medtune.ollama, medtune.eval.evaluate.evaluate), not subprocesses.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from medtune.errors import BadInput, MedtuneError, MissingDependency
+from medtune.core.errors import BadInput, MedtuneError, MissingDependency
 
 
 # ---- the stages, and the packages each one uses -----------------------------------------------------
@@ -237,8 +237,7 @@ def load_config(config: str | Path | dict | None) -> dict:
     t = cfg["train"]
     if "steps_per_eval" in t:
         t["eval_every"] = t.pop("steps_per_eval")
-    from medtune import safety
-
+    from medtune.core import safety
     safety.safe_name(cfg.get("name"), "run name", where=where,
                      hint="name: a folder name under runs/, e.g. medtune-smollm2")
     safety.config_flags(cfg, where)  # trust_remote_code / allow_pickle: booleans
@@ -260,7 +259,7 @@ class Hasher:
                 self.cache = {}
 
     def file(self, path: Path) -> str:
-        from medtune.fsutil import sha256_file
+        from medtune.core.fsutil import sha256_file
 
         st = path.stat()
         key = str(path.resolve())
@@ -296,8 +295,7 @@ class Hasher:
 
     def save(self) -> None:
         if self.cache_file:
-            from medtune import redact
-
+            from medtune.core import redact
             redact.write_json(self.cache_file, self.cache)
 
 
@@ -314,7 +312,6 @@ def installed_version(dist: str) -> str | None:
 def versions(packages=()) -> dict:
     """medtune's version and those of `packages` that are installed."""
     from medtune import __version__
-
     found = {"medtune": __version__}
     for pkg in packages:
         v = installed_version(pkg)
@@ -335,7 +332,7 @@ class Run:
     def __init__(self, cfg: dict, log: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.name = cfg["name"]
-        from medtune.safety import inside
+        from medtune.core.safety import inside
 
         self.root = inside(Path(cfg.get("runs_dir") or DEFAULT_RUNS), self.name, "run folder")
         self.data, self.adapter, self.fused = self.root / "data", self.root / "adapter", self.root / "fused"
@@ -376,8 +373,7 @@ class Run:
             return "mlx" if self.train_backend() == "mlx" else "peft"
 
     def log(self, line: str) -> None:
-        from medtune import redact
-
+        from medtune.core import redact
         line = redact.redact_text(line)  # appended without following a symlink at run.log
         redact.append_line(self.root / "run.log", f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {line}")
         if self._log:
@@ -468,8 +464,7 @@ class Run:
                 self.log(f"train: resuming from the last checkpoint in {ckpts}")
             else:
                 shutil.rmtree(self.adapter)  # another fingerprint (or no checkpoint): start afresh
-        from medtune import fsutil
-
+        from medtune.core import fsutil
         fsutil.write_json(started, {"fingerprint": fp})
         res = train(str(self.cfg["model"]), self.data, self.adapter, TrainOptions(**opts), backend=backend,
                     progress=progress, resume=resume, on_step=on_step)
@@ -496,7 +491,6 @@ class Run:
 
     def do_ollama(self, progress=None, **_) -> dict:
         from medtune import ollama
-
         o = self.cfg["ollama"]
         mode = o.get("create", "auto")
         if mode is False or str(mode).lower() in ("false", "no", "off"):
@@ -513,7 +507,7 @@ class Run:
     def do_eval(self, progress=None, **_) -> dict:
         import importlib.util
 
-        from medtune.evaluate import evaluate
+        from medtune.eval.evaluate import evaluate
 
         e = self.cfg["eval"]
         if not e.get("enabled", True):
@@ -547,15 +541,13 @@ def run_pipeline(config: str | Path | dict | None = None, *, from_stage: str | N
         raise BadInput("--from and --only together", hint="use one of them")
     cfg = load_config(config)
     r = Run(cfg, log=log)
-    from medtune import lock
-
+    from medtune.core import lock
     with lock.locked(r.root):  # one `medtune run` per run folder at a time
         return _run_stages(r, cfg, from_stage, only, force, progress, on_step)
 
 
 def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -> dict:
-    from medtune import fsutil, redact, safety
-
+    from medtune.core import fsutil, redact, safety
     r.root.mkdir(parents=True, exist_ok=True)
     import yaml
 

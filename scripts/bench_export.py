@@ -77,7 +77,7 @@ def llama_cpp_source(cache: Path | None = None, *, timeout: int = 900) -> Path:
     except metadata.PackageNotFoundError as exc:
         raise RuntimeError("llama-cpp-python is not installed: no sdist version to take llama.cpp from") from exc
     if cache is None:
-        from medtune.paths import cache_dir
+        from medtune.core.paths import cache_dir
 
         cache = cache_dir() / "llama.cpp-src"
     dest = cache / f"llama-cpp-python-{version}"

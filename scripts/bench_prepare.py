@@ -84,8 +84,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
-    from medtune import runtime
-
+    from medtune.core import runtime
     runtime.setup()
     from medtune.data.prepare import prepare
     from medtune.data.render import load_tokenizer

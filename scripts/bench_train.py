@@ -116,12 +116,12 @@ def child_mlx_lm(cfg: dict) -> dict:
         import ctypes
 
         sys.path.insert(0, str(ROOT))
-        from medtune.runtime import OPENBLAS_CANDIDATES  # the same library medtune binds
+        from medtune.core.runtime import OPENBLAS_CANDIDATES  # the same library medtune binds
 
         path = os.environ.get("MEDTUNE_OPENBLAS") or next((p for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)
         if path is None:
             raise SystemExit("no OpenBLAS found for run d")
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # before mlx is imported, as medtune.runtime does
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # before mlx is imported, as medtune.core.runtime does
 
     import copy
     import types
@@ -196,7 +196,7 @@ class _Progress:
 def child_medtune(cfg: dict) -> dict:
     """(b)/(c): medtune.train.train; the environment decides OpenBLAS (MEDTUNE_NO_OPENBLAS=1 for b)."""
     sys.path.insert(0, str(ROOT))
-    from medtune import runtime
+    from medtune.core import runtime
     from medtune.train import TrainOptions, train
 
     wanted = dict(iters=cfg["iters"], batch_size=cfg["batch_size"], num_layers=cfg["num_layers"], rank=cfg["rank"],

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from medtune import runtime
-
+from medtune.core import runtime
 runtime.setup()  # bind OpenBLAS before anything imports mlx
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tiny models per pre-tokenizer registry entry (medtune.pretok.REGISTRY), for the tests that load their GGUF
+"""Tiny models per pre-tokenizer registry entry (medtune.export.pretok.REGISTRY), for the tests that load their GGUF
 in a llama.cpp runtime (llama-cpp-python in-process, llama-server) and compare its tokens with the HF tokenizer.
 
 Each model is a random tiny Llama (conftest.make_tiny_llama) on SmolLM2's byte-level BPE vocabulary (fixture
@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medtune import pretok
-
+from medtune.export import pretok
 # What a split can get wrong: digit runs (1, 1-3 or unbounded digits per piece), runs of spaces before a word
 # or at the end, tabs, newlines (\n, \r\n, several), CJK, emoji (multi-codepoint ZWJ sequences and flags),
 # English contractions in either case (Llama 3 and Qwen2 match them case-insensitively, GPT-2 does not),

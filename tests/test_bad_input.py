@@ -1,7 +1,7 @@
 """The bad-input corpus: every stage of the real `medtune` command, fed broken files and options.
 
 Each case runs `python -m medtune ...` in a subprocess (in a fresh folder, which is its working directory)
-and checks the contract of medtune.errors: the documented exit code (2 for bad input: a bad file never gives
+and checks the contract of medtune.core.errors: the documented exit code (2 for bad input: a bad file never gives
 1, the code of an unforeseen error), exactly one `error:` line that names the file (and the line or record,
 and the field, where that applies), a `hint:` line, no traceback, and nothing written: no output, no
 temporary files beside it, the corpus untouched.

@@ -1,4 +1,4 @@
-"""medtune.generate, medtune.chat and their commands, on real (tiny and SmolLM2) models. No mocks."""
+"""medtune.runtimes.mlx, medtune.chat and their commands, on real (tiny and SmolLM2) models. No mocks."""
 
 from __future__ import annotations
 
@@ -12,31 +12,31 @@ import pytest
 
 from conftest import ROOT
 
-from medtune.errors import BadInput
-from medtune.generate import GenerationResult, ThinkSplitter, generate, generate_many, load, split_reasoning
+from medtune.core.errors import BadInput
+from medtune.runtimes.mlx import GenerationResult, ThinkSplitter, generate, generate_many, load, split_reasoning
 
 QUESTION = "What is the normal resting heart rate for an adult? Answer in one sentence."
 
-# Until medtune.cli registers the commands, run them through a two-command Typer app with the same
-# error handling as medtune.cli.main.
+# Until medtune.cli.app registers the commands, run them through a two-command Typer app with the same
+# error handling as medtune.cli.app.main.
 HARNESS = """
 import sys, typer
-from medtune.cli_chat import chat, generate
-from medtune.errors import MedtuneError
+from medtune.cli.chat import chat, generate
+from medtune.core.errors import MedtuneError
 app = typer.Typer(pretty_exceptions_enable=False)
 app.command()(chat)
 app.command()(generate)
 try:
     app()
 except MedtuneError as exc:
-    from medtune.console import error
+    from medtune.core.console import error
     error(exc)
     sys.exit(exc.exit_code)
 """
 
 
 def _registered() -> bool:
-    from medtune.cli import app
+    from medtune.cli.app import app
 
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
     return {"chat", "generate"} <= names
@@ -104,8 +104,7 @@ def test_generate_stops_at_max_tokens_on_tiny_model(tiny):
 def _greedy_with_penalty(model, tok, msgs, n, penalty, last_n):
     """Reference decoding, written out: full forward each step, the llama.cpp penalty over the last
     `last_n` tokens of prompt + answer, argmax."""
-    from medtune import runtime
-
+    from medtune.core import runtime
     mx = runtime.mx()
     import numpy as np
 
@@ -155,8 +154,7 @@ def test_generate_answers_a_medical_question_with_smollm2(smollm2_dir):
 
 def test_generate_many_with_an_adapter_applies_it(tiny_llama_dir, tmp_path):
     """A fresh LoRA adapter (lora_b = 0) changes nothing; the same adapter with weights does."""
-    from medtune import runtime
-
+    from medtune.core import runtime
     mx = runtime.mx()
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -279,8 +277,8 @@ def test_numpy_penalty_rule_is_mlx_lms():
     import numpy as np
     from mlx_lm.sample_utils import make_logits_processors
 
-    from medtune import runtime
-    from medtune.generate import apply_repeat_penalty
+    from medtune.core import runtime
+    from medtune.runtimes.mlx import apply_repeat_penalty
 
     mx = runtime.mx()
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ def test_help_lists_every_command():
 
 def test_cli_import_stays_light():
     """`medtune --help` must stay fast: importing the CLI pulls in none of the heavy libraries."""
-    code = ("import sys, medtune.cli; heavy = ('mlx', 'mlx_lm', 'torch', 'transformers', 'llama_cpp', 'gguf', "
+    code = ("import sys, medtune.cli.app; heavy = ('mlx', 'mlx_lm', 'torch', 'transformers', 'llama_cpp', 'gguf', "
             "'numpy', 'safetensors'); print([m for m in heavy if m in sys.modules])")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 
 from conftest import SAMPLE, make_tiny_llama, run_cli
-from medtune.evaluate import (accuracy, parse_choice, pick, read_curves, repetition_rate, stop_rate,
+from medtune.eval.evaluate import (accuracy, parse_choice, pick, read_curves, repetition_rate, stop_rate,
                               summarise, think_state, words)
-from medtune.report_html import svg_curves
+from medtune.eval.report_html import svg_curves
 
 
 # ---- pure metrics ---------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def test_multiple_choice_parsing_and_scoring():
     assert parse_choice({"question": "q", "options": ["x", "y", "z"], "answer": "z"}).answer == 2
     assert parse_choice({"question": "q", "options": ["x", "y"], "answer": 0}).answer == 0
     assert parse_choice({"prompt": "q", "completion": "a"}) is None
-    from medtune.errors import BadInput
+    from medtune.core.errors import BadInput
 
     with pytest.raises(BadInput):
         parse_choice({"question": "q", "options": ["x"], "answer": "D"})
@@ -148,7 +148,7 @@ def test_gguf_answers_like_mlx_with_the_same_penalty_rule(evalset):
     """Without --gguf-loss (llama.cpp keeps no per-position logits) the GGUF column still decodes with the MLX
     column's rule: the same text, token count and finish on an F32 file of the same weights, and not merely
     on the first tokens (a random tiny model loops, so the penalty matters at every step)."""
-    from medtune.evaluate import GGUFRunner, MLXRunner
+    from medtune.eval.evaluate import GGUFRunner, MLXRunner
 
     mlx = MLXRunner(str(evalset["tuned"]))
     gguf = GGUFRunner(evalset["gguf"], n_threads=1, tokenizer=mlx.tokenizer, markers=mlx.markers, logits_all=False)

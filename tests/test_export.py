@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 from medtune.export import export, inspect_gguf
 from medtune.export.gguf_writer import write_gguf
 from medtune.export.gotemplate import execute, ollama_prompt
 from medtune.export.modelfile import hf_render, parse_modelfile, quote_value, render_modelfile
-from medtune.fsutil import sha256_file
+from medtune.core.fsutil import sha256_file
 from medtune.models.gguf_import import unpermute_rows
 
 N_HEAD, N_KV = 4, 2

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from families import CASES, CHATS, TEXTS, make_model, ollama_view
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 from medtune.export import export
 from medtune.export.gguf_writer import plan_gguf, write_gguf
 from medtune.export.gotemplate import ollama_prompt

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_tiny_llama, run_cli
-from medtune.errors import BadInput, MedtuneError, MissingDependency
+from medtune.core.errors import BadInput, MedtuneError, MissingDependency
 from medtune.export import export, inspect_gguf
 from medtune.export.quantize import API_ENV, find_quantizer, parse_quants
 

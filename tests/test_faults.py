@@ -287,7 +287,7 @@ def test_disk_preflight_refuses_with_the_numbers(work, adapter, fused, tmp_path,
     import shutil
     from collections import namedtuple
 
-    from medtune.errors import ResourceError
+    from medtune.core.errors import ResourceError
     from medtune.export import export
     from medtune.fuse import fuse
 
@@ -336,8 +336,8 @@ def test_second_writer_refused_and_stale_lock_taken_over(work, tmp_path):
 
 
 def test_lock_is_reentrant_in_process_and_exclusive_across(tmp_path):
-    from medtune import lock
-    from medtune.errors import ResourceError
+    from medtune.core import lock
+    from medtune.core.errors import ResourceError
 
     target = tmp_path / "out"
     with lock.locked(target), lock.locked(target):  # `medtune run` holding a folder a stage locks again

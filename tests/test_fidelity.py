@@ -59,7 +59,7 @@ def test_a_corrupted_gguf_is_reported_divergent(f32, tiny_llama_dir):
     reader.data.flush()
     del reader, tensor
 
-    from medtune.fidelity import fidelity
+    from medtune.eval.fidelity import fidelity
 
     report = fidelity(tiny_llama_dir, bad, PROMPTS, 16)
     summary = report.summary
@@ -78,7 +78,7 @@ def test_a_corrupted_gguf_is_reported_divergent(f32, tiny_llama_dir):
 def test_verdicts_near_tie_and_end_tokens():
     """The judging rules on hand-made logits: a flip inside the tolerance is a near-tie; a runtime that
     does not stop on the end token the other stops on is a failure whatever the margins."""
-    from medtune.fidelity import _compare, _rows_run
+    from medtune.eval.fidelity import _compare, _rows_run
 
     v = 8
     rows = [np.zeros(v, np.float32) for _ in range(3)]
@@ -104,8 +104,8 @@ def test_verdicts_near_tie_and_end_tokens():
 
 
 def test_default_prompts_are_the_sample_questions(tmp_path):
-    from medtune.errors import BadInput
-    from medtune.fidelity import read_prompts
+    from medtune.core.errors import BadInput
+    from medtune.eval.fidelity import read_prompts
 
     questions = [json.loads(line)["Question"] for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert read_prompts() == questions and read_prompts(limit=2) == questions[:2]

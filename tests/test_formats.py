@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT, SAMPLE, run_cli
 from medtune.data import encode
 from medtune.data.prepare import prepare
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 
 SAMPLES = ROOT / "data" / "sample"
 O1 = [json.loads(x) for x in SAMPLE.read_text(encoding="utf-8").splitlines() if x.strip()]

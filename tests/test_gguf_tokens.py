@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from families import CASES, make_model
-from medtune import pretok
+from medtune.export import pretok
 from medtune.export.gguf_writer import write_gguf
 from pretok_models import TRICKY_TEXTS, export_pretok_model
 

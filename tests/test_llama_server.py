@@ -5,7 +5,7 @@ Per chat-template family (SmolLM2/ChatML, Qwen2.5 ChatML, Qwen3 with think, both
 versions, Llama 3), on tiny random models built here (tests/families.py) and exported by medtune's writer:
 - the prompt llama-server renders (/apply-template) equals the HF rendering training saw (a system prompt,
   several turns, a reasoning turn, and every prompt), and its token ids (/tokenize) equal the HF tokenizer's;
-- its greedy continuation equals MLX's on the model the GGUF came from (medtune.fidelity, runtime llama-server);
+- its greedy continuation equals MLX's on the model the GGUF came from (medtune.eval.fidelity, runtime llama-server);
 - it stops by itself on every end token of the family (eos, end-of-turn), with no client stop strings.
 Plus: every pre-tokenizer registry entry loads in llama-server and tokenizes like HF, the server is shut down on
 failure, and a prompt rendered differently is a failed verdict showing where.
@@ -22,9 +22,9 @@ import pytest
 
 from families import CASES, make_model
 from medtune.export import export
-from medtune.fidelity import fidelity
+from medtune.eval.fidelity import fidelity
 from medtune.runtimes import tools
-from medtune.runtimes.server import LlamaServer
+from medtune.runtimes.llama_server import LlamaServer
 from pretok_models import TRICKY_TEXTS, export_pretok_model
 
 PROMPTS = ["What is a normal resting heart rate for adults?", "发烧39度怎么办？请给三条建议。",
@@ -133,8 +133,7 @@ def test_forced_model_really_continues_past_a_token_that_is_not_an_end(family_mo
 def test_every_pretokenizer_entry_loads_in_llama_server_and_tokenizes_like_hf(entry, smollm2_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from medtune import pretok
-
+    from medtune.export import pretok
     assert set(pretok.REGISTRY) == {"gpt-2", "smollm", "llama-bpe", "qwen2"}  # a new entry gets a case here
     model_dir, path = export_pretok_model(tmp_path / entry, Path(smollm2_dir), entry)
     hf = AutoTokenizer.from_pretrained(str(model_dir))
@@ -177,7 +176,7 @@ def test_server_is_shut_down_on_failure_and_on_exit(family_models):
 
 
 def test_a_gguf_the_server_cannot_load_is_one_clear_error(tmp_path):
-    from medtune.errors import BadInput
+    from medtune.core.errors import BadInput
 
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)

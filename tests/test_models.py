@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from medtune.errors import BadInput, MedtuneError
+from medtune.core.errors import BadInput, MedtuneError
 from medtune.models import pull
 from medtune.models.gguf_import import permute_rows, unpermute_rows
 
@@ -165,8 +165,7 @@ def test_gguf_of_an_architecture_medtune_cannot_import_is_refused_from_its_heade
     the architecture, a hint, exit 2."""
     import gguf
 
-    from medtune import fsutil
-
+    from medtune.core import fsutil
     path = tmp_path / "big-mamba.gguf"
     w = gguf.GGUFWriter(str(path), "mamba")
     w.add_block_count(4)

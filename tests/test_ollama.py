@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from medtune.errors import BadInput, MissingDependency
+from medtune.core.errors import BadInput, MissingDependency
 from medtune.export.modelfile import parse_modelfile
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -332,8 +332,8 @@ def _closed_port() -> int:
 
 # ---- create --------------------------------------------------------------------------------------------
 def test_create_sends_the_blob_and_what_the_modelfile_says(server, exported, monkeypatch, tmp_path):
-    from medtune.console import progress
-    from medtune.fsutil import sha256_file
+    from medtune.core.console import progress
+    from medtune.core.fsutil import sha256_file
     from medtune.ollama import create_from_modelfile
 
     monkeypatch.setenv("PATH", _no_ollama_path(tmp_path))
@@ -489,7 +489,7 @@ def test_the_contract_server_takes_a_from_that_names_no_file_as_a_model_name(ser
     from a registry that has no such model) and creates nothing; an existing model is built upon."""
     import httpx
 
-    from medtune.errors import MedtuneError
+    from medtune.core.errors import MedtuneError
     from medtune.ollama import create_from_modelfile
 
     monkeypatch.setenv("PATH", _no_ollama_path(tmp_path))
@@ -603,7 +603,7 @@ def test_ollama_run_prints_the_answer(created, exported, tmp_path):
     messages = [{"role": "user", "content": PROMPT}]
     assert answer["prompt"] == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    from medtune.generate import generate, load
+    from medtune.runtimes.mlx import generate, load
 
     model, tokenizer = load(str(exported["model_dir"]))
     mlx = generate(model, tokenizer, messages, max_tokens=12, temp=0.0, repeat_penalty=1.0)

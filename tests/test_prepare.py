@@ -4,7 +4,7 @@ import pytest
 
 from conftest import SAMPLE, run_cli
 from medtune.data.prepare import prepare
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 
 
 def test_sample_set_is_bilingual_and_complete():

@@ -1,4 +1,4 @@
-"""Quantized GGUFs judged as llama.cpp judges them (medtune.quant_eval): KL divergence against the unquantized file,
+"""Quantized GGUFs judged as llama.cpp judges them (medtune.eval.quants): KL divergence against the unquantized file,
 same top-1 and ΔPPL, teacher-forced on held-out answers, with verdicts; our figures agree with llama-perplexity's own
 on the same text; one corrupted tensor flips the verdict. The embedded SmolLM2, real llama.cpp."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE, run_cli
-from medtune.quant_eval import (QuantStats, chunk_sequences, crosscheck, heldout_sequences, judge, judge_quants,
+from medtune.eval.quants import (QuantStats, chunk_sequences, crosscheck, heldout_sequences, judge, judge_quants,
                                 parse_llama_perplexity)
 
 

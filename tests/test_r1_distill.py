@@ -18,7 +18,7 @@ from conftest import run_cli
 from families import CASES, DS_BOS, DS_EOS, make_model
 from medtune.data import encode
 from medtune.data.prepare import prepare
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 from medtune.export.gotemplate import ollama_prompt
 from medtune.export.modelfile import FAMILIES, detect_family, parse_modelfile
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import SAMPLE, run_cli
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 from medtune.pipeline import Hasher, Run, fingerprint, load_config, run_pipeline
 
 STAGES = ["prepare", "train", "fuse", "export", "ollama", "eval"]

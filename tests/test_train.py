@@ -60,7 +60,7 @@ def test_training_lowers_validation_loss_and_writes_a_loadable_adapter(tmp_path,
 
 
 def test_training_refuses_a_record_it_would_truncate(tmp_path, tiny_llama_dir, prepared):
-    from medtune.errors import BadInput
+    from medtune.core.errors import BadInput
 
     with pytest.raises(BadInput, match="cut off its end token"):
         train(str(tiny_llama_dir), prepared, tmp_path / "a", TrainOptions(iters=1, max_seq_length=64))
@@ -140,7 +140,7 @@ def test_grad_accumulation_dora_and_schedules_train(tmp_path, tiny_llama_dir, pr
 
 
 def test_preflight_refuses_what_cannot_fit(tmp_path, tiny_llama_dir, prepared, monkeypatch):
-    from medtune.errors import ResourceError
+    from medtune.core.errors import ResourceError
 
     dry = train(str(tiny_llama_dir), prepared, tmp_path / "e", TrainOptions(iters=5, batch_size=2), dry_run=True)
     pf = dry.preflight
@@ -179,7 +179,7 @@ def test_full_fine_tune_fuses_and_fuse_will_not_overwrite_without_force(tmp_path
     from mlx_lm import load
     from mlx_lm.tuner.utils import load_adapters
 
-    from medtune.errors import BadInput
+    from medtune.core.errors import BadInput
     from medtune.fuse import fuse
 
     adapter = tmp_path / "full"
@@ -249,7 +249,7 @@ def test_qlora_on_an_mlx_quantized_base_and_dequantized_fuse(tmp_path, tiny_llam
     from mlx_lm import convert
     from mlx_lm import load
 
-    from medtune.errors import BadInput
+    from medtune.core.errors import BadInput
     from medtune.fuse import fuse
 
     q = tmp_path / "q4"

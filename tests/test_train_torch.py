@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from medtune.data.prepare import prepare  # noqa: E402
-from medtune.errors import BadInput, MissingDependency, ResourceError  # noqa: E402
+from medtune.core.errors import BadInput, MissingDependency, ResourceError  # noqa: E402
 from medtune.train import TrainOptions, train  # noqa: E402
 from medtune.train.mlx_backend import Interrupted  # noqa: E402
 

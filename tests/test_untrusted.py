@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SAMPLE, run_cli
-from medtune import fsutil, redact, safety
-from medtune.errors import BadInput
+from medtune.core import fsutil, redact, safety
+from medtune.core.errors import BadInput
 
 # ---- fixtures -----------------------------------------------------------------------------------------------
 MODELING_EVIL = """\
@@ -290,7 +290,7 @@ def test_pickle_adapter_is_refused(tiny_llama_dir, tmp_path):
 def test_safetensors_win_and_pickle_beside_them_is_never_opened(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from medtune.generate import load
+    from medtune.runtimes.mlx import load
     from medtune.models import pull
 
     marker = tmp_path / "PWNED"
@@ -309,7 +309,7 @@ def test_allow_pickle_converts_to_safetensors_in_the_cache(tiny_llama_dir, tmp_p
     import numpy as np
     from safetensors.numpy import load_file
 
-    from medtune.generate import generate, load
+    from medtune.runtimes.mlx import generate, load
     from medtune.models import pull
 
     monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
@@ -369,7 +369,7 @@ def test_hub_ids_that_are_paths_are_refused(spec, monkeypatch, tmp_path):
     """Hub and ModelScope ids never reach a downloader (whose cache path they would become) unless they are plain
     ORG/NAME; the error is one clear exit-2 line."""
     from medtune.data import sources
-    from medtune.hub import hf_snapshot, modelscope_snapshot
+    from medtune.models.hub import hf_snapshot, modelscope_snapshot
     from medtune.models import pull
 
     monkeypatch.chdir(tmp_path)  # `org/..` could otherwise be a local folder
@@ -472,7 +472,7 @@ def _hf_cache_repo(cache: Path, repo: str, src: Path) -> Path:
 def test_hf_cache_layout_symlinks_are_allowed_other_repos_are_not(tiny_llama_dir, tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
 
-    from medtune.generate import load
+    from medtune.runtimes.mlx import load
     from medtune.models import pull
 
     cache = tmp_path / "hub"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 
 
 @dataclass

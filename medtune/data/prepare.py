@@ -16,10 +16,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medtune import fsutil
+from medtune.core import fsutil
 from medtune.data import encode, formats, render, sources
-from medtune.errors import BadInput
-from medtune.lock import holds as _holds_lock
+from medtune.core.errors import BadInput
+from medtune.core.lock import holds as _holds_lock
 
 REASONING_MODES = ("think", "drop", "inline")
 OVERLONG_MODES = ("drop", "keep", "error")
@@ -187,7 +187,7 @@ def _check(info, full_text, prompt_text, full_ids, head_ids, reasoning_text, whe
                   hint="the chat template strips it; use --reasoning inline or --style text")
 
 
-@_holds_lock("out")  # one writer per output folder (medtune.lock)
+@_holds_lock("out")  # one writer per output folder (medtune.core.lock)
 def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict | str | None = None,
             style: str = "auto", reasoning: str = "think", valid_ratio: float = 0.1, test_ratio: float = 0.0,
             seed: int = 42, max_seq_length: int = 2048, overlong: str = "drop", limit: int | None = None,
@@ -400,8 +400,7 @@ def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict |
         for side, data in splits.items():
             if data or side != "test":
                 fsutil.write_jsonl(tmp / f"{side}.jsonl", data)
-        from medtune import redact
-
+        from medtune.core import redact
         redact.write_json(tmp / "manifest.json", manifest)
     result.files = {side: str(out / f"{side}.jsonl") for side in splits if (out / f"{side}.jsonl").exists()}
     result.manifest = manifest

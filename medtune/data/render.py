@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 
 PROBE_ANSWER = "medtune-probe-answer-7c1f"
 PROBE_REASONING = "medtune-probe-reasoning-42ab"
@@ -37,8 +37,7 @@ class TemplateInfo:
 def load_tokenizer(model_dir):
     from transformers import AutoTokenizer
 
-    from medtune import safety
-
+    from medtune.core import safety
     safety.check_links(model_dir)
     safety.check_remote_code(model_dir)  # before transformers reads tokenizer_config.json's auto_map
     try:
@@ -46,7 +45,7 @@ def load_tokenizer(model_dir):
     except Exception as exc:  # transformers raises OSError/ValueError/... for broken folders
         from pathlib import Path
 
-        from medtune.modelcheck import TOKENIZER_FILES
+        from medtune.models.modelcheck import TOKENIZER_FILES
 
         if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
             raise BadInput(f"no tokenizer in the model folder (none of {', '.join(TOKENIZER_FILES[:2])})",

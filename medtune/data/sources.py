@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 
@@ -168,7 +168,7 @@ def _csv(text: str, path: Path, delimiter: str, controls: bool = True) -> Iterat
 
 
 def _parquet(path: Path) -> Iterator[Record]:
-    from medtune.errors import require
+    from medtune.core.errors import require
 
     pq = require("pyarrow.parquet", purpose="reading .parquet datasets")
     try:
@@ -319,13 +319,13 @@ def select_hf_files(root: Path, config: str | None, split: str | None, spec: str
 
 
 def _hf_download(repo: str) -> Path:
-    from medtune.hub import hf_snapshot
+    from medtune.models.hub import hf_snapshot
 
     return hf_snapshot(repo, ["README.md", *(f"*{s}" for s in SUFFIXES), *(f"**/*{s}" for s in SUFFIXES)], "dataset")
 
 
 def _modelscope_download(repo: str) -> Path:
-    from medtune.hub import modelscope_snapshot
+    from medtune.models.hub import modelscope_snapshot
 
     return modelscope_snapshot(repo, repo_type="dataset")
 
@@ -336,12 +336,12 @@ def resolve(spec: str | Path) -> Resolved:
         m = HF_SPEC.match(s)
         if not m:
             raise BadInput(f"bad Hub dataset spec {s!r}", hint="hf:ORG/NAME, hf:ORG/NAME:config, hf:ORG/NAME:config@split")
-        from medtune.safety import check_hub_id
+        from medtune.core.safety import check_hub_id
 
         root = _hf_download(check_hub_id(m["repo"], "dataset"))
         return Resolved(s, "hf", select_hf_files(root, m["config"], m["split"], s), root)
     if s.startswith("modelscope:"):
-        from medtune.safety import check_hub_id
+        from medtune.core.safety import check_hub_id
 
         root = _modelscope_download(check_hub_id(s.split(":", 1)[1], "dataset"))
         return Resolved(s, "modelscope", data_files(root), root)

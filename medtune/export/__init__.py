@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medtune.errors import BadInput
-from medtune.lock import holds as _holds_lock
+from medtune.core.errors import BadInput
+from medtune.core.lock import holds as _holds_lock
 
 __all__ = ["ExportResult", "export", "inspect_gguf", "modelfile_from", "ollama_commands", "read_gguf_header"]
 
@@ -71,7 +71,7 @@ def modelfile_from(gguf_path: str | Path, modelfile_path: str | Path) -> str:
     return rel if rel.startswith("../") else f"./{rel}"
 
 
-@_holds_lock("out_dir")  # one writer per output folder (medtune.lock)
+@_holds_lock("out_dir")  # one writer per output folder (medtune.core.lock)
 def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",), system: str | None = None,
            progress=None, *, modelfile_path: str | Path | None = None, params: dict | None = None,
            family: str | None = None, converter: str = "auto", llama_cpp_dir: str | Path | None = None) -> ExportResult:
@@ -93,7 +93,9 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
     import contextlib
     import os
 
-    from medtune import __version__, fsutil
+    from medtune import __version__
+
+    from medtune.core import fsutil
     from medtune.export import llamacpp
     from medtune.export import quantize as qz
     from medtune.export.gguf_writer import Checkpoint, check_disk, estimate_bytes, plan_gguf, write_gguf
@@ -108,8 +110,7 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
     quants = qz.parse_quants(quants)
     if not model_dir.is_dir():
         raise BadInput(f"model folder {model_dir} does not exist", hint="run `medtune fuse` first")
-    from medtune import safety
-
+    from medtune.core import safety
     model_dir = safety.model_dir_for_loading(model_dir)  # symlinks out, remote code, pickle-only weights
 
     # Everything is decided before anything is written: converter, quantizer, tensors, tokenizer, Modelfile.
@@ -152,7 +153,7 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
                for q in dict.fromkeys([*written, *quants]))
     check_disk(ggufs[quants[0]], need)
     if plans:  # our writer holds one tensor (and its quantized copy) at a time, plus the vocabulary
-        from medtune.resources import check_memory
+        from medtune.core.resources import check_memory
 
         biggest = max((math.prod(s) for s in plans[written[0]].ckpt.shape.values()), default=0)
         check_memory(biggest * 4 * 3 + (256 << 20), "writing the GGUF",
@@ -212,8 +213,7 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
         "outputs": outputs,
         "versions": _versions(__version__),
     }
-    from medtune import redact
-
+    from medtune.core import redact
     manifest_path = redact.write_json(out_dir / "export_manifest.json", manifest)
     return ExportResult(
         name=name, gguf_paths=ggufs, modelfile_path=mf_path, modelfile_text=text, family=info["family"],

@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 
 # HF per-layer module -> GGUF per-block name (the dense decoder layout shared by llama-like models).
 LLAMA_BLOCK = {

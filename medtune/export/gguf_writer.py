@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medtune import fsutil
-from medtune.errors import BadInput
+from medtune.core import fsutil
+from medtune.core.errors import BadInput
 from medtune.export import archs
 from medtune.export.tokenizer import Vocab, read_vocab
 
@@ -76,7 +76,7 @@ class Checkpoint:
 
     def _header(self, path: Path) -> tuple[int, dict]:
         if path not in self._headers:
-            from medtune.modelcheck import read_header, safetensors_problem
+            from medtune.models.modelcheck import read_header, safetensors_problem
 
             n, header = read_header(path, hint="the file is damaged or a git-lfs pointer; re-download it")
 
@@ -230,7 +230,7 @@ def plan_gguf(model_dir: str | Path, outtype: str = "f16") -> Plan:
 
 def check_disk(out_path: Path, need: int) -> None:
     """ResourceError unless the folder of `out_path` has `need` bytes free (plus a margin)."""
-    from medtune.resources import check_disk as check
+    from medtune.core.resources import check_disk as check
 
     check(out_path, need)
 

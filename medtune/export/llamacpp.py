@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtune.errors import BadInput, MissingDependency
+from medtune.core.errors import BadInput, MissingDependency
 
 CONVERTERS = ("auto", "medtune", "llama.cpp")
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # what convert_hf_to_gguf.py writes itself
@@ -96,14 +96,14 @@ def check_python_deps() -> None:
 def convert(route: Route, model_dir: str | Path, out_path: str | Path, outtype: str, progress=None, *,
             name: str | None = None, label: str | None = None) -> dict:
     """Run `convert_hf_to_gguf.py MODEL --outfile OUT --outtype T`; OUT appears only when complete."""
-    from medtune import fsutil
+    from medtune.core import fsutil
     from medtune.export.quantize import file_type, run_tool
 
     if outtype not in CONVERTER_TYPES:
         raise BadInput(f"llama.cpp's converter does not write {outtype}", hint=f"it writes {', '.join(CONVERTER_TYPES)}")
     out_path = Path(out_path)
     gguf_py = route.checkout / "gguf-py"
-    from medtune.redact import scrubbed_env
+    from medtune.core.redact import scrubbed_env
 
     env = scrubbed_env()  # offline, on a local folder: no Hub token for the converter
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(gguf_py), env.get("PYTHONPATH", "")) if p)

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtune.errors import BadInput, MedtuneError, MissingDependency
+from medtune.core.errors import BadInput, MedtuneError, MissingDependency
 
 WRITER_TYPES = ("f16", "f32", "bf16", "q8_0", "q4_0")
 # medtune name -> llama.cpp's name (LLAMA_FTYPE_MOSTLY_<name>, and llama-quantize's type argument)
@@ -168,8 +168,7 @@ sys.exit(1 if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.
 def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, quantizer: Quantizer, progress=None,
                   *, label: str | None = None, threads: int = 0) -> dict:
     """Quantize the F16/F32 GGUF `src` to `dst` (written under a temporary name, renamed when complete)."""
-    from medtune import fsutil
-
+    from medtune.core import fsutil
     if qtype not in KQUANTS and qtype not in ("q4_0", "q8_0"):
         raise BadInput(f"{qtype} is not made by llama.cpp's quantizer here", hint=f"K-quants: {', '.join(KQUANTS)}")
     src, dst = Path(src), Path(dst)

@@ -3,7 +3,7 @@
 tokenizer.json gives the vocabulary, merges, added tokens and the pre-tokenizer; tokenizer_config.json
 the special tokens, add_bos/add_eos and the chat template; generation_config.json / config.json the
 end-of-sequence id the model was trained to emit. The pre-tokenizer is recognised from its definition
-(medtune.pretok) and an unknown one is refused: llama.cpp would split text differently from training.
+(medtune.export.pretok) and an unknown one is refused: llama.cpp would split text differently from training.
 
 End tokens: llama.cpp stops on its end-of-generation set, built from `tokenizer.ggml.eos_token_id`,
 `eot_token_id`, `eom_token_id` and a list of known end-token texts; so the end-of-turn token the chat
@@ -17,8 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medtune import pretok
-from medtune.errors import BadInput
+from medtune.export import pretok
+from medtune.core.errors import BadInput
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 EOS_IDS_KEY = "tokenizer.ggml.eos_token_ids"

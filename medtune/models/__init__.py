@@ -11,8 +11,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from medtune import safety
-from medtune.errors import BadInput
+from medtune.core import safety
+from medtune.core.errors import BadInput
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -69,9 +69,9 @@ def resolve(spec: str, progress=None) -> Path:
 
 
 def _import_local_gguf(path: Path, progress) -> Path:
-    from medtune import fsutil
+    from medtune.core import fsutil
     from medtune.models.gguf_import import check_importable, import_gguf
-    from medtune.paths import cache_dir
+    from medtune.core.paths import cache_dir
 
     check_importable(path)  # from the header: what cannot be imported is refused before the file is hashed
     digest = fsutil.sha256_file(path)[:16]
@@ -85,7 +85,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"
 
 
 def _pull_hub(repo_id: str) -> Path:
-    from medtune.hub import hf_snapshot
+    from medtune.models.hub import hf_snapshot
 
     # the model's own code and pickle weights are only fetched when the user allowed them
     path = hf_snapshot(repo_id, HUB_PATTERNS + (["*.py"] if safety.trust_remote_code() else []))
@@ -99,6 +99,6 @@ def _pull_hub(repo_id: str) -> Path:
 
 
 def _pull_modelscope(repo_id: str) -> Path:
-    from medtune.hub import modelscope_snapshot
+    from medtune.models.hub import modelscope_snapshot
 
     return modelscope_snapshot(repo_id, HUB_PATTERNS)

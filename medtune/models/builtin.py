@@ -9,9 +9,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtune import fsutil
-from medtune.errors import BadInput, MedtuneError
-from medtune.paths import cache_dir
+from medtune.core import fsutil
+from medtune.core.errors import BadInput, MedtuneError
+from medtune.core.paths import cache_dir
 
 
 @dataclass(frozen=True)

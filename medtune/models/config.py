@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 
 MODEL_TYPE_TO_ARCH = {
     "llama": "LlamaForCausalLM",
@@ -58,7 +58,6 @@ def read_config(model_dir: str | Path) -> dict:
 
 
 def write_config(model_dir: str | Path, cfg: dict, *, drop_quantization: bool = False) -> Path:
-    from medtune import fsutil
-
+    from medtune.core import fsutil
     cfg = normalise_config(cfg, drop_quantization=drop_quantization)
     return fsutil.write_json(Path(model_dir) / "config.json", cfg)

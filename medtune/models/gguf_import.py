@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medtune import fsutil, pretok
-from medtune.errors import BadInput
+from medtune.core import fsutil
+
+from medtune.export import pretok
+from medtune.core.errors import BadInput
 
 # GGUF tensor name -> HF tensor name, for the dense decoder families.
 BLOCK_NAMES = {

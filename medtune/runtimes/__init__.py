@@ -18,7 +18,7 @@ def load_gguf(path: str | Path, n_ctx: int, *, n_threads: int | None = None, log
     """A llama_cpp.Llama on `path`. Prompt processing uses as many threads as generation (llama-cpp-python would
     take every core for it, and spinning threads on a busy machine made a 128-token batch 8x slower). Flash attention
     is on, as llama-server and llama-perplexity run by default (llama-cpp-python turns it off): the same numerics."""
-    from medtune.errors import BadInput, require
+    from medtune.core.errors import BadInput, require
 
     llama_cpp = require("llama_cpp", extra="test", purpose=purpose)
     n = n_threads or threads()

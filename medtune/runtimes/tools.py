@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtune.errors import MissingDependency
+from medtune.core.errors import MissingDependency
 
 ENV = "LLAMA_CPP_DIR"
 TOOLS = ("llama-server", "llama-perplexity", "llama-quantize")
@@ -29,7 +29,7 @@ INSTALL_HINT = ("make test builds them once (bash scripts/build_llama_cpp.sh, ca
 
 def own_build() -> Path:
     """The folder scripts/build_llama_cpp.sh links to its current build."""
-    from medtune.paths import cache_dir
+    from medtune.core.paths import cache_dir
 
     return cache_dir() / "llama.cpp" / "current"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from medtune.errors import BadInput, MedtuneError, MissingDependency
+from medtune.core.errors import BadInput, MedtuneError, MissingDependency
 from medtune.train.options import TrainOptions, TrainResult
 
 BACKENDS = {
@@ -101,8 +101,7 @@ def train(model: str, data, out, options: TrainOptions | None = None, backend: s
     import shutil
     from pathlib import Path
 
-    from medtune import lock, redact
-
+    from medtune.core import lock, redact
     opts = (options or TrainOptions()).check()
     backend = resolve_backend(backend, opts)
     refused = unsupported(backend, opts)
@@ -199,8 +198,7 @@ def run_identity(model: str, data, opts: TrainOptions, backend: str) -> dict:
     """What makes two training runs the same run: resuming one with the other's checkpoint is exact."""
     from pathlib import Path
 
-    from medtune import fsutil
-
+    from medtune.core import fsutil
     data = Path(data)
     hashes = {n: fsutil.sha256_file(data / n) for n in ("train.jsonl", "valid.jsonl") if (data / n).is_file()}
     options = {k: v for k, v in opts.to_dict().items() if k not in ("keep_checkpoints",)}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medtune import fsutil, redact, runtime
-from medtune.errors import BadInput, MedtuneError, ResourceError
+from medtune.core import fsutil, redact, runtime
+from medtune.core.errors import BadInput, MedtuneError, ResourceError
 from medtune.train.options import TrainOptions, TrainResult
 from medtune.train.report import MetricsLog, StopOnSignal, log_validation, plot_losses
 
@@ -144,12 +144,11 @@ def load_model(model_dir: Path):
     mx = runtime.mx()
     from mlx_lm import load
 
-    from medtune import safety
-
+    from medtune.core import safety
     try:
         model, tokenizer = load(str(model_dir), **safety.mlx_load_kwargs())
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as exc:  # RuntimeError: a bad safetensors
-        from medtune.modelcheck import load_failure
+        from medtune.models.modelcheck import load_failure
 
         raise load_failure(model_dir, exc, "mlx_lm") from exc
     if runtime.on_cpu():
@@ -207,7 +206,7 @@ def make_schedule(opts: TrainOptions, steps: int):
 
 # ---- memory preflight ---------------------------------------------------------------------------
 def available_memory_bytes() -> tuple[int, str]:
-    from medtune.resources import available_memory
+    from medtune.core.resources import available_memory
 
     return available_memory()  # mlx is imported here, so on Apple Silicon this is Metal's working set
 

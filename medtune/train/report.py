@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medtune import fsutil
-
-
+from medtune.core import fsutil
 class MetricsLog:
     """Appends one JSON object per report to metrics.jsonl (flushed, so a crash keeps what was logged)."""
 
@@ -37,7 +35,7 @@ class MetricsLog:
         self.rows.append(row)
         if not self.enabled:
             return
-        from medtune.safety import append_text
+        from medtune.core.safety import append_text
 
         append_text(self.path, json.dumps(row) + "\n")  # never through a symlink at metrics.jsonl
 

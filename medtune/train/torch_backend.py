@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medtune import fsutil, redact
-from medtune.errors import BadInput, ResourceError, require
+from medtune.core import fsutil, redact
+from medtune.core.errors import BadInput, ResourceError, require
 from medtune.train.mlx_backend import (
     PAD_MULTIPLE,
     Interrupted,
@@ -246,7 +246,7 @@ def weight_shapes(model_dir: Path) -> dict[str, tuple] | None:
     if not files:
         return None
     shapes = {}
-    from medtune.modelcheck import read_header
+    from medtune.models.modelcheck import read_header
 
     for path in files:
         _, header = read_header(path)
@@ -296,7 +296,7 @@ def available_memory(device: Device) -> tuple[int, str]:
     if device.kind == "cuda":
         free, _total = _torch().cuda.mem_get_info(device.index)
         return int(free), f"free memory on {device.name} (torch.cuda.mem_get_info)"
-    from medtune.doctor import _memory
+    from medtune.core.doctor import _memory
 
     avail = _memory().get("available_gb")
     return (int(avail * 1e9), "available system memory") if avail else (1 << 62, "unknown")
@@ -447,8 +447,7 @@ def load_hf_model(path: Path, opts: TrainOptions, plan: Plan, device: Device):
                                                        bnb_4bit_compute_dtype=getattr(torch, plan.dtype))
     if device.kind == "cuda":
         kw["device_map"] = {"": device.index}
-    from medtune import safety
-
+    from medtune.core import safety
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kw, **safety.hf_load_kwargs(path))
     except (ValueError, OSError, KeyError) as exc:
@@ -743,8 +742,7 @@ def train(model_spec: str, data, out, opts: TrainOptions, progress=None, *, resu
                           stored_quantization(cfg))
     from transformers import AutoTokenizer
 
-    from medtune import safety
-
+    from medtune.core import safety
     tokenizer = AutoTokenizer.from_pretrained(str(model_ref.path), trust_remote_code=safety.trust_remote_code())
     train_items = build_dataset(load_jsonl(data / "train.jsonl"), tokenizer, opts.mask_prompt, opts.max_seq_length,
                                 data / "train.jsonl")

@@ -12,7 +12,7 @@ import contextlib
 import importlib.util
 import sys
 
-from medtune.errors import MissingDependency
+from medtune.core.errors import MissingDependency
 from medtune.train import torch_backend
 from medtune.train.options import TrainOptions, TrainResult
 
@@ -35,8 +35,7 @@ def load_with_unsloth(path, opts: TrainOptions, plan, device, layer_ids, n_total
     import torch.nn as nn
     from unsloth import FastLanguageModel
 
-    from medtune import safety
-
+    from medtune.core import safety
     with contextlib.redirect_stdout(sys.stderr):  # Unsloth's banners must not mix with --json on stdout
         model, _tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(path), max_seq_length=opts.max_seq_length, dtype=getattr(torch, plan.dtype),

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from medtune import runtime
-from medtune.errors import BadInput
+from medtune.core import runtime
+from medtune.core.errors import BadInput
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ADAPTER_FILES = ("adapter_config.json", "adapters.safetensors")
@@ -133,8 +133,7 @@ def _check_adapter(adapter) -> Path:
     if missing:
         raise BadInput(f"adapter folder has no {', '.join(missing)}", where=str(path),
                        hint="pass the folder `medtune train` wrote (adapter_config.json + adapters.safetensors)")
-    from medtune import safety
-
+    from medtune.core import safety
     return safety.adapter_dir_for_loading(path)
 
 
@@ -155,8 +154,7 @@ def load(model: str, adapter: str | Path | None = None):
     from mlx_lm import load as mlx_load
     from mlx_lm.tuner.utils import load_adapters
 
-    from medtune import safety
-
+    from medtune.core import safety
     try:
         net, tokenizer = mlx_load(str(path), model_config=overrides, **safety.mlx_load_kwargs())
     except (ValueError, FileNotFoundError, KeyError) as exc:

@@ -11,9 +11,9 @@ from typing import Annotated, List, Optional
 import typer
 
 from medtune import __version__
-from medtune.cli_flags import AllowPickleOpt, TrustRemoteCodeOpt, untrusted
-from medtune.console import console, done, info, step, warn
-from medtune.errors import MedtuneError, ResourceError
+from medtune.cli.options import AllowPickleOpt, TrustRemoteCodeOpt, untrusted
+from medtune.core.console import console, done, info, step, warn
+from medtune.core.errors import MedtuneError, ResourceError
 
 app = typer.Typer(
     name="medtune",
@@ -35,7 +35,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 
 
 def _emit_json(obj) -> None:
-    from medtune.redact import redact
+    from medtune.core.redact import redact
 
     sys.stdout.write(json.dumps(redact(obj), indent=2, ensure_ascii=False, default=str) + "\n")
 
@@ -58,7 +58,7 @@ def _root(
 @app.command()
 def doctor(as_json: JsonOpt = False):
     """Check this machine: OS, CPU/GPU, MLX device and BLAS, package versions, llama.cpp's tools, Ollama, memory, disk."""
-    from medtune.doctor import doctor as run
+    from medtune.core.doctor import doctor as run
 
     report = run()
     if as_json:
@@ -92,7 +92,7 @@ def doctor(as_json: JsonOpt = False):
 def models_pull(spec: Annotated[str, typer.Argument(help="Model spec.")] = DEFAULT_MODEL, as_json: JsonOpt = False,
                 trust_remote_code: TrustRemoteCodeOpt = False, allow_pickle: AllowPickleOpt = False):
     """Make a model available locally and print its Hugging Face folder."""
-    from medtune.console import progress
+    from medtune.core.console import progress
     from medtune.models import pull
 
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
@@ -130,11 +130,11 @@ def prepare(
     allow_pickle: AllowPickleOpt = False,
 ):
     """Convert a dataset to JSONL rendered through the model's chat template, and check every record."""
-    from medtune.console import progress
+    from medtune.core.console import progress
     from medtune.data.prepare import prepare as run
 
     if out is None and not dry_run:
-        from medtune.safety import safe_component
+        from medtune.core.safety import safe_component
 
         stem = dataset.split(":", 1)[-1].rstrip("/").replace("/", "_").split("@")[0] if ":" in dataset else Path(dataset).stem
         out = Path("data/processed") / safe_component(stem, "dataset")  # never '..' or a path from the spec
@@ -174,7 +174,7 @@ def load_config(path: Path | None, known: set[str]) -> dict:
     """A YAML file whose keys are the command's options (snake_case or dashed); unknown keys are refused."""
     if path is None:
         return {}
-    from medtune.errors import BadInput
+    from medtune.core.errors import BadInput
 
     import yaml
 
@@ -204,7 +204,7 @@ def load_config(path: Path | None, known: set[str]) -> dict:
 def _merge(ctx: typer.Context, config: dict, given: dict, where: str | None = None) -> dict:
     """Command-line flags win over the config file, which wins over the defaults. Config values are
     converted (and checked) like the command line's: `iters: many` is refused, naming the file."""
-    from medtune.errors import BadInput
+    from medtune.core.errors import BadInput
 
     params = {p.name: p for p in ctx.command.params}
     merged = dict(given)
@@ -287,7 +287,7 @@ def train(
     """Fine-tune a model on prepared data (LoRA/DoRA/full; MLX on Apple Silicon or a Linux CPU, PyTorch/Unsloth on CUDA)."""
     from rich.progress import TextColumn
 
-    from medtune.console import progress
+    from medtune.core.console import progress
     from medtune.train import TrainOptions, resolve_backend
     from medtune.train import train as run
     from medtune.train.options import option_names
@@ -414,7 +414,7 @@ def export(
     allow_pickle: AllowPickleOpt = False,
 ):
     """Write GGUF file(s) and an Ollama Modelfile that renders prompts exactly like training did."""
-    from medtune.console import progress
+    from medtune.core.console import progress
     from medtune.export import export as run
     from medtune.export.quantize import parse_quants
 
@@ -462,17 +462,17 @@ def export(
         print(f"  {line}")
 
 
-from medtune.cli_chat import chat, generate  # noqa: E402 - light module: heavy imports happen inside
+from medtune.cli.chat import chat, generate  # noqa: E402 - light module: heavy imports happen inside
 
 app.command()(chat)
 app.command()(generate)
-from medtune.cli_gguf import app as gguf_app  # noqa: E402 - light module, like cli_chat
+from medtune.cli.gguf import app as gguf_app  # noqa: E402 - light module, like cli_chat
 app.add_typer(gguf_app, name="gguf")
-from medtune.cli_ollama import app as ollama_app  # noqa: E402 - light module, like cli_chat
+from medtune.cli.ollama import app as ollama_app  # noqa: E402 - light module, like cli_chat
 app.add_typer(ollama_app, name="ollama")
-from medtune.cli_eval import app as eval_app  # noqa: E402 - light module, like cli_chat
+from medtune.cli.eval import app as eval_app  # noqa: E402 - light module, like cli_chat
 app.add_typer(eval_app, name="eval")
-from medtune.cli_run import run as run_command  # noqa: E402 - light module: medtune.pipeline is imported inside
+from medtune.cli.run import run as run_command  # noqa: E402 - light module: medtune.pipeline is imported inside
 app.command("run")(run_command)
 
 
@@ -485,7 +485,7 @@ def main() -> None:
     except MedtuneError as exc:
         if debug:
             raise
-        from medtune.console import error
+        from medtune.core.console import error
 
         error(exc)
         sys.exit(exc.exit_code)
@@ -495,11 +495,11 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
             raise
-        from medtune.fsutil import disk_full
+        from medtune.core.fsutil import disk_full
 
         full = disk_full(exc, getattr(exc, "filename", None) or ".")
         if full is not None:  # a write outside medtune's atomic writers (a library's own file)
-            from medtune.console import error
+            from medtune.core.console import error
 
             error(full)
             sys.exit(full.exit_code)

@@ -3,12 +3,12 @@
     medtune eval MODEL --data DIR [--base SPEC] [--gguf FILE …]   (the same as `medtune eval run MODEL …`)
     medtune eval fidelity MODEL_DIR GGUF
 
-`run` (medtune.evaluate) measures base, tuned and GGUF models side by side and writes report.json/.md/.html;
+`run` (medtune.eval.evaluate) measures base, tuned and GGUF models side by side and writes report.json/.md/.html;
 `fidelity` compares an exported GGUF with the MLX model it came from. A first argument that is not a
 sub-command name is taken as MODEL for `run`, so `medtune eval MODEL` works as the short form.
 
-Registered in medtune.cli with `app.add_typer(eval_app, name="eval")`. Light at import: mlx, mlx_lm and
-llama_cpp are imported inside medtune.fidelity's functions.
+Registered in medtune.cli.app with `app.add_typer(eval_app, name="eval")`. Light at import: mlx, mlx_lm and
+llama_cpp are imported inside medtune.eval.fidelity's functions.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import typer
 
 from typer.core import TyperGroup
 
-from medtune.cli_flags import AllowPickleOpt, TrustRemoteCodeOpt, untrusted
+from medtune.cli.options import AllowPickleOpt, TrustRemoteCodeOpt, untrusted
 
 
 class _DefaultRun(TyperGroup):
@@ -64,8 +64,8 @@ def run_eval(
     allow_pickle: AllowPickleOpt = False,
 ):
     """Base vs tuned vs GGUF: loss, stop rate, length, think blocks, repetition, MC accuracy, fidelity, answers."""
-    from medtune.console import done, progress, step
-    from medtune.evaluate import evaluate
+    from medtune.core.console import done, progress, step
+    from medtune.eval.evaluate import evaluate
 
     step(f"evaluating {model}" + (f" + {adapter}" if adapter else "") + (f" against {base}" if base else "")
          + (f" and {len(gguf)} GGUF(s)" if gguf else ""))
@@ -91,8 +91,8 @@ def show_report(report: dict) -> None:
     recommendation, and the report's notes (e.g. why a GGUF column is missing)."""
     from rich.table import Table
 
-    from medtune.console import console, warn
-    from medtune.report_html import QUANT_HEADINGS, headings, metric_rows, quant_rows, quant_summary
+    from medtune.core.console import console, warn
+    from medtune.eval.report_html import QUANT_HEADINGS, headings, metric_rows, quant_rows, quant_summary
 
     t = Table(title="medtune eval", title_justify="left")
     for h in headings():
@@ -135,9 +135,9 @@ def fidelity(
     allow_pickle: AllowPickleOpt = False,
 ):
     """Does the GGUF tokenize and greedily continue like the MLX model? Exit 1 if not (near-ties excused)."""
-    from medtune.console import console, done, progress, step, warn
-    from medtune.fidelity import choose_runtime, read_prompts
-    from medtune.fidelity import fidelity as run
+    from medtune.core.console import console, done, progress, step, warn
+    from medtune.eval.fidelity import choose_runtime, read_prompts
+    from medtune.eval.fidelity import fidelity as run
 
     todo = read_prompts(prompts, limit=limit)
     engine = choose_runtime(runtime, llama_cpp)
@@ -190,7 +190,7 @@ def fidelity(
 
 def _template_table(report) -> None:
     """llama-server's rendering of the structure conversations (system prompt, turns, reasoning)."""
-    from medtune.console import console, warn
+    from medtune.core.console import console, warn
 
     if not report.templates:
         return
@@ -229,12 +229,12 @@ def quants(
 ):
     """KL divergence, same-top rate and ΔPPL of each quantized GGUF against the unquantized one, teacher-forced on the
     held-out answers, with a verdict per file and the smallest good one recommended. Exit 1 if one is poor."""
-    from medtune.console import console, done, progress, step, warn
-    from medtune.errors import BadInput
-    from medtune.fidelity import gguf_file_type
-    from medtune.quant_eval import REFERENCE_TYPES, crosscheck as run_crosscheck
-    from medtune.quant_eval import heldout_sequences, judge_quants
-    from medtune.report_html import QUANT_HEADINGS, quant_rows, quant_summary
+    from medtune.core.console import console, done, progress, step, warn
+    from medtune.core.errors import BadInput
+    from medtune.eval.fidelity import gguf_file_type
+    from medtune.eval.quants import REFERENCE_TYPES, crosscheck as run_crosscheck
+    from medtune.eval.quants import heldout_sequences, judge_quants
+    from medtune.eval.report_html import QUANT_HEADINGS, quant_rows, quant_summary
 
     types = {g: gguf_file_type(g) for g in ggufs}
     refs = [g for g in ggufs if types[g] in REFERENCE_TYPES]

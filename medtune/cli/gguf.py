@@ -1,6 +1,6 @@
 """`medtune gguf ...`: look inside GGUF files.
 
-Registered in medtune.cli with `app.add_typer(gguf_app, name="gguf")`. Nothing heavy is imported here at
+Registered in medtune.cli.app with `app.add_typer(gguf_app, name="gguf")`. Nothing heavy is imported here at
 module level: `medtune --help` must stay fast.
 """
 
@@ -42,7 +42,7 @@ def inspect(
         return
     from rich.markup import escape
 
-    from medtune.console import out
+    from medtune.core.console import out
 
     def tok(t):
         if not t:

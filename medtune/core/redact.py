@@ -95,19 +95,17 @@ def redact(obj, values: list[str] | None = None):
 
 
 def write_json(path, obj, indent: int = 2) -> Path:
-    from medtune import fsutil
-
+    from medtune.core import fsutil
     return fsutil.write_json(path, redact(obj), indent=indent)
 
 
 def write_text(path, text: str) -> Path:
-    from medtune import fsutil
-
+    from medtune.core import fsutil
     return fsutil.write_text(path, redact_text(text))
 
 
 def append_line(path, line: str) -> None:
-    from medtune.safety import append_text
+    from medtune.core.safety import append_text
 
     append_text(path, redact_text(line.rstrip("\n")) + "\n")
 

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from medtune.errors import ResourceError
+from medtune.core.errors import ResourceError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 
 SAMPLE_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "sample" / "medical_o1_sample.jsonl"
 DEFAULT_TOKENS = 32
@@ -170,8 +170,7 @@ def _mlx_greedy(model, ids: list[int], n: int, stops: set[int]):
     import numpy as np
     from mlx_lm.models.cache import make_prompt_cache
 
-    from medtune import runtime
-
+    from medtune.core import runtime
     mx = runtime.mx()
     cache = make_prompt_cache(model)
     logits = model(mx.array([ids]), cache=cache)[0, -1]
@@ -292,7 +291,7 @@ def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None 
     runtime: "llama-server" (the engine inside Ollama ≥ 0.30, rendering the GGUF's own chat template),
     "llama-cpp-python" (llama.cpp in process, fed the HF rendering's text), or "auto" (the server when
     llama.cpp's tools are found)."""
-    from medtune.errors import require
+    from medtune.core.errors import require
 
     model_dir, gguf = Path(model_dir), Path(gguf)
     if tokens < 1:
@@ -312,7 +311,7 @@ def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None 
                                 header)
     llama_cpp = require("llama_cpp", extra="test", purpose="the GGUF runtime that fidelity compares against")
 
-    from medtune.generate import load, messages_for, render_prompt
+    from medtune.runtimes.mlx import load, messages_for, render_prompt
 
     model, tokenizer = load(str(model_dir))
     stops = set(tokenizer.eos_token_ids)
@@ -434,9 +433,9 @@ def _server_run(comp, mlx_first_row) -> GGUFRun:
 
 def _server_fidelity(model_dir: Path, gguf: Path, prompts: list[str], tokens: int, tie_tolerance, progress,
                      n_threads, llama_cpp_dir, header: dict) -> FidelityReport:
-    from medtune.generate import load, messages_for, render_prompt
+    from medtune.runtimes.mlx import load, messages_for, render_prompt
     from medtune.runtimes import tools
-    from medtune.runtimes.server import LlamaServer
+    from medtune.runtimes.llama_server import LlamaServer
 
     binary = tools.require("llama-server", llama_cpp_dir, purpose="fidelity in the engine Ollama runs")  # before loading
     meta = header["metadata"]

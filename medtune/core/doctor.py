@@ -85,7 +85,7 @@ def _disk(paths) -> dict:
 
 def ollama_host() -> str:
     """$OLLAMA_HOST read the way Ollama's clients read it (default port 11434); a bad value is reported as is."""
-    from medtune.errors import BadInput
+    from medtune.core.errors import BadInput
     from medtune.ollama import resolve_host
 
     try:
@@ -105,8 +105,7 @@ def _ollama() -> dict:
 
 
 def _mlx() -> dict:
-    from medtune import runtime
-
+    from medtune.core import runtime
     blas = runtime.setup()
     info = {"blas": {"wanted": blas.wanted, "active": blas.active, "path": blas.path, "reason": blas.reason}}
     try:
@@ -131,7 +130,7 @@ def _llama_cpp() -> dict:
 
 
 def doctor() -> dict:
-    from medtune.paths import cache_dir
+    from medtune.core.paths import cache_dir
 
     report = {
         "os": f"{platform.system()} {platform.release()}",

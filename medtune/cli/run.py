@@ -31,8 +31,8 @@ def run(
 
         sys.stdout.write(DEFAULT_CONFIG_TEXT)
         return
-    from medtune.cli_flags import untrusted
-    from medtune.console import done, info, progress
+    from medtune.cli.options import untrusted
+    from medtune.core.console import done, info, progress
     from medtune.pipeline import run_pipeline
 
     with progress() as p, untrusted(trust_remote_code, allow_pickle):
@@ -45,7 +45,7 @@ def run(
     if res["modelfile"]:
         info(f"Modelfile: {res['modelfile']}  (ollama create {res['name']} -f {res['modelfile']})")
     if res["report"]:
-        from medtune.cli_eval import show_report
+        from medtune.cli.eval import show_report
 
         try:
             show_report(json.loads((Path(res["report"]).parent / "report.json").read_text(encoding="utf-8")))

@@ -1,4 +1,4 @@
-"""The --trust-remote-code and --allow-pickle flags every command that loads a model takes (see medtune.safety).
+"""The --trust-remote-code and --allow-pickle flags every command that loads a model takes (see medtune.core.safety).
 
 Light at import, like the other cli_* modules: `medtune --help` must stay fast.
 """
@@ -19,6 +19,6 @@ AllowPickleOpt = Annotated[bool, typer.Option(
 
 def untrusted(trust_remote_code: bool = False, allow_pickle: bool = False):
     """The policy context for a command's work: what the flags allow, nothing more."""
-    from medtune.safety import policy
+    from medtune.core.safety import policy
 
     return policy(trust_remote_code=bool(trust_remote_code), allow_pickle=bool(allow_pickle))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Thread
 
-from medtune.errors import BadInput, MedtuneError
+from medtune.core.errors import BadInput, MedtuneError
 from medtune.runtimes import threads
 
 START_TIMEOUT = 120.0

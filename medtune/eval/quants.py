@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from medtune.errors import BadInput, MedtuneError
-from medtune.fidelity import gguf_file_type
+from medtune.core.errors import BadInput, MedtuneError
+from medtune.eval.fidelity import gguf_file_type
 
 # Verdict thresholds (nats / fraction). llama.cpp publishes, on 7-8B models: Q8_0 mean KLD 0.0004-0.0014 and
 # 97.7-98.9% same top; Q6_K 0.0055 / 96.0%; Q4_K_M 0.013-0.031 / 91.9-94.7%. Small models are more sensitive.
@@ -122,7 +122,7 @@ def heldout_sequences(model_dir: str | Path, data: str | Path, limit: int | None
     tokenizer, medtune.data.encode), scored on their answers only."""
     from transformers import AutoTokenizer
 
-    from medtune.evaluate import _read_jsonl, heldout_file
+    from medtune.eval.evaluate import _read_jsonl, heldout_file
     from medtune.train.mlx_backend import build_dataset
 
     path = heldout_file(Path(data))
@@ -298,7 +298,7 @@ def _run(cmd: list[str], what: str) -> str:
 def crosscheck(reference: str | Path, quant: str | Path, text_file: str | Path, n_ctx: int = 128, *,
                llama_cpp_dir=None, n_threads: int | None = None, workdir: str | Path | None = None) -> dict:
     """llama-perplexity --kl-divergence and our code on the same text and chunks: both sets of figures."""
-    from medtune.errors import require
+    from medtune.core.errors import require
     from medtune.runtimes import tools
     from medtune.runtimes import threads
 

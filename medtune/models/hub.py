@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medtune.errors import BadInput, MedtuneError, require
-from medtune.safety import check_hub_id
+from medtune.core.errors import BadInput, MedtuneError, require
+from medtune.core.safety import check_hub_id
 
 
 def hf_snapshot(repo_id: str, patterns: list[str], repo_type: str = "model") -> Path:

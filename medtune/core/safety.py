@@ -31,7 +31,7 @@ import re
 import shutil
 from pathlib import Path
 
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 
 # ---- the policy -----------------------------------------------------------------------------------------
 _POLICY = {"trust_remote_code": False, "allow_pickle": False}
@@ -194,7 +194,7 @@ def load_pickle(path: Path) -> dict:
     containers is refused by torch's restricted unpickler, and we say so."""
     import pickle
 
-    from medtune.errors import require
+    from medtune.core.errors import require
 
     torch = require("torch", "cuda", "reading pickle (.bin/.pt) weights")
     try:
@@ -249,8 +249,8 @@ def _converted_names(pickles: list[Path], what: str) -> dict[str, str]:
 def safetensors_copy(folder: str | os.PathLike, what: str = "model") -> Path:
     """A copy of `folder` in the cache with its pickle weights converted to safetensors (made once per version
     of the files). Other top-level files are copied; the pickle files themselves are not."""
-    from medtune import fsutil
-    from medtune.paths import cache_dir
+    from medtune.core import fsutil
+    from medtune.core.paths import cache_dir
 
     folder = Path(folder)
     pickles = pickle_weights(folder)

@@ -13,7 +13,7 @@ import re
 import struct
 from pathlib import Path
 
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from medtune.errors import ResourceError
+from medtune.core.errors import ResourceError
 
 _HELD: dict[str, list] = {}  # lock path -> [fd, depth, folders made for it]
 
@@ -60,7 +60,7 @@ def acquire(target: str | os.PathLike, command: str | None = None) -> Path:
         made.append(folder)
         folder = folder.parent
     path.parent.mkdir(parents=True, exist_ok=True)
-    from medtune.redact import redact_text
+    from medtune.core.redact import redact_text
 
     command = redact_text(command or " ".join(["medtune", *sys.argv[1:]]))[:300]  # no token from the command line
     for _ in range(20):
@@ -89,7 +89,7 @@ def acquire(target: str | os.PathLike, command: str | None = None) -> Path:
         os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
         _HELD[key] = [fd, 1, made]
         if stale.get("pid") and stale.get("pid") != os.getpid():
-            from medtune.console import console
+            from medtune.core.console import console
 
             console.print(f"[dim]note: took over a stale lock on {Path(target)} from pid {stale['pid']} "
                           f"(`{stale.get('command', '?')}`, no longer running)[/]")

@@ -79,7 +79,7 @@ def blas_state() -> BlasState:
 def mx():
     """Import mlx.core after the platform set-up."""
     setup()
-    from medtune.errors import require
+    from medtune.core.errors import require
 
     return require("mlx.core", purpose="training and generation on Apple Silicon or CPU")
 

@@ -15,7 +15,7 @@ questions and on a small fixed probe set (data/probes.jsonl, English and Chinese
   earlier one; a looping answer scores high;
 - multiple-choice accuracy when the data has `options` + `answer` (MedQA/CMB style), each option scored by
   its mean token log-likelihood after the question (MLX models);
-- for each GGUF: medtune.fidelity against the tuned model's folder.
+- for each GGUF: medtune.eval.fidelity against the tuned model's folder.
 
 The metric functions at the top are pure (text in, number out) and tested on constructed cases.
 Heavy imports (mlx, llama_cpp) happen inside the functions that run models.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from medtune.errors import BadInput
+from medtune.core.errors import BadInput
 
 PROBES = Path(__file__).resolve().parents[1] / "data" / "probes.jsonl"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -106,7 +106,7 @@ def summarise(answers: list[dict]) -> dict:
 def score_answer(text: str, tokens: int, finish_reason: str, open_: str = THINK_OPEN, close: str = THINK_CLOSE,
                  in_think: bool = False) -> dict:
     """One answer with its per-answer metrics, reasoning split off."""
-    from medtune.generate import split_reasoning
+    from medtune.runtimes.mlx import split_reasoning
 
     reasoning, answer = split_reasoning(text, open_, close, in_think=in_think)
     return {"text": text, "reasoning": reasoning, "answer": answer, "tokens": tokens, "finish_reason": finish_reason,
@@ -237,7 +237,7 @@ def metrics_for(model: str, adapter: Path | None) -> Path | None:
 # ---- runners --------------------------------------------------------------------------------------
 def option_tokens(tokenizer, c: Choice) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, option ids) per option: the question rendered through the chat template, then "B. text"."""
-    from medtune.generate import messages_for, render_prompt
+    from medtune.runtimes.mlx import messages_for, render_prompt
 
     prompt = render_prompt(tokenizer, messages_for(choice_prompt(c)))
     head = tokenizer.encode(prompt, add_special_tokens=False)
@@ -249,14 +249,14 @@ class MLXRunner:
 
     def __init__(self, spec: str, adapter: Path | None = None):
         from medtune.data.render import think_markers
-        from medtune.generate import load
+        from medtune.runtimes.mlx import load
 
         self.spec, self.adapter = spec, adapter
         self.model, self.tokenizer = load(spec, adapter)
         self.markers = think_markers(self.tokenizer)
 
     def answer(self, messages: list[dict], max_tokens: int) -> dict:
-        from medtune.generate import generate, render_prompt
+        from medtune.runtimes.mlx import generate, render_prompt
 
         res = generate(self.model, self.tokenizer, messages, max_tokens=max_tokens, temp=0.0)
         in_think = render_prompt(self.tokenizer, messages).rstrip().endswith(self.markers[0])
@@ -316,10 +316,10 @@ class GGUFRunner:
     def answer(self, messages: list[dict], max_tokens: int) -> dict:
         """Greedy, with the Modelfile's repeat penalty. With `tokenizer` (the tuned model's: the GGUF's source) the
         prompt is rendered exactly as in training, and as the Modelfile's TEMPLATE does for Ollama, and the tokens
-        are picked step by step with the very rule the MLX column uses (medtune.generate.apply_repeat_penalty over
+        are picked step by step with the very rule the MLX column uses (medtune.runtimes.mlx.apply_repeat_penalty over
         prompt + answer), so that the side-by-side answers compare the files, not two samplers. Without it,
         llama-cpp-python renders the chat template stored in the GGUF and samples with its own penalty."""
-        from medtune.generate import REPEAT_PENALTY, render_prompt
+        from medtune.runtimes.mlx import REPEAT_PENALTY, render_prompt
 
         self.llm.reset()
         if self.tokenizer is None:
@@ -341,7 +341,7 @@ class GGUFRunner:
         import llama_cpp
         import numpy as np
 
-        from medtune.generate import apply_repeat_penalty
+        from medtune.runtimes.mlx import apply_repeat_penalty
 
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         n_vocab = self.llm.n_vocab()
@@ -407,10 +407,9 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
     gguf_loss: also the GGUFs' validation loss and multiple-choice accuracy (llama.cpp then keeps logits for every
     position: context x vocabulary floats of memory), with the tuned model's tokenization; only when MODEL is a
     fused folder. Quantized GGUFs are also judged against an unquantized one among `ggufs` (F16/F32/BF16) by KL
-    divergence on the held-out answers (medtune.quant_eval), with the smallest good quant recommended.
+    divergence on the held-out answers (medtune.eval.quants), with the smallest good quant recommended.
     notes: lines shown at the top of the report (e.g. why a column is missing)."""
-    from medtune import fsutil
-
+    from medtune.core import fsutil
     if max_tokens < 1:
         raise BadInput(f"--max-tokens must be at least 1, got {max_tokens}", hint="e.g. --max-tokens 256")
     out = Path(out)
@@ -521,12 +520,11 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
     }
     for qi, q in enumerate(report["questions"]):
         q["answers"] = {e["label"]: e["answers"][qi] for e in results}
-    from medtune.report_html import render_html, render_markdown
+    from medtune.eval.report_html import render_html, render_markdown
 
     out.mkdir(parents=True, exist_ok=True)
     report["files"] = {"json": str(out / "report.json"), "md": str(out / "report.md"), "html": str(out / "report.html")}
-    from medtune import redact
-
+    from medtune.core import redact
     report = redact.redact(report)  # no Hub token in the reports, whatever a model or a path holds
     fsutil.write_json(out / "report.json", report)
     fsutil.write_text(out / "report.md", render_markdown(report))
@@ -535,15 +533,15 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
 
 
 def _penalty() -> tuple[float, int]:
-    from medtune.generate import REPEAT_LAST_N, REPEAT_PENALTY
+    from medtune.runtimes.mlx import REPEAT_LAST_N, REPEAT_PENALTY
 
     return REPEAT_PENALTY, REPEAT_LAST_N
 
 
 def _quants(model: str, adapter: Path | None, data, ggufs, n_threads, out: Path, progress) -> dict | None:
     """The quantized GGUFs against the unquantized one (KL divergence on the held-out answers), when both exist."""
-    from medtune.fidelity import gguf_file_type
-    from medtune.quant_eval import REFERENCE_TYPES, heldout_sequences, judge_quants
+    from medtune.eval.fidelity import gguf_file_type
+    from medtune.eval.quants import REFERENCE_TYPES, heldout_sequences, judge_quants
 
     if data is None or adapter is not None or not Path(model).is_dir() or len(ggufs) < 2:
         return None
@@ -559,10 +557,10 @@ def _quants(model: str, adapter: Path | None, data, ggufs, n_threads, out: Path,
 
 
 def _fidelity(model: str, adapter: Path | None, gguf: str, prompts: list[str], tokens: int, n_threads) -> dict:
-    """medtune.fidelity against the tuned model's folder (a fused folder only: an adapter is not the GGUF's source)."""
+    """medtune.eval.fidelity against the tuned model's folder (a fused folder only: an adapter is not the GGUF's source)."""
     if adapter is not None or not Path(model).is_dir():
         return {"skipped": "fidelity needs the fused folder the GGUF came from (pass it as MODEL)"}
-    from medtune.fidelity import fidelity
+    from medtune.eval.fidelity import fidelity
 
     rep = fidelity(model, gguf, prompts, tokens, n_threads=n_threads)
     return {"file_type": rep.file_type, "judged": rep.judged, "passed": rep.passed, "summary": rep.summary,

@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from medtune.errors import ResourceError
+from medtune.core.errors import ResourceError
 
 DISK_MARGIN = 64 << 20
 
@@ -21,8 +21,7 @@ def available_memory() -> tuple[int, str]:
     if override:
         return int(float(override) * 1e9), "MEDTUNE_MEMORY_LIMIT_GB"
     if "mlx.core" in sys.modules:  # on Apple Silicon the GPU's working set is the limit
-        from medtune import runtime
-
+        from medtune.core import runtime
         if not runtime.on_cpu():
             mx = runtime.mx()
             try:
@@ -30,7 +29,7 @@ def available_memory() -> tuple[int, str]:
                 return int(info["max_recommended_working_set_size"]), "Metal recommended working set"
             except Exception:  # noqa: BLE001 - fall back to system memory
                 pass
-    from medtune.doctor import _memory
+    from medtune.core.doctor import _memory
 
     avail = _memory().get("available_gb")
     if avail:

@@ -1,6 +1,6 @@
 """`medtune chat` and `medtune generate`: talk to a model (base, fused, or base + adapter).
 
-Registered in medtune.cli with `app.command()(chat)` and `app.command()(generate)`. Nothing heavy is
+Registered in medtune.cli.app with `app.command()(chat)` and `app.command()(generate)`. Nothing heavy is
 imported here at module level: `medtune --help` must stay fast.
 """
 
@@ -13,9 +13,9 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from medtune.cli_flags import AllowPickleOpt, TrustRemoteCodeOpt, untrusted
-from medtune.errors import BadInput
-from medtune.generate import REPEAT_LAST_N, REPEAT_PENALTY  # light: mlx is imported inside its functions
+from medtune.cli.options import AllowPickleOpt, TrustRemoteCodeOpt, untrusted
+from medtune.core.errors import BadInput
+from medtune.runtimes.mlx import REPEAT_LAST_N, REPEAT_PENALTY  # light: mlx is imported inside its functions
 
 DEFAULT_MODEL = "builtin:smollm2-135m"
 
@@ -47,8 +47,8 @@ def chat(
 ):
     """Chat with a model in the terminal (or from a pipe, one message per line). /clear, /exit."""
     from medtune.chat import chat_loop
-    from medtune.console import console
-    from medtune.generate import load
+    from medtune.core.console import console
+    from medtune.runtimes.mlx import load
 
     console.print(f"[dim]loading {model}" + (f" + {adapter}" if adapter else "") + " …[/]")
     with untrusted(trust_remote_code, allow_pickle):
@@ -101,8 +101,8 @@ def generate(
     allow_pickle: AllowPickleOpt = False,
 ):
     """Answer prompts with a model, each on its own; answers on stdout (or --json)."""
-    from medtune.console import console, out, warn
-    from medtune.generate import generate_many
+    from medtune.core.console import console, out, warn
+    from medtune.runtimes.mlx import generate_many
 
     todo = list(prompt or []) + (read_prompts(prompts) if prompts else [])
     todo = [p for p in todo if p.strip()]

@@ -1,6 +1,6 @@
 """`medtune ollama create` and `medtune ollama run`: put an exported model into Ollama and ask it.
 
-Registered in medtune.cli with `app.add_typer(ollama_app, name="ollama")`. Light at import: the
+Registered in medtune.cli.app with `app.add_typer(ollama_app, name="ollama")`. Light at import: the
 `ollama` client and httpx are imported inside medtune.ollama's functions.
 """
 
@@ -36,7 +36,7 @@ def create(
     as_json: JsonOpt = False,
 ):
     """Upload the GGUF named by FROM (skipped when the server has it) and create the model."""
-    from medtune.console import done, progress, step, warn
+    from medtune.core.console import done, progress, step, warn
     from medtune.ollama import check_name, create_from_modelfile, resolve_host
 
     check_name(name)
@@ -70,7 +70,7 @@ def run(
     as_json: JsonOpt = False,
 ):
     """Ask the Ollama model one question; the answer goes to stdout as it streams (or --json at the end)."""
-    from medtune.console import console, warn
+    from medtune.core.console import console, warn
     from medtune.ollama import run as ask
 
     streamed = []

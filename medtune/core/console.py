@@ -83,7 +83,7 @@ def error(exc) -> None:
     """Render a MedtuneError: one line, one hint."""
     from rich.markup import escape
 
-    from medtune.redact import redact_text
+    from medtune.core.redact import redact_text
 
     console.print(f"[bold red]error:[/] {escape(redact_text(exc.line()))}", soft_wrap=True)
     if getattr(exc, "hint", ""):

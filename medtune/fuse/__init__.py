@@ -7,9 +7,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from medtune import fsutil, redact, runtime, safety
-from medtune.errors import BadInput
-from medtune.lock import holds as _holds_lock
+from medtune.core import fsutil, redact, runtime, safety
+from medtune.core.errors import BadInput
+from medtune.core.lock import holds as _holds_lock
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
@@ -52,7 +52,7 @@ def adapter_weights(adapter_dir: Path, acfg: dict) -> Path:
         path = adapter_dir / name
         if path.is_file():
             if path.suffix == ".safetensors":
-                from medtune.modelcheck import safetensors_problem
+                from medtune.models.modelcheck import safetensors_problem
 
                 problem = safetensors_problem(path)
                 if problem:
@@ -78,7 +78,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
-@_holds_lock("out")  # one writer per output folder (medtune.lock)
+@_holds_lock("out")  # one writer per output folder (medtune.core.lock)
 def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequantize: bool = False,
          force: bool = False) -> FuseResult:
     """Merge `adapter` into `model` and write an HF safetensors folder at `out`.
@@ -118,7 +118,7 @@ def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequan
 
     n_params = count_params(base.path, cfg)
     src_bytes = 4 if quantized else TORCH_DTYPES.get(str(cfg.get("torch_dtype") or "float32"), 4)
-    from medtune.resources import check_disk, check_memory
+    from medtune.core.resources import check_disk, check_memory
 
     # the base in its own dtype, then cast: both copies can be alive at the peak
     check_memory(int(n_params * (src_bytes + TORCH_DTYPES[target_name]) * 1.1), "merging the adapter",
@@ -127,7 +127,7 @@ def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequan
     try:
         model_obj, _ = load(str(base.path), **safety.mlx_load_kwargs())
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as exc:  # RuntimeError: a bad safetensors
-        from medtune.modelcheck import load_failure
+        from medtune.models.modelcheck import load_failure
 
         raise load_failure(base.path, exc, "mlx_lm") from exc
     try:
@@ -181,7 +181,7 @@ def fuse_torch(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str =
     The base is loaded unquantized, also for an adapter trained on a 4-bit (QLoRA) base: the merge goes
     into the 16-bit weights. Merged in float32 where memory allows, in the output dtype otherwise; refused
     (exit 4) when neither the merge nor the output fits in memory and on disk."""
-    from medtune.errors import ResourceError, require
+    from medtune.core.errors import ResourceError, require
     from medtune.models import pull
     from medtune.models.config import read_config, write_config
     from medtune.train.torch_backend import _dtype_kw, count_params
@@ -206,14 +206,14 @@ def fuse_torch(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str =
     target = dtype if dtype != "auto" else (src if src in ("float16", "bfloat16") else "float16")
 
     n_params = count_params(base.path, cfg)
-    from medtune.resources import available_memory
+    from medtune.core.resources import available_memory
 
     avail = available_memory()[0]
     work = "float32" if n_params * 4 * 1.2 <= 0.9 * avail else target
     if n_params * TORCH_DTYPES[work] * 1.2 > 0.9 * avail:
         raise ResourceError(f"merging needs ~{n_params * TORCH_DTYPES[work] * 1.2 / 1e9:.1f} GB of memory, "
                             f"{avail / 1e9:.1f} GB is available", hint="close other programs, or merge on a bigger machine")
-    from medtune.resources import check_disk
+    from medtune.core.resources import check_disk
 
     check_disk(out / "model.safetensors", int(n_params * TORCH_DTYPES[target] * 1.02), f"the merged model ({out})")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SAMPLE, run_cli
-from medtune.core import fsutil, redact, safety
+from medtune.core import fsutil, jsonl, redact, safety
 from medtune.core.errors import BadInput
 
 # ---- fixtures -----------------------------------------------------------------------------------------------
@@ -508,7 +508,7 @@ def test_writes_replace_a_symlink_at_the_output_name_instead_of_following_it(tmp
     out = tmp_path / "out"
     out.mkdir()
     for i, write in enumerate((lambda p: fsutil.write_json(p, {"a": 1}), lambda p: fsutil.write_text(p, "x"),
-                               lambda p: fsutil.write_jsonl(p, [{"a": 1}]), lambda p: redact.write_json(p, {"a": 1}))):
+                               lambda p: jsonl.write_jsonl(p, [{"a": 1}]), lambda p: redact.write_json(p, {"a": 1}))):
         link = out / f"file{i}.json"
         link.symlink_to(victim)
         write(link)

@@ -123,19 +123,6 @@ def write_json(path, obj, indent: int = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
-_JSONL = json.JSONEncoder(ensure_ascii=False)
-
-
-def write_jsonl(path, rows, chunk: int = 512) -> Path:
-    rows = list(rows)
-    encode = _JSONL.encode
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for i in range(0, len(rows), chunk):
-                fh.write("".join(encode(row) + "\n" for row in rows[i:i + chunk]))
-    return Path(path)
-
-
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Build a directory under a temporary name, then swap it in for `path`.

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medtune.core import fsutil
+from medtune.core import fsutil, jsonl
 from medtune.data import encode, formats, render, sources
 from medtune.core.errors import BadInput
 from medtune.core.lock import holds as _holds_lock
@@ -399,7 +399,7 @@ def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict |
     with fsutil.atomic_dir(out) as tmp:
         for side, data in splits.items():
             if data or side != "test":
-                fsutil.write_jsonl(tmp / f"{side}.jsonl", data)
+                jsonl.write_jsonl(tmp / f"{side}.jsonl", data)
         from medtune.core import redact
         redact.write_json(tmp / "manifest.json", manifest)
     result.files = {side: str(out / f"{side}.jsonl") for side in splits if (out / f"{side}.jsonl").exists()}
@@ -407,13 +407,10 @@ def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict |
     return result
 
 
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+PACKAGES = ("transformers", "tokenizers", "mlx", "mlx-lm", "gguf")  # what prepare's manifest records
 
-    found = {}
-    for pkg in ("medtune", "transformers", "tokenizers", "mlx", "mlx-lm", "gguf"):
-        try:
-            found[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return found
+
+def versions() -> dict:
+    from medtune.core.versions import versions as installed
+
+    return installed(PACKAGES)

@@ -7,19 +7,15 @@ imported here at module level: `medtune --help` must stay fast.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
-from medtune.cli.options import AllowPickleOpt, TrustRemoteCodeOpt, untrusted
+from medtune.cli.options import DEFAULT_MODEL, AllowPickleOpt, JsonOpt, ModelArg, TrustRemoteCodeOpt, emit_json, untrusted
 from medtune.core.errors import BadInput
 from medtune.runtimes.mlx import REPEAT_LAST_N, REPEAT_PENALTY  # light: mlx is imported inside its functions
 
-DEFAULT_MODEL = "builtin:smollm2-135m"
-
-ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="Folder, .gguf file, builtin:NAME, ORG/NAME (Hub) or modelscope:ORG/NAME.")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", "-a", metavar="DIR", help="LoRA adapter folder from `medtune train` "
                                                                            "(adapter_config.json + adapters.safetensors).")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", help="System prompt.")]
@@ -96,7 +92,7 @@ def generate(
     repeat_penalty: RepeatPenaltyOpt = REPEAT_PENALTY,
     repeat_last_n: RepeatLastNOpt = REPEAT_LAST_N,
     seed: SeedOpt = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    as_json: JsonOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ):
@@ -129,4 +125,4 @@ def generate(
                                 max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
                                 repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
     if as_json:
-        sys.stdout.write(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False) + "\n")
+        emit_json([r.to_dict() for r in results])

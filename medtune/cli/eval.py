@@ -13,8 +13,6 @@ llama_cpp are imported inside medtune.eval.fidelity's functions.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,7 +20,7 @@ import typer
 
 from typer.core import TyperGroup
 
-from medtune.cli.options import AllowPickleOpt, TrustRemoteCodeOpt, untrusted
+from medtune.cli.options import AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt, emit_json, untrusted
 
 
 class _DefaultRun(TyperGroup):
@@ -59,7 +57,7 @@ def run_eval(
     gguf_loss: Annotated[bool, typer.Option("--gguf-loss", help="Also the GGUFs' validation loss and multiple-choice "
                                             "accuracy (memory: context x vocabulary floats).")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads (default: half the cores).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    as_json: JsonOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ):
@@ -79,7 +77,7 @@ def run_eval(
                           probe_limit=probe_limit, n_threads=threads, gguf_loss=gguf_loss,
                           progress=p)
     if as_json:
-        sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        emit_json(report)
         return
     show_report(report)
     done(f"report: {report['files']['html']}")
@@ -130,7 +128,7 @@ def fidelity(
                                          "no client stop strings) or llama-cpp-python (llama.cpp in process).")] = "auto",
     llama_cpp: Annotated[Optional[Path], typer.Option("--llama-cpp", metavar="DIR", help="A llama.cpp build with "
                                                       "llama-server (default: $LLAMA_CPP_DIR, PATH, medtune's build).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    as_json: JsonOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ):
@@ -146,7 +144,7 @@ def fidelity(
         report = run(model_dir, gguf, todo, tokens, tie_tolerance=tie_tolerance, progress=p, runtime=engine,
                      llama_cpp_dir=llama_cpp)
     if as_json:
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        emit_json(report.to_dict())
     else:
         from rich.table import Table
 
@@ -225,7 +223,7 @@ def quants(
                                                        "on the same chunks, and print both.")] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Chunk length for --crosscheck (llama-perplexity -c).")] = 128,
     threads: Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads (default: half the cores).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON on stdout.")] = False,
+    as_json: JsonOpt = False,
 ):
     """KL divergence, same-top rate and ΔPPL of each quantized GGUF against the unquantized one, teacher-forced on the
     held-out answers, with a verdict per file and the smallest good one recommended. Exit 1 if one is poor."""
@@ -249,7 +247,7 @@ def quants(
         checks = [run_crosscheck(refs[0], q, crosscheck, ctx, n_threads=threads) for q in quantized] if crosscheck else []
     result = {**table.to_dict(), "crosscheck": checks}
     if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        emit_json(result)
     else:
         from rich.table import Table
 

@@ -6,12 +6,12 @@ module level: `medtune --help` must stay fast.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from medtune.cli.options import JsonOpt, emit_json
 
 app = typer.Typer(help="Look inside GGUF files.", no_args_is_help=True)
 
@@ -27,7 +27,7 @@ def _size(n: int) -> str:
 @app.command("inspect")
 def inspect(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="A .gguf file.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    as_json: JsonOpt = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor (default: the first few).")] = False,
     head: Annotated[int, typer.Option("--head", help="Tensors listed without --tensors.")] = 8,
 ):
@@ -38,7 +38,7 @@ def inspect(
     if not tensors:
         info["tensors"] = info["tensors"][:head]
     if as_json:
-        sys.stdout.write(json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
+        emit_json(info)
         return
     from rich.markup import escape
 

@@ -6,12 +6,13 @@ Registered in medtune.cli.app with `app.add_typer(ollama_app, name="ollama")`. L
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from medtune.cli.options import JsonOpt, emit_json
 
 app = typer.Typer(help="Create a model in Ollama from medtune's Modelfile, and ask it questions.",
                   no_args_is_help=True)
@@ -19,11 +20,6 @@ app = typer.Typer(help="Create a model in Ollama from medtune's Modelfile, and a
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="Ollama model name, e.g. medtune-smol or medtune-smol:v1.")]
 HostOpt = Annotated[Optional[str], typer.Option("--host", metavar="URL", help="Ollama server (default: $OLLAMA_HOST, "
                                                 "else http://127.0.0.1:11434).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-
-
-def _emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 @app.command("create")
@@ -46,7 +42,7 @@ def create(
     for w in res["warnings"]:
         warn(w)
     if as_json:
-        return _emit_json(res)
+        return emit_json(res)
     if res["method"] == "api":
         what = "uploaded" if res["uploaded"] else "already on the server"
         if res["digest"]:
@@ -83,7 +79,7 @@ def run(
     res = ask(name, prompt, host=host, system=system, api=api,
               options={"num_predict": max_tokens, "temperature": temp}, on_text=None if as_json else show)
     if as_json:
-        return _emit_json(res.to_dict())
+        return emit_json(res.to_dict())
     if streamed and not streamed[-1].endswith("\n"):
         sys.stdout.write("\n")
     console.print(f"[dim]{res.eval_count} tokens, finish {res.done_reason}[/]")

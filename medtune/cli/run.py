@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from medtune.cli.options import JsonOpt, emit_json
+
 
 def run(
     config: Annotated[Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="Run config (default: the built-in "
@@ -18,7 +20,7 @@ def run(
                                                       "(prepare, train, fuse, export, ollama, eval).")] = None,
     only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE", help="Redo just STAGE.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo every stage, even those that are up to date.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    as_json: JsonOpt = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Let the model run the Python code it "
                                                     "ships (as trust_remote_code: true in the config).")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle weights when there are no "
@@ -39,7 +41,7 @@ def run(
         res = run_pipeline(config, from_stage=from_stage, only=only, force=force, progress=p,
                            log=lambda line: p.console.print(line, markup=False, highlight=False))
     if as_json:
-        sys.stdout.write(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        emit_json(res)
         return
     done(f"run {res['name']}: " + ", ".join(f"{k} {v}" for k, v in res["stages"].items()))
     if res["modelfile"]:

@@ -41,8 +41,19 @@ DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PORT = 11434
 CONNECT_TIMEOUT = 5.0
 
-# Ollama's model names: [namespace/]model[:tag]; medtune's export uses the same rule for --name.
-_NAME = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]*/){0,2}[A-Za-z0-9][A-Za-z0-9._-]*(?::[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?")
+# Ollama's model names, [host/][namespace/][kind/]model[:tag], checked by the rule Ollama enforces (its
+# types/model ParseName and Name.IsValid): every part starts with an ASCII letter, digit or '_' and goes on with
+# those, '-' and '.' (a namespace: no '.'; a host: ':' too, for a port), 1-80 characters (a host: 350); `kind` is
+# one of NAME_KINDS; missing parts take Ollama's defaults; an empty part a separator promises ("ns/", "m:") is
+# refused. `medtune export --name` and `medtune ollama create` check
+# names with check_name.
+NAME_KINDS = ("skill", "agent", "mcp")
+NAME_DEFAULTS = {"host": "registry.ollama.ai", "namespace": "library", "tag": "latest"}
+_NAME_PARTS = {"host": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}"),
+               "namespace": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}"),
+               "model": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"),
+               "tag": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")}
+_MISSING = "!"  # a part a separator promised but that is empty: never valid, and never replaced by a default
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 # PARAMETER names and the JSON type Ollama gives each one (api.Options, read by api.FormatParams).
@@ -373,10 +384,67 @@ def create_request(name: str, spec: CreateSpec, files: dict[str, str] | None = N
     return req
 
 
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+@dataclass(frozen=True)
+class OllamaName:
+    host: str
+    namespace: str
+    kind: str  # "" for a model
+    model: str
+    tag: str
+
+
+def _cut_last(s: str, sep: str) -> tuple[str, str, bool]:
+    """(before, after) the last `sep`, an empty side marked missing; (s, "", False) when there is none."""
+    i = s.rfind(sep)
+    if i < 0:
+        return s, "", False
+    return s[:i] or _MISSING, s[i + len(sep):] or _MISSING, True
+
+
+def _name_parts(name: str) -> dict:
+    """The parts written in `name`, read from the right as Ollama reads them."""
+    parts = {"host": "", "namespace": "", "kind": "", "model": "", "tag": ""}
+    if name.rfind(":") > name.rfind("/"):  # '/' is never in a tag, so a ':' after the last '/' starts one
+        name, parts["tag"], _ = _cut_last(name, ":")
+    name, parts["model"], cut = _cut_last(name, "/")
+    if not cut:
+        return {**parts, "model": name}
+    name, middle, cut = _cut_last(name, "/")
+    if not cut:  # namespace/model
+        return {**parts, "namespace": name}
+    if middle not in NAME_KINDS:  # host/namespace/model
+        return {**parts, "namespace": middle, "host": name.split("://", 1)[-1]}
+    parts["kind"] = middle
+    name, parts["namespace"], cut = _cut_last(name, "/")
+    if not cut:
+        return {**parts, "namespace": name}
+    return {**parts, "host": name.split("://", 1)[-1]}
+
+
+def parse_name(name) -> Optional[OllamaName]:
+    """The parts of an Ollama model name, Ollama's defaults filled in, or None where Ollama refuses the name."""
+    if not isinstance(name, str):
+        return None
+    parts = _name_parts(name)
+    parts.update({k: parts[k] or v for k, v in NAME_DEFAULTS.items()})
+    if not all(rule.fullmatch(parts[k]) for k, rule in _NAME_PARTS.items()):
+        return None
+    if parts["kind"] and parts["kind"] not in NAME_KINDS:
+        return None
+    return OllamaName(**parts)
+
+
+def check_name(name: str, *, file_stem: bool = False) -> str:
+    """`name` when Ollama accepts it as a model name, else a BadInput. file_stem: the name also names files
+    (`medtune export` writes <name>-<quant>.gguf), so it cannot have a host or namespace ('/')."""
+    if parse_name(name) is None:
         raise BadInput(f"model name {name!r} is not a valid Ollama name",
-                       hint="letters, digits, '.', '_', '-' and an optional ':tag', e.g. medtune-smol:v1")
+                       hint="[namespace/]model[:tag]: ASCII letters, digits, '_', then also '-' and '.', at most 80 "
+                            "characters a part, e.g. medtune-smol:v1")
+    if file_stem and "/" in name:
+        raise BadInput(f"model name {name!r} has a namespace, and export names its files after the model",
+                       hint="export under a plain name (medtune-smol:v1); `medtune ollama create ns/medtune-smol:v1 -f "
+                            "FILE` then creates it under any Ollama name")
     return name
 
 

@@ -530,6 +530,49 @@ def test_the_servers_refusal_is_shown(server, tmp_path, monkeypatch):
     assert "sha256:" + hashlib.sha256(b"not a gguf at all").hexdigest() in server.blobs
 
 
+# Names the two former rules (ollama.py's and export's) disagreed on, and what Ollama's own parser (types/model
+# ParseName + Name.IsValid) says of each: one rule now, medtune.ollama.check_name, for `ollama create` and export.
+OLLAMA_NAMES = {
+    "medtune-smol": True, "medtune-smol:v1": True, "m:_x": True, "m..x": True,
+    "ns/medtune-smol:v1": True, "library/m": True, "registry.example.com/ns/m:t": True,  # old export: refused
+    "localhost:5000/ns/m": True, "https://registry.example.com/ns/m": True,  # a host with a port, a scheme
+    "ns/skill/m": True,  # a kind (skill, agent, mcp) between namespace and model
+    "_m": True, "_ns/_m:_t": True,  # '_' may start a part: both old rules refused it
+    "m:-x": False, "m:.x": False,  # a tag starts with a letter, digit or '_': old export accepted these
+    "ns.x/m": False,  # no '.' in a namespace: old ollama.py accepted it
+    "m" * 80: True, "m" * 81: False, "m:" + "t" * 81: False,  # 80 characters a part: both old rules took 81
+    "": False, "m:": False, "/m": False, "ns/m/": False, "m:a:b": False, "x/y/z/w": False, "é": False, "a b": False,
+}
+
+
+@pytest.mark.parametrize("name, valid", OLLAMA_NAMES.items(), ids=[n[:24] or "empty" for n in OLLAMA_NAMES])
+def test_ollama_names_follow_ollamas_rule(name, valid):
+    from medtune.ollama import check_name, parse_name
+
+    assert (parse_name(name) is not None) is valid
+    if valid:
+        assert check_name(name) == name
+    else:
+        with pytest.raises(BadInput, match="not a valid Ollama name"):
+            check_name(name)
+
+
+def test_names_get_ollamas_defaults_and_export_refuses_a_namespace(tmp_path):
+    from medtune.export import export
+    from medtune.ollama import OllamaName, check_name, parse_name
+
+    assert parse_name("m") == OllamaName("registry.ollama.ai", "library", "", "m", "latest")
+    assert parse_name("h:1/ns/m:t") == OllamaName("h:1", "ns", "", "m", "t")
+    assert check_name("_m:v1", file_stem=True) == "_m:v1"
+    with pytest.raises(BadInput, match="has a namespace"):
+        check_name("ns/m", file_stem=True)
+    # export checks with the same rule, before it looks at the model or writes anything
+    for name, why in (("ns/m", "has a namespace"), ("m:-x", "not a valid Ollama name"), ("_m", "does not exist")):
+        with pytest.raises(BadInput, match=why):
+            export(tmp_path / "no-model", tmp_path / "gguf", name, quants=("f32",), modelfile_path=tmp_path / "m.Modelfile")
+    assert not (tmp_path / "gguf").exists()
+
+
 def test_modelfile_values_are_typed_and_checked(tmp_path):
     from medtune.ollama import create_request, read_modelfile
 

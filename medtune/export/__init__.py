@@ -11,7 +11,6 @@ name and renamed into place.
 from __future__ import annotations
 
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,6 @@ from medtune.core.errors import BadInput
 from medtune.core.lock import holds as _holds_lock
 
 __all__ = ["ExportResult", "export", "inspect_gguf", "modelfile_from", "ollama_commands", "read_gguf_header"]
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?::[A-Za-z0-9._-]+)?")
-
 
 @dataclass
 class ExportResult:
@@ -104,9 +100,9 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir).absolute()
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise BadInput(f"model name {name!r} is not a valid Ollama name",
-                       hint="letters, digits, '.', '_', '-' and an optional ':tag', e.g. medtune-smol:v1")
+    from medtune.ollama import check_name
+
+    check_name(name, file_stem=True)  # Ollama's rule, without a namespace: the files are named after it
     quants = qz.parse_quants(quants)
     if not model_dir.is_dir():
         raise BadInput(f"model folder {model_dir} does not exist", hint="run `medtune fuse` first")

@@ -20,7 +20,6 @@ medtune.fuse.fuse, medtune.export.export, medtune.ollama, medtune.eval.evaluate.
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import shutil
@@ -29,7 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from medtune.core import options
+from medtune.core.config import check_keys, normalise_keys, read_yaml_mapping
 from medtune.core.errors import BadInput, MedtuneError, MissingDependency
+from medtune.core.options import option
+from medtune.eval.options import EvalOptions
 
 
 # ---- the stages, and the packages each one uses -----------------------------------------------------
@@ -155,14 +158,35 @@ eval:                            # medtune eval runs/<name>/fused --data runs/<n
   # threads: 1
 """
 
-PREPARE_KEYS = {"dataset", "fmt", "format", "mapping", "map", "style", "reasoning", "valid_ratio", "test_ratio", "seed",
-                "max_seq_length", "overlong", "limit", "sample", "answers", "skip_invalid", "token_stats"}
-TRAIN_EXTRA = {"backend", "eval_every"}
-FUSE_KEYS = {"dtype", "dequantize"}
-EXPORT_KEYS = {"quant", "quants", "system", "converter", "llama_cpp", "family"}
-OLLAMA_KEYS = {"create", "host"}
-EVAL_KEYS = {"enabled", "base", "gguf", "max_tokens", "limit", "probe_limit", "probes", "choices", "threads",
-             "fidelity_tokens", "gguf_loss"}
+@dataclass
+class OllamaStageOptions:
+    """The `ollama:` section: create the model in Ollama after export."""
+
+    create: bool | str = option("auto", "auto: when an Ollama server answers; true: required; false: never")
+    host: str | None = option(None, "the Ollama server (default: $OLLAMA_HOST or http://127.0.0.1:11434)")
+
+
+@dataclass
+class EvalStageOptions(EvalOptions):
+    """The `eval:` section: medtune eval's options, and which columns the run's report has."""
+
+    enabled: bool = option(True, "false: no eval stage")
+    base: bool = option(True, "compare with the base model")
+    gguf: bool = option(True, "evaluate the exported GGUF(s) with llama.cpp")
+
+
+def _section_options() -> dict[str, type]:
+    """Each config section's options dataclass: the keys a section may hold are that dataclass's fields."""
+    from medtune.data.options import PrepareOptions
+    from medtune.export.options import ExportOptions
+    from medtune.fuse.options import FuseOptions
+    from medtune.train.options import TrainOptions
+
+    return {"prepare": PrepareOptions, "train": TrainOptions, "fuse": FuseOptions, "export": ExportOptions,
+            "ollama": OllamaStageOptions, "eval": EvalStageOptions}
+
+
+SECTION_EXTRA = {"prepare": {"dataset"}, "train": {"backend"}}  # what the stage takes beside its options
 TOP_KEYS = {"name", "model", "runs_dir", "trust_remote_code", "allow_pickle", *STAGES}
 
 
@@ -172,24 +196,8 @@ def default_config() -> dict:
     return yaml.safe_load(DEFAULT_CONFIG_TEXT)
 
 
-def _norm(d: dict) -> dict:
-    return {str(k).replace("-", "_"): v for k, v in (d or {}).items()}
-
-
-def _check_keys(section: str, d: dict, known: set[str], where: str) -> None:
-    for key in d:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            raise BadInput(f"unknown option {key!r} in section {section!r}", where=where,
-                           hint=f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}")
-
-
 def load_config(config: str | Path | dict | None) -> dict:
     """The default config, updated section by section with `config` (a YAML path or a dict); keys checked."""
-    import yaml
-
-    from medtune.train.options import option_names
-
     where = "config"
     if config is None:
         given = {}
@@ -197,46 +205,26 @@ def load_config(config: str | Path | dict | None) -> dict:
         given = copy.deepcopy(config)
     else:
         where = str(config)
-        try:
-            given = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError as exc:
-            raise BadInput(f"config file not found: {config}", hint="write one with `medtune run --print-config`") from exc
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise BadInput(f"invalid YAML: {getattr(exc, 'problem', exc)}",
-                           where=f"{config}:{mark.line + 1}" if mark else str(config), hint="fix the YAML syntax") from exc
-        if not isinstance(given, dict):
-            raise BadInput("the config must be a mapping", where=where, hint="see `medtune run --print-config`")
-    given = _norm(given)
-    _check_keys("top level", given, TOP_KEYS, where)
+        given = read_yaml_mapping(config, missing_hint="write one with `medtune run --print-config`",
+                                  mapping_hint="see `medtune run --print-config`")
+    given = normalise_keys(given)
+    check_keys(given, TOP_KEYS, where, "top level")
     cfg = default_config()
-    known = {"prepare": PREPARE_KEYS, "train": option_names() | TRAIN_EXTRA, "fuse": FUSE_KEYS, "export": EXPORT_KEYS,
-             "ollama": OLLAMA_KEYS, "eval": EVAL_KEYS}
+    sections = _section_options()
     for key, value in given.items():
-        if key in known:
-            if value is None:
-                value = {}
-            if not isinstance(value, dict):
-                raise BadInput(f"section {key!r} must be a mapping", where=where, hint=f"{key}:\n  option: value")
-            value = _norm(value)
-            _check_keys(key, value, known[key], where)
-            cfg[key].update(value)
-        else:
+        if key not in sections:
             cfg[key] = value
-    # aliases that mirror the CLI's flag names
-    p = cfg["prepare"]
-    if "format" in p:
-        p["fmt"] = p.pop("format")
-    if "map" in p:
-        p["mapping"] = p.pop("map")
+            continue
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise BadInput(f"section {key!r} must be a mapping", where=where, hint=f"{key}:\n  option: value")
+        value = normalise_keys(value, options.aliases(sections[key]))  # old spellings (format, map, quants…)
+        check_keys(value, options.config_keys(sections[key]) | SECTION_EXTRA.get(key, set()), where, key)
+        cfg[key].update(value)
     e = cfg["export"]
-    if "quants" in e:
-        e["quant"] = e.pop("quants")
     if isinstance(e.get("quant"), str):
         e["quant"] = [e["quant"]]
-    t = cfg["train"]
-    if "steps_per_eval" in t:
-        t["eval_every"] = t.pop("steps_per_eval")
     from medtune.core import safety
     safety.safe_name(cfg.get("name"), "run name", where=where,
                      hint="name: a folder name under runs/, e.g. medtune-smollm2")
@@ -350,10 +338,6 @@ class Run:
         """(TrainOptions keyword arguments, backend name) from the config's train section."""
         opts = dict(self.cfg["train"])
         backend = str(opts.pop("backend", "auto"))
-        opts["steps_per_eval"] = opts.pop("eval_every", 50)
-        tm = opts.get("target_modules")
-        if isinstance(tm, str):
-            opts["target_modules"] = [x.strip() for x in tm.split(",") if x.strip()]
         return opts, backend
 
     def train_backend(self) -> str:

@@ -200,7 +200,7 @@ def child_medtune(cfg: dict) -> dict:
     from medtune.train import TrainOptions, train
 
     wanted = dict(iters=cfg["iters"], batch_size=cfg["batch_size"], num_layers=cfg["num_layers"], rank=cfg["rank"],
-                  scale=cfg["scale"], lr=cfg["lr"], max_seq_length=cfg["max_seq_length"], steps_per_eval=100000,
+                  scale=cfg["scale"], lr=cfg["lr"], max_seq_length=cfg["max_seq_length"], eval_every=100000,
                   save_every=100000, seed=cfg["seed"])
     optional = dict(dropout=0.0, mask_prompt=True, val_batches=1)  # set when the options have them
     names = {f.name for f in dataclasses.fields(TrainOptions)}

@@ -28,7 +28,7 @@ def chain(tmp_path_factory, smollm2_dir):
     root = tmp_path_factory.mktemp("chain")
     prepare(SAMPLE, str(smollm2_dir), root / "data", max_seq_length=384, limit=16)
     res = train(str(smollm2_dir), root / "data", root / "adapter",
-                TrainOptions(iters=2, batch_size=2, num_layers=4, lr=2e-4, steps_per_eval=2, seed=0))
+                TrainOptions(iters=2, batch_size=2, num_layers=4, lr=2e-4, eval_every=2, seed=0))
     fuse(str(smollm2_dir), root / "adapter", root / "fused")
     return {"root": root, "fused": root / "fused", "adapter": root / "adapter", "train": res}
 

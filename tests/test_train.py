@@ -6,7 +6,7 @@ import pytest
 from conftest import SAMPLE
 from medtune.data.prepare import prepare
 from medtune.train import TrainOptions, train
-from medtune.train.mlx_backend import make_batch, masked_loss
+from medtune.train.backends.mlx import make_batch, masked_loss
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_mask_counts_exactly_the_completion_tokens():
 def test_training_lowers_validation_loss_and_writes_a_loadable_adapter(tmp_path, tiny_llama_dir, prepared):
     out = tmp_path / "adapter"
     res = train(str(tiny_llama_dir), prepared, out,
-                TrainOptions(iters=20, batch_size=2, num_layers=-1, rank=8, lr=3e-3, steps_per_eval=10, seed=1))
+                TrainOptions(iters=20, batch_size=2, num_layers=-1, rank=8, lr=3e-3, eval_every=10, seed=1))
     assert res.final_val_loss < res.first_val_loss - 0.2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 21))
@@ -66,7 +66,7 @@ def test_training_refuses_a_record_it_would_truncate(tmp_path, tiny_llama_dir, p
         train(str(tiny_llama_dir), prepared, tmp_path / "a", TrainOptions(iters=1, max_seq_length=64))
 
 
-RESUME_OPTS = dict(iters=8, batch_size=2, num_layers=-1, rank=4, lr=3e-3, dropout=0.1, steps_per_eval=4,
+RESUME_OPTS = dict(iters=8, batch_size=2, num_layers=-1, rank=4, lr=3e-3, dropout=0.1, eval_every=4,
                    save_every=3, seed=2, lr_schedule="cosine", warmup=2)
 
 
@@ -106,7 +106,7 @@ def test_resume_after_a_crash_is_the_same_run(tmp_path, tiny_llama_dir, prepared
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_llama_dir, prepared, unbroken):
     import signal
 
-    from medtune.train.mlx_backend import Interrupted
+    from medtune.train import Interrupted
 
     out = tmp_path / "c"
 
@@ -128,7 +128,7 @@ def test_grad_accumulation_dora_and_schedules_train(tmp_path, tiny_llama_dir, pr
     res = train(str(tiny_llama_dir), prepared, tmp_path / "d",
                 TrainOptions(iters=6, batch_size=2, grad_accum=2, fine_tune_type="dora", num_layers=1,
                              target_modules=["q_proj", "v_proj"], lr=1e-3, lr_schedule="linear", warmup=2,
-                             steps_per_eval=6))
+                             eval_every=6))
     cfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
     assert cfg["fine_tune_type"] == "dora" and cfg["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
     rows = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines() if "train_loss" in x]
@@ -184,7 +184,7 @@ def test_full_fine_tune_fuses_and_fuse_will_not_overwrite_without_force(tmp_path
 
     adapter = tmp_path / "full"
     train(str(tiny_llama_dir), prepared, adapter,
-          TrainOptions(iters=2, batch_size=2, fine_tune_type="full", num_layers=1, lr=1e-3, steps_per_eval=2))
+          TrainOptions(iters=2, batch_size=2, fine_tune_type="full", num_layers=1, lr=1e-3, eval_every=2))
     out = tmp_path / "fused"
     res = fuse(str(tiny_llama_dir), adapter, out)
     assert res.fused_layers == 0
@@ -231,7 +231,7 @@ def test_two_processes_train_like_one_with_the_whole_batch(tmp_path, tiny_llama_
             "--eval-every", "2", "--seed", "0"]
     one = tmp_path / "one"
     train(str(tiny_llama_dir), prepared, one,
-          TrainOptions(iters=4, batch_size=4, num_layers=-1, rank=4, lr=3e-3, steps_per_eval=2, seed=0))
+          TrainOptions(iters=4, batch_size=4, num_layers=-1, rank=4, lr=3e-3, eval_every=2, seed=0))
     two = tmp_path / "two"
     cmd = [str(launcher), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1", "--starting-port",
            str(_two_free_ports()), sys.executable, "-m", "medtune", "train", "--model", str(tiny_llama_dir),
@@ -256,7 +256,7 @@ def test_qlora_on_an_mlx_quantized_base_and_dequantized_fuse(tmp_path, tiny_llam
     convert(str(tiny_llama_dir), mlx_path=str(q), quantize=True, q_group_size=32, q_bits=4)
     assert "quantization" in json.loads((q / "config.json").read_text())
     res = train(str(q), prepared, tmp_path / "a", TrainOptions(iters=3, batch_size=2, num_layers=-1, lr=3e-3,
-                                                                steps_per_eval=3))
+                                                                eval_every=3))
     assert res.final_train_loss is not None and res.trainable_parameters < res.total_parameters
     with pytest.raises(BadInput, match="quantized"):
         fuse(str(q), tmp_path / "a", tmp_path / "f")

@@ -25,7 +25,7 @@ pytest.importorskip("peft")
 from medtune.data.prepare import prepare  # noqa: E402
 from medtune.core.errors import BadInput, MissingDependency, ResourceError  # noqa: E402
 from medtune.train import TrainOptions, train  # noqa: E402
-from medtune.train.mlx_backend import Interrupted  # noqa: E402
+from medtune.train import Interrupted  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,7 +55,7 @@ def _losses(out):
             [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r])
 
 
-MAIN_OPTS = dict(iters=12, batch_size=2, num_layers=-1, rank=8, lr=3e-3, steps_per_eval=6, seed=1)
+MAIN_OPTS = dict(iters=12, batch_size=2, num_layers=-1, rank=8, lr=3e-3, eval_every=6, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +98,13 @@ def test_prompt_masking_and_schedules_match_the_mlx_backend(trained, tiny_llama_
     mx = pytest.importorskip("mlx.core")
     from transformers import AutoTokenizer
 
-    from medtune.train import mlx_backend, torch_backend
+    from medtune.train import data as train_data
+    from medtune.train.backends import mlx as mlx_backend
+    from medtune.train.backends import torch as torch_backend
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    items = mlx_backend.build_dataset(mlx_backend.load_jsonl(prepared / "train.jsonl"), tok, True, 300, prepared)
-    for group in mlx_backend.batch_order(items, 2, 0, 0):
+    items = train_data.build_dataset(train_data.load_jsonl(prepared / "train.jsonl"), tok, True, 300, prepared)
+    for group in train_data.batch_order(items, 2, 0, 0):
         batch, lengths = mlx_backend.make_batch(items, group)
         pos = np.arange(1, batch.shape[1])[None, :]
         lens = np.array(lengths)
@@ -128,7 +130,7 @@ def test_prompt_masking_and_schedules_match_the_mlx_backend(trained, tiny_llama_
         np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
-RESUME_OPTS = dict(iters=8, batch_size=2, num_layers=-1, rank=4, lr=3e-3, dropout=0.1, steps_per_eval=4,
+RESUME_OPTS = dict(iters=8, batch_size=2, num_layers=-1, rank=4, lr=3e-3, dropout=0.1, eval_every=4,
                    save_every=3, seed=2, lr_schedule="cosine", warmup=2)
 
 
@@ -260,7 +262,7 @@ def test_dora_grad_accumulation_and_a_full_fine_tune_that_fuses(tmp_path, tiny_l
     res = train(str(tiny_llama_dir), prepared, tmp_path / "d",
                 TrainOptions(iters=4, batch_size=2, grad_accum=2, fine_tune_type="dora", num_layers=1,
                              target_modules=["q_proj", "self_attn.v_proj"], lr=1e-3, lr_schedule="linear", warmup=1,
-                             steps_per_eval=4, grad_checkpoint=True), backend="torch")
+                             eval_every=4, grad_checkpoint=True), backend="torch")
     acfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
     assert acfg["use_dora"] and acfg["layers_to_transform"] == [1] and sorted(acfg["target_modules"]) == ["q_proj", "v_proj"]
     # rank 8 on q (64 -> 64) and v (64 -> 32), plus DoRA's magnitude vectors, in the top layer only
@@ -271,7 +273,7 @@ def test_dora_grad_accumulation_and_a_full_fine_tune_that_fuses(tmp_path, tiny_l
 
     full = tmp_path / "full"
     train(str(tiny_llama_dir), prepared, full,
-          TrainOptions(iters=2, batch_size=2, fine_tune_type="full", num_layers=1, lr=1e-3, steps_per_eval=2), backend="torch")
+          TrainOptions(iters=2, batch_size=2, fine_tune_type="full", num_layers=1, lr=1e-3, eval_every=2), backend="torch")
     assert json.loads((full / "adapter_config.json").read_text())["medtune_format"] == "torch-full"
     out = fuse(str(tiny_llama_dir), full, tmp_path / "fused", dtype="float32")
     assert out.fused_layers == 0
@@ -288,7 +290,7 @@ def test_dora_grad_accumulation_and_a_full_fine_tune_that_fuses(tmp_path, tiny_l
 
 
 def test_refusals(tmp_path, tiny_llama_dir, prepared, monkeypatch):
-    from medtune.train import torch_backend
+    from medtune.train.backends import torch as torch_backend
 
     # QLoRA needs CUDA: refused on this CPU, before anything is loaded.
     with pytest.raises(BadInput, match="needs a CUDA GPU") as exc:
@@ -356,7 +358,7 @@ def test_two_processes_under_torchrun_train_like_one_with_the_whole_batch(tmp_pa
         pytest.skip("torchrun is not installed")
     one = tmp_path / "one"
     train(str(tiny_llama_dir), prepared, one,
-          TrainOptions(iters=4, batch_size=4, num_layers=-1, rank=4, lr=3e-3, steps_per_eval=2, seed=0), backend="torch")
+          TrainOptions(iters=4, batch_size=4, num_layers=-1, rank=4, lr=3e-3, eval_every=2, seed=0), backend="torch")
     two = tmp_path / "two"
     cmd = [str(launcher), "--standalone", "--nproc_per_node", "2", "-m", "medtune", "train", "--backend", "torch",
            "--model", str(tiny_llama_dir), "--data", str(prepared), "--out", str(two), "--iters", "4",

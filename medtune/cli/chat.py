@@ -14,7 +14,7 @@ import typer
 
 from medtune.cli.options import DEFAULT_MODEL, AllowPickleOpt, JsonOpt, ModelArg, TrustRemoteCodeOpt, emit_json, untrusted
 from medtune.core.errors import BadInput
-from medtune.runtimes.mlx import REPEAT_LAST_N, REPEAT_PENALTY  # light: mlx is imported inside its functions
+from medtune.runtimes.decoding import REPEAT_LAST_N, REPEAT_PENALTY  # light: numpy only, inside its functions
 
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", "-a", metavar="DIR", help="LoRA adapter folder from `medtune train` "
                                                                            "(adapter_config.json + adapters.safetensors).")]

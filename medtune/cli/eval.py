@@ -20,7 +20,8 @@ import typer
 
 from typer.core import TyperGroup
 
-from medtune.cli.options import AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt, emit_json, untrusted
+from medtune.cli.options import AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt, emit_json, stage_options, untrusted
+from medtune.eval.options import EvalOptions
 
 
 class _DefaultRun(TyperGroup):
@@ -38,7 +39,9 @@ app = typer.Typer(cls=_DefaultRun, no_args_is_help=True,
 
 
 @app.command("run")
+@stage_options(EvalOptions)
 def run_eval(
+    opts: EvalOptions,
     model: Annotated[str, typer.Argument(metavar="MODEL", help="The tuned model: a fused folder, or a base spec with --adapter.")],
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Folder from `medtune prepare` (test.jsonl, "
                                                  "else valid.jsonl).")] = None,
@@ -47,16 +50,8 @@ def run_eval(
     gguf: Annotated[Optional[list[Path]], typer.Option("--gguf", "-g", help="GGUF file(s) to evaluate (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for report.json, report.md, report.html "
                                                 "(default: runs/eval/<model name>).")] = None,
-    probes: Annotated[Optional[Path], typer.Option("--probes", help="Probe questions .jsonl (default: data/probes.jsonl).")] = None,
-    choices: Annotated[Optional[Path], typer.Option("--choices", help="Multiple-choice .jsonl (question, options, answer).")] = None,
     metrics: Annotated[Optional[Path], typer.Option("--metrics", help="metrics.jsonl for the loss curves "
                                                     "(default: the adapter's).")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per answer (greedy).")] = 256,
-    limit: Annotated[int, typer.Option("--limit", help="Held-out questions answered.")] = 8,
-    probe_limit: Annotated[Optional[int], typer.Option("--probe-limit", help="Use the first N probes.")] = None,
-    gguf_loss: Annotated[bool, typer.Option("--gguf-loss", help="Also the GGUFs' validation loss and multiple-choice "
-                                            "accuracy (memory: context x vocabulary floats).")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads (default: half the cores).")] = None,
     as_json: JsonOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -72,10 +67,9 @@ def run_eval(
 
         out = Path("runs") / "eval" / (re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model.rstrip("/")).name).strip("._") or "model")
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
-        report = evaluate(model, data, adapter=adapter, base=base, ggufs=gguf or [], out=out, probes=probes,
-                          choices=choices, metrics=metrics, max_tokens=max_tokens, limit=limit,
-                          probe_limit=probe_limit, n_threads=threads, gguf_loss=gguf_loss,
-                          progress=p)
+        fields = opts.to_dict()
+        report = evaluate(model, data, adapter=adapter, base=base, ggufs=gguf or [], out=out, metrics=metrics,
+                          n_threads=fields.pop("threads"), progress=p, **fields)
     if as_json:
         emit_json(report)
         return

@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from medtune.cli.options import AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt, emit_json, untrusted
+from medtune.cli.options import AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt, emit_json, stage_options, untrusted
 from medtune.core.console import done, info, step, warn
+from medtune.export.options import ExportOptions
 
 
-def _family_names() -> str:
-    from medtune.export.modelfile import FAMILIES  # plain Python, no heavy library: the registry's names for --help
-
-    return ", ".join(FAMILIES)
-
-
+@stage_options(ExportOptions)
 def export(
+    opts: ExportOptions,
     model_dir: Annotated[Path, typer.Argument(help="Fused model folder (from `medtune fuse`).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the GGUF files (default: MODEL_DIR).")] = None,
     name: Annotated[str, typer.Option("--name", "-n", help="Model name for files and Ollama.")] = "medtune",
-    quant: Annotated[List[str], typer.Option("--quant", "-q", help="f16, f32, bf16, q8_0, q4_0 (medtune's writer); q4_k_m, "
-                                                   "q4_k_s, q5_k_m, q5_k_s, q6_k, q3_k_m, q2_k (llama.cpp's quantizer). "
-                                                   "Repeatable or comma-separated: -q f16,q4_k_m.")] = ["f16"],  # noqa: B006
-    system: Annotated[Optional[str], typer.Option(help="SYSTEM prompt for the Modelfile (default: the one training saw).")] = None,
     modelfile: Annotated[Optional[Path], typer.Option(help="Modelfile path (default: Modelfiles/NAME.Modelfile).")] = None,
-    family: Annotated[Optional[str], typer.Option("--family", metavar="NAME", help="Chat-template family of the Modelfile's "
-                                                  f"TEMPLATE and stops: {_family_names()} (default: the one the "
-                                                  "tokenizer's chat template renders like).")] = None,
-    converter: Annotated[str, typer.Option(help="auto | medtune | llama.cpp: auto uses medtune's writer for the architectures "
-                                                "it knows, llama.cpp's convert_hf_to_gguf.py for the others.")] = "auto",
-    llama_cpp: Annotated[Optional[Path], typer.Option("--llama-cpp", metavar="DIR", help="A llama.cpp checkout, for its converter "
-                                                      "and llama-quantize (default: $LLAMA_CPP_DIR).")] = None,
     ollama: Annotated[Optional[str], typer.Option("--ollama", metavar="NAME", help="Then create NAME in Ollama from the "
                                                   "Modelfile (as `medtune ollama create`).")] = None,
     host: Annotated[Optional[str], typer.Option("--host", metavar="URL", help="Ollama server for --ollama "
@@ -48,19 +34,19 @@ def export(
 
     out = out or model_dir
     modelfile = modelfile or Path("Modelfiles") / f"{name}.Modelfile"
-    quants = parse_quants(quant)
-    if family is not None:
+    quants = parse_quants(opts.quant)
+    if opts.family is not None:
         from medtune.export.modelfile import get_family
 
-        get_family(family)  # refuse an unknown name before an export that may take minutes
+        get_family(opts.family)  # refuse an unknown name before an export that may take minutes
     if ollama:
         from medtune.ollama import check_name
 
         check_name(ollama)  # refuse a bad name before an export that may take minutes
     step(f"exporting {model_dir} → {out} ({', '.join(quants)})")
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
-        res = run(model_dir, out, name, quants=quants, system=system, modelfile_path=modelfile, progress=p,
-                  family=family, converter=converter, llama_cpp_dir=llama_cpp)
+        res = run(model_dir, out, name, quants=quants, system=opts.system, modelfile_path=modelfile, progress=p,
+                  family=opts.family, converter=opts.converter, llama_cpp_dir=opts.llama_cpp)
     if not as_json:
         for w in res.warnings:  # e.g. a forced --family that renders other prompts than training saw
             warn(w)

@@ -64,17 +64,17 @@ def _cli_annotation(f, hint):
         rest = [a for a in typing.get_args(typ) if a is not type(None)]
         typ = Optional[rest[0]] if len(rest) == 1 else typ
     flags = f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",)
-    return Annotated[typ, typer.Option(*flags, help=f.metadata.get("help", ""))]
+    return Annotated[typ, typer.Option(*flags, help=f.metadata.get("help", ""), metavar=f.metadata.get("metavar"))]
 
 
-def _is_argument(param) -> bool:
-    return any(isinstance(m, typer.models.ArgumentInfo) for m in getattr(param.annotation, "__metadata__", ()))
+COMMON = ("as_json", "trust_remote_code", "allow_pickle")
 
 
-def stage_options(cls, exclude: tuple[str, ...] = ()):
+def stage_options(cls, exclude: tuple[str, ...] = (), build: bool = True):
     """Decorate a command whose parameter `opts` is a stage's options dataclass: the command then takes one flag per
     field (names, types, defaults and help from the dataclass) and receives them built into `opts`. The command's own
-    parameters (arguments, --json, ...) stay as they are, first; `exclude` names fields the command does not expose."""
+    parameters (arguments, --json, ...) stay as they are; `exclude` names fields the command does not expose. build=False:
+    the command has no `opts` and gets the fields as keyword arguments (train merges a YAML file in first)."""
     import functools
     import inspect
 
@@ -85,20 +85,23 @@ def stage_options(cls, exclude: tuple[str, ...] = ()):
 
     def wrap(command):
         sig = inspect.signature(command, eval_str=True)
-        own = [p for name, p in sig.parameters.items() if name != "opts"]
+        own = [p for name, p in sig.parameters.items() if name != "opts" and p.kind is not p.VAR_KEYWORD]
         added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=options.default_of(f),
                                    annotation=_cli_annotation(f, hints[f.name])) for f in chosen]
         names = {f.name for f in chosen}
 
         @functools.wraps(command)
         def run(**kwargs):
+            if not build:
+                return command(**kwargs)
             given = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
             return command(opts=cls(**given), **kwargs)
 
         kinds = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
-        args = [p for p in kinds if _is_argument(p)]  # --help lists: arguments, the stage's options, the command's own
-        rest = [p for p in kinds if not _is_argument(p)]
-        run.__signature__ = sig.replace(parameters=[*args, *added, *rest])
+        # --help lists: the arguments and the command's own options, the stage's options, then the common ones
+        common = [p for p in kinds if p.name in COMMON]
+        first = [p for p in kinds if p.name not in COMMON]
+        run.__signature__ = sig.replace(parameters=[*first, *added, *common])
         run.__annotations__ = {}
         del run.__wrapped__  # typer must read the signature above, not the command's
         return run

@@ -8,40 +8,26 @@ from typing import Annotated, Optional
 
 import typer
 
-from medtune.cli.options import DEFAULT_MODEL, AllowPickleOpt, JsonOpt, ModelOpt, TrustRemoteCodeOpt, emit_json, untrusted
+from medtune.cli.options import (DEFAULT_MODEL, AllowPickleOpt, JsonOpt, ModelOpt, TrustRemoteCodeOpt, emit_json,
+                                  stage_options, untrusted)
 from medtune.core.console import done, info, step
 from medtune.core.errors import ResourceError
+from medtune.core.options import config_keys, from_kwargs
+from medtune.train.options import TrainOptions
 
 
 def load_config(path: Path | None, known: set[str]) -> dict:
-    """A YAML file whose keys are the command's options (snake_case or dashed); unknown keys are refused."""
+    """A YAML file whose keys are the command's options (snake_case or dashed, old spellings too); unknown keys are
+    refused."""
     if path is None:
         return {}
-    from medtune.core.errors import BadInput
+    from medtune.core.config import check_keys, normalise_keys, read_yaml_mapping
+    from medtune.core.options import aliases
 
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError as exc:
-        raise BadInput(f"config file not found: {path}", hint="check the path") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise BadInput(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where, hint="fix the YAML syntax") from exc
-    if not isinstance(data, dict):
-        raise BadInput("the config must be a mapping of option: value", where=str(path), hint="e.g. iters: 200")
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            import difflib
-
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            raise BadInput(f"unknown option {key!r} in the config", where=str(path),
-                           hint=f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}")
-        out[name] = value
-    return out
+    data = normalise_keys(read_yaml_mapping(path, missing_hint="check the path", mapping_hint="e.g. iters: 200"),
+                          aliases(TrainOptions))
+    check_keys(data, known, str(path))
+    return data
 
 
 def _merge(ctx: typer.Context, config: dict, given: dict, where: str | None = None) -> dict:
@@ -82,6 +68,7 @@ def _config_value(ctx, param, name: str, value, where, BadInput):
                        hint=f"the value must be what {flag} takes on the command line") from exc
 
 
+@stage_options(TrainOptions, build=False)
 def train(
     ctx: typer.Context,
     model: ModelOpt = DEFAULT_MODEL,
@@ -90,34 +77,6 @@ def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of these options; flags win.")] = None,
     backend: Annotated[str, typer.Option(help="auto | mlx | torch | unsloth. auto: MLX on Apple Silicon (and on a CPU with mlx "
                                               "installed), Unsloth on CUDA when installed, else PyTorch + PEFT.")] = "auto",
-    fine_tune_type: Annotated[str, typer.Option(help="lora | dora | full.")] = "lora",
-    iters: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
-    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data (overrides --iters).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Records per micro-batch.")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    num_layers: Annotated[int, typer.Option(help="Layers (from the top) that are trained; -1 = all.")] = 8,
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (scale = alpha / rank).")] = None,
-    scale: Annotated[float, typer.Option(help="LoRA scale (when --alpha is not given).")] = 20.0,
-    dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
-    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated, e.g. q_proj,v_proj (default: all linear).")] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
-    lr_schedule: Annotated[str, typer.Option(help="constant | cosine | linear.")] = "constant",
-    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 0,
-    max_seq_length: Annotated[int, typer.Option(help="Longest record allowed (tokens); longer ones are refused, never cut.")] = 2048,
-    grad_checkpoint: Annotated[bool, typer.Option("--grad-checkpoint", help="Trade compute for memory.")] = False,
-    mask_prompt: Annotated[bool, typer.Option("--mask-prompt/--no-mask-prompt", help="Loss on the answer only.")] = True,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    eval_every: Annotated[int, typer.Option(help="Steps between validation passes.")] = 50,
-    val_batches: Annotated[int, typer.Option(help="Validation batches per pass; -1 = all.")] = -1,
-    save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
-    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept (the newest).")] = 2,
-    load_in_4bit: Annotated[Optional[bool], typer.Option("--load-in-4bit/--no-load-in-4bit",
-                                                         help="torch/unsloth: QLoRA on a 4-bit base (bitsandbytes, CUDA); "
-                                                              "default: on for models over 3B parameters on CUDA.")] = None,
-    precision: Annotated[str, typer.Option(help="torch/unsloth: auto | fp32 | fp16 | bf16. auto: bf16 on Ampere and newer, "
-                                                "fp16 with loss scaling before (T4), fp32 on CPU.")] = "auto",
-    test: Annotated[bool, typer.Option("--test", help="Evaluate loss/perplexity on test.jsonl at the end.")] = False,
     resume: Annotated[Optional[bool], typer.Option("--resume/--fresh", help="--resume: continue from the last checkpoint "
                                                    "in --out; --fresh: discard it and start over. Default: an "
                                                    "unfinished run of the same settings in --out resumes.")] = None,
@@ -125,29 +84,25 @@ def train(
     as_json: JsonOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    **fields,
 ):
     """Fine-tune a model on prepared data (LoRA/DoRA/full; MLX on Apple Silicon or a Linux CPU, PyTorch/Unsloth on CUDA)."""
     from rich.progress import TextColumn
 
     from medtune.core.console import progress
-    from medtune.train import TrainOptions, resolve_backend
+    from medtune.train import resolve_backend
     from medtune.train import train as run
-    from medtune.train.options import option_names
 
-    given = {k: v for k, v in ctx.params.items() if k not in ("config", "as_json")}
-    known = option_names() | {"model", "data", "out", "eval_every", "resume", "dry_run", "backend", "trust_remote_code",
-                              "allow_pickle"}
-    opts_in = _merge(ctx, load_config(config, known), given, where=str(config) if config else None)
+    own = {p.name for p in ctx.command.params} - {"config", "as_json"}
+    known = own | config_keys(TrainOptions)
+    opts_in = _merge(ctx, load_config(config, known), {k: v for k, v in ctx.params.items() if k in own},
+                     where=str(config) if config else None)
     safe_flags = {k: bool(opts_in.pop(k)) for k in ("trust_remote_code", "allow_pickle")}
-    tm = opts_in.pop("target_modules")
-    if isinstance(tm, str):
-        tm = [x.strip() for x in tm.split(",") if x.strip()]
     model, data, out = str(opts_in.pop("model")), Path(opts_in.pop("data")), Path(opts_in.pop("out"))
     resume, dry_run = opts_in.pop("resume"), bool(opts_in.pop("dry_run"))
     resume = None if resume is None else bool(resume)
     backend = str(opts_in.pop("backend"))
-    opts_in["steps_per_eval"] = opts_in.pop("eval_every")
-    opts = TrainOptions(**opts_in, target_modules=tm).check()
+    opts = from_kwargs(TrainOptions, where=str(config) if config else None, **opts_in).check()
     backend = resolve_backend(backend, opts)
     follower = int(os.environ.get("RANK", "0")) > 0  # torchrun / accelerate launch: rank 0 reports
     kind = {"lora": "LoRA", "dora": "DoRA", "full": "full fine-tuning"}[opts.fine_tune_type]

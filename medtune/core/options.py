@@ -9,7 +9,8 @@ A field is declared with `option(default, help, flags=..., aliases=...)`:
 - aliases: other names the config and the library accept for the field (e.g. `format` for `fmt`): old spellings
   keep working, and `from_kwargs` maps them onto the field;
 - cli_type: the command line's type when it differs from the field's (a comma-separated str for a list);
-- cli: False for a field that only the library and the config take.
+- metavar: the flag's value name in --help;
+- cli: False for a field that only the library and the config take; config: False for one the config does not.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any, Callable
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] = (),  # noqa: A002
-           aliases: tuple[str, ...] = (), cli_type: Any = None, cli: bool = True,
-           factory: Callable[[], Any] | None = None) -> Any:
-    meta = {"help": help, "flags": tuple(flags), "aliases": tuple(aliases), "cli_type": cli_type, "cli": cli}
+           aliases: tuple[str, ...] = (), cli_type: Any = None, metavar: str | None = None, cli: bool = True,
+           config: bool = True, factory: Callable[[], Any] | None = None) -> Any:
+    meta = {"help": help, "flags": tuple(flags), "aliases": tuple(aliases), "cli_type": cli_type, "metavar": metavar,
+            "cli": cli, "config": config}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -53,7 +55,7 @@ def aliases(cls) -> dict[str, str]:
 
 def config_keys(cls) -> set[str]:
     """The keys a config section for this stage may hold: the fields and their aliases."""
-    return {f.name for f in fields(cls)} | set(aliases(cls))
+    return {n for f in fields(cls) if f.metadata.get("config", True) for n in (f.name, *f.metadata.get("aliases", ()))}
 
 
 def from_kwargs(cls, opts=None, where: str | None = None, **given):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Optional
 
 from medtune.core.errors import BadInput
+from medtune.core.options import option
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -15,32 +17,46 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 @dataclass
 class TrainOptions:
-    fine_tune_type: str = "lora"
-    iters: int = 100  # optimizer steps (each takes grad_accum micro-batches); see also epochs
-    epochs: float | None = None  # when set, overrides iters: passes over the training set
-    batch_size: int = 4
-    grad_accum: int = 1
-    num_layers: int = 8  # layers (from the top) that are trained; -1 = all
-    rank: int = 8
-    alpha: float | None = None  # LoRA alpha; scale = alpha / rank (overrides scale)
-    scale: float = 20.0
-    dropout: float = 0.0
-    target_modules: list[str] | None = None  # e.g. ["q_proj", "v_proj"]; None = every linear layer
-    lr: float = 1e-4
-    lr_schedule: str = "constant"
-    warmup: int = 0  # steps of linear warm-up
-    max_seq_length: int = 2048
-    grad_checkpoint: bool = False
-    mask_prompt: bool = True
-    seed: int = 0
-    steps_per_eval: int = 50
-    val_batches: int = -1  # -1 = the whole validation set
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    test: bool = False  # evaluate on test.jsonl at the end
-    # PyTorch backends (torch, unsloth). None = 4-bit for models over 3B parameters on CUDA.
-    load_in_4bit: bool | None = None
-    precision: str = "auto"  # auto: bf16 on Ampere and newer, fp16 + loss scaling before (T4), fp32 on CPU
+    """Every backend's training options: the flags of `medtune train`, the keys of its --config YAML and of the
+    `train:` section of `medtune run`'s config (medtune.core.options)."""
+
+    fine_tune_type: str = option("lora", "lora | dora | full.")
+    iters: int = option(100, "Optimizer steps (each takes --grad-accum micro-batches).")
+    epochs: float | None = option(None, "Passes over the data (overrides --iters).")
+    batch_size: int = option(4, "Records per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    num_layers: int = option(8, "Layers (from the top) that are trained; -1 = all.")
+    rank: int = option(8, "LoRA rank.")
+    alpha: float | None = option(None, "LoRA alpha (scale = alpha / rank).")
+    scale: float = option(20.0, "LoRA scale (when --alpha is not given).")
+    dropout: float = option(0.0, "LoRA dropout.")
+    target_modules: list[str] | None = option(None, "Comma-separated, e.g. q_proj,v_proj (default: all linear).",
+                                              cli_type=Optional[str])
+    lr: float = option(1e-4, "Peak learning rate.")
+    lr_schedule: str = option("constant", "constant | cosine | linear.")
+    warmup: int = option(0, "Warm-up steps.")
+    max_seq_length: int = option(2048, "Longest record allowed (tokens); longer ones are refused, never cut.")
+    grad_checkpoint: bool = option(False, "Trade compute for memory.", flags=("--grad-checkpoint",))
+    mask_prompt: bool = option(True, "Loss on the answer only.", flags=("--mask-prompt/--no-mask-prompt",))
+    seed: int = option(0, "Random seed.")
+    eval_every: int = option(50, "Steps between validation passes.", aliases=("steps_per_eval",))
+    val_batches: int = option(-1, "Validation batches per pass; -1 = all.")
+    save_every: int = option(100, "Steps between checkpoints.")
+    keep_checkpoints: int = option(2, "Checkpoints kept (the newest).")
+    test: bool = option(False, "Evaluate loss/perplexity on test.jsonl at the end.", flags=("--test",))
+    load_in_4bit: bool | None = option(None, "torch/unsloth: QLoRA on a 4-bit base (bitsandbytes, CUDA); default: on "
+                                             "for models over 3B parameters on CUDA.",
+                                       flags=("--load-in-4bit/--no-load-in-4bit",))
+    precision: str = option("auto", "torch/unsloth: auto | fp32 | fp16 | bf16. auto: bf16 on Ampere and newer, fp16 "
+                                    "with loss scaling before (T4), fp32 on CPU.")
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):  # the command line's and a YAML file's comma-separated form
+            self.target_modules = [x.strip() for x in self.target_modules.split(",") if x.strip()]
+
+    @property
+    def steps_per_eval(self) -> int:  # the name the backends read
+        return self.eval_every
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,7 +75,7 @@ class TrainOptions:
             bad(f"--precision must be one of {', '.join(PRECISIONS)}", "auto picks what the device supports")
         if self.lr_schedule not in SCHEDULES:
             bad(f"--lr-schedule must be one of {', '.join(SCHEDULES)}", "cosine with --warmup is a good default")
-        for name in ("iters", "batch_size", "grad_accum", "rank", "max_seq_length", "steps_per_eval", "save_every"):
+        for name in ("iters", "batch_size", "grad_accum", "rank", "max_seq_length", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be at least 1", f"e.g. --{name.replace('_', '-')} {max(1, getattr(TrainOptions, name))}")
         if not 0 <= self.dropout < 1:

@@ -408,7 +408,7 @@ def test_rope_scaling_logits_match_transformers(built, tmp_path, base, scaling):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from medtune.export import archs
+    from medtune import archs
     from medtune.models.config import normalise_config, read_config
 
     model = tmp_path / "scaled"
@@ -419,7 +419,9 @@ def test_rope_scaling_logits_match_transformers(built, tmp_path, base, scaling):
     (model / "config.json").write_text(json.dumps(normalise_config(cfg)))
     write_gguf(model, tmp_path / "s.gguf", "f32")
     hparams = {k: v for k, _, v in archs.for_config(read_config(model)).hparams(0)}
-    assert hparams["rope.scaling.type"] == scaling["rope_type"] and hparams["rope.scaling.factor"] == scaling["factor"]
+    a = built(base)["case"]["gguf_arch"]
+    assert hparams[f"{a}.rope.scaling.type"] == scaling["rope_type"]
+    assert hparams[f"{a}.rope.scaling.factor"] == scaling["factor"]
     ids = list(range(300, 420))
     hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
     with torch.no_grad():

@@ -330,7 +330,7 @@ def test_unsupported_architecture_without_checkout(model256, tmp_path, monkeypat
 
 def test_llama_cpp_converter_fallback_generates_like_ours(model256, exported, llama_cpp_dir, tmp_path):
     pytest.importorskip("torch")
-    from medtune.export.archs import REGISTRY
+    from medtune.archs import REGISTRY
 
     # llama.cpp's converter knows the old spelling LLaMAForCausalLM (same model class); medtune's registry
     # does not, so `auto` falls back to llama.cpp.

@@ -6,7 +6,7 @@ import pytest
 from conftest import run_cli
 from medtune.core.errors import BadInput, MedtuneError
 from medtune.models import pull
-from medtune.models.gguf_import import permute_rows, unpermute_rows
+from medtune.archs.llama import permute_rows, unpermute_rows
 
 PROMPTS = [
     "A 58-year-old man has crushing chest pain for 40 minutes. What is the first step?",

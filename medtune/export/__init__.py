@@ -17,6 +17,7 @@ from pathlib import Path
 
 from medtune.core.errors import BadInput
 from medtune.core.lock import holds as _holds_lock
+from medtune.export.gguf_reader import file_type_name, read_gguf_header
 
 __all__ = ["ExportResult", "export", "inspect_gguf", "modelfile_from", "ollama_commands", "read_gguf_header"]
 
@@ -79,7 +80,7 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
         q4_k_m q4_k_s q5_k_m q5_k_s q6_k q3_k_m q2_k (llama.cpp's quantizer, from an F16 GGUF: the f16 file
         when it is asked for too, otherwise a temporary one).
     system: None keeps the chat template's default system prompt (if any); a string replaces it.
-    converter: "auto" (medtune's writer for the architectures in medtune.export.archs.REGISTRY, llama.cpp's
+    converter: "auto" (medtune's writer for the architectures in medtune.archs.REGISTRY, llama.cpp's
         convert_hf_to_gguf.py for the others), "medtune" or "llama.cpp".
     llama_cpp_dir: a llama.cpp checkout (default: $LLAMA_CPP_DIR), for its converter and llama-quantize.
 
@@ -307,124 +308,6 @@ def _versions(medtune_version: str) -> dict:
 
 
 # ---- reading GGUF files back ---------------------------------------------------------------------------
-# GGUF value types (the file format's own numbering) -> struct format; 8 = string, 9 = array.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def read_gguf_header(path: str | Path, *, head: int = 5, full_arrays=()) -> dict:
-    """The metadata and tensor table of a GGUF file, without reading its tensor data.
-
-    Arrays longer than `head` are summarised as {"len": n, "head": [first `head` items]}, except the keys
-    named in `full_arrays`. Much faster than gguf.GGUFReader on a large vocabulary (it builds an object per
-    token).
-    """
-    import mmap
-    import struct
-
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"no such GGUF file: {path}", hint="check the path")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise BadInput("not a GGUF file (it does not start with the magic bytes 'GGUF')", where=str(path),
-                           hint="check the path; an interrupted download or a git-lfs pointer looks like this")
-        if size < 24:
-            raise BadInput(f"truncated GGUF file ({size} bytes, shorter than the 24-byte header)", where=str(path),
-                           hint="the file is truncated; export or download it again")
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        pos = 4
-
-        def take(fmt: str):
-            nonlocal pos
-            value = struct.unpack_from(fmt, mm, pos)
-            pos += struct.calcsize(fmt)
-            return value[0]
-
-        def string() -> str:
-            nonlocal pos
-            n = take("<Q")
-            if pos + n > size:
-                raise ValueError("a string runs past the end of the file")
-            value = mm[pos:pos + n].decode("utf-8", errors="replace")
-            pos += n
-            return value
-
-        def value(vtype: int, key: str):
-            nonlocal pos
-            if vtype == _STRING:
-                return string()
-            if vtype in _SCALARS:
-                return take(_SCALARS[vtype])
-            if vtype != _ARRAY:
-                raise ValueError(f"unknown value type {vtype} for {key}")
-            etype, count = take("<I"), take("<Q")
-            keep = count if key in full_arrays else min(count, head)
-            if etype in _SCALARS:
-                width = struct.calcsize(_SCALARS[etype])
-                items = list(struct.unpack_from(f"<{keep}{_SCALARS[etype][1]}", mm, pos))
-                pos += width * count
-            elif etype == _STRING:
-                items = [string() for _ in range(keep)]
-                for _ in range(count - keep):  # skip the rest: only the lengths are read
-                    pos += 8 + struct.unpack_from("<Q", mm, pos)[0]
-            else:  # nested arrays: read them all (rare, short)
-                items = [value(etype, key) for _ in range(count)]
-            if key in full_arrays or count <= head:
-                return items
-            return {"len": count, "head": items[:head]}
-
-        version = take("<I")
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)"
-                             + (" - a big-endian file?" if version > 0xFFFF else ""))
-        n_tensors, n_kv = take("<Q"), take("<Q")
-        metadata = {}
-        for _ in range(n_kv):
-            key = string()
-            metadata[key] = value(take("<I"), key)
-        raw = []
-        for _ in range(n_tensors):
-            tname = string()
-            dims = [take("<Q") for _ in range(take("<I"))]
-            raw.append((tname, dims, take("<I"), take("<Q")))
-        alignment = int(metadata.get("general.alignment", 32) or 32)
-        data_start = (pos + alignment - 1) // alignment * alignment
-    except (struct.error, ValueError, UnicodeDecodeError, OverflowError) as exc:
-        detail = "the header runs past the end of the file" if isinstance(exc, struct.error) else exc
-        raise BadInput(f"not a readable GGUF file ({detail})", where=str(path),
-                       hint="the file is truncated or damaged; export or download it again") from exc
-    finally:
-        mm.close()
-    tensors = _tensor_table(raw, data_start, size)
-    if tensors:
-        last = max(tensors, key=lambda t: t["offset"] + t["bytes"])
-        end = data_start + last["offset"] + last["bytes"]
-        if end > size:
-            raise BadInput(f"truncated GGUF file: tensor {last['name']} ends at byte {end}, the file has {size}",
-                           where=str(path), hint="the file is truncated; export or download it again")
-    return {"version": version, "metadata": metadata, "tensors": tensors, "data_offset": data_start}
-
-
-def _tensor_table(raw: list, data_start: int, file_size: int) -> list[dict]:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    ends = sorted(off for *_, off in raw) + [file_size - data_start]
-    nxt = {off: ends[i + 1] for i, off in enumerate(ends[:-1])}
-    out = []
-    for tname, dims, ttype, off in raw:
-        try:
-            qtype = GGMLQuantizationType(ttype)
-            block, nbytes = GGML_QUANT_SIZES[qtype]
-            type_name, n = qtype.name, math.prod(dims) // block * nbytes
-        except (ValueError, KeyError):  # a type newer than the installed gguf-py: its extent in the file
-            type_name, n = f"TYPE_{ttype}", nxt[off] - off
-        out.append({"name": tname, "shape": dims, "type": type_name, "bytes": int(n), "offset": off})
-    return out
-
-
 def inspect_gguf(path: str | Path, *, head: int = 5) -> dict:
     """What a GGUF file holds: the facts that decide how it runs (architecture, context, tokenizer, chat
     template, file type), its metadata (long arrays summarised) and its tensors (shapes in GGUF order,
@@ -491,8 +374,6 @@ def _file_type_name(value) -> str | None:
     if value is None:
         return None
     try:
-        from gguf import LlamaFileType
-
-        return LlamaFileType(int(value)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        return file_type_name(value)
     except (ValueError, TypeError):
         return f"unknown ({value})"

@@ -16,26 +16,16 @@ import numpy as np
 
 from medtune.core import fsutil
 from medtune.core.errors import BadInput
-from medtune.export import archs
+from medtune import archs
 from medtune.export.tokenizer import Vocab, read_vocab
 
-OUTTYPES = ("f16", "f32", "bf16", "q8_0", "q4_0")
+from medtune.export.gguf_reader import file_type
+from medtune.export.quantize import WRITER_TYPES as OUTTYPES
+
 # In a Q4_0 file the tensor that produces the logits (output.weight, or token_embd.weight when the embeddings
 # are tied) is kept at 8 bits: it is the one most sensitive to quantization (llama.cpp's quantizer keeps it at
 # Q6_K, which gguf-py cannot write).
 LOGITS_TYPE = {"q4_0": "q8_0"}
-
-
-def _types():
-    from gguf import GGMLQuantizationType as T, LlamaFileType as F
-
-    return {
-        "f32": (T.F32, F.ALL_F32),
-        "f16": (T.F16, F.MOSTLY_F16),
-        "bf16": (T.BF16, F.MOSTLY_BF16),
-        "q8_0": (T.Q8_0, F.MOSTLY_Q8_0),
-        "q4_0": (T.Q4_0, F.MOSTLY_Q4_0),
-    }
 
 
 # ---- the checkpoint, read lazily -------------------------------------------------------------------
@@ -152,7 +142,7 @@ def tensor_qtype(gguf_name: str, shape: tuple[int, ...], outtype: str, *, logits
         return T.F32
     if logits:
         outtype = LOGITS_TYPE.get(outtype, outtype)
-    qtype = _types()[outtype][0]
+    qtype = T[outtype.upper()]  # f16 -> F16, q8_0 -> Q8_0
     block, _ = GGML_QUANT_SIZES[qtype]
     if shape[-1] % block:
         return T.F16
@@ -225,7 +215,7 @@ def plan_gguf(model_dir: str | Path, outtype: str = "f16") -> Plan:
 
     n_vocab = ckpt.shape["model.embed_tokens.weight"][0]
     vocab = read_vocab(model_dir, n_vocab=n_vocab)
-    return Plan(model_dir, cfg, arch, vocab, ckpt, tensors, outtype, int(_types()[outtype][1]))
+    return Plan(model_dir, cfg, arch, vocab, ckpt, tensors, outtype, file_type(outtype))
 
 
 def check_disk(out_path: Path, need: int) -> None:
@@ -260,14 +250,14 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
 
     task = progress.add_task(label or f"writing {out_path.name}", total=len(plan.tensors)) if progress else None
     with fsutil.atomic_path(out_path) as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
+        w = gguf.GGUFWriter(str(tmp), arch.gguf_arch())
         try:
             w.add_name(name or plan.model_dir.name)
             w.add_file_type(plan.file_type)
             if plan.outtype.startswith("q"):
                 w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             for key, vtype, value in arch.hparams(len(vocab.tokens)):
-                _add_kv(w, f"{arch.gguf_arch}.{key}", vtype, value)
+                _add_kv(w, key, vtype, value)
             vocab.write(w)
             for t in plan.tensors:
                 if t.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
@@ -281,7 +271,7 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
             w.write_ti_data_to_file()
             for t in plan.tensors:
                 data = extra[t.gguf_name] if t.hf_name is None else plan.ckpt.read(t.hf_name)
-                data = arch.transform(t.gguf_name, data)
+                data = arch.to_gguf(t.gguf_name, data)
                 data = np.ascontiguousarray(gguf.quants.quantize(data, t.qtype))
                 w.write_tensor_data(data)
                 del data
@@ -291,7 +281,7 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
             w.close()
     return {
         "path": str(out_path),
-        "arch": arch.gguf_arch,
+        "arch": arch.gguf_arch(),
         "hf_arch": arch.hf_arch,
         "outtype": plan.outtype,
         "file_type": plan.file_type,

@@ -1,7 +1,7 @@
 """llama.cpp's own converter, for the architectures medtune's writer does not know.
 
 `--converter auto` (the default) uses medtune's writer when the model's architecture is in
-medtune.export.archs.REGISTRY, and llama.cpp's `convert_hf_to_gguf.py` otherwise, when a llama.cpp checkout
+medtune.archs.REGISTRY, and llama.cpp's `convert_hf_to_gguf.py` otherwise, when a llama.cpp checkout
 is configured (`--llama-cpp DIR` or LLAMA_CPP_DIR). The converter runs as a child process with the current
 Python (it needs torch, transformers and numpy) and with the checkout's own gguf-py first on PYTHONPATH,
 because the converter is written against that version of it. medtune never imports llama.cpp code.
@@ -50,7 +50,7 @@ def checkout_dir(llama_cpp_dir: str | Path | None = None) -> Path | None:
 
 def choose(converter: str, model_dir: Path, llama_cpp_dir: str | Path | None = None) -> Route:
     """Which converter exports this model; refuses (before anything is written) what cannot be done."""
-    from medtune.export.archs import REGISTRY, supported
+    from medtune.archs import REGISTRY, supported
     from medtune.models.config import read_config
 
     converter = (converter or "auto").lower().replace("llamacpp", "llama.cpp").replace("llama_cpp", "llama.cpp")
@@ -97,7 +97,8 @@ def convert(route: Route, model_dir: str | Path, out_path: str | Path, outtype: 
             name: str | None = None, label: str | None = None) -> dict:
     """Run `convert_hf_to_gguf.py MODEL --outfile OUT --outtype T`; OUT appears only when complete."""
     from medtune.core import fsutil
-    from medtune.export.quantize import file_type, run_tool
+    from medtune.export.gguf_reader import file_type
+    from medtune.export.quantize import run_tool
 
     if outtype not in CONVERTER_TYPES:
         raise BadInput(f"llama.cpp's converter does not write {outtype}", hint=f"it writes {', '.join(CONVERTER_TYPES)}")
@@ -128,7 +129,7 @@ def convert(route: Route, model_dir: str | Path, out_path: str | Path, outtype: 
 def vocab_from_gguf(path: str | Path, model_dir: str | Path):
     """The tokenizer facts the Modelfile needs (stop tokens, chat template), read back from a GGUF that
     llama.cpp wrote: used when medtune's own tokenizer reader does not know this tokenizer."""
-    from medtune.export import read_gguf_header
+    from medtune.export.gguf_reader import read_gguf_header
     from medtune.export.tokenizer import Vocab
 
     from medtune.export.tokenizer import EOS_IDS_KEY

@@ -28,21 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.core.errors import BadInput, MedtuneError, MissingDependency
+from medtune.export.gguf_reader import file_type, file_type_name
 
 WRITER_TYPES = ("f16", "f32", "bf16", "q8_0", "q4_0")
-# medtune name -> llama.cpp's name (LLAMA_FTYPE_MOSTLY_<name>, and llama-quantize's type argument)
-KQUANTS = {
-    "q4_k_m": "Q4_K_M",
-    "q4_k_s": "Q4_K_S",
-    "q5_k_m": "Q5_K_M",
-    "q5_k_s": "Q5_K_S",
-    "q6_k": "Q6_K",
-    "q3_k_m": "Q3_K_M",
-    "q2_k": "Q2_K",
-}
+# Made by llama.cpp's quantizer; llama.cpp's name for each (LLAMA_FTYPE_MOSTLY_<name>, and llama-quantize's type
+# argument) is gguf_reader.file_type_name(file_type(q)).
+KQUANTS = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k")
 ALIASES = {"q4_k": "q4_k_m", "q5_k": "q5_k_m", "q3_k": "q3_k_m", "fp16": "f16", "fp32": "f32", "float16": "f16",
            "float32": "f32", "bfloat16": "bf16"}
-ALL_TYPES = WRITER_TYPES + tuple(KQUANTS)
+ALL_TYPES = WRITER_TYPES + KQUANTS
 # Approximate bits per weight of the whole file, for the disk check.
 BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q4_0": 4.6, "q4_k_m": 5.0, "q4_k_s": 4.7, "q5_k_m": 5.8,
         "q5_k_s": 5.6, "q6_k": 6.6, "q3_k_m": 4.0, "q2_k": 3.5}
@@ -75,14 +69,6 @@ def parse_quants(values) -> list[str]:
     if not out:
         raise BadInput("no GGUF type asked for", hint=f"choose from: {', '.join(ALL_TYPES)}")
     return out
-
-
-def file_type(qtype: str) -> int:
-    """general.file_type (llama.cpp's LLAMA_FTYPE) of a file of this type."""
-    from gguf import LlamaFileType
-
-    name = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}.get(qtype, f"MOSTLY_{qtype.upper()}")
-    return int(LlamaFileType[name])
 
 
 # ---- finding llama.cpp's quantizer ----------------------------------------------------------------
@@ -172,7 +158,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, quantizer: Quant
     if qtype not in KQUANTS and qtype not in ("q4_0", "q8_0"):
         raise BadInput(f"{qtype} is not made by llama.cpp's quantizer here", hint=f"K-quants: {', '.join(KQUANTS)}")
     src, dst = Path(src), Path(dst)
-    kind = KQUANTS.get(qtype, qtype.upper())
+    kind = file_type_name(file_type(qtype))  # llama.cpp's name: Q4_K_M
     with fsutil.atomic_path(dst) as tmp:
         if quantizer.kind == "api":
             cmd = [sys.executable, "-c", _API_SCRIPT, str(src), str(tmp), kind, str(threads)]

@@ -2,7 +2,8 @@
 
 transformers 5.x writes `rope_parameters: {rope_theta, rope_type}` instead of a top-level
 `rope_theta`; mlx_lm's llama model then silently falls back to theta 10000 and disagrees with HF
-and llama.cpp. Every config we write or load goes through `normalise_config`.
+and llama.cpp. Every config we write or load goes through `normalise_config`. A config without `architectures`
+gets the one its `model_type` names in the architecture registry (medtune.archs).
 """
 
 from __future__ import annotations
@@ -10,14 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medtune import archs
 from medtune.core.errors import BadInput
-
-MODEL_TYPE_TO_ARCH = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
 
 QUANT_KEYS = ("quantization", "quantization_config")
 
@@ -31,8 +26,8 @@ def normalise_config(cfg: dict, *, drop_quantization: bool = False) -> dict:
         rtype = rope.get("rope_type")
         if rtype and rtype != "default" and not cfg.get("rope_scaling"):
             cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if not cfg.get("architectures") and cfg.get("model_type") in MODEL_TYPE_TO_ARCH:
-        cfg["architectures"] = [MODEL_TYPE_TO_ARCH[cfg["model_type"]]]
+    if not cfg.get("architectures") and archs.hf_arch_for_model_type(cfg.get("model_type")):
+        cfg["architectures"] = [archs.hf_arch_for_model_type(cfg["model_type"])]
     if drop_quantization:
         for key in QUANT_KEYS:
             cfg.pop(key, None)

@@ -93,3 +93,48 @@ def test_bad_input_via_cli_is_one_line_exit_2_and_keeps_previous_output(tmp_path
     assert "Traceback" not in res.stderr
     assert f"{bad}:2" in res.stderr and "hint:" in res.stderr
     assert (out / "train.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("given, message, hint", [
+    ({"reasoning": "x"}, "--reasoning must be one of think, drop, inline, not 'x'", "e.g. --reasoning think"),
+    ({"overlong": "cut"}, "--overlong must be one of drop, keep, error, not 'cut'", "e.g. --overlong drop"),
+    ({"style": "x"}, "--style must be one of auto, completions, chat, text, not 'x'", "e.g. --style auto"),
+    ({"answers": "best"}, "--answers must be one of all, first, not 'best'", "e.g. --answers all"),
+    ({"valid_ratio": 0.6, "test_ratio": 0.5}, "--valid-ratio and --test-ratio must be in [0, 1) and sum below 1",
+     "e.g. --valid-ratio 0.1"),
+    ({"valid_ratio": -0.1}, "--valid-ratio and --test-ratio must be in [0, 1)", "e.g. --valid-ratio 0.1"),
+    ({"limit": 0}, "--limit must be at least 1", "e.g. --limit 1000"),
+    ({"sample": 0}, "--sample must be at least 1", "e.g. --sample 1000"),
+    ({"max_seq_length": 0}, "--max-seq-length must be at least 1", "e.g. --max-seq-length 1000"),
+])
+def test_options_are_checked_before_any_work(tmp_path, given, message, hint):
+    """PrepareOptions.check() judges the values; prepare() calls it before it touches the model or the data."""
+    from medtune.data.options import PrepareOptions
+
+    with pytest.raises(BadInput) as exc:
+        PrepareOptions(**given).check()
+    assert message in exc.value.message and exc.value.hint == hint
+    with pytest.raises(BadInput) as exc:  # no model, no dataset: the options are refused first
+        prepare(tmp_path / "missing.jsonl", "builtin:no-such-model", tmp_path / "out", **given)
+    assert message in exc.value.message
+    assert not (tmp_path / "out").exists()
+    PrepareOptions().check()  # the defaults pass
+
+
+def test_prepare_takes_the_options_dataclass_and_keywords_on_top(tmp_path, smollm2_dir):
+    """prepare(opts=PrepareOptions(...)) as the CLI calls it; keywords (also the old names format=, map=) set fields on
+    top, as medtune run's config sections and older scripts pass them."""
+    from medtune.data.options import PrepareOptions
+
+    opts = PrepareOptions(limit=6, token_stats=False, valid_ratio=0.0)
+    a = prepare(SAMPLE, str(smollm2_dir), tmp_path / "a", opts)
+    assert a.counts["examples"] == 6 and a.counts["valid"] == 0
+    assert a.manifest["options"]["limit"] == 6 and a.manifest["options"]["token_stats"] is False
+    b = prepare(SAMPLE, str(smollm2_dir), tmp_path / "b", opts, limit=4, format="medical-o1",
+                map={"Question": "Question"})
+    assert b.counts["examples"] == 4 and b.format == "medical-o1"
+    assert b.manifest["options"]["map"] == {"question": "Question"}
+    assert opts.limit == 6  # the caller's options are not changed
+    with pytest.raises(BadInput) as exc:
+        prepare(SAMPLE, str(smollm2_dir), tmp_path / "c", max_seq_lenght=10)
+    assert "max_seq_length" in exc.value.hint

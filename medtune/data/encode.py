@@ -119,12 +119,18 @@ def encode(tok, record: dict, mask_prompt: bool = True) -> tuple[list[int], int]
     return encode_all(tok, [record], mask_prompt)[0]
 
 
-def encode_all(tok, records: list[dict], mask_prompt: bool = True) -> list[tuple[list[int], int]]:
-    tok = hf_tokenizer(tok)
-    render = Renderer(tok)
+def render_and_encode(tok, render: Renderer, records: list[dict], mask_prompt: bool = True):
+    """The records' (full text, prompt text) pairs, the full texts' token ids and the prompts' token ids (empty lists
+    without prompt masking), in one batch each: what prepare checks and training encodes, computed one way."""
     pairs = [texts(r, render) for r in records]
     full = encode_texts(tok, [p[0] for p in pairs])
     heads = encode_texts(tok, [p[1] for p in pairs]) if mask_prompt else [[] for _ in pairs]
+    return pairs, full, heads
+
+
+def encode_all(tok, records: list[dict], mask_prompt: bool = True) -> list[tuple[list[int], int]]:
+    tok = hf_tokenizer(tok)
+    _, full, heads = render_and_encode(tok, Renderer(tok), records, mask_prompt)
     out = []
     for rec, ids, head in zip(records, full, heads):
         ids = with_eos(tok, rec, ids)

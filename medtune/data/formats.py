@@ -241,8 +241,10 @@ def get(name: str) -> Format:
     return REGISTRY[name]
 
 
-def parse_map(spec: str | None) -> dict[str, str]:
-    """'question=Q,response=A' -> {'question': 'Q', 'response': 'A'}."""
+def parse_map(spec: str | dict | None) -> dict[str, str]:
+    """'question=Q,response=A' (or, from the library, {'Question': 'Q', ...}) -> {'question': 'Q', 'response': 'A'}."""
+    if spec is not None and not isinstance(spec, str):
+        return {k.lower(): v for k, v in spec.items()}
     out: dict[str, str] = {}
     for part in (spec or "").split(","):
         if not part.strip():

@@ -4,6 +4,11 @@ Every record is rendered through the model's own chat template and tokenized wit
 (batched, both cores). Checked on every record (or on a sample with token_stats=False): the prompt's
 tokens are a true prefix of the full sequence, the end-of-turn token appears exactly once in the
 answer, at its end, and the reasoning survived rendering. Nothing is written unless all of it holds.
+
+prepare() runs the steps in order, each a function below: read_examples (read, convert, clean, dedupe),
+to_records (the records in the chosen style), tokenize_and_check, within_length (--overlong), split,
+then the result, the manifest and write_outputs. The options and their checks are PrepareOptions's
+(medtune.data.options).
 """
 
 from __future__ import annotations
@@ -15,15 +20,15 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from medtune.core import fsutil, jsonl
-from medtune.data import encode, formats, render, sources
 from medtune.core.errors import BadInput
 from medtune.core.lock import holds as _holds_lock
+from medtune.core.options import from_kwargs
+from medtune.data import encode, formats, render, sources
+from medtune.data.options import PrepareOptions
 
-REASONING_MODES = ("think", "drop", "inline")
-OVERLONG_MODES = ("drop", "keep", "error")
-STYLES = ("auto", *encode.STYLES)
 OUTPUT_FILES = {"train.jsonl", "valid.jsonl", "test.jsonl", "manifest.json"}
 CHECK_SAMPLE = 64  # records fully checked when token statistics are off
 CHUNK = 2048  # records per tokenization batch (progress granularity)
@@ -187,224 +192,309 @@ def _check(info, full_text, prompt_text, full_ids, head_ids, reasoning_text, whe
                   hint="the chat template strips it; use --reasoning inline or --style text")
 
 
+@dataclass
+class _Tally:
+    """What the steps met on the way: records read, what was dropped and why (in the order met), notes for the user.
+    A bad record stops the run, unless skip_invalid: then it is counted."""
+    skip_invalid: bool
+    read: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    notes: list = field(default_factory=list)
+
+    def invalid(self, exc: BadInput, reason: str | None = None) -> None:
+        """Raise `exc`; with skip_invalid, count it instead (under `reason`, or its message up to the first colon)."""
+        if not self.skip_invalid:
+            raise exc
+        self.dropped["invalid: " + (reason or exc.message.split(":")[0][:60])] += 1
+
+
+@dataclass
+class _Template:
+    """The model's tokenizer, its chat template compiled for rendering, and what that template does."""
+    tok: Any
+    renderer: encode.Renderer
+    info: render.TemplateInfo
+
+    @classmethod
+    def load(cls, tokenizer, model_path: Path) -> _Template:
+        tok = tokenizer or render.load_tokenizer(model_path)
+        return cls(tok, encode.Renderer(tok), render.inspect_template(tok, model_path))
+
+
+@dataclass
+class _Records:
+    """The examples still in the running and the records made of them (same order); once tokenized, each checked
+    record's length in tokens (-1: it failed the rendering checks and was dropped under skip_invalid)."""
+    examples: list
+    rows: list
+    lengths: dict = field(default_factory=dict)
+
+
 @_holds_lock("out")  # one writer per output folder (medtune.core.lock)
-def prepare(dataset, model, out=None, *, fmt: str | None = None, mapping: dict | str | None = None,
-            style: str = "auto", reasoning: str = "think", valid_ratio: float = 0.1, test_ratio: float = 0.0,
-            seed: int = 42, max_seq_length: int = 2048, overlong: str = "drop", limit: int | None = None,
-            sample: int | None = None, answers: str = "all", skip_invalid: bool = False, token_stats: bool = True,
-            dry_run: bool = False, tokenizer=None, progress=None) -> PrepareResult:
+def prepare(dataset, model, out=None, opts: PrepareOptions | None = None, *, dry_run: bool = False, tokenizer=None,
+            progress=None, **fields) -> PrepareResult:
     """Convert `dataset` for `model` (a spec or folder) and write it to `out` (unless dry_run).
 
-    tokenizer: an already loaded tokenizer for `model` (notebooks, benchmarks); loaded if None.
+    opts: the PrepareOptions; keywords (fmt=..., max_seq_length=..., or the old names format=, map=) set fields on
+    top of them. tokenizer: an already loaded tokenizer for `model` (notebooks, benchmarks); loaded if None.
+    progress: a rich Progress, which gets a "reading" and a "tokenizing" task.
     """
+    opts = from_kwargs(PrepareOptions, opts, **fields)
+    opts.check()
+    mapping = formats.parse_map(opts.mapping)
+    out = Path(out) if out else None
+    writing = out is not None and not dry_run
+    if writing:
+        _check_out(out)
+    # The model (its tokenizer is loaded once the records are read: a bad dataset fails in a second).
+    model_ref, model_path = _locate_model(model, tokenizer)
+    # The sources' sha256 is computed on the other core while the records are read.
+    resolved = sources.resolve(dataset)
+    digests = _hash_meanwhile(resolved.files) if writing else None
+    tally = _Tally(opts.skip_invalid)
+    fmt, examples = read_examples(dataset, resolved, opts, mapping, tally, progress)
+    tpl = _Template.load(tokenizer, model_path)
+    examples = _draw_sample(examples, opts.sample, opts.seed, tally)
+    style = _choose_style(opts.style, examples, tpl.info, opts.reasoning, tally.notes)
+    recs = to_records(examples, style, opts.reasoning, tpl, tally)
+    checked = _indices_to_check(len(recs.rows), opts.token_stats, opts.seed)
+    recs.lengths = tokenize_and_check(recs, checked, tpl, opts.reasoning, tally, progress)
+    keep = within_length(recs, opts, tally, dataset)
+    splits = split(recs, keep, opts)
+    result = _result(out if writing else None, fmt.name, style, recs, keep, splits, tpl, opts, tally)
+    if not writing:
+        return result
+    inputs = {"dataset": str(dataset), "kind": resolved.kind, "sha256": digests.result(),
+              "model": model_ref.to_dict() if model_ref else {"path": str(model_path)}}
+    plain_text = recs.examples[0].text is not None
+    result.manifest = _manifest(result, opts, mapping, inputs, len(checked), plain_text)
+    result.files = write_outputs(out, splits, result.manifest)
+    return result
+
+
+def _locate_model(model, tokenizer) -> tuple[Any, Path]:
+    """(the pulled model's reference, its folder); no reference when a tokenizer is given with a local folder."""
     from medtune.models import pull
 
-    for name, value, allowed in (("--reasoning", reasoning, REASONING_MODES), ("--overlong", overlong, OVERLONG_MODES),
-                                 ("--style", style, STYLES), ("--answers", answers, ("all", "first"))):
-        if value not in allowed:
-            raise BadInput(f"{name} must be one of {', '.join(allowed)}, not {value!r}", hint=f"e.g. {name} {allowed[0]}")
-    if not (0 <= valid_ratio < 1 and 0 <= test_ratio < 1 and valid_ratio + test_ratio < 1):
-        raise BadInput("--valid-ratio and --test-ratio must be in [0, 1) and sum below 1", hint="e.g. --valid-ratio 0.1")
-    for name, value in (("--limit", limit), ("--sample", sample), ("--max-seq-length", max_seq_length)):
-        if value is not None and value < 1:
-            raise BadInput(f"{name} must be at least 1", hint=f"e.g. {name} 1000")
-    mapping = formats.parse_map(mapping) if isinstance(mapping, str) or mapping is None else \
-        {k.lower(): v for k, v in mapping.items()}
-    out = Path(out) if out else None
-    if out and not dry_run:
-        _check_out(out)
-
-    # The model (its tokenizer is loaded once the records are read: a bad dataset fails in a second).
     model_ref = pull(str(model)) if tokenizer is None or not Path(str(model)).is_dir() else None
-    model_path = model_ref.path if model_ref else Path(str(model))
-    notes: list[str] = []
+    return model_ref, (model_ref.path if model_ref else Path(str(model)))
 
-    # Read, convert, clean, dedupe; the sources' sha256 is computed on the other core meanwhile.
-    resolved = sources.resolve(dataset)
+
+def _hash_meanwhile(files):
+    """A future of {path: sha256} for `files`, computed on another thread."""
     from concurrent.futures import ThreadPoolExecutor
 
     hasher = ThreadPoolExecutor(max_workers=1)
-    digests = hasher.submit(lambda: {str(f): fsutil.sha256_file(f) for f in resolved.files}) if out and not dry_run else None
+    digests = hasher.submit(lambda: {str(f): fsutil.sha256_file(f) for f in files})
     hasher.shutdown(wait=False)
-    dropped: Counter = Counter()
-    fmt_obj = formats.get(fmt) if fmt else None
+    return digests
+
+
+def read_examples(dataset, resolved: sources.Resolved, opts: PrepareOptions, mapping: dict, tally: _Tally,
+                  progress=None) -> tuple[formats.Format, list[formats.Example]]:
+    """Read the records, convert them with the format (opts.fmt, or detected from the first record), clean them and
+    drop the empty and repeated ones, up to opts.limit examples: (the format, the examples)."""
+    fmt = formats.get(opts.fmt) if opts.fmt else None
     seen: set[int] = set()
     examples: list[formats.Example] = []
-    n_read = 0
-    options = {"answers": answers}
+    options = {"answers": opts.answers}
     task = progress.add_task("reading", total=None) if progress else None
     for rec in sources.read(resolved):
-        n_read += 1
+        tally.read += 1
         if isinstance(rec, sources.RecordError):
-            if not skip_invalid:
-                raise rec
-            dropped["invalid: " + rec.message.split(":")[0][:60]] += 1
+            tally.invalid(rec)
             continue
-        if progress and n_read % 1000 == 0:
-            progress.update(task, completed=n_read)
+        if progress and tally.read % 1000 == 0:
+            progress.update(task, completed=tally.read)
         try:
-            fmt_obj = fmt_obj or formats.detect(rec.data, rec.where, mapping)
-            converted = fmt_obj.convert(formats.Fields(rec.data, rec.where, mapping, options))
+            fmt = fmt or formats.detect(rec.data, rec.where, mapping)
+            converted = fmt.convert(formats.Fields(rec.data, rec.where, mapping, options))
         except BadInput as exc:
-            if not skip_invalid:
-                raise
-            dropped["invalid: " + exc.message.split(":")[0][:60]] += 1
+            tally.invalid(exc)
             continue
         if not converted:
-            dropped["no answer"] += 1
-        for ex in converted:
-            reason = _clean_example(ex, rec.controls)
-            if reason:
-                dropped[reason] += 1
-                continue
-            key = hash((ex.text, ex.reasoning, tuple((m["role"], m["content"]) for m in ex.messages)))
-            if key in seen:
-                dropped["duplicate"] += 1
-                continue
-            seen.add(key)
-            examples.append(ex)
-        if limit and len(examples) >= limit:
-            examples = examples[:limit]
+            tally.dropped["no answer"] += 1
+        examples += _clean_and_new(converted, rec.controls, seen, tally)
+        if opts.limit and len(examples) >= opts.limit:
+            examples = examples[:opts.limit]
             break
     if progress:
-        progress.update(task, completed=n_read, total=n_read)
+        progress.update(task, completed=tally.read, total=tally.read)
     if not examples:
-        raise BadInput(f"no usable records in {dataset} (read {n_read}, dropped {dict(dropped) or 'none'})",
+        raise BadInput(f"no usable records in {dataset} (read {tally.read}, dropped {dict(tally.dropped) or 'none'})",
                        hint="check the fields (--format, --map) and that they are not empty")
-    # The model's tokenizer and what its chat template does.
-    tok = tokenizer or render.load_tokenizer(model_path)
-    info = render.inspect_template(tok, model_path)
-    if sample and sample < len(examples):
-        picked = sorted(random.Random(seed).sample(range(len(examples)), sample))
-        dropped["not sampled"] += len(examples) - sample
-        examples = [examples[i] for i in picked]
+    return fmt, examples
 
-    # Records in the chosen style; no record may carry the end-of-turn token as text.
-    style = _choose_style(style, examples, info, reasoning, notes)
-    renderer = encode.Renderer(tok)
+
+def _clean_and_new(converted: list[formats.Example], controls: bool, seen: set, tally: _Tally) -> list:
+    """The examples, cleaned, that are not empty and not the same as one already in `seen` (which they join)."""
+    new = []
+    for ex in converted:
+        reason = _clean_example(ex, controls)
+        if reason:
+            tally.dropped[reason] += 1
+            continue
+        key = hash((ex.text, ex.reasoning, tuple((m["role"], m["content"]) for m in ex.messages)))
+        if key in seen:
+            tally.dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        new.append(ex)
+    return new
+
+
+def _draw_sample(examples: list, sample: int | None, seed: int, tally: _Tally) -> list:
+    """`sample` of the examples drawn at random (seeded), in their order; all of them when there are no more."""
+    if not sample or sample >= len(examples):
+        return examples
+    picked = sorted(random.Random(seed).sample(range(len(examples)), sample))
+    tally.dropped["not sampled"] += len(examples) - sample
+    return [examples[i] for i in picked]
+
+
+def to_records(examples: list, style: str, reasoning: str, tpl: _Template, tally: _Tally) -> _Records:
+    """The records in `style`, one per example; no record may carry the end-of-turn token as text."""
     rows, kept = [], []
+    end = tpl.info.end_token
     for ex in examples:
         texts = [m["content"] for m in ex.messages] + [ex.reasoning, ex.text or ""]
-        if any(info.end_token in t for t in texts):
-            exc = sources.RecordError(f"the record's text contains the end-of-turn token {info.end_token!r}",
-                                      where=ex.where, hint="remove it: the chat template adds it where it belongs")
-            if not skip_invalid:
-                raise exc
-            dropped["invalid: contains the end-of-turn token"] += 1
+        if any(end in t for t in texts):
+            tally.invalid(sources.RecordError(f"the record's text contains the end-of-turn token {end!r}", where=ex.where,
+                                              hint="remove it: the chat template adds it where it belongs"),
+                          "contains the end-of-turn token")
             continue
-        rows.append(_to_record(ex, style, reasoning, info, renderer))
+        rows.append(_to_record(ex, style, reasoning, tpl.info, tpl.renderer))
         kept.append(ex)
-    examples = kept
     if not rows:
-        raise BadInput("no records left after the checks", hint=f"dropped: {dict(dropped)}")
+        raise BadInput("no records left after the checks", hint=f"dropped: {dict(tally.dropped)}")
+    return _Records(kept, rows)
 
-    # Render and tokenize: every record with token statistics, else a sample; check each one.
-    n = len(rows)
+
+def _indices_to_check(n: int, token_stats: bool, seed: int) -> list[int]:
+    """Every record with token statistics; else the first CHECK_SAMPLE/2 and as many others drawn at random."""
     if token_stats:
-        check_idx = list(range(n))
-    else:
-        rest = list(range(min(CHECK_SAMPLE // 2, n), n))
-        check_idx = sorted(set(range(min(CHECK_SAMPLE // 2, n))) |
-                           set(random.Random(seed).sample(rest, min(CHECK_SAMPLE // 2, len(rest)))))
+        return list(range(n))
+    first = min(CHECK_SAMPLE // 2, n)
+    rest = list(range(first, n))
+    return sorted(set(range(first)) | set(random.Random(seed).sample(rest, min(CHECK_SAMPLE // 2, len(rest)))))
+
+
+def tokenize_and_check(recs: _Records, indices: list[int], tpl: _Template, reasoning: str, tally: _Tally,
+                       progress=None) -> dict[int, int]:
+    """Render and tokenize the records at `indices` in batches, check each one (_check), and return their lengths
+    in tokens (-1 for one that failed the checks under skip_invalid)."""
     lengths: dict[int, int] = {}
-    task = progress.add_task("tokenizing", total=len(check_idx)) if progress else None
-    for start in range(0, len(check_idx), CHUNK):
-        chunk = check_idx[start:start + CHUNK]
-        pairs = [encode.texts(rows[i], renderer) for i in chunk]
-        full_ids = encode.encode_texts(tok, [p[0] for p in pairs])
-        head_ids = encode.encode_texts(tok, [p[1] for p in pairs])
+    task = progress.add_task("tokenizing", total=len(indices)) if progress else None
+    for start in range(0, len(indices), CHUNK):
+        chunk = indices[start:start + CHUNK]
+        pairs, full_ids, head_ids = encode.render_and_encode(tpl.tok, tpl.renderer, [recs.rows[i] for i in chunk])
         for i, (full_text, prompt_text), ids, head in zip(chunk, pairs, full_ids, head_ids):
-            if examples[i].text is not None:  # plain text: no template to check; training appends eos
-                lengths[i] = len(encode.with_eos(tok, rows[i], ids))
+            ex = recs.examples[i]
+            if ex.text is not None:  # plain text: no template to check; training appends eos
+                lengths[i] = len(encode.with_eos(tpl.tok, recs.rows[i], ids))
                 continue
-            kept_reasoning = examples[i].reasoning if reasoning != "drop" else ""
+            kept_reasoning = ex.reasoning if reasoning != "drop" else ""
             try:
-                _check(info, full_text, prompt_text, ids, head, kept_reasoning, examples[i].where)
-            except sources.RecordError:
-                if not skip_invalid:
-                    raise
-                dropped["invalid: failed the rendering checks"] += 1
+                _check(tpl.info, full_text, prompt_text, ids, head, kept_reasoning, ex.where)
+            except sources.RecordError as exc:
+                tally.invalid(exc, "failed the rendering checks")
                 lengths[i] = -1
                 continue
             lengths[i] = len(ids)
         if progress:
             progress.advance(task, len(chunk))
+    return lengths
 
-    # Overlong records: never one whose end token training would cut off.
+
+def within_length(recs: _Records, opts: PrepareOptions, tally: _Tally, dataset) -> list[int]:
+    """The indices of the records to keep: those that passed the checks, and those over opts.max_seq_length as
+    opts.overlong says; never one whose end token training would cut off."""
     keep = []
     longest = None  # (tokens, where) of the longest record dropped for its length
-    for i in range(n):
-        length = lengths.get(i)
+    for i in range(len(recs.rows)):
+        length = recs.lengths.get(i)
         if length == -1:
             continue
-        if length is not None and length > max_seq_length:
+        if length is not None and length > opts.max_seq_length:
             if longest is None or length > longest[0]:
-                longest = (length, examples[i].where)
-            if overlong == "error":
-                raise BadInput(f"record is {length} tokens, over --max-seq-length {max_seq_length}",
-                               where=examples[i].where, hint="raise --max-seq-length, or --overlong drop")
-            if overlong == "drop":
-                dropped["over max_seq_length"] += 1
+                longest = (length, recs.examples[i].where)
+            if opts.overlong == "error":
+                raise BadInput(f"record is {length} tokens, over --max-seq-length {opts.max_seq_length}",
+                               where=recs.examples[i].where, hint="raise --max-seq-length, or --overlong drop")
+            if opts.overlong == "drop":
+                tally.dropped["over max_seq_length"] += 1
                 continue
-            notes.append("--overlong keep: some records exceed --max-seq-length; training refuses them unless its "
-                         "--max-seq-length is raised")
+            tally.notes.append("--overlong keep: some records exceed --max-seq-length; training refuses them unless "
+                               "its --max-seq-length is raised")
         keep.append(i)
-    if not keep:
-        if longest is not None:
-            raise BadInput(f"no records left: {dropped['over max_seq_length']} dropped for being over --max-seq-length "
-                           f"{max_seq_length}; this one is {longest[0]} tokens", where=longest[1],
-                           hint=f"raise --max-seq-length, or split such records (dropped: {dict(dropped)})")
-        raise BadInput(f"no records left in {dataset} after the length and rendering checks",
-                       hint=f"dropped: {dict(dropped)}; raise --max-seq-length?")
+    if keep:
+        return keep
+    dropped = tally.dropped
+    if longest is not None:
+        raise BadInput(f"no records left: {dropped['over max_seq_length']} dropped for being over --max-seq-length "
+                       f"{opts.max_seq_length}; this one is {longest[0]} tokens", where=longest[1],
+                       hint=f"raise --max-seq-length, or split such records (dropped: {dict(dropped)})")
+    raise BadInput(f"no records left in {dataset} after the length and rendering checks",
+                   hint=f"dropped: {dict(dropped)}; raise --max-seq-length?")
 
-    # Split on the opening question, so a question never lands on two sides.
+
+def split(recs: _Records, keep: list[int], opts: PrepareOptions) -> dict[str, list[dict]]:
+    """train/valid/test by a seeded hash of the opening question, so a question never lands on two sides."""
     splits: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
     for i in keep:
-        splits[_side(split_key(examples[i]), seed, valid_ratio, test_ratio)].append(rows[i])
-    if valid_ratio > 0 and not splits["valid"] and len(splits["train"]) > 1:
+        splits[_side(split_key(recs.examples[i]), opts.seed, opts.valid_ratio, opts.test_ratio)].append(recs.rows[i])
+    if opts.valid_ratio > 0 and not splits["valid"] and len(splits["train"]) > 1:
         splits["valid"].append(splits["train"].pop())  # tiny sets: keep at least one validation record
     if not splits["train"]:
         raise BadInput("no training records left after the split", hint="lower --valid-ratio/--test-ratio or add data")
+    return splits
 
+
+def _result(out: Path | None, fmt: str, style: str, recs: _Records, keep: list[int], splits: dict, tpl: _Template,
+            opts: PrepareOptions, tally: _Tally) -> PrepareResult:
+    """The counts, the token statistics and the first kept record as the model sees it."""
     first = keep[0]
-    full_text, prompt_text = encode.texts(rows[first], renderer)
-    example = {"where": examples[first].where, "record": rows[first], "rendered": full_text,
-               "prompt_chars": len(prompt_text), "tokens": lengths.get(first)}
-    counts = {"read": n_read, "examples": len(examples), "kept": len(keep), "dropped": dict(dropped),
+    full_text, prompt_text = encode.texts(recs.rows[first], tpl.renderer)
+    example = {"where": recs.examples[first].where, "record": recs.rows[first], "rendered": full_text,
+               "prompt_chars": len(prompt_text), "tokens": recs.lengths.get(first)}
+    counts = {"read": tally.read, "examples": len(recs.examples), "kept": len(keep), "dropped": dict(tally.dropped),
               **{k: len(v) for k, v in splits.items()}}
-    tokens = _stats([lengths[i] for i in keep if i in lengths]) if token_stats else {}
-    result = PrepareResult(out=None if dry_run else out, counts=counts, format=fmt_obj.name, style=style,
-                           template=info.to_dict(), tokens=tokens, example=example, notes=list(dict.fromkeys(notes)))
-    if dry_run or out is None:
-        return result
+    tokens = _stats([recs.lengths[i] for i in keep if i in recs.lengths]) if opts.token_stats else {}
+    return PrepareResult(out=out, counts=counts, format=fmt, style=style, template=tpl.info.to_dict(), tokens=tokens,
+                         example=example, notes=list(dict.fromkeys(tally.notes)))
 
-    manifest = {
+
+def _manifest(result: PrepareResult, opts: PrepareOptions, mapping: dict, inputs: dict, n_checked: int,
+              plain_text: bool) -> dict:
+    """What was read (with content hashes), with which options and package versions, and what came of it. The
+    options under their manifest names: format (the one used), map (parsed), style (the one chosen)."""
+    rest = {k: v for k, v in opts.to_dict().items() if k not in ("fmt", "mapping", "style")}
+    return {
         "stage": "prepare",
-        "inputs": {"dataset": str(dataset), "kind": resolved.kind,
-                   "sha256": digests.result(),
-                   "model": model_ref.to_dict() if model_ref else {"path": str(model_path)}},
-        "options": {"format": fmt_obj.name, "map": mapping, "style": style, "reasoning": reasoning,
-                    "valid_ratio": valid_ratio, "test_ratio": test_ratio, "seed": seed,
-                    "max_seq_length": max_seq_length, "overlong": overlong, "limit": limit, "sample": sample,
-                    "answers": answers, "skip_invalid": skip_invalid, "token_stats": token_stats},
-        "template": info.to_dict(),
-        "end_token_added_by": "record (style text)" if style == "text" and examples[0].text is None else "chat_template",
-        "checked": {"records": len(check_idx), "all": token_stats},
-        "counts": counts,
-        "tokens": tokens,
-        "first_example": example,
+        "inputs": inputs,
+        "options": {"format": result.format, "map": mapping, "style": result.style, **rest},
+        "template": dict(result.template),
+        "end_token_added_by": "record (style text)" if result.style == "text" and not plain_text else "chat_template",
+        "checked": {"records": n_checked, "all": opts.token_stats},
+        "counts": result.counts,
+        "tokens": result.tokens,
+        "first_example": result.example,
         "notes": result.notes,
         "versions": versions(),
     }
+
+
+def write_outputs(out: Path, splits: dict[str, list[dict]], manifest: dict) -> dict[str, str]:
+    """train.jsonl, valid.jsonl, test.jsonl (when it has records) and manifest.json, written in a temporary folder
+    that replaces `out` whole; returns the JSONL files by side."""
+    from medtune.core import redact
+
     with fsutil.atomic_dir(out) as tmp:
         for side, data in splits.items():
             if data or side != "test":
                 jsonl.write_jsonl(tmp / f"{side}.jsonl", data)
-        from medtune.core import redact
         redact.write_json(tmp / "manifest.json", manifest)
-    result.files = {side: str(out / f"{side}.jsonl") for side in splits if (out / f"{side}.jsonl").exists()}
-    result.manifest = manifest
-    return result
+    return {side: str(out / f"{side}.jsonl") for side in splits if (out / f"{side}.jsonl").exists()}
 
 
 PACKAGES = ("transformers", "tokenizers", "mlx", "mlx-lm", "gguf")  # what prepare's manifest records

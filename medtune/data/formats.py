@@ -31,6 +31,13 @@ class Example:
         return self.messages[-1]["content"] if self.messages else ""
 
 
+def expect_text(value, label: str, where: str, hint: str) -> str:
+    """`value` if it is text; else BadInput naming the field (`label`) and the type it holds."""
+    if not isinstance(value, str):
+        raise BadInput(f"{label} is a {type(value).__name__}, expected text", where=where, hint=hint)
+    return value
+
+
 class Fields:
     """Case-insensitive field access with the user's --map renames, reporting file:line and field."""
 
@@ -72,10 +79,7 @@ class Fields:
             return value
         if value is None:
             return ""
-        if not isinstance(value, str):
-            raise BadInput(f"field {self.key(name)!r} is a {type(value).__name__}, expected text", where=self.where,
-                           hint="this field must be a string")
-        return value
+        return expect_text(value, f"field {self.key(name)!r}", self.where, "this field must be a string")
 
     def items(self, name: str, kind: type, required: bool = True) -> list:
         value = self.raw(name, required)
@@ -154,10 +158,7 @@ def _conversation(f: Fields, name: str, role_key: str, content_key: str, roles: 
         if role is None:
             raise BadInput(f"{name}[{i}] has unknown role {turn[rk]!r}", where=f.where,
                            hint=f"known roles: {', '.join(sorted(roles))}")
-        content = turn[ck]
-        if not isinstance(content, str):
-            raise BadInput(f"{name}[{i}].{content_key} is a {type(content).__name__}, expected text", where=f.where,
-                           hint="turn contents must be strings")
+        content = expect_text(turn[ck], f"{name}[{i}].{content_key}", f.where, "turn contents must be strings")
         msgs.append({"role": role, "content": content})
     body = [m for m in msgs if m["role"] != "system"]
     if not body or body[-1]["role"] != "assistant":

@@ -112,12 +112,16 @@ def _json(text: str, path: Path, controls: bool = True) -> Iterator[Record]:
         obj = lists[0]
     if not isinstance(obj, list):
         raise BadInput("JSON top level is not a list of records", where=str(path), hint="use a JSON array of objects")
+    hint = "every record must be a JSON object with the dataset's fields"
     for i, item in enumerate(obj):
-        if not isinstance(item, dict):
-            yield RecordError(f"record is a {type(item).__name__}, not an object", where=f"{path}[{i}]",
-                              hint="every record must be a JSON object with the dataset's fields")
-            continue
-        yield Record(item, f"{path}[{i}]", controls)
+        yield _object(item, f"{path}[{i}]", controls, "record is a", hint)
+
+
+def _object(item, where: str, controls: bool, what: str, hint: str) -> Record | RecordError:
+    """A JSON value as a record: a RecordError in its place when it is not an object."""
+    if isinstance(item, dict):
+        return Record(item, where, controls)
+    return RecordError(f"{what} {type(item).__name__}, not an object", where=where, hint=hint)
 
 
 def _jsonl(text: str, path: Path, controls: bool = True) -> Iterator[Record]:
@@ -130,11 +134,7 @@ def _jsonl(text: str, path: Path, controls: bool = True) -> Iterator[Record]:
             yield RecordError(f"invalid JSON on this line: {exc.msg} (column {exc.colno})", where=f"{path}:{n}",
                               hint="fix or delete that line (or --skip-invalid); each line must be one JSON object")
             continue
-        if not isinstance(item, dict):
-            yield RecordError(f"line holds a {type(item).__name__}, not an object", where=f"{path}:{n}",
-                              hint="each line must be one JSON object")
-            continue
-        yield Record(item, f"{path}:{n}", controls)
+        yield _object(item, f"{path}:{n}", controls, "line holds a", "each line must be one JSON object")
 
 
 def _csv(text: str, path: Path, delimiter: str, controls: bool = True) -> Iterator[Record]:

@@ -1,4 +1,8 @@
-"""The tokenizer part of a GGUF, read from a Hugging Face folder.
+"""The tokenizer part of a GGUF, read from a Hugging Face folder, and the registry of tokenizer kinds.
+
+A kind (`tokenizer.ggml.model`: byte-level BPE "gpt2" in medtune.export.bpe; SentencePiece "llama" next) reads
+its vocabulary from tokenizer.json for export and writes it back as one on import; what every kind shares
+(special tokens, end ids, add_bos/add_eos, the chat template) is read here.
 
 tokenizer.json gives the vocabulary, merges, added tokens and the pre-tokenizer; tokenizer_config.json
 the special tokens, add_bos/add_eos and the chat template; generation_config.json / config.json the
@@ -17,7 +21,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medtune.export import pretok
 from medtune.core.errors import BadInput
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -126,43 +129,70 @@ def _adds_special(tok: dict, text: str | None, first: bool) -> bool:
     return False
 
 
-def read_vocab(model_dir: str | Path, n_vocab: int | None = None) -> Vocab:
-    """Everything the GGUF needs about the tokenizer. `n_vocab`: rows of the embedding matrix."""
-    model_dir = Path(model_dir)
-    tok = _load_json(model_dir / "tokenizer.json", required=True)
-    tcfg = _load_json(model_dir / "tokenizer_config.json")
-    gen = _load_json(model_dir / "generation_config.json")
-    cfg = _load_json(model_dir / "config.json")
-    where = str(model_dir / "tokenizer.json")
+# ---- tokenizer kinds ------------------------------------------------------------------------------------
+class TokenizerKind:
+    """One kind of tokenizer (`tokenizer.ggml.model`): how its vocabulary is read from a tokenizer.json for
+    export, and written back as one on import. Subclasses register with `@register_kind`."""
 
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE" or not _byte_level(tok):
-        kind = model.get("type") or "?"
-        raise BadInput(
-            f"tokenizer model {kind!r}{'' if kind != 'BPE' else ' without byte-level encoding'} cannot be exported yet",
-            where=where, hint="byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen, SmolLM) are supported")
+    gguf_model: str = ""  # tokenizer.ggml.model
+    name: str = ""  # "byte-level BPE"
+    describe: str = ""  # what the kind covers, for refusals: "byte-level BPE tokenizers (GPT-2 style: ...)"
 
-    normalizer = _normalizer_kind(tok.get("normalizer"))
-    if normalizer not in (None, "NFC"):
-        raise BadInput(f"tokenizer normalizer {normalizer!r} cannot be exported", where=where,
-                       hint="llama.cpp's BPE tokenizer does not normalise text; only none and NFC (Qwen's, "
-                            "a no-op on the composed text people type) keep tokenization the same")
+    @classmethod
+    def matches(cls, tok: dict) -> bool:
+        """Is this tokenizer.json of this kind?"""
+        raise NotImplementedError
 
-    entry = pretok.recognise(tok.get("pre_tokenizer"))
-    if entry is None:
-        found = json.dumps(tok.get("pre_tokenizer"), ensure_ascii=False)
-        if len(found) > 300:
-            found = found[:300] + "…"
-        raise BadInput(
-            f"pre-tokenizer not recognised: {found}",
-            where=where,
-            hint=f"medtune knows the pre-tokenizers {', '.join(sorted(pretok.REGISTRY))} (a wrong one would split text "
-                 "differently from training); export with llama.cpp's converter (--converter llama.cpp --llama-cpp DIR) "
-                 "if it knows this tokenizer, or fine-tune a model whose tokenizer is one of those")
+    @classmethod
+    def read(cls, tok: dict, where: str, n_vocab: int | None) -> tuple[list[str], list[int], list[str], str]:
+        """(tokens, token types, merges, tokenizer.ggml.pre) of a tokenizer.json of this kind."""
+        raise NotImplementedError
 
-    # Tokens ordered by id: the BPE vocabulary plus added tokens (which may lie outside it).
+    @classmethod
+    def pretokenizer(cls, pre_name: str, where: str):
+        """Refuses a GGUF `tokenizer.ggml.pre` this kind cannot rebuild on import."""
+        raise NotImplementedError
+
+    @classmethod
+    def tokenizer_json(cls, meta: dict, where: str, specials: dict) -> dict:
+        """A tokenizer.json for the vocabulary of a GGUF of this kind (import)."""
+        raise NotImplementedError
+
+
+KINDS: dict[str, type[TokenizerKind]] = {}  # tokenizer.ggml.model -> kind
+
+
+def register_kind(cls: type[TokenizerKind]) -> type[TokenizerKind]:
+    KINDS[cls.gguf_model] = cls
+    return cls
+
+
+def kind_for_json(tok: dict, where: str) -> type[TokenizerKind]:
+    """The kind of a tokenizer.json, or BadInput naming what is supported."""
+    for kind in KINDS.values():
+        if kind.matches(tok):
+            return kind
+    found = (tok.get("model") or {}).get("type") or "?"
+    raise BadInput(
+        f"tokenizer model {found!r}{'' if found != 'BPE' else ' without byte-level encoding'} cannot be exported yet",
+        where=where, hint=f"{' and '.join(k.describe for k in KINDS.values())} are supported")
+
+
+def kind_for_gguf(model, where: str) -> type[TokenizerKind]:
+    """The kind of a GGUF's `tokenizer.ggml.model`, or BadInput naming what can be imported."""
+    kind = KINDS.get(model)
+    if kind is None:
+        raise BadInput(f"GGUF tokenizer model {model!r} cannot be imported yet", where=where,
+                       hint=", ".join(f"{k.name} ({k.gguf_model!r})" for k in KINDS.values())
+                            + " tokenizers are supported")
+    return kind
+
+
+def tokens_by_id(tok: dict, where: str, n_vocab: int | None) -> tuple[list[str], list[int]]:
+    """Tokens and their types ordered by id: the model's vocabulary plus added tokens (which may lie outside it),
+    padded to the embedding matrix's `n_vocab` rows with unused [PADi] tokens."""
     by_id: dict[int, str] = {}
-    for text, idx in (model.get("vocab") or {}).items():
+    for text, idx in ((tok.get("model") or {}).get("vocab") or {}).items():
         by_id[int(idx)] = text
     types: dict[int, int] = {}
     for added in tok.get("added_tokens") or []:
@@ -177,38 +207,67 @@ def read_vocab(model_dir: str | Path, n_vocab: int | None = None) -> Vocab:
             raise BadInput(f"the tokenizer has {size} tokens but the embedding matrix only {n_vocab} rows",
                            where=where, hint="the tokenizer does not belong to these weights")
         size = n_vocab
-    tokens, token_types = [], []
-    for i in range(size):
-        if i in by_id:
-            tokens.append(by_id[i])
-            token_types.append(types.get(i, NORMAL))
-        else:  # embedding rows with no token (vocab padded to a multiple of 64/128)
-            tokens.append(f"[PAD{i}]")
-            token_types.append(UNUSED)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]  # rows with no token: vocab padded to 64/128
+    return tokens, [types.get(i, NORMAL) if i in by_id else UNUSED for i in range(size)]
 
-    merges = []
-    for m in model.get("merges") or []:
-        if isinstance(m, str):
-            merges.append(m)
-        else:
-            a, b = m
-            if " " in a or " " in b:
-                raise BadInput(f"merge {m!r} contains a space and cannot be written to GGUF", where=where,
-                               hint="this tokenizer is not a byte-level BPE that llama.cpp can load")
-            merges.append(f"{a} {b}")
 
-    ids = {t: i for i, t in enumerate(tokens)}
+# ---- reading a model folder's tokenizer ----------------------------------------------------------------
+def read_vocab(model_dir: str | Path, n_vocab: int | None = None) -> Vocab:
+    """Everything the GGUF needs about the tokenizer. `n_vocab`: rows of the embedding matrix."""
+    model_dir = Path(model_dir)
+    tok = _load_json(model_dir / "tokenizer.json", required=True)
+    tcfg = _load_json(model_dir / "tokenizer_config.json")
+    where = str(model_dir / "tokenizer.json")
+    kind = kind_for_json(tok, where)
+    tokens, token_types, merges, pre = kind.read(tok, where, n_vocab)
+    ids = _special_ids(model_dir, tok, tcfg, tokens)
+    template = chat_template(model_dir)
+    specials = {k: _token_text(tcfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    turn_end = end_of_turn(template, [tokens[i] for i in ids["eos_ids"]], specials)
+    index = {t: i for i, t in enumerate(tokens)}
+    eot = index[turn_end] if turn_end is not None and index.get(turn_end) in ids["eos_ids"] else ids["eos"]
+    return Vocab(
+        model=kind.gguf_model, pre=pre, tokens=tokens, token_types=token_types, merges=merges,
+        bos_id=ids["bos"], eos_id=ids["eos"], unk_id=ids["unk"], pad_id=ids["pad"],
+        add_bos=bool(_adds(tok, tcfg, "bos", first=True)), add_eos=bool(_adds(tok, tcfg, "eos", first=False)),
+        chat_template=template, eos_ids=ids["eos_ids"], eot_id=eot,
+    )
+
+
+def _special_ids(model_dir: Path, tok: dict, tcfg: dict, tokens: list[str]) -> dict:
+    """bos, eos, unk, pad ids and every end id, from tokenizer_config.json's texts, generation_config.json and
+    config.json; refuses a vocabulary without an end token or with an id outside it."""
+    gen = _load_json(model_dir / "generation_config.json")
+    cfg = _load_json(model_dir / "config.json")
+    index = {t: i for i, t in enumerate(tokens)}
 
     def id_of(text):
-        return ids.get(text) if text is not None else None
+        return index.get(text) if text is not None else None
 
-    bos_text = _token_text(tcfg.get("bos_token"))
-    eos_text = _token_text(tcfg.get("eos_token"))
-    bos = id_of(bos_text)
+    bos = id_of(_token_text(tcfg.get("bos_token")))
     if bos is None:
         bos = _first_int(cfg.get("bos_token_id"), gen.get("bos_token_id"))
-    eos_ids = _ids(gen.get("eos_token_id")) or _ids(cfg.get("eos_token_id"))
-    tok_eos = id_of(eos_text)
+    eos, eos_ids = _end_ids(id_of(_token_text(tcfg.get("eos_token"))),
+                            _ids(gen.get("eos_token_id")) or _ids(cfg.get("eos_token_id")))
+    if eos is None:
+        raise BadInput("no end-of-sequence token (generation_config.json, config.json and tokenizer_config.json "
+                       "name none)", where=str(model_dir), hint="set eos_token in tokenizer_config.json")
+    unk = id_of(_token_text(tcfg.get("unk_token")) or (tok.get("model") or {}).get("unk_token"))
+    pad = id_of(_token_text(tcfg.get("pad_token")))
+    if pad is None:
+        pad = _first_int(cfg.get("pad_token_id"), gen.get("pad_token_id"))
+    size = len(tokens)
+    for label, idx in (("bos", bos), ("eos", eos), ("pad", pad)):
+        if idx is not None and not 0 <= idx < size:
+            raise BadInput(f"{label} token id {idx} is outside the vocabulary (size {size})", where=str(model_dir),
+                           hint="fix the token ids in config.json / generation_config.json")
+    eos_ids = [i for i in dict.fromkeys(eos_ids) if 0 <= i < size]
+    return {"bos": bos, "eos": eos, "unk": unk, "pad": pad, "eos_ids": eos_ids}
+
+
+def _end_ids(tok_eos: int | None, eos_ids: list[int]) -> tuple[int | None, list[int]]:
+    """(eos, every end id): eos is the tokenizer's own when the generation config lists it, else the config's
+    first; both the tokenizer's and the config's end ids are kept."""
     if eos_ids:
         eos = tok_eos if tok_eos in eos_ids else eos_ids[0]
     else:
@@ -217,35 +276,15 @@ def read_vocab(model_dir: str | Path, n_vocab: int | None = None) -> Vocab:
         eos_ids.append(tok_eos)
     if eos is not None and eos not in eos_ids:
         eos_ids.insert(0, eos)
-    if eos is None:
-        raise BadInput("no end-of-sequence token (generation_config.json, config.json and tokenizer_config.json "
-                       "name none)", where=str(model_dir), hint="set eos_token in tokenizer_config.json")
-    unk = id_of(_token_text(tcfg.get("unk_token")) or model.get("unk_token"))
-    pad = id_of(_token_text(tcfg.get("pad_token")))
-    if pad is None:
-        pad = _first_int(cfg.get("pad_token_id"), gen.get("pad_token_id"))
-    for label, idx in (("bos", bos), ("eos", eos), ("pad", pad)):
-        if idx is not None and not 0 <= idx < size:
-            raise BadInput(f"{label} token id {idx} is outside the vocabulary (size {size})", where=str(model_dir),
-                           hint="fix the token ids in config.json / generation_config.json")
+    return eos, eos_ids
 
-    add_bos = tcfg.get("add_bos_token")
-    if add_bos is None:
-        add_bos = _adds_special(tok, bos_text, first=True)
-    add_eos = tcfg.get("add_eos_token")
-    if add_eos is None:
-        add_eos = _adds_special(tok, eos_text, first=False)
 
-    eos_ids = [i for i in dict.fromkeys(eos_ids) if 0 <= i < size]
-    template = chat_template(model_dir)
-    specials = {k: _token_text(tcfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    turn_end = end_of_turn(template, [tokens[i] for i in eos_ids], specials)
-    eot = ids[turn_end] if turn_end is not None and ids.get(turn_end) in eos_ids else eos
-    return Vocab(
-        model="gpt2", pre=entry.name, tokens=tokens, token_types=token_types, merges=merges,
-        bos_id=bos, eos_id=eos, unk_id=unk, pad_id=pad, add_bos=bool(add_bos), add_eos=bool(add_eos),
-        chat_template=template, eos_ids=eos_ids, eot_id=eot,
-    )
+def _adds(tok: dict, tcfg: dict, which: str, first: bool) -> bool:
+    """add_bos_token / add_eos_token: tokenizer_config.json's, else whether the post-processor adds it."""
+    value = tcfg.get(f"add_{which}_token")
+    if value is None:
+        value = _adds_special(tok, _token_text(tcfg.get(f"{which}_token")), first=first)
+    return value
 
 
 _PROBE_ANSWER = "medtune-probe-answer"
@@ -277,28 +316,6 @@ def end_of_turn(template: str | None, candidates: list[str], specials: dict | No
     return named[0] if named else None
 
 
-def _byte_level(tok: dict) -> bool:
-    def has(node) -> bool:
-        if not isinstance(node, dict):
-            return False
-        if node.get("type") == "ByteLevel":
-            return True
-        return any(has(p) for p in node.get("pretokenizers", []) or node.get("decoders", []) or [])
-
-    return has(tok.get("pre_tokenizer")) or has(tok.get("decoder"))
-
-
-def _normalizer_kind(node) -> str | None:
-    """The normalizer's type, None when there is none (an empty Sequence counts as none)."""
-    if not isinstance(node, dict):
-        return None
-    if node.get("type") == "Sequence":
-        kinds = [_normalizer_kind(n) for n in node.get("normalizers") or []]
-        kinds = [k for k in kinds if k]
-        return None if not kinds else kinds[0] if len(kinds) == 1 else "+".join(kinds)
-    return node.get("type") or "?"
-
-
 def _ids(value) -> list[int]:
     if value is None:
         return []
@@ -313,3 +330,6 @@ def _first_int(*values) -> int | None:
         if got:
             return got[0]
     return None
+
+
+from medtune.export import bpe  # noqa: E402,F401  (registers the byte-level BPE kind)

@@ -15,26 +15,21 @@ import numpy as np
 from medtune import archs
 from medtune.core import fsutil
 from medtune.core.errors import BadInput
-from medtune.export import pretok
+from medtune.export.tokenizer import kind_for_gguf
 from medtune.export.gguf_reader import read_gguf_header
 
 # Metadata arrays the import reads whole (the others are summarised by the header reader).
 _FULL_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
 
+
 def _arch(meta: dict, path: Path) -> type[archs.Arch]:
     return archs.for_gguf(meta.get("general.architecture"), str(path))
 
 
-def _pretokenizer(model, pre_name, path: Path):
-    if model != "gpt2":
-        raise BadInput(f"GGUF tokenizer model {model!r} cannot be imported yet", where=str(path),
-                       hint="byte-level BPE ('gpt2') tokenizers are supported")
-    pre = pretok.by_name(pre_name)  # llama.cpp's name, or an alias such as "gpt2" (older medtune GGUFs)
-    if pre is None:
-        raise BadInput(f"GGUF pre-tokenizer {pre_name!r} is not in our registry", where=str(path),
-                       hint=f"known: {', '.join(sorted(pretok.REGISTRY))} (also read: "
-                            f"{', '.join(sorted(pretok.ALIASES))})")
-    return pre
+def _check_tokenizer(meta: dict, path: Path) -> None:
+    """Refuse a tokenizer kind or pre-tokenizer the import cannot rebuild."""
+    kind = kind_for_gguf(meta.get("tokenizer.ggml.model"), str(path))
+    kind.pretokenizer(meta.get("tokenizer.ggml.pre", "default"), str(path))
 
 
 def _check_tensor_name(arch: type[archs.Arch], name: str, path: Path) -> None:
@@ -50,7 +45,7 @@ def check_importable(path: str | Path) -> dict:
     header = read_gguf_header(path, full_arrays=_FULL_ARRAYS)
     meta = header["metadata"]
     arch = _arch(meta, path)
-    _pretokenizer(meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default"), path)
+    _check_tokenizer(meta, path)
     for t in header["tensors"]:
         _check_tensor_name(arch, t["name"], path)
     return header
@@ -113,10 +108,10 @@ def _dequantise(path: Path, header: dict, arch: archs.Arch, progress=None) -> di
 
 
 def _tokenizer_files(meta: dict, path: Path, cfg: dict) -> dict:
-    pre = _pretokenizer(meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default"), path)
-    tokens = list(meta.get("tokenizer.ggml.tokens"))
-    types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [m.split(" ", 1) for m in meta.get("tokenizer.ggml.merges", [])]
+    """tokenizer.json (written by the GGUF's tokenizer kind), tokenizer_config.json, special_tokens_map.json,
+    generation_config.json, and the special ids config.json carries."""
+    kind = kind_for_gguf(meta.get("tokenizer.ggml.model"), str(path))
+    tokens = meta["tokenizer.ggml.tokens"]
 
     def tok(key):
         idx = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -125,36 +120,8 @@ def _tokenizer_files(meta: dict, path: Path, cfg: dict) -> dict:
     bos, eos, unk, pad = tok("bos"), tok("eos"), tok("unknown"), tok("padding")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-    added = [
-        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": types[i] == 3}
-        for i, t in enumerate(tokens) if types[i] in (3, 4)
-    ]
-    post: dict = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    if add_bos or add_eos:
-        single = ([{"SpecialToken": {"id": bos[1], "type_id": 0}}] if add_bos else []) + \
-                 [{"Sequence": {"id": "A", "type_id": 0}}] + \
-                 ([{"SpecialToken": {"id": eos[1], "type_id": 0}}] if add_eos else [])
-        specials = {t[1]: {"id": t[1], "ids": [t[0]], "tokens": [t[1]]}
-                    for t, on in ((bos, add_bos), (eos, add_eos)) if on}
-        post = {"type": "Sequence", "processors": [post, {"type": "TemplateProcessing", "single": single,
-                                                           "pair": single,
-                                                           "special_tokens": specials}]}
-    tokenizer_json = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": pre.hf,
-        "post_processor": post,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-            "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges,
-        },
-    }
+    tokenizer_json = kind.tokenizer_json(meta, str(path), {"bos": bos, "eos": eos, "add_bos": add_bos,
+                                                           "add_eos": add_eos})
     special_map = {k: v[1] for k, v in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)) if v[1]}
     tok_cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -86,6 +86,7 @@ def main() -> None:
 
     from medtune.core import runtime
     runtime.setup()
+    from medtune.data.options import PrepareOptions
     from medtune.data.prepare import prepare
     from medtune.data.render import load_tokenizer
     from medtune.models import pull
@@ -101,18 +102,18 @@ def main() -> None:
         texts = [f"{r['Question']}\n{r['Complex_CoT']}\n{r['Response']}" for r in records]
         del records
 
-        opts = dict(max_seq_length=8192, valid_ratio=0.05)
+        opts = PrepareOptions(max_seq_length=8192, valid_ratio=0.05)
         t_plain = t_fast = t_tok = t_full = float("inf")
         for i in range(args.repeat):  # interleaved, so both sides see the same machine state
             t_plain = min(t_plain, timed(plain_baseline, src, tmp / "plain.jsonl")[0])
-            dt, r_fast = timed(prepare, src, str(model), tmp / f"fast{i}", token_stats=False, tokenizer=tok, **opts)
+            dt, r_fast = timed(prepare, src, str(model), tmp / f"fast{i}", opts, token_stats=False, tokenizer=tok)
             t_fast = min(t_fast, dt)
         for i in range(args.repeat_slow):
             dt, enc = timed(lambda: tok(texts)["input_ids"])
             t_tok = min(t_tok, dt)
             n_tokens = sum(map(len, enc))
             del enc
-            dt, r_full = timed(prepare, src, str(model), tmp / f"full{i}", token_stats=True, tokenizer=tok, **opts)
+            dt, r_full = timed(prepare, src, str(model), tmp / f"full{i}", opts, token_stats=True, tokenizer=tok)
             t_full = min(t_full, dt)
 
     figures = {

@@ -19,14 +19,20 @@ HINTS = {  # what to do about each kind of bad line, for the prepared files most
 }
 
 
-def read_jsonl(path, hint: str | None = None) -> list[dict]:
+def read_jsonl(path, hint: str | None = None, *, skip_bad: bool = False) -> list[dict]:
     """Every record of a JSON Lines file, in order. hint: one hint for every kind of bad line (default: the
-    prepared-data hints in HINTS)."""
+    prepared-data hints in HINTS); skip_bad: leave bad lines out instead (a log whose last line a crash
+    cut short)."""
     path = Path(path)
     rows = []
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, start=1):
-            row = _parse(raw, n, path, hint)
+            try:
+                row = _parse(raw, n, path, hint)
+            except BadInput:
+                if not skip_bad:
+                    raise
+                continue
             if row is not None:
                 rows.append(row)
     return rows

@@ -164,14 +164,9 @@ def accuracy(choices: list[Choice], picks: list[int]) -> Optional[float]:
 
 # ---- inputs ---------------------------------------------------------------------------------------
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise BadInput(f"invalid JSON: {exc.msg}", where=f"{path}:{n}", hint="one JSON object per line") from exc
-    return rows
+    from medtune.core.jsonl import read_jsonl
+
+    return read_jsonl(path, hint="one JSON object per line")
 
 
 def heldout_file(data: Path) -> Path:
@@ -207,12 +202,10 @@ def read_curves(metrics: Path | None) -> dict:
     """(step, loss) pairs from a metrics.jsonl (train and validation)."""
     if metrics is None or not Path(metrics).is_file():
         return {}
+    from medtune.core.jsonl import read_jsonl
+
     train, val = [], []
-    for line in Path(metrics).read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for r in read_jsonl(Path(metrics), skip_bad=True):
         if "train_loss" in r:
             train.append([r["step"], r["train_loss"]])
         if "val_loss" in r:
@@ -263,7 +256,8 @@ class MLXRunner:
         return score_answer(res.text, res.tokens, res.finish_reason, *self.markers, in_think=in_think)
 
     def loss(self, rows: list[dict], where: Path) -> tuple[float, int]:
-        from medtune.train.mlx_backend import build_dataset, evaluate
+        from medtune.train.backends.mlx import evaluate
+        from medtune.train.data import build_dataset
 
         items = build_dataset(rows, self.tokenizer, True, 1 << 30, where)
         self.model.eval()
@@ -470,7 +464,7 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
         else:
             items = None
             if gguf_loss and tuned_tok and loss_rows:
-                from medtune.train.mlx_backend import build_dataset
+                from medtune.train.data import build_dataset
 
                 items = build_dataset(loss_rows, tuned_tok[0], True, 1 << 30, heldout)
             n_ctx = max(2048, -(-(max((len(t) for t, _ in items or []), default=0) + 8) // 256) * 256)

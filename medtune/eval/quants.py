@@ -123,7 +123,7 @@ def heldout_sequences(model_dir: str | Path, data: str | Path, limit: int | None
     from transformers import AutoTokenizer
 
     from medtune.eval.evaluate import _read_jsonl, heldout_file
-    from medtune.train.mlx_backend import build_dataset
+    from medtune.train.data import build_dataset
 
     path = heldout_file(Path(data))
     rows = _read_jsonl(path)[:limit] if limit else _read_jsonl(path)

@@ -114,7 +114,7 @@ def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequan
         raise BadInput("the base model is quantized: GGUF export and other tools need plain weights",
                        where=str(base.path), hint="pass --dequantize")
     target_name = dtype if dtype != "auto" else ("float32" if runtime.on_cpu() else "float16")
-    from medtune.train.torch_backend import count_params  # safetensors headers; torch is not imported
+    from medtune.train.hf import count_params  # safetensors headers; torch is not imported
 
     n_params = count_params(base.path, cfg)
     src_bytes = 4 if quantized else TORCH_DTYPES.get(str(cfg.get("torch_dtype") or "float32"), 4)
@@ -184,7 +184,7 @@ def fuse_torch(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str =
     from medtune.core.errors import ResourceError, require
     from medtune.models import pull
     from medtune.models.config import read_config, write_config
-    from medtune.train.torch_backend import _dtype_kw, count_params
+    from medtune.train.hf import count_params, dtype_kwargs
 
     torch = require("torch", "cuda", "merging a PyTorch (PEFT) adapter")
     kind = adapter_kind(acfg)
@@ -218,7 +218,7 @@ def fuse_torch(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str =
     check_disk(out / "model.safetensors", int(n_params * TORCH_DTYPES[target] * 1.02), f"the merged model ({out})")
 
     try:
-        model_obj = AutoModelForCausalLM.from_pretrained(str(base.path), **_dtype_kw(getattr(torch, work)),
+        model_obj = AutoModelForCausalLM.from_pretrained(str(base.path), **dtype_kwargs(getattr(torch, work)),
                                                          **safety.hf_load_kwargs(base.path))
     except (ValueError, OSError, KeyError) as exc:
         raise BadInput(f"transformers cannot load the base model: {str(exc).splitlines()[0]}", where=str(base.path),

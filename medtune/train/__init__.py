@@ -1,4 +1,5 @@
-"""Training backends. One registry entry per backend; `train()` picks one and runs it.
+"""`medtune train`: pick a backend (medtune.train.backends.REGISTRY), decide between resuming and starting
+over, and run the one training loop (medtune.train.loop) with it.
 
   mlx      mlx_lm's layers on Apple Silicon (Metal) or a Linux CPU (mlx[cpu])
   torch    transformers + PEFT on CUDA or CPU (QLoRA through bitsandbytes on CUDA; torchrun for several GPUs)
@@ -11,39 +12,17 @@ from __future__ import annotations
 import os
 
 from medtune.core.errors import BadInput, MedtuneError, MissingDependency
+from medtune.train.backends import REGISTRY as BACKENDS
+from medtune.train.backends import backend_class
 from medtune.train.options import TrainOptions, TrainResult
 
-BACKENDS = {
-    "mlx": "medtune.train.mlx_backend",
-    "torch": "medtune.train.torch_backend",
-    "unsloth": "medtune.train.unsloth_backend",
-}
 CHOICES = ("auto", *BACKENDS)
 
 
 def unsupported(backend: str, opts: TrainOptions) -> list[tuple[str, str]]:
     """(message, hint) for every option `backend` cannot honour: refused, never silently ignored.
     What depends on the machine (QLoRA without CUDA, bf16 on a T4) is checked by the backend itself."""
-    found = []
-    if backend == "mlx":
-        if opts.load_in_4bit:
-            found.append(("--load-in-4bit is a bitsandbytes (CUDA) option; the mlx backend trains QLoRA on a base "
-                          "quantized by MLX", "mlx_lm.convert --hf-path MODEL --mlx-path q4 -q, then --model q4; "
-                          "or --backend torch on a CUDA GPU"))
-        if opts.precision != "auto":
-            found.append((f"--precision {opts.precision} is not an mlx backend option (float32 on CPU, the model's "
-                          "own dtype on Apple GPUs)", "drop --precision, or use --backend torch"))
-    if backend == "unsloth":
-        if opts.fine_tune_type == "full":
-            found.append(("--fine-tune-type full is not supported with --backend unsloth (LoRA/DoRA only here)",
-                          "use --backend torch for a full fine-tune"))
-        if opts.precision == "fp32":
-            found.append(("--precision fp32 is not supported with --backend unsloth (16-bit kernels)",
-                          "use --precision auto, or --backend torch"))
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            found.append(("--backend unsloth runs on one GPU; this process was launched as one of several",
-                          "use --backend torch under torchrun / accelerate launch"))
-    return found
+    return backend_class(backend).refuses(opts)
 
 
 def resolve_backend(name: str = "auto", opts: TrainOptions | None = None) -> str:
@@ -97,7 +76,6 @@ def train(model: str, data, out, options: TrainOptions | None = None, backend: s
     dry_run: stop after the preflight, with the run's own verdict: what would not fit raises the same
     ResourceError, its figures as the error's `.preflight`; on_step(step, metrics): called after every optimizer step.
     """
-    import importlib
     import shutil
     from pathlib import Path
 
@@ -110,18 +88,21 @@ def train(model: str, data, out, options: TrainOptions | None = None, backend: s
         raise BadInput(msg, hint=hint)
     if fresh and resume:
         raise BadInput("--fresh and --resume contradict each other", hint="--resume continues, --fresh starts over")
-    module = importlib.import_module(BACKENDS[backend])
+    from medtune.train import loop
+
+    def go(resume: bool, dry_run: bool = False) -> TrainResult:
+        return loop.run(backend_class(backend)(opts), model, data, out, opts, progress=progress, resume=resume,
+                        dry_run=dry_run, on_step=on_step)
+
     if dry_run:
-        return module.train(model, data, out, opts, progress=progress, resume=bool(resume), dry_run=True,
-                            on_step=on_step)
+        return go(bool(resume), dry_run=True)
     out = Path(out)
     rank, launched = _launch_rank()
     if launched:  # several processes (mlx.launch, torchrun, MPI): rank 0 alone decides and writes
         if resume is None:
             resume = False  # the ranks cannot agree on resuming before they are connected: say --resume
         if rank != 0:
-            return module.train(model, data, out, opts, progress=progress, resume=bool(resume), dry_run=False,
-                                on_step=on_step)
+            return go(bool(resume))
     created = not out.exists()
     with lock.locked(out):
         marker = out / RUN_MARKER
@@ -146,8 +127,7 @@ def train(model: str, data, out, options: TrainOptions | None = None, backend: s
         # down before any checkpoint: a run killed from here on is known as unfinished, with its settings
         redact.write_json(marker, {"identity": ident, "finished": False})
         try:
-            res = module.train(model, data, out, opts, progress=progress, resume=bool(resume), dry_run=False,
-                               on_step=on_step)
+            res = go(bool(resume))
         except MedtuneError as exc:
             # refused before training began (preflight, bad data): leave nothing behind, and the marker as it was
             if exc.exit_code != 130 and not (out / "checkpoints").exists():
@@ -207,7 +187,7 @@ def run_identity(model: str, data, opts: TrainOptions, backend: str) -> dict:
 
 def __getattr__(name):
     if name == "Interrupted":  # the same exception (exit 130) for every backend
-        from medtune.train.mlx_backend import Interrupted
+        from medtune.train.loop import Interrupted
 
         return Interrupted
     raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""metrics.jsonl and loss.png for a training run."""
+"""What a training run reports: metrics.jsonl, loss.png, the lines above the progress bar, and Ctrl-C."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from medtune.core import fsutil
+
+
 class MetricsLog:
     """Appends one JSON object per report to metrics.jsonl (flushed, so a crash keeps what was logged)."""
 
@@ -20,14 +22,10 @@ class MetricsLog:
         """On resume: drop what was logged after the checkpoint, so the log reads as one unbroken run."""
         if not self.path.exists() or not self.enabled:
             return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if row.get("step", 0) <= step and "test_loss" not in row:
-                kept.append(row)
+        from medtune.core.jsonl import read_jsonl
+
+        rows = read_jsonl(self.path, skip_bad=True)  # skips a line cut by a crash
+        kept = [row for row in rows if row.get("step", 0) <= step and "test_loss" not in row]
         fsutil.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.rows = kept
 

@@ -273,9 +273,13 @@ def file_type_name(raw) -> str:
 
 def gguf_file_type(path: str | Path) -> str:
     """A GGUF's file type, read from its header alone."""
-    from medtune.export import read_gguf_header
+    from medtune.export.gguf_reader import file_type_name as name, read_gguf_header
 
-    return file_type_name(read_gguf_header(path)["metadata"].get("general.file_type"))
+    raw = read_gguf_header(path)["metadata"].get("general.file_type")
+    try:
+        return name(raw)  # the one table: gguf-py's LlamaFileType
+    except (TypeError, ValueError):
+        return "unknown" if raw is None else f"type {raw}"
 
 
 def _file_type(llm) -> str:

@@ -32,6 +32,7 @@ from medtune.core import options
 from medtune.core.config import check_keys, normalise_keys, read_yaml_mapping
 from medtune.core.errors import BadInput, MedtuneError, MissingDependency
 from medtune.core.options import option
+from medtune.core.versions import versions  # a stage's packages' versions, for its fingerprint
 from medtune.eval.options import EvalOptions
 
 
@@ -285,27 +286,6 @@ class Hasher:
         if self.cache_file:
             from medtune.core import redact
             redact.write_json(self.cache_file, self.cache)
-
-
-def installed_version(dist: str) -> str | None:
-    """The installed version of a distribution (pip's name), None when it is not installed."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def versions(packages=()) -> dict:
-    """medtune's version and those of `packages` that are installed."""
-    from medtune import __version__
-    found = {"medtune": __version__}
-    for pkg in packages:
-        v = installed_version(pkg)
-        if v is not None:
-            found[pkg] = v
-    return found
 
 
 def fingerprint(stage: str, inputs: dict, options: dict, vers: dict) -> str:

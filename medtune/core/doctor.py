@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 PACKAGES = ("mlx", "mlx-lm", "transformers", "gguf", "llama-cpp-python", "torch", "peft", "unsloth", "bitsandbytes",
@@ -18,13 +17,9 @@ PACKAGES = ("mlx", "mlx-lm", "transformers", "gguf", "llama-cpp-python", "torch"
 
 
 def _versions() -> dict:
-    out = {}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
+    from medtune.core.versions import versions
+
+    return versions(PACKAGES, missing=True, own=False)
 
 
 def _cpu() -> dict:

@@ -296,15 +296,10 @@ def _weight_files(model_dir: Path, checkpoint_cls) -> list[Path]:
 
 
 def _versions(medtune_version: str) -> dict:
-    from importlib import metadata
+    from medtune.core.versions import versions
 
-    out = {"medtune": medtune_version, "python": sys.version.split()[0]}
-    for pkg in ("gguf", "transformers", "safetensors", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {"medtune": medtune_version, "python": sys.version.split()[0],
+            **versions(("gguf", "transformers", "safetensors", "numpy"), missing=True, own=False)}
 
 
 # ---- reading GGUF files back ---------------------------------------------------------------------------

@@ -6,7 +6,6 @@ imported here at module level: `medtune --help` must stay fast.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -58,24 +57,18 @@ def read_prompts(path: Path) -> list[str]:
     """One prompt per line, or JSON Lines with a "prompt" field (.jsonl)."""
     if not path.is_file():
         raise BadInput(f"prompts file not found: {path}", hint="one prompt per line, or .jsonl with a \"prompt\" field")
+    if path.suffix.lower() != ".jsonl":
+        with open(path, encoding="utf-8") as fh:
+            return [line.strip() for line in fh if line.strip()]
+    from medtune.core.jsonl import iter_jsonl
+
+    hint = "each line must be a JSON object with a \"prompt\" field"
     prompts = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            if path.suffix.lower() != ".jsonl":
-                prompts.append(line.strip())
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadInput(f"invalid JSON: {exc.msg}", where=f"{path}:{n}",
-                               hint="each line must be a JSON object with a \"prompt\" field") from exc
-            value = row.get("prompt") if isinstance(row, dict) else None
-            if not isinstance(value, str) or not value.strip():
-                raise BadInput("no \"prompt\" text in this record", where=f"{path}:{n}",
-                               hint="each line must be a JSON object with a \"prompt\" field")
-            prompts.append(value.strip())
+    for n, row in iter_jsonl(path, hint):
+        value = row.get("prompt")
+        if not isinstance(value, str) or not value.strip():
+            raise BadInput("no \"prompt\" text in this record", where=f"{path}:{n}", hint=hint)
+        prompts.append(value.strip())
     return prompts
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 from medtune.core.errors import BadInput
 
@@ -23,8 +24,13 @@ def read_jsonl(path, hint: str | None = None, *, skip_bad: bool = False) -> list
     """Every record of a JSON Lines file, in order. hint: one hint for every kind of bad line (default: the
     prepared-data hints in HINTS); skip_bad: leave bad lines out instead (a log whose last line a crash
     cut short)."""
+    return [row for _, row in iter_jsonl(path, hint, skip_bad=skip_bad)]
+
+
+def iter_jsonl(path, hint: str | None = None, *, skip_bad: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for every record of a JSON Lines file: read_jsonl's rules, for a caller that
+    checks each record's fields and names the line."""
     path = Path(path)
-    rows = []
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, start=1):
             try:
@@ -34,8 +40,7 @@ def read_jsonl(path, hint: str | None = None, *, skip_bad: bool = False) -> list
                     raise
                 continue
             if row is not None:
-                rows.append(row)
-    return rows
+                yield n, row
 
 
 def _parse(raw: bytes, n: int, path: Path, hint: str | None) -> dict | None:

@@ -180,6 +180,26 @@ CASES = {
 CASES["deepseek-r1-jan-qwen"] = {**CASES["deepseek-r1-qwen"], "template": DEEPSEEK_R1_JAN_TEMPLATE,
                                  "family": "deepseek-r1-jan"}
 
+# ---- the architecture table: one entry per class in medtune.archs -----------------------------------------
+# An entry gets export, GGUF import round trip, config normalisation and llama.cpp-load tests
+# (tests/test_export_archs.py). case: the CASES entry whose tokenizer, template and shape the tiny model takes;
+# model: the transformers class prefix when it is not the case's; gguf_arch: the general.architecture written;
+# imports_as: the architecture a GGUF of it comes back as (default: itself).
+ARCHS = {
+    "LlamaForCausalLM": dict(case="llama3", model_type="llama", gguf_arch="llama"),
+    "MistralForCausalLM": dict(case="llama3", model="Mistral", rope_scaling=None, model_type="mistral",
+                               gguf_arch="llama", imports_as="LlamaForCausalLM"),
+    "Qwen2ForCausalLM": dict(case="qwen2.5", model_type="qwen2", gguf_arch="qwen2"),
+    "Qwen3ForCausalLM": dict(case="qwen3", model_type="qwen3", gguf_arch="qwen3"),
+}
+
+
+def arch_case(hf_arch: str) -> dict:
+    """The CASES entry an ARCHS entry builds its tiny model from, with the entry's overrides."""
+    entry = ARCHS[hf_arch]
+    overrides = {k: v for k, v in entry.items() if k in ("model", "rope_scaling", "tied", "head_dim")}
+    return {**CASES[entry["case"]], **overrides}
+
 CHATS = [
     [{"role": "user", "content": "What is a normal resting heart rate for adults?"}],
     [{"role": "system", "content": "You are a careful clinician. Answer briefly."},

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from families import CASES, CHATS, TEXTS, make_model, ollama_view
+from families import ARCHS, CASES, CHATS, TEXTS, arch_case, make_model, ollama_view
 from medtune.core.errors import BadInput
 from medtune.export import export
 from medtune.export.gguf_writer import plan_gguf, write_gguf
@@ -427,5 +427,107 @@ def test_rope_scaling_logits_match_transformers(built, tmp_path, base, scaling):
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0].numpy()
     llm = _llama(tmp_path / "s.gguf")
+    llm.eval(ids)
+    assert np.abs(np.array(llm.scores[: len(ids)]) - want).max() < 2e-3
+
+
+# ---- the architecture table (families.ARCHS): every class in medtune.archs, the same four tests -------------
+@pytest.fixture(scope="module")
+def arch_built(tmp_path_factory, smollm2_dir):
+    """HF architecture name -> its tiny model, its F32 GGUF and that GGUF imported back (built once)."""
+    from medtune.models.gguf_import import import_gguf
+
+    root = tmp_path_factory.mktemp("arch-table")
+    cache = {}
+
+    def get(hf_arch):
+        if hf_arch not in cache:
+            case = arch_case(hf_arch)
+            model_dir = make_model(root / hf_arch / "hf", Path(smollm2_dir), case)
+            gguf_path = root / hf_arch / "m-f32.gguf"
+            summary = write_gguf(model_dir, gguf_path, "f32")
+            imported = import_gguf(gguf_path, root / hf_arch / "imported")
+            cache[hf_arch] = {"case": case, "dir": model_dir, "gguf": gguf_path, "summary": summary,
+                              "imported": imported}
+        return cache[hf_arch]
+
+    return get
+
+
+def test_every_architecture_class_has_a_table_entry():
+    from medtune import archs
+
+    assert set(archs.REGISTRY) == set(ARCHS)
+    for hf_arch, entry in ARCHS.items():
+        assert archs.REGISTRY[hf_arch].gguf_arch() == entry["gguf_arch"]
+
+
+@pytest.mark.parametrize("hf_arch", list(ARCHS))
+def test_arch_config_normalisation_names_the_architecture(hf_arch):
+    from medtune.models.config import normalise_config
+
+    cfg = normalise_config({"model_type": ARCHS[hf_arch]["model_type"], "rope_parameters": {"rope_theta": 5.0}})
+    assert cfg["architectures"] == [hf_arch] and cfg["rope_theta"] == 5.0
+
+
+@pytest.mark.parametrize("hf_arch", list(ARCHS))
+def test_arch_export_writes_the_architectures_tensors_and_keys(arch_built, hf_arch):
+    from medtune import archs
+    from medtune.export.gguf_reader import read_gguf_header
+    from medtune.models.config import read_config
+
+    got = arch_built(hf_arch)
+    entry, case = ARCHS[hf_arch], got["case"]
+    assert got["summary"]["arch"] == entry["gguf_arch"] and got["summary"]["hf_arch"] == hf_arch
+    header = read_gguf_header(got["gguf"])
+    meta, names = header["metadata"], {t["name"] for t in header["tensors"]}
+    assert meta["general.architecture"] == entry["gguf_arch"]
+    arch = archs.for_config(read_config(got["dir"]))
+    for key, _, value in arch.hparams(0):
+        if not key.endswith(".vocab_size"):
+            assert meta[key] == pytest.approx(value), key
+    from safetensors import safe_open
+
+    with safe_open(str(got["dir"] / "model.safetensors"), "np") as f:
+        want = {arch.gguf_name(n) for n in f.keys()} - {""}
+    assert names == want | ({"rope_freqs.weight"} if case.get("rope_scaling") else set())
+    assert ("output.weight" in names) is not case["tied"]
+
+
+@pytest.mark.parametrize("hf_arch", list(ARCHS))
+def test_arch_gguf_import_gives_back_the_same_model(arch_built, hf_arch):
+    """F32 export then import: every weight bit-exact in HF's layout (llama's Q/K permutation undone), the
+    config's shape and rope the same."""
+    from safetensors.numpy import load_file
+
+    got = arch_built(hf_arch)
+    want = load_file(str(got["dir"] / "model.safetensors"))
+    back = load_file(str(got["imported"] / "model.safetensors"))
+    if got["case"]["tied"]:
+        want.pop("lm_head.weight", None)
+    assert set(back) == set(want)
+    for name, w in want.items():
+        assert np.array_equal(back[name], w), name
+    cfg = json.loads((got["imported"] / "config.json").read_text())
+    orig = json.loads((got["dir"] / "config.json").read_text())
+    assert cfg["architectures"] == [ARCHS[hf_arch].get("imports_as", hf_arch)]
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "rope_theta", "tie_word_embeddings"):
+        assert cfg[key] == orig[key], key
+    assert cfg["head_dim"] == (orig.get("head_dim") or orig["hidden_size"] // orig["num_attention_heads"])
+
+
+@pytest.mark.parametrize("hf_arch", list(ARCHS))
+def test_arch_loads_in_llama_cpp_with_transformers_logits(arch_built, hf_arch):
+    pytest.importorskip("llama_cpp")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    got = arch_built(hf_arch)
+    ids = list(range(300, 364))
+    hf = AutoModelForCausalLM.from_pretrained(str(got["dir"]), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    llm = _llama(got["gguf"])
     llm.eval(ids)
     assert np.abs(np.array(llm.scores[: len(ids)]) - want).max() < 2e-3

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
-from medtune.runtimes.mlx import REPEAT_LAST_N, REPEAT_PENALTY, GenerationResult, generate
+from medtune.runtimes.decoding import REPEAT_LAST_N, REPEAT_PENALTY
+from medtune.runtimes.mlx import GenerationResult, generate
 
 COMMANDS = {
     "/clear": "forget the conversation (keeps the system prompt)",

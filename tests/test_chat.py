@@ -278,7 +278,7 @@ def test_numpy_penalty_rule_is_mlx_lms():
     from mlx_lm.sample_utils import make_logits_processors
 
     from medtune.core import runtime
-    from medtune.runtimes.mlx import apply_repeat_penalty
+    from medtune.runtimes.decoding import apply_repeat_penalty
 
     mx = runtime.mx()
     rng = np.random.default_rng(0)

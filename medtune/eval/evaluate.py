@@ -265,33 +265,10 @@ class MLXRunner:
 
     def option_scores(self, c: Choice) -> list[float]:
         """Mean log-probability of each option's tokens ("B. text") after the rendered question."""
-        import mlx.core as mx
+        from medtune.runtimes.mlx import token_logprobs
 
-        scores = []
-        for head, tail in option_tokens(self.tokenizer, c):
-            if not tail:
-                scores.append(float("-inf"))
-                continue
-            ids = head + tail
-            logits = self.model(mx.array([ids[:-1]]))[0].astype(mx.float32)
-            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            rows = logp[len(head) - 1:]
-            picked = mx.take_along_axis(rows, mx.array(tail)[:, None], axis=-1)
-            scores.append(float(picked.mean().item()))
-        return scores
-
-
-def _detokenize(tokenizer, toks: list[int]) -> str:
-    """Text of answer tokens as mlx_lm's streaming detokenizer gives it (the MLX column's text), e.g. without
-    the leading space a BPE tokenizer's first answer token carries."""
-    detok = getattr(tokenizer, "detokenizer", None)
-    if detok is None:
-        return tokenizer.decode(toks)
-    detok.reset()
-    for t in toks:
-        detok.add_token(t)
-    detok.finalize()
-    return detok.text
+        return [float(token_logprobs(self.model, head + tail, len(head) - 1).mean()) if tail else float("-inf")
+                for head, tail in option_tokens(self.tokenizer, c)]
 
 
 class GGUFRunner:
@@ -299,7 +276,7 @@ class GGUFRunner:
 
     def __init__(self, path: Path, n_ctx: int = 2048, n_threads: int | None = None, tokenizer=None,
                  markers: tuple[str, str] = (THINK_OPEN, THINK_CLOSE), logits_all: bool = False):
-        from medtune.runtimes import load_gguf
+        from medtune.runtimes.llamacpp import load_gguf
 
         self.path, self.tokenizer, self.markers = Path(path), tokenizer, markers
         if not self.path.is_file():
@@ -310,10 +287,11 @@ class GGUFRunner:
     def answer(self, messages: list[dict], max_tokens: int) -> dict:
         """Greedy, with the Modelfile's repeat penalty. With `tokenizer` (the tuned model's: the GGUF's source) the
         prompt is rendered exactly as in training, and as the Modelfile's TEMPLATE does for Ollama, and the tokens
-        are picked step by step with the very rule the MLX column uses (medtune.runtimes.mlx.apply_repeat_penalty over
+        are picked step by step with the very rule the MLX column uses (medtune.runtimes.decoding's penalty over
         prompt + answer), so that the side-by-side answers compare the files, not two samplers. Without it,
         llama-cpp-python renders the chat template stored in the GGUF and samples with its own penalty."""
-        from medtune.runtimes.mlx import REPEAT_PENALTY, render_prompt
+        from medtune.runtimes.decoding import REPEAT_PENALTY
+        from medtune.runtimes.mlx import detokenize, render_prompt
 
         self.llm.reset()
         if self.tokenizer is None:
@@ -325,47 +303,24 @@ class GGUFRunner:
             return score_answer(text, int(out["usage"]["completion_tokens"]), reason, *markers, in_think=False)
         prompt = render_prompt(self.tokenizer, messages)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        toks, stopped = self.greedy(ids, max_tokens)
-        text = _detokenize(self.tokenizer, toks[:-1] if stopped else toks)
-        return score_answer(text, len(toks), "stop" if stopped else "length", *self.markers,
+        out = self.greedy(ids, max_tokens)
+        return score_answer(detokenize(self.tokenizer, out.answer_tokens), len(out.tokens), out.finish, *self.markers,
                             in_think=prompt.rstrip().endswith(self.markers[0]))
 
-    def greedy(self, ids: list[int], max_tokens: int) -> tuple[list[int], bool]:
-        """Penalised greedy tokens after `ids` (the stop token included, as mlx_lm counts it) and whether it stopped."""
-        import llama_cpp
-        import numpy as np
+    def greedy(self, ids: list[int], max_tokens: int):
+        """Greedy tokens after `ids` with the MLX column's penalty rule, stopping on the tokenizer's end ids and the
+        GGUF's end-of-generation tokens (medtune.runtimes.llamacpp.greedy)."""
+        from medtune.runtimes import llamacpp
+        from medtune.runtimes.decoding import MODELFILE_PENALTY
 
-        from medtune.runtimes.mlx import apply_repeat_penalty
-
-        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        n_vocab = self.llm.n_vocab()
-        stops = set(getattr(self.tokenizer, "eos_token_ids", None) or ())
-        self.llm.reset()
-        self.llm.eval(ids)
-        out: list[int] = []
-        while len(out) < max_tokens:
-            # the last position's logits straight from the context: llm.scores only holds them with logits_all
-            ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-            row = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float32)
-            tok = int(apply_repeat_penalty(row, ids + out).argmax())
-            out.append(tok)
-            if tok in stops or llama_cpp.llama_vocab_is_eog(vocab, tok):
-                return out, True
-            if len(out) < max_tokens:
-                self.llm.eval([tok])
-        return out, False
+        return llamacpp.greedy(self.llm, ids, max_tokens, penalty=MODELFILE_PENALTY,
+                               end_ids=getattr(self.tokenizer, "eos_token_ids", None) or ())
 
     def _nll(self, tokens: list[int], offset: int):
         """Negative log-likelihood of tokens[offset:] given what precedes them (needs logits_all)."""
-        import numpy as np
+        from medtune.runtimes.llamacpp import token_logprobs
 
-        self.llm.reset()
-        self.llm.eval(tokens[:-1])
-        rows = np.asarray(self.llm.scores[:len(tokens) - 1], dtype=np.float64)[offset - 1:]
-        targets = np.asarray(tokens[offset:])
-        peak = rows.max(axis=1)
-        lse = peak + np.log(np.exp(rows - peak[:, None]).sum(axis=1))
-        return lse - rows[np.arange(len(targets)), targets]
+        return -token_logprobs(self.llm, tokens, offset - 1)
 
     def loss(self, items: list[tuple[list[int], int]]) -> tuple[float, int]:
         """Mean cross-entropy over the answer tokens of (token ids, prompt offset) items."""
@@ -403,17 +358,65 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
     fused folder. Quantized GGUFs are also judged against an unquantized one among `ggufs` (F16/F32/BF16) by KL
     divergence on the held-out answers (medtune.eval.quants), with the smallest good quant recommended.
     notes: lines shown at the top of the report (e.g. why a column is missing)."""
-    from medtune.core import fsutil
     if max_tokens < 1:
         raise BadInput(f"--max-tokens must be at least 1, got {max_tokens}", hint="e.g. --max-tokens 256")
     out = Path(out)
     adapter = Path(adapter) if adapter else None
     t0 = time.time()
+    inputs = _read_inputs(data, probes, probe_limit, choices, limit)
+    specs = _model_specs(model, adapter, base, ggufs)
+    run = _Run(str(model), adapter, max_tokens, fidelity_tokens, n_threads, gguf_loss, progress,
+               progress.add_task("evaluating", total=len(specs) * len(inputs.questions)) if progress else None)
+    results = [_evaluate_model(label, kind, spec, adp, inputs, run) for label, kind, spec, adp in specs]
+    report = {
+        "medtune_eval": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - t0, 2), "model": str(model), "adapter": str(adapter) if adapter else None,
+        "data": str(data) if data else None, "held_out": str(inputs.heldout) if inputs.heldout else None,
+        "probes": str(probes or PROBES), "max_tokens": max_tokens, "decoding": "greedy",
+        "repeat_penalty": _penalty()[0], "repeat_last_n": _penalty()[1],
+        "repetition_ngram": NGRAM, "curves": read_curves(Path(metrics) if metrics else metrics_for(str(model), adapter)),
+        "questions": [{k: v for k, v in q.items()} for q in inputs.questions],
+        "multiple_choice": [{"question": c.question, "options": c.options, "answer": c.answer} for c in inputs.mc],
+        "models": [{k: v for k, v in e.items() if k != "answers"} for e in results],
+        "quants": _quants(model, adapter, data, ggufs, n_threads, out, progress),
+        "notes": list(notes),
+    }
+    for qi, q in enumerate(report["questions"]):
+        q["answers"] = {e["label"]: e["answers"][qi] for e in results}
+    return _write_report(report, out)
+
+
+@dataclass
+class _Inputs:
+    """What every model is evaluated on."""
+    rows: list[dict]  # the held-out records
+    heldout: Optional[Path]  # their file
+    probes: list[dict]
+    mc: list[Choice]  # multiple-choice questions
+    questions: list[dict]  # the probes, then the first held-out questions: {source, id, lang, messages}
+
+    @property
+    def loss_rows(self) -> list[dict]:
+        return [r for r in self.rows if question_of(r) is not None or isinstance(r.get("text"), str)]
+
+
+def _read_inputs(data, probes, probe_limit: int | None, choices, limit: int) -> _Inputs:
     rows, heldout = [], None
     if data is not None:
         heldout = heldout_file(Path(data))
         rows = _read_jsonl(heldout)
     probe_rows = read_probes(probes)[:probe_limit] if probe_limit is not None else read_probes(probes)
+    mc = _read_choices(rows, heldout, choices)
+    questions = [{"source": "probe", "id": p["id"], "lang": p["lang"], "messages": [{"role": "user", "content": p["prompt"]}]}
+                 for p in probe_rows]
+    held = [(i, question_of(r)) for i, r in enumerate(rows)]
+    questions += [{"source": "held-out", "id": f"{heldout.name}:{i + 1}", "lang": "", "messages": m}
+                  for i, m in held if m is not None][:limit]
+    return _Inputs(rows, heldout, probe_rows, mc, questions)
+
+
+def _read_choices(rows: list[dict], heldout: Optional[Path], choices) -> list[Choice]:
+    """The held-out records that have options, then every record of the `choices` file (which must have them)."""
     mc: list[Choice] = []
     for i, r in enumerate(rows):
         c = parse_choice(r, f"{heldout}:{i + 1}")
@@ -426,13 +429,11 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
                 raise BadInput("record has no question/options/answer", where=f"{choices}:{i + 1}",
                                hint='{"question": "…", "options": {"A": "…"}, "answer": "A"}')
             mc.append(c)
-    loss_rows = [r for r in rows if question_of(r) is not None or isinstance(r.get("text"), str)]
-    questions = [{"source": "probe", "id": p["id"], "lang": p["lang"], "messages": [{"role": "user", "content": p["prompt"]}]}
-                 for p in probe_rows]
-    held = [(i, question_of(r)) for i, r in enumerate(rows)]
-    questions += [{"source": "held-out", "id": f"{heldout.name}:{i + 1}", "lang": "", "messages": m}
-                  for i, m in held if m is not None][:limit]
+    return mc
 
+
+def _model_specs(model: str, adapter: Path | None, base: str | None, ggufs) -> list[tuple]:
+    """(label, kind, spec, adapter) per column: base, tuned, then each GGUF (labelled by file name, made unique)."""
     specs = []
     if base:
         specs.append(("base", "mlx", base, None))
@@ -444,82 +445,95 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
             label += "'"
         labels_seen.add(label)
         specs.append((label, "gguf", str(g), None))
+    return specs
 
-    n_gen = len(questions)
-    task = progress.add_task("evaluating", total=len(specs) * n_gen) if progress else None
-    results = []
-    tuned_tok = None
-    for label, kind, spec, adp in specs:
-        entry = {"label": label, "kind": kind, "spec": spec, "adapter": str(adp) if adp else None, "metrics": {}}
-        answers = []
-        if kind == "mlx":
-            runner = MLXRunner(spec, adp)
-            if loss_rows:
-                loss, n = runner.loss(loss_rows, heldout)
-                entry["metrics"].update(val_loss=loss, val_ppl=perplexity(loss), val_tokens=n)
-            if mc:
-                picks = [pick(runner.option_scores(c)) for c in mc]
-                entry["metrics"].update(mc_accuracy=accuracy(mc, picks), mc_questions=len(mc))
-                entry["mc_picks"] = picks
-        else:
-            items = None
-            if gguf_loss and tuned_tok and loss_rows:
-                from medtune.train.data import build_dataset
 
-                items = build_dataset(loss_rows, tuned_tok[0], True, 1 << 30, heldout)
-            n_ctx = max(2048, -(-(max((len(t) for t, _ in items or []), default=0) + 8) // 256) * 256)
-            runner = GGUFRunner(Path(spec), n_ctx=n_ctx, n_threads=n_threads,
-                                tokenizer=tuned_tok[0] if tuned_tok else None,
-                                markers=tuned_tok[1] if tuned_tok else (THINK_OPEN, THINK_CLOSE),
-                                logits_all=bool(gguf_loss and tuned_tok))
-            if items:
-                loss, n = runner.loss(items)
-                entry["metrics"].update(val_loss=loss, val_ppl=perplexity(loss), val_tokens=n)
-            if mc and gguf_loss and tuned_tok:
-                picks = [pick(runner.option_scores(c)) for c in mc]
-                entry["metrics"].update(mc_accuracy=accuracy(mc, picks), mc_questions=len(mc))
-                entry["mc_picks"] = picks
-        try:
-            for q in questions:
-                answers.append(runner.answer(q["messages"], max_tokens))
-                if progress:
-                    progress.advance(task)
-        finally:
-            if kind == "gguf":
-                runner.close()
-            elif label == "tuned" and adp is None:  # a fused folder: the GGUFs' source, whose tokenizer renders their prompts
-                tuned_tok = (runner.tokenizer, runner.markers)
-        del runner
-        entry["metrics"].update(summarise(answers))
-        entry["metrics"]["probe"] = summarise(answers[:len(probe_rows)])
-        entry["metrics"]["held_out"] = summarise(answers[len(probe_rows):])
+@dataclass
+class _Run:
+    """The settings every column is evaluated with, and what the tuned column hands on to the GGUF columns."""
+    model: str
+    adapter: Optional[Path]
+    max_tokens: int
+    fidelity_tokens: int
+    n_threads: Optional[int]
+    gguf_loss: bool
+    progress: object
+    task: object
+    tuned_tok: Optional[tuple] = None  # (tokenizer, think markers) of a fused tuned model: the GGUFs' source
+
+
+def _evaluate_model(label: str, kind: str, spec: str, adp, inputs: _Inputs, run: _Run) -> dict:
+    """One column: loss and multiple choice (where the runtime can score), then every question answered."""
+    entry = {"label": label, "kind": kind, "spec": spec, "adapter": str(adp) if adp else None, "metrics": {}}
+    runner = _mlx_runner(spec, adp, inputs, entry) if kind == "mlx" else _gguf_runner(spec, inputs, run, entry)
+    answers = []
+    try:
+        for q in inputs.questions:
+            answers.append(runner.answer(q["messages"], run.max_tokens))
+            if run.progress:
+                run.progress.advance(run.task)
+    finally:
         if kind == "gguf":
-            entry["fidelity"] = _fidelity(model, adapter, spec, [p["prompt"] for p in probe_rows],
-                                          min(fidelity_tokens, max_tokens), n_threads)
-        entry["answers"] = answers
-        results.append(entry)
+            runner.close()
+        elif label == "tuned" and adp is None:  # a fused folder: the GGUFs' source, whose tokenizer renders their prompts
+            run.tuned_tok = (runner.tokenizer, runner.markers)
+    del runner
+    n_probes = len(inputs.probes)
+    entry["metrics"].update(summarise(answers))
+    entry["metrics"]["probe"] = summarise(answers[:n_probes])
+    entry["metrics"]["held_out"] = summarise(answers[n_probes:])
+    if kind == "gguf":
+        entry["fidelity"] = _fidelity(run.model, run.adapter, spec, [p["prompt"] for p in inputs.probes],
+                                      min(run.fidelity_tokens, run.max_tokens), run.n_threads)
+    entry["answers"] = answers
+    return entry
 
-    report = {
-        "medtune_eval": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.time() - t0, 2), "model": str(model), "adapter": str(adapter) if adapter else None,
-        "data": str(data) if data else None, "held_out": str(heldout) if heldout else None,
-        "probes": str(probes or PROBES), "max_tokens": max_tokens, "decoding": "greedy",
-        "repeat_penalty": _penalty()[0], "repeat_last_n": _penalty()[1],
-        "repetition_ngram": NGRAM, "curves": read_curves(Path(metrics) if metrics else metrics_for(str(model), adapter)),
-        "questions": [{k: v for k, v in q.items()} for q in questions],
-        "multiple_choice": [{"question": c.question, "options": c.options, "answer": c.answer} for c in mc],
-        "models": [{k: v for k, v in e.items() if k != "answers"} for e in results],
-        "quants": _quants(model, adapter, data, ggufs, n_threads, out, progress),
-        "notes": list(notes),
-    }
-    for qi, q in enumerate(report["questions"]):
-        q["answers"] = {e["label"]: e["answers"][qi] for e in results}
+
+def _mlx_runner(spec: str, adp, inputs: _Inputs, entry: dict) -> MLXRunner:
+    runner = MLXRunner(spec, adp)
+    loss_rows = inputs.loss_rows
+    if loss_rows:
+        loss, n = runner.loss(loss_rows, inputs.heldout)
+        entry["metrics"].update(val_loss=loss, val_ppl=perplexity(loss), val_tokens=n)
+    if inputs.mc:
+        _choice_metrics(runner, inputs.mc, entry)
+    return runner
+
+
+def _gguf_runner(spec: str, inputs: _Inputs, run: _Run, entry: dict) -> GGUFRunner:
+    """A GGUF column; with gguf_loss and a fused tuned model, scored with the tuned model's tokenization."""
+    tuned_tok, scored = run.tuned_tok, bool(run.gguf_loss and run.tuned_tok)
+    items = None
+    loss_rows = inputs.loss_rows
+    if scored and loss_rows:
+        from medtune.train.data import build_dataset
+
+        items = build_dataset(loss_rows, tuned_tok[0], True, 1 << 30, inputs.heldout)
+    n_ctx = max(2048, -(-(max((len(t) for t, _ in items or []), default=0) + 8) // 256) * 256)
+    runner = GGUFRunner(Path(spec), n_ctx=n_ctx, n_threads=run.n_threads, tokenizer=tuned_tok[0] if tuned_tok else None,
+                        markers=tuned_tok[1] if tuned_tok else (THINK_OPEN, THINK_CLOSE), logits_all=scored)
+    if items:
+        loss, n = runner.loss(items)
+        entry["metrics"].update(val_loss=loss, val_ppl=perplexity(loss), val_tokens=n)
+    if inputs.mc and scored:
+        _choice_metrics(runner, inputs.mc, entry)
+    return runner
+
+
+def _choice_metrics(runner, mc: list[Choice], entry: dict) -> None:
+    picks = [pick(runner.option_scores(c)) for c in mc]
+    entry["metrics"].update(mc_accuracy=accuracy(mc, picks), mc_questions=len(mc))
+    entry["mc_picks"] = picks
+
+
+def _write_report(report: dict, out: Path) -> dict:
+    """report.json, report.md and report.html in `out` (redacted: no Hub token, whatever a model or a path holds)."""
+    from medtune.core import fsutil, redact
     from medtune.eval.report_html import render_html, render_markdown
 
     out.mkdir(parents=True, exist_ok=True)
     report["files"] = {"json": str(out / "report.json"), "md": str(out / "report.md"), "html": str(out / "report.html")}
-    from medtune.core import redact
-    report = redact.redact(report)  # no Hub token in the reports, whatever a model or a path holds
+    report = redact.redact(report)
     fsutil.write_json(out / "report.json", report)
     fsutil.write_text(out / "report.md", render_markdown(report))
     fsutil.write_text(out / "report.html", render_html(report))
@@ -527,7 +541,7 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
 
 
 def _penalty() -> tuple[float, int]:
-    from medtune.runtimes.mlx import REPEAT_LAST_N, REPEAT_PENALTY
+    from medtune.runtimes.decoding import REPEAT_LAST_N, REPEAT_PENALTY
 
     return REPEAT_PENALTY, REPEAT_LAST_N
 

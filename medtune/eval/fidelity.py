@@ -164,47 +164,7 @@ def read_prompts(path: str | Path | None = None, limit: int | None = None) -> li
     return prompts[:limit] if limit else prompts
 
 
-# ---- the two runtimes -------------------------------------------------------------------------------
-def _mlx_greedy(model, ids: list[int], n: int, stops: set[int]):
-    """Greedy tokens and the logits (float32 numpy) before each of them."""
-    import numpy as np
-    from mlx_lm.models.cache import make_prompt_cache
-
-    from medtune.core import runtime
-    mx = runtime.mx()
-    cache = make_prompt_cache(model)
-    logits = model(mx.array([ids]), cache=cache)[0, -1]
-    out, rows = [], []
-    for _ in range(n):
-        row = np.array(logits.astype(mx.float32))
-        tok = int(row.argmax())
-        out.append(tok)
-        rows.append(row)
-        if tok in stops:
-            break
-        logits = model(mx.array([[tok]]), cache=cache)[0, -1]
-    return out, rows
-
-
-def _gguf_greedy(llm, ids: list[int], n: int):
-    import llama_cpp
-    import numpy as np
-
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    llm.reset()
-    llm.eval(ids)
-    out, rows = [], []
-    for _ in range(n):
-        row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-        tok = int(row.argmax())
-        out.append(tok)
-        rows.append(row)
-        if llama_cpp.llama_vocab_is_eog(vocab, tok):
-            break
-        llm.eval([tok])
-    return out, rows
-
-
+# ---- judging a continuation --------------------------------------------------------------------------
 @dataclass
 class GGUFRun:
     """One runtime's greedy answer, seen the way _compare needs it."""
@@ -295,9 +255,16 @@ def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None 
     runtime: "llama-server" (the engine inside Ollama ≥ 0.30, rendering the GGUF's own chat template),
     "llama-cpp-python" (llama.cpp in process, fed the HF rendering's text), or "auto" (the server when
     llama.cpp's tools are found)."""
-    from medtune.core.errors import require
-
     model_dir, gguf = Path(model_dir), Path(gguf)
+    header, prompts = _check_inputs(model_dir, gguf, prompts, tokens)
+    if choose_runtime(runtime, llama_cpp_dir) == "llama-server":
+        return _server_fidelity(model_dir, gguf, prompts, tokens, tie_tolerance, progress, n_threads, llama_cpp_dir,
+                                header)
+    return _inprocess_fidelity(model_dir, gguf, prompts, tokens, tie_tolerance, progress, n_threads)
+
+
+def _check_inputs(model_dir: Path, gguf: Path, prompts: list[str] | None, tokens: int) -> tuple[dict, list[str]]:
+    """(the GGUF's header, the prompts), or a BadInput before anything loads."""
     if tokens < 1:
         raise BadInput(f"--tokens must be at least 1, got {tokens}", hint="e.g. --tokens 32")
     if not gguf.is_file():
@@ -310,44 +277,51 @@ def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None 
     prompts = read_prompts() if prompts is None else [p for p in prompts if p and p.strip()]
     if not prompts:
         raise BadInput("no prompts to compare", hint="pass --prompts FILE")
-    if choose_runtime(runtime, llama_cpp_dir) == "llama-server":
-        return _server_fidelity(model_dir, gguf, prompts, tokens, tie_tolerance, progress, n_threads, llama_cpp_dir,
-                                header)
-    llama_cpp = require("llama_cpp", extra="test", purpose="the GGUF runtime that fidelity compares against")
+    return header, prompts
 
-    from medtune.runtimes.mlx import load, messages_for, render_prompt
 
-    model, tokenizer = load(str(model_dir))
+def _new_report(model_dir: Path, gguf: Path, ftype: str, tokens: int, tie_tolerance, adds_bos: bool,
+                runtime: str) -> FidelityReport:
+    tolerance = tie_tolerance if tie_tolerance is not None else TIE_TOLERANCE.get(ftype)
+    return FidelityReport(model_dir=str(model_dir), gguf=str(gguf), file_type=ftype, judged=tolerance is not None,
+                          tie_tolerance=tolerance, tokens=tokens, gguf_adds_bos=adds_bos, runtime=runtime)
+
+
+def _quantized_note(report: FidelityReport) -> None:
+    if report.tie_tolerance is None:
+        report.notes.append(f"{report.file_type} is a quantized type: continuations are reported, not judged")
+
+
+def _inprocess_fidelity(model_dir: Path, gguf: Path, prompts: list[str], tokens: int, tie_tolerance, progress,
+                        n_threads) -> FidelityReport:
+    """llama.cpp in process, fed the HF rendering's text: full logits on both sides."""
+    from medtune.core.errors import require
+
+    require("llama_cpp", extra="test", purpose="the GGUF runtime that fidelity compares against")
+    from medtune.runtimes import llamacpp, mlx
+
+    model, tokenizer = mlx.load(str(model_dir))
     stops = set(tokenizer.eos_token_ids)
-    rendered = [render_prompt(tokenizer, messages_for(p)) for p in prompts]
+    rendered = [mlx.render_prompt(tokenizer, mlx.messages_for(p)) for p in prompts]
     ids_list = [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
     n_ctx = -(-(max(len(i) for i in ids_list) + tokens + 8) // 256) * 256
-    from medtune.runtimes import load_gguf
-
-    llm = load_gguf(gguf, n_ctx, n_threads=n_threads, logits_all=True, purpose="the GGUF runtime fidelity compares against")
+    llm = llamacpp.load_gguf(gguf, n_ctx, n_threads=n_threads, logits_all=True,
+                             purpose="the GGUF runtime fidelity compares against")
     try:
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        ftype = _file_type(llm)
-        tolerance = tie_tolerance if tie_tolerance is not None else TIE_TOLERANCE.get(ftype)
-        report = FidelityReport(model_dir=str(model_dir), gguf=str(gguf), file_type=ftype,
-                                judged=tolerance is not None, tie_tolerance=tolerance, tokens=tokens,
-                                gguf_adds_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)))
-        if tolerance is None:
-            report.notes.append(f"{ftype} is a quantized type: continuations are reported, not judged")
+        report = _new_report(model_dir, gguf, _file_type(llm), tokens, tie_tolerance, llamacpp.adds_bos(llm),
+                             "llama-cpp-python")
+        _quantized_note(report)
         if llm.n_vocab() != len(tokenizer._tokenizer):
             report.notes.append(f"vocabulary sizes differ: GGUF {llm.n_vocab()}, tokenizer {len(tokenizer._tokenizer)}")
         task = progress.add_task("comparing MLX and llama.cpp", total=len(prompts)) if progress else None
-
-        def is_eog(tok: int) -> bool:
-            return bool(llama_cpp.llama_vocab_is_eog(vocab, tok))
-
+        is_eog = llamacpp.is_eog(llm)
         for prompt, text, ids in zip(prompts, rendered, ids_list):
             gguf_ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-            mlx_run = _mlx_greedy(model, ids, tokens, stops)
-            theirs, rows = _gguf_greedy(llm, ids, tokens)
-            gguf_run = _rows_run(theirs, rows, mlx_run[1][0], is_eog)
-            report.prompts.append(_compare(prompt, ids, gguf_ids, mlx_run, gguf_run, stops, tokenizer.decode,
-                                           tolerance))
+            ours = mlx.greedy(model, ids, tokens, end_ids=stops, rows=True)
+            theirs = llamacpp.greedy(llm, ids, tokens, rows=True)
+            gguf_run = _rows_run(theirs.tokens, theirs.rows, ours.rows[0], is_eog)
+            report.prompts.append(_compare(prompt, ids, gguf_ids, (ours.tokens, ours.rows), gguf_run, stops,
+                                           tokenizer.decode, report.tie_tolerance))
             if progress:
                 progress.advance(task)
     finally:
@@ -417,77 +391,91 @@ def _first_mismatch(a: list[int], b: list[int]) -> Optional[int]:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _server_run(comp, mlx_first_row) -> GGUFRun:
-    """A llama-server completion: its top-n logprobs per step stand in for the full logits."""
+def _server_run(run, mlx_first_row) -> GGUFRun:
+    """A llama-server greedy run (medtune.runtimes.llama_server.LlamaServer.greedy): its top-n logprobs per step
+    stand in for the full logits."""
     import numpy as np
 
+    top = run.rows or []
     first = np.asarray(mlx_first_row, dtype=np.float64)
     first = first - (np.log(np.exp(first - first.max()).sum()) + first.max())  # MLX log-softmax
-    diff = max((abs(first[i] - lp) for i, lp in ((comp.top[0] if comp.top else None) or []) if i < len(first)),
-               default=0.0)
+    diff = max((abs(first[i] - lp) for i, lp in ((top[0] if top else None) or []) if i < len(first)), default=0.0)
 
     def margin(d, a, b):
-        if d >= len(comp.top) or comp.top[d] is None:
+        if d >= len(top) or top[d] is None:
             return 0.0  # no probabilities for this token from the server: MLX's margin decides alone
-        top = dict(comp.top[d])
-        return abs(top[a] - top[b]) if a in top and b in top else float("inf")
+        probs = dict(top[d])
+        return abs(probs[a] - probs[b]) if a in probs and b in probs else float("inf")
 
-    return GGUFRun(comp.tokens, comp.stopped, float(diff), margin)
+    return GGUFRun(run.tokens, run.stopped, float(diff), margin)
 
 
 def _server_fidelity(model_dir: Path, gguf: Path, prompts: list[str], tokens: int, tie_tolerance, progress,
                      n_threads, llama_cpp_dir, header: dict) -> FidelityReport:
-    from medtune.runtimes.mlx import load, messages_for, render_prompt
-    from medtune.runtimes import tools
+    """llama-server renders, tokenizes and continues each prompt; the HF rendering and MLX are the reference."""
+    from medtune.runtimes import mlx, tools
     from medtune.runtimes.llama_server import LlamaServer
 
     binary = tools.require("llama-server", llama_cpp_dir, purpose="fidelity in the engine Ollama runs")  # before loading
     meta = header["metadata"]
     ftype = file_type_name(meta.get("general.file_type"))
-    tolerance = tie_tolerance if tie_tolerance is not None else TIE_TOLERANCE.get(ftype)
-    adds_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-    model, tokenizer = load(str(model_dir))
-    stops = set(tokenizer.eos_token_ids)
-    bos_text = tokenizer.bos_token
-    convs = [(f"prompt {i}", messages_for(p)) for i, p in enumerate(prompts, start=1)]
-    hf_texts = [render_prompt(tokenizer, c) for _, c in convs]
+    model, tokenizer = mlx.load(str(model_dir))
+    convs = [mlx.messages_for(p) for p in prompts]
+    hf_texts = [mlx.render_prompt(tokenizer, c) for c in convs]
     hf_ids = [tokenizer.encode(t, add_special_tokens=False) for t in hf_texts]
     n_ctx = max(512, -(-(max(len(i) for i in hf_ids) + tokens + 64) // 256) * 256)
-    report = FidelityReport(model_dir=str(model_dir), gguf=str(gguf), file_type=ftype, judged=tolerance is not None,
-                            tie_tolerance=tolerance, tokens=tokens, gguf_adds_bos=adds_bos, runtime="llama-server")
+    report = _new_report(model_dir, gguf, ftype, tokens, tie_tolerance,
+                         bool(meta.get("tokenizer.ggml.add_bos_token", False)), "llama-server")
     report.notes.append(f"llama-server {tools.version(binary) or '?'} ({binary}), --jinja: the GGUF's own chat template")
-    if tolerance is None:
-        report.notes.append(f"{ftype} is a quantized type: continuations are reported, not judged")
+    _quantized_note(report)
     task = progress.add_task("comparing MLX and llama-server", total=len(prompts) + len(CONVERSATIONS)) if progress else None
     kv = "f32" if ftype == "F32" else None  # an F32 file is a reference: keep its KV cache in F32 too
     with LlamaServer(gguf, ctx=n_ctx, llama_cpp_dir=llama_cpp_dir, n_threads=n_threads, kv_type=kv) as srv:
         for name, conv in CONVERSATIONS.items():
-            try:
-                hf = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # noqa: BLE001 - a template that refuses a shape (e.g. no system role)
-                report.notes.append(f"{name}: the HF template refuses this conversation ({exc})")
-                continue
-            server_text = srv.apply_template(conv)
-            diff = first_difference(engine_view(hf, bos_text, adds_bos), server_text)
-            ids = tokenizer.encode(hf, add_special_tokens=False)
-            got = srv.tokenize(server_text)
-            report.templates.append(TemplateCheck(name, diff is None, diff, ids == got, _first_mismatch(ids, got),
-                                                  diff is None and ids == got))
+            _check_template(srv, tokenizer, name, conv, report)
             if progress:
                 progress.advance(task)
-        for prompt, (_, conv), hf, ids in zip(prompts, convs, hf_texts, hf_ids):
-            server_text = srv.apply_template(conv)
-            diff = first_difference(engine_view(hf, bos_text, adds_bos), server_text)
-            got = srv.tokenize(server_text)
-            mlx_run = _mlx_greedy(model, ids, tokens, stops)
-            comp = srv.complete(server_text, n_predict=tokens)
-            row = _compare(prompt, ids, got, mlx_run, _server_run(comp, mlx_run[1][0]), stops, tokenizer.decode,
-                           tolerance)
-            row.rendered_equal, row.render_diff = diff is None, diff
-            if diff is not None:
-                row.ok = False
-                row.reason = f"llama-server renders the prompt differently {diff}" + (f"; {row.reason}" if row.reason else "")
-            report.prompts.append(row)
+        for prompt, conv, hf, ids in zip(prompts, convs, hf_texts, hf_ids):
+            report.prompts.append(_server_prompt(srv, model, tokenizer, prompt, conv, hf, ids, report))
             if progress:
                 progress.advance(task)
     return report
+
+
+def _server_view(srv, tokenizer, conv: list[dict], hf: str, adds_bos: bool) -> tuple[str, Optional[str], list[int]]:
+    """(llama-server's rendering of `conv`, where it differs from the HF rendering `hf` or None, its token ids)."""
+    server_text = srv.apply_template(conv)
+    diff = first_difference(engine_view(hf, tokenizer.bos_token, adds_bos), server_text)
+    return server_text, diff, srv.tokenize(server_text)
+
+
+def _check_template(srv, tokenizer, name: str, conv: list[dict], report: FidelityReport) -> None:
+    """One of CONVERSATIONS rendered and tokenized by llama-server against HF (a TemplateCheck, or a note when the
+    HF template refuses the conversation)."""
+    try:
+        hf = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - a template that refuses a shape (e.g. no system role)
+        report.notes.append(f"{name}: the HF template refuses this conversation ({exc})")
+        return
+    _, diff, got = _server_view(srv, tokenizer, conv, hf, report.gguf_adds_bos)
+    ids = tokenizer.encode(hf, add_special_tokens=False)
+    report.templates.append(TemplateCheck(name, diff is None, diff, ids == got, _first_mismatch(ids, got),
+                                          diff is None and ids == got))
+
+
+def _server_prompt(srv, model, tokenizer, prompt: str, conv: list[dict], hf: str, ids: list[int],
+                   report: FidelityReport) -> PromptReport:
+    """One prompt: llama-server's rendering, tokens and greedy continuation against the HF rendering and MLX."""
+    from medtune.runtimes import mlx
+
+    server_text, diff, got = _server_view(srv, tokenizer, conv, hf, report.gguf_adds_bos)
+    stops = set(tokenizer.eos_token_ids)
+    ours = mlx.greedy(model, ids, report.tokens, end_ids=stops, rows=True)
+    theirs = srv.greedy(server_text, report.tokens)
+    row = _compare(prompt, ids, got, (ours.tokens, ours.rows), _server_run(theirs, ours.rows[0]), stops,
+                   tokenizer.decode, report.tie_tolerance)
+    row.rendered_equal, row.render_diff = diff is None, diff
+    if diff is not None:
+        row.ok = False
+        row.reason = f"llama-server renders the prompt differently {diff}" + (f"; {row.reason}" if row.reason else "")
+    return row

@@ -16,7 +16,7 @@ text the model was tuned to write. `crosscheck` runs llama-perplexity itself on 
 same chunks (llama-perplexity's protocol: chunks of n_ctx tokens, BOS first, the second half scored), so the two
 implementations can be compared number for number.
 
-Both runtimes are llama.cpp (llama-cpp-python in process, logits of every position); the reference's log-probs
+Both runtimes are llama.cpp (medtune.runtimes.llamacpp: in process, the log-probs of every position); the reference's log-probs
 are kept in a temporary file between the passes (positions x vocabulary float32), not in memory.
 """
 
@@ -162,28 +162,12 @@ def _cap(seqs: list[Sequence], max_positions: int) -> list[Sequence]:
 
 
 # ---- running llama.cpp ----------------------------------------------------------------------------------
-class _Model:
-    """A GGUF in llama-cpp-python with the logits of every position."""
+def _load(path: Path, n_ctx: int, n_threads: int | None):
+    """A GGUF in llama-cpp-python with the logits of every position (medtune.runtimes.llamacpp.logprobs)."""
+    from medtune.runtimes.llamacpp import load_gguf
 
-    def __init__(self, path: Path, n_ctx: int, n_threads: int | None):
-        from medtune.runtimes import load_gguf
-
-        self.llm = load_gguf(path, n_ctx, n_threads=n_threads, logits_all=True, n_batch=n_ctx,
-                             purpose="the KL divergence of quantized GGUFs")
-        self.n_vocab = self.llm.n_vocab()
-
-    def logprobs(self, ids: list[int], start: int):
-        """float64 log-softmax rows for positions start..len-2 (each predicting the next token)."""
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(ids[:-1])
-        rows = np.asarray(self.llm.scores[start:len(ids) - 1], dtype=np.float64)
-        peak = rows.max(axis=1, keepdims=True)
-        return rows - (peak + np.log(np.exp(rows - peak).sum(axis=1, keepdims=True)))
-
-    def close(self) -> None:
-        self.llm.close()
+    return load_gguf(path, n_ctx, n_threads=n_threads, logits_all=True, n_batch=n_ctx,
+                     purpose="the KL divergence of quantized GGUFs")
 
 
 def _n_ctx(seqs: list[Sequence]) -> int:
@@ -194,14 +178,16 @@ def _reference_pass(ref: Path, seqs: list[Sequence], store: Path, n_threads, pro
     """Write the reference's log-probs of every scored position to `store`; returns (memmap, nll, top-1)."""
     import numpy as np
 
-    model = _Model(ref, _n_ctx(seqs), n_threads)
+    from medtune.runtimes.llamacpp import logprobs
+
+    model = _load(ref, _n_ctx(seqs), n_threads)
     total = sum(len(ids) - 1 - start for ids, start in seqs)
-    mm = np.lib.format.open_memmap(store, mode="w+", dtype=np.float32, shape=(total, model.n_vocab))
+    mm = np.lib.format.open_memmap(store, mode="w+", dtype=np.float32, shape=(total, model.n_vocab()))
     nll, top, pos = np.empty(total), np.empty(total, dtype=np.int64), 0
     task = progress.add_task(f"reference {ref.name}", total=len(seqs)) if progress else None
     try:
         for ids, start in seqs:
-            lp = model.logprobs(ids, start)
+            lp = logprobs(model, ids, start)
             n = len(lp)
             mm[pos:pos + n] = lp
             nll[pos:pos + n] = -lp[np.arange(n), np.asarray(ids[start + 1:])]
@@ -218,17 +204,19 @@ def _reference_pass(ref: Path, seqs: list[Sequence], store: Path, n_threads, pro
 def _quant_pass(path: Path, seqs: list[Sequence], ref, n_threads, progress=None) -> QuantStats:
     import numpy as np
 
+    from medtune.runtimes.llamacpp import logprobs
+
     mm, ref_nll, ref_top = ref
-    model = _Model(path, _n_ctx(seqs), n_threads)
-    if model.n_vocab != mm.shape[1]:
+    model = _load(path, _n_ctx(seqs), n_threads)
+    if model.n_vocab() != mm.shape[1]:
         model.close()
-        raise BadInput(f"vocabulary of {model.n_vocab} tokens, the reference has {mm.shape[1]}", where=str(path),
+        raise BadInput(f"vocabulary of {model.n_vocab()} tokens, the reference has {mm.shape[1]}", where=str(path),
                        hint="compare quants of the same model")
     kld, nll, same, pos = [], [], 0, 0
     task = progress.add_task(f"KL divergence {path.name}", total=len(seqs)) if progress else None
     try:
         for ids, start in seqs:
-            lq = model.logprobs(ids, start)
+            lq = logprobs(model, ids, start)
             n = len(lq)
             lr = np.asarray(mm[pos:pos + n], dtype=np.float64)
             kld.append((np.exp(lr) * (lr - lq)).sum(axis=1))
@@ -300,7 +288,7 @@ def crosscheck(reference: str | Path, quant: str | Path, text_file: str | Path, 
     """llama-perplexity --kl-divergence and our code on the same text and chunks: both sets of figures."""
     from medtune.core.errors import require
     from medtune.runtimes import tools
-    from medtune.runtimes import threads
+    from medtune.runtimes.llamacpp import threads
 
     binary = tools.require("llama-perplexity", llama_cpp_dir, purpose="the cross-check of the KL divergence")
     reference, quant = Path(reference), Path(quant)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from medtune.core.errors import BadInput
-from medtune.runtimes.mlx import REPEAT_LAST_N, REPEAT_PENALTY  # also chat/generate's defaults
+from medtune.runtimes.decoding import REPEAT_LAST_N, REPEAT_PENALTY  # also chat/generate's defaults
 
 # ---- families ---------------------------------------------------------------------------------------
 # Both templates walk .Messages, which in Ollama holds every system message in place (the Modelfile
@@ -336,7 +336,7 @@ def detect_family(model_dir: str | Path, template: str | None = None) -> Match:
 
 # ---- Modelfile values -------------------------------------------------------------------------------
 _PARAM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-# repeat_penalty/repeat_last_n are medtune chat's and generate's defaults too (medtune.runtimes.mlx), so the
+# repeat_penalty/repeat_last_n are medtune chat's and generate's defaults too (medtune.runtimes.decoding), so the
 # two runtimes decode with the same penalty; they are written out rather than left to Ollama's defaults.
 DEFAULT_PARAMS = {"temperature": 0.6, "top_p": 0.9, "repeat_penalty": REPEAT_PENALTY, "repeat_last_n": REPEAT_LAST_N}
 

@@ -4,6 +4,7 @@
         prompt = srv.apply_template(messages)            # the GGUF's own chat template, llama.cpp's Jinja engine
         ids = srv.tokenize(prompt)                       # BOS added, special tokens parsed: what the model is fed
         out = srv.complete(prompt, n_predict=32)         # greedy, no client stop strings
+        out = srv.greedy(prompt, 32)                     # the same, as the other runtimes' greedy() returns it
 
 The server is started with `--jinja` (so the GGUF's `tokenizer.chat_template` is rendered as Ollama ≥ 0.30's
 native chat mode renders it) on a free port on 127.0.0.1, and is always shut down: on leaving the `with`
@@ -27,7 +28,8 @@ from pathlib import Path
 from threading import Thread
 
 from medtune.core.errors import BadInput, MedtuneError
-from medtune.runtimes import threads
+from medtune.runtimes.decoding import Greedy
+from medtune.runtimes.llamacpp import threads
 
 START_TIMEOUT = 120.0
 _live: set = set()  # servers not yet shut down, for the atexit guard
@@ -169,6 +171,14 @@ class LlamaServer:
         tokens = [int(t) for t in res.get("tokens") or []]
         return Completion(text=res.get("content", ""), tokens=tokens, top=_align(tokens, res),
                           stop_type=res.get("stop_type") or ("eos" if res.get("stopped_eos") else "none"))
+
+    def greedy(self, prompt: str | list[int], max_tokens: int, *, n_probs: int = 4) -> Greedy:
+        """`complete` as the other runtimes' greedy returns it (medtune.runtimes.decoding.Greedy): no repeat
+        penalty (the server's greedy), ending only on the GGUF's end-of-generation tokens, which the server does
+        not return (end_in_tokens is False). `rows` holds the server's top `n_probs` (id, logprob) pairs per token
+        (None where it gave none) in place of full logits."""
+        comp = self.complete(prompt, n_predict=max_tokens, n_probs=n_probs)
+        return Greedy(comp.tokens, comp.stopped, comp.top, end_in_tokens=False)
 
 
 def _align(tokens: list[int], res: dict) -> list:

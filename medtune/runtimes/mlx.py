@@ -1,4 +1,11 @@
-"""Generate answers with a model (and optionally a LoRA adapter) through mlx_lm's Python API.
+"""The MLX runtime: load a model (and optionally a LoRA adapter) through mlx_lm, generate answers, decode greedily
+and score tokens.
+
+`generate` streams an answer to a conversation through mlx_lm (sampling or greedy, with the repeat penalty
+medtune's Modelfile gives Ollama): `medtune chat`, `medtune generate` and the MLX columns of `medtune eval`.
+`greedy(model, prompt_ids, …)` and `logprobs(model, ids, start)` are the operations the llama.cpp runtime has too
+(medtune.runtimes.llamacpp), with the same penalty rule (medtune.runtimes.decoding): fidelity and eval compare the
+engines through them.
 
 The prompt is the tokenizer's chat template with the generation prompt added, so the model sees
 exactly what it was tuned on. Generation stops on any end token: the tokenizer's eos ids and the
@@ -12,10 +19,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from medtune.core import runtime
 from medtune.core.errors import BadInput
+from medtune.runtimes.decoding import REPEAT_LAST_N, REPEAT_PENALTY, Greedy, Penalty, pick_greedy
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ADAPTER_FILES = ("adapter_config.json", "adapters.safetensors")
@@ -41,27 +49,6 @@ class GenerationResult:
 
 
 # --- reasoning markers -------------------------------------------------------------------------
-
-
-# The repetition penalty medtune's Modelfile sets for Ollama, so that `medtune chat`/`generate` and
-# `ollama run` decode with the same penalty. It is written out explicitly: Ollama's own default is 1.0 (no
-# penalty) in current releases, and was 1.1 up to v0.24.
-REPEAT_PENALTY = 1.1
-REPEAT_LAST_N = 64
-
-
-def apply_repeat_penalty(row, history: list[int], penalty: float = REPEAT_PENALTY, last_n: int = REPEAT_LAST_N):
-    """The penalty rule `generate` applies through mlx_lm (and llama.cpp's sampler): every distinct token among
-    the last `last_n` of `history` (prompt + answer so far) has a positive logit divided by `penalty` and a
-    negative one multiplied by it. Numpy, in place; used to decode a GGUF with exactly the MLX rule."""
-    import numpy as np
-
-    if penalty == 1.0 or last_n <= 0 or not history:
-        return row
-    seen = np.fromiter(set(history[-last_n:]), dtype=np.int64)
-    picked = row[seen]
-    row[seen] = np.where(picked < 0, picked * penalty, picked / penalty)
-    return row
 
 
 def _held_back(buf: str, marker: str) -> int:
@@ -269,6 +256,59 @@ def generate(model, tokenizer, messages: list[dict], *, max_tokens: int = 256, t
                             finish_reason=(last.finish_reason or "length") if last else "length",
                             tokens_per_second=round(tps, 2), seconds=round(t_last - t0, 3),
                             reasoning=reasoning, answer=answer)
+
+
+def greedy(model, prompt_ids: list[int], max_tokens: int, *, penalty: Optional[Penalty] = None,
+           end_ids: Iterable[int] = (), rows: bool = False) -> Greedy:
+    """Greedy tokens after `prompt_ids`, one forward pass per token on a KV cache: at each step the last position's
+    logits (float32), `penalty` (penalty, last_n) applied over prompt + answer so far, the largest picked. Stops on
+    one of `end_ids` (kept in the tokens, as mlx_lm counts it) or after `max_tokens`. rows: keep each step's logits
+    (before the penalty). The same operation as medtune.runtimes.llamacpp.greedy."""
+    import numpy as np
+    from mlx_lm.models.cache import make_prompt_cache
+
+    mx = runtime.mx()
+    stops = set(end_ids)
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([prompt_ids]), cache=cache)[0, -1]
+    out: list[int] = []
+    kept: list = []
+    while len(out) < max_tokens:
+        row = np.array(logits.astype(mx.float32))
+        if rows:
+            kept.append(row.copy())
+        tok = pick_greedy(row, prompt_ids + out, penalty)
+        out.append(tok)
+        if tok in stops:
+            return Greedy(out, True, kept if rows else None)
+        if len(out) < max_tokens:
+            logits = model(mx.array([[tok]]), cache=cache)[0, -1]
+    return Greedy(out, False, kept if rows else None)
+
+
+def token_logprobs(model, ids: list[int], start: int):
+    """Teacher forced: the log-probability (float32, as numpy) of each token of ids[start + 1:] given the tokens
+    before it, from one forward pass over ids[:-1]."""
+    import numpy as np
+
+    mx = runtime.mx()
+    logits = model(mx.array([ids[:-1]]))[0].astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logp[start:], mx.array(ids[start + 1:])[:, None], axis=-1)
+    return np.array(picked[:, 0])
+
+
+def detokenize(tokenizer, toks: list[int]) -> str:
+    """Text of answer tokens as mlx_lm's streaming detokenizer gives it (what `generate` returns), e.g. without
+    the leading space a BPE tokenizer's first answer token carries."""
+    detok = getattr(tokenizer, "detokenizer", None)
+    if detok is None:
+        return tokenizer.decode(toks)
+    detok.reset()
+    for t in toks:
+        detok.add_token(t)
+    detok.finalize()
+    return detok.text
 
 
 def messages_for(prompt: str, system: Optional[str] = None) -> list[dict]:

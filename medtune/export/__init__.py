@@ -87,30 +87,70 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
     All GGUF files are written under temporary names and renamed together once every one is complete: a
     failure leaves no new GGUF (and the previous ones untouched).
     """
-    import contextlib
-    import os
+    model_dir, out_dir, quants = _check_arguments(model_dir, out_dir, name, quants)
+    # Everything is decided before anything is written: converter, quantizer, tensors, tokenizer, Modelfile.
+    job = _decide(model_dir, out_dir, name, quants, modelfile_path, converter, llama_cpp_dir)
+    mf = _Modelfile(modelfile_from(job.ggufs[quants[0]], job.mf_path), model_dir, system, params, family)
+    mf.render_from(job.vocab)
+    _check_resources(job, model_dir)
+    summaries, hashes = _write_ggufs(job, model_dir, name, progress)
+    if mf.text is None:  # llama.cpp path with a tokenizer medtune does not read: use what llama.cpp wrote
+        from medtune.export import llamacpp
 
-    from medtune import __version__
-
+        mf.render(llamacpp.vocab_from_gguf(job.ggufs[quants[0]], model_dir))
     from medtune.core import fsutil
-    from medtune.export import llamacpp
+
+    fsutil.write_text(job.mf_path, mf.text)
+    options = {"name": name, "quants": quants, "system": system, "params": params, "family": family}
+    manifest_path = _write_manifest(job, model_dir, options, mf.info, summaries, hashes)
+    info = mf.info
+    return ExportResult(
+        name=name, gguf_paths=job.ggufs, modelfile_path=job.mf_path, modelfile_text=mf.text, family=info["family"],
+        stops=info["stops"], system=info["system"], manifest_path=manifest_path,
+        ollama_commands=ollama_commands(name, job.mf_path), summaries=summaries, warnings=info["warnings"],
+        converter=job.route.converter, quantizer=job.quantizer.describe() if job.quantizer else None,
+    )
+
+
+def _check_arguments(model_dir, out_dir, name: str, quants) -> tuple[Path, Path, list[str]]:
+    """The model folder (checked for loading), the output folder and the parsed quant list."""
+    from medtune.core import safety
     from medtune.export import quantize as qz
-    from medtune.export.gguf_writer import Checkpoint, check_disk, estimate_bytes, plan_gguf, write_gguf
-    from medtune.export.modelfile import detect_family, render_modelfile
-    from medtune.export.tokenizer import read_vocab
+    from medtune.ollama import check_name
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir).absolute()
-    from medtune.ollama import check_name
-
     check_name(name, file_stem=True)  # Ollama's rule, without a namespace: the files are named after it
     quants = qz.parse_quants(quants)
     if not model_dir.is_dir():
         raise BadInput(f"model folder {model_dir} does not exist", hint="run `medtune fuse` first")
-    from medtune.core import safety
     model_dir = safety.model_dir_for_loading(model_dir)  # symlinks out, remote code, pickle-only weights
+    return model_dir, out_dir, quants
 
-    # Everything is decided before anything is written: converter, quantizer, tensors, tokenizer, Modelfile.
+
+@dataclass
+class _Job:
+    """What an export will do, decided before anything is written."""
+
+    route: object  # llamacpp.Route
+    quants: list[str]  # asked for, in order
+    written: list[str]  # written directly (by our writer or llama.cpp's converter), the K-quants' source first
+    derived: list[str]  # made by llama.cpp's quantizer from the F16 source
+    quantizer: object | None  # quantize.Quantizer
+    out_dir: Path
+    stem: str
+    ggufs: dict[str, Path]  # quant -> final path
+    mf_path: Path
+    plans: dict  # quant -> gguf_writer.Plan (our writer only)
+    vocab: object | None  # tokenizer.Vocab, when medtune reads this tokenizer
+
+
+def _decide(model_dir: Path, out_dir: Path, name: str, quants: list[str], modelfile_path, converter,
+            llama_cpp_dir) -> _Job:
+    """Converter, quantizer, the files and their order, our writer's plans and the vocabulary."""
+    from medtune.export import llamacpp
+    from medtune.export import quantize as qz
+
     route = llamacpp.choose(converter, model_dir, llama_cpp_dir)
     direct_types = qz.WRITER_TYPES if route.converter == "medtune" else llamacpp.CONVERTER_TYPES
     derived = [q for q in quants if q not in direct_types]  # made by llama.cpp's quantizer from an F16 GGUF
@@ -128,96 +168,145 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
     stem = name.replace(":", "-")
     ggufs = {q: out_dir / f"{stem}-{q}.gguf" for q in quants}
     mf_path = Path(modelfile_path).absolute() if modelfile_path else out_dir / "Modelfile"
-    plans, vocab = {}, None
+    plans, vocab = _plans_and_vocab(route, model_dir, written)
+    return _Job(route, quants, written, derived, quantizer, out_dir, stem, ggufs, mf_path, plans, vocab)
+
+
+def _plans_and_vocab(route, model_dir: Path, written: list[str]) -> tuple[dict, object | None]:
+    """Our writer's plan per type (which reads the vocabulary); on the llama.cpp route, medtune's own reading of
+    the tokenizer when it knows it (the same stops as our writer's), else None (read back from its GGUF)."""
+    from medtune.export.gguf_writer import plan_gguf
+    from medtune.export.tokenizer import read_vocab
+
     if route.converter == "medtune":
         plans = {q: plan_gguf(model_dir, q) for q in written}
-        vocab = plans[written[0]].vocab
-    else:
-        try:  # medtune's own reading of the tokenizer, when it knows it (the same stops as our writer's)
-            vocab = read_vocab(model_dir)
-        except BadInput:
-            vocab = None  # read back from llama.cpp's GGUF once written
-            if family is None:
-                detect_family(model_dir)  # refuse an unknown chat template now, not after converting
-    text = info = None
-    from_path = modelfile_from(ggufs[quants[0]], mf_path)
-    if vocab is not None:
-        text, info = render_modelfile(from_path, model_dir, system=system, params=params, family=family,
-                                      vocab=vocab)
+        return plans, plans[written[0]].vocab
+    try:
+        return {}, read_vocab(model_dir)
+    except BadInput:
+        return {}, None
+
+
+class _Modelfile:
+    """The Modelfile's text and facts, rendered as soon as the vocabulary is known."""
+
+    def __init__(self, from_path: str, model_dir: Path, system, params, family):
+        self.from_path, self.model_dir = from_path, model_dir
+        self.system, self.params, self.family = system, params, family
+        self.text: str | None = None
+        self.info: dict | None = None
+
+    def render_from(self, vocab) -> None:
+        """Render now when the vocabulary is known; otherwise refuse an unknown chat template now, not after
+        converting."""
+        if vocab is not None:
+            self.render(vocab)
+        elif self.family is None:
+            from medtune.export.modelfile import detect_family
+
+            detect_family(self.model_dir)
+
+    def render(self, vocab) -> None:
+        from medtune.export.modelfile import render_modelfile
+
+        self.text, self.info = render_modelfile(self.from_path, self.model_dir, system=self.system,
+                                                params=self.params, family=self.family, vocab=vocab)
+
+
+def _check_resources(job: _Job, model_dir: Path) -> None:
+    """Disk for every file, and memory for our writer (one tensor and its quantized copy, plus the vocabulary)."""
+    from medtune.export import quantize as qz
+    from medtune.export.gguf_writer import check_disk, estimate_bytes
 
     n_params = _n_params(model_dir)
-    need = sum(estimate_bytes(plans[q]) if q in plans else int(n_params * qz.BITS[q] / 8) + (8 << 20)
-               for q in dict.fromkeys([*written, *quants]))
-    check_disk(ggufs[quants[0]], need)
-    if plans:  # our writer holds one tensor (and its quantized copy) at a time, plus the vocabulary
+    need = sum(estimate_bytes(job.plans[q]) if q in job.plans else int(n_params * qz.BITS[q] / 8) + (8 << 20)
+               for q in dict.fromkeys([*job.written, *job.quants]))
+    check_disk(job.ggufs[job.quants[0]], need)
+    if job.plans:
         from medtune.core.resources import check_memory
 
-        biggest = max((math.prod(s) for s in plans[written[0]].ckpt.shape.values()), default=0)
+        biggest = max((math.prod(s) for s in job.plans[job.written[0]].ckpt.shape.values()), default=0)
         check_memory(biggest * 4 * 3 + (256 << 20), "writing the GGUF",
                      hint="close other programs, or export on a bigger machine")
 
-    # The manifest's input hashes are computed in a background thread while the GGUFs are written (hashlib
-    # releases the GIL): on a 2-core machine this hides the ~1-2 s of hashing a 0.5 GB checkpoint.
-    weight_files = plans[written[0]].ckpt.files if plans else _weight_files(model_dir, Checkpoint)
-    input_files = [model_dir / f for f in ("config.json", "tokenizer.json", "tokenizer_config.json",
-                                           "generation_config.json", "chat_template.jinja",
-                                           "model.safetensors.index.json") if (model_dir / f).is_file()]
+
+def _input_files(job: _Job, model_dir: Path) -> list[Path]:
+    """The files the manifest hashes: config, tokenizer, template, index and the weights."""
+    from medtune.export.gguf_writer import Checkpoint
+
+    weight_files = job.plans[job.written[0]].ckpt.files if job.plans else _weight_files(model_dir, Checkpoint)
+    return [model_dir / f for f in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                                    "generation_config.json", "chat_template.jinja",
+                                    "model.safetensors.index.json") if (model_dir / f).is_file()] + weight_files
+
+
+def _write_ggufs(job: _Job, model_dir: Path, name: str, progress) -> tuple[list[dict], dict[Path, str]]:
+    """Every GGUF under a temporary name, renamed together once all are complete; (summaries in the order asked
+    for, input hashes). The manifest's input hashes are computed in a background thread meanwhile (hashlib
+    releases the GIL): on a 2-core machine this hides the ~1-2 s of hashing a 0.5 GB checkpoint."""
+    import contextlib
+    import os
+
+    from medtune.core import fsutil
+    from medtune.export import quantize as qz
+
+    source = qz.SOURCE_TYPE
     summaries: dict[str, dict] = {}
-    fsutil.sweep(out_dir / f"{stem}-{qz.SOURCE_TYPE}.gguf")  # an intermediate a killed export left behind
+    fsutil.sweep(job.out_dir / f"{job.stem}-{source}.gguf")  # an intermediate a killed export left behind
     with contextlib.ExitStack() as stack:
-        hashing = stack.enter_context(_Hasher([*input_files, *weight_files]))
-        tmp = {q: stack.enter_context(fsutil.atomic_path(ggufs[q])) for q in quants}
-        if qz.SOURCE_TYPE in written and qz.SOURCE_TYPE not in tmp:
-            tmp[qz.SOURCE_TYPE] = stack.enter_context(
-                _scratch(out_dir / f".{stem}-{qz.SOURCE_TYPE}.intermediate-{os.getpid()}.gguf"))
-        for q in written:
-            label = f"writing {stem}-{q}.gguf" if q in ggufs else f"writing the {q} intermediate"
-            if route.converter == "medtune":
-                s = write_gguf(model_dir, tmp[q], q, progress, name=name, plan=plans[q], label=label)
-            else:
-                s = llamacpp.convert(route, model_dir, tmp[q], q, progress, name=name,
-                                     label=label.replace("writing", "converting (llama.cpp)"))
-            if q in ggufs:
+        hashing = stack.enter_context(_Hasher(_input_files(job, model_dir)))
+        tmp = {q: stack.enter_context(fsutil.atomic_path(job.ggufs[q])) for q in job.quants}
+        if source in job.written and source not in tmp:
+            tmp[source] = stack.enter_context(
+                _scratch(job.out_dir / f".{job.stem}-{source}.intermediate-{os.getpid()}.gguf"))
+        for q in job.written:
+            s = _write_one(job, model_dir, name, q, tmp[q], progress)
+            if q in job.ggufs:
                 summaries[q] = s
-        for q in derived:
-            summaries[q] = qz.quantize_gguf(tmp[qz.SOURCE_TYPE], tmp[q], q, quantizer, progress,
-                                            label=f"quantizing {stem}-{q}.gguf")
-            summaries[q]["quantized_from"] = qz.SOURCE_TYPE
+        for q in job.derived:
+            summaries[q] = qz.quantize_gguf(tmp[source], tmp[q], q, job.quantizer, progress,
+                                            label=f"quantizing {job.stem}-{q}.gguf")
+            summaries[q]["quantized_from"] = source
     for q, s in summaries.items():  # the summaries speak of the files under their final names
-        s.update(path=str(ggufs[q]), bytes=ggufs[q].stat().st_size)
-        s.setdefault("converter", "medtune" if route.converter == "medtune" else "llama.cpp")
-    summaries_list = [summaries[q] for q in quants]
+        s.update(path=str(job.ggufs[q]), bytes=job.ggufs[q].stat().st_size)
+        s.setdefault("converter", "medtune" if job.route.converter == "medtune" else "llama.cpp")
+    return [summaries[q] for q in job.quants], hashing.result()
 
-    if text is None:  # llama.cpp path with a tokenizer medtune does not read: use what llama.cpp wrote
-        vocab = llamacpp.vocab_from_gguf(ggufs[quants[0]], model_dir)
-        text, info = render_modelfile(from_path, model_dir, system=system, params=params, family=family,
-                                      vocab=vocab)
-    fsutil.write_text(mf_path, text)
 
-    inputs = {"model_dir": str(model_dir.absolute()), "files": {f.name: h for f, h in hashing.result().items()}}
+def _write_one(job: _Job, model_dir: Path, name: str, q: str, tmp: Path, progress) -> dict:
+    """One directly written GGUF: our writer's, or llama.cpp's converter's."""
+    from medtune.export import llamacpp
+    from medtune.export.gguf_writer import write_gguf
+
+    label = f"writing {job.stem}-{q}.gguf" if q in job.ggufs else f"writing the {q} intermediate"
+    if job.route.converter == "medtune":
+        return write_gguf(model_dir, tmp, q, progress, name=name, plan=job.plans[q], label=label)
+    return llamacpp.convert(job.route, model_dir, tmp, q, progress, name=name,
+                            label=label.replace("writing", "converting (llama.cpp)"))
+
+
+def _write_manifest(job: _Job, model_dir: Path, options: dict, info: dict, summaries: list[dict],
+                    hashes: dict[Path, str]) -> Path:
+    from medtune import __version__
+    from medtune.core import fsutil, redact
+
+    route, quantizer = job.route, job.quantizer
+    inputs = {"model_dir": str(model_dir.absolute()), "files": {f.name: h for f, h in hashes.items()}}
     outputs = {str(p): {"sha256": fsutil.sha256_file(p), "bytes": p.stat().st_size}
-               for p in [*ggufs.values(), mf_path]}
+               for p in [*job.ggufs.values(), job.mf_path]}
     manifest = {
         "stage": "export",
         "inputs": inputs,
-        "options": {"name": name, "quants": quants, "system": system, "params": params, "family": family,
-                    "modelfile_path": str(mf_path), "converter": route.converter,
+        "options": {**options, "modelfile_path": str(job.mf_path), "converter": route.converter,
                     "llama_cpp_dir": str(route.checkout) if route.checkout else None},
         "result": {"family": info["family"], "stops": info["stops"], "system": info["system"],
                    "default_system": info["default_system"], "parameters": info["params"],
-                   "warnings": info["warnings"], "gguf": summaries_list,
+                   "warnings": info["warnings"], "gguf": summaries,
                    "quantizer": quantizer.describe() if quantizer else None},
         "outputs": outputs,
         "versions": _versions(__version__),
     }
-    from medtune.core import redact
-    manifest_path = redact.write_json(out_dir / "export_manifest.json", manifest)
-    return ExportResult(
-        name=name, gguf_paths=ggufs, modelfile_path=mf_path, modelfile_text=text, family=info["family"],
-        stops=info["stops"], system=info["system"], manifest_path=manifest_path,
-        ollama_commands=ollama_commands(name, mf_path), summaries=summaries_list, warnings=info["warnings"],
-        converter=route.converter, quantizer=quantizer.describe() if quantizer else None,
-    )
+    return redact.write_json(job.out_dir / "export_manifest.json", manifest)
 
 
 class _Hasher:

@@ -8,8 +8,8 @@ lines skipped; anything else is a BadInput that names the file and line. `write_
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from medtune.core.errors import BadInput
 

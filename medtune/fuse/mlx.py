@@ -46,9 +46,9 @@ def fuse_mlx(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str = "
 def _check_resources(base_dir: Path, cfg: dict, quantized: bool, target: str, out: Path) -> None:
     """Memory for the base in its own dtype and its cast copy (both can be alive at the peak); disk for the output."""
     from medtune.core.resources import check_disk, check_memory
-    from medtune.train.hf import count_params  # safetensors headers; torch is not imported
+    from medtune.train.hf import count_params
 
-    n_params = count_params(base_dir, cfg)
+    n_params = count_params(base_dir, cfg)  # from the safetensors headers: torch is not imported
     src_bytes = 4 if quantized else DTYPE_BYTES.get(str(cfg.get("torch_dtype") or "float32"), 4)
     check_memory(int(n_params * (src_bytes + DTYPE_BYTES[target]) * 1.1), "merging the adapter",
                  hint="close other programs, fuse with --dtype float16, or merge on a bigger machine")

@@ -12,7 +12,14 @@ from pathlib import Path
 
 from medtune.core import fsutil, safety
 from medtune.core.errors import BadInput, ResourceError, require
-from medtune.fuse import DTYPE_BYTES, FuseResult, adapter_kind, adapter_weights, is_quantized, write_fused
+from medtune.fuse import (
+    DTYPE_BYTES,
+    FuseResult,
+    adapter_kind,
+    adapter_weights,
+    is_quantized,
+    write_fused,
+)
 
 MISFIT_HINT = "fuse with the same --model the adapter was trained on"
 

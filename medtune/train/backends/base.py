@@ -10,9 +10,9 @@ inside its methods): `--backend` resolution loads every backend class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from medtune.train.options import TrainOptions
 

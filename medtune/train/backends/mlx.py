@@ -13,11 +13,11 @@ from functools import partial
 from pathlib import Path
 
 from medtune.core import fsutil, runtime
-from medtune.core.errors import BadInput
 from medtune.train import preflight
 from medtune.train.backends.base import Backend, Step
 from medtune.train.data import eval_groups, padded
 from medtune.train.options import TrainOptions
+from medtune.train.targets import match_targets
 
 
 class MLXBackend(Backend):
@@ -256,14 +256,7 @@ def resolve_target_modules(model, names: list[str] | None) -> list[str] | None:
     import mlx.nn as nn
 
     linear = [n for n, m in model.layers[0].named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
-    keys = []
-    for name in names:
-        hits = [n for n in linear if n == name or n.endswith("." + name)]
-        if not hits:
-            raise BadInput(f"--target-modules: no linear layer named {name!r} in this model",
-                           hint=f"available: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in linear}))}")
-        keys += hits
-    return sorted(set(keys))
+    return match_targets(linear, names)
 
 
 def make_schedule(opts: TrainOptions, steps: int):

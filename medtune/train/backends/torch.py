@@ -28,9 +28,16 @@ from medtune.core.errors import BadInput, require
 from medtune.train import preflight as pre
 from medtune.train.backends.base import Backend, Step
 from medtune.train.data import eval_groups, padded
-from medtune.train.hf import LAYER_RE, count_params, dtype_kwargs, layer_linears, weight_shapes
+from medtune.train.hf import (
+    LAYER_RE,
+    count_params,
+    dtype_kwargs,
+    layer_linears,
+    weight_shapes,
+)
 from medtune.train.options import TrainOptions
 from medtune.train.report import log_line
+from medtune.train.targets import match_targets
 
 IGNORE = -100  # label of a position that gets no loss (transformers' convention)
 QLORA_AUTO_PARAMS = 3e9  # on CUDA, models over this many parameters load in 4-bit unless told otherwise
@@ -222,14 +229,7 @@ def resolve_targets(linear_paths: list[str], names: list[str] | None) -> list[st
     None = every linear layer, as mlx_lm does."""
     if not names:
         return sorted({p.rsplit(".", 1)[-1] for p in linear_paths})
-    leaves = []
-    for name in names:
-        hits = [p for p in linear_paths if p == name or p.endswith("." + name)]
-        if not hits:
-            raise BadInput(f"--target-modules: no linear layer named {name!r} in this model",
-                           hint=f"available: {', '.join(sorted({p.rsplit('.', 1)[-1] for p in linear_paths}))}")
-        leaves += [h.rsplit(".", 1)[-1] for h in hits]
-    return sorted(set(leaves))
+    return sorted({p.rsplit(".", 1)[-1] for p in match_targets(linear_paths, names)})
 
 
 # ---- memory preflight ---------------------------------------------------------------------------

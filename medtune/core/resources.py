@@ -1,6 +1,6 @@
 """Preflights for fuse and export: refuse up front, with the numbers, when memory or disk cannot hold the job.
 
-Training has its own, finer estimate (medtune.train.*_backend.preflight). MEDTUNE_MEMORY_LIMIT_GB caps the
+Training has its own, finer estimate (medtune.train.preflight). MEDTUNE_MEMORY_LIMIT_GB caps the
 memory these checks believe is available (as it does for training).
 """
 

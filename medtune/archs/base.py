@@ -55,6 +55,18 @@ def _template(name: str, block: re.Pattern) -> tuple[str, str | None]:
     return f"blk.{{bid}}.{m.group(2)}", m.group(1)
 
 
+def _translate(name: str, block: re.Pattern, table: dict[str, str]) -> tuple[str, str | None, str, str] | None:
+    """(template, block index, weight/bias, the other side's template) of a tensor name through one of
+    `Arch.name_maps`' tables; None when the table has no such tensor."""
+    m = _SUFFIX.fullmatch(name)
+    if not m:
+        return None
+    base, suffix = m.groups()
+    template, bid = _template(base, block)
+    target = table.get(template)
+    return None if target is None else (template, bid, suffix, target)
+
+
 class Arch:
     """Base: a dense decoder with llama-style tensors. Subclasses override what differs."""
 
@@ -126,14 +138,10 @@ class Arch:
         """GGUF name for an HF tensor; "" means: skip it on purpose; None means: unknown."""
         if self.ignore.fullmatch(hf_name):
             return ""
-        m = _SUFFIX.fullmatch(hf_name)
-        if not m:
+        found = _translate(hf_name, _HF_BLOCK, self.name_maps()[0])
+        if found is None:
             return None
-        base, suffix = m.groups()
-        template, bid = _template(base, _HF_BLOCK)
-        gguf_template = self.name_maps()[0].get(template)
-        if gguf_template is None:
-            return None
+        template, bid, suffix, gguf_template = found
         if bid is not None and suffix == "bias" and self.bias_kinds is not None \
                 and self._kind_of(template) not in self.bias_kinds:
             return None
@@ -144,14 +152,10 @@ class Arch:
     @classmethod
     def hf_name(cls, gguf_name: str) -> str | None:
         """HF name for a GGUF tensor; None when this architecture has no such tensor."""
-        m = _SUFFIX.fullmatch(gguf_name)
-        if not m:
+        found = _translate(gguf_name, _GGUF_BLOCK, cls.name_maps()[1])
+        if found is None:
             return None
-        base, suffix = m.groups()
-        template, bid = _template(base, _GGUF_BLOCK)
-        hf_template = cls.name_maps()[1].get(template)
-        if hf_template is None:
-            return None
+        _, bid, suffix, hf_template = found
         return f"{hf_template.format(bid=bid)}.{suffix}"
 
     # ---- tensors --------------------------------------------------------------------------------

@@ -4,15 +4,21 @@
     cls = for_gguf("llama", where)    # import: the class for a GGUF's general.architecture
     hf_arch_for_model_type("qwen3")   # config normalisation: "Qwen3ForCausalLM"
 
-Adding an architecture: a module here with one `@register` subclass of `Arch` (imported below), and one entry in
-the tests' architecture table (tests/families.py ARCHS).
+Adding an architecture: a module here with one `@register` subclass of `Arch` (every module of this package is
+imported, in name order), and one entry in the tests' architecture table (tests/families.py ARCHS).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from medtune.archs.base import MODEL_TYPES, REGISTRY, Arch, register, supported
-from medtune.archs import llama, qwen  # noqa: F401  (registers the classes)
 from medtune.core.errors import BadInput
+
+for _module in pkgutil.iter_modules(__path__):  # every module here registers its classes (llama, qwen, ...)
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Arch", "REGISTRY", "MODEL_TYPES", "register", "supported", "for_config", "for_gguf",
            "hf_arch_for_model_type", "importable"]

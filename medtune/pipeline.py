@@ -3,8 +3,10 @@
     result = run_pipeline("medtune.yaml")            # or a dict; see DEFAULT_CONFIG for the keys
     print(result["stages"], result["report"])
 
-A run lives in runs/<name>/: config.yaml (the resolved config: `medtune run runs/<name>/config.yaml`
-reproduces it), data/, adapter/, fused/, gguf/, <name>.Modelfile, eval/, stages/<stage>.json (each stage's
+The results land where the project keeps them: adapters/<name>/, models/<name>/ (the fused model and its GGUFs)
+and Modelfiles/<name>.Modelfile (under outputs_dir, by default the folder that holds runs_dir). The run itself
+lives in runs/<name>/: config.yaml (the resolved config: `medtune run runs/<name>/config.yaml` reproduces it),
+outputs.json (where the results are), data/ (the prepared data), eval/ (the report), stages/<stage>.json (each stage's
 fingerprint, inputs, options, result) and run.log.
 
 Each stage has a fingerprint: the content hashes of its inputs (the dataset, the model when it is a local
@@ -106,7 +108,9 @@ DEFAULT_CONFIG_TEXT = """\
 
 name: medtune-smollm2            # the run folder: runs/<name>/
 model: builtin:smollm2-135m      # folder, .gguf, builtin:NAME, ORG/NAME (Hub) or modelscope:ORG/NAME
-runs_dir: runs
+runs_dir: runs                   # runs/<name>/: config, stage records, log, prepared data, eval report
+# outputs_dir: .                 # adapters/<name>/, models/<name>/ (fused + GGUFs), Modelfiles/<name>.Modelfile
+                                 # (default: the folder that holds runs_dir)
 trust_remote_code: false         # true: let a model run its own Python code (auto_map); only models you trust
 allow_pickle: false              # true: accept *.bin/*.pt weights when there are no safetensors (weights_only)
 
@@ -122,7 +126,7 @@ prepare:                         # medtune prepare DATASET --model MODEL --out r
   # limit: 1000
   # sample: 2000
 
-train:                           # medtune train --model MODEL --data runs/<name>/data --out runs/<name>/adapter
+train:                           # medtune train --model MODEL --data runs/<name>/data --out adapters/<name>
   backend: auto                  # auto | mlx | torch | unsloth
   fine_tune_type: lora
   iters: 24
@@ -137,18 +141,18 @@ train:                           # medtune train --model MODEL --data runs/<name
   save_every: 12                 # checkpoints: an interrupted run resumes from the last one
   seed: 0
 
-fuse:                            # medtune fuse --model MODEL --adapter runs/<name>/adapter --out runs/<name>/fused
+fuse:                            # medtune fuse --model MODEL --adapter adapters/<name> --out models/<name>
   dtype: auto
 
-export:                          # medtune export runs/<name>/fused --out runs/<name>/gguf --name <name>
+export:                          # medtune export models/<name> --name <name>
   quant: [f16]                   # f16 f32 bf16 q8_0 q4_0 q4_k_m …
   # system: "You are a careful clinician."
 
-ollama:                          # ollama create <name> -f runs/<name>/<name>.Modelfile
+ollama:                          # ollama create <name> -f Modelfiles/<name>.Modelfile
   create: auto                   # auto: when an Ollama server answers; true: required; false: never
   # host: http://127.0.0.1:11434
 
-eval:                            # medtune eval runs/<name>/fused --data runs/<name>/data --base MODEL --gguf …
+eval:                            # medtune eval models/<name> --data runs/<name>/data --base MODEL --gguf …
   enabled: true
   base: true                     # compare with the base model
   gguf: true                     # evaluate the exported GGUF(s) with llama.cpp (when llama-cpp-python is installed)
@@ -188,7 +192,7 @@ def _section_options() -> dict[str, type]:
 
 
 SECTION_EXTRA = {"prepare": {"dataset"}, "train": {"backend"}}  # what the stage takes beside its options
-TOP_KEYS = {"name", "model", "runs_dir", "trust_remote_code", "allow_pickle", *STAGES}
+TOP_KEYS = {"name", "model", "runs_dir", "outputs_dir", "trust_remote_code", "allow_pickle", *STAGES}
 
 
 def default_config() -> dict:
@@ -260,8 +264,9 @@ class Hasher:
         self.cache[key] = [stamp, digest]
         return digest
 
-    def path(self, path: Path, names: tuple[str, ...] | None = None) -> str:
-        """A file's hash, or a folder's: every visible file (or only `names`) by relative path, checkpoints excluded."""
+    def path(self, path: Path, names: tuple[str, ...] | None = None, skip: Callable[[Path], bool] | None = None) -> str:
+        """A file's hash, or a folder's: every visible file (or only `names`) by relative path, checkpoints and the
+        files `skip` names excluded."""
         path = Path(path)
         if path.is_file():
             return self.file(path)
@@ -271,7 +276,7 @@ class Hasher:
         if names is not None:
             files = [path / n for n in names if (path / n).is_file()]
         else:
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not (skip and skip(p)) and not any(
                 part.startswith(".") or part == "checkpoints" for part in p.relative_to(path).parts))
         for f in files:
             h.update(f"{f.relative_to(path)}\0{self.file(f)}\n".encode())
@@ -302,10 +307,15 @@ class Run:
         self.name = cfg["name"]
         from medtune.core.safety import inside
 
-        self.root = inside(Path(cfg.get("runs_dir") or DEFAULT_RUNS), self.name, "run folder")
-        self.data, self.adapter, self.fused = self.root / "data", self.root / "adapter", self.root / "fused"
-        self.gguf_dir, self.eval_dir = self.root / "gguf", self.root / "eval"
-        self.modelfile = self.root / f"{self.name}.Modelfile"
+        runs = Path(cfg.get("runs_dir") or DEFAULT_RUNS)
+        self.root = inside(runs, self.name, "run folder")
+        # the results where the project keeps them: adapters/<name>/, models/<name>/ (the fused model and its
+        # GGUFs), Modelfiles/<name>.Modelfile, under outputs_dir (default: the folder that holds runs_dir)
+        top = Path(cfg.get("outputs_dir") or runs.absolute().parent)
+        self.adapter = inside(top / "adapters", self.name, "adapter folder")
+        self.fused = self.gguf_dir = inside(top / "models", self.name, "model folder")
+        self.modelfile = inside(top / "Modelfiles", f"{self.name}.Modelfile", "Modelfile")
+        self.data, self.eval_dir = self.root / "data", self.root / "eval"
         self.stages_dir = self.root / "stages"
         self.hasher = Hasher(self.stages_dir / "hashes.json")
         self._log = log
@@ -375,13 +385,13 @@ class Run:
                                                                                 "adapter_model.safetensors"))},
                     dict(c["fuse"]))
         if stage == "export":
-            return {"fused": h.path(self.fused)}, {**c["export"], "name": self.name}
+            return {"fused": self.fused_hash()}, {**c["export"], "name": self.name}
         if stage == "ollama":
             ggufs = sorted(self.gguf_dir.glob("*.gguf")) if self.gguf_dir.is_dir() else []
             return ({"modelfile": h.path(self.modelfile), "gguf": {g.name: h.path(g) for g in ggufs}},
                     {**c["ollama"], "name": self.name})
         if stage == "eval":
-            ins = {"fused": h.path(self.fused), "data": h.path(self.data, ("valid.jsonl", "test.jsonl"))}
+            ins = {"fused": self.fused_hash(), "data": h.path(self.data, ("valid.jsonl", "test.jsonl"))}
             e = c["eval"]
             if e.get("base"):
                 ins["base"] = h.spec(model)
@@ -393,15 +403,27 @@ class Run:
             return ins, dict(e)
         raise BadInput(f"unknown stage {stage!r}", hint=f"stages: {', '.join(STAGES)}")
 
+    def fused_hash(self) -> str:
+        """The fused model's content: its folder without the GGUFs and manifest export writes beside it."""
+        return self.hasher.path(self.fused, skip=lambda p: p.suffix == ".gguf" or p.name == "export_manifest.json")
+
     def outputs(self, stage: str) -> list[Path]:
+        if stage == "export":  # fuse replaces models/<name>/ whole, GGUFs included: then export is redone
+            return [self.modelfile, *self._ggufs(existing=False)]
         return {"prepare": [self.data / "train.jsonl", self.data / "valid.jsonl"],
                 "train": [self.adapter / "adapter_config.json"], "fuse": [self.fused / "config.json"],
-                "export": [self.modelfile], "ollama": [], "eval": [self.eval_dir / "report.html"]}[stage]
+                "ollama": [], "eval": [self.eval_dir / "report.html"]}[stage]
 
-    def _ggufs(self) -> list[Path]:
+    def where(self) -> dict:
+        """Where this run's results are (runs/<name>/outputs.json)."""
+        return {"data": str(self.data), "adapter": str(self.adapter), "model": str(self.fused),
+                "gguf": [str(g) for g in self._ggufs()], "modelfile": str(self.modelfile),
+                "report": str(self.eval_dir / "report.html")}
+
+    def _ggufs(self, existing: bool = True) -> list[Path]:
         rec = self.record("export") or {}
         paths = [Path(p) for p in (rec.get("result") or {}).get("gguf_paths", {}).values()]
-        return [p for p in paths if p.is_file()]
+        return [p for p in paths if p.is_file() or not existing]
 
     # -- the stages themselves
     def do_prepare(self, progress=None, **_) -> dict:
@@ -571,6 +593,7 @@ def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -
         r.hasher.save()
     report = r.eval_dir / "report.html"
     r.log(f"run {r.name}: {', '.join(f'{k} {v}' for k, v in status.items())} in {time.time() - t_run:.1f}s")
-    return {"name": r.name, "root": str(r.root), "stages": status,
+    fsutil.write_json(r.root / "outputs.json", r.where())  # the run folder points to its results
+    return {"name": r.name, "root": str(r.root), "stages": status, "outputs": r.where(),
             "report": str(report) if report.is_file() else None,
             "modelfile": str(r.modelfile) if r.modelfile.is_file() else None}

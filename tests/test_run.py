@@ -13,7 +13,7 @@ STAGES = ["prepare", "train", "fuse", "export", "ollama", "eval"]
 
 def tiny_config(root, model, name="tiny", **train):
     return {
-        "name": name, "model": str(model), "runs_dir": str(root),
+        "name": name, "model": str(model), "runs_dir": str(root), "outputs_dir": str(root),
         "prepare": {"dataset": str(SAMPLE), "max_seq_length": 1024, "limit": 10, "valid_ratio": 0.2, "token_stats": False},
         "train": {"iters": 4, "batch_size": 2, "num_layers": 2, "max_seq_length": 1024, "eval_every": 2, "save_every": 2,
                   "backend": "mlx", **train},
@@ -71,9 +71,19 @@ def test_run_does_every_stage_then_skips_them(done_run):
     assert first["stages"] == {"prepare": "done", "train": "done", "fuse": "done", "export": "done",
                                "ollama": "not run", "eval": "done"}
     root = done_run["root"] / "tiny"
-    for p in ("config.yaml", "run.log", "data/train.jsonl", "adapter/adapters.safetensors", "fused/config.json",
-              "tiny.Modelfile", "eval/report.html", "eval/report.json", "stages/train.json"):
+    for p in ("config.yaml", "run.log", "outputs.json", "data/train.jsonl", "eval/report.html", "eval/report.json",
+              "stages/train.json"):
         assert (root / p).exists(), p
+    # the results land in the project's folders, and the run folder points to them
+    top = done_run["root"]
+    for p in ("adapters/tiny/adapters.safetensors", "models/tiny/config.json", "models/tiny/tiny-f32.gguf",
+              "Modelfiles/tiny.Modelfile"):
+        assert (top / p).exists(), p
+    assert not any((root / p).exists() for p in ("adapter", "fused", "gguf", "tiny.Modelfile"))
+    where = json.loads((root / "outputs.json").read_text())
+    assert where["adapter"] == str(top / "adapters" / "tiny") and where["gguf"] == [str(top / "models/tiny/tiny-f32.gguf")]
+    assert first["outputs"] == where
+    assert "FROM ../models/tiny/tiny-f32.gguf" in (top / "Modelfiles" / "tiny.Modelfile").read_text()
     rec = json.loads((root / "stages" / "train.json").read_text())
     assert rec["options"]["iters"] == 4 and rec["inputs"]["data"] and rec["versions"]["medtune"]
     assert first["report"].endswith("report.html")
@@ -135,7 +145,7 @@ def test_interrupted_training_resumes_to_the_same_adapter(done_run, tiny_llama_d
     assert rec["result"]["resumed_from"] == 2
     assert "resuming from the last checkpoint" in (run.root / "run.log").read_text()
     # the unbroken run (its fingerprint for train is the same: the name is not an input)
-    unbroken = mx.load(str(done_run["root"] / "tiny" / "adapter" / "adapters.safetensors"))
+    unbroken = mx.load(str(done_run["root"] / "adapters" / "tiny" / "adapters.safetensors"))
     resumed = mx.load(str(run.adapter / "adapters.safetensors"))
     assert unbroken.keys() == resumed.keys()
     for k in unbroken:
@@ -159,7 +169,7 @@ def test_ctrl_c_during_training_then_run_again_resumes(done_run, tiny_llama_dir,
     cfg["eval"]["enabled"] = False
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    metrics = done_run["root"] / "ctrlc" / "adapter" / "metrics.jsonl"
+    metrics = done_run["root"] / "adapters" / "ctrlc" / "metrics.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "medtune", "run", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300

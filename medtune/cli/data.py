@@ -35,7 +35,7 @@ def prepare(
         stem = dataset.split(":", 1)[-1].rstrip("/").replace("/", "_").split("@")[0] if ":" in dataset else Path(dataset).stem
         out = Path("data/processed") / safe_component(stem, "dataset")  # never '..' or a path from the spec
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
-        res = run(dataset, model, out, dry_run=dry_run, progress=p, **opts.to_dict())
+        res = run(dataset, model, out, opts, dry_run=dry_run, progress=p)
     if as_json:
         return emit_json(res.to_dict())
     from rich.table import Table

@@ -28,7 +28,7 @@ def fuse(
 
     step(f"fusing {adapter} into {model}")
     with untrusted(trust_remote_code, allow_pickle):
-        res = run(model, adapter, out, **opts.to_dict())
+        res = run(model, adapter, out, opts=opts)
     if as_json:
         return emit_json(res.to_dict())
     done(f"fused {res.fused_layers} layers → {res.out}")

@@ -18,7 +18,8 @@ from pathlib import Path
 from medtune.core import fsutil, redact, safety
 from medtune.core.errors import BadInput
 from medtune.core.lock import holds as _holds_lock
-from medtune.fuse.options import DTYPES
+from medtune.core.options import from_kwargs
+from medtune.fuse.options import DTYPES, FuseOptions
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
@@ -91,16 +92,17 @@ def read_adapter_config(adapter_dir: Path) -> dict:
 
 
 @_holds_lock("out")  # one writer per output folder (medtune.core.lock)
-def fuse(model: str, adapter, out, progress=None, *, dtype: str = "auto", dequantize: bool = False,
-         force: bool = False) -> FuseResult:
+def fuse(model: str, adapter, out, progress=None, opts: FuseOptions | None = None, **fields) -> FuseResult:
     """Merge `adapter` into `model` and write an HF safetensors folder at `out`.
 
     The adapter may be mlx_lm's (from the mlx backend) or a PEFT adapter (torch/unsloth backends), told
     apart by its adapter_config.json.
     dtype: auto = float32 on CPU, float16 on a GPU (Apple Silicon) for MLX adapters, the base's 16-bit dtype
     (float16 for a float32 base) for PEFT adapters; dequantize: turn a quantized (QLoRA) base into plain
-    weights; force: replace an existing `out`.
+    weights; force: replace an existing `out`. The options are FuseOptions: `opts`, or keywords (dtype=...).
     """
+    o = from_kwargs(FuseOptions, opts, **fields)
+    dtype, dequantize, force = o.dtype, o.dequantize, o.force
     adapter, out = Path(adapter), Path(out)
     if dtype not in DTYPES:
         raise BadInput(f"--dtype must be one of {', '.join(DTYPES)}", hint="auto picks float32 on CPU, float16 on a GPU")

@@ -14,11 +14,12 @@ BATCH  ?= 2
 MAXLEN ?= 512
 LAYERS ?= 8
 
-.PHONY: all test bench setup setup-test openblas test-tools clean-outputs help
+.PHONY: all test lint format bench setup setup-test openblas test-tools clean-outputs help
 
 help:
 	@echo "make all   - set up .venv and run prepare → train → fuse → export → eval on $(MODEL) (medtune run)"
 	@echo "make test  - set up .venv with test extras and run the test suite"
+	@echo "make lint  - ruff check and ruff format --check (make format rewrites)"
 	@echo "make bench - benchmarks against the tools a user would otherwise run"
 
 $(BIN)/python:
@@ -79,6 +80,15 @@ all: setup
 
 test: setup-test
 	$(BIN)/python -m pytest -q
+
+# Ruff, pinned in the test extra: the lint rules and the formatter's style are in pyproject.toml.
+lint: $(VENV)/.test
+	$(BIN)/ruff check medtune tests scripts
+	$(BIN)/ruff format --check medtune tests scripts
+
+format: $(VENV)/.test
+	$(BIN)/ruff check --fix medtune tests scripts
+	$(BIN)/ruff format medtune tests scripts
 
 # BENCH_TRAIN_ARGS="--runs c,d" compares the trainers at the fast BLAS only (minutes instead of ~40 on 2 cores)
 BENCH_TRAIN_ARGS ?=

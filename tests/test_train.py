@@ -5,7 +5,7 @@ import pytest
 
 from conftest import SAMPLE
 from medtune.data.prepare import prepare
-from medtune.train import TrainOptions, train
+from medtune.train import BACKENDS, TrainOptions, train
 from medtune.train.backends.mlx import make_batch, masked_loss
 
 
@@ -76,16 +76,65 @@ def _losses(out):
             [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r])
 
 
+# ---- the one training loop, on every backend of the registry that runs on this machine -------------------
+def _runs_here(name: str) -> bool:
+    import importlib.util
+
+    from medtune.train import _cuda_available
+
+    needs = {"mlx": ("mlx",), "torch": ("torch", "peft"), "unsloth": ("unsloth", "torch", "peft")}[name]
+    return all(importlib.util.find_spec(m) is not None for m in needs) and (name != "unsloth" or _cuda_available())
+
+
+LOOP_BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(not _runs_here(name), reason=f"{name} cannot train here"))
+                 for name in BACKENDS]
+# How closely a resumed run repeats the unbroken one: MLX compiles its step, PyTorch repeats bit for bit.
+TOLERANCE = {"mlx": dict(rtol=1e-5, atol=1e-6), "torch": dict(rtol=1e-6, atol=1e-7), "unsloth": dict(rtol=1e-6, atol=1e-7)}
+
+
+@pytest.fixture(scope="module", params=LOOP_BACKENDS)
+def loop_backend(request):
+    """A backend name; PyTorch on one thread while its tests run (conftest binds OpenBLAS for MLX; torch's own
+    threads then fight its spinning pool on a shared 2-core machine: 3-5x slower)."""
+    if request.param == "mlx":
+        yield request.param
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def unbroken(tmp_path_factory, tiny_llama_dir, prepared):
+def unbroken(tmp_path_factory, tiny_llama_dir, prepared, loop_backend):
     out = tmp_path_factory.mktemp("unbroken") / "a"
-    train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS))
+    train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), backend=loop_backend)
     return out
 
 
-def test_resume_after_a_crash_is_the_same_run(tmp_path, tiny_llama_dir, prepared, unbroken):
+def _check_checkpoint(backend: str, ckpt) -> None:
+    """What a checkpoint at step 3 of RESUME_OPTS holds, on each backend."""
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 3 and state["micro"] == 3 and state["pos"] == 3
+    if backend == "mlx":
+        assert {p.name for p in ckpt.iterdir()} == {"adapter_config.json", "adapters.safetensors",
+                                                    "optimizer.safetensors", "state.json"}
+        return
+    import torch
+
+    assert {p.name for p in ckpt.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt",
+                                                "rng.pt", "state.json"}
+    assert state["backend"] == backend
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert saved["scheduler"]["last_epoch"] == 3 and saved["optimizer"]["state"]
+    assert set(torch.load(ckpt / "rng.pt", weights_only=True)) == {"torch", "cuda", "python", "numpy"}
+
+
+def test_resume_after_a_crash_is_the_same_run(tmp_path, tiny_llama_dir, prepared, loop_backend, unbroken):
     """Killed at step 5 (checkpoints every 3 steps), resumed: the same losses at the same steps as a run
-    that never stopped; dropout (RNG), the cosine schedule and Adam's moments all come back."""
+    that never stopped; dropout (RNG), the cosine schedule with warm-up and Adam's moments all come back."""
     out = tmp_path / "b"
 
     def power_cut(step, row):
@@ -93,20 +142,26 @@ def test_resume_after_a_crash_is_the_same_run(tmp_path, tiny_llama_dir, prepared
             raise RuntimeError("power cut")
 
     with pytest.raises(RuntimeError, match="power cut"):
-        train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), on_step=power_cut)
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000003"]
-    res = train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), resume=True)
-    assert res.resumed_from == 3
+        train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), backend=loop_backend, on_step=power_cut)
+    ckpt = out / "checkpoints" / "step-0000003"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [ckpt.name]
+    _check_checkpoint(loop_backend, ckpt)
+    res = train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), backend=loop_backend, resume=True)
+    assert res.resumed_from == 3 and res.backend == loop_backend
     (train_a, val_a), (train_b, val_b) = _losses(unbroken), _losses(out)
     assert [s for s, _ in train_b] == list(range(1, 9))
-    np.testing.assert_allclose([v for _, v in train_b], [v for _, v in train_a], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose([v for _, v in val_b], [v for _, v in val_a], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([v for _, v in train_b], [v for _, v in train_a], **TOLERANCE[loop_backend])
+    np.testing.assert_allclose([v for _, v in val_b], [v for _, v in val_a], **TOLERANCE[loop_backend])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["learning_rate"] for r in rows if "train_loss" in r]
+    assert lrs[0] < lrs[1] < lrs[2] and lrs[2] > lrs[-1]  # warm-up, then cosine decay
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_llama_dir, prepared, unbroken):
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_llama_dir, prepared, loop_backend, unbroken):
     import signal
 
     from medtune.train import Interrupted
+    from medtune.train.backends import backend_class
 
     out = tmp_path / "c"
 
@@ -115,13 +170,15 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_llama_dir,
             signal.raise_signal(signal.SIGINT)
 
     with pytest.raises(Interrupted, match="stopped at step 4/8") as exc:
-        train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), on_step=ctrl_c)
+        train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), backend=loop_backend, on_step=ctrl_c)
     assert exc.value.exit_code == 130 and "same command again" in exc.value.hint
-    assert (out / "checkpoints" / "step-0000004" / "optimizer.safetensors").is_file()
-    assert not (out / "adapters.safetensors").exists()
-    res = train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS))  # the same call: it resumes
+    optimizer_file = "optimizer.safetensors" if loop_backend == "mlx" else "optimizer.pt"
+    assert (out / "checkpoints" / "step-0000004" / optimizer_file).is_file()
+    assert not (out / backend_class(loop_backend).adapter_file).exists()
+    res = train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), backend=loop_backend)  # the same call: it resumes
     assert res.resumed_from == 4
-    np.testing.assert_allclose([v for _, v in _losses(out)[0]], [v for _, v in _losses(unbroken)[0]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([v for _, v in _losses(out)[0]], [v for _, v in _losses(unbroken)[0]],
+                               **TOLERANCE[loop_backend])
 
 
 def test_grad_accumulation_dora_and_schedules_train(tmp_path, tiny_llama_dir, prepared):

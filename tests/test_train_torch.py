@@ -2,14 +2,13 @@
 
 A tiny random Llama with the real SmolLM2 tokenizer trains (loss falls); the same records give the same
 label tokens and the same starting loss as the MLX backend; a run killed or Ctrl-C'd and resumed gives
-the losses of an unbroken run; two processes under torchrun train like one with the whole batch; the
+the losses of an unbroken run (tests/test_train.py, on every backend); two processes under torchrun train like one with the whole batch; the
 PEFT adapter fuses (`medtune fuse`), exports (`medtune export --quant f32`) and llama.cpp continues
 greedily like transformers on the fused model; what cannot be honoured is refused with exit codes.
 """
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,6 @@ pytest.importorskip("peft")
 from medtune.data.prepare import prepare  # noqa: E402
 from medtune.core.errors import BadInput, MissingDependency, ResourceError  # noqa: E402
 from medtune.train import TrainOptions, train  # noqa: E402
-from medtune.train import Interrupted  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,62 +128,7 @@ def test_prompt_masking_and_schedules_match_the_mlx_backend(trained, tiny_llama_
         np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
-RESUME_OPTS = dict(iters=8, batch_size=2, num_layers=-1, rank=4, lr=3e-3, dropout=0.1, eval_every=4,
-                   save_every=3, seed=2, lr_schedule="cosine", warmup=2)
-
-
-@pytest.fixture(scope="module")
-def unbroken(tmp_path_factory, tiny_llama_dir, prepared):
-    out = tmp_path_factory.mktemp("unbroken") / "a"
-    train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), backend="torch")
-    return out
-
-
-def test_resume_after_a_crash_is_the_same_run(tmp_path, tiny_llama_dir, prepared, unbroken):
-    """Killed at step 5 (checkpoints every 3 steps), resumed: the same losses at the same steps as a run
-    that never stopped; dropout, the cosine schedule with warm-up and Adam's moments all come back."""
-    out = tmp_path / "b"
-
-    def power_cut(step, row):
-        if step == 5:
-            raise RuntimeError("power cut")
-
-    with pytest.raises(RuntimeError, match="power cut"):
-        train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), backend="torch", on_step=power_cut)
-    ckpt = out / "checkpoints" / "step-0000003"
-    assert [p.name for p in (out / "checkpoints").iterdir()] == [ckpt.name]
-    assert {p.name for p in ckpt.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt",
-                                                "rng.pt", "state.json"}
-    state = json.loads((ckpt / "state.json").read_text())
-    assert state["step"] == 3 and state["micro"] == 3 and state["pos"] == 3 and state["backend"] == "torch"
-    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    assert saved["scheduler"]["last_epoch"] == 3 and saved["optimizer"]["state"]
-    assert set(torch.load(ckpt / "rng.pt", weights_only=True)) == {"torch", "cuda", "python", "numpy"}
-    res = train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), backend="torch", resume=True)
-    assert res.resumed_from == 3
-    (train_a, val_a), (train_b, val_b) = _losses(unbroken), _losses(out)
-    assert [s for s, _ in train_b] == list(range(1, 9))
-    np.testing.assert_allclose([v for _, v in train_b], [v for _, v in train_a], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose([v for _, v in val_b], [v for _, v in val_a], rtol=1e-6, atol=1e-7)
-    lrs = [r["learning_rate"] for r in _rows(out) if "train_loss" in r]
-    assert lrs[0] < lrs[1] < lrs[2] and lrs[2] > lrs[-1]  # warm-up, then cosine decay
-
-
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_llama_dir, prepared, unbroken):
-    out = tmp_path / "c"
-
-    def ctrl_c(step, row):
-        if step == 4:
-            signal.raise_signal(signal.SIGINT)
-
-    with pytest.raises(Interrupted, match="stopped at step 4/8") as exc:
-        train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), backend="torch", on_step=ctrl_c)
-    assert exc.value.exit_code == 130 and "same command again" in exc.value.hint
-    assert (out / "checkpoints" / "step-0000004" / "optimizer.pt").is_file()
-    assert not (out / "adapter_model.safetensors").exists()
-    res = train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), backend="torch", resume=True)
-    assert res.resumed_from == 4
-    np.testing.assert_allclose([v for _, v in _losses(out)[0]], [v for _, v in _losses(unbroken)[0]], rtol=1e-6, atol=1e-7)
+# Resume after a crash and Ctrl-C are the one training loop's: tests/test_train.py runs them on every backend.
 
 
 def _greedy_hf(model, ids, n, eos):

@@ -104,3 +104,32 @@ def test_greedy_result_and_penalty_helpers():
     assert pick_greedy(row.copy(), [1], (1.1, 64)) == 0  # 1.05 / 1.1 < 1.0: the repeated token loses
     lp = log_softmax(np.array([[0.0, 0.0], [1000.0, 0.0]]))
     assert np.allclose(np.exp(lp).sum(axis=1), 1.0) and np.allclose(lp[0], np.log(0.5))
+
+
+def test_llamacpp_and_mlx_give_the_same_greedy_and_logprobs_on_an_f32_export(tiny_mlx, tiny_llama_dir, tmp_path):
+    """The two engines' shared operations agree on the same weights (F32 GGUF): greedy with and without a penalty
+    (the rule that breaks the tiny model's loop), the finish, and the teacher-forced log-probs."""
+    pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    from medtune.export import export
+    from medtune.runtimes import llamacpp, mlx
+    from medtune.runtimes.decoding import MODELFILE_PENALTY
+
+    model, tokenizer, ids = tiny_mlx
+    gguf = export(tiny_llama_dir, tmp_path, "t", quants=("f32",), modelfile_path=tmp_path / "t.Modelfile").gguf_paths["f32"]
+    llm = llamacpp.load_gguf(gguf, 512, n_threads=1, logits_all=True)
+    try:
+        for penalty in (None, MODELFILE_PENALTY, (3.0, 16)):
+            want = mlx.greedy(model, ids, 16, penalty=penalty, end_ids=tokenizer.eos_token_ids)
+            got = llamacpp.greedy(llm, ids, 16, penalty=penalty, end_ids=tokenizer.eos_token_ids, rows=True)
+            assert (got.tokens, got.finish) == (want.tokens, want.finish), penalty
+            assert len(got.rows) == len(got.tokens)
+        seq = ids + want.tokens
+        start = len(ids) - 1
+        ours, theirs = mlx.token_logprobs(model, seq, start), llamacpp.token_logprobs(llm, seq, start)
+        assert theirs.shape == ours.shape == (16,) and np.allclose(theirs, ours, atol=5e-3)  # F32 on both: kernels differ
+        rows = llamacpp.logprobs(llm, seq, start)
+        assert rows.shape == (16, llm.n_vocab()) and np.allclose(np.exp(rows).sum(axis=1), 1.0)
+    finally:
+        llm.close()

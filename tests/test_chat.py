@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-
 from medtune.core.errors import BadInput
 from medtune.runtimes.mlx import GenerationResult, ThinkSplitter, generate, generate_many, load, split_reasoning
+
+from conftest import ROOT
 
 QUESTION = "What is the normal resting heart rate for an adult? Answer in one sentence."
 

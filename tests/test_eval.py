@@ -7,10 +7,20 @@ import subprocess
 
 import pytest
 
-from conftest import SAMPLE, make_tiny_llama, run_cli
-from medtune.eval.evaluate import (accuracy, parse_choice, pick, read_curves, repetition_rate, stop_rate,
-                              summarise, think_state, words)
+from medtune.eval.evaluate import (
+    accuracy,
+    parse_choice,
+    pick,
+    read_curves,
+    repetition_rate,
+    stop_rate,
+    summarise,
+    think_state,
+    words,
+)
 from medtune.eval.report_html import svg_curves
+
+from conftest import SAMPLE, make_tiny_llama, run_cli
 
 
 # ---- pure metrics ---------------------------------------------------------------------------------

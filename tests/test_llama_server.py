@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from families import CASES, make_model
-from medtune.export import export
 from medtune.eval.fidelity import fidelity
+from medtune.export import export
 from medtune.runtimes import tools
 from medtune.runtimes.llama_server import LlamaServer
+
+from families import CASES, make_model
 from pretok_models import TRICKY_TEXTS, export_pretok_model
 
 PROMPTS = ["What is a normal resting heart rate for adults?", "发烧39度怎么办？请给三条建议。",

@@ -33,9 +33,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 from medtune.core.errors import BadInput, MissingDependency
 from medtune.export.modelfile import parse_modelfile
+
+from conftest import run_cli
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?::[A-Za-z0-9_][A-Za-z0-9._-]*)?")

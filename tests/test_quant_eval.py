@@ -11,9 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medtune.eval.quants import (
+    QuantStats,
+    chunk_sequences,
+    crosscheck,
+    heldout_sequences,
+    judge,
+    judge_quants,
+    parse_llama_perplexity,
+)
+
 from conftest import SAMPLE, run_cli
-from medtune.eval.quants import (QuantStats, chunk_sequences, crosscheck, heldout_sequences, judge, judge_quants,
-                                parse_llama_perplexity)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from medtune.export import pretok
+
 # ---- real chat templates (as the model repos ship them, tool branches included) -------------------------
 QWEN25_TEMPLATE = (
     "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medtune.archs.llama import unpermute_rows
 from medtune.core.errors import BadInput
+from medtune.core.fsutil import sha256_file
 from medtune.export import export, inspect_gguf
 from medtune.export.gguf_writer import write_gguf
 from medtune.export.gotemplate import execute, ollama_prompt
 from medtune.export.modelfile import hf_render, parse_modelfile, quote_value, render_modelfile
-from medtune.core.fsutil import sha256_file
-from medtune.archs.llama import unpermute_rows
 
 N_HEAD, N_KV = 4, 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

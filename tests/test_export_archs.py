@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from families import ARCHS, CASES, CHATS, TEXTS, arch_case, make_model, ollama_view
 from medtune.core.errors import BadInput
 from medtune.export import export
 from medtune.export.gguf_writer import plan_gguf, write_gguf
 from medtune.export.gotemplate import ollama_prompt
 from medtune.export.modelfile import FAMILIES, detect_family, parse_modelfile
+
+from families import ARCHS, CASES, CHATS, TEXTS, arch_case, make_model, ollama_view
 
 N_TOKENS = 20
 

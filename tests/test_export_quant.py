@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_tiny_llama, run_cli
 from medtune.core.errors import BadInput, MedtuneError, MissingDependency
 from medtune.export import export, inspect_gguf
 from medtune.export.quantize import API_ENV, find_quantizer, parse_quants
+
+from conftest import ROOT, make_tiny_llama, run_cli
 
 PROMPT = "<|im_start|>user\nWhat is a normal resting heart rate?<|im_end|>\n<|im_start|>assistant\n"
 N_GREEDY = 8

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from families import CASES, make_model
 from medtune.export import pretok
 from medtune.export.gguf_writer import write_gguf
+
+from families import CASES, make_model
 from pretok_models import TRICKY_TEXTS, export_pretok_model
 
 DS_EOS = "<｜end▁of▁sentence｜>"

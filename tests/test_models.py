@@ -3,10 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from medtune.archs.llama import permute_rows, unpermute_rows
 from medtune.core.errors import BadInput, MedtuneError
 from medtune.models import pull
-from medtune.archs.llama import permute_rows, unpermute_rows
+
+from conftest import run_cli
 
 PROMPTS = [
     "A 58-year-old man has crushing chest pain for 40 minutes. What is the first step?",
@@ -137,9 +138,10 @@ def test_a_byte_level_gguf_imports_under_llama_cpps_name_and_the_old_spelling(tm
     medtune versions say `gpt2`. Both import to a tokenizer.json that splits text like the original."""
     from transformers import AutoTokenizer
 
-    from conftest import make_tiny_llama
     from medtune.export.gguf_writer import plan_gguf, write_gguf
     from medtune.models.gguf_import import import_gguf
+
+    from conftest import make_tiny_llama
     from pretok_models import TRICKY_TEXTS
 
     monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))

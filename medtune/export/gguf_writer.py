@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from medtune import archs
 from medtune.core import fsutil
 from medtune.core.errors import BadInput
-from medtune import archs
-from medtune.export.tokenizer import Vocab, read_vocab
-
 from medtune.export.gguf_reader import file_type
 from medtune.export.quantize import WRITER_TYPES as OUTTYPES
+from medtune.export.tokenizer import Vocab, read_vocab
 
 # In a Q4_0 file the tensor that produces the logits (output.weight, or token_embd.weight when the embeddings
 # are tied) is kept at 8 bits: it is the one most sensitive to quantization (llama.cpp's quantizer keeps it at
@@ -136,7 +135,8 @@ def tensor_qtype(gguf_name: str, shape: tuple[int, ...], outtype: str, *, logits
 
     logits: this tensor produces the logits (output.weight, or the tied token_embd.weight): see LOGITS_TYPE.
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
 
     if len(shape) == 1 or gguf_name.endswith("_norm.weight"):
         return T.F32

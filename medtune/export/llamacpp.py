@@ -130,9 +130,7 @@ def vocab_from_gguf(path: str | Path, model_dir: str | Path):
     """The tokenizer facts the Modelfile needs (stop tokens, chat template), read back from a GGUF that
     llama.cpp wrote: used when medtune's own tokenizer reader does not know this tokenizer."""
     from medtune.export.gguf_reader import read_gguf_header
-    from medtune.export.tokenizer import Vocab
-
-    from medtune.export.tokenizer import EOS_IDS_KEY
+    from medtune.export.tokenizer import EOS_IDS_KEY, Vocab
 
     meta = read_gguf_header(path, full_arrays=("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                                                EOS_IDS_KEY))["metadata"]

@@ -70,8 +70,8 @@ def resolve(spec: str, progress=None) -> Path:
 
 def _import_local_gguf(path: Path, progress) -> Path:
     from medtune.core import fsutil
-    from medtune.models.gguf_import import check_importable, import_gguf
     from medtune.core.paths import cache_dir
+    from medtune.models.gguf_import import check_importable, import_gguf
 
     check_importable(path)  # from the header: what cannot be imported is refused before the file is hashed
     digest = fsutil.sha256_file(path)[:16]

@@ -15,8 +15,8 @@ import numpy as np
 from medtune import archs
 from medtune.core import fsutil
 from medtune.core.errors import BadInput
-from medtune.export.tokenizer import kind_for_gguf
 from medtune.export.gguf_reader import read_gguf_header
+from medtune.export.tokenizer import kind_for_gguf
 
 # Metadata arrays the import reads whole (the others are summarised by the header reader).
 _FULL_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")

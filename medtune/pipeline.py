@@ -464,13 +464,9 @@ class Run:
 
     def do_export(self, progress=None, **_) -> dict:
         from medtune.export import export
-        from medtune.export.quantize import parse_quants
 
-        e = dict(self.cfg["export"])
-        quants = parse_quants(list(e.pop("quant", ["f16"])))
-        llama_cpp = e.pop("llama_cpp", None)
-        res = export(self.fused, self.gguf_dir, self.name, quants=quants, modelfile_path=self.modelfile,
-                     progress=progress, llama_cpp_dir=llama_cpp, **e)
+        res = export(self.fused, self.gguf_dir, self.name, modelfile_path=self.modelfile, progress=progress,
+                     **self.cfg["export"])
         d = res.to_dict()
         d.pop("modelfile_text", None)
         return d
@@ -504,13 +500,10 @@ class Run:
                 ggufs, missing = [], ("no GGUF column: llama-cpp-python, the GGUF runtime, is not installed "
                                       "(bash scripts/build_llama_cpp.sh .venv/bin/python, or make test)")
                 self.log(missing)
+        fields = {k: v for k, v in e.items() if k in options.config_keys(EvalOptions)}  # not the run's switches
         report = evaluate(str(self.fused), self.data, base=str(self.cfg["model"]) if e.get("base") else None,
-                          ggufs=ggufs, out=self.eval_dir, notes=[missing] if missing else [], probes=e.get("probes"),
-                          choices=e.get("choices"),
-                          metrics=self.adapter / "metrics.jsonl", max_tokens=int(e.get("max_tokens", 128)),
-                          limit=int(e.get("limit", 4)), probe_limit=e.get("probe_limit"),
-                          fidelity_tokens=int(e.get("fidelity_tokens", 32)), n_threads=e.get("threads"),
-                          gguf_loss=bool(e.get("gguf_loss", False)), progress=progress)
+                          ggufs=ggufs, out=self.eval_dir, notes=[missing] if missing else [],
+                          metrics=self.adapter / "metrics.jsonl", progress=progress, **fields)
         return {"files": report["files"], "metrics": {m["label"]: m["metrics"] for m in report["models"]}}
 
 

@@ -67,9 +67,8 @@ def run_eval(
 
         out = Path("runs") / "eval" / (re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model.rstrip("/")).name).strip("._") or "model")
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
-        fields = opts.to_dict()
-        report = evaluate(model, data, adapter=adapter, base=base, ggufs=gguf or [], out=out, metrics=metrics,
-                          n_threads=fields.pop("threads"), progress=p, **fields)
+        report = evaluate(model, data, opts, adapter=adapter, base=base, ggufs=gguf or [], out=out, metrics=metrics,
+                          progress=p)
     if as_json:
         emit_json(report)
         return

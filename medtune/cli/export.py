@@ -45,8 +45,7 @@ def export(
         check_name(ollama)  # refuse a bad name before an export that may take minutes
     step(f"exporting {model_dir} → {out} ({', '.join(quants)})")
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
-        res = run(model_dir, out, name, quants=quants, system=opts.system, modelfile_path=modelfile, progress=p,
-                  family=opts.family, converter=opts.converter, llama_cpp_dir=opts.llama_cpp)
+        res = run(model_dir, out, name, opts, modelfile_path=modelfile, progress=p)
     if not as_json:
         for w in res.warnings:  # e.g. a forced --family that renders other prompts than training saw
             warn(w)

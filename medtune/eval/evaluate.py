@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Optional
 
 from medtune.core.errors import BadInput
+from medtune.core.options import from_kwargs
+from medtune.eval.options import EvalOptions
 
-PROBES = Path(__file__).resolve().parents[1] / "data" / "probes.jsonl"
+PROBES = Path(__file__).resolve().parents[2] / "data" / "probes.jsonl"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 NGRAM = 4
 
@@ -341,11 +343,10 @@ class GGUFRunner:
 
 
 # ---- the evaluation -------------------------------------------------------------------------------
-def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path | None = None, base: str | None = None,
-             ggufs: list | tuple = (), out: str | Path = "runs/eval/model", probes: str | Path | None = None,
-             choices: str | Path | None = None, metrics: str | Path | None = None, max_tokens: int = 256,
-             limit: int = 8, probe_limit: int | None = None, fidelity_tokens: int = 32, n_threads: int | None = None,
-             gguf_loss: bool = False, notes: list[str] | tuple = (), progress=None) -> dict:
+def evaluate(model: str, data: str | Path | None = None, opts: EvalOptions | None = None, *,
+             adapter: str | Path | None = None, base: str | None = None, ggufs: list | tuple = (),
+             out: str | Path = "runs/eval/model", metrics: str | Path | None = None, notes: list[str] | tuple = (),
+             progress=None, **fields) -> dict:
     """Evaluate `model` (the tuned model: a fused folder, or a base spec with `adapter`), `base` and each GGUF;
     write report.json, report.md and report.html in `out`. Returns the report (a dict).
 
@@ -357,7 +358,11 @@ def evaluate(model: str, data: str | Path | None = None, *, adapter: str | Path 
     position: context x vocabulary floats of memory), with the tuned model's tokenization; only when MODEL is a
     fused folder. Quantized GGUFs are also judged against an unquantized one among `ggufs` (F16/F32/BF16) by KL
     divergence on the held-out answers (medtune.eval.quants), with the smallest good quant recommended.
-    notes: lines shown at the top of the report (e.g. why a column is missing)."""
+    notes: lines shown at the top of the report (e.g. why a column is missing).
+    The options are EvalOptions: `opts`, or keywords (max_tokens=, limit=, probes=, n_threads=, ...)."""
+    o = from_kwargs(EvalOptions, opts, **fields)
+    max_tokens, limit, probes, probe_limit, choices = o.max_tokens, o.limit, o.probes, o.probe_limit, o.choices
+    fidelity_tokens, n_threads, gguf_loss = o.fidelity_tokens, o.threads, o.gguf_loss
     if max_tokens < 1:
         raise BadInput(f"--max-tokens must be at least 1, got {max_tokens}", hint="e.g. --max-tokens 256")
     out = Path(out)

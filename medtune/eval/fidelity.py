@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 from medtune.core.errors import BadInput
 
-SAMPLE_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "sample" / "medical_o1_sample.jsonl"
+SAMPLE_PROMPTS = Path(__file__).resolve().parents[2] / "data" / "sample" / "medical_o1_sample.jsonl"
 DEFAULT_TOKENS = 32
 
 # GGUF general.file_type → name (llama.cpp's LLAMA_FTYPE_*; the ones medtune writes or users bring).

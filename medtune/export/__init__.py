@@ -17,6 +17,8 @@ from pathlib import Path
 
 from medtune.core.errors import BadInput
 from medtune.core.lock import holds as _holds_lock
+from medtune.core.options import from_kwargs
+from medtune.export.options import ExportOptions
 from medtune.export.gguf_reader import file_type_name, read_gguf_header
 
 __all__ = ["ExportResult", "export", "inspect_gguf", "modelfile_from", "ollama_commands", "read_gguf_header"]
@@ -69,13 +71,13 @@ def modelfile_from(gguf_path: str | Path, modelfile_path: str | Path) -> str:
 
 
 @_holds_lock("out_dir")  # one writer per output folder (medtune.core.lock)
-def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",), system: str | None = None,
-           progress=None, *, modelfile_path: str | Path | None = None, params: dict | None = None,
-           family: str | None = None, converter: str = "auto", llama_cpp_dir: str | Path | None = None) -> ExportResult:
+def export(model_dir: str | Path, out_dir: str | Path, name: str, opts: ExportOptions | None = None, progress=None, *,
+           modelfile_path: str | Path | None = None, params: dict | None = None, **fields) -> ExportResult:
     """Write `<out_dir>/<name>-<quant>.gguf` for each quant, a Modelfile (FROM the first quant, by a path
     relative to the Modelfile's folder, as Ollama resolves it: `./NAME.gguf`, `../models/run/NAME.gguf`)
     and `<out_dir>/export_manifest.json`.
 
+    The options are ExportOptions: `opts`, or keywords (quants=, system=, family=, converter=, llama_cpp_dir=):
     quants: types, as a list and/or comma-separated ("f16,q4_k_m"): f16 f32 bf16 q8_0 q4_0 (medtune's writer),
         q4_k_m q4_k_s q5_k_m q5_k_s q6_k q3_k_m q2_k (llama.cpp's quantizer, from an F16 GGUF: the f16 file
         when it is asked for too, otherwise a temporary one).
@@ -87,9 +89,11 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, quants=("f16",
     All GGUF files are written under temporary names and renamed together once every one is complete: a
     failure leaves no new GGUF (and the previous ones untouched).
     """
-    model_dir, out_dir, quants = _check_arguments(model_dir, out_dir, name, quants)
+    o = from_kwargs(ExportOptions, opts, **fields)
+    system, family = o.system, o.family
+    model_dir, out_dir, quants = _check_arguments(model_dir, out_dir, name, o.quant)
     # Everything is decided before anything is written: converter, quantizer, tensors, tokenizer, Modelfile.
-    job = _decide(model_dir, out_dir, name, quants, modelfile_path, converter, llama_cpp_dir)
+    job = _decide(model_dir, out_dir, name, quants, modelfile_path, o.converter, o.llama_cpp)
     mf = _Modelfile(modelfile_from(job.ggufs[quants[0]], job.mf_path), model_dir, system, params, family)
     mf.render_from(job.vocab)
     _check_resources(job, model_dir)

@@ -31,7 +31,7 @@ class ExportOptions:
                                     "knows, llama.cpp's convert_hf_to_gguf.py for the others.")
     llama_cpp: Path | None = option(None, "A llama.cpp checkout, for its converter and llama-quantize (default: "
                                           "$LLAMA_CPP_DIR).", flags=("--llama-cpp",), metavar="DIR",
-                                    cli_type=Optional[Path])
+                                    aliases=("llama_cpp_dir",), cli_type=Optional[Path])
 
     def __post_init__(self):
         if isinstance(self.quant, str):  # a YAML file's `quant: q8_0`

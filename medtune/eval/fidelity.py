@@ -40,9 +40,6 @@ SAMPLE_PROMPTS = Path(__file__).resolve().parents[2] / "data" / "sample" / "medi
 DEFAULT_TOKENS = 32
 
 # GGUF general.file_type → name (llama.cpp's LLAMA_FTYPE_*; the ones medtune writes or users bring).
-FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
-              12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
-              32: "BF16"}
 # Largest top-2 margin (in logits) at a divergence that still counts as a near-tie, per unquantized type.
 # F32: both runtimes compute in float32, differences are ~1e-4. F16: rounding the weights moves logits by
 # ~0.015 on SmolLM2 (measured against HF). BF16 keeps 8 bits of mantissa, 8x coarser than F16.
@@ -224,22 +221,21 @@ def _compare(prompt: str, ids: list[int], gguf_ids: list[int], mlx_run, gguf: GG
 
 
 def file_type_name(raw) -> str:
-    """general.file_type as a name (F16, Q8_0, …)."""
+    """general.file_type as a name (F16, Q8_0, …) from the one table (gguf-py's LlamaFileType, through
+    medtune.export.gguf_reader); "unknown" when it is missing, "type N" for a number that table lacks."""
+    from medtune.export.gguf_reader import file_type_name as name
+
     try:
-        return FILE_TYPES.get(int(raw), f"type {raw}")
+        return name(raw)
     except (TypeError, ValueError):
-        return "unknown"
+        return "unknown" if raw is None else f"type {raw}"
 
 
 def gguf_file_type(path: str | Path) -> str:
     """A GGUF's file type, read from its header alone."""
-    from medtune.export.gguf_reader import file_type_name as name, read_gguf_header
+    from medtune.export.gguf_reader import read_gguf_header
 
-    raw = read_gguf_header(path)["metadata"].get("general.file_type")
-    try:
-        return name(raw)  # the one table: gguf-py's LlamaFileType
-    except (TypeError, ValueError):
-        return "unknown" if raw is None else f"type {raw}"
+    return file_type_name(read_gguf_header(path)["metadata"].get("general.file_type"))
 
 
 def _file_type(llm) -> str:

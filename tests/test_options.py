@@ -82,3 +82,17 @@ def test_every_key_of_the_default_config_is_a_known_option():
         fields = {f.name for f in dataclasses.fields(cls)}
         extra = set(given[name]) - fields - {"dataset", "backend", "enabled", "base", "gguf"}
         assert not extra, (name, extra)
+
+
+@pytest.mark.parametrize("command", [("generate", "--prompt", "hi"), ("eval",), ("eval", "run")])
+def test_model_is_an_argument_or_model_flag_everywhere(tmp_path, command):
+    """chat, generate and eval take MODEL positionally (as before) and as --model/-m, like prepare, train and fuse."""
+    from conftest import run_cli
+
+    missing = tmp_path / "no-such-model"
+    flag = run_cli(*command, "--model", missing, *(["--data", tmp_path] if command[0] == "eval" else []))
+    assert flag.returncode == 2
+    assert str(missing) in flag.stdout + flag.stderr  # the model reached the command
+    both = run_cli(*command[:2] if command[0] == "eval" else command[:1], "a", "--model", "b",
+                   *command[1:] if command[0] == "generate" else [])
+    assert both.returncode == 2 and "two models given" in both.stderr

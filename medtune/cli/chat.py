@@ -11,7 +11,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from medtune.cli.options import DEFAULT_MODEL, AllowPickleOpt, JsonOpt, ModelArg, TrustRemoteCodeOpt, emit_json, untrusted
+from medtune.cli.options import (DEFAULT_MODEL, AllowPickleOpt, JsonOpt, ModelArg, ModelFlag, TrustRemoteCodeOpt,
+                                  emit_json, pick_model, untrusted)
 from medtune.core.errors import BadInput
 from medtune.runtimes.decoding import REPEAT_LAST_N, REPEAT_PENALTY  # light: numpy only, inside its functions
 
@@ -27,7 +28,8 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for sampling."
 
 
 def chat(
-    model: ModelArg = DEFAULT_MODEL,
+    model: ModelArg = None,
+    model_flag: ModelFlag = None,
     adapter: AdapterOpt = None,
     system: SystemOpt = None,
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")] = 0.7,
@@ -41,6 +43,7 @@ def chat(
     allow_pickle: AllowPickleOpt = False,
 ):
     """Chat with a model in the terminal (or from a pipe, one message per line). /clear, /exit."""
+    model = pick_model(model, model_flag, DEFAULT_MODEL)
     from medtune.chat import chat_loop
     from medtune.core.console import console
     from medtune.runtimes.mlx import load
@@ -73,7 +76,8 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def generate(
-    model: ModelArg = DEFAULT_MODEL,
+    model: ModelArg = None,
+    model_flag: ModelFlag = None,
     adapter: AdapterOpt = None,
     prompt: Annotated[Optional[List[str]], typer.Option("--prompt", "-p", metavar="TEXT", help="A prompt; repeat for several.")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", metavar="FILE", help="File: one prompt per line, or .jsonl "
@@ -90,6 +94,7 @@ def generate(
     allow_pickle: AllowPickleOpt = False,
 ):
     """Answer prompts with a model, each on its own; answers on stdout (or --json)."""
+    model = pick_model(model, model_flag, DEFAULT_MODEL)
     from medtune.core.console import console, out, warn
     from medtune.runtimes.mlx import generate_many
 

@@ -20,15 +20,16 @@ import typer
 
 from typer.core import TyperGroup
 
-from medtune.cli.options import AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt, emit_json, stage_options, untrusted
+from medtune.cli.options import (AllowPickleOpt, JsonOpt, ModelFlag, TrustRemoteCodeOpt, emit_json, pick_model,
+                                  stage_options, untrusted)
 from medtune.eval.options import EvalOptions
 
 
 class _DefaultRun(TyperGroup):
-    """`medtune eval MODEL …` means `medtune eval run MODEL …`."""
+    """`medtune eval MODEL …` (or `medtune eval --model MODEL …`) means `medtune eval run …`."""
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
@@ -42,7 +43,9 @@ app = typer.Typer(cls=_DefaultRun, no_args_is_help=True,
 @stage_options(EvalOptions)
 def run_eval(
     opts: EvalOptions,
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="The tuned model: a fused folder, or a base spec with --adapter.")],
+    model: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="The tuned model: a fused folder, or a base "
+                                                   "spec with --adapter.")] = None,
+    model_flag: ModelFlag = None,
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Folder from `medtune prepare` (test.jsonl, "
                                                  "else valid.jsonl).")] = None,
     adapter: Annotated[Optional[Path], typer.Option("--adapter", "-a", help="Adapter folder applied to MODEL.")] = None,
@@ -57,6 +60,7 @@ def run_eval(
     allow_pickle: AllowPickleOpt = False,
 ):
     """Base vs tuned vs GGUF: loss, stop rate, length, think blocks, repetition, MC accuracy, fidelity, answers."""
+    model = pick_model(model, model_flag)
     from medtune.core.console import done, progress, step
     from medtune.eval.evaluate import evaluate
 

@@ -16,7 +16,7 @@ DEFAULT_MODEL = "builtin:smollm2-135m"
 MODEL_HELP = "Folder, .gguf file, builtin:NAME, ORG/NAME (Hub) or modelscope:ORG/NAME."
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
-ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)]
+ModelArg = Annotated[Optional[str], typer.Argument(metavar="MODEL", help=MODEL_HELP)]
 # the commands whose MODEL is positional also take it as --model/-m, as prepare, train and fuse do
 ModelFlag = Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", help="The same as the MODEL argument.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]

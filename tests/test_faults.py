@@ -312,7 +312,7 @@ def test_memory_guard_on_fuse_and_export(work, adapter, fused, tmp_path):
 
 
 # ---- two writers -----------------------------------------------------------------------------------
-HOLD = "import sys, time; from medtune import lock; lock.acquire(sys.argv[1], 'medtune test-holder'); print('held', flush=True); time.sleep(600)"
+HOLD = "import sys, time; from medtune.core import lock; lock.acquire(sys.argv[1], 'medtune test-holder'); print('held', flush=True); time.sleep(600)"
 
 
 def test_second_writer_refused_and_stale_lock_taken_over(work, tmp_path):
@@ -342,7 +342,7 @@ def test_lock_is_reentrant_in_process_and_exclusive_across(tmp_path):
     target = tmp_path / "out"
     with lock.locked(target), lock.locked(target):  # `medtune run` holding a folder a stage locks again
         assert lock.lock_path(target).exists()
-        code = f"from medtune import lock; lock.acquire({str(target)!r})"
+        code = f"from medtune.core import lock; lock.acquire({str(target)!r})"
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode != 0 and "ResourceError" in r.stderr and str(os.getpid()) in r.stderr
     assert not lock.lock_path(target).exists()

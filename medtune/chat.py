@@ -64,10 +64,21 @@ def _stats(res: GenerationResult) -> str:
     return line
 
 
-def chat_loop(model, tokenizer, *, system: Optional[str] = None, temp: float = 0.7, top_p: float = 0.9,
-              max_tokens: int = 512, hide_think: bool = False, seed: int = 0,
-              repeat_penalty: float = REPEAT_PENALTY, repeat_last_n: int = REPEAT_LAST_N,
-              input_fn: Callable[[str], str] = input, console=None) -> list[dict]:
+def chat_loop(
+    model,
+    tokenizer,
+    *,
+    system: Optional[str] = None,
+    temp: float = 0.7,
+    top_p: float = 0.9,
+    max_tokens: int = 512,
+    hide_think: bool = False,
+    seed: int = 0,
+    repeat_penalty: float = REPEAT_PENALTY,
+    repeat_last_n: int = REPEAT_LAST_N,
+    input_fn: Callable[[str], str] = input,
+    console=None,
+) -> list[dict]:
     """Chat until /exit or EOF; return the conversation (system prompt included)."""
     if console is None:
         from medtune.core.console import out as console
@@ -100,8 +111,18 @@ def chat_loop(model, tokenizer, *, system: Optional[str] = None, temp: float = 0
         history.append({"role": "user", "content": text})
         printer = _Printer(console, hide_think)
         try:
-            res = generate(model, tokenizer, history, max_tokens=max_tokens, temp=temp, top_p=top_p,
-                           repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed + turn, on_text=printer)
+            res = generate(
+                model,
+                tokenizer,
+                history,
+                max_tokens=max_tokens,
+                temp=temp,
+                top_p=top_p,
+                repeat_penalty=repeat_penalty,
+                repeat_last_n=repeat_last_n,
+                seed=seed + turn,
+                on_text=printer,
+            )
         except KeyboardInterrupt:
             printer.end()
             console.print("[yellow](answer interrupted)[/]")

@@ -49,25 +49,51 @@ CONNECT_TIMEOUT = 5.0
 # names with check_name.
 NAME_KINDS = ("skill", "agent", "mcp")
 NAME_DEFAULTS = {"host": "registry.ollama.ai", "namespace": "library", "tag": "latest"}
-_NAME_PARTS = {"host": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}"),
-               "namespace": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}"),
-               "model": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"),
-               "tag": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")}
+_NAME_PARTS = {
+    "host": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}"),
+    "namespace": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}"),
+    "model": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"),
+    "tag": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"),
+}
 _MISSING = "!"  # a part a separator promised but that is empty: never valid, and never replaced by a default
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 # PARAMETER names and the JSON type Ollama gives each one (api.Options, read by api.FormatParams).
 PARAM_TYPES: dict[str, type] = {
-    **dict.fromkeys(("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "draft_num_predict", "num_keep",
-                     "seed", "num_predict", "top_k", "repeat_last_n"), int),
-    **dict.fromkeys(("top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
-                     "frequency_penalty"), float),
+    **dict.fromkeys(
+        (
+            "num_ctx",
+            "num_batch",
+            "num_gpu",
+            "main_gpu",
+            "num_thread",
+            "draft_num_predict",
+            "num_keep",
+            "seed",
+            "num_predict",
+            "top_k",
+            "repeat_last_n",
+        ),
+        int,
+    ),
+    **dict.fromkeys(
+        ("top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty", "frequency_penalty"), float
+    ),
     "use_mmap": bool,
     "stop": list,
 }
 # Accepted by Ollama's parser with a warning, and dropped.
-DEPRECATED_PARAMS = ("penalize_newline", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mlock",
-                     "mirostat", "mirostat_tau", "mirostat_eta")
+DEPRECATED_PARAMS = (
+    "penalize_newline",
+    "low_vram",
+    "f16_kv",
+    "logits_all",
+    "vocab_only",
+    "use_mlock",
+    "mirostat",
+    "mirostat_tau",
+    "mirostat_eta",
+)
 MESSAGE_ROLES = ("system", "user", "assistant")
 
 Progress = Any  # a rich Progress (medtune.core.console.progress), or None
@@ -88,9 +114,14 @@ def resolve_host(host: str | None = None) -> str:
         port = parts.port
     except ValueError as exc:
         port = exc
-    if parts.scheme not in ("http", "https") or isinstance(port, ValueError) or (parts.netloc and not parts.hostname
-                                                                                  and not parts.netloc.startswith(":")):
-        raise BadInput(f"not an Ollama host URL: {raw!r}", hint="e.g. --host http://127.0.0.1:11434 or --host gpu-box:11434")
+    if (
+        parts.scheme not in ("http", "https")
+        or isinstance(port, ValueError)
+        or (parts.netloc and not parts.hostname and not parts.netloc.startswith(":"))
+    ):
+        raise BadInput(
+            f"not an Ollama host URL: {raw!r}", hint="e.g. --host http://127.0.0.1:11434 or --host gpu-box:11434"
+        )
     hostname = parts.hostname or "127.0.0.1"
     if hostname in ("0.0.0.0", "::"):
         hostname = "127.0.0.1"
@@ -103,9 +134,11 @@ def resolve_host(host: str | None = None) -> str:
 
 def _unreachable(host: str, exc: BaseException | None = None) -> MissingDependency:
     why = f" ({type(exc).__name__})" if exc is not None else ""
-    return MissingDependency(f"cannot reach Ollama at {host}{why}: is `ollama serve` running?",
-                             hint="start it with `ollama serve` (or the Ollama app), point --host (or OLLAMA_HOST) at "
-                                  "the machine that runs it, or pass --use-cli to use the `ollama` command")
+    return MissingDependency(
+        f"cannot reach Ollama at {host}{why}: is `ollama serve` running?",
+        hint="start it with `ollama serve` (or the Ollama app), point --host (or OLLAMA_HOST) at "
+        "the machine that runs it, or pass --use-cli to use the `ollama` command",
+    )
 
 
 # ---- the Modelfile as a create request --------------------------------------------------------------
@@ -132,8 +165,9 @@ class CreateSpec:
 def _typed_param(name: str, value: str, where: str):
     kind = PARAM_TYPES.get(name)
     if kind is None:
-        raise BadInput(f"unknown PARAMETER {name!r}", where=where,
-                       hint=f"Ollama knows: {', '.join(sorted(PARAM_TYPES))}")
+        raise BadInput(
+            f"unknown PARAMETER {name!r}", where=where, hint=f"Ollama knows: {', '.join(sorted(PARAM_TYPES))}"
+        )
     try:
         if "_" in value:  # Python reads 4_096 as a number, Go does not
             raise ValueError(value)
@@ -149,15 +183,21 @@ def _typed_param(name: str, value: str, where: str):
                 return False
             raise ValueError(value)
     except ValueError as exc:
-        raise BadInput(f"PARAMETER {name} has the value {value!r}, which is not {'an' if kind is int else 'a'} "
-                       f"{kind.__name__}", where=where, hint="fix the value in the Modelfile") from exc
+        raise BadInput(
+            f"PARAMETER {name} has the value {value!r}, which is not {'an' if kind is int else 'a'} {kind.__name__}",
+            where=where,
+            hint="fix the value in the Modelfile",
+        ) from exc
     return value  # stop: one string per line, gathered by the caller
 
 
 def _looks_like_path(value: str) -> bool:
     """FROM names a file (rather than an Ollama model such as llama3.2 or hf.co/org/repo:Q4_K_M)."""
-    return value.startswith(("/", ".", "~", "\\")) or os.path.isabs(value) \
+    return (
+        value.startswith(("/", ".", "~", "\\"))
+        or os.path.isabs(value)
         or value.lower().endswith((".gguf", ".bin", ".safetensors"))
+    )
 
 
 def resolve_from(value: str, modelfile_dir: str | Path, where: str | None = None) -> Path:
@@ -171,8 +211,11 @@ def resolve_from(value: str, modelfile_dir: str | Path, where: str | None = None
         expanded = os.path.expanduser(value)
         if expanded == value:  # ~user of no such user: Ollama refuses the Modelfile
             user = value[1:].split("/", 1)[0]
-            raise BadInput(f"FROM names the home folder of {user!r}, and there is no such user: {value}",
-                           where=where, hint="fix the FROM line (a path relative to the Modelfile is safest)")
+            raise BadInput(
+                f"FROM names the home folder of {user!r}, and there is no such user: {value}",
+                where=where,
+                hint="fix the FROM line (a path relative to the Modelfile is safest)",
+            )
         return Path(os.path.abspath(expanded))
     return Path(os.path.abspath(os.path.join(os.path.abspath(modelfile_dir), value)))
 
@@ -202,8 +245,11 @@ def read_modelfile(path: str | Path) -> CreateSpec:
     except UnicodeDecodeError as exc:
         raise BadInput("the Modelfile is not UTF-8 text", where=str(path), hint="save it as UTF-8") from exc
     except ValueError as exc:
-        raise BadInput(f"cannot parse the Modelfile: {exc}", where=str(path),
-                       hint="see https://docs.ollama.com/modelfile; `medtune export` writes a valid one") from exc
+        raise BadInput(
+            f"cannot parse the Modelfile: {exc}",
+            where=str(path),
+            hint="see https://docs.ollama.com/modelfile; `medtune export` writes a valid one",
+        ) from exc
 
     spec = CreateSpec(modelfile=path.absolute())
     stops: list[str] = []
@@ -216,15 +262,24 @@ def read_modelfile(path: str | Path) -> CreateSpec:
             if local.is_file():
                 spec.gguf = local.resolve()
             elif local.is_dir():
-                raise BadInput(f"FROM names a folder ({local}); medtune creates Ollama models from a GGUF file",
-                               where=where, hint="run `medtune export` to write a GGUF, or pass --use-cli to let "
-                                                 "`ollama create` convert the folder")
+                raise BadInput(
+                    f"FROM names a folder ({local}); medtune creates Ollama models from a GGUF file",
+                    where=where,
+                    hint="run `medtune export` to write a GGUF, or pass --use-cli to let "
+                    "`ollama create` convert the folder",
+                )
             elif _looks_like_path(value):
-                rel = "" if Path(value).is_absolute() or value.startswith("~") else \
-                    f"a relative FROM is taken from the Modelfile's folder ({path.parent.absolute()}): keep the " \
+                rel = (
+                    ""
+                    if Path(value).is_absolute() or value.startswith("~")
+                    else f"a relative FROM is taken from the Modelfile's folder ({path.parent.absolute()}): keep the "
                     "GGUF where it names it (move or copy the two together), "
-                raise BadInput(f"the GGUF named by FROM does not exist: {local}", where=where,
-                               hint=f"{rel}run `medtune export` again, or fix the FROM line")
+                )
+                raise BadInput(
+                    f"the GGUF named by FROM does not exist: {local}",
+                    where=where,
+                    hint=f"{rel}run `medtune export` again, or fix the FROM line",
+                )
             else:
                 spec.from_model = value
         elif name in ("template", "system"):
@@ -234,12 +289,18 @@ def read_modelfile(path: str | Path) -> CreateSpec:
         elif name == "message":
             role, _, content = value.partition(": ")
             if role not in MESSAGE_ROLES:
-                raise BadInput(f"MESSAGE role {role!r} is not one of {', '.join(MESSAGE_ROLES)}", where=where,
-                               hint="e.g. MESSAGE user What lowers fever?")
+                raise BadInput(
+                    f"MESSAGE role {role!r} is not one of {', '.join(MESSAGE_ROLES)}",
+                    where=where,
+                    hint="e.g. MESSAGE user What lowers fever?",
+                )
             spec.messages.append({"role": role, "content": content})
         elif name in ("adapter", "draft", "renderer", "parser", "requires"):
-            raise BadInput(f"{name.upper()} is not supported by `medtune ollama create`", where=where,
-                           hint="pass --use-cli to let `ollama create` read this Modelfile")
+            raise BadInput(
+                f"{name.upper()} is not supported by `medtune ollama create`",
+                where=where,
+                hint="pass --use-cli to let `ollama create` read this Modelfile",
+            )
         elif name in DEPRECATED_PARAMS:
             spec.warnings.append(f"PARAMETER {name} is deprecated in Ollama and was left out")
         elif name == "stop":
@@ -249,8 +310,11 @@ def read_modelfile(path: str | Path) -> CreateSpec:
     if stops:
         spec.parameters["stop"] = stops
     if spec.gguf is None and spec.from_model is None:
-        raise BadInput("the Modelfile has no FROM line", where=str(path),
-                       hint="FROM ./model.gguf (a path relative to the Modelfile's folder)")
+        raise BadInput(
+            "the Modelfile has no FROM line",
+            where=str(path),
+            hint="FROM ./model.gguf (a path relative to the Modelfile's folder)",
+        )
     return spec
 
 
@@ -302,13 +366,17 @@ def server_version(host: str | None = None) -> str:
     except httpx.TransportError as exc:
         raise _unreachable(host, exc) from exc
     if resp.status_code != 200:
-        raise MissingDependency(f"{host} answered /api/version with HTTP {resp.status_code}: is it an Ollama server?",
-                                hint="point --host (or OLLAMA_HOST) at `ollama serve`")
+        raise MissingDependency(
+            f"{host} answered /api/version with HTTP {resp.status_code}: is it an Ollama server?",
+            hint="point --host (or OLLAMA_HOST) at `ollama serve`",
+        )
     try:
         return str(resp.json().get("version", "unknown"))
     except ValueError as exc:
-        raise MissingDependency(f"{host} answered /api/version with something that is not JSON: is it an Ollama "
-                                "server?", hint="point --host (or OLLAMA_HOST) at `ollama serve`") from exc
+        raise MissingDependency(
+            f"{host} answered /api/version with something that is not JSON: is it an Ollama server?",
+            hint="point --host (or OLLAMA_HOST) at `ollama serve`",
+        ) from exc
 
 
 def _sha256(path: Path, progress: Progress = None) -> str:
@@ -327,8 +395,9 @@ def _sha256(path: Path, progress: Progress = None) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def push_blob(path: str | Path, host: str | None = None, *, digest: str | None = None,
-              progress: Progress = None) -> dict:
+def push_blob(
+    path: str | Path, host: str | None = None, *, digest: str | None = None, progress: Progress = None
+) -> dict:
     """Make sure the server has the file as a blob: HEAD /api/blobs/<digest>, then POST the bytes only if
     it answered 404. Returns {digest, uploaded, bytes}."""
     import httpx
@@ -353,8 +422,9 @@ def push_blob(path: str | Path, host: str | None = None, *, digest: str | None =
                             progress.advance(task, len(block))
                         yield block
 
-            resp = http.post(url, content=chunks(), headers={"Content-Length": str(size),
-                                                                "Content-Type": "application/octet-stream"})
+            resp = http.post(
+                url, content=chunks(), headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+            )
             if progress:
                 progress.remove_task(task)
     except httpx.TransportError as exc:
@@ -398,7 +468,7 @@ def _cut_last(s: str, sep: str) -> tuple[str, str, bool]:
     i = s.rfind(sep)
     if i < 0:
         return s, "", False
-    return s[:i] or _MISSING, s[i + len(sep):] or _MISSING, True
+    return s[:i] or _MISSING, s[i + len(sep) :] or _MISSING, True
 
 
 def _name_parts(name: str) -> dict:
@@ -438,18 +508,28 @@ def check_name(name: str, *, file_stem: bool = False) -> str:
     """`name` when Ollama accepts it as a model name, else a BadInput. file_stem: the name also names files
     (`medtune export` writes <name>-<quant>.gguf), so it cannot have a host or namespace ('/')."""
     if parse_name(name) is None:
-        raise BadInput(f"model name {name!r} is not a valid Ollama name",
-                       hint="[namespace/]model[:tag]: ASCII letters, digits, '_', then also '-' and '.', at most 80 "
-                            "characters a part, e.g. medtune-smol:v1")
+        raise BadInput(
+            f"model name {name!r} is not a valid Ollama name",
+            hint="[namespace/]model[:tag]: ASCII letters, digits, '_', then also '-' and '.', at most 80 "
+            "characters a part, e.g. medtune-smol:v1",
+        )
     if file_stem and "/" in name:
-        raise BadInput(f"model name {name!r} has a namespace, and export names its files after the model",
-                       hint="export under a plain name (medtune-smol:v1); `medtune ollama create ns/medtune-smol:v1 -f "
-                            "FILE` then creates it under any Ollama name")
+        raise BadInput(
+            f"model name {name!r} has a namespace, and export names its files after the model",
+            hint="export under a plain name (medtune-smol:v1); `medtune ollama create ns/medtune-smol:v1 -f "
+            "FILE` then creates it under any Ollama name",
+        )
     return name
 
 
-def create_from_modelfile(name: str, modelfile_path: str | Path, host: str | None = None, use_cli: bool = False,
-                          progress: Progress = None, on_status: Optional[Callable[[str], None]] = None) -> dict:
+def create_from_modelfile(
+    name: str,
+    modelfile_path: str | Path,
+    host: str | None = None,
+    use_cli: bool = False,
+    progress: Progress = None,
+    on_status: Optional[Callable[[str], None]] = None,
+) -> dict:
     """Create the Ollama model `name` from a Modelfile (normally one `medtune export` wrote).
 
     Everything that can be refused locally (name, Modelfile, a FROM file that does not exist) is checked
@@ -463,9 +543,10 @@ def create_from_modelfile(name: str, modelfile_path: str | Path, host: str | Non
     cli = shutil.which("ollama")
     if use_cli:
         if not cli:
-            raise MissingDependency("the `ollama` command is not on PATH (--use-cli)",
-                                    hint="install Ollama from https://ollama.com/download, or drop --use-cli to "
-                                         "talk to a server (--host)")
+            raise MissingDependency(
+                "the `ollama` command is not on PATH (--use-cli)",
+                hint="install Ollama from https://ollama.com/download, or drop --use-cli to talk to a server (--host)",
+            )
         return _create_with_cli(cli, name, spec, host, progress)
     try:
         version = server_version(host)
@@ -494,8 +575,12 @@ def create_from_modelfile(name: str, modelfile_path: str | Path, host: str | Non
             if on_status:
                 on_status(status)
             if progress:
-                progress.update(task, description=f"ollama create {name}: {status}",
-                                total=part.total or None, completed=part.completed or 0)
+                progress.update(
+                    task,
+                    description=f"ollama create {name}: {status}",
+                    total=part.total or None,
+                    completed=part.completed or 0,
+                )
     except ollama.ResponseError as exc:
         raise _server_error(exc.status_code, exc.error, f"create {name!r}") from exc
     except (ConnectionError, httpx.TransportError) as exc:
@@ -506,14 +591,26 @@ def create_from_modelfile(name: str, modelfile_path: str | Path, host: str | Non
             progress.remove_task(task)
     if not statuses or statuses[-1] != "success":
         last = statuses[-1] if statuses else "nothing"
-        raise MedtuneError(f"Ollama stopped creating {name!r} without success (last status: {last})",
-                           hint="see the Ollama server's log (`ollama serve` output, or ~/.ollama/logs)")
+        raise MedtuneError(
+            f"Ollama stopped creating {name!r} without success (last status: {last})",
+            hint="see the Ollama server's log (`ollama serve` output, or ~/.ollama/logs)",
+        )
     shown = {k: v for k, v in request.items() if k != "from_"} | ({"from": spec.from_model} if spec.from_model else {})
-    return {"name": name, "host": host, "server_version": version, "method": "api", "modelfile": str(spec.modelfile),
-            "gguf": str(spec.gguf) if spec.gguf else None, "digest": blob["digest"] if blob else None,
-            "uploaded": bool(blob and blob["uploaded"]), "bytes": blob["bytes"] if blob else 0,
-            "statuses": statuses, "request": shown, "warnings": list(spec.warnings),
-            "commands": [f"ollama run {name}"]}
+    return {
+        "name": name,
+        "host": host,
+        "server_version": version,
+        "method": "api",
+        "modelfile": str(spec.modelfile),
+        "gguf": str(spec.gguf) if spec.gguf else None,
+        "digest": blob["digest"] if blob else None,
+        "uploaded": bool(blob and blob["uploaded"]),
+        "bytes": blob["bytes"] if blob else 0,
+        "statuses": statuses,
+        "request": shown,
+        "warnings": list(spec.warnings),
+        "commands": [f"ollama run {name}"],
+    }
 
 
 def _create_with_cli(cli: str, name: str, spec: CreateSpec, host: str, progress: Progress = None) -> dict:
@@ -523,7 +620,9 @@ def _create_with_cli(cli: str, name: str, spec: CreateSpec, host: str, progress:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, errors="replace")
     except OSError as exc:
-        raise MissingDependency(f"cannot run {cli}: {exc}", hint="reinstall Ollama from https://ollama.com/download") from exc
+        raise MissingDependency(
+            f"cannot run {cli}: {exc}", hint="reinstall Ollama from https://ollama.com/download"
+        ) from exc
     finally:
         if progress:
             progress.remove_task(task)
@@ -533,12 +632,25 @@ def _create_with_cli(cli: str, name: str, spec: CreateSpec, host: str, progress:
         detail = (errors or lines or [f"exit code {proc.returncode}"])[-1]
         if "could not connect" in detail.lower() or "connection refused" in detail.lower():
             raise _unreachable(host)
-        raise BadInput(f"`ollama create {name}` failed: {detail}", where=str(spec.modelfile),
-                       hint="check the Modelfile, and that `ollama serve` is running")
-    return {"name": name, "host": host, "method": "cli", "modelfile": str(spec.modelfile),
-            "gguf": str(spec.gguf) if spec.gguf else None, "digest": None, "uploaded": None, "bytes": 0,
-            "statuses": [ln for ln in proc.stdout.splitlines() if ln.strip()], "request": {"argv": cmd},
-            "warnings": list(spec.warnings), "commands": [f"ollama run {name}"]}
+        raise BadInput(
+            f"`ollama create {name}` failed: {detail}",
+            where=str(spec.modelfile),
+            hint="check the Modelfile, and that `ollama serve` is running",
+        )
+    return {
+        "name": name,
+        "host": host,
+        "method": "cli",
+        "modelfile": str(spec.modelfile),
+        "gguf": str(spec.gguf) if spec.gguf else None,
+        "digest": None,
+        "uploaded": None,
+        "bytes": 0,
+        "statuses": [ln for ln in proc.stdout.splitlines() if ln.strip()],
+        "request": {"argv": cmd},
+        "warnings": list(spec.warnings),
+        "commands": [f"ollama run {name}"],
+    }
 
 
 # ---- run --------------------------------------------------------------------------------------------
@@ -556,8 +668,17 @@ class RunResult:
         return asdict(self)
 
 
-def run(name: str, prompt: str, host: str | None = None, *, system: str | None = None, options: dict | None = None,
-        api: str = "chat", stream: bool = True, on_text: Optional[Callable[[str], None]] = None) -> RunResult:
+def run(
+    name: str,
+    prompt: str,
+    host: str | None = None,
+    *,
+    system: str | None = None,
+    options: dict | None = None,
+    api: str = "chat",
+    stream: bool = True,
+    on_text: Optional[Callable[[str], None]] = None,
+) -> RunResult:
     """One answer from the Ollama model `name`: /api/chat (as `ollama run` does) or /api/generate.
     `options` are Ollama options for this request (temperature, num_predict, …); `on_text` gets the
     text as it streams in."""
@@ -574,7 +695,9 @@ def run(name: str, prompt: str, host: str | None = None, *, system: str | None =
     opts = {k: v for k, v in (options or {}).items() if v is not None} or None
     try:
         if api == "chat":
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
             parts = client.chat(model=name, messages=messages, options=opts, stream=stream)
         else:
             parts = client.generate(model=name, prompt=prompt, system=system, options=opts, stream=stream)
@@ -598,7 +721,16 @@ def run(name: str, prompt: str, host: str | None = None, *, system: str | None =
     finally:
         client.close()
     if last is None or not last.done:
-        raise MedtuneError(f"Ollama's answer from {name!r} ended before it was done",
-                           hint="see the Ollama server's log (`ollama serve` output, or ~/.ollama/logs)")
-    return RunResult(model=name, text="".join(text), done_reason=getattr(last, "done_reason", None),
-                     eval_count=last.eval_count, prompt_eval_count=last.prompt_eval_count, api=api, thinking="".join(thinking) or None)
+        raise MedtuneError(
+            f"Ollama's answer from {name!r} ended before it was done",
+            hint="see the Ollama server's log (`ollama serve` output, or ~/.ollama/logs)",
+        )
+    return RunResult(
+        model=name,
+        text="".join(text),
+        done_reason=getattr(last, "done_reason", None),
+        eval_count=last.eval_count,
+        prompt_eval_count=last.prompt_eval_count,
+        api=api,
+        thinking="".join(thinking) or None,
+    )

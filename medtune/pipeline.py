@@ -90,14 +90,17 @@ def _eval_packages(run: "Run") -> tuple[str, ...]:
     return ("mlx", "mlx-lm", *TEXT) + (("llama-cpp-python",) if e.get("gguf") else ())
 
 
-REGISTRY: dict[str, Stage] = {s.name: s for s in (
-    Stage("prepare", lambda run: TEXT),
-    Stage("train", _train_packages),
-    Stage("fuse", _fuse_packages),
-    Stage("export", _export_packages),
-    Stage("ollama", lambda run: ()),  # the server is not a package: its version is in the stage's result
-    Stage("eval", _eval_packages),
-)}
+REGISTRY: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("prepare", lambda run: TEXT),
+        Stage("train", _train_packages),
+        Stage("fuse", _fuse_packages),
+        Stage("export", _export_packages),
+        Stage("ollama", lambda run: ()),  # the server is not a package: its version is in the stage's result
+        Stage("eval", _eval_packages),
+    )
+}
 STAGES = tuple(REGISTRY)
 DEFAULT_RUNS = Path("runs")
 
@@ -163,6 +166,7 @@ eval:                            # medtune eval models/<name> --data runs/<name>
   # threads: 1
 """
 
+
 @dataclass
 class OllamaStageOptions:
     """The `ollama:` section: create the model in Ollama after export."""
@@ -187,8 +191,14 @@ def _section_options() -> dict[str, type]:
     from medtune.fuse.options import FuseOptions
     from medtune.train.options import TrainOptions
 
-    return {"prepare": PrepareOptions, "train": TrainOptions, "fuse": FuseOptions, "export": ExportOptions,
-            "ollama": OllamaStageOptions, "eval": EvalStageOptions}
+    return {
+        "prepare": PrepareOptions,
+        "train": TrainOptions,
+        "fuse": FuseOptions,
+        "export": ExportOptions,
+        "ollama": OllamaStageOptions,
+        "eval": EvalStageOptions,
+    }
 
 
 SECTION_EXTRA = {"prepare": {"dataset"}, "train": {"backend"}}  # what the stage takes beside its options
@@ -210,8 +220,11 @@ def load_config(config: str | Path | dict | None) -> dict:
         given = copy.deepcopy(config)
     else:
         where = str(config)
-        given = read_yaml_mapping(config, missing_hint="write one with `medtune run --print-config`",
-                                  mapping_hint="see `medtune run --print-config`")
+        given = read_yaml_mapping(
+            config,
+            missing_hint="write one with `medtune run --print-config`",
+            mapping_hint="see `medtune run --print-config`",
+        )
     given = normalise_keys(given)
     check_keys(given, TOP_KEYS, where, "top level")
     cfg = default_config()
@@ -231,8 +244,10 @@ def load_config(config: str | Path | dict | None) -> dict:
     if isinstance(e.get("quant"), str):
         e["quant"] = [e["quant"]]
     from medtune.core import safety
-    safety.safe_name(cfg.get("name"), "run name", where=where,
-                     hint="name: a folder name under runs/, e.g. medtune-smollm2")
+
+    safety.safe_name(
+        cfg.get("name"), "run name", where=where, hint="name: a folder name under runs/, e.g. medtune-smollm2"
+    )
     safety.config_flags(cfg, where)  # trust_remote_code / allow_pickle: booleans
     return cfg
 
@@ -276,8 +291,13 @@ class Hasher:
         if names is not None:
             files = [path / n for n in names if (path / n).is_file()]
         else:
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not (skip and skip(p)) and not any(
-                part.startswith(".") or part == "checkpoints" for part in p.relative_to(path).parts))
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not (skip and skip(p))
+                and not any(part.startswith(".") or part == "checkpoints" for part in p.relative_to(path).parts)
+            )
         for f in files:
             h.update(f"{f.relative_to(path)}\0{self.file(f)}\n".encode())
         return h.hexdigest()
@@ -290,13 +310,15 @@ class Hasher:
     def save(self) -> None:
         if self.cache_file:
             from medtune.core import redact
+
             redact.write_json(self.cache_file, self.cache)
 
 
 def fingerprint(stage: str, inputs: dict, options: dict, vers: dict) -> str:
     """vers: the stage's versions (Run.versions(stage)), not every installed package's."""
-    blob = json.dumps({"stage": stage, "inputs": inputs, "options": options, "versions": vers},
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        {"stage": stage, "inputs": inputs, "options": options, "versions": vers}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -348,6 +370,7 @@ class Run:
 
     def log(self, line: str) -> None:
         from medtune.core import redact
+
         line = redact.redact_text(line)  # appended without following a symlink at run.log
         redact.append_line(self.root / "run.log", f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {line}")
         if self._log:
@@ -369,27 +392,44 @@ class Run:
     def inputs(self, stage: str) -> tuple[dict, dict]:
         c, h = self.cfg, self.hasher
         model = str(c["model"])
-        need = {"train": (self.data, "prepare"), "fuse": (self.adapter, "train"), "export": (self.fused, "fuse"),
-                "ollama": (self.modelfile, "export"), "eval": (self.fused, "fuse")}
+        need = {
+            "train": (self.data, "prepare"),
+            "fuse": (self.adapter, "train"),
+            "export": (self.fused, "fuse"),
+            "ollama": (self.modelfile, "export"),
+            "eval": (self.fused, "fuse"),
+        }
         if stage in need and not need[stage][0].exists():
-            raise BadInput(f"stage {stage} needs {need[stage][0]}, which is not there",
-                           hint=f"run the earlier stages first (`medtune run` without --only, or --from {need[stage][1]})")
+            raise BadInput(
+                f"stage {stage} needs {need[stage][0]}, which is not there",
+                hint=f"run the earlier stages first (`medtune run` without --only, or --from {need[stage][1]})",
+            )
         if stage == "prepare":
             opts = dict(c["prepare"])
             return {"dataset": h.spec(str(opts["dataset"])), "model": h.spec(model)}, opts
         if stage == "train":
-            return ({"model": h.spec(model), "data": h.path(self.data, ("train.jsonl", "valid.jsonl", "test.jsonl"))},
-                    dict(c["train"]))
+            return (
+                {"model": h.spec(model), "data": h.path(self.data, ("train.jsonl", "valid.jsonl", "test.jsonl"))},
+                dict(c["train"]),
+            )
         if stage == "fuse":
-            return ({"model": h.spec(model), "adapter": h.path(self.adapter, ("adapters.safetensors", "adapter_config.json",
-                                                                                "adapter_model.safetensors"))},
-                    dict(c["fuse"]))
+            return (
+                {
+                    "model": h.spec(model),
+                    "adapter": h.path(
+                        self.adapter, ("adapters.safetensors", "adapter_config.json", "adapter_model.safetensors")
+                    ),
+                },
+                dict(c["fuse"]),
+            )
         if stage == "export":
             return {"fused": self.fused_hash()}, {**c["export"], "name": self.name}
         if stage == "ollama":
             ggufs = sorted(self.gguf_dir.glob("*.gguf")) if self.gguf_dir.is_dir() else []
-            return ({"modelfile": h.path(self.modelfile), "gguf": {g.name: h.path(g) for g in ggufs}},
-                    {**c["ollama"], "name": self.name})
+            return (
+                {"modelfile": h.path(self.modelfile), "gguf": {g.name: h.path(g) for g in ggufs}},
+                {**c["ollama"], "name": self.name},
+            )
         if stage == "eval":
             ins = {"fused": self.fused_hash(), "data": h.path(self.data, ("valid.jsonl", "test.jsonl"))}
             e = c["eval"]
@@ -410,15 +450,24 @@ class Run:
     def outputs(self, stage: str) -> list[Path]:
         if stage == "export":  # fuse replaces models/<name>/ whole, GGUFs included: then export is redone
             return [self.modelfile, *self._ggufs(existing=False)]
-        return {"prepare": [self.data / "train.jsonl", self.data / "valid.jsonl"],
-                "train": [self.adapter / "adapter_config.json"], "fuse": [self.fused / "config.json"],
-                "ollama": [], "eval": [self.eval_dir / "report.html"]}[stage]
+        return {
+            "prepare": [self.data / "train.jsonl", self.data / "valid.jsonl"],
+            "train": [self.adapter / "adapter_config.json"],
+            "fuse": [self.fused / "config.json"],
+            "ollama": [],
+            "eval": [self.eval_dir / "report.html"],
+        }[stage]
 
     def where(self) -> dict:
         """Where this run's results are (runs/<name>/outputs.json)."""
-        return {"data": str(self.data), "adapter": str(self.adapter), "model": str(self.fused),
-                "gguf": [str(g) for g in self._ggufs()], "modelfile": str(self.modelfile),
-                "report": str(self.eval_dir / "report.html")}
+        return {
+            "data": str(self.data),
+            "adapter": str(self.adapter),
+            "model": str(self.fused),
+            "gguf": [str(g) for g in self._ggufs()],
+            "modelfile": str(self.modelfile),
+            "report": str(self.eval_dir / "report.html"),
+        }
 
     def _ggufs(self, existing: bool = True) -> list[Path]:
         rec = self.record("export") or {}
@@ -451,9 +500,18 @@ class Run:
             else:
                 shutil.rmtree(self.adapter)  # another fingerprint (or no checkpoint): start afresh
         from medtune.core import fsutil
+
         fsutil.write_json(started, {"fingerprint": fp})
-        res = train(str(self.cfg["model"]), self.data, self.adapter, TrainOptions(**opts), backend=backend,
-                    progress=progress, resume=resume, on_step=on_step)
+        res = train(
+            str(self.cfg["model"]),
+            self.data,
+            self.adapter,
+            TrainOptions(**opts),
+            backend=backend,
+            progress=progress,
+            resume=resume,
+            on_step=on_step,
+        )
         return {k: v for k, v in res.to_dict().items() if k != "preflight"}
 
     def do_fuse(self, progress=None, **_) -> dict:
@@ -465,14 +523,16 @@ class Run:
     def do_export(self, progress=None, **_) -> dict:
         from medtune.export import export
 
-        res = export(self.fused, self.gguf_dir, self.name, modelfile_path=self.modelfile, progress=progress,
-                     **self.cfg["export"])
+        res = export(
+            self.fused, self.gguf_dir, self.name, modelfile_path=self.modelfile, progress=progress, **self.cfg["export"]
+        )
         d = res.to_dict()
         d.pop("modelfile_text", None)
         return d
 
     def do_ollama(self, progress=None, **_) -> dict:
         from medtune import ollama
+
         o = self.cfg["ollama"]
         mode = o.get("create", "auto")
         if mode is False or str(mode).lower() in ("false", "no", "off"):
@@ -497,18 +557,39 @@ class Run:
         ggufs, missing = self._ggufs() if e.get("gguf") else [], None
         if ggufs:
             if importlib.util.find_spec("llama_cpp") is None:
-                ggufs, missing = [], ("no GGUF column: llama-cpp-python, the GGUF runtime, is not installed "
-                                      "(bash scripts/build_llama_cpp.sh .venv/bin/python, or make test)")
+                ggufs, missing = (
+                    [],
+                    (
+                        "no GGUF column: llama-cpp-python, the GGUF runtime, is not installed "
+                        "(bash scripts/build_llama_cpp.sh .venv/bin/python, or make test)"
+                    ),
+                )
                 self.log(missing)
         fields = {k: v for k, v in e.items() if k in options.config_keys(EvalOptions)}  # not the run's switches
-        report = evaluate(str(self.fused), self.data, base=str(self.cfg["model"]) if e.get("base") else None,
-                          ggufs=ggufs, out=self.eval_dir, notes=[missing] if missing else [],
-                          metrics=self.adapter / "metrics.jsonl", progress=progress, **fields)
+        report = evaluate(
+            str(self.fused),
+            self.data,
+            base=str(self.cfg["model"]) if e.get("base") else None,
+            ggufs=ggufs,
+            out=self.eval_dir,
+            notes=[missing] if missing else [],
+            metrics=self.adapter / "metrics.jsonl",
+            progress=progress,
+            **fields,
+        )
         return {"files": report["files"], "metrics": {m["label"]: m["metrics"] for m in report["models"]}}
 
 
-def run_pipeline(config: str | Path | dict | None = None, *, from_stage: str | None = None, only: str | None = None,
-                 force: bool = False, progress=None, on_step=None, log: Callable[[str], None] | None = None) -> dict:
+def run_pipeline(
+    config: str | Path | dict | None = None,
+    *,
+    from_stage: str | None = None,
+    only: str | None = None,
+    force: bool = False,
+    progress=None,
+    on_step=None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Run the stages in order; skip those whose fingerprint matches their record (unless forced).
 
     from_stage: redo this stage and every later one (the earlier ones must be done); only: redo just this stage;
@@ -521,21 +602,28 @@ def run_pipeline(config: str | Path | dict | None = None, *, from_stage: str | N
     cfg = load_config(config)
     r = Run(cfg, log=log)
     from medtune.core import lock
+
     with lock.locked(r.root):  # one `medtune run` per run folder at a time
         return _run_stages(r, cfg, from_stage, only, force, progress, on_step)
 
 
 def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -> dict:
     from medtune.core import fsutil, redact, safety
+
     r.root.mkdir(parents=True, exist_ok=True)
     import yaml
 
-    fsutil.write_text(r.root / "config.yaml", "# resolved config of this run: `medtune run " + str(r.root / "config.yaml")
-                      + "` reproduces it\n" + yaml.safe_dump(redact.redact(cfg), sort_keys=False, allow_unicode=True))
+    fsutil.write_text(
+        r.root / "config.yaml",
+        "# resolved config of this run: `medtune run "
+        + str(r.root / "config.yaml")
+        + "` reproduces it\n"
+        + yaml.safe_dump(redact.redact(cfg), sort_keys=False, allow_unicode=True),
+    )
     if only:
         todo = [only]
     elif from_stage:
-        todo = list(STAGES[STAGES.index(from_stage):])
+        todo = list(STAGES[STAGES.index(from_stage) :])
     else:
         todo = list(STAGES)
     forced = set(todo) if (force or only or from_stage) else set()
@@ -553,8 +641,12 @@ def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -
             vers = r.versions(stage)
             fp = fingerprint(stage, inputs, options, vers)
             rec = r.record(stage)
-            if (stage not in forced and rec and rec.get("fingerprint") == fp
-                    and all(p.exists() for p in r.outputs(stage))):
+            if (
+                stage not in forced
+                and rec
+                and rec.get("fingerprint") == fp
+                and all(p.exists() for p in r.outputs(stage))
+            ):
                 status[stage] = "skipped"
                 r.log(f"{stage}: up to date (fingerprint {fp[:12]}), skipped")
                 continue
@@ -562,24 +654,38 @@ def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -
             t0 = time.time()
             try:
                 with safety.policy(**safety.config_flags(cfg)):  # the config's trust_remote_code / allow_pickle
-                    result = getattr(r, f"do_{stage}")(progress=progress, on_step=on_step, fp=fp,
-                                                       forced=stage in forced)
+                    result = getattr(r, f"do_{stage}")(
+                        progress=progress, on_step=on_step, fp=fp, forced=stage in forced
+                    )
             except MedtuneError as exc:
                 if exc.exit_code != 130:  # training's Interrupted (Ctrl-C): say how to go on
                     raise
                 r.log(f"{stage}: interrupted: {exc.message}")
-                raise type(exc)(exc.message, hint="run the same `medtune run` again: training resumes from this "
-                                                  "checkpoint and the stages already done are skipped") from exc
+                raise type(exc)(
+                    exc.message,
+                    hint="run the same `medtune run` again: training resumes from this "
+                    "checkpoint and the stages already done are skipped",
+                ) from exc
             seconds = round(time.time() - t0, 2)
             if isinstance(result, dict) and "skipped" in result and stage == "ollama":
                 status[stage] = "not run"  # no fingerprint recorded: tried again next time
                 r.log(f"{stage}: not run: {result['skipped']}")
                 r.record_path(stage).unlink(missing_ok=True)
                 continue
-            redact.write_json(r.record_path(stage), {"stage": stage, "fingerprint": fp, "inputs": inputs,
-                                                     "options": options, "versions": vers, "seconds": seconds,
-                                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                                     "outputs": [str(p) for p in r.outputs(stage)], "result": result})
+            redact.write_json(
+                r.record_path(stage),
+                {
+                    "stage": stage,
+                    "fingerprint": fp,
+                    "inputs": inputs,
+                    "options": options,
+                    "versions": vers,
+                    "seconds": seconds,
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "outputs": [str(p) for p in r.outputs(stage)],
+                    "result": result,
+                },
+            )
             status[stage] = "done"
             r.log(f"{stage}: done in {seconds:.1f}s")
     finally:
@@ -587,6 +693,11 @@ def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -
     report = r.eval_dir / "report.html"
     r.log(f"run {r.name}: {', '.join(f'{k} {v}' for k, v in status.items())} in {time.time() - t_run:.1f}s")
     fsutil.write_json(r.root / "outputs.json", r.where())  # the run folder points to its results
-    return {"name": r.name, "root": str(r.root), "stages": status, "outputs": r.where(),
-            "report": str(report) if report.is_file() else None,
-            "modelfile": str(r.modelfile) if r.modelfile.is_file() else None}
+    return {
+        "name": r.name,
+        "root": str(r.root),
+        "stages": status,
+        "outputs": r.where(),
+        "report": str(report) if report.is_file() else None,
+        "modelfile": str(r.modelfile) if r.modelfile.is_file() else None,
+    }

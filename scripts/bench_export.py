@@ -86,8 +86,18 @@ def llama_cpp_source(cache: Path | None = None, *, timeout: int = 900) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))  # the sdist (74 MB) and the tree, until renamed
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "-d", str(tmp / "sdist"),
-               f"llama-cpp-python=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            "llama-cpp-python",
+            "-d",
+            str(tmp / "sdist"),
+            f"llama-cpp-python=={version}",
+        ]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -101,8 +111,11 @@ def llama_cpp_source(cache: Path | None = None, *, timeout: int = 900) -> Path:
             members = []
             for m in tar.getmembers():
                 parts = m.name.split("/vendor/llama.cpp/", 1)
-                if len(parts) == 2 and (m.isfile() or m.isdir()) and any(
-                        parts[1] == n or parts[1].startswith(n) for n in _NEEDED):
+                if (
+                    len(parts) == 2
+                    and (m.isfile() or m.isdir())
+                    and any(parts[1] == n or parts[1].startswith(n) for n in _NEEDED)
+                ):
                     m.name = parts[1]
                     members.append(m)
             if not any(m.name == "convert_hf_to_gguf.py" for m in members):
@@ -124,8 +137,14 @@ def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
         report = Path(fh.name)
     try:
         with open(log, "w") as out:
-            subprocess.run([sys.executable, "-c", _WRAPPER, str(report), *cmd], stdout=out, stderr=subprocess.STDOUT,
-                           env=env, cwd=ROOT, check=False)
+            subprocess.run(
+                [sys.executable, "-c", _WRAPPER, str(report), *cmd],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+                check=False,
+            )
         result = json.loads(report.read_text())
     finally:
         report.unlink(missing_ok=True)
@@ -142,15 +161,22 @@ def compare(ours: Path, theirs: Path) -> dict:
 
     a, b = gguf.GGUFReader(str(ours)), gguf.GGUFReader(str(theirs))
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
-    out = {"n_tensors": (len(ta), len(tb)), "only_ours": sorted(set(ta) - set(tb)),
-           "only_theirs": sorted(set(tb) - set(ta)), "differ": []}
+    out = {
+        "n_tensors": (len(ta), len(tb)),
+        "only_ours": sorted(set(ta) - set(tb)),
+        "only_theirs": sorted(set(tb) - set(ta)),
+        "differ": [],
+    }
     for name in sorted(set(ta) & set(tb)):
         x, y = ta[name], tb[name]
         same_type = x.tensor_type == y.tensor_type and list(x.shape) == list(y.shape)
         if same_type and np.array_equal(np.asarray(x.data).view(np.uint8), np.asarray(y.data).view(np.uint8)):
             continue
-        row = {"name": name, "types": (x.tensor_type.name, y.tensor_type.name),
-               "shapes": ([int(d) for d in x.shape], [int(d) for d in y.shape])}
+        row = {
+            "name": name,
+            "types": (x.tensor_type.name, y.tensor_type.name),
+            "shapes": ([int(d) for d in x.shape], [int(d) for d in y.shape]),
+        }
         try:
             fx = gguf.quants.dequantize(np.asarray(x.data), x.tensor_type).astype(np.float32).ravel()
             fy = gguf.quants.dequantize(np.asarray(y.data), y.tensor_type).astype(np.float32).ravel()
@@ -182,7 +208,9 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:smollm2-135m")
     ap.add_argument("--types", default="f16,q8_0", help="comma-separated: f16, f32, bf16, q8_0")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp checkout (default: LLAMA_CPP_DIR or the sdist)")
+    ap.add_argument(
+        "--llama-cpp", type=Path, default=None, help="llama.cpp checkout (default: LLAMA_CPP_DIR or the sdist)"
+    )
     ap.add_argument("--work", type=Path, default=None, help="folder for the outputs (default: a temporary one)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
@@ -199,30 +227,87 @@ def main() -> None:
                 pass
     big_name, big_bytes = largest_tensor(model)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    lc_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lc / "gguf-py"), os.environ.get("PYTHONPATH", "")]),
-              "HF_HUB_OFFLINE": "1"}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    lc_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(lc / "gguf-py"), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+    }
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
 
-    results = {"model": str(model), "llama_cpp": str(lc), "largest_tensor": {"name": big_name, "bytes": big_bytes},
-               "cpus": os.cpu_count(), "load_average": load, "types": {}}
+    results = {
+        "model": str(model),
+        "llama_cpp": str(lc),
+        "largest_tensor": {"name": big_name, "bytes": big_bytes},
+        "cpus": os.cpu_count(),
+        "load_average": load,
+        "types": {},
+    }
     for t in [x.strip() for x in args.types.split(",") if x.strip()]:
         runs = {
-            "medtune export": ([sys.executable, "-m", "medtune", "export", str(model), "--out", str(work / "export"),
-                                "--name", "bench", "--quant", t, "--modelfile", str(work / "export" / "Modelfile")],
-                               env, work / "export" / f"bench-{t}.gguf"),
-            "medtune writer": ([sys.executable, "-c", "import sys; from medtune.export.gguf_writer import write_gguf; "
-                                "write_gguf(sys.argv[1], sys.argv[2], sys.argv[3])", str(model),
-                                str(work / f"writer-{t}.gguf"), t], env, work / f"writer-{t}.gguf"),
-            "llama.cpp": ([sys.executable, str(lc / "convert_hf_to_gguf.py"), str(model), "--outfile",
-                           str(work / f"llamacpp-{t}.gguf"), "--outtype", t], lc_env, work / f"llamacpp-{t}.gguf"),
+            "medtune export": (
+                [
+                    sys.executable,
+                    "-m",
+                    "medtune",
+                    "export",
+                    str(model),
+                    "--out",
+                    str(work / "export"),
+                    "--name",
+                    "bench",
+                    "--quant",
+                    t,
+                    "--modelfile",
+                    str(work / "export" / "Modelfile"),
+                ],
+                env,
+                work / "export" / f"bench-{t}.gguf",
+            ),
+            "medtune writer": (
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from medtune.export.gguf_writer import write_gguf; "
+                    "write_gguf(sys.argv[1], sys.argv[2], sys.argv[3])",
+                    str(model),
+                    str(work / f"writer-{t}.gguf"),
+                    t,
+                ],
+                env,
+                work / f"writer-{t}.gguf",
+            ),
+            "llama.cpp": (
+                [
+                    sys.executable,
+                    str(lc / "convert_hf_to_gguf.py"),
+                    str(model),
+                    "--outfile",
+                    str(work / f"llamacpp-{t}.gguf"),
+                    "--outtype",
+                    t,
+                ],
+                lc_env,
+                work / f"llamacpp-{t}.gguf",
+            ),
         }
         row = {}
         for label, (cmd, run_env, _) in runs.items():
             got = [measure(cmd, work / f"{label.replace(' ', '_')}-{t}.log", run_env) for _ in range(args.repeat)]
-            row[label] = {"seconds": min(g["wall"] for g in got), "all_seconds": [round(g["wall"], 2) for g in got],
-                          "peak_rss": max(g["maxrss"] for g in got), "cpu_seconds": min(g["cpu"] for g in got)}
-            print(f"[{t}] {label:15s} {row[label]['seconds']:6.2f} s  (runs: {row[label]['all_seconds']})  "
-                  f"peak RSS {row[label]['peak_rss'] / MB:7.1f} MB", file=sys.stderr)
+            row[label] = {
+                "seconds": min(g["wall"] for g in got),
+                "all_seconds": [round(g["wall"], 2) for g in got],
+                "peak_rss": max(g["maxrss"] for g in got),
+                "cpu_seconds": min(g["cpu"] for g in got),
+            }
+            print(
+                f"[{t}] {label:15s} {row[label]['seconds']:6.2f} s  (runs: {row[label]['all_seconds']})  "
+                f"peak RSS {row[label]['peak_rss'] / MB:7.1f} MB",
+                file=sys.stderr,
+            )
         ref = row["llama.cpp"]
         for label in ("medtune export", "medtune writer"):
             r = row[label]
@@ -240,34 +325,46 @@ def main() -> None:
         return
     print(f"model: {model}")
     print(f"llama.cpp: {lc}")
-    print(f"largest tensor: {big_name}, {big_bytes / MB:.1f} MB in the checkpoint -> RSS budget "
-          f"{(big_bytes + 300 * MB) / MB:.1f} MB; {os.cpu_count()} CPUs (load average before: {load}); "
-          f"best of {args.repeat} runs (time = wall clock, CPU = user + system)")
+    print(
+        f"largest tensor: {big_name}, {big_bytes / MB:.1f} MB in the checkpoint -> RSS budget "
+        f"{(big_bytes + 300 * MB) / MB:.1f} MB; {os.cpu_count()} CPUs (load average before: {load}); "
+        f"best of {args.repeat} runs (time = wall clock, CPU = user + system)"
+    )
     for t, row in results["types"].items():
         ref = row["llama.cpp"]
         print(f"\n{t.upper()}")
-        print(f"  {'':16s}{'time':>9s}{'CPU':>9s}{'peak RSS':>12s}{'time/llama.cpp':>16s}{'RSS/llama.cpp':>15s}  targets")
+        print(
+            f"  {'':16s}{'time':>9s}{'CPU':>9s}{'peak RSS':>12s}{'time/llama.cpp':>16s}{'RSS/llama.cpp':>15s}  targets"
+        )
         print(f"  {'llama.cpp':16s}{ref['seconds']:8.2f}s{ref['cpu_seconds']:8.2f}s{ref['peak_rss'] / MB:9.1f} MB")
         for label in ("medtune export", "medtune writer"):
             r = row[label]
             ok = f"time {'OK' if r['meets_time'] else 'MISSED'}, RSS {'OK' if r['meets_rss'] else 'MISSED'}"
-            print(f"  {label:16s}{r['seconds']:8.2f}s{r['cpu_seconds']:8.2f}s{r['peak_rss'] / MB:9.1f} MB"
-                  f"{r['time_ratio']:15.2f}x{r['rss_ratio']:14.2f}x  {ok}")
+            print(
+                f"  {label:16s}{r['seconds']:8.2f}s{r['cpu_seconds']:8.2f}s{r['peak_rss'] / MB:9.1f} MB"
+                f"{r['time_ratio']:15.2f}x{r['rss_ratio']:14.2f}x  {ok}"
+            )
         for what in ("compare_writer", "compare_export"):
             c = row[what]
             line = "tensor data byte-identical" if c["identical"] else f"{len(c['differ'])} tensors differ"
-            print(f"  {what.replace('compare_', 'medtune ')} vs llama.cpp: {c['n_tensors'][0]} / {c['n_tensors'][1]} "
-                  f"tensors, {line}")
+            print(
+                f"  {what.replace('compare_', 'medtune ')} vs llama.cpp: {c['n_tensors'][0]} / {c['n_tensors'][1]} "
+                f"tensors, {line}"
+            )
             for d in c["differ"][:10]:
-                print(f"    {d['name']}: types {d['types']}, shapes {d['shapes']}, max |diff| "
-                      f"{d.get('max_abs_diff', '?')}, {d.get('n_diff', '?')} of {d.get('n', '?')} values differ")
+                print(
+                    f"    {d['name']}: types {d['types']}, shapes {d['shapes']}, max |diff| "
+                    f"{d.get('max_abs_diff', '?')}, {d.get('n_diff', '?')} of {d.get('n', '?')} values differ"
+                )
             for label, names in (("only in medtune's", c["only_ours"]), ("only in llama.cpp's", c["only_theirs"])):
                 if names:
                     print(f"    tensors {label}: {', '.join(names)}")
         c = row["compare_writer"]
         if c["keys_only_ours"] or c["keys_only_theirs"]:
-            print(f"  metadata keys only in medtune's: {c['keys_only_ours'] or '-'}; only in llama.cpp's: "
-                  f"{c['keys_only_theirs'] or '-'}")
+            print(
+                f"  metadata keys only in medtune's: {c['keys_only_ours'] or '-'}; only in llama.cpp's: "
+                f"{c['keys_only_theirs'] or '-'}"
+            )
     print(f"\noutputs and logs: {work}")
 
 

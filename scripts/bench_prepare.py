@@ -53,8 +53,11 @@ def synthesize(n: int, path: Path, seed: int = 0) -> None:
             cot.append(rng.choice(pool))
         while sum(map(len, resp)) < target // 4:
             resp.append(rng.choice(pool))
-        q = f"病例{i}：" + rng.choice(zh) + "最可能的诊断是什么？" if pool is zh else \
-            f"Case {i}: " + rng.choice(en) + " What is the most likely diagnosis?"
+        q = (
+            f"病例{i}：" + rng.choice(zh) + "最可能的诊断是什么？"
+            if pool is zh
+            else f"Case {i}: " + rng.choice(en) + " What is the most likely diagnosis?"
+        )
         sep = "" if pool is zh else " "
         records.append({"Question": q, "Complex_CoT": sep.join(cot), "Response": sep.join(resp)})
     path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
@@ -62,8 +65,10 @@ def synthesize(n: int, path: Path, seed: int = 0) -> None:
 
 def plain_baseline(src: Path, out: Path) -> None:
     records = json.loads(src.read_text(encoding="utf-8"))
-    rows = [{"prompt": r["Question"], "completion": f"<think>\n{r['Complex_CoT']}\n</think>\n\n{r['Response']}"}
-            for r in records]
+    rows = [
+        {"prompt": r["Question"], "completion": f"<think>\n{r['Complex_CoT']}\n</think>\n\n{r['Response']}"}
+        for r in records
+    ]
     with open(out, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -85,6 +90,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from medtune.core import runtime
+
     runtime.setup()
     from medtune.data.options import PrepareOptions
     from medtune.data.prepare import prepare
@@ -117,21 +123,35 @@ def main() -> None:
             t_full = min(t_full, dt)
 
     figures = {
-        "records": args.records, "file_mb": round(size_mb, 1), "tokens": n_tokens,
-        "plain_s": round(t_plain, 2), "bare_tokenize_s": round(t_tok, 2),
-        "prepare_no_stats_s": round(t_fast, 2), "prepare_stats_s": round(t_full, 2),
-        "ratio_no_stats_vs_plain": round(t_fast / t_plain, 2), "target_no_stats": 1.5,
-        "ratio_stats_vs_bare_tokenize": round(t_full / t_tok, 2), "target_stats": 1.3,
-        "repeat": args.repeat, "repeat_slow": args.repeat_slow, "kept": r_full.counts["kept"], "checked_with_stats": r_full.counts["kept"],
-        "tokens_median": r_full.tokens.get("median"), "tokens_max": r_full.tokens.get("max"),
+        "records": args.records,
+        "file_mb": round(size_mb, 1),
+        "tokens": n_tokens,
+        "plain_s": round(t_plain, 2),
+        "bare_tokenize_s": round(t_tok, 2),
+        "prepare_no_stats_s": round(t_fast, 2),
+        "prepare_stats_s": round(t_full, 2),
+        "ratio_no_stats_vs_plain": round(t_fast / t_plain, 2),
+        "target_no_stats": 1.5,
+        "ratio_stats_vs_bare_tokenize": round(t_full / t_tok, 2),
+        "target_stats": 1.3,
+        "repeat": args.repeat,
+        "repeat_slow": args.repeat_slow,
+        "kept": r_full.counts["kept"],
+        "checked_with_stats": r_full.counts["kept"],
+        "tokens_median": r_full.tokens.get("median"),
+        "tokens_max": r_full.tokens.get("max"),
     }
-    print(f"synthetic medical-o1: {args.records} records, {size_mb:.1f} MB, {n_tokens:,} tokens ({args.model}); "
-          f"best of {args.repeat} / {args.repeat_slow} runs")
-    print(f"| what | seconds | ratio | target |\n|---|---|---|---|")
+    print(
+        f"synthetic medical-o1: {args.records} records, {size_mb:.1f} MB, {n_tokens:,} tokens ({args.model}); "
+        f"best of {args.repeat} / {args.repeat_slow} runs"
+    )
+    print("| what | seconds | ratio | target |\n|---|---|---|---|")
     print(f"| plain json.load + build + write | {t_plain:.2f} | 1.00 | |")
     print(f"| medtune prepare --no-token-stats | {t_fast:.2f} | {t_fast / t_plain:.2f} × plain | ≤ 1.5 |")
     print(f"| bare batch tokenization | {t_tok:.2f} | 1.00 | |")
-    print(f"| medtune prepare (token stats, every record checked) | {t_full:.2f} | {t_full / t_tok:.2f} × bare | ≤ 1.3 |")
+    print(
+        f"| medtune prepare (token stats, every record checked) | {t_full:.2f} | {t_full / t_tok:.2f} × bare | ≤ 1.3 |"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2))

@@ -17,15 +17,40 @@ MB = 1024 * 1024
 
 def row(bench, what, ours, peer_name, peer, unit, better="lower", target=None):
     ratio = ours / peer if ours is not None and peer else None
-    return {"bench": bench, "what": what, "medtune": ours, "peer": peer_name, "peer_value": peer, "unit": unit,
-            "ratio": round(ratio, 3) if ratio is not None else None, "better": better, "target": target}
+    return {
+        "bench": bench,
+        "what": what,
+        "medtune": ours,
+        "peer": peer_name,
+        "peer_value": peer,
+        "unit": unit,
+        "ratio": round(ratio, 3) if ratio is not None else None,
+        "better": better,
+        "target": target,
+    }
 
 
 def from_prepare(d: dict) -> list[dict]:
-    return [row("prepare", f"prepare --no-token-stats, {d.get('records')} records", d.get("prepare_no_stats_s"),
-                "plain json.load + build + write", d.get("plain_s"), "s", target=f"≤ {d.get('target_no_stats', 1.5)}"),
-            row("prepare", "prepare with token stats (every record checked)", d.get("prepare_stats_s"),
-                "bare batch tokenization", d.get("bare_tokenize_s"), "s", target=f"≤ {d.get('target_stats', 1.3)}")]
+    return [
+        row(
+            "prepare",
+            f"prepare --no-token-stats, {d.get('records')} records",
+            d.get("prepare_no_stats_s"),
+            "plain json.load + build + write",
+            d.get("plain_s"),
+            "s",
+            target=f"≤ {d.get('target_no_stats', 1.5)}",
+        ),
+        row(
+            "prepare",
+            "prepare with token stats (every record checked)",
+            d.get("prepare_stats_s"),
+            "bare batch tokenization",
+            d.get("bare_tokenize_s"),
+            "s",
+            target=f"≤ {d.get('target_stats', 1.3)}",
+        ),
+    ]
 
 
 def from_train(d: dict) -> list[dict]:
@@ -35,8 +60,17 @@ def from_train(d: dict) -> list[dict]:
     for ours, peer in pairs:
         if ours in runs and peer in runs:
             o, p = runs[ours], runs[peer]
-            out.append(row("train", f"{o.get('label', ours)}: tokens/s", o.get("tokens_per_second"),
-                           p.get("label", peer), p.get("tokens_per_second"), "tok/s", better="higher"))
+            out.append(
+                row(
+                    "train",
+                    f"{o.get('label', ours)}: tokens/s",
+                    o.get("tokens_per_second"),
+                    p.get("label", peer),
+                    p.get("tokens_per_second"),
+                    "tok/s",
+                    better="higher",
+                )
+            )
     return out
 
 
@@ -47,11 +81,27 @@ def from_export(d: dict) -> list[dict]:
         for label in ("medtune export", "medtune writer"):
             if label in r:
                 m = r[label]
-                out.append(row("export", f"{label} {t}: time", m.get("seconds"), "llama.cpp convert_hf_to_gguf.py",
-                               ref.get("seconds"), "s", target="≤ 0.5"))
-                out.append(row("export", f"{label} {t}: peak RSS", round(m["peak_rss"] / MB, 1) if m.get("peak_rss") else None,
-                               "llama.cpp convert_hf_to_gguf.py", round(ref["peak_rss"] / MB, 1) if ref.get("peak_rss") else None,
-                               "MB"))
+                out.append(
+                    row(
+                        "export",
+                        f"{label} {t}: time",
+                        m.get("seconds"),
+                        "llama.cpp convert_hf_to_gguf.py",
+                        ref.get("seconds"),
+                        "s",
+                        target="≤ 0.5",
+                    )
+                )
+                out.append(
+                    row(
+                        "export",
+                        f"{label} {t}: peak RSS",
+                        round(m["peak_rss"] / MB, 1) if m.get("peak_rss") else None,
+                        "llama.cpp convert_hf_to_gguf.py",
+                        round(ref["peak_rss"] / MB, 1) if ref.get("peak_rss") else None,
+                        "MB",
+                    )
+                )
     return out
 
 
@@ -65,12 +115,18 @@ def fmt(v) -> str:
 
 
 def markdown(rows: list[dict], missing: list[str]) -> str:
-    lines = ["# medtune benchmarks", "", "| benchmark | figure | medtune | peer | peer's figure | ratio | target |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# medtune benchmarks",
+        "",
+        "| benchmark | figure | medtune | peer | peer's figure | ratio | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = f"{r['ratio']:.2f}× ({r['better']} is better)" if r["ratio"] is not None else "—"
-        lines.append(f"| {r['bench']} | {r['what']} | {fmt(r['medtune'])} {r['unit']} | {r['peer']} | "
-                     f"{fmt(r['peer_value'])} {r['unit']} | {ratio} | {r['target'] or ''} |")
+        lines.append(
+            f"| {r['bench']} | {r['what']} | {fmt(r['medtune'])} {r['unit']} | {r['peer']} | "
+            f"{fmt(r['peer_value'])} {r['unit']} | {ratio} | {r['target'] or ''} |"
+        )
     if missing:
         lines += ["", "Missing: " + ", ".join(missing) + " (run `make bench`)."]
     return "\n".join(lines) + "\n"
@@ -91,8 +147,10 @@ def main(argv=None) -> int:
         sources[name] = str(path)
         rows += extract(data)
     a.dir.mkdir(parents=True, exist_ok=True)
-    (a.dir / "results.json").write_text(json.dumps({"figures": rows, "sources": sources, "missing": missing},
-                                                   indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (a.dir / "results.json").write_text(
+        json.dumps({"figures": rows, "sources": sources, "missing": missing}, indent=2, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
     md = markdown(rows, missing)
     (a.dir / "results.md").write_text(md, encoding="utf-8")
     sys.stdout.write(md)

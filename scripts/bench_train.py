@@ -71,8 +71,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-COUNTING = ("tokens/s = sum of full sequence lengths (prompt+completion, unpadded) of steps warmup+1..iters / "
-            "sum of the trainer's own step times of those steps; mlx_lm's native figure counts loss-mask tokens")
+COUNTING = (
+    "tokens/s = sum of full sequence lengths (prompt+completion, unpadded) of steps warmup+1..iters / "
+    "sum of the trainer's own step times of those steps; mlx_lm's native figure counts loss-mask tokens"
+)
 
 RUNS = {
     "a": {"name": "mlx_lm.lora by hand", "kind": "mlx_lm", "openblas": False},
@@ -83,6 +85,7 @@ RUNS = {
 
 
 # --------------------------------------------------------------------------- children (one process each)
+
 
 def blas_libraries() -> list[str]:
     """Shared libraries with 'blas' in their name mapped into this process."""
@@ -130,19 +133,34 @@ def child_mlx_lm(cfg: dict) -> dict:
     import mlx.core as mx
     import mlx_lm.lora as lora
     import numpy as np
+    from mlx.utils import tree_flatten
     from mlx_lm.tuner import trainer
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.datasets import load_dataset
     from mlx_lm.utils import load
-    from mlx.utils import tree_flatten
 
     # What `mlx_lm lora --model ... --mask-prompt -c lora.yaml ...` builds in lora.main().
     args = copy.deepcopy(lora.CONFIG_DEFAULTS)
-    args.update(model=cfg["model_path"], train=True, data=cfg["data"], fine_tune_type="lora", optimizer="adam",
-                seed=cfg["seed"], num_layers=cfg["num_layers"], batch_size=cfg["batch_size"], iters=cfg["iters"],
-                val_batches=1, learning_rate=cfg["lr"], steps_per_report=1, steps_per_eval=100000,
-                adapter_path=cfg["out"], save_every=100000, max_seq_length=cfg["max_seq_length"],
-                mask_prompt=True, lora_parameters={"rank": cfg["rank"], "scale": cfg["scale"], "dropout": 0.0})
+    args.update(
+        model=cfg["model_path"],
+        train=True,
+        data=cfg["data"],
+        fine_tune_type="lora",
+        optimizer="adam",
+        seed=cfg["seed"],
+        num_layers=cfg["num_layers"],
+        batch_size=cfg["batch_size"],
+        iters=cfg["iters"],
+        val_batches=1,
+        learning_rate=cfg["lr"],
+        steps_per_report=1,
+        steps_per_eval=100000,
+        adapter_path=cfg["out"],
+        save_every=100000,
+        max_seq_length=cfg["max_seq_length"],
+        mask_prompt=True,
+        lora_parameters={"rank": cfg["rank"], "scale": cfg["scale"], "dropout": 0.0},
+    )
     args = types.SimpleNamespace(**args)
 
     batch_lengths: list[list[int]] = []  # full sequence lengths of each training batch, in order
@@ -159,9 +177,17 @@ def child_mlx_lm(cfg: dict) -> dict:
         def on_train_loss_report(self, info: dict):
             it = info["iteration"]
             dt = 1.0 / info["iterations_per_second"]  # steps_per_report=1: train_time of this step
-            steps.append({"step": it, "seconds": dt, "tokens": sum(batch_lengths[it - 1]),
-                          "native_tokens": info["tokens_per_second"] * dt, "train_loss": info["train_loss"],
-                          "peak_memory_gb": info["peak_memory"], "wall": time.perf_counter()})
+            steps.append(
+                {
+                    "step": it,
+                    "seconds": dt,
+                    "tokens": sum(batch_lengths[it - 1]),
+                    "native_tokens": info["tokens_per_second"] * dt,
+                    "train_loss": info["train_loss"],
+                    "peak_memory_gb": info["peak_memory"],
+                    "wall": time.perf_counter(),
+                }
+            )
 
     lora.train = partial(trainer.train, iterate_batches=observed_batches)  # pass-through observer only
     np.random.seed(args.seed)  # lora.run() does this first
@@ -199,9 +225,18 @@ def child_medtune(cfg: dict) -> dict:
     from medtune.core import runtime
     from medtune.train import TrainOptions, train
 
-    wanted = dict(iters=cfg["iters"], batch_size=cfg["batch_size"], num_layers=cfg["num_layers"], rank=cfg["rank"],
-                  scale=cfg["scale"], lr=cfg["lr"], max_seq_length=cfg["max_seq_length"], eval_every=100000,
-                  save_every=100000, seed=cfg["seed"])
+    wanted = dict(
+        iters=cfg["iters"],
+        batch_size=cfg["batch_size"],
+        num_layers=cfg["num_layers"],
+        rank=cfg["rank"],
+        scale=cfg["scale"],
+        lr=cfg["lr"],
+        max_seq_length=cfg["max_seq_length"],
+        eval_every=100000,
+        save_every=100000,
+        seed=cfg["seed"],
+    )
     optional = dict(dropout=0.0, mask_prompt=True, val_batches=1)  # set when the options have them
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     opts = TrainOptions(**wanted, **{k: v for k, v in optional.items() if k in names})
@@ -209,7 +244,7 @@ def child_medtune(cfg: dict) -> dict:
     kw = {"progress": progress} if "progress" in inspect.signature(train).parameters else {}
     result = train(cfg["model_spec"], cfg["data"], cfg["out"], opts, **kw)
 
-    rows = [json.loads(l) for l in open(Path(cfg["out"]) / "metrics.jsonl", encoding="utf-8") if l.strip()]
+    rows = [json.loads(line) for line in open(Path(cfg["out"]) / "metrics.jsonl", encoding="utf-8") if line.strip()]
     rows = [r for r in rows if "tokens_per_second" in r]
     if any("step_seconds" not in r for r in rows):
         raise SystemExit("metrics.jsonl rows have no step_seconds: cannot skip warm-up steps")
@@ -217,16 +252,26 @@ def child_medtune(cfg: dict) -> dict:
     for i, r in enumerate(rows):
         t_cum += r["step_seconds"]
         tok_cum = r["tokens_per_second"] * t_cum  # tokens_per_second = tokens so far / step time so far
-        steps.append({"step": r["step"], "seconds": r["step_seconds"], "tokens": round(tok_cum - tok_prev),
-                      "label_tokens": r.get("label_tokens"), "train_loss": r.get("train_loss"),
-                      "peak_memory_gb": r["peak_memory_gb"],
-                      "wall": progress.walls[i] if len(progress.walls) == len(rows) else None})
+        steps.append(
+            {
+                "step": r["step"],
+                "seconds": r["step_seconds"],
+                "tokens": round(tok_cum - tok_prev),
+                "label_tokens": r.get("label_tokens"),
+                "train_loss": r.get("train_loss"),
+                "peak_memory_gb": r["peak_memory_gb"],
+                "wall": progress.walls[i] if len(progress.walls) == len(rows) else None,
+            }
+        )
         tok_prev = tok_cum
     mx = runtime.mx()
     blas = runtime.blas_state()
-    return {"steps": steps, "result_tokens_per_second": result.tokens_per_second,
-            "medtune_blas": {"active": blas.active, "path": blas.path, "reason": blas.reason},
-            "mlx_peak_memory_gb": mx.get_peak_memory() / 1e9}
+    return {
+        "steps": steps,
+        "result_tokens_per_second": result.tokens_per_second,
+        "medtune_blas": {"active": blas.active, "path": blas.path, "reason": blas.reason},
+        "mlx_peak_memory_gb": mx.get_peak_memory() / 1e9,
+    }
 
 
 def child_main(kind: str, cfg_path: str, out_path: str) -> None:
@@ -242,14 +287,19 @@ def child_main(kind: str, cfg_path: str, out_path: str) -> None:
 
 # --------------------------------------------------------------------------- parent
 
+
 def summarize(steps: list[dict], warmup: int) -> dict:
     measured = [s for s in steps if s["step"] > warmup]
     if not measured:
         raise SystemExit(f"--iters must exceed --warmup ({warmup}) to measure anything")
     tokens, seconds = sum(s["tokens"] for s in measured), sum(s["seconds"] for s in measured)
-    out = {"measured_steps": [s["step"] for s in measured], "tokens": tokens, "step_seconds": seconds,
-           "tokens_per_second": tokens / seconds,
-           "peak_memory_gb": max(s["peak_memory_gb"] for s in steps)}
+    out = {
+        "measured_steps": [s["step"] for s in measured],
+        "tokens": tokens,
+        "step_seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "peak_memory_gb": max(s["peak_memory_gb"] for s in steps),
+    }
     if all("native_tokens" in s for s in measured):
         out["native_tokens_per_second"] = sum(s["native_tokens"] for s in measured) / seconds
     last = max(s["step"] for s in steps)
@@ -273,8 +323,13 @@ def run_child(key: str, cfg: dict, work: Path) -> dict:
     print(f"[{key}] {spec['name']}: running ({cfg['iters']} steps; log {log_path})", flush=True)
     t, load_before = time.perf_counter(), os.getloadavg()[0]
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, __file__, "--child", spec["kind"], str(cfg_path), str(out_path)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(work))
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", spec["kind"], str(cfg_path), str(out_path)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(work),
+        )
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
         raise SystemExit(f"[{key}] failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
@@ -284,7 +339,10 @@ def run_child(key: str, cfg: dict, work: Path) -> dict:
     data["openblas_mapped"] = has_openblas
     data["load_average"] = {"before": load_before, "after": os.getloadavg()[0]}
     data["blas_as_intended"] = has_openblas == spec["openblas"]
-    print(f"[{key}] done in {time.perf_counter() - t:.0f} s: {data['summary']['tokens_per_second']:.1f} tokens/s", flush=True)
+    print(
+        f"[{key}] done in {time.perf_counter() - t:.0f} s: {data['summary']['tokens_per_second']:.1f} tokens/s",
+        flush=True,
+    )
     return data
 
 
@@ -293,12 +351,45 @@ REPORT = re.compile(r"^\s*(\d+)\s+([\d.]+)\s+[▼▲]\s+([\d,]+)\s+([\d.]+)k\s*$
 
 def cli_check(cfg: dict, work: Path) -> dict:
     """The real `python -m mlx_lm lora` command; parses its report lines (mlx_lm's native tokens/s)."""
-    (work / "lora.yaml").write_text(f"lora_parameters:\n  rank: {cfg['rank']}\n  scale: {cfg['scale']}\n  dropout: 0.0\n")
-    cmd = [sys.executable, "-m", "mlx_lm", "lora", "--model", cfg["model_path"], "--train", "--data", cfg["data"],
-           "--iters", str(cfg["iters"]), "--batch-size", str(cfg["batch_size"]), "--num-layers", str(cfg["num_layers"]),
-           "--max-seq-length", str(cfg["max_seq_length"]), "--learning-rate", str(cfg["lr"]), "--mask-prompt",
-           "--seed", str(cfg["seed"]), "--adapter-path", str(work / "out_cli"), "--steps-per-report", "1",
-           "--val-batches", "1", "--steps-per-eval", "100000", "--save-every", "100000", "-c", str(work / "lora.yaml")]
+    (work / "lora.yaml").write_text(
+        f"lora_parameters:\n  rank: {cfg['rank']}\n  scale: {cfg['scale']}\n  dropout: 0.0\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "lora",
+        "--model",
+        cfg["model_path"],
+        "--train",
+        "--data",
+        cfg["data"],
+        "--iters",
+        str(cfg["iters"]),
+        "--batch-size",
+        str(cfg["batch_size"]),
+        "--num-layers",
+        str(cfg["num_layers"]),
+        "--max-seq-length",
+        str(cfg["max_seq_length"]),
+        "--learning-rate",
+        str(cfg["lr"]),
+        "--mask-prompt",
+        "--seed",
+        str(cfg["seed"]),
+        "--adapter-path",
+        str(work / "out_cli"),
+        "--steps-per-report",
+        "1",
+        "--val-batches",
+        "1",
+        "--steps-per-eval",
+        "100000",
+        "--save-every",
+        "100000",
+        "-c",
+        str(work / "lora.yaml"),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "MEDTUNE_NO_OPENBLAS"}
     print("[cli] " + " ".join(cmd[1:]), flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(work))
@@ -308,8 +399,10 @@ def cli_check(cfg: dict, work: Path) -> dict:
     text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)  # rich colours its lines even into a pipe here
     rows = {int(m[1]): float(m[3].replace(",", "")) for m in map(REPORT.match, text.splitlines()) if m}
     measured = [v for k, v in rows.items() if k > cfg["warmup"]]
-    return {"per_step_native_tokens_per_second": rows,
-            "mean_native_tokens_per_second": sum(measured) / len(measured) if measured else None}
+    return {
+        "per_step_native_tokens_per_second": rows,
+        "mean_native_tokens_per_second": sum(measured) / len(measured) if measured else None,
+    }
 
 
 def prepare_data(dataset: str, model: str, max_seq_length: int, work: Path) -> Path:
@@ -326,8 +419,10 @@ def prepare_data(dataset: str, model: str, max_seq_length: int, work: Path) -> P
 
 
 def table(results: dict, ref: str | None) -> str:
-    lines = ["| run | BLAS mapped | tokens/s | ratio vs (a) | wall tokens/s | peak MLX memory (GB) | peak RSS (GB) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | BLAS mapped | tokens/s | ratio vs (a) | wall tokens/s | peak MLX memory (GB) | peak RSS (GB) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     base = results[ref]["summary"]["tokens_per_second"] if ref else None
     for key, data in results.items():
         s = data["summary"]
@@ -337,8 +432,10 @@ def table(results: dict, ref: str | None) -> str:
             blas += " **(not as intended)**"
         ratio = f"{s['tokens_per_second'] / base:.2f}x" if base else "-"
         wall = f"{s['wall_tokens_per_second']:.1f}" if "wall_tokens_per_second" in s else "-"
-        lines.append(f"| ({key}) {RUNS[key]['name']} | {blas} | {s['tokens_per_second']:.1f} | {ratio} | {wall} | "
-                     f"{s['peak_memory_gb']:.2f} | {data['peak_rss_gb']:.2f} |")
+        lines.append(
+            f"| ({key}) {RUNS[key]['name']} | {blas} | {s['tokens_per_second']:.1f} | {ratio} | {wall} | "
+            f"{s['peak_memory_gb']:.2f} | {data['peak_rss_gb']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -347,8 +444,11 @@ def main() -> None:
         return child_main(*sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin:smollm2-135m")
-    ap.add_argument("--data", default=str(ROOT / "data/sample/medical_o1_sample.jsonl"),
-                    help="a dataset medtune prepare reads, or an already prepared folder with train/valid.jsonl")
+    ap.add_argument(
+        "--data",
+        default=str(ROOT / "data/sample/medical_o1_sample.jsonl"),
+        help="a dataset medtune prepare reads, or an already prepared folder with train/valid.jsonl",
+    )
     ap.add_argument("--iters", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of tokens/s (compile, allocator warm-up)")
     ap.add_argument("--batch-size", type=int, default=2)
@@ -375,43 +475,78 @@ def main() -> None:
 
         model_path = str(pull(a.model).path)
         data = prepare_data(a.data, a.model, a.max_seq_length, work)
-        cfg = {"model_spec": a.model, "model_path": model_path, "data": str(Path(data).resolve()), "iters": a.iters,
-               "warmup": a.warmup, "batch_size": a.batch_size, "num_layers": a.num_layers, "rank": a.rank,
-               "scale": a.scale, "max_seq_length": a.max_seq_length, "lr": a.lr, "seed": a.seed}
+        cfg = {
+            "model_spec": a.model,
+            "model_path": model_path,
+            "data": str(Path(data).resolve()),
+            "iters": a.iters,
+            "warmup": a.warmup,
+            "batch_size": a.batch_size,
+            "num_layers": a.num_layers,
+            "rank": a.rank,
+            "scale": a.scale,
+            "max_seq_length": a.max_seq_length,
+            "lr": a.lr,
+            "seed": a.seed,
+        }
         results = {k: run_child(k, cfg, work) for k in runs}
         cli = cli_check(cfg, work) if a.cli_check else None
 
     ref = "a" if "a" in results else None
     print()
-    print(f"LoRA training, {a.model} (float32), batch {a.batch_size}, {a.num_layers} layers, rank {a.rank}, "
-          f"scale {a.scale:g}, max_seq_length {a.max_seq_length}, lr {a.lr:g}, seed {a.seed}; "
-          f"tokens/s over steps {a.warmup + 1}..{a.iters} (full sequence lengths / trainer step time)")
+    print(
+        f"LoRA training, {a.model} (float32), batch {a.batch_size}, {a.num_layers} layers, rank {a.rank}, "
+        f"scale {a.scale:g}, max_seq_length {a.max_seq_length}, lr {a.lr:g}, seed {a.seed}; "
+        f"tokens/s over steps {a.warmup + 1}..{a.iters} (full sequence lengths / trainer step time)"
+    )
     print()
     print(table(results, ref))
     print()
     for key, d in results.items():
         s = d["summary"]
-        extra = f", mlx_lm's own count (loss-mask tokens): {s['native_tokens_per_second']:.1f}/s" \
-            if "native_tokens_per_second" in s else ""
+        extra = (
+            f", mlx_lm's own count (loss-mask tokens): {s['native_tokens_per_second']:.1f}/s"
+            if "native_tokens_per_second" in s
+            else ""
+        )
         print(f"({key}) {s['tokens']} tokens in {s['step_seconds']:.1f} s of step time{extra}")
     if cli:
         m = cli["mean_native_tokens_per_second"]
-        print(f"(cli) real `mlx_lm lora`: mean of its reported Tokens/sec over the same steps "
-              f"(its own count, per-step rates averaged): {m:.1f}" if m else "(cli) no report lines parsed")
+        print(
+            f"(cli) real `mlx_lm lora`: mean of its reported Tokens/sec over the same steps "
+            f"(its own count, per-step rates averaged): {m:.1f}"
+            if m
+            else "(cli) no report lines parsed"
+        )
     busy = {k: max(d["load_average"].values()) for k, d in results.items()}
     if max(busy.values()) > (os.cpu_count() or 1) + 0.5:  # a run itself loads at most every core
-        print("WARNING: the machine was busy (1-minute load average "
-              + ", ".join(f"({k}) {v:.1f}" for k, v in busy.items()) + f" on {os.cpu_count()} cores): timings are noisy")
+        print(
+            "WARNING: the machine was busy (1-minute load average "
+            + ", ".join(f"({k}) {v:.1f}" for k, v in busy.items())
+            + f" on {os.cpu_count()} cores): timings are noisy"
+        )
     bad = [k for k, d in results.items() if not d["blas_as_intended"]]
     if bad:
         print(f"WARNING: BLAS binding not as intended in run(s) {', '.join(bad)}: the comparison is not valid")
-    print("Note: the trainers draw different batches (medtune pairs records of similar length, mlx_lm 0.32 keeps "
-          "file order); see the docstring.")
+    print(
+        "Note: the trainers draw different batches (medtune pairs records of similar length, mlx_lm 0.32 keeps "
+        "file order); see the docstring."
+    )
     if a.json:
-        Path(a.json).write_text(json.dumps({"settings": cfg, "counting": COUNTING, "runs": {k: dict(d, label=RUNS[k]["name"]) for k, d in results.items()},
-                                            "cli_check": cli, "cpu_count": os.cpu_count(),
-                                            "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                                            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}, indent=1))
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "settings": cfg,
+                    "counting": COUNTING,
+                    "runs": {k: dict(d, label=RUNS[k]["name"]) for k, d in results.items()},
+                    "cli_check": cli,
+                    "cpu_count": os.cpu_count(),
+                    "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                    "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+                },
+                indent=1,
+            )
+        )
         print(f"wrote {a.json}")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from medtune.core import runtime
+
 runtime.setup()  # bind OpenBLAS before anything imports mlx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +38,17 @@ def smollm2_gguf(smollm2_dir) -> Path:
     return fetch_gguf(BUILTINS["smollm2-135m"])
 
 
-def make_tiny_llama(out: Path, tokenizer_dir: Path, *, layers: int = 2, hidden: int = 64, heads: int = 4,
-                    kv_heads: int = 2, seed: int = 0, tie: bool = True) -> Path:
+def make_tiny_llama(
+    out: Path,
+    tokenizer_dir: Path,
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    tie: bool = True,
+) -> Path:
     """A random Llama with a real tokenizer, saved as a float32 HF folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -47,11 +57,21 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, *, layers: int = 2, hidden: 
 
     tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=tok_cfg["vocab_size"], hidden_size=hidden, intermediate_size=hidden * 2,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      tie_word_embeddings=tie, bos_token_id=tok_cfg.get("bos_token_id"),
-                      eos_token_id=tok_cfg.get("eos_token_id"), pad_token_id=tok_cfg.get("pad_token_id"))
+    cfg = LlamaConfig(
+        vocab_size=tok_cfg["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie,
+        bos_token_id=tok_cfg.get("bos_token_id"),
+        eos_token_id=tok_cfg.get("eos_token_id"),
+        pad_token_id=tok_cfg.get("pad_token_id"),
+    )
     model = LlamaForCausalLM(cfg).to(torch.float32)
     with torch.no_grad():  # random weights with some scale, so logits are not flat
         for p in model.parameters():
@@ -74,8 +94,14 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
 def run_cli(*args, cwd=None, env=None, timeout=900):
     """Run the real `medtune` entry point in a subprocess."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "medtune", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "medtune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 # Ollama renders a Modelfile TEMPLATE with Go's text/template over its messages (consecutive same-role
@@ -152,12 +178,14 @@ def go_ollama_render(tmp_path_factory):
     (d / "main.go").write_text(GO_OLLAMA)
     (d / "go.mod").write_text("module ollamatpl\n\ngo 1.18\n")
     env = {**os.environ, "GOFLAGS": "-mod=mod", "GO111MODULE": "on"}
-    subprocess.run([go, "build", "-o", str(d / "tpl"), "."], cwd=d, env=env, check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        [go, "build", "-o", str(d / "tpl"), "."], cwd=d, env=env, check=True, capture_output=True, timeout=300
+    )
 
     def render(cases: list[dict]) -> list[str]:
-        out = subprocess.run([str(d / "tpl")], input=json.dumps(cases), capture_output=True, text=True, check=True,
-                             timeout=60).stdout
+        out = subprocess.run(
+            [str(d / "tpl")], input=json.dumps(cases), capture_output=True, text=True, check=True, timeout=60
+        ).stdout
         return json.loads(out)
 
     return render

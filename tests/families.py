@@ -18,31 +18,31 @@ QWEN25_TEMPLATE = (
     "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
     "        {{- messages[0]['content'] }}\n    {%- else %}\n"
     "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n"
-    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are "
-    "provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
-    "    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
-    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
-    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
-    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n"
+    '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are '
+    'provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
+    '    {%- for tool in tools %}\n        {{- "\\n" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n'
+    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments '
+    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": '
+    '<args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n{%- else %}\n'
     "    {%- if messages[0]['role'] == 'system' %}\n"
     "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
     "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
     "<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
-    "(message.role == \"assistant\" and not message.tool_calls) %}\n"
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or '
+    '(message.role == "assistant" and not message.tool_calls) %}\n'
     "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
     "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n"
     "        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
     "        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n"
     "                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n"
-    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
-    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n"
+    '            {{- \'\\n<tool_call>\\n{"name": "\' }}\n            {{- tool_call.name }}\n'
+    '            {{- \'", "arguments": \' }}\n            {{- tool_call.arguments | tojson }}\n'
     "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
-    "    {%- elif message.role == \"tool\" %}\n"
-    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    '    {%- elif message.role == "tool" %}\n'
+    '        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}\n'
     "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
     "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
-    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
     "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
     "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
 )
@@ -50,20 +50,20 @@ QWEN25_TEMPLATE = (
 QWEN3_TEMPLATE = (
     "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' %}\n"
     "        {{- messages[0].content + '\\n\\n' }}\n    {%- endif %}\n"
-    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n<tools>\" }}\n"
-    "    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
+    '    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n<tools>" }}\n'
+    '    {%- for tool in tools %}\n        {{- "\\n" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n'
     "    {{- \"\\n</tools><|im_end|>\\n\" }}\n{%- else %}\n    {%- if messages[0].role == 'system' %}\n"
     "        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n    {%- endif %}\n"
     "{%- endif %}\n"
     "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n"
     "{%- for message in messages[::-1] %}\n    {%- set index = (messages|length - 1) - loop.index0 %}\n"
-    "    {%- if ns.multi_step_tool and message.role == \"user\" and message.content is string and "
+    '    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and '
     "not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}\n"
     "        {%- set ns.multi_step_tool = false %}\n        {%- set ns.last_query_index = index %}\n"
     "    {%- endif %}\n{%- endfor %}\n{%- for message in messages %}\n    {%- if message.content is string %}\n"
     "        {%- set content = message.content %}\n    {%- else %}\n        {%- set content = '' %}\n"
     "    {%- endif %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}\n'
     "        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}\n"
     "    {%- elif message.role == \"assistant\" %}\n        {%- set reasoning_content = '' %}\n"
     "        {%- if message.reasoning_content is string %}\n"
@@ -80,15 +80,15 @@ QWEN3_TEMPLATE = (
     "        {%- else %}\n            {{- '<|im_start|>' + message.role + '\\n' + content }}\n        {%- endif %}\n"
     "        {%- if message.tool_calls %}\n            {%- for tool_call in message.tool_calls %}\n"
     "                {%- if tool_call.function %}\n                    {%- set tool_call = tool_call.function %}\n"
-    "                {%- endif %}\n                {{- '\\n<tool_call>\\n{\"name\": \"' }}\n"
-    "                {{- tool_call.name }}\n                {{- '\", \"arguments\": ' }}\n"
+    '                {%- endif %}\n                {{- \'\\n<tool_call>\\n{"name": "\' }}\n'
+    '                {{- tool_call.name }}\n                {{- \'", "arguments": \' }}\n'
     "                {{- tool_call.arguments | tojson }}\n                {{- '}\\n</tool_call>' }}\n"
     "            {%- endfor %}\n        {%- endif %}\n        {{- '<|im_end|>\\n' }}\n"
-    "    {%- elif message.role == \"tool\" %}\n"
-    "        {%- if loop.first or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    '    {%- elif message.role == "tool" %}\n'
+    '        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}\n'
     "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
     "        {{- content }}\n        {{- '\\n</tool_response>' }}\n"
-    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
     "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
     "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
     "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
@@ -144,42 +144,109 @@ DS_BOS, DS_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
 # (text, special) added after SmolLM2's 49152 tokens; its own <|endoftext|> <|im_start|> <|im_end|> are ids 0-2.
 QWEN_ADDED = [("<tool_call>", False), ("</tool_call>", False), ("<think>", False), ("</think>", False)]
-DEEPSEEK_ADDED = [(DS_BOS, True), (DS_EOS, True), ("<｜User｜>", False), ("<｜Assistant｜>", False),
-                  ("<think>", False), ("</think>", False)]
-LLAMA3_ADDED = [("<|begin_of_text|>", True), ("<|end_of_text|>", True), ("<|start_header_id|>", True),
-                ("<|end_header_id|>", True), ("<|eot_id|>", True)]
+DEEPSEEK_ADDED = [
+    (DS_BOS, True),
+    (DS_EOS, True),
+    ("<｜User｜>", False),
+    ("<｜Assistant｜>", False),
+    ("<think>", False),
+    ("</think>", False),
+]
+LLAMA3_ADDED = [
+    ("<|begin_of_text|>", True),
+    ("<|end_of_text|>", True),
+    ("<|start_header_id|>", True),
+    ("<|end_header_id|>", True),
+    ("<|eot_id|>", True),
+]
 
 CASES = {
-    "qwen2.5": dict(model="Qwen2", tied=False, added=QWEN_ADDED, pre="qwen2", template=QWEN25_TEMPLATE,
-                    tok={"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
-                         "pad_token": "<|endoftext|>", "add_bos_token": False},
-                    ids={"bos": "<|endoftext|>", "eos": ["<|im_end|>", "<|endoftext|>"]},
-                    gguf_arch="qwen2", family="chatml", system=QWEN_SYSTEM,
-                    stops=["<|im_end|>", "<|im_start|>", "<|endoftext|>"]),
-    "qwen3": dict(model="Qwen3", tied=True, added=QWEN_ADDED, pre="qwen2", template=QWEN3_TEMPLATE, head_dim=32,
-                  tok={"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
-                       "pad_token": "<|endoftext|>", "add_bos_token": False},
-                  ids={"bos": "<|endoftext|>", "eos": ["<|im_end|>", "<|endoftext|>"]},
-                  gguf_arch="qwen3", family="qwen3", system=None,
-                  stops=["<|im_end|>", "<|im_start|>", "<|endoftext|>"]),
-    "deepseek-r1-qwen": dict(model="Qwen2", tied=False, added=DEEPSEEK_ADDED, pre="qwen2",
-                             template=DEEPSEEK_R1_TEMPLATE, post_bos=DS_BOS,
-                             tok={"tokenizer_class": "LlamaTokenizerFast", "bos_token": DS_BOS, "eos_token": DS_EOS,
-                                  "pad_token": DS_EOS, "add_bos_token": True},
-                             ids={"bos": DS_BOS, "eos": [DS_EOS]}, gguf_arch="qwen2", family="deepseek-r1",
-                             system=None, stops=[DS_EOS, "<｜User｜>", "<｜Assistant｜>"]),
-    "llama3": dict(model="Llama", tied=False, added=LLAMA3_ADDED, pre="llama-bpe", template=LLAMA3_TEMPLATE,
-                   post_bos="<|begin_of_text|>", rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                               "original_max_position_embeddings": 64},
-                   tok={"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
-                        "eos_token": "<|eot_id|>"},
-                   ids={"bos": "<|begin_of_text|>", "eos": ["<|end_of_text|>", "<|eot_id|>"]},
-                   gguf_arch="llama", family="llama3", system=None,
-                   stops=["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"]),
+    "qwen2.5": dict(
+        model="Qwen2",
+        tied=False,
+        added=QWEN_ADDED,
+        pre="qwen2",
+        template=QWEN25_TEMPLATE,
+        tok={
+            "tokenizer_class": "Qwen2Tokenizer",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "add_bos_token": False,
+        },
+        ids={"bos": "<|endoftext|>", "eos": ["<|im_end|>", "<|endoftext|>"]},
+        gguf_arch="qwen2",
+        family="chatml",
+        system=QWEN_SYSTEM,
+        stops=["<|im_end|>", "<|im_start|>", "<|endoftext|>"],
+    ),
+    "qwen3": dict(
+        model="Qwen3",
+        tied=True,
+        added=QWEN_ADDED,
+        pre="qwen2",
+        template=QWEN3_TEMPLATE,
+        head_dim=32,
+        tok={
+            "tokenizer_class": "Qwen2Tokenizer",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "add_bos_token": False,
+        },
+        ids={"bos": "<|endoftext|>", "eos": ["<|im_end|>", "<|endoftext|>"]},
+        gguf_arch="qwen3",
+        family="qwen3",
+        system=None,
+        stops=["<|im_end|>", "<|im_start|>", "<|endoftext|>"],
+    ),
+    "deepseek-r1-qwen": dict(
+        model="Qwen2",
+        tied=False,
+        added=DEEPSEEK_ADDED,
+        pre="qwen2",
+        template=DEEPSEEK_R1_TEMPLATE,
+        post_bos=DS_BOS,
+        tok={
+            "tokenizer_class": "LlamaTokenizerFast",
+            "bos_token": DS_BOS,
+            "eos_token": DS_EOS,
+            "pad_token": DS_EOS,
+            "add_bos_token": True,
+        },
+        ids={"bos": DS_BOS, "eos": [DS_EOS]},
+        gguf_arch="qwen2",
+        family="deepseek-r1",
+        system=None,
+        stops=[DS_EOS, "<｜User｜>", "<｜Assistant｜>"],
+    ),
+    "llama3": dict(
+        model="Llama",
+        tied=False,
+        added=LLAMA3_ADDED,
+        pre="llama-bpe",
+        template=LLAMA3_TEMPLATE,
+        post_bos="<|begin_of_text|>",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        tok={"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+        ids={"bos": "<|begin_of_text|>", "eos": ["<|end_of_text|>", "<|eot_id|>"]},
+        gguf_arch="llama",
+        family="llama3",
+        system=None,
+        stops=["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"],
+    ),
 }
-CASES["deepseek-r1-jan-qwen"] = {**CASES["deepseek-r1-qwen"], "template": DEEPSEEK_R1_JAN_TEMPLATE,
-                                 "family": "deepseek-r1-jan"}
+CASES["deepseek-r1-jan-qwen"] = {
+    **CASES["deepseek-r1-qwen"],
+    "template": DEEPSEEK_R1_JAN_TEMPLATE,
+    "family": "deepseek-r1-jan",
+}
 
 # ---- the architecture table: one entry per class in medtune.archs -----------------------------------------
 # An entry gets export, GGUF import round trip, config normalisation and llama.cpp-load tests
@@ -188,8 +255,14 @@ CASES["deepseek-r1-jan-qwen"] = {**CASES["deepseek-r1-qwen"], "template": DEEPSE
 # imports_as: the architecture a GGUF of it comes back as (default: itself).
 ARCHS = {
     "LlamaForCausalLM": dict(case="llama3", model_type="llama", gguf_arch="llama"),
-    "MistralForCausalLM": dict(case="llama3", model="Mistral", rope_scaling=None, model_type="mistral",
-                               gguf_arch="llama", imports_as="LlamaForCausalLM"),
+    "MistralForCausalLM": dict(
+        case="llama3",
+        model="Mistral",
+        rope_scaling=None,
+        model_type="mistral",
+        gguf_arch="llama",
+        imports_as="LlamaForCausalLM",
+    ),
     "Qwen2ForCausalLM": dict(case="qwen2.5", model_type="qwen2", gguf_arch="qwen2"),
     "Qwen3ForCausalLM": dict(case="qwen3", model_type="qwen3", gguf_arch="qwen3"),
 }
@@ -201,18 +274,32 @@ def arch_case(hf_arch: str) -> dict:
     overrides = {k: v for k, v in entry.items() if k in ("model", "rope_scaling", "tied", "head_dim")}
     return {**CASES[entry["case"]], **overrides}
 
+
 CHATS = [
     [{"role": "user", "content": "What is a normal resting heart rate for adults?"}],
-    [{"role": "system", "content": "You are a careful clinician. Answer briefly."},
-     {"role": "user", "content": "BP 150/95 mmHg on 3 visits, eGFR 58. Next step?"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "发烧39度怎么办？请给三条建议。"}],
-    [{"role": "user", "content": "Is 38.5 C a fever?"},
-     {"role": "assistant", "content": "<think>\nAdults: fever from 38.0 C.\n</think>\n\nYes, a mild one."},
-     {"role": "user", "content": "Dose of ibuprofen 400mg x3/day, max 1200 mg? Reply in <tool_call> tags."}],
+    [
+        {"role": "system", "content": "You are a careful clinician. Answer briefly."},
+        {"role": "user", "content": "BP 150/95 mmHg on 3 visits, eGFR 58. Next step?"},
+    ],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "发烧39度怎么办？请给三条建议。"},
+    ],
+    [
+        {"role": "user", "content": "Is 38.5 C a fever?"},
+        {"role": "assistant", "content": "<think>\nAdults: fever from 38.0 C.\n</think>\n\nYes, a mild one."},
+        {"role": "user", "content": "Dose of ibuprofen 400mg x3/day, max 1200 mg? Reply in <tool_call> tags."},
+    ],
 ]
-TEXTS = ["12345 + 678 = 13023", "  two  spaces\tand tab\n\nnew lines", "糖尿病患者的饮食建议：少糖、多纤维。",
-         "café 🩺 HbA1c 7.2%", "<think>\nreasoning\n</think>\n\nanswer<|im_end|>", "I'm sure it's 2.5mg/kg."]
+TEXTS = [
+    "12345 + 678 = 13023",
+    "  two  spaces\tand tab\n\nnew lines",
+    "糖尿病患者的饮食建议：少糖、多纤维。",
+    "café 🩺 HbA1c 7.2%",
+    "<think>\nreasoning\n</think>\n\nanswer<|im_end|>",
+    "I'm sure it's 2.5mg/kg.",
+]
 
 
 # ---- building the models ---------------------------------------------------------------------------------
@@ -225,18 +312,34 @@ def write_tokenizer(out: Path, smollm2_dir: Path, case: dict) -> int:
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
     for i, (text, special) in enumerate(case["added"]):
         ids[text] = n + i
-        tok["added_tokens"].append({"id": n + i, "content": text, "single_word": False, "lstrip": False,
-                                    "rstrip": False, "normalized": False, "special": special})
+        tok["added_tokens"].append(
+            {
+                "id": n + i,
+                "content": text,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": special,
+            }
+        )
     bos = case.get("post_bos")
     if bos:  # Llama 3 / DeepSeek: the post-processor puts BOS in front of every encoding
         single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
-        tok["post_processor"] = {"type": "TemplateProcessing", "single": single,
-                                 "pair": single + [{"SpecialToken": {"id": bos, "type_id": 1}},
-                                                   {"Sequence": {"id": "B", "type_id": 1}}],
-                                 "special_tokens": {bos: {"id": bos, "ids": [ids[bos]], "tokens": [bos]}}}
+        tok["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": single,
+            "pair": single + [{"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [ids[bos]], "tokens": [bos]}},
+        }
     (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
-    tcfg = {**case["tok"], "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 4096,
-            "chat_template": case["template"]}
+    tcfg = {
+        **case["tok"],
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096,
+        "chat_template": case["template"],
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(tcfg, ensure_ascii=False), encoding="utf-8")
     gen = {"bos_token_id": ids[case["ids"]["bos"]], "eos_token_id": [ids[e] for e in case["ids"]["eos"]]}
     (out / "generation_config.json").write_text(json.dumps(gen))
@@ -252,12 +355,22 @@ def make_model(out: Path, smollm2_dir: Path, case: dict, seed: int = 0) -> Path:
     out.mkdir(parents=True)
     n_tokens = write_tokenizer(out, smollm2_dir, case)
     gen = json.loads((out / "generation_config.json").read_text())
-    tokenizer_files = {f: (out / f).read_bytes() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                           "generation_config.json")}
-    cfg = dict(vocab_size=-(-n_tokens // 64) * 64,  # padded, as Qwen pads: rows with no token
-               hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
-               tie_word_embeddings=case["tied"], bos_token_id=gen["bos_token_id"], eos_token_id=gen["eos_token_id"][0])
+    tokenizer_files = {
+        f: (out / f).read_bytes() for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+    }
+    cfg = dict(
+        vocab_size=-(-n_tokens // 64) * 64,  # padded, as Qwen pads: rows with no token
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=case["tied"],
+        bos_token_id=gen["bos_token_id"],
+        eos_token_id=gen["eos_token_id"][0],
+    )
     rope = {"rope_type": "default", "rope_theta": 500000.0 if case["model"] == "Llama" else 1000000.0}
     if case.get("rope_scaling"):
         rope = {**rope, **case["rope_scaling"]}

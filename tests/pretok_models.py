@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from medtune.export import pretok
+
 # What a split can get wrong: digit runs (1, 1-3 or unbounded digits per piece), runs of spaces before a word
 # or at the end, tabs, newlines (\n, \r\n, several), CJK, emoji (multi-codepoint ZWJ sequences and flags),
 # English contractions in either case (Llama 3 and Qwen2 match them case-insensitively, GPT-2 does not),

@@ -10,13 +10,34 @@ from conftest import ROOT
 
 
 def test_bench_report_pairs_each_figure_with_its_peer(tmp_path):
-    (tmp_path / "prepare.json").write_text(json.dumps({
-        "records": 100, "plain_s": 2.0, "prepare_no_stats_s": 3.0, "bare_tokenize_s": 10.0, "prepare_stats_s": 12.0}))
-    (tmp_path / "train.json").write_text(json.dumps({"runs": {
-        "a": {"label": "mlx_lm.lora", "tokens_per_second": 5.0}, "b": {"label": "medtune", "tokens_per_second": 6.0},
-        "c": {"label": "medtune+openblas", "tokens_per_second": 40.0}}}))
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_report.py"), "--dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=60)
+    (tmp_path / "prepare.json").write_text(
+        json.dumps(
+            {
+                "records": 100,
+                "plain_s": 2.0,
+                "prepare_no_stats_s": 3.0,
+                "bare_tokenize_s": 10.0,
+                "prepare_stats_s": 12.0,
+            }
+        )
+    )
+    (tmp_path / "train.json").write_text(
+        json.dumps(
+            {
+                "runs": {
+                    "a": {"label": "mlx_lm.lora", "tokens_per_second": 5.0},
+                    "b": {"label": "medtune", "tokens_per_second": 6.0},
+                    "c": {"label": "medtune+openblas", "tokens_per_second": 40.0},
+                }
+            }
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_report.py"), "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     got = {(f["bench"], f["what"].split(",")[0].split(":")[0]): f["ratio"] for f in res["figures"]}
@@ -26,4 +47,6 @@ def test_bench_report_pairs_each_figure_with_its_peer(tmp_path):
     assert len(res["figures"]) == 4  # no (c, d) pair without d
     assert res["missing"] == ["export.json (FileNotFoundError)"]
     md = (tmp_path / "results.md").read_text()
-    assert "| train | medtune+openblas: tokens/s | 40.00 tok/s | mlx_lm.lora | 5.00 tok/s | 8.00× (higher is better)" in md
+    assert (
+        "| train | medtune+openblas: tokens/s | 40.00 tok/s | mlx_lm.lora | 5.00 tok/s | 8.00× (higher is better)" in md
+    )

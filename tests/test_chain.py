@@ -7,17 +7,25 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SAMPLE, run_cli
 from medtune.data.prepare import prepare
 from medtune.fuse import fuse
 from medtune.train import TrainOptions, train
 
+from conftest import SAMPLE, run_cli
+
 CHATS = [
-    [{"role": "user", "content": "A 67-year-old woman has sudden weakness of the right arm and slurred speech "
-                                 "that started 40 minutes ago. What should be done first?"}],
+    [
+        {
+            "role": "user",
+            "content": "A 67-year-old woman has sudden weakness of the right arm and slurred speech "
+            "that started 40 minutes ago. What should be done first?",
+        }
+    ],
     [{"role": "user", "content": "患者，男，45岁，饮酒后上腹部剧痛，向背部放射，血淀粉酶升高。最可能的诊断是什么？"}],
-    [{"role": "system", "content": "You are a careful clinical assistant."},
-     {"role": "user", "content": "List 3 causes of hyperkalaemia with K+ 6.8 mmol/L."}],
+    [
+        {"role": "system", "content": "You are a careful clinical assistant."},
+        {"role": "user", "content": "List 3 causes of hyperkalaemia with K+ 6.8 mmol/L."},
+    ],
     [{"role": "user", "content": "What is the antidote for paracetamol overdose?"}],
 ]
 N_TOKENS = 32
@@ -27,8 +35,12 @@ N_TOKENS = 32
 def chain(tmp_path_factory, smollm2_dir):
     root = tmp_path_factory.mktemp("chain")
     prepare(SAMPLE, str(smollm2_dir), root / "data", max_seq_length=384, limit=16)
-    res = train(str(smollm2_dir), root / "data", root / "adapter",
-                TrainOptions(iters=2, batch_size=2, num_layers=4, lr=2e-4, eval_every=2, seed=0))
+    res = train(
+        str(smollm2_dir),
+        root / "data",
+        root / "adapter",
+        TrainOptions(iters=2, batch_size=2, num_layers=4, lr=2e-4, eval_every=2, seed=0),
+    )
     fuse(str(smollm2_dir), root / "adapter", root / "fused")
     return {"root": root, "fused": root / "fused", "adapter": root / "adapter", "train": res}
 
@@ -54,8 +66,20 @@ def test_fused_model_equals_base_plus_adapter(chain, smollm2_dir):
 def exported(chain):
     out = chain["root"] / "export"
     modelfile = chain["root"] / "Modelfiles" / "chain.Modelfile"
-    res = run_cli("export", chain["fused"], "--out", out, "--name", "chain", "--quant", "f16", "--quant", "f32",
-                  "--modelfile", modelfile)
+    res = run_cli(
+        "export",
+        chain["fused"],
+        "--out",
+        out,
+        "--name",
+        "chain",
+        "--quant",
+        "f16",
+        "--quant",
+        "f32",
+        "--modelfile",
+        modelfile,
+    )
     assert res.returncode == 0, res.stderr
     f16, f32 = out / "chain-f16.gguf", out / "chain-f32.gguf"
     assert f16.is_file() and f32.is_file() and modelfile.is_file()
@@ -115,8 +139,9 @@ def test_gguf_tokenizes_like_hf_and_continues_like_mlx(chain, exported, quant, t
     # F32: an F32 KV cache too, so the comparison is of the file (llama.cpp's default F16 cache alone
     # moves logits by ~1e-2); F16 keeps the default cache, as Ollama runs it.
     cache = {"type_k": 0, "type_v": 0} if quant == "f32" else {}
-    llm = llama_cpp.Llama(model_path=str(exported[quant]), n_ctx=1024, n_threads=2, verbose=False, seed=0,
-                          logits_all=True, **cache)
+    llm = llama_cpp.Llama(
+        model_path=str(exported[quant]), n_ctx=1024, n_threads=2, verbose=False, seed=0, logits_all=True, **cache
+    )
     model, _ = load(str(chain["fused"]))
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     assert llm.token_eos() == eos

@@ -45,8 +45,15 @@ def _registered() -> bool:
 def medtune(*args, input: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     """`python -m medtune ARGS` with stdin from `input` (piped, no TTY)."""
     head = ["-m", "medtune"] if _registered() else ["-c", HARNESS]
-    return subprocess.run([sys.executable, *head, *map(str, args)], input=input, capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *head, *map(str, args)],
+        input=input,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +63,21 @@ def tiny(tiny_llama_dir):
 
 # --- split_reasoning -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    ("<think>\nweigh anemia vs. thyroid\n</think>\n\nCheck ferritin.", ("weigh anemia vs. thyroid", "Check ferritin.")),
-    ("  Check ferritin.  ", ("", "Check ferritin.")),
-    ("<think>still thinking about the dose", ("still thinking about the dose", "")),  # unterminated
-    ("<think></think>Answer.", ("", "Answer.")),
-    ("Before <think>r</think> after", ("r", "Before  after")),
-    ("", ("", "")),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "<think>\nweigh anemia vs. thyroid\n</think>\n\nCheck ferritin.",
+            ("weigh anemia vs. thyroid", "Check ferritin."),
+        ),
+        ("  Check ferritin.  ", ("", "Check ferritin.")),
+        ("<think>still thinking about the dose", ("still thinking about the dose", "")),  # unterminated
+        ("<think></think>Answer.", ("", "Answer.")),
+        ("Before <think>r</think> after", ("r", "Before  after")),
+        ("", ("", "")),
+    ],
+)
 def test_split_reasoning(text, expected):
     assert split_reasoning(text) == expected
 
@@ -88,6 +102,7 @@ def test_streamed_split_matches_whole_text_even_with_markers_cut_across_segments
 
 # --- generate (library) --------------------------------------------------------------------------
 
+
 def test_generate_stops_at_max_tokens_on_tiny_model(tiny):
     model, tok = tiny
     seen = []
@@ -105,6 +120,7 @@ def _greedy_with_penalty(model, tok, msgs, n, penalty, last_n):
     """Reference decoding, written out: full forward each step, the llama.cpp penalty over the last
     `last_n` tokens of prompt + answer, argmax."""
     from medtune.core import runtime
+
     mx = runtime.mx()
     import numpy as np
 
@@ -155,6 +171,7 @@ def test_generate_answers_a_medical_question_with_smollm2(smollm2_dir):
 def test_generate_many_with_an_adapter_applies_it(tiny_llama_dir, tmp_path):
     """A fresh LoRA adapter (lora_b = 0) changes nothing; the same adapter with weights does."""
     from medtune.core import runtime
+
     mx = runtime.mx()
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -165,8 +182,9 @@ def test_generate_many_with_an_adapter_applies_it(tiny_llama_dir, tmp_path):
     linear_to_lora_layers(model, 2, lora)
     weights = dict(tree_flatten(model.trainable_parameters()))
     (tmp_path / "zero").mkdir()
-    (tmp_path / "zero" / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}))
+    (tmp_path / "zero" / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora})
+    )
     mx.save_safetensors(str(tmp_path / "zero" / "adapters.safetensors"), weights)
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "adapter_config.json").write_text((tmp_path / "zero" / "adapter_config.json").read_text())
@@ -187,8 +205,11 @@ def test_bad_adapter_is_bad_input(tiny_llama_dir, tmp_path):
         load(str(tiny_llama_dir), tmp_path / "nope")
     with pytest.raises(BadInput, match="adapters.safetensors"):
         load(str(tiny_llama_dir), tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2,
-                                                              "lora_parameters": {"rank": 4, "scale": 1.0, "dropout": 0.0}}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps(
+            {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 1.0, "dropout": 0.0}}
+        )
+    )
     (tmp_path / "adapters.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(BadInput, match="cannot apply the adapter"):
         load(str(tiny_llama_dir), tmp_path)
@@ -197,6 +218,7 @@ def test_bad_adapter_is_bad_input(tiny_llama_dir, tmp_path):
 
 
 # --- chat (library) ------------------------------------------------------------------------------
+
 
 def test_chat_loop_keeps_history_and_clear_keeps_the_system_prompt(tiny):
     from rich.console import Console
@@ -213,8 +235,16 @@ def test_chat_loop_keeps_history_and_clear_keeps_the_system_prompt(tiny):
             raise EOFError from None
 
     buf = io.StringIO()
-    history = chat_loop(model, tok, system="You are a nurse.", temp=0.0, top_p=1.0, max_tokens=4,
-                        input_fn=input_fn, console=Console(file=buf, width=200))
+    history = chat_loop(
+        model,
+        tok,
+        system="You are a nurse.",
+        temp=0.0,
+        top_p=1.0,
+        max_tokens=4,
+        input_fn=input_fn,
+        console=Console(file=buf, width=200),
+    )
     roles = [m["role"] for m in history]
     assert roles == ["system", "user", "assistant"]  # /clear dropped the first two turns, kept the system
     assert history[0]["content"] == "You are a nurse." and history[1]["content"] == "Third?"
@@ -244,9 +274,12 @@ def test_chat_printer_shows_reasoning_dim_or_hides_it(hide):
 
 # --- the commands --------------------------------------------------------------------------------
 
+
 def test_cli_generate_json(tiny_llama_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "What is a fever?"}) + "\n\n" + json.dumps({"prompt": "And a cough?"}) + "\n")
+    prompts.write_text(
+        json.dumps({"prompt": "What is a fever?"}) + "\n\n" + json.dumps({"prompt": "And a cough?"}) + "\n"
+    )
     res = medtune("generate", tiny_llama_dir, "--prompt", "Hi", "--prompts", prompts, "--max-tokens", "5", "--json")
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
@@ -262,8 +295,17 @@ def test_cli_generate_without_prompt_is_bad_input(tiny_llama_dir):
 
 
 def test_cli_chat_from_a_pipe(tiny_llama_dir):
-    res = medtune("chat", tiny_llama_dir, "--temp", "0", "--max-tokens", "6", "--system", "Be brief.",
-                  input="What is anemia?\n/clear\nWhat is a fever?\n/exit\nnever read\n")
+    res = medtune(
+        "chat",
+        tiny_llama_dir,
+        "--temp",
+        "0",
+        "--max-tokens",
+        "6",
+        "--system",
+        "Be brief.",
+        input="What is anemia?\n/clear\nWhat is a fever?\n/exit\nnever read\n",
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("tokens/s") == 2  # two answers, each followed by its speed
     assert "conversation cleared" in res.stdout

@@ -16,8 +16,10 @@ def test_help_lists_every_command():
 
 def test_cli_import_stays_light():
     """`medtune --help` must stay fast: importing the CLI pulls in none of the heavy libraries."""
-    code = ("import sys, medtune.cli.app; heavy = ('mlx', 'mlx_lm', 'torch', 'transformers', 'llama_cpp', 'gguf', "
-            "'numpy', 'safetensors'); print([m for m in heavy if m in sys.modules])")
+    code = (
+        "import sys, medtune.cli.app; heavy = ('mlx', 'mlx_lm', 'torch', 'transformers', 'llama_cpp', 'gguf', "
+        "'numpy', 'safetensors'); print([m for m in heavy if m in sys.modules])"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
@@ -46,7 +48,7 @@ def test_readme_guarantees_name_real_tests():
     import re
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## What medtune guarantees"):readme.index("## Benchmarks")]
+    section = readme[readme.index("## What medtune guarantees") : readme.index("## Benchmarks")]
     named = re.findall(r"`(?:(test_\w+)\.py::)?(test_\w+)`", section)
     assert len(named) >= 25
     sources = {p.stem: p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py")}
@@ -59,14 +61,24 @@ def test_piped_output_is_not_wrapped_at_80_columns(tmp_path):
     """Off a terminal (a pipe, a log file) a long message comes out whole, one line each: rich's 80-column
     default must not cut a path or a sentence in two."""
     adapter = tmp_path / "a-rather-long-folder-name-for-the-adapter" / "that-goes-on-and-on" / "and-on" / "adapter"
-    res = run_cli("fuse", "--model", "builtin:smollm2-135m", "--adapter", adapter, "--out", tmp_path / "fused",
-                  env={"COLUMNS": "80"})
+    res = run_cli(
+        "fuse",
+        "--model",
+        "builtin:smollm2-135m",
+        "--adapter",
+        adapter,
+        "--out",
+        tmp_path / "fused",
+        env={"COLUMNS": "80"},
+    )
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(f"▶ fusing {adapter} into builtin:smollm2-135m") > 100
-    assert lines == [f"▶ fusing {adapter} into builtin:smollm2-135m",
-                     f"error: no adapter_config.json in {adapter}",
-                     "hint: pass the --out folder of `medtune train`"]
+    assert lines == [
+        f"▶ fusing {adapter} into builtin:smollm2-135m",
+        f"error: no adapter_config.json in {adapter}",
+        "hint: pass the --out folder of `medtune train`",
+    ]
 
 
 def test_piped_tables_keep_their_rows_whole():
@@ -75,8 +87,9 @@ def test_piped_tables_keep_their_rows_whole():
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    res = subprocess.run([sys.executable, "-m", "medtune", "doctor"], capture_output=True, text=True, env=env,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "medtune", "doctor"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     row = next(line for line in res.stderr.splitlines() if line.lstrip().startswith("llama-server"))
     assert "bin/llama-server" in row and "commit" in row and row.rstrip().endswith(")"), res.stderr

@@ -51,9 +51,11 @@ def test_think_state_on_constructed_blocks():
 def test_stop_rate_and_summary_count_a_missing_end_token():
     assert stop_rate(["stop", "length", "stop", "stop"]) == 0.75
     assert stop_rate([]) is None
-    answers = [{"tokens": 10, "finish_reason": "stop", "think": "ok", "repetition": 0.0},
-               {"tokens": 30, "finish_reason": "length", "think": "unclosed", "repetition": 0.5},
-               {"tokens": 20, "finish_reason": "stop", "think": "absent", "repetition": 0.1}]
+    answers = [
+        {"tokens": 10, "finish_reason": "stop", "think": "ok", "repetition": 0.0},
+        {"tokens": 30, "finish_reason": "length", "think": "unclosed", "repetition": 0.5},
+        {"tokens": 20, "finish_reason": "stop", "think": "absent", "repetition": 0.1},
+    ]
     s = summarise(answers)
     assert s["stop_rate"] == pytest.approx(2 / 3)
     assert s["mean_tokens"] == 20
@@ -79,9 +81,18 @@ def test_multiple_choice_parsing_and_scoring():
 
 def test_curves_and_svg(tmp_path):
     m = tmp_path / "metrics.jsonl"
-    m.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0, "val_loss": 3.0}, {"step": 1, "train_loss": 2.9},
-                                                        {"step": 2, "train_loss": 2.5, "x": 1}, {"step": 2, "val_loss": 2.6}])
-                 + "{cut")
+    m.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"step": 0, "val_loss": 3.0},
+                {"step": 1, "train_loss": 2.9},
+                {"step": 2, "train_loss": 2.5, "x": 1},
+                {"step": 2, "val_loss": 2.6},
+            ]
+        )
+        + "{cut"
+    )
     c = read_curves(m)
     assert c["train"] == [[1, 2.9], [2, 2.5]] and c["val"] == [[0, 3.0], [2, 2.6]]
     svg = svg_curves(c)
@@ -97,28 +108,68 @@ def evalset(tmp_path_factory, tiny_llama_dir, smollm2_dir):
 
     root = tmp_path_factory.mktemp("eval")
     tuned = make_tiny_llama(root / "tuned", smollm2_dir, seed=1)
-    prepare(SAMPLE, str(tiny_llama_dir), root / "data", max_seq_length=1024, limit=12, valid_ratio=0.25,
-            token_stats=False)
+    prepare(
+        SAMPLE, str(tiny_llama_dir), root / "data", max_seq_length=1024, limit=12, valid_ratio=0.25, token_stats=False
+    )
     res = export(tuned, root / "gguf", "tuned", quants=("f32",), modelfile_path=root / "tuned.Modelfile")
     probes = root / "probes.jsonl"
-    probes.write_text('{"id": "p1", "prompt": "What is the antidote for paracetamol overdose?"}\n'
-                      '{"id": "p2", "prompt": "急性胰腺炎的初始治疗是什么？"}\n', encoding="utf-8")
+    probes.write_text(
+        '{"id": "p1", "prompt": "What is the antidote for paracetamol overdose?"}\n'
+        '{"id": "p2", "prompt": "急性胰腺炎的初始治疗是什么？"}\n',
+        encoding="utf-8",
+    )
     choices = root / "mc.jsonl"
-    choices.write_text(json.dumps({"question": "Antidote for paracetamol?", "options": {"A": "Naloxone", "B": "NAC"},
-                                   "answer": "B"}) + "\n", encoding="utf-8")
+    choices.write_text(
+        json.dumps({"question": "Antidote for paracetamol?", "options": {"A": "Naloxone", "B": "NAC"}, "answer": "B"})
+        + "\n",
+        encoding="utf-8",
+    )
     metrics = root / "metrics.jsonl"
-    metrics.write_text('{"step": 0, "val_loss": 10.9}\n{"step": 1, "train_loss": 10.8}\n{"step": 2, "train_loss": 10.1}\n'
-                       '{"step": 2, "val_loss": 10.3}\n', encoding="utf-8")
-    return {"root": root, "tuned": tuned, "base": tiny_llama_dir, "data": root / "data", "gguf": res.gguf_paths["f32"],
-            "probes": probes, "choices": choices, "metrics": metrics}
+    metrics.write_text(
+        '{"step": 0, "val_loss": 10.9}\n{"step": 1, "train_loss": 10.8}\n{"step": 2, "train_loss": 10.1}\n'
+        '{"step": 2, "val_loss": 10.3}\n',
+        encoding="utf-8",
+    )
+    return {
+        "root": root,
+        "tuned": tuned,
+        "base": tiny_llama_dir,
+        "data": root / "data",
+        "gguf": res.gguf_paths["f32"],
+        "probes": probes,
+        "choices": choices,
+        "metrics": metrics,
+    }
 
 
 @pytest.fixture(scope="module")
 def report(evalset):
     out = evalset["root"] / "report"
-    r = run_cli("eval", evalset["tuned"], "--data", evalset["data"], "--base", evalset["base"], "--gguf", evalset["gguf"],
-                "--out", out, "--probes", evalset["probes"], "--choices", evalset["choices"], "--metrics", evalset["metrics"],
-                "--max-tokens", 6, "--limit", 1, "--threads", 1, "--gguf-loss")
+    r = run_cli(
+        "eval",
+        evalset["tuned"],
+        "--data",
+        evalset["data"],
+        "--base",
+        evalset["base"],
+        "--gguf",
+        evalset["gguf"],
+        "--out",
+        out,
+        "--probes",
+        evalset["probes"],
+        "--choices",
+        evalset["choices"],
+        "--metrics",
+        evalset["metrics"],
+        "--max-tokens",
+        6,
+        "--limit",
+        1,
+        "--threads",
+        1,
+        "--gguf-loss",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("report.html")
     return {"out": out, "json": json.loads((out / "report.json").read_text(encoding="utf-8"))}
@@ -167,8 +218,11 @@ def test_gguf_answers_like_mlx_with_the_same_penalty_rule(evalset):
             msgs = [{"role": "user", "content": prompt}]
             want, got = mlx.answer(msgs, 20), gguf.answer(msgs, 20)
             assert want["tokens"] == 20 and want["text"]
-            assert (got["text"], got["tokens"], got["finish_reason"]) == (want["text"], want["tokens"],
-                                                                          want["finish_reason"])
+            assert (got["text"], got["tokens"], got["finish_reason"]) == (
+                want["text"],
+                want["tokens"],
+                want["finish_reason"],
+            )
     finally:
         gguf.close()
 
@@ -186,8 +240,12 @@ def test_report_html_renders_in_headless_chromium(report):
     if browser is None:
         pytest.skip("no Chromium/Chrome on PATH (apt-get install chromium)")
     html = report["out"] / "report.html"
-    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", html.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", html.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     dom = proc.stdout
     assert proc.returncode == 0 and "<table" in dom, proc.stderr[-2000:]
     assert 'id="metrics"' in dom and 'id="answers"' in dom and "<svg" in dom

@@ -58,8 +58,17 @@ def _llama(path):
 
     # F32 KV cache: the comparison is of the file, not of llama.cpp's cache precision. One thread: on a
     # shared 2-core machine llama.cpp's threads wait on each other far longer than these tiny models compute.
-    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False,
-                           logits_all=True, type_k=0, type_v=0, seed=0)
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=512,
+        n_threads=1,
+        n_threads_batch=1,
+        verbose=False,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        seed=0,
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,7 +131,7 @@ def test_family_and_modelfile(built, name):
     assert result.family == case["family"] == detect_family(got["dir"]).family.name
     cmds = parse_modelfile(result.modelfile_text)
     stops = [v for k, v in cmds if k == "stop"]
-    assert stops[:len(case["stops"])] == case["stops"] and stops == result.stops
+    assert stops[: len(case["stops"])] == case["stops"] and stops == result.stops
     assert [v for k, v in cmds if k == "template"] == [FAMILIES[case["family"]].template]  # BOS left to add_bos
     assert [v for k, v in cmds if k == "system"] == ([case["system"]] if case["system"] else [])
     (from_,) = [v for k, v in cmds if k == "model"]  # resolved as Ollama does: from the Modelfile's folder
@@ -209,8 +218,9 @@ def test_greedy_continuation_equals_mlx_and_logits_equal_transformers(built, nam
     f16 = _llama(got["result"].gguf_paths["f16"])
     agreeing = 0
     for conv in CHATS:
-        ids = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True),
-                  add_special_tokens=False)["input_ids"]
+        ids = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
         ours = _mlx_greedy(mlx_model, ids, N_TOKENS)
         assert len(ours) == N_TOKENS and len(set(ours)) > 3  # a continuation, not one token repeated
         theirs = _llama_greedy(f16, ids, N_TOKENS)
@@ -231,8 +241,9 @@ def test_greedy_continuation_equals_mlx_and_logits_equal_transformers(built, nam
 
     hf = AutoModelForCausalLM.from_pretrained(str(got["dir"]), dtype=torch.float32).eval()
     f32 = _llama(got["result"].gguf_paths["f32"])
-    ids = tok(tok.apply_chat_template(CHATS[2], tokenize=False, add_generation_prompt=True),
-              add_special_tokens=False)["input_ids"]
+    ids = tok(tok.apply_chat_template(CHATS[2], tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+        "input_ids"
+    ]
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0].numpy()
     f32.eval(ids)
@@ -263,8 +274,11 @@ def test_reasoning_in_history_renders_like_hf(built):
     conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nA"}]
     hf = tok.apply_chat_template(conv, tokenize=False)
     template = FAMILIES["qwen3"].template
-    assert ollama_prompt(template, ollama_view(conv, template)) == hf == FAMILIES["qwen3"].render(
-        conv, add_generation_prompt=False)
+    assert (
+        ollama_prompt(template, ollama_view(conv, template))
+        == hf
+        == FAMILIES["qwen3"].render(conv, add_generation_prompt=False)
+    )
 
 
 def test_templates_name_thinking_between_think_tags():
@@ -277,7 +291,7 @@ def test_templates_name_thinking_between_think_tags():
         block_start = template.rindex("}}", 0, last - 1) + 2
         block_end = template.index("{{", last + len("{{ .Thinking }}"))
         assert template[block_start:last].strip() == "<think>"
-        assert template[last + len("{{ .Thinking }}"):block_end].strip() == "</think>"
+        assert template[last + len("{{ .Thinking }}") : block_end].strip() == "</think>"
     for name in ("chatml", "generic", "llama3"):
         assert ".Thinking" not in FAMILIES[name].template
 
@@ -295,16 +309,22 @@ def test_bos_goes_into_the_template_when_the_runtime_adds_none(built, tmp_path):
     assert info["family"] == "llama3" and info["template"] == "<|begin_of_text|>" + FAMILIES["llama3"].template
     tok = _hf_tok(got["dir"])
     assert ollama_prompt(info["template"], CHATS[1]) == tok.apply_chat_template(
-        CHATS[1], tokenize=False, add_generation_prompt=True)
-
-
+        CHATS[1], tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_real_go_template_agrees(built, go_ollama_render):
     """Where a Go toolchain exists, run the new families' TEMPLATEs on Go's text/template itself."""
-    convs = [*CHATS, [{"role": "system", "content": "S1"}, {"role": "user", "content": "a"},
-                      {"role": "system", "content": "S2"}, {"role": "user", "content": "b"}],
-             [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nA"}]]
+    convs = [
+        *CHATS,
+        [
+            {"role": "system", "content": "S1"},
+            {"role": "user", "content": "a"},
+            {"role": "system", "content": "S2"},
+            {"role": "user", "content": "b"},
+        ],
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nA"}],
+    ]
     cases, ours, hf = [], [], []
     for name in ("qwen3", "deepseek-r1-qwen", "deepseek-r1-jan-qwen", "llama3"):
         got = built(name)
@@ -319,8 +339,13 @@ def test_real_go_template_agrees(built, go_ollama_render):
                 prefill = conv[-1]["role"] == "assistant"
                 if think is None and not (prefill and family.name.startswith("deepseek-r1")):
                     # (a DeepSeek reply continued in Ollama keeps its parsed reasoning; HF drops it)
-                    hf.append((len(ours) - 1, tok.apply_chat_template(conv, tokenize=False,
-                                                                      add_generation_prompt=not prefill), bos))
+                    hf.append(
+                        (
+                            len(ours) - 1,
+                            tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=not prefill),
+                            bos,
+                        )
+                    )
     got = go_ollama_render(cases)
     assert got == ours
     for i, want, bos in hf:
@@ -332,10 +357,22 @@ def _tiny_config_dir(tmp_path, arch: str, **cfg) -> Path:
     """A config-only model folder: refusals based on config.json come before any weight or tokenizer."""
     d = tmp_path / arch
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": [arch], "hidden_size": 64, "num_hidden_layers": 2,
-                                               "num_attention_heads": 4, "num_key_value_heads": 2,
-                                               "intermediate_size": 128, "max_position_embeddings": 1024,
-                                               "rms_norm_eps": 1e-6, "rope_theta": 1e6, **cfg}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": [arch],
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "intermediate_size": 128,
+                "max_position_embeddings": 1024,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 1e6,
+                **cfg,
+            }
+        )
+    )
     return d
 
 
@@ -356,15 +393,21 @@ def test_unsupported_architecture_fails_before_writing(tmp_path, built, monkeypa
     assert not out.exists() or not any(out.iterdir())
 
 
-@pytest.mark.parametrize("arch, cfg, words", [
-    ("Qwen2ForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ["llama3", "linear, yarn"]),
-    ("Qwen3ForCausalLM", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7,
-                                            "mscale_all_dim": 0.7}}, ["mscale"]),
-    ("Qwen3ForCausalLM", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 16}}, ["beta_fast"]),
-    ("Qwen2ForCausalLM", {"rope_scaling": {"type": "linear"}}, ["factor"]),
-    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 256}, ["use_sliding_window"]),
-    ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, ["longrope"]),
-])
+@pytest.mark.parametrize(
+    "arch, cfg, words",
+    [
+        ("Qwen2ForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ["llama3", "linear, yarn"]),
+        (
+            "Qwen3ForCausalLM",
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7, "mscale_all_dim": 0.7}},
+            ["mscale"],
+        ),
+        ("Qwen3ForCausalLM", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 16}}, ["beta_fast"]),
+        ("Qwen2ForCausalLM", {"rope_scaling": {"type": "linear"}}, ["factor"]),
+        ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 256}, ["use_sliding_window"]),
+        ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, ["longrope"]),
+    ],
+)
 def test_config_refusals(tmp_path, arch, cfg, words):
     with pytest.raises(BadInput) as err:
         plan_gguf(_tiny_config_dir(tmp_path, arch, **cfg))
@@ -391,19 +434,33 @@ def test_qwen3_output_projection_bias_refused(tmp_path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, attention_bias=True)
+    cfg = Qwen3Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attention_bias=True,
+    )
     Qwen3ForCausalLM(cfg).save_pretrained(str(tmp_path / "m"))
     with pytest.raises(BadInput, match=r"no GGUF counterpart.*o_proj\.bias"):
         plan_gguf(tmp_path / "m")
 
 
 # ---- rope scaling: llama.cpp computes what transformers computes ---------------------------------------
-@pytest.mark.parametrize("base, scaling", [
-    ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}),
-    ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "attention_factor": 1.3}),
-    ("qwen2.5", {"rope_type": "linear", "factor": 2.0}),
-])
+@pytest.mark.parametrize(
+    "base, scaling",
+    [
+        ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}),
+        (
+            "qwen3",
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "attention_factor": 1.3},
+        ),
+        ("qwen2.5", {"rope_type": "linear", "factor": 2.0}),
+    ],
+)
 def test_rope_scaling_logits_match_transformers(built, tmp_path, base, scaling):
     pytest.importorskip("llama_cpp")
     import torch
@@ -448,8 +505,13 @@ def arch_built(tmp_path_factory, smollm2_dir):
             gguf_path = root / hf_arch / "m-f32.gguf"
             summary = write_gguf(model_dir, gguf_path, "f32")
             imported = import_gguf(gguf_path, root / hf_arch / "imported")
-            cache[hf_arch] = {"case": case, "dir": model_dir, "gguf": gguf_path, "summary": summary,
-                              "imported": imported}
+            cache[hf_arch] = {
+                "case": case,
+                "dir": model_dir,
+                "gguf": gguf_path,
+                "summary": summary,
+                "imported": imported,
+            }
         return cache[hf_arch]
 
     return get
@@ -512,8 +574,16 @@ def test_arch_gguf_import_gives_back_the_same_model(arch_built, hf_arch):
     cfg = json.loads((got["imported"] / "config.json").read_text())
     orig = json.loads((got["dir"] / "config.json").read_text())
     assert cfg["architectures"] == [ARCHS[hf_arch].get("imports_as", hf_arch)]
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "max_position_embeddings", "rope_theta", "tie_word_embeddings"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "rope_theta",
+        "tie_word_embeddings",
+    ):
         assert cfg[key] == orig[key], key
     assert cfg["head_dim"] == (orig.get("head_dim") or orig["hidden_size"] // orig["num_attention_heads"])
 

@@ -49,13 +49,16 @@ print(json.dumps(out), flush=True)
 
 def greedy(path: Path, n: int = N_GREEDY) -> list[int]:
     pytest.importorskip("llama_cpp")
-    res = subprocess.run([sys.executable, "-c", _GREEDY, str(path), PROMPT, str(n)], capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _GREEDY, str(path), PROMPT, str(n)], capture_output=True, text=True, timeout=300
+    )
     if res.returncode == -signal.SIGILL:
         loaded = "loaded" in res.stdout.splitlines()
-        pytest.skip(f"llama-cpp-python's native library dies of SIGILL running {path.name} on this CPU "
-                    f"(a kernel built for instructions this CPU/kernel does not allow, e.g. AMX); the model "
-                    f"{'loaded' if loaded else 'did not even load'}")
+        pytest.skip(
+            f"llama-cpp-python's native library dies of SIGILL running {path.name} on this CPU "
+            f"(a kernel built for instructions this CPU/kernel does not allow, e.g. AMX); the model "
+            f"{'loaded' if loaded else 'did not even load'}"
+        )
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.splitlines()[-1])
 
@@ -79,8 +82,9 @@ def _tensor(path, name: str, shape) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model256(tmp_path_factory, smollm2_dir) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("q") / "llama256", Path(smollm2_dir), hidden=256, heads=4,
-                           kv_heads=2, seed=7)
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("q") / "llama256", Path(smollm2_dir), hidden=256, heads=4, kv_heads=2, seed=7
+    )
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +156,8 @@ def test_file_and_tensor_types(exported):
     # Nothing else in the folder: no temporary or intermediate files.
     out = exported.gguf_paths["f16"].parent
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["Modelfile", "export_manifest.json", *(p.name for p in exported.gguf_paths.values())])
+        ["Modelfile", "export_manifest.json", *(p.name for p in exported.gguf_paths.values())]
+    )
 
 
 def test_k_quant_types_and_values(exported, model256):
@@ -177,8 +182,10 @@ def test_q4_0_values(exported, model256):
     from safetensors.numpy import load_file
 
     hf = load_file(str(model256 / "model.safetensors"))
-    for name, hf_name in (("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight"),
-                          ("token_embd.weight", "model.embed_tokens.weight")):
+    for name, hf_name in (
+        ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight"),
+        ("token_embd.weight", "model.embed_tokens.weight"),
+    ):
         want = hf[hf_name]
         got, qtype = _tensor(exported.gguf_paths["q4_0"], name, want.shape)
         # Q4_0 blocks of 32: scale max/8, so errors up to max/16; Q8_0: max/254.
@@ -206,13 +213,30 @@ def test_files_load_and_generate(exported, quant):
 def test_cli_f16_and_k_quant_from_one_f16(model256, exported, tmp_path):
     _need_kquant(exported)
     out = tmp_path / "both"
-    res = run_cli("export", model256, "--out", out, "--name", "tinyq", "--quant", "f16,q4_k_m", "-q", "Q4_K_M",
-                  "--modelfile", out / "Modelfile", "--json")
+    res = run_cli(
+        "export",
+        model256,
+        "--out",
+        out,
+        "--name",
+        "tinyq",
+        "--quant",
+        "f16,q4_k_m",
+        "-q",
+        "Q4_K_M",
+        "--modelfile",
+        out / "Modelfile",
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout)
     assert list(result["gguf_paths"]) == ["f16", "q4_k_m"]
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export_manifest.json", "tinyq-f16.gguf",
-                                                     "tinyq-q4_k_m.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "Modelfile",
+        "export_manifest.json",
+        "tinyq-f16.gguf",
+        "tinyq-q4_k_m.gguf",
+    ]
     # The same files as the library run with the same name (repeated and mixed --quant values change nothing).
     assert (out / "tinyq-q4_k_m.gguf").read_bytes() == exported.gguf_paths["q4_k_m"].read_bytes()
     assert (out / "tinyq-f16.gguf").read_bytes() == exported.gguf_paths["f16"].read_bytes()
@@ -233,13 +257,28 @@ def test_missing_quantizer_is_one_clear_error(model256, tmp_path):
     if shutil.which("llama-quantize", path=path):
         pytest.skip("a llama-quantize is installed in a system folder")
     out = tmp_path / "out"
-    res = run_cli("export", model256, "--out", out, "--name", "x", "--quant", "f16,q4_k_m",  # no medtune build either
-                  env={API_ENV: "0", "PATH": path, "LLAMA_CPP_DIR": "", "MEDTUNE_CACHE": str(tmp_path / "cache")})
+    res = run_cli(
+        "export",
+        model256,
+        "--out",
+        out,
+        "--name",
+        "x",
+        "--quant",
+        "f16,q4_k_m",  # no medtune build either
+        env={API_ENV: "0", "PATH": path, "LLAMA_CPP_DIR": "", "MEDTUNE_CACHE": str(tmp_path / "cache")},
+    )
     assert res.returncode == 3, res.stderr
     err = " ".join(res.stderr.split())
     assert "q4_k_m needs llama.cpp's quantizer" in err
-    for needle in ("llama-cpp-python", "llama-quantize", "--llama-cpp", "LLAMA_CPP_DIR", "ollama create",
-                   "--quantize q4_K_M"):
+    for needle in (
+        "llama-cpp-python",
+        "llama-quantize",
+        "--llama-cpp",
+        "LLAMA_CPP_DIR",
+        "ollama create",
+        "--quantize q4_K_M",
+    ):
         assert needle in err, needle
     assert "Traceback" not in res.stderr
     assert not out.exists() or not any(out.iterdir())  # refused before anything was written, f16 included
@@ -250,8 +289,10 @@ def test_quantizer_failure_leaves_no_gguf(model256, tmp_path):
         pytest.skip("the stand-in quantizer is a POSIX shell script")
     fake = tmp_path / "llama.cpp" / "build" / "bin" / "llama-quantize"  # a quantizer that fails half-way
     fake.parent.mkdir(parents=True)
-    fake.write_text('#!/bin/sh\necho "[   1/  20]  token_embd.weight"\necho partial > "$2"\n'
-                    'echo "llama_model_quantize: failed to quantize: out of cheese" >&2\nexit 1\n')
+    fake.write_text(
+        '#!/bin/sh\necho "[   1/  20]  token_embd.weight"\necho partial > "$2"\n'
+        'echo "llama_model_quantize: failed to quantize: out of cheese" >&2\nexit 1\n'
+    )
     fake.chmod(0o755)
     out = tmp_path / "out"
     out.mkdir()
@@ -300,8 +341,9 @@ def test_inspect_agrees_with_gguf_reader(exported):
     path = exported.gguf_paths["q4_k_m" if "q4_k_m" in exported.gguf_paths else "q4_0"]
     ours = inspect_gguf(path)
     reader = gguf.GGUFReader(str(path))
-    assert [(t["name"], t["shape"], t["type"], t["bytes"]) for t in ours["tensors"]] == \
-        [(t.name, [int(d) for d in t.shape], t.tensor_type.name, int(t.n_bytes)) for t in reader.tensors]
+    assert [(t["name"], t["shape"], t["type"], t["bytes"]) for t in ours["tensors"]] == [
+        (t.name, [int(d) for d in t.shape], t.tensor_type.name, int(t.n_bytes)) for t in reader.tensors
+    ]
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
@@ -337,15 +379,25 @@ def test_llama_cpp_converter_fallback_generates_like_ours(model256, exported, ll
     # does not, so `auto` falls back to llama.cpp.
     model = _with_arch(model256, tmp_path / "legacy", "LLaMAForCausalLM")
     converter = "llama.cpp" if "LLaMAForCausalLM" in REGISTRY else "auto"
-    res = export(model, tmp_path / "out", "tinyq", quants="f16", modelfile_path=tmp_path / "out" / "Modelfile",
-                 llama_cpp_dir=llama_cpp_dir, converter=converter)
+    res = export(
+        model,
+        tmp_path / "out",
+        "tinyq",
+        quants="f16",
+        modelfile_path=tmp_path / "out" / "Modelfile",
+        llama_cpp_dir=llama_cpp_dir,
+        converter=converter,
+    )
     assert res.converter == "llama.cpp" and res.summaries[0]["converter"].startswith("llama.cpp")
     info = inspect_gguf(res.gguf_paths["f16"])
     assert info["architecture"] == "llama" and info["n_tensors"] == 20 and info["name"] == "tinyq"
     assert res.stops == exported.stops and res.family == exported.family
     assert greedy(res.gguf_paths["f16"]) == greedy(exported.gguf_paths["f16"])
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", "export_manifest.json",
-                                                                    "tinyq-f16.gguf"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "Modelfile",
+        "export_manifest.json",
+        "tinyq-f16.gguf",
+    ]
 
 
 def test_llama_cpp_converter_error_is_reported(model256, llama_cpp_dir, tmp_path):

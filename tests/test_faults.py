@@ -31,8 +31,15 @@ def rng():
 
 
 def start(*args, preexec=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "medtune", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=preexec)
+    return subprocess.Popen(
+        [sys.executable, "-m", "medtune", *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=preexec,
+    )
 
 
 def kill(proc: subprocess.Popen) -> bool:
@@ -50,8 +57,11 @@ def snapshot(path: Path) -> dict[str, str]:
         return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
     if not path.is_dir():
         return {}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    }
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -100,13 +110,16 @@ def _kill_and_rerun(root: Path, out: Path, commands: dict, snaps: dict, t_full: 
             time.sleep(rng.uniform(0.3, t_full))
             kill(proc)
         else:
-            assert kill_when(proc, lambda: any(n.startswith(f".{out.name}.tmp-") for n in os.listdir(root))), \
+            assert kill_when(proc, lambda: any(n.startswith(f".{out.name}.tmp-") for n in os.listdir(root))), (
                 "the command finished before its output was being written"
+            )
         now = snapshot(out)
         moved = [n for n in os.listdir(root) if n.startswith(f".{out.name}.old-")]
         # never a mix, never a partial file: the old folder, the new one, or (killed between the two renames of
         # the swap) the old one set aside, which the next run puts back
-        assert now in (snaps[have], snaps[todo]) or (now == {} and moved and snapshot(root / moved[0]) == snaps[have]), how
+        assert now in (snaps[have], snaps[todo]) or (
+            now == {} and moved and snapshot(root / moved[0]) == snaps[have]
+        ), how
         r = run_cli(*commands[todo])
         assert r.returncode == 0, r.stderr[-2000:]
         assert snapshot(out) == snaps[todo] and leftovers(root) == [], how
@@ -129,21 +142,58 @@ def test_prepare_killed_at_random_then_rerun(work, rng):
 @pytest.fixture(scope="module")
 def prepared(work):
     data = work["root"] / "data"
-    timed("prepare", SAMPLE, "--model", work["model"], "--out", data, "--limit", 16, "--valid-ratio", 0.25,
-          "--max-seq-length", 512, "--no-token-stats")
+    timed(
+        "prepare",
+        SAMPLE,
+        "--model",
+        work["model"],
+        "--out",
+        data,
+        "--limit",
+        16,
+        "--valid-ratio",
+        0.25,
+        "--max-seq-length",
+        512,
+        "--no-token-stats",
+    )
     return data
 
 
 def _train_cmd(work, prepared, out, seed=0):
-    return ("train", "--model", work["model"], "--data", prepared, "--out", out, "--iters", 10, "--batch-size", 2,
-            "--num-layers", 2, "--max-seq-length", 512, "--eval-every", 5, "--save-every", 2, "--seed", seed)
+    return (
+        "train",
+        "--model",
+        work["model"],
+        "--data",
+        prepared,
+        "--out",
+        out,
+        "--iters",
+        10,
+        "--batch-size",
+        2,
+        "--num-layers",
+        2,
+        "--max-seq-length",
+        512,
+        "--eval-every",
+        5,
+        "--save-every",
+        2,
+        "--seed",
+        seed,
+    )
 
 
 def _steps_logged(metrics: Path) -> int:
     if not metrics.is_file():
         return 0
-    steps = [json.loads(line).get("step", 0) for line in metrics.read_text(encoding="utf-8").splitlines()
-             if line.strip().startswith("{") and line.strip().endswith("}") and "train_loss" in line]
+    steps = [
+        json.loads(line).get("step", 0)
+        for line in metrics.read_text(encoding="utf-8").splitlines()
+        if line.strip().startswith("{") and line.strip().endswith("}") and "train_loss" in line
+    ]
     return max(steps, default=0)
 
 
@@ -161,7 +211,7 @@ def test_train_killed_at_random_resumes_losing_at_most_save_every(work, prepared
         proc = start(*_train_cmd(work, prepared, out))
         metrics = out / "metrics.jsonl"
         at = 1 + trial * 3 + rng.randrange(4)
-        started = kill_when(proc, lambda: _steps_logged(metrics) >= at)
+        started = kill_when(proc, lambda metrics=metrics, at=at: _steps_logged(metrics) >= at)
         reached = _steps_logged(metrics)
         marker = out / ".medtune-train.json"
         finished = json.loads(marker.read_text())["finished"]  # killed after the very end: nothing to resume
@@ -198,8 +248,27 @@ def test_unfinished_run_of_other_settings_is_not_resumed(work, prepared):
 @pytest.fixture(scope="module")
 def adapter(work, prepared):
     out = work["root"] / "adapter"
-    timed("train", "--model", work["model"], "--data", prepared, "--out", out, "--iters", 2, "--batch-size", 2,
-          "--num-layers", 2, "--max-seq-length", 512, "--eval-every", 2, "--save-every", 2)
+    timed(
+        "train",
+        "--model",
+        work["model"],
+        "--data",
+        prepared,
+        "--out",
+        out,
+        "--iters",
+        2,
+        "--batch-size",
+        2,
+        "--num-layers",
+        2,
+        "--max-seq-length",
+        512,
+        "--eval-every",
+        2,
+        "--save-every",
+        2,
+    )
     return out
 
 
@@ -241,8 +310,9 @@ def test_export_killed_at_random_then_rerun(work, fused, rng):
             kill(proc)
         now = snapshot(out)
         # same command, so the same bytes: any file under a final name is complete or the old one
-        assert {k: v for k, v in now.items() if k != "export_manifest.json"} == \
-            {k: v for k, v in good.items() if k != "export_manifest.json"}, (how, delay)
+        assert {k: v for k, v in now.items() if k != "export_manifest.json"} == {
+            k: v for k, v in good.items() if k != "export_manifest.json"
+        }, (how, delay)
         r = run_cli(*_export_cmd(fused, out))
         assert r.returncode == 0, r.stderr[-2000:]
         assert snapshot(out).keys() == good.keys() and leftovers(out) == [], (how, delay)
@@ -253,6 +323,7 @@ def _limit_file_size(limit: int):
     def set_limit():  # a size-limited file: writes past `limit` bytes fail with EFBIG, as on a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return set_limit
 
 
@@ -304,7 +375,11 @@ def test_disk_preflight_refuses_with_the_numbers(work, adapter, fused, tmp_path,
 def test_memory_guard_on_fuse_and_export(work, adapter, fused, tmp_path):
     env = {"MEDTUNE_MEMORY_LIMIT_GB": "0.001"}
     r = run_cli("fuse", "--model", work["model"], "--adapter", adapter, "--out", tmp_path / "f", env=env)
-    assert r.returncode == 4 and "merging the adapter needs ~" in r.stdout + r.stderr and "GB is available" in r.stdout + r.stderr
+    assert (
+        r.returncode == 4
+        and "merging the adapter needs ~" in r.stdout + r.stderr
+        and "GB is available" in r.stdout + r.stderr
+    )
     assert not (tmp_path / "f").exists()
     r = run_cli(*_export_cmd(fused, tmp_path / "g"), env=env)
     assert r.returncode == 4 and "writing the GGUF needs ~" in r.stdout + r.stderr
@@ -349,7 +424,9 @@ def test_lock_is_reentrant_in_process_and_exclusive_across(tmp_path):
     with lock.locked(target):
         pass
     with pytest.raises(ResourceError):
-        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(target)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(target)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
         try:
             holder.stdout.readline()
             lock.acquire(target)
@@ -364,8 +441,9 @@ def test_concurrent_medtune_run_refused(tmp_path, work):
     cfg = {"name": "busy", "model": str(work["model"]), "runs_dir": str(tmp_path)}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "busy")], cwd=ROOT, stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / "busy")], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         holder.stdout.readline()
         r = run_cli("run", path)
@@ -380,8 +458,11 @@ def test_really_full_disk_on_a_small_tmpfs(work, tmp_path):
     that holds a small previous output but not the new one."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root); the RLIMIT_FSIZE tests cover the same path")
     try:
         out = mnt / "data"

@@ -14,9 +14,11 @@ from conftest import SAMPLE, run_cli
 
 pytest.importorskip("llama_cpp")
 
-PROMPTS = ["What is the antidote for paracetamol overdose?",
-           "患者，男，45岁，饮酒后上腹部剧痛，向背部放射。最可能的诊断是什么？",
-           "List 3 causes of hyperkalaemia."]
+PROMPTS = [
+    "What is the antidote for paracetamol overdose?",
+    "患者，男，45岁，饮酒后上腹部剧痛，向背部放射。最可能的诊断是什么？",
+    "List 3 causes of hyperkalaemia.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +34,35 @@ def f32(tmp_path_factory, tiny_llama_dir):
 
 @pytest.mark.parametrize("runtime, templates", [("auto", 3), ("llama-server", 3), ("llama-cpp-python", 0)])
 def test_f32_export_matches_mlx(f32, tiny_llama_dir, runtime, templates):
-    res = run_cli("eval", "fidelity", tiny_llama_dir, f32["gguf"], "--prompts", f32["prompts"], "--tokens", "16",
-                  "--runtime", runtime, "--json")
+    res = run_cli(
+        "eval",
+        "fidelity",
+        tiny_llama_dir,
+        f32["gguf"],
+        "--prompts",
+        f32["prompts"],
+        "--tokens",
+        "16",
+        "--runtime",
+        runtime,
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["runtime"] == ("llama-server" if runtime == "auto" else runtime)  # auto: the server, when found
     assert report["passed"] is True and report["file_type"] == "F32" and report["judged"] is True
-    assert report["summary"] | {"max_logit_diff": 0} == {"prompts": 3, "tokens_equal": 3, "continuations_equal": 3,
-                                                         "near_ties": 0, "mlx_stopped": 0, "gguf_stopped": 0,
-                                                         "failed": 0, "max_logit_diff": 0, "templates": templates,
-                                                         "templates_equal": templates}
+    assert report["summary"] | {"max_logit_diff": 0} == {
+        "prompts": 3,
+        "tokens_equal": 3,
+        "continuations_equal": 3,
+        "near_ties": 0,
+        "mlx_stopped": 0,
+        "gguf_stopped": 0,
+        "failed": 0,
+        "max_logit_diff": 0,
+        "templates": templates,
+        "templates_equal": templates,
+    }
     assert report["summary"]["max_logit_diff"] < 0.01
     assert report["gguf_adds_bos"] is False  # SmolLM2's template has no BOS, and the GGUF adds none
     for p in report["prompts"]:
@@ -69,8 +90,9 @@ def test_a_corrupted_gguf_is_reported_divergent(f32, tiny_llama_dir):
     assert broken and all(p.near_tie is False and p.top2_margin > report.tie_tolerance for p in broken)
     assert all("continuations part at token" in p.reason for p in broken)
 
-    res = run_cli("eval", "fidelity", tiny_llama_dir, bad, "--prompts", f32["prompts"], "--tokens", "16",
-                  env={"COLUMNS": "120"})
+    res = run_cli(
+        "eval", "fidelity", tiny_llama_dir, bad, "--prompts", f32["prompts"], "--tokens", "16", env={"COLUMNS": "120"}
+    )
     assert res.returncode == 1, res.stderr
     assert f"{len(broken)} of 3 prompt(s) do not match" in res.stderr and "differs @" in res.stderr
 
@@ -107,7 +129,9 @@ def test_default_prompts_are_the_sample_questions(tmp_path):
     from medtune.core.errors import BadInput
     from medtune.eval.fidelity import read_prompts
 
-    questions = [json.loads(line)["Question"] for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    questions = [
+        json.loads(line)["Question"] for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     assert read_prompts() == questions and read_prompts(limit=2) == questions[:2]
     txt = tmp_path / "p.txt"
     txt.write_text("one\n\ntwo\n")

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAMPLE, run_cli
+from medtune.core.errors import BadInput
 from medtune.data import encode
 from medtune.data.prepare import prepare
-from medtune.core.errors import BadInput
+
+from conftest import ROOT, SAMPLE, run_cli
 
 SAMPLES = ROOT / "data" / "sample"
 O1 = [json.loads(x) for x in SAMPLE.read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -60,8 +61,9 @@ def test_alpaca_sample_with_system_and_history_becomes_chat(tmp_path, smollm2_di
     assert any(sum(m["role"] == "assistant" for m in r["messages"]) >= 2 for r in recs)  # history kept
     src = json.loads((SAMPLES / "alpaca_sample.json").read_text(encoding="utf-8"))
     with_input = next(r for r in src if r["input"])
-    assert any(m["content"] == f"{with_input['instruction']}\n\n{with_input['input']}"
-               for r in recs for m in r["messages"])
+    assert any(
+        m["content"] == f"{with_input['instruction']}\n\n{with_input['input']}" for r in recs for m in r["messages"]
+    )
     assert_trainable(tok, tmp_path / "out")
 
 
@@ -79,23 +81,40 @@ def test_sharegpt_multi_turn(tmp_path, smollm2_dir, tok):
 
 def test_chat_completions_and_text_formats(tmp_path, smollm2_dir, tok):
     chat = tmp_path / "chat.jsonl"
-    chat.write_text("\n".join(json.dumps({"messages": [
-        {"role": "user", "content": r["Question"]},
-        {"role": "assistant", "content": r["Response"], "reasoning_content": r["Complex_CoT"]}]},
-        ensure_ascii=False) for r in O1[:12]), encoding="utf-8")
+    chat.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": r["Question"]},
+                        {"role": "assistant", "content": r["Response"], "reasoning_content": r["Complex_CoT"]},
+                    ]
+                },
+                ensure_ascii=False,
+            )
+            for r in O1[:12]
+        ),
+        encoding="utf-8",
+    )
     res = prepare(chat, str(smollm2_dir), tmp_path / "c")
     assert res.format == "chat"
     assert all("<think>" in r["completion"] for r in all_rows(tmp_path / "c"))  # reasoning_content kept
 
     comp = tmp_path / "comp.jsonl"
-    comp.write_text("\n".join(json.dumps({"prompt": r["Question"], "completion": r["Response"]}, ensure_ascii=False)
-                              for r in O1[:12]), encoding="utf-8")
+    comp.write_text(
+        "\n".join(
+            json.dumps({"prompt": r["Question"], "completion": r["Response"]}, ensure_ascii=False) for r in O1[:12]
+        ),
+        encoding="utf-8",
+    )
     res = prepare(comp, str(smollm2_dir), tmp_path / "p")
     assert res.format == "completions" and res.style == "completions"
     assert_trainable(tok, tmp_path / "p")
 
     text = tmp_path / "text.jsonl"
-    text.write_text("\n".join(json.dumps({"text": r["Response"]}, ensure_ascii=False) for r in O1[:12]), encoding="utf-8")
+    text.write_text(
+        "\n".join(json.dumps({"text": r["Response"]}, ensure_ascii=False) for r in O1[:12]), encoding="utf-8"
+    )
     res = prepare(text, str(smollm2_dir), tmp_path / "t")
     assert res.format == "text" and res.style == "text"
     rec = all_rows(tmp_path / "t")[0]
@@ -138,7 +157,9 @@ def test_parquet_and_folder_sources(tmp_path, smollm2_dir):
     folder = tmp_path / "folder"
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist(O1[:10]), folder / "part-0.parquet")
-    (folder / "part-1.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in O1[10:20]), encoding="utf-8")
+    (folder / "part-1.jsonl").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in O1[10:20]), encoding="utf-8"
+    )
     res = prepare(folder, str(smollm2_dir), tmp_path / "out")
     assert res.counts["read"] == 20 and res.counts["kept"] == 20
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -149,12 +170,15 @@ def _fake_dataset_repo(root: Path) -> Path:
     (root / "data").mkdir(parents=True)
     (root / "README.md").write_text(
         "---\nconfigs:\n- config_name: en\n  data_files:\n  - split: train\n    path: data/en_train.jsonl\n"
-        "- config_name: zh\n  data_files:\n  - split: train\n    path: data/zh_*.jsonl\n---\n# card\n", encoding="utf-8")
+        "- config_name: zh\n  data_files:\n  - split: train\n    path: data/zh_*.jsonl\n---\n# card\n",
+        encoding="utf-8",
+    )
     zh = [r for r in O1 if any("\u4e00" <= c <= "\u9fff" for c in r["Question"])]
     en = [r for r in O1 if r not in zh]
     (root / "data" / "en_train.jsonl").write_text("\n".join(json.dumps(r) for r in en[:8]), encoding="utf-8")
-    (root / "data" / "zh_train.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in zh[:6]),
-                                                  encoding="utf-8")
+    (root / "data" / "zh_train.jsonl").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in zh[:6]), encoding="utf-8"
+    )
     return root
 
 
@@ -196,6 +220,7 @@ def test_limit_and_seeded_sample(tmp_path, smollm2_dir):
     a = prepare(SAMPLE, str(smollm2_dir), tmp_path / "a", sample=10, seed=7)
     b = prepare(SAMPLE, str(smollm2_dir), tmp_path / "b", sample=10, seed=7)
     c = prepare(SAMPLE, str(smollm2_dir), tmp_path / "c", sample=10, seed=8)
+    assert a.counts == b.counts and c.counts["kept"] == 10
     assert a.counts["kept"] == 10 and a.counts["dropped"]["not sampled"] == len(O1) - 10
     key = lambda p: sorted(r["prompt"] for r in all_rows(p))  # noqa: E731
     assert key(tmp_path / "a") == key(tmp_path / "b") != key(tmp_path / "c")
@@ -291,15 +316,29 @@ def test_no_token_stats_checks_a_sample_and_says_so(tmp_path, smollm2_dir):
 # ---- bad input -----------------------------------------------------------------------------------
 BAD = [
     ("trunc.json", b'[{"Question": "a", "Complex_CoT": "b", "Response": "c"},\n{"Question": ', ":2", "invalid JSON"),
-    ("midline.jsonl", b'{"Question": "a", "Complex_CoT": "b", "Response": "c"}\n{broken\n'
-                      b'{"Question": "d", "Complex_CoT": "e", "Response": "f"}\n', ":2", "invalid JSON"),
-    ("missing.jsonl", b'{"Question": "a", "Complex_CoT": "b", "Response": "c"}\n{"Question": "a2", "Complex_CoT": "b"}\n',
-     ":2", "missing field 'response'"),
+    (
+        "midline.jsonl",
+        b'{"Question": "a", "Complex_CoT": "b", "Response": "c"}\n{broken\n'
+        b'{"Question": "d", "Complex_CoT": "e", "Response": "f"}\n',
+        ":2",
+        "invalid JSON",
+    ),
+    (
+        "missing.jsonl",
+        b'{"Question": "a", "Complex_CoT": "b", "Response": "c"}\n{"Question": "a2", "Complex_CoT": "b"}\n',
+        ":2",
+        "missing field 'response'",
+    ),
     ("type.jsonl", b'{"Question": "a", "Complex_CoT": "b", "Response": ["c"]}\n', ":1", "expected text"),
     ("empty.jsonl", b"", "", "empty"),
     ("blank.jsonl", b"  \n\n ", "", "empty"),
     ("binary.jsonl", b"\x00\x01\x02GGUF\x00" * 20, "", "binary"),
-    ("latin1.jsonl", '{"Question": "caf\u00e9", "Complex_CoT": "b", "Response": "c"}\n'.encode("latin-1"), ":1", "UTF-8"),
+    (
+        "latin1.jsonl",
+        '{"Question": "caf\u00e9", "Complex_CoT": "b", "Response": "c"}\n'.encode("latin-1"),
+        ":1",
+        "UTF-8",
+    ),
     ("quotes.csv", b'Question,Complex_CoT,Response\n"a","b","c"\n"unbalanced,"b","c"\n', ":3", "malformed CSV"),
     ("cols.csv", b"Question,Complex_CoT,Response\na,b,c\nd,e\n", ":3", "columns"),
     ("scalar.json", b"42", "", "not a list"),
@@ -324,8 +363,9 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, smollm2_dir, 
 def test_skip_invalid_counts_bad_records(tmp_path, smollm2_dir):
     path = tmp_path / "mixed.jsonl"
     good = [json.dumps(r, ensure_ascii=False) for r in O1[:5]]
-    path.write_text("\n".join(good[:2] + ["{not json", '{"Question": "x", "Complex_CoT": "y"}'] + good[2:]),
-                    encoding="utf-8")
+    path.write_text(
+        "\n".join(good[:2] + ["{not json", '{"Question": "x", "Complex_CoT": "y"}'] + good[2:]), encoding="utf-8"
+    )
     res = prepare(path, str(smollm2_dir), tmp_path / "out", skip_invalid=True)
     assert res.counts["kept"] == 5 and sum(v for k, v in res.counts["dropped"].items() if k.startswith("invalid")) == 2
 

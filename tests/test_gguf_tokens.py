@@ -25,8 +25,13 @@ from pretok_models import TRICKY_TEXTS, export_pretok_model
 
 DS_EOS = "<｜end▁of▁sentence｜>"
 # The token each family's chat template ends an assistant turn with.
-TURN_END = {"chatml": "<|im_end|>", "qwen3": "<|im_end|>", "deepseek-r1": DS_EOS, "deepseek-r1-jan": DS_EOS,
-            "llama3": "<|eot_id|>"}
+TURN_END = {
+    "chatml": "<|im_end|>",
+    "qwen3": "<|im_end|>",
+    "deepseek-r1": DS_EOS,
+    "deepseek-r1-jan": DS_EOS,
+    "llama3": "<|eot_id|>",
+}
 FAMILY_MODELS = [*CASES, "smollm2"]
 
 
@@ -63,8 +68,7 @@ def test_every_pre_tokenizer_loads_in_llama_cpp_and_splits_like_hf(name, smollm2
 
 def test_the_bare_byte_level_split_is_llama_cpps_gpt_2():
     """llama.cpp (src/llama-vocab.cpp) knows "gpt-2"; "gpt2" is only tokenizer.ggml.model's value."""
-    entry = pretok.recognise({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                              "use_regex": True})
+    entry = pretok.recognise({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True})
     assert entry is not None and entry.name == "gpt-2" and "gpt2" not in pretok.REGISTRY
     assert pretok.by_name("gpt2") is entry  # old GGUFs written by medtune still import
 
@@ -151,8 +155,11 @@ def _renamed_turn_end(smollm2_dir: Path, out: Path) -> Path:
             added["content"] = "<|turn_end|>"
     (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
     tcfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tcfg.update(eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                chat_template=tcfg["chat_template"].replace("<|im_end|>", "<|turn_end|>"))
+    tcfg.update(
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=tcfg["chat_template"].replace("<|im_end|>", "<|turn_end|>"),
+    )
     (out / "tokenizer_config.json").write_text(json.dumps(tcfg, ensure_ascii=False), encoding="utf-8")
     for name in ("generation_config.json", "config.json"):
         cfg = json.loads((out / name).read_text())

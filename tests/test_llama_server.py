@@ -28,8 +28,11 @@ from medtune.runtimes.llama_server import LlamaServer
 from families import CASES, make_model
 from pretok_models import TRICKY_TEXTS, export_pretok_model
 
-PROMPTS = ["What is a normal resting heart rate for adults?", "发烧39度怎么办？请给三条建议。",
-           "Dose of ibuprofen 400mg x3/day, max 1200 mg?"]
+PROMPTS = [
+    "What is a normal resting heart rate for adults?",
+    "发烧39度怎么办？请给三条建议。",
+    "Dose of ibuprofen 400mg x3/day, max 1200 mg?",
+]
 FAMILIES = ["smollm2", *CASES]
 
 
@@ -49,10 +52,18 @@ def family_models(tmp_path_factory, smollm2_dir, tiny_llama_dir):
 
     def get(name):
         if name not in cache:
-            model_dir = Path(tiny_llama_dir) if name == "smollm2" else make_model(root / name / "hf", Path(smollm2_dir),
-                                                                                 CASES[name])
-            res = export(model_dir, root / name / "out", f"s-{name}", quants=("f32",),
-                         modelfile_path=root / name / "out" / "Modelfile")
+            model_dir = (
+                Path(tiny_llama_dir)
+                if name == "smollm2"
+                else make_model(root / name / "hf", Path(smollm2_dir), CASES[name])
+            )
+            res = export(
+                model_dir,
+                root / name / "out",
+                f"s-{name}",
+                quants=("f32",),
+                modelfile_path=root / name / "out" / "Modelfile",
+            )
             cache[name] = (model_dir, res.gguf_paths["f32"])
         return cache[name]
 
@@ -135,6 +146,7 @@ def test_every_pretokenizer_entry_loads_in_llama_server_and_tokenizes_like_hf(en
     from transformers import AutoTokenizer
 
     from medtune.export import pretok
+
     assert set(pretok.REGISTRY) == {"gpt-2", "smollm", "llama-bpe", "qwen2"}  # a new entry gets a case here
     model_dir, path = export_pretok_model(tmp_path / entry, Path(smollm2_dir), entry)
     hf = AutoTokenizer.from_pretrained(str(model_dir))
@@ -197,9 +209,26 @@ def test_ctrl_c_during_fidelity_shuts_the_server_down(family_models, tmp_path):
     model_dir, gguf = family_models("smollm2")
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"Question {i}: what lowers fever in children?" for i in range(200)))
-    proc = subprocess.Popen([sys.executable, "-m", "medtune", "eval", "fidelity", str(model_dir), str(gguf), "--prompts",
-                             str(prompts), "--tokens", "32", "--runtime", "llama-server"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "medtune",
+            "eval",
+            "fidelity",
+            str(model_dir),
+            str(gguf),
+            "--prompts",
+            str(prompts),
+            "--tokens",
+            "32",
+            "--runtime",
+            "llama-server",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     server = None
     deadline = time.monotonic() + 120
     while server is None and time.monotonic() < deadline and proc.poll() is None:

@@ -36,8 +36,9 @@ def test_builtin_loads_in_mlx_and_transformers_and_they_agree(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
-                                  return_dict=False)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, return_dict=False
+    )
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
@@ -56,8 +57,9 @@ def test_imported_tokenizer_splits_text_like_llama_cpp(smollm2_dir, smollm2_gguf
     ref = llama_cpp.Llama(model_path=str(smollm2_gguf), vocab_only=True, verbose=False)
     for text in PROMPTS:
         assert tok.encode(text, add_special_tokens=False) == ref.tokenize(text.encode(), add_bos=False, special=False)
-    chat = tok.apply_chat_template([{"role": "user", "content": PROMPTS[2]}], add_generation_prompt=True,
-                                   tokenize=False)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[2]}], add_generation_prompt=True, tokenize=False
+    )
     assert tok.encode(chat, add_special_tokens=False) == ref.tokenize(chat.encode(), add_bos=False, special=True)
 
 
@@ -125,15 +127,24 @@ def test_gguf_export_then_import_gives_back_the_same_weights(tmp_path, monkeypat
         assert np.array_equal(imported[name], w), name
     a = json.loads((tiny_llama_dir / "config.json").read_text())
     b = json.loads((ref.path / "config.json").read_text())
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rope_theta",
-                "vocab_size", "tie_word_embeddings", "intermediate_size"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rope_theta",
+        "vocab_size",
+        "tie_word_embeddings",
+        "intermediate_size",
+    ):
         assert a[key] == b[key], key
     assert pull(str(res.gguf_paths["f32"])).path == ref.path  # cached by content hash
 
 
 @pytest.mark.parametrize("pre_name", ["gpt-2", "gpt2"])
-def test_a_byte_level_gguf_imports_under_llama_cpps_name_and_the_old_spelling(tmp_path, monkeypatch, smollm2_dir,
-                                                                               pre_name):
+def test_a_byte_level_gguf_imports_under_llama_cpps_name_and_the_old_spelling(
+    tmp_path, monkeypatch, smollm2_dir, pre_name
+):
     """A bare byte-level pre-tokenizer is `gpt-2` in llama.cpp (what export writes now); GGUFs from earlier
     medtune versions say `gpt2`. Both import to a tokenizer.json that splits text like the original."""
     from transformers import AutoTokenizer
@@ -168,6 +179,7 @@ def test_gguf_of_an_architecture_medtune_cannot_import_is_refused_from_its_heade
     import gguf
 
     from medtune.core import fsutil
+
     path = tmp_path / "big-mamba.gguf"
     w = gguf.GGUFWriter(str(path), "mamba")
     w.add_block_count(4)

@@ -40,20 +40,54 @@ from conftest import run_cli
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?::[A-Za-z0-9_][A-Za-z0-9._-]*)?")
-CREATE_FIELDS = {"model", "name", "from", "files", "adapters", "template", "license", "system", "parameters",
-                 "messages", "stream", "quantize", "renderer", "parser", "requires"}
+CREATE_FIELDS = {
+    "model",
+    "name",
+    "from",
+    "files",
+    "adapters",
+    "template",
+    "license",
+    "system",
+    "parameters",
+    "messages",
+    "stream",
+    "quantize",
+    "renderer",
+    "parser",
+    "requires",
+}
 # api.Options in Ollama's Go source: the JSON type of each option.
-OPTION_TYPES = {"num_keep": int, "seed": int, "num_predict": int, "top_k": int, "top_p": float, "min_p": float,
-                "typical_p": float, "repeat_last_n": int, "temperature": float, "repeat_penalty": float,
-                "presence_penalty": float, "frequency_penalty": float, "stop": list, "num_ctx": int,
-                "num_batch": int, "num_gpu": int, "main_gpu": int, "use_mmap": bool, "num_thread": int}
+OPTION_TYPES = {
+    "num_keep": int,
+    "seed": int,
+    "num_predict": int,
+    "top_k": int,
+    "top_p": float,
+    "min_p": float,
+    "typical_p": float,
+    "repeat_last_n": int,
+    "temperature": float,
+    "repeat_penalty": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "stop": list,
+    "num_ctx": int,
+    "num_batch": int,
+    "num_gpu": int,
+    "main_gpu": int,
+    "use_mmap": bool,
+    "num_thread": int,
+}
 PROMPT = "What is the first-line treatment for anaphylaxis?"
 
 
 # A model name as Ollama parses one ([host/][namespace/]model[:tag], types/model/name.go): each part starts
 # with a letter, digit or '_'; '.' is allowed in the host and model, not in the namespace.
-FROM_NAME = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._:-]*/)?(?:[A-Za-z0-9_][A-Za-z0-9_-]*/)?"
-                       r"[A-Za-z0-9_][A-Za-z0-9._-]*(?::[A-Za-z0-9_][A-Za-z0-9._-]*)?")
+FROM_NAME = re.compile(
+    r"(?:[A-Za-z0-9_][A-Za-z0-9._:-]*/)?(?:[A-Za-z0-9_][A-Za-z0-9_-]*/)?"
+    r"[A-Za-z0-9_][A-Za-z0-9._-]*(?::[A-Za-z0-9_][A-Za-z0-9._-]*)?"
+)
 
 
 def _with_tag(name: str) -> str:
@@ -93,8 +127,9 @@ class FakeOllama(ThreadingHTTPServer):
 
         with self.lock:
             if digest not in self._llms:
-                self._llms[digest] = llama_cpp.Llama(model_path=str(self.blobs[digest]), n_ctx=1024, n_threads=1,
-                                                     verbose=False, seed=0)
+                self._llms[digest] = llama_cpp.Llama(
+                    model_path=str(self.blobs[digest]), n_ctx=1024, n_threads=1, verbose=False, seed=0
+                )
             return self._llms[digest]
 
 
@@ -211,8 +246,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(400, "invalid model name")
             base = self.server.models.get(source) or self.server.models.get(_with_tag(source))
             if base is None:
-                return self._stream([{"status": "pulling manifest"},
-                                     {"error": "pull model manifest: file does not exist"}])
+                return self._stream(
+                    [{"status": "pulling manifest"}, {"error": "pull model manifest: file does not exist"}]
+                )
             gguf = base["gguf"]
         for fname, digest in (files or {}).items():
             if fname.startswith("/") or ".." in fname.split("/") or not fname:
@@ -235,8 +271,11 @@ class _Handler(BaseHTTPRequestHandler):
         inherited = {k: base[k] for k in ("template", "system", "parameters") if base.get(k) and not req.get(k)}
         self.server.models[name] = {**req, **inherited, "gguf": gguf}
         statuses = ["parsing GGUF", f"using existing layer {gguf}"]
-        statuses += [f"creating new layer sha256:{hashlib.sha256(json.dumps(req.get(k)).encode()).hexdigest()}"
-                     for k in ("template", "system", "parameters") if req.get(k)]
+        statuses += [
+            f"creating new layer sha256:{hashlib.sha256(json.dumps(req.get(k)).encode()).hexdigest()}"
+            for k in ("template", "system", "parameters")
+            if req.get(k)
+        ]
         statuses += ["writing manifest", "success"]
         if req.get("stream", True):
             return self._stream({"status": s} for s in statuses)
@@ -282,10 +321,25 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 if len(out) >= limit:
                     break
-        self.server.answers.append({"api": "chat" if chat else "generate", "prompt": prompt, "text": text,
-                                    "tokens": out, "done_reason": reason})
-        final = {"model": name, "created_at": "2026-01-01T00:00:00Z", "done": True, "done_reason": reason,
-                 "eval_count": len(out), "prompt_eval_count": len(ids), "total_duration": 1, "eval_duration": 1}
+        self.server.answers.append(
+            {
+                "api": "chat" if chat else "generate",
+                "prompt": prompt,
+                "text": text,
+                "tokens": out,
+                "done_reason": reason,
+            }
+        )
+        final = {
+            "model": name,
+            "created_at": "2026-01-01T00:00:00Z",
+            "done": True,
+            "done_reason": reason,
+            "eval_count": len(out),
+            "prompt_eval_count": len(ids),
+            "total_duration": 1,
+            "eval_duration": 1,
+        }
 
         def piece(t: str) -> dict:
             base = {"model": name, "created_at": "2026-01-01T00:00:00Z", "done": False}
@@ -293,7 +347,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         if not req.get("stream", True):
             return self._send(200, {**piece(text), **final})
-        chunks = [text[i:i + 7] for i in range(0, len(text), 7)]
+        chunks = [text[i : i + 7] for i in range(0, len(text), 7)]
         last = {**piece(""), **final}
         self._stream([piece(c) for c in chunks] + [last])
 
@@ -376,8 +430,16 @@ def test_an_existing_blob_is_not_uploaded_again(server, exported, monkeypatch, t
 
 def test_create_cli_against_a_server_that_is_down(exported, tmp_path):
     url = f"http://127.0.0.1:{_closed_port()}"
-    res = run_cli("ollama", "create", "tiny", "--modelfile", exported["modelfile"], "--host", url,
-                  env={"PATH": _no_ollama_path(tmp_path)})
+    res = run_cli(
+        "ollama",
+        "create",
+        "tiny",
+        "--modelfile",
+        exported["modelfile"],
+        "--host",
+        url,
+        env={"PATH": _no_ollama_path(tmp_path)},
+    )
     assert res.returncode == MissingDependency.exit_code == 3, res.stderr
     assert f"cannot reach Ollama at {url}" in res.stderr and "is `ollama serve` running?" in res.stderr
     assert "--host" in res.stderr and "Traceback" not in res.stderr
@@ -385,15 +447,38 @@ def test_create_cli_against_a_server_that_is_down(exported, tmp_path):
 
 def test_export_with_ollama_creates_the_model_in_one_command(server, tiny_llama_dir, tmp_path):
     out, mf = tmp_path / "out", tmp_path / "one.Modelfile"
-    res = run_cli("export", tiny_llama_dir, "--out", out, "--name", "one", "--modelfile", mf, "--ollama", "one:latest",
-                  "--host", server.url, "--json", env={"PATH": _no_ollama_path(tmp_path)})
+    res = run_cli(
+        "export",
+        tiny_llama_dir,
+        "--out",
+        out,
+        "--name",
+        "one",
+        "--modelfile",
+        mf,
+        "--ollama",
+        "one:latest",
+        "--host",
+        server.url,
+        "--json",
+        env={"PATH": _no_ollama_path(tmp_path)},
+    )
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout)
     assert got["ollama"]["method"] == "api" and got["ollama"]["name"] == "one:latest"
     assert "one:latest" in server.models
     assert server.creates[-1]["files"] == {Path(got["gguf_paths"]["f16"]).name: got["ollama"]["digest"]}
-    bad = run_cli("export", tiny_llama_dir, "--out", tmp_path / "bad", "--ollama", "no spaces allowed",
-                  "--host", server.url, env={"PATH": _no_ollama_path(tmp_path)})
+    bad = run_cli(
+        "export",
+        tiny_llama_dir,
+        "--out",
+        tmp_path / "bad",
+        "--ollama",
+        "no spaces allowed",
+        "--host",
+        server.url,
+        env={"PATH": _no_ollama_path(tmp_path)},
+    )
     assert bad.returncode == 2 and not (tmp_path / "bad").exists()  # refused before exporting
 
 
@@ -402,8 +487,9 @@ def test_a_missing_gguf_fails_before_the_server_is_contacted(server, exported, t
     missing = tmp_path / "gone" / "tiny-f16.gguf"
     mf = tmp_path / "broken.Modelfile"
     mf.write_text(re.sub(r"(?m)^FROM .*$", f"FROM {missing}", text))
-    res = run_cli("ollama", "create", "tiny", "--modelfile", mf, "--host", server.url,
-                  env={"PATH": _no_ollama_path(tmp_path)})
+    res = run_cli(
+        "ollama", "create", "tiny", "--modelfile", mf, "--host", server.url, env={"PATH": _no_ollama_path(tmp_path)}
+    )
     assert res.returncode == BadInput.exit_code == 2, res.stderr
     assert "the GGUF named by FROM does not exist" in res.stderr and str(missing) in res.stderr.replace("\n", "")
     assert server.log == []
@@ -413,8 +499,10 @@ def test_a_missing_gguf_fails_before_the_server_is_contacted(server, exported, t
 def exported_runs(tmp_path_factory, tiny_llama_dir):
     """`medtune export` into a project: runs/r1/ (Modelfile beside gguf/) and models/r2/ + Modelfiles/r2.Modelfile."""
     root = tmp_path_factory.mktemp("project") / "proj"
-    for out, name, mf in ((root / "runs" / "r1" / "gguf", "r1", root / "runs" / "r1" / "r1.Modelfile"),
-                          (root / "models" / "r2", "r2", root / "Modelfiles" / "r2.Modelfile")):
+    for out, name, mf in (
+        (root / "runs" / "r1" / "gguf", "r1", root / "runs" / "r1" / "r1.Modelfile"),
+        (root / "models" / "r2", "r2", root / "Modelfiles" / "r2.Modelfile"),
+    ):
         res = run_cli("export", tiny_llama_dir, "--out", out, "--name", name, "--modelfile", mf, "--quant", "f16")
         assert res.returncode == 0, res.stderr
     return root
@@ -426,13 +514,16 @@ def test_a_moved_project_creates_from_its_relative_from(server, exported_runs, t
     moved = tmp_path / "elsewhere" / "proj"
     shutil.copytree(exported_runs, moved)
     env = {"PATH": _no_ollama_path(tmp_path)}
-    cases = [("r1", Path("elsewhere/proj/runs/r1/r1.Modelfile"), moved / "runs" / "r1" / "gguf" / "r1-f16.gguf"),
-             ("r2", Path("elsewhere/proj/Modelfiles/r2.Modelfile"), moved / "models" / "r2" / "r2-f16.gguf")]
+    cases = [
+        ("r1", Path("elsewhere/proj/runs/r1/r1.Modelfile"), moved / "runs" / "r1" / "gguf" / "r1-f16.gguf"),
+        ("r2", Path("elsewhere/proj/Modelfiles/r2.Modelfile"), moved / "models" / "r2" / "r2-f16.gguf"),
+    ]
     for name, mf, gguf in cases:
         from_ = next(v for k, v in parse_modelfile((tmp_path / mf).read_text()) if k == "model")
         assert not Path(from_).is_absolute() and from_.startswith(("./", "../")), from_
-        res = run_cli("ollama", "create", name, "--modelfile", mf, "--host", server.url, "--json", cwd=tmp_path,
-                      env=env)  # run from tmp_path: the Modelfile's folder, not the working folder, counts
+        res = run_cli(
+            "ollama", "create", name, "--modelfile", mf, "--host", server.url, "--json", cwd=tmp_path, env=env
+        )  # run from tmp_path: the Modelfile's folder, not the working folder, counts
         assert res.returncode == 0, res.stderr
         got = json.loads(res.stdout)
         digest = "sha256:" + hashlib.sha256(gguf.read_bytes()).hexdigest()
@@ -446,8 +537,9 @@ def test_a_relative_from_whose_file_is_missing_is_refused_before_the_server(serv
     mf = tmp_path / "alone" / "r1.Modelfile"
     mf.parent.mkdir()
     shutil.copy(exported_runs / "runs" / "r1" / "r1.Modelfile", mf)
-    res = run_cli("ollama", "create", "r1", "--modelfile", mf, "--host", server.url,
-                  env={"PATH": _no_ollama_path(tmp_path)})
+    res = run_cli(
+        "ollama", "create", "r1", "--modelfile", mf, "--host", server.url, env={"PATH": _no_ollama_path(tmp_path)}
+    )
     assert res.returncode == BadInput.exit_code == 2, res.stderr
     flat = " ".join(res.stderr.split())
     assert "the GGUF named by FROM does not exist" in flat
@@ -473,10 +565,14 @@ def test_from_is_resolved_as_ollama_does(tmp_path, monkeypatch):
     (home / "models" / "h.gguf").write_bytes(b"GGUF")
     monkeypatch.setenv("HOME", str(home))
     mf = folder / "Modelfile"
-    for value, want in (("m.gguf", folder / "m.gguf"), ("./m.gguf", folder / "m.gguf"),
-                        ("link/../m.gguf", folder / "m.gguf"), ("./sub/../m.gguf", folder / "m.gguf"),
-                        ("~/models/h.gguf", home / "models" / "h.gguf"),
-                        (str(folder / "m.gguf"), folder / "m.gguf")):
+    for value, want in (
+        ("m.gguf", folder / "m.gguf"),
+        ("./m.gguf", folder / "m.gguf"),
+        ("link/../m.gguf", folder / "m.gguf"),
+        ("./sub/../m.gguf", folder / "m.gguf"),
+        ("~/models/h.gguf", home / "models" / "h.gguf"),
+        (str(folder / "m.gguf"), folder / "m.gguf"),
+    ):
         mf.write_text(f"FROM {value}\n")
         assert read_modelfile(mf).gguf == want.resolve(), value
     mf.write_text("FROM ~no-such-user-medtune/m.gguf\n")
@@ -484,8 +580,7 @@ def test_from_is_resolved_as_ollama_does(tmp_path, monkeypatch):
         read_modelfile(mf)
 
 
-def test_the_contract_server_takes_a_from_that_names_no_file_as_a_model_name(server, exported, monkeypatch,
-                                                                            tmp_path):
+def test_the_contract_server_takes_a_from_that_names_no_file_as_a_model_name(server, exported, monkeypatch, tmp_path):
     """As Ollama: `from` names a model. A path is an invalid name; an unknown name fails (it would be pulled
     from a registry that has no such model) and creates nothing; an existing model is built upon."""
     import httpx
@@ -534,15 +629,32 @@ def test_the_servers_refusal_is_shown(server, tmp_path, monkeypatch):
 # Names the two former rules (ollama.py's and export's) disagreed on, and what Ollama's own parser (types/model
 # ParseName + Name.IsValid) says of each: one rule now, medtune.ollama.check_name, for `ollama create` and export.
 OLLAMA_NAMES = {
-    "medtune-smol": True, "medtune-smol:v1": True, "m:_x": True, "m..x": True,
-    "ns/medtune-smol:v1": True, "library/m": True, "registry.example.com/ns/m:t": True,  # old export: refused
-    "localhost:5000/ns/m": True, "https://registry.example.com/ns/m": True,  # a host with a port, a scheme
+    "medtune-smol": True,
+    "medtune-smol:v1": True,
+    "m:_x": True,
+    "m..x": True,
+    "ns/medtune-smol:v1": True,
+    "library/m": True,
+    "registry.example.com/ns/m:t": True,  # old export: refused
+    "localhost:5000/ns/m": True,
+    "https://registry.example.com/ns/m": True,  # a host with a port, a scheme
     "ns/skill/m": True,  # a kind (skill, agent, mcp) between namespace and model
-    "_m": True, "_ns/_m:_t": True,  # '_' may start a part: both old rules refused it
-    "m:-x": False, "m:.x": False,  # a tag starts with a letter, digit or '_': old export accepted these
+    "_m": True,
+    "_ns/_m:_t": True,  # '_' may start a part: both old rules refused it
+    "m:-x": False,
+    "m:.x": False,  # a tag starts with a letter, digit or '_': old export accepted these
     "ns.x/m": False,  # no '.' in a namespace: old ollama.py accepted it
-    "m" * 80: True, "m" * 81: False, "m:" + "t" * 81: False,  # 80 characters a part: both old rules took 81
-    "": False, "m:": False, "/m": False, "ns/m/": False, "m:a:b": False, "x/y/z/w": False, "é": False, "a b": False,
+    "m" * 80: True,
+    "m" * 81: False,
+    "m:" + "t" * 81: False,  # 80 characters a part: both old rules took 81
+    "": False,
+    "m:": False,
+    "/m": False,
+    "ns/m/": False,
+    "m:a:b": False,
+    "x/y/z/w": False,
+    "é": False,
+    "a b": False,
 }
 
 
@@ -570,7 +682,9 @@ def test_names_get_ollamas_defaults_and_export_refuses_a_namespace(tmp_path):
     # export checks with the same rule, before it looks at the model or writes anything
     for name, why in (("ns/m", "has a namespace"), ("m:-x", "not a valid Ollama name"), ("_m", "does not exist")):
         with pytest.raises(BadInput, match=why):
-            export(tmp_path / "no-model", tmp_path / "gguf", name, quants=("f32",), modelfile_path=tmp_path / "m.Modelfile")
+            export(
+                tmp_path / "no-model", tmp_path / "gguf", name, quants=("f32",), modelfile_path=tmp_path / "m.Modelfile"
+            )
     assert not (tmp_path / "gguf").exists()
 
 
@@ -579,13 +693,17 @@ def test_modelfile_values_are_typed_and_checked(tmp_path):
 
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     mf = tmp_path / "Modelfile"
-    mf.write_text('FROM m.gguf\nPARAMETER num_ctx 2048\nPARAMETER use_mmap false\nPARAMETER stop "A:"\n'
-                  'PARAMETER stop B\nLICENSE """Apache-2.0"""\nMESSAGE user Hi\nMESSAGE assistant Hello!\n')
+    mf.write_text(
+        'FROM m.gguf\nPARAMETER num_ctx 2048\nPARAMETER use_mmap false\nPARAMETER stop "A:"\n'
+        'PARAMETER stop B\nLICENSE """Apache-2.0"""\nMESSAGE user Hi\nMESSAGE assistant Hello!\n'
+    )
     spec = read_modelfile(mf)
     req = create_request("m", spec, {"m.gguf": "sha256:" + "0" * 64})
     assert req["parameters"] == {"num_ctx": 2048, "use_mmap": False, "stop": ["A:", "B"]}
-    assert req["license"] == "Apache-2.0" and req["messages"] == [{"role": "user", "content": "Hi"},
-                                                                 {"role": "assistant", "content": "Hello!"}]
+    assert req["license"] == "Apache-2.0" and req["messages"] == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
     mf.write_text("FROM m.gguf\nPARAMETER num_ctx lots\n")
     with pytest.raises(BadInput, match="num_ctx has the value 'lots'"):
         read_modelfile(mf)
@@ -602,9 +720,11 @@ def test_the_ollama_cli_is_used_when_asked_or_when_no_server_answers(exported, t
     bin_dir.mkdir()
     record = tmp_path / "calls.jsonl"
     script = bin_dir / "ollama"
-    script.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                      f"open({str(record)!r}, 'a').write(json.dumps([sys.argv[1:], os.environ.get('OLLAMA_HOST')]) + '\\n')\n"
-                      "print('success')\n")
+    script.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"open({str(record)!r}, 'a').write(json.dumps([sys.argv[1:], os.environ.get('OLLAMA_HOST')]) + '\\n')\n"
+        "print('success')\n"
+    )
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}")
     down = f"http://127.0.0.1:{_closed_port()}"
@@ -636,8 +756,18 @@ def test_ollama_run_prints_the_answer(created, exported, tmp_path):
     fused MLX model's own greedy answer."""
     from transformers import AutoTokenizer
 
-    res = run_cli("ollama", "run", "tiny", "--prompt", PROMPT, "--host", created.url, "--max-tokens", "12",
-                  env={"PATH": _no_ollama_path(tmp_path)})
+    res = run_cli(
+        "ollama",
+        "run",
+        "tiny",
+        "--prompt",
+        PROMPT,
+        "--host",
+        created.url,
+        "--max-tokens",
+        "12",
+        env={"PATH": _no_ollama_path(tmp_path)},
+    )
     assert res.returncode == 0, res.stderr
     answer = created.answers[-1]
     assert answer["api"] == "chat" and len(answer["tokens"]) == 12 and answer["done_reason"] == "length"
@@ -658,8 +788,19 @@ def test_ollama_run_prints_the_answer(created, exported, tmp_path):
 def test_run_json_and_the_generate_api(created, tmp_path):
     from medtune.ollama import run
 
-    res = run_cli("ollama", "run", "tiny", "-p", PROMPT, "--host", created.url, "--max-tokens", "5", "--json",
-                  env={"PATH": _no_ollama_path(tmp_path)})
+    res = run_cli(
+        "ollama",
+        "run",
+        "tiny",
+        "-p",
+        PROMPT,
+        "--host",
+        created.url,
+        "--max-tokens",
+        "5",
+        "--json",
+        env={"PATH": _no_ollama_path(tmp_path)},
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["text"] == created.answers[-1]["text"] and out["eval_count"] == 5 and out["done_reason"] == "length"
@@ -672,6 +813,6 @@ def test_run_json_and_the_generate_api(created, tmp_path):
     stop_at = out["text"][2:4]
     if stop_at.strip():  # a stop string cuts the answer before it, done_reason "stop"
         cut = run("tiny", PROMPT, host=created.url, options={"num_predict": 5, "stop": [stop_at]})
-        assert cut.done_reason == "stop" and cut.text == out["text"][:out["text"].find(stop_at)]
+        assert cut.done_reason == "stop" and cut.text == out["text"][: out["text"].find(stop_at)]
     with pytest.raises(BadInput, match="model 'nope' not found"):
         run("nope", PROMPT, host=created.url)

@@ -17,8 +17,13 @@ from medtune.fuse.options import FuseOptions
 from medtune.pipeline import DEFAULT_CONFIG_TEXT, load_config
 from medtune.train.options import TrainOptions
 
-STAGES = [(("prepare",), PrepareOptions), (("train",), TrainOptions), (("fuse",), FuseOptions),
-          (("export",), ExportOptions), (("eval", "run"), EvalOptions)]
+STAGES = [
+    (("prepare",), PrepareOptions),
+    (("train",), TrainOptions),
+    (("fuse",), FuseOptions),
+    (("export",), ExportOptions),
+    (("eval", "run"), EvalOptions),
+]
 
 
 def _command(path):
@@ -57,8 +62,14 @@ def test_unknown_option_names_the_closest_field():
 
 
 def test_run_config_sections_take_the_dataclass_fields_and_old_spellings():
-    cfg = load_config({"prepare": {"format": "alpaca", "map": "question=Q"}, "train": {"steps_per_eval": 3},
-                       "export": {"quants": "q8_0"}, "eval": {"fidelity-tokens": 8}})
+    cfg = load_config(
+        {
+            "prepare": {"format": "alpaca", "map": "question=Q"},
+            "train": {"steps_per_eval": 3},
+            "export": {"quants": "q8_0"},
+            "eval": {"fidelity-tokens": 8},
+        }
+    )
     assert cfg["prepare"]["fmt"] == "alpaca" and cfg["prepare"]["mapping"] == "question=Q"
     assert cfg["train"]["eval_every"] == 3
     assert cfg["export"]["quant"] == ["q8_0"]
@@ -75,8 +86,13 @@ def test_every_key_of_the_default_config_is_a_known_option():
     import yaml
 
     load_config(yaml.safe_load(DEFAULT_CONFIG_TEXT))  # raises on an unknown key
-    sections = {"prepare": PrepareOptions, "train": TrainOptions, "fuse": FuseOptions, "export": ExportOptions,
-                "eval": EvalOptions}
+    sections = {
+        "prepare": PrepareOptions,
+        "train": TrainOptions,
+        "fuse": FuseOptions,
+        "export": ExportOptions,
+        "eval": EvalOptions,
+    }
     given = yaml.safe_load(DEFAULT_CONFIG_TEXT)
     for name, cls in sections.items():
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -93,6 +109,11 @@ def test_model_is_an_argument_or_model_flag_everywhere(tmp_path, command):
     flag = run_cli(*command, "--model", missing, *(["--data", tmp_path] if command[0] == "eval" else []))
     assert flag.returncode == 2
     assert str(missing) in flag.stdout + flag.stderr  # the model reached the command
-    both = run_cli(*command[:2] if command[0] == "eval" else command[:1], "a", "--model", "b",
-                   *command[1:] if command[0] == "generate" else [])
+    both = run_cli(
+        *command[:2] if command[0] == "eval" else command[:1],
+        "a",
+        "--model",
+        "b",
+        *command[1:] if command[0] == "generate" else [],
+    )
     assert both.returncode == 2 and "two models given" in both.stderr

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from conftest import SAMPLE, run_cli
-from medtune.data.prepare import prepare
 from medtune.core.errors import BadInput
+from medtune.data.prepare import prepare
+
+from conftest import SAMPLE, run_cli
 
 
 def test_sample_set_is_bilingual_and_complete():
@@ -31,8 +32,10 @@ def test_prepare_writes_checked_splits(tmp_path, smollm2_dir):
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in valid}
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    rendered = tok.apply_chat_template([{"role": "user", "content": train[0]["prompt"]},
-                                        {"role": "assistant", "content": train[0]["completion"]}], tokenize=False)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": train[0]["prompt"]}, {"role": "assistant", "content": train[0]["completion"]}],
+        tokenize=False,
+    )
     assert rendered.rstrip().endswith("<|im_end|>")
     assert rendered.count("<|im_end|>") == 3  # default system, user, assistant
     manifest = json.loads((out / "manifest.json").read_text())
@@ -64,13 +67,20 @@ def test_dry_run_writes_nothing(tmp_path, smollm2_dir):
     assert "<think>" in res.example["rendered"]
 
 
-@pytest.mark.parametrize("content, where, message", [
-    ('{"Question": "a", "Complex_CoT": "b", "Response": "c"}\n{"Question": "x", "Complex_CoT": \n', ":2", "invalid JSON"),
-    ('{"Question": "a", "Complex_CoT": "b"}\n', ":1", "cannot tell the dataset format"),
-    ('{"Question": "a", "Complex_CoT": "b", "Response": 5}\n', ":1", "expected text"),
-    ("", "", "empty"),
-    ('["not an object"]', "[0]", "not an object"),
-])
+@pytest.mark.parametrize(
+    "content, where, message",
+    [
+        (
+            '{"Question": "a", "Complex_CoT": "b", "Response": "c"}\n{"Question": "x", "Complex_CoT": \n',
+            ":2",
+            "invalid JSON",
+        ),
+        ('{"Question": "a", "Complex_CoT": "b"}\n', ":1", "cannot tell the dataset format"),
+        ('{"Question": "a", "Complex_CoT": "b", "Response": 5}\n', ":1", "expected text"),
+        ("", "", "empty"),
+        ('["not an object"]', "[0]", "not an object"),
+    ],
+)
 def test_bad_input_names_the_place(tmp_path, smollm2_dir, content, where, message):
     bad = tmp_path / ("bad.json" if content.startswith("[") else "bad.jsonl")
     bad.write_text(content, encoding="utf-8")
@@ -95,18 +105,24 @@ def test_bad_input_via_cli_is_one_line_exit_2_and_keeps_previous_output(tmp_path
     assert (out / "train.jsonl").read_bytes() == before
 
 
-@pytest.mark.parametrize("given, message, hint", [
-    ({"reasoning": "x"}, "--reasoning must be one of think, drop, inline, not 'x'", "e.g. --reasoning think"),
-    ({"overlong": "cut"}, "--overlong must be one of drop, keep, error, not 'cut'", "e.g. --overlong drop"),
-    ({"style": "x"}, "--style must be one of auto, completions, chat, text, not 'x'", "e.g. --style auto"),
-    ({"answers": "best"}, "--answers must be one of all, first, not 'best'", "e.g. --answers all"),
-    ({"valid_ratio": 0.6, "test_ratio": 0.5}, "--valid-ratio and --test-ratio must be in [0, 1) and sum below 1",
-     "e.g. --valid-ratio 0.1"),
-    ({"valid_ratio": -0.1}, "--valid-ratio and --test-ratio must be in [0, 1)", "e.g. --valid-ratio 0.1"),
-    ({"limit": 0}, "--limit must be at least 1", "e.g. --limit 1000"),
-    ({"sample": 0}, "--sample must be at least 1", "e.g. --sample 1000"),
-    ({"max_seq_length": 0}, "--max-seq-length must be at least 1", "e.g. --max-seq-length 1000"),
-])
+@pytest.mark.parametrize(
+    "given, message, hint",
+    [
+        ({"reasoning": "x"}, "--reasoning must be one of think, drop, inline, not 'x'", "e.g. --reasoning think"),
+        ({"overlong": "cut"}, "--overlong must be one of drop, keep, error, not 'cut'", "e.g. --overlong drop"),
+        ({"style": "x"}, "--style must be one of auto, completions, chat, text, not 'x'", "e.g. --style auto"),
+        ({"answers": "best"}, "--answers must be one of all, first, not 'best'", "e.g. --answers all"),
+        (
+            {"valid_ratio": 0.6, "test_ratio": 0.5},
+            "--valid-ratio and --test-ratio must be in [0, 1) and sum below 1",
+            "e.g. --valid-ratio 0.1",
+        ),
+        ({"valid_ratio": -0.1}, "--valid-ratio and --test-ratio must be in [0, 1)", "e.g. --valid-ratio 0.1"),
+        ({"limit": 0}, "--limit must be at least 1", "e.g. --limit 1000"),
+        ({"sample": 0}, "--sample must be at least 1", "e.g. --sample 1000"),
+        ({"max_seq_length": 0}, "--max-seq-length must be at least 1", "e.g. --max-seq-length 1000"),
+    ],
+)
 def test_options_are_checked_before_any_work(tmp_path, given, message, hint):
     """PrepareOptions.check() judges the values; prepare() calls it before it touches the model or the data."""
     from medtune.data.options import PrepareOptions
@@ -130,8 +146,9 @@ def test_prepare_takes_the_options_dataclass_and_keywords_on_top(tmp_path, smoll
     a = prepare(SAMPLE, str(smollm2_dir), tmp_path / "a", opts)
     assert a.counts["examples"] == 6 and a.counts["valid"] == 0
     assert a.manifest["options"]["limit"] == 6 and a.manifest["options"]["token_stats"] is False
-    b = prepare(SAMPLE, str(smollm2_dir), tmp_path / "b", opts, limit=4, format="medical-o1",
-                map={"Question": "Question"})
+    b = prepare(
+        SAMPLE, str(smollm2_dir), tmp_path / "b", opts, limit=4, format="medical-o1", map={"Question": "Question"}
+    )
     assert b.counts["examples"] == 4 and b.format == "medical-o1"
     assert b.manifest["options"]["map"] == {"question": "Question"}
     assert opts.limit == 6  # the caller's options are not changed

@@ -86,8 +86,15 @@ def test_our_figures_agree_with_llama_perplexity_on_the_same_text(quants):
     for q in ("q8_0", "q4_0"):
         c = crosscheck(g["f16"], g[q], quants["text"], n_ctx=64)
         theirs, ours = c["llama_perplexity"], c["medtune"]
-        assert c["chunks"] >= 8 and {"mean_kld", "p99_kld", "max_kld", "same_top", "ppl", "ref_ppl",
-                                     "ref_ppl_exact"} <= set(theirs)
+        assert c["chunks"] >= 8 and {
+            "mean_kld",
+            "p99_kld",
+            "max_kld",
+            "same_top",
+            "ppl",
+            "ref_ppl",
+            "ref_ppl_exact",
+        } <= set(theirs)
         assert ours["ref_ppl"] == pytest.approx(theirs["ref_ppl_exact"], rel=0.001), c
         assert abs(ours["mean_kld"] - theirs["mean_kld"]) <= 0.0015 + 0.03 * theirs["mean_kld"], c
         assert abs(ours["p99_kld"] - theirs["p99_kld"]) <= 0.005 + 0.25 * theirs["p99_kld"], c
@@ -98,7 +105,9 @@ def test_our_figures_agree_with_llama_perplexity_on_the_same_text(quants):
 
 def test_quants_command_judges_and_fails_on_a_poor_file(quants):
     g = quants["g"]
-    ok = run_cli("eval", "quants", quants["model"], g["f16"], g["q8_0"], "--data", quants["data"], "--limit", "2", "--json")
+    ok = run_cli(
+        "eval", "quants", quants["model"], g["f16"], g["q8_0"], "--data", quants["data"], "--limit", "2", "--json"
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     table = json.loads(ok.stdout)
     assert [r["verdict"] for r in table["rows"]] == ["good"] and table["recommended"] == str(g["q8_0"])
@@ -121,8 +130,16 @@ def test_judge_thresholds_and_chunks():
     seqs = chunk_sequences(list(range(10, 31)), 8, bos=1)  # 21 tokens: 2 whole chunks, the rest dropped
     assert seqs == [([1, 11, 12, 13, 14, 15, 16, 17], 4), ([1, 19, 20, 21, 22, 23, 24, 25], 4)]
     assert chunk_sequences(list(range(16)), 8, bos=None)[1] == (list(range(8, 16)), 4)
-    out = parse_llama_perplexity("Mean PPL(Q)                   :  12.5 ±  0.1\nMean PPL(base)                :  "
-                                 "12.0 ± 0.1\nMean    KLD:   0.012345 ±   0.000100\n99.0%   KLD:   0.2\n"
-                                 "Maximum KLD:   1.5\nSame top p: 95.500 ± 0.300 %\n")
-    assert out == {"ppl": 12.5, "ref_ppl": 12.0, "mean_kld": 0.012345, "p99_kld": 0.2, "max_kld": 1.5,
-                   "same_top": 0.955}
+    out = parse_llama_perplexity(
+        "Mean PPL(Q)                   :  12.5 ±  0.1\nMean PPL(base)                :  "
+        "12.0 ± 0.1\nMean    KLD:   0.012345 ±   0.000100\n99.0%   KLD:   0.2\n"
+        "Maximum KLD:   1.5\nSame top p: 95.500 ± 0.300 %\n"
+    )
+    assert out == {
+        "ppl": 12.5,
+        "ref_ppl": 12.0,
+        "mean_kld": 0.012345,
+        "p99_kld": 0.2,
+        "max_kld": 1.5,
+        "same_top": 0.955,
+    }

@@ -14,25 +14,32 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
-from families import CASES, DS_BOS, DS_EOS, make_model
+from medtune.core.errors import BadInput
 from medtune.data import encode
 from medtune.data.prepare import prepare
-from medtune.core.errors import BadInput
 from medtune.export.gotemplate import ollama_prompt
 from medtune.export.modelfile import FAMILIES, detect_family, parse_modelfile
 
+from conftest import run_cli
+from families import CASES, DS_BOS, DS_EOS, make_model
+
 R1_CASES = ("deepseek-r1-qwen", "deepseek-r1-jan-qwen")
 RECORDS = [
-    {"Question": "A 58-year-old has crushing chest pain and ST elevation in II, III, aVF. First step?",
-     "Complex_CoT": "Inferior STEMI. Time is muscle: reperfusion first, aspirin on the way.",
-     "Response": "Give aspirin and arrange primary PCI at once."},
-    {"Question": "Is 38.5 C a fever in an adult?",
-     "Complex_CoT": "Adults: fever from 38.0 C measured orally.",
-     "Response": "Yes, a mild one."},
-    {"Question": "发烧39度怎么办？",
-     "Complex_CoT": "高热，先排除危险信号，再对症退热。",
-     "Response": "多喝水、休息，可服对乙酰氨基酚；持续不退请就医。"},
+    {
+        "Question": "A 58-year-old has crushing chest pain and ST elevation in II, III, aVF. First step?",
+        "Complex_CoT": "Inferior STEMI. Time is muscle: reperfusion first, aspirin on the way.",
+        "Response": "Give aspirin and arrange primary PCI at once.",
+    },
+    {
+        "Question": "Is 38.5 C a fever in an adult?",
+        "Complex_CoT": "Adults: fever from 38.0 C measured orally.",
+        "Response": "Yes, a mild one.",
+    },
+    {
+        "Question": "发烧39度怎么办？",
+        "Complex_CoT": "高热，先排除危险信号，再对症退热。",
+        "Response": "多喝水、休息，可服对乙酰氨基酚；持续不退请就医。",
+    },
 ]
 
 
@@ -51,8 +58,12 @@ def dataset(tmp_path_factory):
 
 
 def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for side in ("train", "valid") if (out / f"{side}.jsonl").exists()
-            for line in (out / f"{side}.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [
+        json.loads(line)
+        for side in ("train", "valid")
+        if (out / f"{side}.jsonl").exists()
+        for line in (out / f"{side}.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
 
 
 def _expected_completion(case: str, reasoning: str, rec: dict) -> str:
@@ -71,12 +82,15 @@ def test_both_templates_are_detected_and_their_modelfile_prompt_ends_where_hf_do
     from transformers import AutoTokenizer
 
     conv = [{"role": "user", "content": RECORDS[0]["Question"]}]
-    for name, family, tail in (("deepseek-r1-qwen", "deepseek-r1", "<｜Assistant｜><think>\n"),
-                               ("deepseek-r1-jan-qwen", "deepseek-r1-jan", "<｜Assistant｜>")):
+    for name, family, tail in (
+        ("deepseek-r1-qwen", "deepseek-r1", "<｜Assistant｜><think>\n"),
+        ("deepseek-r1-jan-qwen", "deepseek-r1-jan", "<｜Assistant｜>"),
+    ):
         match = detect_family(r1[name])
         assert match.family.name == family and match.default_system is None
-        hf = AutoTokenizer.from_pretrained(str(r1[name])).apply_chat_template(conv, tokenize=False,
-                                                                                add_generation_prompt=True)
+        hf = AutoTokenizer.from_pretrained(str(r1[name])).apply_chat_template(
+            conv, tokenize=False, add_generation_prompt=True
+        )
         assert hf.endswith(RECORDS[0]["Question"] + tail)
         assert DS_BOS + ollama_prompt(match.family.template, conv) == hf  # the runtime adds BOS (add_bos)
     assert FAMILIES["deepseek-r1-jan"].stops == FAMILIES["deepseek-r1"].stops
@@ -102,7 +116,7 @@ def test_prepared_completion_starts_where_the_engine_prompt_ends(r1, dataset, tm
             conv = [{"role": "user", "content": src["Question"]}]
             engine = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
             assert prompt == engine == DS_BOS + ollama_prompt(template, conv), (name, res.style)
-            assert full[len(prompt):] == _expected_completion(name, reasoning, src), (name, res.style)
+            assert full[len(prompt) :] == _expected_completion(name, reasoning, src), (name, res.style)
             ids, offset = encode.encode(tok, row)
             assert ids[:offset] == tok(engine, add_special_tokens=False)["input_ids"]
             assert ids == tok(full, add_special_tokens=False)["input_ids"]
@@ -130,16 +144,29 @@ def test_export_family_option(r1, tmp_path):
         assert name in help_.stdout
 
     out, mf = tmp_path / "out", tmp_path / "x.Modelfile"
-    res = run_cli("export", model, "--name", "x", "--quant", "f16", "--family", "chatml", "--out", out,
-                  "--modelfile", mf)
+    res = run_cli(
+        "export", model, "--name", "x", "--quant", "f16", "--family", "chatml", "--out", out, "--modelfile", mf
+    )
     assert res.returncode == 0, res.stderr
     cmds = parse_modelfile(mf.read_text(encoding="utf-8"))
     assert [v for k, v in cmds if k == "template"] == [FAMILIES["chatml"].template]
     assert [v for k, v in cmds if k == "stop"][:2] == ["<|im_end|>", "<|im_start|>"]
     assert "'chatml' was forced" in " ".join((res.stdout + res.stderr).split())
 
-    bad = run_cli("export", model, "--name", "x", "--quant", "f16", "--family", "deepseek", "--out",
-                  tmp_path / "bad", "--modelfile", tmp_path / "bad.Modelfile")
+    bad = run_cli(
+        "export",
+        model,
+        "--name",
+        "x",
+        "--quant",
+        "f16",
+        "--family",
+        "deepseek",
+        "--out",
+        tmp_path / "bad",
+        "--modelfile",
+        tmp_path / "bad.Modelfile",
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     error = next(line for line in bad.stderr.splitlines() if line.startswith("error:"))
     assert "--family" in error and "'deepseek'" in error
@@ -154,8 +181,10 @@ def test_family_hints_speak_to_the_user(tmp_path):
     (--family and the known names), not a medtune source file to edit."""
     model = tmp_path / "odd"
     model.mkdir()
-    odd = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-           "{% if add_generation_prompt %}[assistant] {% endif %}")
+    odd = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": odd}))
     with pytest.raises(BadInput, match="matches no known family") as err:
         detect_family(model)

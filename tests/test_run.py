@@ -4,19 +4,37 @@ import json
 
 import pytest
 
-from conftest import SAMPLE, run_cli
 from medtune.core.errors import BadInput
 from medtune.pipeline import Hasher, Run, fingerprint, load_config, run_pipeline
+
+from conftest import SAMPLE, run_cli
 
 STAGES = ["prepare", "train", "fuse", "export", "ollama", "eval"]
 
 
 def tiny_config(root, model, name="tiny", **train):
     return {
-        "name": name, "model": str(model), "runs_dir": str(root), "outputs_dir": str(root),
-        "prepare": {"dataset": str(SAMPLE), "max_seq_length": 1024, "limit": 10, "valid_ratio": 0.2, "token_stats": False},
-        "train": {"iters": 4, "batch_size": 2, "num_layers": 2, "max_seq_length": 1024, "eval_every": 2, "save_every": 2,
-                  "backend": "mlx", **train},
+        "name": name,
+        "model": str(model),
+        "runs_dir": str(root),
+        "outputs_dir": str(root),
+        "prepare": {
+            "dataset": str(SAMPLE),
+            "max_seq_length": 1024,
+            "limit": 10,
+            "valid_ratio": 0.2,
+            "token_stats": False,
+        },
+        "train": {
+            "iters": 4,
+            "batch_size": 2,
+            "num_layers": 2,
+            "max_seq_length": 1024,
+            "eval_every": 2,
+            "save_every": 2,
+            "backend": "mlx",
+            **train,
+        },
         "export": {"quant": ["f32"]},
         "ollama": {"create": "auto", "host": "http://127.0.0.1:9"},  # nothing answers there
         "eval": {"max_tokens": 4, "limit": 1, "probe_limit": 1, "threads": 1},
@@ -68,20 +86,39 @@ def done_run(tmp_path_factory, tiny_llama_dir):
 
 def test_run_does_every_stage_then_skips_them(done_run):
     first = done_run["first"]
-    assert first["stages"] == {"prepare": "done", "train": "done", "fuse": "done", "export": "done",
-                               "ollama": "not run", "eval": "done"}
+    assert first["stages"] == {
+        "prepare": "done",
+        "train": "done",
+        "fuse": "done",
+        "export": "done",
+        "ollama": "not run",
+        "eval": "done",
+    }
     root = done_run["root"] / "tiny"
-    for p in ("config.yaml", "run.log", "outputs.json", "data/train.jsonl", "eval/report.html", "eval/report.json",
-              "stages/train.json"):
+    for p in (
+        "config.yaml",
+        "run.log",
+        "outputs.json",
+        "data/train.jsonl",
+        "eval/report.html",
+        "eval/report.json",
+        "stages/train.json",
+    ):
         assert (root / p).exists(), p
     # the results land in the project's folders, and the run folder points to them
     top = done_run["root"]
-    for p in ("adapters/tiny/adapters.safetensors", "models/tiny/config.json", "models/tiny/tiny-f32.gguf",
-              "Modelfiles/tiny.Modelfile"):
+    for p in (
+        "adapters/tiny/adapters.safetensors",
+        "models/tiny/config.json",
+        "models/tiny/tiny-f32.gguf",
+        "Modelfiles/tiny.Modelfile",
+    ):
         assert (top / p).exists(), p
     assert not any((root / p).exists() for p in ("adapter", "fused", "gguf", "tiny.Modelfile"))
     where = json.loads((root / "outputs.json").read_text())
-    assert where["adapter"] == str(top / "adapters" / "tiny") and where["gguf"] == [str(top / "models/tiny/tiny-f32.gguf")]
+    assert where["adapter"] == str(top / "adapters" / "tiny") and where["gguf"] == [
+        str(top / "models/tiny/tiny-f32.gguf")
+    ]
     assert first["outputs"] == where
     assert "FROM ../models/tiny/tiny-f32.gguf" in (top / "Modelfiles" / "tiny.Modelfile").read_text()
     rec = json.loads((root / "stages" / "train.json").read_text())
@@ -170,11 +207,19 @@ def test_ctrl_c_during_training_then_run_again_resumes(done_run, tiny_llama_dir,
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     metrics = done_run["root"] / "adapters" / "ctrlc" / "metrics.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "medtune", "run", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medtune", "run", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline and not (
-            metrics.is_file() and "train_loss" in metrics.read_text(encoding="utf-8")):
+    while (
+        proc.poll() is None
+        and time.time() < deadline
+        and not (metrics.is_file() and "train_loss" in metrics.read_text(encoding="utf-8"))
+    ):
         time.sleep(0.01)
     if proc.poll() is not None:
         pytest.skip("training finished before the signal could be sent")
@@ -215,8 +260,14 @@ def test_installing_a_package_a_stage_does_not_use_redoes_nothing(tmp_path, tiny
     # the test extras appear, or change version: no stage of an MLX run with an f32 export uses them but eval
     fake.update({"torch": "99.0", "peft": "99.0", "bitsandbytes": "99.0", "llama-cpp-python": "99.0"})
     res = run_pipeline(cfg)
-    assert res["stages"] == {"prepare": "skipped", "train": "skipped", "fuse": "skipped", "export": "skipped",
-                             "ollama": "not run", "eval": "done"}, res["stages"]
+    assert res["stages"] == {
+        "prepare": "skipped",
+        "train": "skipped",
+        "fuse": "skipped",
+        "export": "skipped",
+        "ollama": "not run",
+        "eval": "done",
+    }, res["stages"]
     assert run_pipeline(cfg)["stages"]["eval"] == "skipped"
     # a package the export stage uses: export runs again, what came before it does not
     fake["gguf"] = "99.0"

@@ -7,8 +7,10 @@ import pytest
 
 from conftest import ROOT
 
-LINUX_OPENBLAS = any(os.path.exists(p) for p in ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
-                                                  "/usr/lib/aarch64-linux-gnu/libopenblas.so.0")) or ctypes.util.find_library("openblas")
+LINUX_OPENBLAS = any(
+    os.path.exists(p)
+    for p in ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0")
+) or ctypes.util.find_library("openblas")
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and LINUX_OPENBLAS), reason="needs Linux with OpenBLAS")
@@ -24,8 +26,9 @@ def test_openblas_is_bound_before_mlx_and_is_faster():
     )
     res = {}
     for label, env in (("bound", {}), ("reference", {"MEDTUNE_NO_OPENBLAS": "1"})):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, **env})
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}
+        )
         assert out.returncode == 0, out.stderr
         active, gflops = out.stdout.split()
         res[label] = (active == "True", float(gflops))
@@ -65,11 +68,15 @@ def test_mlx_greedy_with_the_modelfile_penalty_is_generate(tiny_mlx):
     model, tokenizer, ids = tiny_mlx
     runs = {}
     for penalty in (MODELFILE_PENALTY, (3.0, 16)):
-        want = mlx.generate(model, tokenizer, QUESTION, max_tokens=20, temp=0.0, repeat_penalty=penalty[0],
-                            repeat_last_n=penalty[1])
+        want = mlx.generate(
+            model, tokenizer, QUESTION, max_tokens=20, temp=0.0, repeat_penalty=penalty[0], repeat_last_n=penalty[1]
+        )
         got = runs[penalty] = mlx.greedy(model, ids, 20, penalty=penalty, end_ids=tokenizer.eos_token_ids)
-        assert (mlx.detokenize(tokenizer, got.answer_tokens), len(got.tokens), got.finish) == \
-            (want.text, want.tokens, want.finish_reason)
+        assert (mlx.detokenize(tokenizer, got.answer_tokens), len(got.tokens), got.finish) == (
+            want.text,
+            want.tokens,
+            want.finish_reason,
+        )
     plain = mlx.greedy(model, ids, 20, end_ids=tokenizer.eos_token_ids, rows=True)
     assert plain.tokens != runs[(3.0, 16)].tokens  # the penalty is applied: the tiny model's loop is broken
     assert len(plain.rows) == len(plain.tokens) and all(int(r.argmax()) == t for r, t in zip(plain.rows, plain.tokens))
@@ -117,7 +124,9 @@ def test_llamacpp_and_mlx_give_the_same_greedy_and_logprobs_on_an_f32_export(tin
     from medtune.runtimes.decoding import MODELFILE_PENALTY
 
     model, tokenizer, ids = tiny_mlx
-    gguf = export(tiny_llama_dir, tmp_path, "t", quants=("f32",), modelfile_path=tmp_path / "t.Modelfile").gguf_paths["f32"]
+    gguf = export(tiny_llama_dir, tmp_path, "t", quants=("f32",), modelfile_path=tmp_path / "t.Modelfile").gguf_paths[
+        "f32"
+    ]
     llm = llamacpp.load_gguf(gguf, 512, n_threads=1, logits_all=True)
     try:
         for penalty in (None, MODELFILE_PENALTY, (3.0, 16)):
@@ -128,7 +137,9 @@ def test_llamacpp_and_mlx_give_the_same_greedy_and_logprobs_on_an_f32_export(tin
         seq = ids + want.tokens
         start = len(ids) - 1
         ours, theirs = mlx.token_logprobs(model, seq, start), llamacpp.token_logprobs(llm, seq, start)
-        assert theirs.shape == ours.shape == (16,) and np.allclose(theirs, ours, atol=5e-3)  # F32 on both: kernels differ
+        assert theirs.shape == ours.shape == (16,) and np.allclose(
+            theirs, ours, atol=5e-3
+        )  # F32 on both: kernels differ
         rows = llamacpp.logprobs(llm, seq, start)
         assert rows.shape == (16, llm.n_vocab()) and np.allclose(np.exp(rows).sum(axis=1), 1.0)
     finally:

@@ -3,10 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SAMPLE
 from medtune.data.prepare import prepare
 from medtune.train import BACKENDS, TrainOptions, train
 from medtune.train.backends.mlx import make_batch, masked_loss
+
+from conftest import SAMPLE
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,12 @@ def test_mask_counts_exactly_the_completion_tokens():
 
 def test_training_lowers_validation_loss_and_writes_a_loadable_adapter(tmp_path, tiny_llama_dir, prepared):
     out = tmp_path / "adapter"
-    res = train(str(tiny_llama_dir), prepared, out,
-                TrainOptions(iters=20, batch_size=2, num_layers=-1, rank=8, lr=3e-3, eval_every=10, seed=1))
+    res = train(
+        str(tiny_llama_dir),
+        prepared,
+        out,
+        TrainOptions(iters=20, batch_size=2, num_layers=-1, rank=8, lr=3e-3, eval_every=10, seed=1),
+    )
     assert res.final_val_loss < res.first_val_loss - 0.2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 21))
@@ -66,14 +71,27 @@ def test_training_refuses_a_record_it_would_truncate(tmp_path, tiny_llama_dir, p
         train(str(tiny_llama_dir), prepared, tmp_path / "a", TrainOptions(iters=1, max_seq_length=64))
 
 
-RESUME_OPTS = dict(iters=8, batch_size=2, num_layers=-1, rank=4, lr=3e-3, dropout=0.1, eval_every=4,
-                   save_every=3, seed=2, lr_schedule="cosine", warmup=2)
+RESUME_OPTS = dict(
+    iters=8,
+    batch_size=2,
+    num_layers=-1,
+    rank=4,
+    lr=3e-3,
+    dropout=0.1,
+    eval_every=4,
+    save_every=3,
+    seed=2,
+    lr_schedule="cosine",
+    warmup=2,
+)
 
 
 def _losses(out):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return ([(r["step"], r["train_loss"]) for r in rows if "train_loss" in r],
-            [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r])
+    return (
+        [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r],
+        [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r],
+    )
 
 
 # ---- the one training loop, on every backend of the registry that runs on this machine -------------------
@@ -86,10 +104,16 @@ def _runs_here(name: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in needs) and (name != "unsloth" or _cuda_available())
 
 
-LOOP_BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(not _runs_here(name), reason=f"{name} cannot train here"))
-                 for name in BACKENDS]
+LOOP_BACKENDS = [
+    pytest.param(name, marks=pytest.mark.skipif(not _runs_here(name), reason=f"{name} cannot train here"))
+    for name in BACKENDS
+]
 # How closely a resumed run repeats the unbroken one: MLX compiles its step, PyTorch repeats bit for bit.
-TOLERANCE = {"mlx": dict(rtol=1e-5, atol=1e-6), "torch": dict(rtol=1e-6, atol=1e-7), "unsloth": dict(rtol=1e-6, atol=1e-7)}
+TOLERANCE = {
+    "mlx": dict(rtol=1e-5, atol=1e-6),
+    "torch": dict(rtol=1e-6, atol=1e-7),
+    "unsloth": dict(rtol=1e-6, atol=1e-7),
+}
 
 
 @pytest.fixture(scope="module", params=LOOP_BACKENDS)
@@ -119,13 +143,22 @@ def _check_checkpoint(backend: str, ckpt) -> None:
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 3 and state["micro"] == 3 and state["pos"] == 3
     if backend == "mlx":
-        assert {p.name for p in ckpt.iterdir()} == {"adapter_config.json", "adapters.safetensors",
-                                                    "optimizer.safetensors", "state.json"}
+        assert {p.name for p in ckpt.iterdir()} == {
+            "adapter_config.json",
+            "adapters.safetensors",
+            "optimizer.safetensors",
+            "state.json",
+        }
         return
     import torch
 
-    assert {p.name for p in ckpt.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt",
-                                                "rng.pt", "state.json"}
+    assert {p.name for p in ckpt.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.pt",
+        "rng.pt",
+        "state.json",
+    }
     assert state["backend"] == backend
     saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert saved["scheduler"]["last_epoch"] == 3 and saved["optimizer"]["state"]
@@ -175,24 +208,43 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_llama_dir,
     optimizer_file = "optimizer.safetensors" if loop_backend == "mlx" else "optimizer.pt"
     assert (out / "checkpoints" / "step-0000004" / optimizer_file).is_file()
     assert not (out / backend_class(loop_backend).adapter_file).exists()
-    res = train(str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), backend=loop_backend)  # the same call: it resumes
+    res = train(
+        str(tiny_llama_dir), prepared, out, TrainOptions(**RESUME_OPTS), backend=loop_backend
+    )  # the same call: it resumes
     assert res.resumed_from == 4
-    np.testing.assert_allclose([v for _, v in _losses(out)[0]], [v for _, v in _losses(unbroken)[0]],
-                               **TOLERANCE[loop_backend])
+    np.testing.assert_allclose(
+        [v for _, v in _losses(out)[0]], [v for _, v in _losses(unbroken)[0]], **TOLERANCE[loop_backend]
+    )
 
 
 def test_grad_accumulation_dora_and_schedules_train(tmp_path, tiny_llama_dir, prepared):
-    res = train(str(tiny_llama_dir), prepared, tmp_path / "d",
-                TrainOptions(iters=6, batch_size=2, grad_accum=2, fine_tune_type="dora", num_layers=1,
-                             target_modules=["q_proj", "v_proj"], lr=1e-3, lr_schedule="linear", warmup=2,
-                             eval_every=6))
+    res = train(
+        str(tiny_llama_dir),
+        prepared,
+        tmp_path / "d",
+        TrainOptions(
+            iters=6,
+            batch_size=2,
+            grad_accum=2,
+            fine_tune_type="dora",
+            num_layers=1,
+            target_modules=["q_proj", "v_proj"],
+            lr=1e-3,
+            lr_schedule="linear",
+            warmup=2,
+            eval_every=6,
+        ),
+    )
     cfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
-    assert cfg["fine_tune_type"] == "dora" and cfg["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert cfg["fine_tune_type"] == "dora" and cfg["lora_parameters"]["keys"] == [
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ]
     rows = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines() if "train_loss" in x]
     lrs = [r["learning_rate"] for r in rows]
     top = lrs.index(max(lrs))
     assert 0 < top < len(lrs) - 1 and max(lrs) <= 1e-3 + 1e-9  # warm-up, then linear decay
-    assert lrs[:top + 1] == sorted(lrs[:top + 1]) and lrs[top:] == sorted(lrs[top:], reverse=True)
+    assert lrs[: top + 1] == sorted(lrs[: top + 1]) and lrs[top:] == sorted(lrs[top:], reverse=True)
     assert all(r["tokens_per_second"] > 0 for r in rows) and res.trainable_parameters > 0
 
 
@@ -210,15 +262,29 @@ def test_preflight_refuses_what_cannot_fit(tmp_path, tiny_llama_dir, prepared, m
     assert not (tmp_path / "e").exists()
 
 
-
 def test_dry_run_refuses_what_the_run_refuses_with_the_same_exit_code(tmp_path, tiny_llama_dir, prepared):
     """`train --dry-run` of a run that cannot fit shows the figures, then the run's own refusal (exit 4)."""
     from conftest import run_cli
 
-    pf = train(str(tiny_llama_dir), prepared, tmp_path / "e", TrainOptions(iters=5, batch_size=2), dry_run=True).preflight
+    pf = train(
+        str(tiny_llama_dir), prepared, tmp_path / "e", TrainOptions(iters=5, batch_size=2), dry_run=True
+    ).preflight
     env = {"MEDTUNE_MEMORY_LIMIT_GB": str(pf["estimated_peak_bytes"] / 1e9 / 2)}
-    args = ("train", "--model", tiny_llama_dir, "--data", prepared, "--out", tmp_path / "e", "--iters", "5",
-            "--batch-size", "2", "--backend", "mlx")
+    args = (
+        "train",
+        "--model",
+        tiny_llama_dir,
+        "--data",
+        prepared,
+        "--out",
+        tmp_path / "e",
+        "--iters",
+        "5",
+        "--batch-size",
+        "2",
+        "--backend",
+        "mlx",
+    )
     real = run_cli(*args, env=env, cwd=tmp_path)
     dry = run_cli(*args, "--dry-run", env=env, cwd=tmp_path)
     assert real.returncode == 4, real.stderr
@@ -231,6 +297,7 @@ def test_dry_run_refuses_what_the_run_refuses_with_the_same_exit_code(tmp_path, 
     js = run_cli(*args, "--dry-run", "--json", env=env, cwd=tmp_path)
     assert js.returncode == 4 and json.loads(js.stdout)["preflight"]["steps"] == 5
 
+
 def test_full_fine_tune_fuses_and_fuse_will_not_overwrite_without_force(tmp_path, tiny_llama_dir, prepared):
     import mlx.core as mx
     from mlx_lm import load
@@ -240,8 +307,12 @@ def test_full_fine_tune_fuses_and_fuse_will_not_overwrite_without_force(tmp_path
     from medtune.fuse import fuse
 
     adapter = tmp_path / "full"
-    train(str(tiny_llama_dir), prepared, adapter,
-          TrainOptions(iters=2, batch_size=2, fine_tune_type="full", num_layers=1, lr=1e-3, eval_every=2))
+    train(
+        str(tiny_llama_dir),
+        prepared,
+        adapter,
+        TrainOptions(iters=2, batch_size=2, fine_tune_type="full", num_layers=1, lr=1e-3, eval_every=2),
+    )
     out = tmp_path / "fused"
     res = fuse(str(tiny_llama_dir), adapter, out)
     assert res.fused_layers == 0
@@ -284,15 +355,52 @@ def test_two_processes_train_like_one_with_the_whole_batch(tmp_path, tiny_llama_
     launcher = Path(sys.executable).parent / "mlx.launch"
     if not launcher.exists():
         pytest.skip("mlx.launch is not installed")
-    args = ["--iters", "4", "--batch-size", "4", "--num-layers", "-1", "--rank", "4", "--lr", "3e-3",
-            "--eval-every", "2", "--seed", "0"]
+    args = [
+        "--iters",
+        "4",
+        "--batch-size",
+        "4",
+        "--num-layers",
+        "-1",
+        "--rank",
+        "4",
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        "2",
+        "--seed",
+        "0",
+    ]
     one = tmp_path / "one"
-    train(str(tiny_llama_dir), prepared, one,
-          TrainOptions(iters=4, batch_size=4, num_layers=-1, rank=4, lr=3e-3, eval_every=2, seed=0))
+    train(
+        str(tiny_llama_dir),
+        prepared,
+        one,
+        TrainOptions(iters=4, batch_size=4, num_layers=-1, rank=4, lr=3e-3, eval_every=2, seed=0),
+    )
     two = tmp_path / "two"
-    cmd = [str(launcher), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1", "--starting-port",
-           str(_two_free_ports()), sys.executable, "-m", "medtune", "train", "--model", str(tiny_llama_dir),
-           "--data", str(prepared), "--out", str(two), *args]
+    cmd = [
+        str(launcher),
+        "--backend",
+        "ring",
+        "-n",
+        "2",
+        "--hosts",
+        "127.0.0.1",
+        "--starting-port",
+        str(_two_free_ports()),
+        sys.executable,
+        "-m",
+        "medtune",
+        "train",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        str(prepared),
+        "--out",
+        str(two),
+        *args,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     (train_1, val_1), (train_2, val_2) = _losses(one), _losses(two)
@@ -303,8 +411,7 @@ def test_two_processes_train_like_one_with_the_whole_batch(tmp_path, tiny_llama_
 
 
 def test_qlora_on_an_mlx_quantized_base_and_dequantized_fuse(tmp_path, tiny_llama_dir, prepared):
-    from mlx_lm import convert
-    from mlx_lm import load
+    from mlx_lm import convert, load
 
     from medtune.core.errors import BadInput
     from medtune.fuse import fuse
@@ -312,8 +419,9 @@ def test_qlora_on_an_mlx_quantized_base_and_dequantized_fuse(tmp_path, tiny_llam
     q = tmp_path / "q4"
     convert(str(tiny_llama_dir), mlx_path=str(q), quantize=True, q_group_size=32, q_bits=4)
     assert "quantization" in json.loads((q / "config.json").read_text())
-    res = train(str(q), prepared, tmp_path / "a", TrainOptions(iters=3, batch_size=2, num_layers=-1, lr=3e-3,
-                                                                eval_every=3))
+    res = train(
+        str(q), prepared, tmp_path / "a", TrainOptions(iters=3, batch_size=2, num_layers=-1, lr=3e-3, eval_every=3)
+    )
     assert res.final_train_loss is not None and res.trainable_parameters < res.total_parameters
     with pytest.raises(BadInput, match="quantized"):
         fuse(str(q), tmp_path / "a", tmp_path / "f")

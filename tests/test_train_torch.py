@@ -21,8 +21,8 @@ from conftest import SAMPLE, run_cli
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from medtune.data.prepare import prepare  # noqa: E402
 from medtune.core.errors import BadInput, MissingDependency, ResourceError  # noqa: E402
+from medtune.data.prepare import prepare  # noqa: E402
 from medtune.train import TrainOptions, train  # noqa: E402
 
 
@@ -49,8 +49,10 @@ def _rows(out):
 
 def _losses(out):
     rows = _rows(out)
-    return ([(r["step"], r["train_loss"]) for r in rows if "train_loss" in r],
-            [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r])
+    return (
+        [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r],
+        [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r],
+    )
 
 
 MAIN_OPTS = dict(iters=12, batch_size=2, num_layers=-1, rank=8, lr=3e-3, eval_every=6, seed=1)
@@ -84,8 +86,9 @@ def test_training_lowers_validation_loss_and_writes_a_peft_adapter(trained, tiny
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().max() > 0 for p in lora_b)
     # The dry run's sizes come from the safetensors headers, without loading the model: the same numbers.
-    dry = train(str(tiny_llama_dir), prepared, tmp_path / "dry", TrainOptions(**MAIN_OPTS), backend="torch",
-                dry_run=True)
+    dry = train(
+        str(tiny_llama_dir), prepared, tmp_path / "dry", TrainOptions(**MAIN_OPTS), backend="torch", dry_run=True
+    )
     assert (dry.trainable_parameters, dry.total_parameters) == (res.trainable_parameters, res.total_parameters)
     assert not (tmp_path / "dry").exists()
 
@@ -162,7 +165,11 @@ def test_fused_peft_adapter_exports_and_llama_cpp_continues_like_transformers(tr
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["fused_layers"] == 14  # 7 linear layers x 2 layers
     cfg = json.loads((fused / "config.json").read_text())
-    assert cfg["torch_dtype"] == "float16" and cfg["rope_theta"] == 10000.0 and cfg["architectures"] == ["LlamaForCausalLM"]
+    assert (
+        cfg["torch_dtype"] == "float16"
+        and cfg["rope_theta"] == 10000.0
+        and cfg["architectures"] == ["LlamaForCausalLM"]
+    )
     assert (fused / "tokenizer.json").is_file() and (fused / "tokenizer_config.json").is_file()
     assert json.loads((fused / "medtune_manifest.json").read_text())["backend"] == "peft"
 
@@ -202,12 +209,31 @@ def test_dora_grad_accumulation_and_a_full_fine_tune_that_fuses(tmp_path, tiny_l
 
     from medtune.fuse import fuse
 
-    res = train(str(tiny_llama_dir), prepared, tmp_path / "d",
-                TrainOptions(iters=4, batch_size=2, grad_accum=2, fine_tune_type="dora", num_layers=1,
-                             target_modules=["q_proj", "self_attn.v_proj"], lr=1e-3, lr_schedule="linear", warmup=1,
-                             eval_every=4, grad_checkpoint=True), backend="torch")
+    res = train(
+        str(tiny_llama_dir),
+        prepared,
+        tmp_path / "d",
+        TrainOptions(
+            iters=4,
+            batch_size=2,
+            grad_accum=2,
+            fine_tune_type="dora",
+            num_layers=1,
+            target_modules=["q_proj", "self_attn.v_proj"],
+            lr=1e-3,
+            lr_schedule="linear",
+            warmup=1,
+            eval_every=4,
+            grad_checkpoint=True,
+        ),
+        backend="torch",
+    )
     acfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
-    assert acfg["use_dora"] and acfg["layers_to_transform"] == [1] and sorted(acfg["target_modules"]) == ["q_proj", "v_proj"]
+    assert (
+        acfg["use_dora"]
+        and acfg["layers_to_transform"] == [1]
+        and sorted(acfg["target_modules"]) == ["q_proj", "v_proj"]
+    )
     # rank 8 on q (64 -> 64) and v (64 -> 32), plus DoRA's magnitude vectors, in the top layer only
     assert res.trainable_parameters == 8 * (64 + 64) + 64 + 8 * (64 + 32) + 32
     rows = [r for r in _rows(tmp_path / "d") if "train_loss" in r]
@@ -215,8 +241,13 @@ def test_dora_grad_accumulation_and_a_full_fine_tune_that_fuses(tmp_path, tiny_l
     assert all(r["label_tokens"] > 0 for r in rows)
 
     full = tmp_path / "full"
-    train(str(tiny_llama_dir), prepared, full,
-          TrainOptions(iters=2, batch_size=2, fine_tune_type="full", num_layers=1, lr=1e-3, eval_every=2), backend="torch")
+    train(
+        str(tiny_llama_dir),
+        prepared,
+        full,
+        TrainOptions(iters=2, batch_size=2, fine_tune_type="full", num_layers=1, lr=1e-3, eval_every=2),
+        backend="torch",
+    )
     assert json.loads((full / "adapter_config.json").read_text())["medtune_format"] == "torch-full"
     out = fuse(str(tiny_llama_dir), full, tmp_path / "fused", dtype="float32")
     assert out.fused_layers == 0
@@ -240,8 +271,10 @@ def test_refusals(tmp_path, tiny_llama_dir, prepared, monkeypatch):
         train(str(tiny_llama_dir), prepared, tmp_path / "q", TrainOptions(load_in_4bit=True), backend="torch")
     assert exc.value.exit_code == 2
     # Unsloth missing (and no CUDA here): exit 3 from the CLI, with the install line.
-    res = run_cli("train", "--backend", "unsloth", "--model", tiny_llama_dir, "--data", prepared, "--out", tmp_path / "u")
-    assert res.returncode == 3 and 'medtune[unsloth]' in res.stderr
+    res = run_cli(
+        "train", "--backend", "unsloth", "--model", tiny_llama_dir, "--data", prepared, "--out", tmp_path / "u"
+    )
+    assert res.returncode == 3 and "medtune[unsloth]" in res.stderr
     with pytest.raises(MissingDependency):
         train(str(tiny_llama_dir), prepared, tmp_path / "u", TrainOptions(), backend="unsloth")
     # Options a backend cannot honour.
@@ -266,8 +299,14 @@ def test_refusals(tmp_path, tiny_llama_dir, prepared, monkeypatch):
 
 
 def test_preflight_refuses_what_cannot_fit(tmp_path, tiny_llama_dir, prepared, monkeypatch):
-    dry = train(str(tiny_llama_dir), prepared, tmp_path / "e", TrainOptions(iters=5, batch_size=2), backend="torch",
-                dry_run=True)
+    dry = train(
+        str(tiny_llama_dir),
+        prepared,
+        tmp_path / "e",
+        TrainOptions(iters=5, batch_size=2),
+        backend="torch",
+        dry_run=True,
+    )
     pf = dry.preflight
     assert pf["trainable_parameters"] < pf["parameters"] and pf["steps"] == 5 and pf["estimated_peak_bytes"] > 0
     assert pf["device"]["kind"] == "cpu" and pf["available_source"] == "available system memory"
@@ -277,7 +316,6 @@ def test_preflight_refuses_what_cannot_fit(tmp_path, tiny_llama_dir, prepared, m
         train(str(tiny_llama_dir), prepared, tmp_path / "e", TrainOptions(iters=5, batch_size=2), backend="torch")
     assert exc.value.exit_code == 4 and "--batch-size 1" in exc.value.hint and "--grad-checkpoint" in exc.value.hint
     assert not (tmp_path / "e").exists()
-
 
 
 def test_dry_run_refuses_what_the_run_refuses(tmp_path, tiny_llama_dir, prepared, monkeypatch):
@@ -293,6 +331,7 @@ def test_dry_run_refuses_what_the_run_refuses(tmp_path, tiny_llama_dir, prepared
     assert dry.value.preflight["estimated_peak_bytes"] == pf["estimated_peak_bytes"]
     assert not (tmp_path / "e").exists()
 
+
 def test_two_processes_under_torchrun_train_like_one_with_the_whole_batch(tmp_path, tiny_llama_dir, prepared):
     """`torchrun --nproc_per_node 2 -m medtune train --backend torch` (gloo on CPU): each process takes half of
     every batch, gradients are combined by label tokens, and the loss curve is one process's on the whole batch."""
@@ -300,12 +339,45 @@ def test_two_processes_under_torchrun_train_like_one_with_the_whole_batch(tmp_pa
     if not launcher.exists():
         pytest.skip("torchrun is not installed")
     one = tmp_path / "one"
-    train(str(tiny_llama_dir), prepared, one,
-          TrainOptions(iters=4, batch_size=4, num_layers=-1, rank=4, lr=3e-3, eval_every=2, seed=0), backend="torch")
+    train(
+        str(tiny_llama_dir),
+        prepared,
+        one,
+        TrainOptions(iters=4, batch_size=4, num_layers=-1, rank=4, lr=3e-3, eval_every=2, seed=0),
+        backend="torch",
+    )
     two = tmp_path / "two"
-    cmd = [str(launcher), "--standalone", "--nproc_per_node", "2", "-m", "medtune", "train", "--backend", "torch",
-           "--model", str(tiny_llama_dir), "--data", str(prepared), "--out", str(two), "--iters", "4",
-           "--batch-size", "4", "--num-layers", "-1", "--rank", "4", "--lr", "3e-3", "--eval-every", "2", "--seed", "0"]
+    cmd = [
+        str(launcher),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "medtune",
+        "train",
+        "--backend",
+        "torch",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        str(prepared),
+        "--out",
+        str(two),
+        "--iters",
+        "4",
+        "--batch-size",
+        "4",
+        "--num-layers",
+        "-1",
+        "--rank",
+        "4",
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        "2",
+        "--seed",
+        "0",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     (train_1, val_1), (train_2, val_2) = _losses(one), _losses(two)
@@ -314,8 +386,9 @@ def test_two_processes_under_torchrun_train_like_one_with_the_whole_batch(tmp_pa
     np.testing.assert_allclose([v for _, v in val_2], [v for _, v in val_1], rtol=1e-4)
     manifest = json.loads((two / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["backend"] == "torch"
-    assert [r["label_tokens"] for r in _rows(two) if "train_loss" in r] == \
-        [r["label_tokens"] for r in _rows(one) if "train_loss" in r]
+    assert [r["label_tokens"] for r in _rows(two) if "train_loss" in r] == [
+        r["label_tokens"] for r in _rows(one) if "train_loss" in r
+    ]
     assert res.stdout.strip().splitlines()[-1] == str(two)  # rank 0 alone reports
 
 

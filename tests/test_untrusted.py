@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAMPLE, run_cli
 from medtune.core import fsutil, jsonl, redact, safety
 from medtune.core.errors import BadInput
+
+from conftest import ROOT, SAMPLE, run_cli
 
 # ---- fixtures -----------------------------------------------------------------------------------------------
 MODELING_EVIL = """\
@@ -59,11 +60,18 @@ def _evil(folder: Path, marker: Path, *, config: bool = True, tokenizer: bool = 
     (folder / "modeling_evil.py").write_text(MODELING_EVIL.format(marker=str(marker)), encoding="utf-8")
     (folder / "tokenization_evil.py").write_text(TOKENIZATION_EVIL.format(marker=str(marker)), encoding="utf-8")
     if config:
-        _edit_json(folder / "config.json", auto_map={"AutoConfig": "modeling_evil.EvilConfig",
-                                                     "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+        _edit_json(
+            folder / "config.json",
+            auto_map={
+                "AutoConfig": "modeling_evil.EvilConfig",
+                "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+            },
+        )
     if tokenizer:
-        _edit_json(folder / "tokenizer_config.json",
-                   auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", "tokenization_evil.EvilTokenizer"]})
+        _edit_json(
+            folder / "tokenizer_config.json",
+            auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", "tokenization_evil.EvilTokenizer"]},
+        )
     return folder
 
 
@@ -88,13 +96,17 @@ def mlx_adapter_stub(tmp_path_factory) -> Path:
     """Enough of an mlx adapter folder for fuse to get as far as loading the base model."""
     d = tmp_path_factory.mktemp("adapter") / "adapter"
     d.mkdir()
-    (d / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 1,
-                                                       "lora_parameters": {"rank": 2, "scale": 1.0, "dropout": 0.0}}))
+    (d / "adapter_config.json").write_text(
+        json.dumps(
+            {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": {"rank": 2, "scale": 1.0, "dropout": 0.0}}
+        )
+    )
     import numpy as np
     from safetensors.numpy import save_file
 
-    save_file({"model.layers.1.self_attn.q_proj.lora_a": np.zeros((64, 2), dtype=np.float32)},
-              str(d / "adapters.safetensors"))
+    save_file(
+        {"model.layers.1.self_attn.q_proj.lora_a": np.zeros((64, 2), dtype=np.float32)}, str(d / "adapters.safetensors")
+    )
     return d
 
 
@@ -109,18 +121,62 @@ def _refused(res, *needles: str) -> None:
 def test_remote_code_is_refused_by_every_command_that_loads_a_model(evil, prepared, mlx_adapter_stub, tmp_path):
     model, marker = evil
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(json.dumps({"name": "evil-run", "model": str(model), "runs_dir": str(tmp_path / "runs"),
-                               "prepare": {"dataset": str(SAMPLE), "limit": 4, "token_stats": False}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "name": "evil-run",
+                "model": str(model),
+                "runs_dir": str(tmp_path / "runs"),
+                "prepare": {"dataset": str(SAMPLE), "limit": 4, "token_stats": False},
+            }
+        )
+    )
     commands = {
         "models pull": ["models", "pull", model],
         "prepare": ["prepare", SAMPLE, "--model", model, "--out", tmp_path / "data", "--limit", "4"],
-        "train mlx": ["train", "--model", model, "--data", prepared, "--out", tmp_path / "a1", "--backend", "mlx",
-                      "--iters", "1", "--batch-size", "1"],
-        "train torch": ["train", "--model", model, "--data", prepared, "--out", tmp_path / "a2", "--backend", "torch",
-                        "--iters", "1", "--batch-size", "1"],
+        "train mlx": [
+            "train",
+            "--model",
+            model,
+            "--data",
+            prepared,
+            "--out",
+            tmp_path / "a1",
+            "--backend",
+            "mlx",
+            "--iters",
+            "1",
+            "--batch-size",
+            "1",
+        ],
+        "train torch": [
+            "train",
+            "--model",
+            model,
+            "--data",
+            prepared,
+            "--out",
+            tmp_path / "a2",
+            "--backend",
+            "torch",
+            "--iters",
+            "1",
+            "--batch-size",
+            "1",
+        ],
         "fuse": ["fuse", "--model", model, "--adapter", mlx_adapter_stub, "--out", tmp_path / "fused"],
-        "export": ["export", model, "--out", tmp_path / "gguf", "--name", "evil", "-q", "f32",
-                   "--modelfile", tmp_path / "evil.Modelfile"],
+        "export": [
+            "export",
+            model,
+            "--out",
+            tmp_path / "gguf",
+            "--name",
+            "evil",
+            "-q",
+            "f32",
+            "--modelfile",
+            tmp_path / "evil.Modelfile",
+        ],
         "chat": ["chat", model],
         "generate": ["generate", model, "-p", "hi", "--max-tokens", "2"],
         "eval": ["eval", model, "--data", prepared, "--out", tmp_path / "eval", "--limit", "1", "--probe-limit", "1"],
@@ -160,15 +216,35 @@ def test_trust_remote_code_flag_and_run_key_reach_transformers(tiny_llama_dir, t
     marker = tmp_path / "PWNED"
     model = _evil(_copy_model(tiny_llama_dir, tmp_path / "model"), marker, config=False)
     env = {"HF_MODULES_CACHE": str(tmp_path / "modules")}
-    res = run_cli("prepare", SAMPLE, "--model", model, "--out", tmp_path / "data", "--limit", "4", "--no-token-stats",
-                  "--trust-remote-code", cwd=tmp_path, env=env)
+    res = run_cli(
+        "prepare",
+        SAMPLE,
+        "--model",
+        model,
+        "--out",
+        tmp_path / "data",
+        "--limit",
+        "4",
+        "--no-token-stats",
+        "--trust-remote-code",
+        cwd=tmp_path,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "tokenization_evil imported" in marker.read_text()
     marker.unlink()
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(json.dumps({"name": "trusted", "model": str(model), "runs_dir": str(tmp_path / "runs"),
-                               "trust_remote_code": True,
-                               "prepare": {"dataset": str(SAMPLE), "limit": 4, "token_stats": False}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "name": "trusted",
+                "model": str(model),
+                "runs_dir": str(tmp_path / "runs"),
+                "trust_remote_code": True,
+                "prepare": {"dataset": str(SAMPLE), "limit": 4, "token_stats": False},
+            }
+        )
+    )
     res = run_cli("run", cfg, "--only", "prepare", cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "tokenization_evil imported" in marker.read_text()
@@ -181,8 +257,11 @@ def test_loaders_pass_trust_remote_code_explicitly():
     calls = []
     for path in sorted((ROOT / "medtune").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                    and node.func.attr == "from_pretrained":
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "from_pretrained"
+            ):
                 owner = ast.unparse(node.func.value)
                 if owner == "PeftModel":  # adapters carry no code; their weights are checked by safety
                     continue
@@ -257,8 +336,19 @@ def test_pickle_only_weights_are_refused_before_loading(tiny_llama_dir, tmp_path
     assert "--allow-pickle" in e.value.hint and "safetensors" in e.value.hint
     res = run_cli("generate", model, "-p", "hi", "--max-tokens", "2", cwd=tmp_path)
     _refused(res, "pytorch_model.bin", "--allow-pickle")
-    res = run_cli("export", model, "--out", tmp_path / "gguf", "--name", "pkl", "-q", "f32",
-                  "--modelfile", tmp_path / "pkl.Modelfile", cwd=tmp_path)
+    res = run_cli(
+        "export",
+        model,
+        "--out",
+        tmp_path / "gguf",
+        "--name",
+        "pkl",
+        "-q",
+        "f32",
+        "--modelfile",
+        tmp_path / "pkl.Modelfile",
+        cwd=tmp_path,
+    )
     _refused(res, "pytorch_model.bin", "--allow-pickle")
     for suffix in (".pt", ".pth", ".ckpt"):
         (model / "pytorch_model.bin").rename(model / f"weights{suffix}")
@@ -266,8 +356,17 @@ def test_pickle_only_weights_are_refused_before_loading(tiny_llama_dir, tmp_path
             pull(str(model))
         (model / f"weights{suffix}").rename(model / "pytorch_model.bin")
     # --allow-pickle: read with weights_only=True, which refuses the payload instead of running it
-    res = run_cli("generate", model, "-p", "hi", "--max-tokens", "2", "--allow-pickle", cwd=tmp_path,
-                  env={"MEDTUNE_CACHE": str(tmp_path / "cache")})
+    res = run_cli(
+        "generate",
+        model,
+        "-p",
+        "hi",
+        "--max-tokens",
+        "2",
+        "--allow-pickle",
+        cwd=tmp_path,
+        env={"MEDTUNE_CACHE": str(tmp_path / "cache")},
+    )
     _refused(res, "refused to unpickle pytorch_model.bin", "pytorch_model.bin")
     assert not marker.exists()
 
@@ -276,13 +375,24 @@ def test_pickle_adapter_is_refused(tiny_llama_dir, tmp_path):
     marker = tmp_path / "PWNED"
     adapter = tmp_path / "peft"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-                                                             "target_modules": ["q_proj"]}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
+    )
     _payload_bin(adapter / "adapter_model.bin", marker)
     res = run_cli("fuse", "--model", tiny_llama_dir, "--adapter", adapter, "--out", tmp_path / "fused", cwd=tmp_path)
     _refused(res, "adapter_model.bin", "--allow-pickle")
-    res = run_cli("fuse", "--model", tiny_llama_dir, "--adapter", adapter, "--out", tmp_path / "fused",
-                  "--allow-pickle", cwd=tmp_path, env={"MEDTUNE_CACHE": str(tmp_path / "cache")})
+    res = run_cli(
+        "fuse",
+        "--model",
+        tiny_llama_dir,
+        "--adapter",
+        adapter,
+        "--out",
+        tmp_path / "fused",
+        "--allow-pickle",
+        cwd=tmp_path,
+        env={"MEDTUNE_CACHE": str(tmp_path / "cache")},
+    )
     _refused(res, "refused to unpickle adapter_model.bin")
     assert not marker.exists() and not (tmp_path / "fused").exists()
 
@@ -290,8 +400,8 @@ def test_pickle_adapter_is_refused(tiny_llama_dir, tmp_path):
 def test_safetensors_win_and_pickle_beside_them_is_never_opened(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from medtune.runtimes.mlx import load
     from medtune.models import pull
+    from medtune.runtimes.mlx import load
 
     marker = tmp_path / "PWNED"
     model = _copy_model(tiny_llama_dir, tmp_path / "model")
@@ -309,8 +419,8 @@ def test_allow_pickle_converts_to_safetensors_in_the_cache(tiny_llama_dir, tmp_p
     import numpy as np
     from safetensors.numpy import load_file
 
-    from medtune.runtimes.mlx import generate, load
     from medtune.models import pull
+    from medtune.runtimes.mlx import generate, load
 
     monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
     model = _pickle_only(tiny_llama_dir, tmp_path / "model")
@@ -332,8 +442,9 @@ def test_allow_pickle_converts_to_safetensors_in_the_cache(tiny_llama_dir, tmp_p
 
 
 # ---- 3. paths -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["../x", "../../etc", "/tmp/abs", "a/b", "..", ".", ".hidden", "x\ny", "", "a\\b",
-                                  "~", 5, None])
+@pytest.mark.parametrize(
+    "name", ["../x", "../../etc", "/tmp/abs", "a/b", "..", ".", ".hidden", "x\ny", "", "a\\b", "~", 5, None]
+)
 def test_run_name_must_be_a_safe_folder_name(name, tmp_path):
     from medtune.pipeline import load_config
 
@@ -369,8 +480,8 @@ def test_hub_ids_that_are_paths_are_refused(spec, monkeypatch, tmp_path):
     """Hub and ModelScope ids never reach a downloader (whose cache path they would become) unless they are plain
     ORG/NAME; the error is one clear exit-2 line."""
     from medtune.data import sources
-    from medtune.models.hub import hf_snapshot, modelscope_snapshot
     from medtune.models import pull
+    from medtune.models.hub import hf_snapshot, modelscope_snapshot
 
     monkeypatch.chdir(tmp_path)  # `org/..` could otherwise be a local folder
     with pytest.raises(BadInput):
@@ -407,11 +518,23 @@ def test_export_and_ollama_names_cannot_be_paths(tiny_llama_dir, tmp_path):
         if name != "a/b":  # Ollama names may have a namespace (library/model): a server name, not a path
             with pytest.raises(BadInput):
                 check_name(name)
-    res = run_cli("export", tiny_llama_dir, "--out", tmp_path / "gguf", "--name", "../../escaped", "-q", "f32",
-                  cwd=tmp_path)
+    res = run_cli(
+        "export", tiny_llama_dir, "--out", tmp_path / "gguf", "--name", "../../escaped", "-q", "f32", cwd=tmp_path
+    )
     _refused(res, "not a valid Ollama name")
-    res = run_cli("export", tiny_llama_dir, "--out", tmp_path / "gguf", "--name", "ok", "-q", "f32",
-                  "--ollama", "../x", cwd=tmp_path)
+    res = run_cli(
+        "export",
+        tiny_llama_dir,
+        "--out",
+        tmp_path / "gguf",
+        "--name",
+        "ok",
+        "-q",
+        "f32",
+        "--ollama",
+        "../x",
+        cwd=tmp_path,
+    )
     _refused(res, "not a valid Ollama name")
     assert not (tmp_path / "gguf").exists() and not (tmp_path.parent / "escaped-f32.gguf").exists()
 
@@ -429,8 +552,19 @@ def test_symlinks_out_of_a_model_folder_are_refused_and_never_copied(tiny_llama_
     assert "symlink" in e.value.message and e.value.where == str(model.resolve() / "special_tokens_map.json")
     res = run_cli("fuse", "--model", model, "--adapter", mlx_adapter_stub, "--out", tmp_path / "fused", cwd=tmp_path)
     _refused(res, "special_tokens_map.json", "symlink")
-    res = run_cli("export", model, "--out", tmp_path / "gguf", "--name", "leak", "-q", "f32",
-                  "--modelfile", tmp_path / "leak.Modelfile", cwd=tmp_path)
+    res = run_cli(
+        "export",
+        model,
+        "--out",
+        tmp_path / "gguf",
+        "--name",
+        "leak",
+        "-q",
+        "f32",
+        "--modelfile",
+        tmp_path / "leak.Modelfile",
+        cwd=tmp_path,
+    )
     _refused(res, "special_tokens_map.json", "symlink")
     # an adapter folder too (fuse copies its adapter_config.json into the manifest)
     adapter = tmp_path / "adapter"
@@ -439,8 +573,14 @@ def test_symlinks_out_of_a_model_folder_are_refused_and_never_copied(tiny_llama_
     (adapter / "adapter_config.json").symlink_to(secret)
     res = run_cli("fuse", "--model", tiny_llama_dir, "--adapter", adapter, "--out", tmp_path / "fused", cwd=tmp_path)
     _refused(res, "adapter_config.json", "symlink")
-    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p != secret
-              and "PRIVATE-KEY-MATERIAL" in p.read_text(errors="replace")]
+    leaked = [
+        p
+        for p in tmp_path.rglob("*")
+        if p.is_file()
+        and not p.is_symlink()
+        and p != secret
+        and "PRIVATE-KEY-MATERIAL" in p.read_text(errors="replace")
+    ]
     assert leaked == [] and not (tmp_path / "fused").exists() and not (tmp_path / "gguf").exists()
     # a link that stays inside the folder is fine
     inner = _copy_model(tiny_llama_dir, tmp_path / "inner")
@@ -472,8 +612,8 @@ def _hf_cache_repo(cache: Path, repo: str, src: Path) -> Path:
 def test_hf_cache_layout_symlinks_are_allowed_other_repos_are_not(tiny_llama_dir, tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
 
-    from medtune.runtimes.mlx import load
     from medtune.models import pull
+    from medtune.runtimes.mlx import load
 
     cache = tmp_path / "hub"
     snap = _hf_cache_repo(cache, "medtune-test/tiny", tiny_llama_dir)
@@ -507,8 +647,14 @@ def test_writes_replace_a_symlink_at_the_output_name_instead_of_following_it(tmp
     victim.write_text("untouched")
     out = tmp_path / "out"
     out.mkdir()
-    for i, write in enumerate((lambda p: fsutil.write_json(p, {"a": 1}), lambda p: fsutil.write_text(p, "x"),
-                               lambda p: jsonl.write_jsonl(p, [{"a": 1}]), lambda p: redact.write_json(p, {"a": 1}))):
+    for i, write in enumerate(
+        (
+            lambda p: fsutil.write_json(p, {"a": 1}),
+            lambda p: fsutil.write_text(p, "x"),
+            lambda p: jsonl.write_jsonl(p, [{"a": 1}]),
+            lambda p: redact.write_json(p, {"a": 1}),
+        )
+    ):
         link = out / f"file{i}.json"
         link.symlink_to(victim)
         write(link)
@@ -557,17 +703,22 @@ def test_modelfile_values_round_trip_as_one_value_or_are_refused():
 
     for attack in ATTACKS:
         from_path = f"/models/{attack.splitlines()[0] or 'x'}.gguf"
-        lines = modelfile_lines(from_path, "{{ .Prompt }}\n" + attack, attack, ["<|im_end|>", attack],
-                                {"temperature": 0.5})
+        lines = modelfile_lines(
+            from_path, "{{ .Prompt }}\n" + attack, attack, ["<|im_end|>", attack], {"temperature": 0.5}
+        )
         cmds = parse_modelfile("\n".join(lines) + "\n")
         assert [k for k, _ in cmds] == ["model", "template", "system", "stop", "stop", "temperature"], (attack, cmds)
         assert dict(cmds[:3]) == {"model": from_path, "template": "{{ .Prompt }}\n" + attack, "system": attack}
         assert [v for k, v in cmds if k == "stop"] == ["<|im_end|>", attack]
         assert [v for k, v in cmds if k == "temperature"] == ["0.5"]
     for bad in ('x"""\nFROM /etc/passwd', '"""', 'a """ b', "bell\x07", "nul\x00", "esc\x1b[31m"):
-        for args in ((f"/m/{bad}.gguf", "t", None, [], {}), ("/m.gguf", bad, None, [], {}),
-                     ("/m.gguf", "t", bad, [], {}), ("/m.gguf", "t", None, [bad], {}),
-                     ("/m.gguf", "t", None, [], {"seed": bad})):
+        for args in (
+            (f"/m/{bad}.gguf", "t", None, [], {}),
+            ("/m.gguf", bad, None, [], {}),
+            ("/m.gguf", "t", bad, [], {}),
+            ("/m.gguf", "t", None, [bad], {}),
+            ("/m.gguf", "t", None, [], {"seed": bad}),
+        ):
             with pytest.raises(BadInput):
                 modelfile_lines(*args)
     for name in ("temperature 1\nADAPTER /x", "num ctx", "stop"):
@@ -580,8 +731,14 @@ def test_exported_modelfile_with_hostile_system_prompt_parses_back(tiny_llama_di
     from medtune.export.modelfile import parse_modelfile
 
     system = ATTACKS[0] + "\n" + ATTACKS[5]
-    res = export(tiny_llama_dir, tmp_path / "gguf", "hostile", quants=("f32",), system=system,
-                 modelfile_path=tmp_path / "hostile.Modelfile")
+    res = export(
+        tiny_llama_dir,
+        tmp_path / "gguf",
+        "hostile",
+        quants=("f32",),
+        system=system,
+        modelfile_path=tmp_path / "hostile.Modelfile",
+    )
     cmds = parse_modelfile(res.modelfile_path.read_text(encoding="utf-8"))
     assert [v for k, v in cmds if k == "system"] == [system]
     assert [v for k, v in cmds if k == "model"] == ["./gguf/hostile-f32.gguf"]
@@ -614,8 +771,9 @@ def test_gguf_string_metadata_round_trips_byte_exactly(tiny_llama_dir, tmp_path)
     assert odd_keys == plain_keys  # nothing in a value became a key
     assert odd_strings["general.name"] == hostile_name.encode("utf-8")
     assert odd_strings["tokenizer.chat_template"] == hostile_template.encode("utf-8")
-    assert {k: v for k, v in odd_strings.items() if k not in ("general.name", "tokenizer.chat_template")} == \
-        {k: v for k, v in plain_strings.items() if k not in ("general.name", "tokenizer.chat_template")}
+    assert {k: v for k, v in odd_strings.items() if k not in ("general.name", "tokenizer.chat_template")} == {
+        k: v for k, v in plain_strings.items() if k not in ("general.name", "tokenizer.chat_template")
+    }
 
 
 # ---- 5. tokens ----------------------------------------------------------------------------------------------
@@ -632,9 +790,14 @@ def test_redaction_finds_tokens_in_env_login_files_and_by_shape(tmp_path, monkey
     monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", env_token)
     monkeypatch.setenv("MODELSCOPE_API_TOKEN", "ms-0123456789abcdef")
-    obj = {"options": {"host": f"http://u:{env_token}@h", "list": [file_token, ("t", stored)]},
-           f"key {env_token}": Path(f"/x/{stored}/y"), "n": 3, "ms": "ms-0123456789abcdef", "shaped": f"x{shaped}y",
-           "short": "hf_abc"}
+    obj = {
+        "options": {"host": f"http://u:{env_token}@h", "list": [file_token, ("t", stored)]},
+        f"key {env_token}": Path(f"/x/{stored}/y"),
+        "n": 3,
+        "ms": "ms-0123456789abcdef",
+        "shaped": f"x{shaped}y",
+        "short": "hf_abc",
+    }
     clean = json.dumps(redact.redact(obj))
     for t in (env_token, file_token, stored, shaped, "ms-0123456789abcdef"):
         assert t not in clean
@@ -651,8 +814,14 @@ def test_manifests_and_logs_are_written_redacted(tiny_llama_dir, tmp_path, monke
     token = _fake_token()
     monkeypatch.setenv("HF_TOKEN", token)
     system = f"You are careful. (debug: HF_TOKEN={token})"
-    res = export(tiny_llama_dir, tmp_path / "gguf", "redacted", quants=("f32",), system=system,
-                 modelfile_path=tmp_path / "redacted.Modelfile")
+    res = export(
+        tiny_llama_dir,
+        tmp_path / "gguf",
+        "redacted",
+        quants=("f32",),
+        system=system,
+        modelfile_path=tmp_path / "redacted.Modelfile",
+    )
     manifest = json.loads(res.manifest_path.read_text())
     assert token not in res.manifest_path.read_text() and redact.PLACEHOLDER in manifest["options"]["system"]
     assert [v for k, v in parse_modelfile(res.modelfile_path.read_text()) if k == "system"] == [system]  # the user's
@@ -672,11 +841,25 @@ def test_no_token_in_any_output_of_a_full_run_and_the_commands(tiny_llama_dir, t
     env = {"HF_TOKEN": env_token, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "out"
     cfg = {
-        "name": "tok", "model": str(tiny_llama_dir), "runs_dir": str(out / "runs"),
-        "prepare": {"dataset": str(SAMPLE), "max_seq_length": 1024, "limit": 8, "valid_ratio": 0.25,
-                    "token_stats": False},
-        "train": {"iters": 2, "batch_size": 2, "num_layers": 1, "max_seq_length": 1024, "eval_every": 2,
-                  "save_every": 2, "backend": "mlx"},
+        "name": "tok",
+        "model": str(tiny_llama_dir),
+        "runs_dir": str(out / "runs"),
+        "prepare": {
+            "dataset": str(SAMPLE),
+            "max_seq_length": 1024,
+            "limit": 8,
+            "valid_ratio": 0.25,
+            "token_stats": False,
+        },
+        "train": {
+            "iters": 2,
+            "batch_size": 2,
+            "num_layers": 1,
+            "max_seq_length": 1024,
+            "eval_every": 2,
+            "save_every": 2,
+            "backend": "mlx",
+        },
         "export": {"quant": ["f32"]},
         # credentials pasted into a URL: the resolved config.yaml would keep them
         "ollama": {"create": "auto", "host": f"http://medtune:{env_token}@127.0.0.1:9"},
@@ -685,13 +868,59 @@ def test_no_token_in_any_output_of_a_full_run_and_the_commands(tiny_llama_dir, t
     (tmp_path / "run.yaml").write_text(json.dumps(cfg))
     results = [run_cli("run", tmp_path / "run.yaml", cwd=tmp_path, env=env)]
     data = out / "runs" / "tok" / "data"
-    results.append(run_cli("train", "--model", tiny_llama_dir, "--data", data, "--out", out / "adapter", "--iters", "2",
-                           "--batch-size", "2", "--num-layers", "1", "--eval-every", "2", "--backend", "mlx",
-                           cwd=tmp_path, env=env))
-    results.append(run_cli("fuse", "--model", tiny_llama_dir, "--adapter", out / "adapter", "--out", out / "fused",
-                           cwd=tmp_path, env=env))
-    results.append(run_cli("export", out / "fused", "--out", out / "gguf", "--name", "tok-cli", "-q", "f32",
-                           "--modelfile", out / "tok-cli.Modelfile", "--json", cwd=tmp_path, env=env))
+    results.append(
+        run_cli(
+            "train",
+            "--model",
+            tiny_llama_dir,
+            "--data",
+            data,
+            "--out",
+            out / "adapter",
+            "--iters",
+            "2",
+            "--batch-size",
+            "2",
+            "--num-layers",
+            "1",
+            "--eval-every",
+            "2",
+            "--backend",
+            "mlx",
+            cwd=tmp_path,
+            env=env,
+        )
+    )
+    results.append(
+        run_cli(
+            "fuse",
+            "--model",
+            tiny_llama_dir,
+            "--adapter",
+            out / "adapter",
+            "--out",
+            out / "fused",
+            cwd=tmp_path,
+            env=env,
+        )
+    )
+    results.append(
+        run_cli(
+            "export",
+            out / "fused",
+            "--out",
+            out / "gguf",
+            "--name",
+            "tok-cli",
+            "-q",
+            "f32",
+            "--modelfile",
+            out / "tok-cli.Modelfile",
+            "--json",
+            cwd=tmp_path,
+            env=env,
+        )
+    )
     for res in results:
         assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "runs" / "tok" / "eval" / "report.html").is_file()

@@ -20,8 +20,17 @@ for _module in pkgutil.iter_modules(__path__):  # every module here registers it
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Arch", "REGISTRY", "MODEL_TYPES", "register", "supported", "for_config", "for_gguf",
-           "hf_arch_for_model_type", "importable"]
+__all__ = [
+    "Arch",
+    "REGISTRY",
+    "MODEL_TYPES",
+    "register",
+    "supported",
+    "for_config",
+    "for_gguf",
+    "hf_arch_for_model_type",
+    "importable",
+]
 
 
 def for_config(cfg: dict, where: str = "config.json") -> Arch:
@@ -55,7 +64,10 @@ def for_gguf(gguf_arch: str | None, where: str) -> type[Arch]:
     known = importable()
     cls = known.get(gguf_arch)
     if cls is None:
-        raise BadInput(f"GGUF architecture {gguf_arch!r} cannot be imported", where=where,
-                       hint=f"medtune imports {', '.join(sorted(known))} GGUFs: pass this model's Hugging "
-                            "Face folder (or ORG/NAME) instead of the .gguf, or pick a model of those architectures")
+        raise BadInput(
+            f"GGUF architecture {gguf_arch!r} cannot be imported",
+            where=where,
+            hint=f"medtune imports {', '.join(sorted(known))} GGUFs: pass this model's Hugging "
+            "Face folder (or ORG/NAME) instead of the .gguf, or pick a model of those architectures",
+        )
     return cls

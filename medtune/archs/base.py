@@ -142,8 +142,12 @@ class Arch:
         if found is None:
             return None
         template, bid, suffix, gguf_template = found
-        if bid is not None and suffix == "bias" and self.bias_kinds is not None \
-                and self._kind_of(template) not in self.bias_kinds:
+        if (
+            bid is not None
+            and suffix == "bias"
+            and self.bias_kinds is not None
+            and self._kind_of(template) not in self.bias_kinds
+        ):
             return None
         if template == self.tensors["OUTPUT"] and self.tied:
             return ""  # llama.cpp reuses token_embd when output.weight is absent
@@ -178,8 +182,11 @@ class Arch:
                 return self.cfg[key]
         if default is not None:
             return default
-        raise BadInput(f"config.json has no {' / '.join(keys)}", where="config.json",
-                       hint=f"a {self.hf_arch} config needs it; re-save the model with transformers")
+        raise BadInput(
+            f"config.json has no {' / '.join(keys)}",
+            where="config.json",
+            hint=f"a {self.hf_arch} config needs it; re-save the model with transformers",
+        )
 
     @property
     def n_head(self) -> int:
@@ -226,7 +233,10 @@ class Arch:
         ]
         if self.head_dim * self.n_head != hidden:
             # llama.cpp assumes hidden_size / heads otherwise (Qwen3-0.6B: 1024 / 16 = 64, head_dim 128).
-            h += [(Keys.Attention.KEY_LENGTH, "u32", self.head_dim), (Keys.Attention.VALUE_LENGTH, "u32", self.head_dim)]
+            h += [
+                (Keys.Attention.KEY_LENGTH, "u32", self.head_dim),
+                (Keys.Attention.VALUE_LENGTH, "u32", self.head_dim),
+            ]
         arch = self.gguf_arch()
         return [(key.format(arch=arch), vtype, value) for key, vtype, value in h + self.rope_scaling_hparams()]
 
@@ -270,11 +280,17 @@ class Arch:
         if kind is None:
             return
         if kind not in self.rope_kinds:
-            raise BadInput(f"rope scaling {kind!r} is not supported for {self.hf_arch} export", where="config.json",
-                           hint=f"supported: none, {', '.join(self.rope_kinds)}")
+            raise BadInput(
+                f"rope scaling {kind!r} is not supported for {self.hf_arch} export",
+                where="config.json",
+                hint=f"supported: none, {', '.join(self.rope_kinds)}",
+            )
         if kind in ("linear", "yarn") and not s.get("factor"):
-            raise BadInput(f"{kind} rope scaling without a factor", where="config.json",
-                           hint="set rope_scaling.factor (the context extension ratio)")
+            raise BadInput(
+                f"{kind} rope scaling without a factor",
+                where="config.json",
+                hint="set rope_scaling.factor (the context extension ratio)",
+            )
         if kind == "yarn":
             self._check_yarn(s)
 
@@ -287,10 +303,12 @@ class Arch:
         if s.get("truncate") is False:
             odd.append("truncate")
         if odd:
-            raise BadInput(f"yarn rope scaling with {', '.join(odd)} cannot be written for llama.cpp",
-                           where="config.json",
-                           hint="llama.cpp would compute different rotary frequencies; export with "
-                                "llama.cpp's convert_hf_to_gguf.py and check the result")
+            raise BadInput(
+                f"yarn rope scaling with {', '.join(odd)} cannot be written for llama.cpp",
+                where="config.json",
+                hint="llama.cpp would compute different rotary frequencies; export with "
+                "llama.cpp's convert_hf_to_gguf.py and check the result",
+            )
 
     # ---- rope scaling ---------------------------------------------------------------------------
     # `linear` and `yarn` are read by llama.cpp's common loader for every architecture (`rope.scaling.*` keys);
@@ -305,8 +323,11 @@ class Arch:
 
     def original_context(self, s: dict) -> int:
         """The pre-training context of a scaled rope (transformers' fallback: max_position_embeddings)."""
-        return int(s.get("original_max_position_embeddings") or self.cfg.get("original_max_position_embeddings")
-                   or self.context_length)
+        return int(
+            s.get("original_max_position_embeddings")
+            or self.cfg.get("original_max_position_embeddings")
+            or self.context_length
+        )
 
     def rope_scaling_hparams(self) -> list[tuple[str, str, object]]:
         from gguf import Keys
@@ -317,8 +338,11 @@ class Arch:
         if kind != "yarn":
             return []
         factor = float(s["factor"])
-        h = [(Keys.Rope.SCALING_TYPE, "str", "yarn"), (Keys.Rope.SCALING_FACTOR, "f32", factor),
-             (Keys.Rope.SCALING_ORIG_CTX_LEN, "u32", self.original_context(s))]
+        h = [
+            (Keys.Rope.SCALING_TYPE, "str", "yarn"),
+            (Keys.Rope.SCALING_FACTOR, "f32", factor),
+            (Keys.Rope.SCALING_ORIG_CTX_LEN, "u32", self.original_context(s)),
+        ]
         if s.get("attention_factor") is not None:
             # transformers scales cos/sin by attention_factor (default 0.1 ln(factor) + 1); llama.cpp by
             # that default times rope.scaling.attn_factor.

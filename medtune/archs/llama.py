@@ -54,8 +54,7 @@ class Llama(Arch):
         kind, s = self.rope_scaling()
         if kind != "llama3":
             return []
-        return [("rope_freqs.weight", llama3_rope_factors(self.head_dim, self.rope_theta, s,
-                                                          self.original_context(s)))]
+        return [("rope_freqs.weight", llama3_rope_factors(self.head_dim, self.rope_theta, s, self.original_context(s)))]
 
 
 @register

@@ -18,9 +18,12 @@ class Qwen2(Arch):
     def check(self):
         super().check()
         if self.cfg.get("use_sliding_window"):
-            raise BadInput(f"{self.hf_arch} with use_sliding_window cannot be exported", where="config.json",
-                           hint="llama.cpp's qwen2/qwen3 graphs attend to the whole context; "
-                                "set use_sliding_window to false if the model was trained that way")
+            raise BadInput(
+                f"{self.hf_arch} with use_sliding_window cannot be exported",
+                where="config.json",
+                hint="llama.cpp's qwen2/qwen3 graphs attend to the whole context; "
+                "set use_sliding_window to false if the model was trained that way",
+            )
 
 
 @register
@@ -31,7 +34,9 @@ class Qwen3(Qwen2):
     hf_names = ("Qwen3ForCausalLM",)
     model_types = ("qwen3",)
     model_arch = "QWEN3"
-    tensors = {**Qwen2.tensors,
-               "ATTN_Q_NORM": "model.layers.{bid}.self_attn.q_norm",
-               "ATTN_K_NORM": "model.layers.{bid}.self_attn.k_norm"}
+    tensors = {
+        **Qwen2.tensors,
+        "ATTN_Q_NORM": "model.layers.{bid}.self_attn.q_norm",
+        "ATTN_K_NORM": "model.layers.{bid}.self_attn.k_norm",
+    }
     hf_extra = {"hidden_act": "silu", "attention_bias": False}

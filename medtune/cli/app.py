@@ -33,7 +33,9 @@ def _version(value: bool):
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ):
     if debug:
         os.environ["MEDTUNE_DEBUG"] = "1"
@@ -77,9 +79,13 @@ def main() -> None:
             sys.exit(full.exit_code)
         from rich.markup import escape
 
-        console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc).splitlines()[0] if str(exc) else '')}",
-                      soft_wrap=True)
-        console.print("[dim]hint:[/] re-run with --debug for the traceback, and report it if it is a bug", soft_wrap=True)
+        console.print(
+            f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc).splitlines()[0] if str(exc) else '')}",
+            soft_wrap=True,
+        )
+        console.print(
+            "[dim]hint:[/] re-run with --debug for the traceback, and report it if it is a bug", soft_wrap=True
+        )
         sys.exit(1)
 
 

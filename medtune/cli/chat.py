@@ -11,19 +11,42 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from medtune.cli.options import (DEFAULT_MODEL, AllowPickleOpt, JsonOpt, ModelArg, ModelFlag, TrustRemoteCodeOpt,
-                                  emit_json, pick_model, untrusted)
+from medtune.cli.options import (
+    DEFAULT_MODEL,
+    AllowPickleOpt,
+    JsonOpt,
+    ModelArg,
+    ModelFlag,
+    TrustRemoteCodeOpt,
+    emit_json,
+    pick_model,
+    untrusted,
+)
 from medtune.core.errors import BadInput
 from medtune.runtimes.decoding import REPEAT_LAST_N, REPEAT_PENALTY  # light: numpy only, inside its functions
 
-AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", "-a", metavar="DIR", help="LoRA adapter folder from `medtune train` "
-                                                                           "(adapter_config.json + adapters.safetensors).")]
+AdapterOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--adapter",
+        "-a",
+        metavar="DIR",
+        help="LoRA adapter folder from `medtune train` (adapter_config.json + adapters.safetensors).",
+    ),
+]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", help="System prompt.")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Most tokens per answer.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling (1 = off).")]
-RepeatPenaltyOpt = Annotated[float, typer.Option("--repeat-penalty", help="Penalise tokens seen in the last "
-                                                 "--repeat-last-n (1 = off); the Modelfile sets the same for Ollama.")]
-RepeatLastNOpt = Annotated[int, typer.Option("--repeat-last-n", help="How many recent tokens the penalty looks at (0 = off).")]
+RepeatPenaltyOpt = Annotated[
+    float,
+    typer.Option(
+        "--repeat-penalty",
+        help="Penalise tokens seen in the last --repeat-last-n (1 = off); the Modelfile sets the same for Ollama.",
+    ),
+]
+RepeatLastNOpt = Annotated[
+    int, typer.Option("--repeat-last-n", help="How many recent tokens the penalty looks at (0 = off).")
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
 
 
@@ -52,25 +75,35 @@ def chat(
     with untrusted(trust_remote_code, allow_pickle):
         net, tokenizer = load(model, adapter)
     console.print("[dim]ready. /clear resets the conversation, /exit (or Ctrl-D) ends it.[/]")
-    chat_loop(net, tokenizer, system=system, temp=temp, top_p=top_p, max_tokens=max_tokens,
-              hide_think=hide_think, seed=seed, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
+    chat_loop(
+        net,
+        tokenizer,
+        system=system,
+        temp=temp,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        hide_think=hide_think,
+        seed=seed,
+        repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n,
+    )
 
 
 def read_prompts(path: Path) -> list[str]:
     """One prompt per line, or JSON Lines with a "prompt" field (.jsonl)."""
     if not path.is_file():
-        raise BadInput(f"prompts file not found: {path}", hint="one prompt per line, or .jsonl with a \"prompt\" field")
+        raise BadInput(f"prompts file not found: {path}", hint='one prompt per line, or .jsonl with a "prompt" field')
     if path.suffix.lower() != ".jsonl":
         with open(path, encoding="utf-8") as fh:
             return [line.strip() for line in fh if line.strip()]
     from medtune.core.jsonl import iter_jsonl
 
-    hint = "each line must be a JSON object with a \"prompt\" field"
+    hint = 'each line must be a JSON object with a "prompt" field'
     prompts = []
     for n, row in iter_jsonl(path, hint):
         value = row.get("prompt")
         if not isinstance(value, str) or not value.strip():
-            raise BadInput("no \"prompt\" text in this record", where=f"{path}:{n}", hint=hint)
+            raise BadInput('no "prompt" text in this record', where=f"{path}:{n}", hint=hint)
         prompts.append(value.strip())
     return prompts
 
@@ -79,9 +112,13 @@ def generate(
     model: ModelArg = None,
     model_flag: ModelFlag = None,
     adapter: AdapterOpt = None,
-    prompt: Annotated[Optional[List[str]], typer.Option("--prompt", "-p", metavar="TEXT", help="A prompt; repeat for several.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", metavar="FILE", help="File: one prompt per line, or .jsonl "
-                                                                      "with a \"prompt\" field.")] = None,
+    prompt: Annotated[
+        Optional[List[str]], typer.Option("--prompt", "-p", metavar="TEXT", help="A prompt; repeat for several.")
+    ] = None,
+    prompts: Annotated[
+        Optional[Path],
+        typer.Option("--prompts", metavar="FILE", help='File: one prompt per line, or .jsonl with a "prompt" field.'),
+    ] = None,
     system: SystemOpt = None,
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")] = 0.0,
     top_p: TopPOpt = 1.0,
@@ -119,8 +156,18 @@ def generate(
 
     console.print(f"[dim]loading {model}" + (f" + {adapter}" if adapter else "") + f", {len(todo)} prompt(s) …[/]")
     with untrusted(trust_remote_code, allow_pickle):
-        results = generate_many(model, todo, adapter=adapter, system=system, on_result=show,
-                                max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
-                                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
+        results = generate_many(
+            model,
+            todo,
+            adapter=adapter,
+            system=system,
+            on_result=show,
+            max_tokens=max_tokens,
+            temp=temp,
+            top_p=top_p,
+            seed=seed,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+        )
     if as_json:
         emit_json([r.to_dict() for r in results])

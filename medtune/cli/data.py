@@ -7,19 +7,34 @@ from typing import Annotated, Optional
 
 import typer
 
-from medtune.cli.options import (DEFAULT_MODEL, AllowPickleOpt, JsonOpt, ModelOpt, TrustRemoteCodeOpt, emit_json,
-                                  stage_options, untrusted)
+from medtune.cli.options import (
+    DEFAULT_MODEL,
+    AllowPickleOpt,
+    JsonOpt,
+    ModelOpt,
+    TrustRemoteCodeOpt,
+    emit_json,
+    stage_options,
+    untrusted,
+)
 from medtune.core.console import console, done
 from medtune.data.options import PrepareOptions
 
 
 @stage_options(PrepareOptions)
 def prepare(
-    dataset: Annotated[str, typer.Argument(help="A .json/.jsonl/.csv/.parquet file or folder, a cMedQA2 folder "
-                                                "(question.csv + answer.csv), hf:ORG/NAME[:config][@split] or modelscope:ORG/NAME.")],
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help="A .json/.jsonl/.csv/.parquet file or folder, a cMedQA2 folder "
+            "(question.csv + answer.csv), hf:ORG/NAME[:config][@split] or modelscope:ORG/NAME."
+        ),
+    ],
     opts: PrepareOptions,
     model: ModelOpt = DEFAULT_MODEL,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: data/processed/<name>).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Output folder (default: data/processed/<name>).")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and summarise without writing.")] = False,
     as_json: JsonOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -32,7 +47,11 @@ def prepare(
     if out is None and not dry_run:
         from medtune.core.safety import safe_component
 
-        stem = dataset.split(":", 1)[-1].rstrip("/").replace("/", "_").split("@")[0] if ":" in dataset else Path(dataset).stem
+        stem = (
+            dataset.split(":", 1)[-1].rstrip("/").replace("/", "_").split("@")[0]
+            if ":" in dataset
+            else Path(dataset).stem
+        )
         out = Path("data/processed") / safe_component(stem, "dataset")  # never '..' or a path from the spec
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
         res = run(dataset, model, out, opts, dry_run=dry_run, progress=p)
@@ -56,8 +75,13 @@ def prepare(
         from rich.panel import Panel
         from rich.text import Text
 
-        console.print(Panel(Text(res.example.get("rendered", "")), title="first training example, as the model sees it",
-                            expand=False))
+        console.print(
+            Panel(
+                Text(res.example.get("rendered", "")),
+                title="first training example, as the model sees it",
+                expand=False,
+            )
+        )
     else:
         done(f"prepared data in {res.out}")
         print(res.out)

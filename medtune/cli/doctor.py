@@ -21,7 +21,11 @@ def doctor(as_json: JsonOpt = False):
     t.add_row("GPU", ", ".join(report["gpu"]["devices"]) or "none")
     m = report["mlx"]
     blas = m.get("blas", {})
-    blas_line = "n/a" if not blas.get("wanted") else (f"OpenBLAS bound ({blas['path']})" if blas.get("active") else f"NOT bound: {blas.get('reason')}")
+    blas_line = (
+        "n/a"
+        if not blas.get("wanted")
+        else (f"OpenBLAS bound ({blas['path']})" if blas.get("active") else f"NOT bound: {blas.get('reason')}")
+    )
     t.add_row("MLX", f"{m.get('device', m.get('error'))}, float32 matmul {m.get('matmul_gflops', '?')} GFLOP/s")
     t.add_row("BLAS", blas_line)
     t.add_row("Versions", ", ".join(f"{k} {v or '—'}" for k, v in report["versions"].items()))

@@ -16,13 +16,29 @@ from medtune.export.options import ExportOptions
 def export(
     opts: ExportOptions,
     model_dir: Annotated[Path, typer.Argument(help="Fused model folder (from `medtune fuse`).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the GGUF files (default: MODEL_DIR).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Folder for the GGUF files (default: MODEL_DIR).")
+    ] = None,
     name: Annotated[str, typer.Option("--name", "-n", help="Model name for files and Ollama.")] = "medtune",
-    modelfile: Annotated[Optional[Path], typer.Option(help="Modelfile path (default: Modelfiles/NAME.Modelfile).")] = None,
-    ollama: Annotated[Optional[str], typer.Option("--ollama", metavar="NAME", help="Then create NAME in Ollama from the "
-                                                  "Modelfile (as `medtune ollama create`).")] = None,
-    host: Annotated[Optional[str], typer.Option("--host", metavar="URL", help="Ollama server for --ollama "
-                                                "(default: $OLLAMA_HOST or http://127.0.0.1:11434).")] = None,
+    modelfile: Annotated[
+        Optional[Path], typer.Option(help="Modelfile path (default: Modelfiles/NAME.Modelfile).")
+    ] = None,
+    ollama: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ollama",
+            metavar="NAME",
+            help="Then create NAME in Ollama from the Modelfile (as `medtune ollama create`).",
+        ),
+    ] = None,
+    host: Annotated[
+        Optional[str],
+        typer.Option(
+            "--host",
+            metavar="URL",
+            help="Ollama server for --ollama (default: $OLLAMA_HOST or http://127.0.0.1:11434).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,

@@ -7,8 +7,16 @@ from typing import Annotated
 
 import typer
 
-from medtune.cli.options import (DEFAULT_MODEL, AllowPickleOpt, JsonOpt, ModelOpt, TrustRemoteCodeOpt, emit_json,
-                                  stage_options, untrusted)
+from medtune.cli.options import (
+    DEFAULT_MODEL,
+    AllowPickleOpt,
+    JsonOpt,
+    ModelOpt,
+    TrustRemoteCodeOpt,
+    emit_json,
+    stage_options,
+    untrusted,
+)
 from medtune.core.console import done, step
 from medtune.fuse.options import FuseOptions
 
@@ -17,7 +25,9 @@ from medtune.fuse.options import FuseOptions
 def fuse(
     opts: FuseOptions,
     model: ModelOpt = DEFAULT_MODEL,
-    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="Folder from `medtune train`.")] = Path("adapters/medtune"),
+    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="Folder from `medtune train`.")] = Path(
+        "adapters/medtune"
+    ),
     out: Annotated[Path, typer.Option("--out", "-o", help="Fused model folder.")] = Path("models/medtune"),
     as_json: JsonOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,

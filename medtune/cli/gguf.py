@@ -61,17 +61,28 @@ def inspect(
         ("vocab size", info["vocab_size"]),
         ("tokenizer", f"{info['tokenizer_model']}, pre-tokenizer {info['pre_tokenizer']}"),
         ("bos / eos / eot", f"{tok(info['bos'])} / {tok(info['eos'])} / {tok(info['eot'])}; add_bos {info['add_bos']}"),
-        ("end ids", ", ".join(map(str, ids)) if isinstance(ids := info["metadata"].get("tokenizer.ggml.eos_token_ids"),
-                                                          list) else "—"),
+        (
+            "end ids",
+            ", ".join(map(str, ids))
+            if isinstance(ids := info["metadata"].get("tokenizer.ggml.eos_token_ids"), list)
+            else "—",
+        ),
         ("chat template", f"yes: {first[:100]}{'…' if len(first) > 100 else ''}" if first else "none"),
-        ("tensors", f"{info['n_tensors']}: " + ", ".join(
-            f"{t} × {n} ({_size(info['tensor_bytes'][t])})" for t, n in sorted(info["tensor_types"].items()))),
+        (
+            "tensors",
+            f"{info['n_tensors']}: "
+            + ", ".join(
+                f"{t} × {n} ({_size(info['tensor_bytes'][t])})" for t, n in sorted(info["tensor_types"].items())
+            ),
+        ),
     ]
     out.print(f"[bold]{escape(str(file))}[/]")
     for key, value in rows:
         out.print(f"  {key:<15} {escape(str(value))}")
     listed = info["tensors"]
-    out.print("[bold]tensors[/]" + ("" if tensors else f" (first {len(listed)} of {info['n_tensors']}; --tensors for all)"))
+    out.print(
+        "[bold]tensors[/]" + ("" if tensors else f" (first {len(listed)} of {info['n_tensors']}; --tensors for all)")
+    )
     width = max((len(t["name"]) for t in listed), default=4)
     for t in listed:
         shape = "×".join(map(str, t["shape"]))

@@ -12,8 +12,12 @@ app = typer.Typer(help="Fetch and inspect models.", no_args_is_help=True)
 
 
 @app.command("pull")
-def models_pull(spec: Annotated[str, typer.Argument(help="Model spec.")] = DEFAULT_MODEL, as_json: JsonOpt = False,
-                trust_remote_code: TrustRemoteCodeOpt = False, allow_pickle: AllowPickleOpt = False):
+def models_pull(
+    spec: Annotated[str, typer.Argument(help="Model spec.")] = DEFAULT_MODEL,
+    as_json: JsonOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+):
     """Make a model available locally and print its Hugging Face folder."""
     from medtune.core.console import progress
     from medtune.models import pull

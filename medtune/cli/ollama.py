@@ -14,21 +14,32 @@ import typer
 
 from medtune.cli.options import JsonOpt, emit_json
 
-app = typer.Typer(help="Create a model in Ollama from medtune's Modelfile, and ask it questions.",
-                  no_args_is_help=True)
+app = typer.Typer(help="Create a model in Ollama from medtune's Modelfile, and ask it questions.", no_args_is_help=True)
 
-NameArg = Annotated[str, typer.Argument(metavar="NAME", help="Ollama model name, e.g. medtune-smol or medtune-smol:v1.")]
-HostOpt = Annotated[Optional[str], typer.Option("--host", metavar="URL", help="Ollama server (default: $OLLAMA_HOST, "
-                                                "else http://127.0.0.1:11434).")]
+NameArg = Annotated[
+    str, typer.Argument(metavar="NAME", help="Ollama model name, e.g. medtune-smol or medtune-smol:v1.")
+]
+HostOpt = Annotated[
+    Optional[str],
+    typer.Option("--host", metavar="URL", help="Ollama server (default: $OLLAMA_HOST, else http://127.0.0.1:11434)."),
+]
 
 
 @app.command("create")
 def create(
     name: NameArg,
-    modelfile: Annotated[Path, typer.Option("--modelfile", "-f", metavar="FILE", help="Modelfile from `medtune export`.")],
+    modelfile: Annotated[
+        Path, typer.Option("--modelfile", "-f", metavar="FILE", help="Modelfile from `medtune export`.")
+    ],
     host: HostOpt = None,
-    use_cli: Annotated[bool, typer.Option("--use-cli", help="Run `ollama create NAME -f FILE` instead of using the "
-                                                             "HTTP API (also the fallback when no server answers).")] = False,
+    use_cli: Annotated[
+        bool,
+        typer.Option(
+            "--use-cli",
+            help="Run `ollama create NAME -f FILE` instead of using the "
+            "HTTP API (also the fallback when no server answers).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ):
     """Upload the GGUF named by FROM (skipped when the server has it) and create the model."""
@@ -57,10 +68,13 @@ def run(
     name: NameArg,
     prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="TEXT", help="The question.")],
     host: HostOpt = None,
-    system: Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT",
-                                                  help="System prompt (default: the Modelfile's SYSTEM).")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Most tokens (num_predict; "
-                                                                           "default: the model's).")] = None,
+    system: Annotated[
+        Optional[str],
+        typer.Option("--system", "-s", metavar="TEXT", help="System prompt (default: the Modelfile's SYSTEM)."),
+    ] = None,
+    max_tokens: Annotated[
+        Optional[int], typer.Option("--max-tokens", help="Most tokens (num_predict; default: the model's).")
+    ] = None,
     temp: Annotated[Optional[float], typer.Option("--temp", help="Temperature (default: the Modelfile's).")] = None,
     api: Annotated[str, typer.Option("--api", help="chat (as `ollama run`) | generate.")] = "chat",
     as_json: JsonOpt = False,
@@ -76,8 +90,15 @@ def run(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    res = ask(name, prompt, host=host, system=system, api=api,
-              options={"num_predict": max_tokens, "temperature": temp}, on_text=None if as_json else show)
+    res = ask(
+        name,
+        prompt,
+        host=host,
+        system=system,
+        api=api,
+        options={"num_predict": max_tokens, "temperature": temp},
+        on_text=None if as_json else show,
+    )
     if as_json:
         return emit_json(res.to_dict())
     if streamed and not streamed[-1].endswith("\n"):

@@ -18,14 +18,26 @@ MODEL_HELP = "Folder, .gguf file, builtin:NAME, ORG/NAME (Hub) or modelscope:ORG
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 ModelArg = Annotated[Optional[str], typer.Argument(metavar="MODEL", help=MODEL_HELP)]
 # the commands whose MODEL is positional also take it as --model/-m, as prepare, train and fuse do
-ModelFlag = Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", help="The same as the MODEL argument.")]
+ModelFlag = Annotated[
+    Optional[str], typer.Option("--model", "-m", metavar="MODEL", help="The same as the MODEL argument.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-TrustRemoteCodeOpt = Annotated[bool, typer.Option(
-    "--trust-remote-code", help="Let a model run the Python code it ships (auto_map in config.json / "
-                                "tokenizer_config.json). Off: such models are refused. Only for models you trust.")]
-AllowPickleOpt = Annotated[bool, typer.Option(
-    "--allow-pickle", help="Accept pickle weights (*.bin, *.pt, *.pth, *.ckpt) when a folder has no safetensors: "
-                           "read with torch.load(weights_only=True), converted to safetensors in the cache.")]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Let a model run the Python code it ships (auto_map in config.json / "
+        "tokenizer_config.json). Off: such models are refused. Only for models you trust.",
+    ),
+]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Accept pickle weights (*.bin, *.pt, *.pth, *.ckpt) when a folder has no safetensors: "
+        "read with torch.load(weights_only=True), converted to safetensors in the cache.",
+    ),
+]
 
 
 def emit_json(obj) -> None:
@@ -86,8 +98,15 @@ def stage_options(cls, exclude: tuple[str, ...] = (), build: bool = True):
     def wrap(command):
         sig = inspect.signature(command, eval_str=True)
         own = [p for name, p in sig.parameters.items() if name != "opts" and p.kind is not p.VAR_KEYWORD]
-        added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=options.default_of(f),
-                                   annotation=_cli_annotation(f, hints[f.name])) for f in chosen]
+        added = [
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=options.default_of(f),
+                annotation=_cli_annotation(f, hints[f.name]),
+            )
+            for f in chosen
+        ]
         names = {f.name for f in chosen}
 
         @functools.wraps(command)

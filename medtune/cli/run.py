@@ -13,18 +13,41 @@ from medtune.cli.options import JsonOpt, emit_json
 
 
 def run(
-    config: Annotated[Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="Run config (default: the built-in "
-                                                     "one: embedded SmolLM2, the sample set, small settings).")] = None,
-    print_config: Annotated[bool, typer.Option("--print-config", help="Print a commented default config and exit.")] = False,
-    from_stage: Annotated[Optional[str], typer.Option("--from", metavar="STAGE", help="Redo STAGE and the ones after it "
-                                                      "(prepare, train, fuse, export, ollama, eval).")] = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Argument(
+            metavar="[CONFIG.yaml]",
+            help="Run config (default: the built-in one: embedded SmolLM2, the sample set, small settings).",
+        ),
+    ] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print a commented default config and exit.")
+    ] = False,
+    from_stage: Annotated[
+        Optional[str],
+        typer.Option(
+            "--from",
+            metavar="STAGE",
+            help="Redo STAGE and the ones after it (prepare, train, fuse, export, ollama, eval).",
+        ),
+    ] = None,
     only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE", help="Redo just STAGE.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo every stage, even those that are up to date.")] = False,
     as_json: JsonOpt = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Let the model run the Python code it "
-                                                    "ships (as trust_remote_code: true in the config).")] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle weights when there are no "
-                                               "safetensors (as allow_pickle: true in the config).")] = False,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code",
+            help="Let the model run the Python code it ships (as trust_remote_code: true in the config).",
+        ),
+    ] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Accept pickle weights when there are no safetensors (as allow_pickle: true in the config).",
+        ),
+    ] = False,
 ):
     """prepare → train → fuse → export → ollama → eval from one YAML; stages already done are skipped, and an
     interrupted training resumes from its checkpoint. Everything lands in runs/<name>/."""
@@ -38,8 +61,14 @@ def run(
     from medtune.pipeline import run_pipeline
 
     with progress() as p, untrusted(trust_remote_code, allow_pickle):
-        res = run_pipeline(config, from_stage=from_stage, only=only, force=force, progress=p,
-                           log=lambda line: p.console.print(line, markup=False, highlight=False))
+        res = run_pipeline(
+            config,
+            from_stage=from_stage,
+            only=only,
+            force=force,
+            progress=p,
+            log=lambda line: p.console.print(line, markup=False, highlight=False),
+        )
     if as_json:
         emit_json(res)
         return

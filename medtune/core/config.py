@@ -20,8 +20,11 @@ def read_yaml_mapping(path: str | Path, *, missing_hint: str, mapping_hint: str)
         raise BadInput(f"config file not found: {path}", hint=missing_hint) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise BadInput(f"invalid YAML: {getattr(exc, 'problem', exc)}",
-                       where=f"{path}:{mark.line + 1}" if mark else str(path), hint="fix the YAML syntax") from exc
+        raise BadInput(
+            f"invalid YAML: {getattr(exc, 'problem', exc)}",
+            where=f"{path}:{mark.line + 1}" if mark else str(path),
+            hint="fix the YAML syntax",
+        ) from exc
     if not isinstance(data, dict):
         raise BadInput("the config must be a mapping of option: value", where=str(path), hint=mapping_hint)
     return data
@@ -42,6 +45,9 @@ def check_keys(d: dict, known: set[str], where: str, section: str | None = None)
     for key in d:
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            what = f"unknown option {key!r} in section {section!r}" if section else f"unknown option {key!r} in the config"
-            raise BadInput(what, where=where,
-                           hint=f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}")
+            what = (
+                f"unknown option {key!r} in section {section!r}" if section else f"unknown option {key!r} in the config"
+            )
+            raise BadInput(
+                what, where=where, hint=f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+            )

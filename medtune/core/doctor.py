@@ -12,8 +12,21 @@ import time
 import urllib.request
 from pathlib import Path
 
-PACKAGES = ("mlx", "mlx-lm", "transformers", "gguf", "llama-cpp-python", "torch", "peft", "unsloth", "bitsandbytes",
-            "ollama", "huggingface-hub", "typer", "rich")
+PACKAGES = (
+    "mlx",
+    "mlx-lm",
+    "transformers",
+    "gguf",
+    "llama-cpp-python",
+    "torch",
+    "peft",
+    "unsloth",
+    "bitsandbytes",
+    "ollama",
+    "huggingface-hub",
+    "typer",
+    "rich",
+)
 
 
 def _versions() -> dict:
@@ -34,8 +47,12 @@ def _cpu() -> dict:
             pass
     elif sys.platform == "darwin":
         try:
-            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=5).stdout.strip() or name
+            name = (
+                subprocess.run(
+                    ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+                ).stdout.strip()
+                or name
+            )
         except (OSError, subprocess.SubprocessError):
             pass
     return {"name": name, "cores": os.cpu_count(), "machine": platform.machine()}
@@ -44,8 +61,12 @@ def _cpu() -> dict:
 def _gpu() -> dict:
     if shutil.which("nvidia-smi"):
         try:
-            res = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10)
+            res = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             gpus = [line.strip() for line in res.stdout.splitlines() if line.strip()]
             return {"cuda": bool(gpus), "devices": gpus}
         except (OSError, subprocess.SubprocessError):
@@ -93,14 +114,24 @@ def _ollama() -> dict:
     host = ollama_host()
     try:
         with urllib.request.urlopen(f"{host}/api/version", timeout=1.5) as resp:
-            return {"host": host, "reachable": True, "version": json.loads(resp.read()).get("version"),
-                    "cli": shutil.which("ollama")}
+            return {
+                "host": host,
+                "reachable": True,
+                "version": json.loads(resp.read()).get("version"),
+                "cli": shutil.which("ollama"),
+            }
     except (OSError, ValueError) as exc:
-        return {"host": host, "reachable": False, "error": str(getattr(exc, "reason", exc)), "cli": shutil.which("ollama")}
+        return {
+            "host": host,
+            "reachable": False,
+            "error": str(getattr(exc, "reason", exc)),
+            "cli": shutil.which("ollama"),
+        }
 
 
 def _mlx() -> dict:
     from medtune.core import runtime
+
     blas = runtime.setup()
     info = {"blas": {"wanted": blas.wanted, "active": blas.active, "path": blas.path, "reason": blas.reason}}
     try:
@@ -148,19 +179,27 @@ def advice(r: dict) -> list[str]:
     tips = []
     blas = r["mlx"].get("blas", {})
     if blas.get("wanted") and not blas.get("active"):
-        tips.append("MLX on Linux runs ~20x faster with OpenBLAS: sudo apt-get install libopenblas0-pthread "
-                    "(or set MEDTUNE_OPENBLAS=/path/to/libopenblas.so.0)")
+        tips.append(
+            "MLX on Linux runs ~20x faster with OpenBLAS: sudo apt-get install libopenblas0-pthread "
+            "(or set MEDTUNE_OPENBLAS=/path/to/libopenblas.so.0)"
+        )
     if r["versions"].get("llama-cpp-python") is None:
-        tips.append('llama-cpp-python (the GGUF runtime used to verify exports) is missing: pip install "medtune[test]"')
+        tips.append(
+            'llama-cpp-python (the GGUF runtime used to verify exports) is missing: pip install "medtune[test]"'
+        )
     missing = [t["name"] for t in r["llama_cpp"]["tools"] if not t["path"]]
     if missing:
         from medtune.runtimes.tools import INSTALL_HINT
 
-        tips.append(f"llama.cpp's {', '.join(missing)} not found (fidelity in llama-server, KL divergence of quants, "
-                    f"K-quants): {INSTALL_HINT}")
+        tips.append(
+            f"llama.cpp's {', '.join(missing)} not found (fidelity in llama-server, KL divergence of quants, "
+            f"K-quants): {INSTALL_HINT}"
+        )
     if not r["ollama"]["reachable"]:
-        tips.append(f"Ollama is not reachable at {r['ollama']['host']}: install it from ollama.com and run `ollama serve` "
-                    "to use `ollama create`; the GGUF and Modelfile are written either way")
+        tips.append(
+            f"Ollama is not reachable at {r['ollama']['host']}: install it from ollama.com and run `ollama serve` "
+            "to use `ollama create`; the GGUF and Modelfile are written either way"
+        )
     avail = r["memory"].get("available_gb")
     if avail is not None and avail < 4:
         tips.append(f"only {avail} GB of memory available: train with --batch-size 1 and fewer --num-layers")

@@ -55,8 +55,13 @@ def sweep(path: str | os.PathLike) -> list[Path]:
         if not m or pid_alive(int(m.group(3))):
             continue
         leftover = path.parent / name
-        if (m.group(2) == "old" and not path.exists() and m.group(1) == path.name and leftover.is_dir()
-                and not leftover.is_symlink()):
+        if (
+            m.group(2) == "old"
+            and not path.exists()
+            and m.group(1) == path.name
+            and leftover.is_dir()
+            and not leftover.is_symlink()
+        ):
             os.replace(leftover, path)  # killed between the two renames of a swap: the old folder is the good one
         elif leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -72,8 +77,9 @@ def disk_full(exc: BaseException, path) -> ResourceError | None:
     err = exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc.__cause__, OSError) else None
     text = str(exc)
     # MLX's writer reports a short write without an errno ("[write] Unable to write N bytes to file")
-    if (err is not None and err.errno in DISK_FULL) or any(m in text for m in ("No space left", "File too large",
-                                                                               "Unable to write")):
+    if (err is not None and err.errno in DISK_FULL) or any(
+        m in text for m in ("No space left", "File too large", "Unable to write")
+    ):
         where = Path(path)
         try:
             free = shutil.disk_usage(where.parent if where.parent.exists() else ".").free
@@ -81,10 +87,11 @@ def disk_full(exc: BaseException, path) -> ResourceError | None:
         except OSError:
             have = "free space unknown"
         reason = os.strerror(err.errno) if err is not None and err.errno else text.splitlines()[0][:120]
-        return ResourceError(f"the disk filled up while writing {where} ({reason}); nothing was written under "
-                             f"its final name and the previous version, if any, is intact",
-                             hint=f"free some space on that disk ({have}) or write to another folder, then run "
-                                  "the same command again")
+        return ResourceError(
+            f"the disk filled up while writing {where} ({reason}); nothing was written under "
+            f"its final name and the previous version, if any, is intact",
+            hint=f"free some space on that disk ({have}) or write to another folder, then run the same command again",
+        )
     return None
 
 

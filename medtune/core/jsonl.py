@@ -48,8 +48,9 @@ def _parse(raw: bytes, n: int, path: Path, hint: str | None) -> dict | None:
     try:
         line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
     except UnicodeDecodeError as exc:
-        raise BadInput(f"not valid UTF-8 (byte {exc.start} of the line)", where=where,
-                       hint=hint or HINTS["utf8"]) from exc
+        raise BadInput(
+            f"not valid UTF-8 (byte {exc.start} of the line)", where=where, hint=hint or HINTS["utf8"]
+        ) from exc
     if not line.strip():
         return None
     try:
@@ -57,8 +58,9 @@ def _parse(raw: bytes, n: int, path: Path, hint: str | None) -> dict | None:
     except json.JSONDecodeError as exc:
         raise BadInput(f"invalid JSON: {exc.msg}", where=where, hint=hint or HINTS["json"]) from exc
     if not isinstance(row, dict):
-        raise BadInput(f"line holds a JSON {type(row).__name__}, not an object", where=where,
-                       hint=hint or HINTS["object"])
+        raise BadInput(
+            f"line holds a JSON {type(row).__name__}, not an object", where=where, hint=hint or HINTS["object"]
+        )
     return row
 
 
@@ -74,5 +76,5 @@ def write_jsonl(path, rows, chunk: int = 512) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             for i in range(0, len(rows), chunk):
-                fh.write("".join(encode(row) + "\n" for row in rows[i:i + chunk]))
+                fh.write("".join(encode(row) + "\n" for row in rows[i : i + chunk]))
     return Path(path)

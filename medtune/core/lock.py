@@ -74,7 +74,8 @@ def acquire(target: str | os.PathLike, command: str | None = None) -> Path:
                 f"{Path(target)} is in use by another medtune process (pid {pid} on {owner.get('host', '?')}, "
                 f"`{owner.get('command', '?')}`, since {since})",
                 hint="wait for it to finish, or write to another output folder; two runs writing one folder "
-                     "would corrupt it")
+                "would corrupt it",
+            )
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -83,16 +84,22 @@ def acquire(target: str | os.PathLike, command: str | None = None) -> Path:
             os.close(fd)
             continue
         stale = _read(path)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
         _HELD[key] = [fd, 1, made]
         if stale.get("pid") and stale.get("pid") != os.getpid():
             from medtune.core.console import console
 
-            console.print(f"[dim]note: took over a stale lock on {Path(target)} from pid {stale['pid']} "
-                          f"(`{stale.get('command', '?')}`, no longer running)[/]")
+            console.print(
+                f"[dim]note: took over a stale lock on {Path(target)} from pid {stale['pid']} "
+                f"(`{stale.get('command', '?')}`, no longer running)[/]"
+            )
         return path
     raise ResourceError(f"could not lock {Path(target)}: it keeps changing hands", hint="try again")
 

@@ -21,11 +21,27 @@ import typing
 from typing import Any, Callable
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] = (),  # noqa: A002
-           aliases: tuple[str, ...] = (), cli_type: Any = None, metavar: str | None = None, cli: bool = True,
-           config: bool = True, factory: Callable[[], Any] | None = None) -> Any:
-    meta = {"help": help, "flags": tuple(flags), "aliases": tuple(aliases), "cli_type": cli_type, "metavar": metavar,
-            "cli": cli, "config": config}
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    flags: tuple[str, ...] = (),  # noqa: A002
+    aliases: tuple[str, ...] = (),
+    cli_type: Any = None,
+    metavar: str | None = None,
+    cli: bool = True,
+    config: bool = True,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    meta = {
+        "help": help,
+        "flags": tuple(flags),
+        "aliases": tuple(aliases),
+        "cli_type": cli_type,
+        "metavar": metavar,
+        "cli": cli,
+        "config": config,
+    }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -69,7 +85,10 @@ def from_kwargs(cls, opts=None, where: str | None = None, **given):
         name = alias.get(key, key)
         if name not in names:
             close = difflib.get_close_matches(key, sorted(names | set(alias)), n=1)
-            raise BadInput(f"unknown option {key!r}", where=where,
-                           hint=f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(names))}")
+            raise BadInput(
+                f"unknown option {key!r}",
+                where=where,
+                hint=f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(names))}",
+            )
         updates[name] = value
     return dataclasses.replace(opts if opts is not None else cls(), **updates)

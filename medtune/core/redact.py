@@ -96,11 +96,13 @@ def redact(obj, values: list[str] | None = None):
 
 def write_json(path, obj, indent: int = 2) -> Path:
     from medtune.core import fsutil
+
     return fsutil.write_json(path, redact(obj), indent=indent)
 
 
 def write_text(path, text: str) -> Path:
     from medtune.core import fsutil
+
     return fsutil.write_text(path, redact_text(text))
 
 

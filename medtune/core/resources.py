@@ -22,6 +22,7 @@ def available_memory() -> tuple[int, str]:
         return int(float(override) * 1e9), "MEDTUNE_MEMORY_LIMIT_GB"
     if "mlx.core" in sys.modules:  # on Apple Silicon the GPU's working set is the limit
         from medtune.core import runtime
+
         if not runtime.on_cpu():
             mx = runtime.mx()
             try:
@@ -40,8 +41,9 @@ def available_memory() -> tuple[int, str]:
 def check_memory(need: int, what: str, hint: str) -> None:
     have, source = available_memory()
     if need > have:
-        raise ResourceError(f"{what} needs ~{need / 1e9:.2f} GB of memory, {have / 1e9:.2f} GB is available ({source})",
-                            hint=hint)
+        raise ResourceError(
+            f"{what} needs ~{need / 1e9:.2f} GB of memory, {have / 1e9:.2f} GB is available ({source})", hint=hint
+        )
 
 
 def free_disk(path: str | os.PathLike) -> tuple[int, Path]:
@@ -57,6 +59,9 @@ def check_disk(out_path: str | os.PathLike, need: int, what: str | None = None) 
     out_path = Path(out_path)
     free, folder = free_disk(out_path)
     if free < need + DISK_MARGIN:
-        raise ResourceError(f"not enough disk for {what or out_path.name}: needs ~{need / 2**30:.2f} GiB, "
-                            f"{free / 2**30:.2f} GiB free on {folder}", where=str(out_path.parent),
-                            hint="free some space or choose another output folder on a bigger disk")
+        raise ResourceError(
+            f"not enough disk for {what or out_path.name}: needs ~{need / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB free on {folder}",
+            where=str(out_path.parent),
+            hint="free some space or choose another output folder on a bigger disk",
+        )

@@ -52,7 +52,11 @@ def setup() -> BlasState:
         return _blas
     _done = True
     if not sys.platform.startswith("linux") or os.environ.get("MEDTUNE_NO_OPENBLAS") == "1":
-        _blas.reason = "not needed on this platform" if not sys.platform.startswith("linux") else "disabled by MEDTUNE_NO_OPENBLAS=1"
+        _blas.reason = (
+            "not needed on this platform"
+            if not sys.platform.startswith("linux")
+            else "disabled by MEDTUNE_NO_OPENBLAS=1"
+        )
         return _blas
     _blas.wanted = True
     if "mlx.core" in sys.modules:

@@ -36,11 +36,15 @@ from medtune.core.errors import BadInput
 # ---- the policy -----------------------------------------------------------------------------------------
 _POLICY = {"trust_remote_code": False, "allow_pickle": False}
 
-TRUST_HINT = ("medtune does not run code that ships with a model; if you trust this model and its author, pass "
-              "--trust-remote-code (trust_remote_code: true in a run config)")
-PICKLE_HINT = ("convert the weights to safetensors (e.g. load and save_pretrained(safe_serialization=True) on a "
-               "machine you do not mind exposing), or, if you trust the file's source, pass --allow-pickle "
-               "(allow_pickle: true in a run config): it is then read with torch.load(weights_only=True)")
+TRUST_HINT = (
+    "medtune does not run code that ships with a model; if you trust this model and its author, pass "
+    "--trust-remote-code (trust_remote_code: true in a run config)"
+)
+PICKLE_HINT = (
+    "convert the weights to safetensors (e.g. load and save_pretrained(safe_serialization=True) on a "
+    "machine you do not mind exposing), or, if you trust the file's source, pass --allow-pickle "
+    "(allow_pickle: true in a run config): it is then read with torch.load(weights_only=True)"
+)
 
 
 @contextlib.contextmanager
@@ -84,9 +88,16 @@ def config_flags(cfg: dict, where: str = "config") -> dict:
 
 
 # ---- remote code --------------------------------------------------------------------------------------
-CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
-                "feature_extractor_config.json", "image_processor_config.json", "generation_config.json",
-                "adapter_config.json")
+CODE_CONFIGS = (
+    "config.json",
+    "tokenizer_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "feature_extractor_config.json",
+    "image_processor_config.json",
+    "generation_config.json",
+    "adapter_config.json",
+)
 CODE_KEYS = ("auto_map", "model_file", "custom_pipelines")
 
 
@@ -132,8 +143,11 @@ def check_remote_code(folder: str | os.PathLike, what: str = "model") -> None:
         return
     path, key, refs = found[0]
     modules = sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs if "." in r}) or refs
-    raise BadInput(f"{path.name} asks to run Python code that ships with the {what} ({key}: {', '.join(modules)})",
-                   where=str(path), hint=TRUST_HINT)
+    raise BadInput(
+        f"{path.name} asks to run Python code that ships with the {what} ({key}: {', '.join(modules)})",
+        where=str(path),
+        hint=TRUST_HINT,
+    )
 
 
 def hf_load_kwargs(path: str | os.PathLike | None = None) -> dict:
@@ -169,8 +183,9 @@ def pickle_weights(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in PICKLE_SUFFIXES and p.name not in NOT_WEIGHTS and p.is_file())
+    return sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.name not in NOT_WEIGHTS and p.is_file()
+    )
 
 
 def check_weights(folder: str | os.PathLike, what: str = "model") -> str:
@@ -183,9 +198,12 @@ def check_weights(folder: str | os.PathLike, what: str = "model") -> str:
     if not pickles:
         return "none"
     if not allow_pickle():
-        raise BadInput(f"the {what}'s weights are only in pickle files ({', '.join(p.name for p in pickles[:3])}"
-                       f"{', …' if len(pickles) > 3 else ''}), which can run code when loaded",
-                       where=str(pickles[0]), hint=PICKLE_HINT)
+        raise BadInput(
+            f"the {what}'s weights are only in pickle files ({', '.join(p.name for p in pickles[:3])}"
+            f"{', …' if len(pickles) > 3 else ''}), which can run code when loaded",
+            where=str(pickles[0]),
+            hint=PICKLE_HINT,
+        )
     return "pickle"
 
 
@@ -202,25 +220,34 @@ def load_pickle(path: Path) -> dict:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
-        raise BadInput(f"refused to unpickle {path.name}: it holds objects other than tensors, which would run code "
-                       f"({detail[:160]})", where=str(path),
-                       hint="do not use this file; ask its author for safetensors weights") from exc
+        raise BadInput(
+            f"refused to unpickle {path.name}: it holds objects other than tensors, which would run code "
+            f"({detail[:160]})",
+            where=str(path),
+            hint="do not use this file; ask its author for safetensors weights",
+        ) from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise BadInput(f"not a readable PyTorch checkpoint: {str(exc).splitlines()[0][:160] if str(exc) else exc}",
-                       where=str(path), hint="re-download the file, or use safetensors weights") from exc
+        raise BadInput(
+            f"not a readable PyTorch checkpoint: {str(exc).splitlines()[0][:160] if str(exc) else exc}",
+            where=str(path),
+            hint="re-download the file, or use safetensors weights",
+        ) from exc
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and set(obj) == {key} and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise BadInput(f"{path.name} is not a state dict of tensors", where=str(path),
-                       hint="use a checkpoint saved with save_pretrained, or safetensors weights")
+        raise BadInput(
+            f"{path.name} is not a state dict of tensors",
+            where=str(path),
+            hint="use a checkpoint saved with save_pretrained, or safetensors weights",
+        )
     return obj
 
 
 def _safetensors_name(name: str) -> str:
     stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
     if stem.startswith("pytorch_model"):
-        stem = "model" + stem[len("pytorch_model"):]
+        stem = "model" + stem[len("pytorch_model") :]
     return stem + ".safetensors"
 
 
@@ -263,8 +290,11 @@ def safetensors_copy(folder: str | os.PathLike, what: str = "model") -> Path:
 
     with fsutil.atomic_dir(out) as tmp:
         for entry in folder.iterdir():  # check_links has vetted them
-            if entry.is_file() and entry.suffix.lower() not in PICKLE_SUFFIXES \
-                    and not entry.name.endswith(".bin.index.json"):
+            if (
+                entry.is_file()
+                and entry.suffix.lower() not in PICKLE_SUFFIXES
+                and not entry.name.endswith(".bin.index.json")
+            ):
                 shutil.copyfile(entry, tmp / entry.name)
         weight_map = {}
         for p in pickles:
@@ -318,9 +348,11 @@ def safe_name(value, what: str = "name", *, where: str | None = None, hint: str 
     """A name that becomes one file or folder name: letters, digits, '.', '_', '-', starting with a letter or
     digit (so never '', '.', '..', a path, or an absolute path), at most 128 characters."""
     if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
-        raise BadInput(f"{what} {value!r} is not a safe file name", where=where,
-                       hint=hint or "letters, digits, '.', '_' and '-', starting with a letter or digit, "
-                                    "e.g. medtune-run1")
+        raise BadInput(
+            f"{what} {value!r} is not a safe file name",
+            where=where,
+            hint=hint or "letters, digits, '.', '_' and '-', starting with a letter or digit, e.g. medtune-run1",
+        )
     return value
 
 
@@ -339,8 +371,11 @@ def inside(root: str | os.PathLike, path: str | os.PathLike, what: str = "path")
     real_root = root.resolve()
     real = full.resolve()
     if real != real_root and real_root not in real.parents:
-        raise BadInput(f"{what} {full} resolves to {real}, outside {root}", where=str(full),
-                       hint="use a plain name, and remove any symlink that leads elsewhere")
+        raise BadInput(
+            f"{what} {full} resolves to {real}, outside {root}",
+            where=str(full),
+            hint="use a plain name, and remove any symlink that leads elsewhere",
+        )
     return full
 
 
@@ -349,10 +384,18 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{
 
 def check_hub_id(repo_id: str, what: str = "model") -> str:
     """ORG/NAME as the Hub allows it: no '..', '--', leading dots, extra slashes or absolute paths."""
-    if not isinstance(repo_id, str) or not HUB_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id \
-            or repo_id.endswith("."):
-        raise BadInput(f"{repo_id!r} is not a valid {what} id", where=str(repo_id),
-                       hint="ORG/NAME: letters, digits, '.', '_' and '-', no '..' or '--'")
+    if (
+        not isinstance(repo_id, str)
+        or not HUB_ID.fullmatch(repo_id)
+        or ".." in repo_id
+        or "--" in repo_id
+        or repo_id.endswith(".")
+    ):
+        raise BadInput(
+            f"{repo_id!r} is not a valid {what} id",
+            where=str(repo_id),
+            hint="ORG/NAME: letters, digits, '.', '_' and '-', no '..' or '--'",
+        )
     return repo_id
 
 
@@ -361,8 +404,11 @@ def _hf_blobs(folder: Path) -> Path | None:
     """The blobs/ folder of a Hugging Face cache repo when `folder` is one of its snapshots."""
     snapshots = folder.parent
     repo = snapshots.parent
-    if snapshots.name == "snapshots" and repo.name.split("--", 1)[0] in ("models", "datasets", "spaces") \
-            and (repo / "blobs").is_dir():
+    if (
+        snapshots.name == "snapshots"
+        and repo.name.split("--", 1)[0] in ("models", "datasets", "spaces")
+        and (repo / "blobs").is_dir()
+    ):
         return (repo / "blobs").resolve()
     return None
 
@@ -383,9 +429,11 @@ def check_links(folder: str | os.PathLike, what: str = "model") -> None:
             continue
         if blobs is not None and blobs in target.parents:
             continue
-        raise BadInput(f"{entry.name} in the {what} folder is a symlink to {target}, outside the folder",
-                       where=str(folder / entry.name),
-                       hint="copy the real file into the folder (medtune does not follow links that leave it)")
+        raise BadInput(
+            f"{entry.name} in the {what} folder is a symlink to {target}, outside the folder",
+            where=str(folder / entry.name),
+            hint="copy the real file into the folder (medtune does not follow links that leave it)",
+        )
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:

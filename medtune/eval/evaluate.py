@@ -52,7 +52,7 @@ def words(text: str) -> list[str]:
 def repetition_rate(text: str, n: int = NGRAM) -> float:
     """Fraction of the n-grams of `text` that repeat an earlier n-gram (0: none; → 1: a loop)."""
     w = words(text)
-    grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+    grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
@@ -76,7 +76,7 @@ def think_state(text: str, open_: str = THINK_OPEN, close: str = THINK_CLOSE, in
         return "unclosed"
     if opens == 0 or (not in_think and text.find(open_) > text.find(close)):
         return "unopened"
-    if not text[text.find(close) + len(close):].strip():
+    if not text[text.find(close) + len(close) :].strip():
         return "empty_answer"
     return "ok"
 
@@ -105,14 +105,27 @@ def summarise(answers: list[dict]) -> dict:
     }
 
 
-def score_answer(text: str, tokens: int, finish_reason: str, open_: str = THINK_OPEN, close: str = THINK_CLOSE,
-                 in_think: bool = False) -> dict:
+def score_answer(
+    text: str,
+    tokens: int,
+    finish_reason: str,
+    open_: str = THINK_OPEN,
+    close: str = THINK_CLOSE,
+    in_think: bool = False,
+) -> dict:
     """One answer with its per-answer metrics, reasoning split off."""
     from medtune.runtimes.mlx import split_reasoning
 
     reasoning, answer = split_reasoning(text, open_, close, in_think=in_think)
-    return {"text": text, "reasoning": reasoning, "answer": answer, "tokens": tokens, "finish_reason": finish_reason,
-            "think": think_state(text, open_, close, in_think), "repetition": repetition_rate(text)}
+    return {
+        "text": text,
+        "reasoning": reasoning,
+        "answer": answer,
+        "tokens": tokens,
+        "finish_reason": finish_reason,
+        "think": think_state(text, open_, close, in_think),
+        "repetition": repetition_rate(text),
+    }
 
 
 # ---- multiple choice ------------------------------------------------------------------------------
@@ -146,7 +159,9 @@ def parse_choice(row: dict, where: str = "") -> Optional[Choice]:
     elif isinstance(ans, str) and ans.strip() in [t for _, t in options]:
         idx = [t for _, t in options].index(ans.strip())
     else:
-        raise BadInput(f"`answer` {ans!r} is none of the options {keys}", where=where, hint="a letter, index or option text")
+        raise BadInput(
+            f"`answer` {ans!r} is none of the options {keys}", where=where, hint="a letter, index or option text"
+        )
     return Choice(question=q.strip(), options=options, answer=idx)
 
 
@@ -236,7 +251,7 @@ def option_tokens(tokenizer, c: Choice) -> list[tuple[list[int], list[int]]]:
 
     prompt = render_prompt(tokenizer, messages_for(choice_prompt(c)))
     head = tokenizer.encode(prompt, add_special_tokens=False)
-    return [(head, tokenizer.encode(prompt + f"{k}. {t}", add_special_tokens=False)[len(head):]) for k, t in c.options]
+    return [(head, tokenizer.encode(prompt + f"{k}. {t}", add_special_tokens=False)[len(head) :]) for k, t in c.options]
 
 
 class MLXRunner:
@@ -269,22 +284,34 @@ class MLXRunner:
         """Mean log-probability of each option's tokens ("B. text") after the rendered question."""
         from medtune.runtimes.mlx import token_logprobs
 
-        return [float(token_logprobs(self.model, head + tail, len(head) - 1).mean()) if tail else float("-inf")
-                for head, tail in option_tokens(self.tokenizer, c)]
+        return [
+            float(token_logprobs(self.model, head + tail, len(head) - 1).mean()) if tail else float("-inf")
+            for head, tail in option_tokens(self.tokenizer, c)
+        ]
 
 
 class GGUFRunner:
     kind = "gguf"
 
-    def __init__(self, path: Path, n_ctx: int = 2048, n_threads: int | None = None, tokenizer=None,
-                 markers: tuple[str, str] = (THINK_OPEN, THINK_CLOSE), logits_all: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        tokenizer=None,
+        markers: tuple[str, str] = (THINK_OPEN, THINK_CLOSE),
+        logits_all: bool = False,
+    ):
         from medtune.runtimes.llamacpp import load_gguf
 
         self.path, self.tokenizer, self.markers = Path(path), tokenizer, markers
         if not self.path.is_file():
-            raise BadInput(f"GGUF not found: {self.path}", hint="`medtune export` writes models/<run>/<name>-<quant>.gguf")
-        self.llm = load_gguf(self.path, n_ctx, n_threads=n_threads, logits_all=logits_all,
-                             purpose="running GGUF files in `medtune eval`")
+            raise BadInput(
+                f"GGUF not found: {self.path}", hint="`medtune export` writes models/<run>/<name>-<quant>.gguf"
+            )
+        self.llm = load_gguf(
+            self.path, n_ctx, n_threads=n_threads, logits_all=logits_all, purpose="running GGUF files in `medtune eval`"
+        )
 
     def answer(self, messages: list[dict], max_tokens: int) -> dict:
         """Greedy, with the Modelfile's repeat penalty. With `tokenizer` (the tuned model's: the GGUF's source) the
@@ -306,8 +333,13 @@ class GGUFRunner:
         prompt = render_prompt(self.tokenizer, messages)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         out = self.greedy(ids, max_tokens)
-        return score_answer(detokenize(self.tokenizer, out.answer_tokens), len(out.tokens), out.finish, *self.markers,
-                            in_think=prompt.rstrip().endswith(self.markers[0]))
+        return score_answer(
+            detokenize(self.tokenizer, out.answer_tokens),
+            len(out.tokens),
+            out.finish,
+            *self.markers,
+            in_think=prompt.rstrip().endswith(self.markers[0]),
+        )
 
     def greedy(self, ids: list[int], max_tokens: int):
         """Greedy tokens after `ids` with the MLX column's penalty rule, stopping on the tokenizer's end ids and the
@@ -315,8 +347,13 @@ class GGUFRunner:
         from medtune.runtimes import llamacpp
         from medtune.runtimes.decoding import MODELFILE_PENALTY
 
-        return llamacpp.greedy(self.llm, ids, max_tokens, penalty=MODELFILE_PENALTY,
-                               end_ids=getattr(self.tokenizer, "eos_token_ids", None) or ())
+        return llamacpp.greedy(
+            self.llm,
+            ids,
+            max_tokens,
+            penalty=MODELFILE_PENALTY,
+            end_ids=getattr(self.tokenizer, "eos_token_ids", None) or (),
+        )
 
     def _nll(self, tokens: list[int], offset: int):
         """Negative log-likelihood of tokens[offset:] given what precedes them (needs logits_all)."""
@@ -335,18 +372,30 @@ class GGUFRunner:
 
     def option_scores(self, c: Choice) -> list[float]:
         """As MLXRunner.option_scores, on llama.cpp (the tuned model's tokenization)."""
-        return [float(-self._nll(head + tail, len(head)).mean()) if tail else float("-inf")
-                for head, tail in option_tokens(self.tokenizer, c)]
+        return [
+            float(-self._nll(head + tail, len(head)).mean()) if tail else float("-inf")
+            for head, tail in option_tokens(self.tokenizer, c)
+        ]
 
     def close(self) -> None:
         self.llm.close()
 
 
 # ---- the evaluation -------------------------------------------------------------------------------
-def evaluate(model: str, data: str | Path | None = None, opts: EvalOptions | None = None, *,
-             adapter: str | Path | None = None, base: str | None = None, ggufs: list | tuple = (),
-             out: str | Path = "runs/eval/model", metrics: str | Path | None = None, notes: list[str] | tuple = (),
-             progress=None, **fields) -> dict:
+def evaluate(
+    model: str,
+    data: str | Path | None = None,
+    opts: EvalOptions | None = None,
+    *,
+    adapter: str | Path | None = None,
+    base: str | None = None,
+    ggufs: list | tuple = (),
+    out: str | Path = "runs/eval/model",
+    metrics: str | Path | None = None,
+    notes: list[str] | tuple = (),
+    progress=None,
+    **fields,
+) -> dict:
     """Evaluate `model` (the tuned model: a fused folder, or a base spec with `adapter`), `base` and each GGUF;
     write report.json, report.md and report.html in `out`. Returns the report (a dict).
 
@@ -370,16 +419,32 @@ def evaluate(model: str, data: str | Path | None = None, opts: EvalOptions | Non
     t0 = time.time()
     inputs = _read_inputs(data, probes, probe_limit, choices, limit)
     specs = _model_specs(model, adapter, base, ggufs)
-    run = _Run(str(model), adapter, max_tokens, fidelity_tokens, n_threads, gguf_loss, progress,
-               progress.add_task("evaluating", total=len(specs) * len(inputs.questions)) if progress else None)
+    run = _Run(
+        str(model),
+        adapter,
+        max_tokens,
+        fidelity_tokens,
+        n_threads,
+        gguf_loss,
+        progress,
+        progress.add_task("evaluating", total=len(specs) * len(inputs.questions)) if progress else None,
+    )
     results = [_evaluate_model(label, kind, spec, adp, inputs, run) for label, kind, spec, adp in specs]
     report = {
-        "medtune_eval": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.time() - t0, 2), "model": str(model), "adapter": str(adapter) if adapter else None,
-        "data": str(data) if data else None, "held_out": str(inputs.heldout) if inputs.heldout else None,
-        "probes": str(probes or PROBES), "max_tokens": max_tokens, "decoding": "greedy",
-        "repeat_penalty": _penalty()[0], "repeat_last_n": _penalty()[1],
-        "repetition_ngram": NGRAM, "curves": read_curves(Path(metrics) if metrics else metrics_for(str(model), adapter)),
+        "medtune_eval": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - t0, 2),
+        "model": str(model),
+        "adapter": str(adapter) if adapter else None,
+        "data": str(data) if data else None,
+        "held_out": str(inputs.heldout) if inputs.heldout else None,
+        "probes": str(probes or PROBES),
+        "max_tokens": max_tokens,
+        "decoding": "greedy",
+        "repeat_penalty": _penalty()[0],
+        "repeat_last_n": _penalty()[1],
+        "repetition_ngram": NGRAM,
+        "curves": read_curves(Path(metrics) if metrics else metrics_for(str(model), adapter)),
         "questions": [{k: v for k, v in q.items()} for q in inputs.questions],
         "multiple_choice": [{"question": c.question, "options": c.options, "answer": c.answer} for c in inputs.mc],
         "models": [{k: v for k, v in e.items() if k != "answers"} for e in results],
@@ -394,6 +459,7 @@ def evaluate(model: str, data: str | Path | None = None, opts: EvalOptions | Non
 @dataclass
 class _Inputs:
     """What every model is evaluated on."""
+
     rows: list[dict]  # the held-out records
     heldout: Optional[Path]  # their file
     probes: list[dict]
@@ -412,11 +478,16 @@ def _read_inputs(data, probes, probe_limit: int | None, choices, limit: int) -> 
         rows = _read_jsonl(heldout)
     probe_rows = read_probes(probes)[:probe_limit] if probe_limit is not None else read_probes(probes)
     mc = _read_choices(rows, heldout, choices)
-    questions = [{"source": "probe", "id": p["id"], "lang": p["lang"], "messages": [{"role": "user", "content": p["prompt"]}]}
-                 for p in probe_rows]
+    questions = [
+        {"source": "probe", "id": p["id"], "lang": p["lang"], "messages": [{"role": "user", "content": p["prompt"]}]}
+        for p in probe_rows
+    ]
     held = [(i, question_of(r)) for i, r in enumerate(rows)]
-    questions += [{"source": "held-out", "id": f"{heldout.name}:{i + 1}", "lang": "", "messages": m}
-                  for i, m in held if m is not None][:limit]
+    questions += [
+        {"source": "held-out", "id": f"{heldout.name}:{i + 1}", "lang": "", "messages": m}
+        for i, m in held
+        if m is not None
+    ][:limit]
     return _Inputs(rows, heldout, probe_rows, mc, questions)
 
 
@@ -431,8 +502,11 @@ def _read_choices(rows: list[dict], heldout: Optional[Path], choices) -> list[Ch
         for i, r in enumerate(_read_jsonl(Path(choices))):
             c = parse_choice(r, f"{choices}:{i + 1}")
             if c is None:
-                raise BadInput("record has no question/options/answer", where=f"{choices}:{i + 1}",
-                               hint='{"question": "…", "options": {"A": "…"}, "answer": "A"}')
+                raise BadInput(
+                    "record has no question/options/answer",
+                    where=f"{choices}:{i + 1}",
+                    hint='{"question": "…", "options": {"A": "…"}, "answer": "A"}',
+                )
             mc.append(c)
     return mc
 
@@ -456,6 +530,7 @@ def _model_specs(model: str, adapter: Path | None, base: str | None, ggufs) -> l
 @dataclass
 class _Run:
     """The settings every column is evaluated with, and what the tuned column hands on to the GGUF columns."""
+
     model: str
     adapter: Optional[Path]
     max_tokens: int
@@ -480,7 +555,9 @@ def _evaluate_model(label: str, kind: str, spec: str, adp, inputs: _Inputs, run:
     finally:
         if kind == "gguf":
             runner.close()
-        elif label == "tuned" and adp is None:  # a fused folder: the GGUFs' source, whose tokenizer renders their prompts
+        elif (
+            label == "tuned" and adp is None
+        ):  # a fused folder: the GGUFs' source, whose tokenizer renders their prompts
             run.tuned_tok = (runner.tokenizer, runner.markers)
     del runner
     n_probes = len(inputs.probes)
@@ -488,8 +565,14 @@ def _evaluate_model(label: str, kind: str, spec: str, adp, inputs: _Inputs, run:
     entry["metrics"]["probe"] = summarise(answers[:n_probes])
     entry["metrics"]["held_out"] = summarise(answers[n_probes:])
     if kind == "gguf":
-        entry["fidelity"] = _fidelity(run.model, run.adapter, spec, [p["prompt"] for p in inputs.probes],
-                                      min(run.fidelity_tokens, run.max_tokens), run.n_threads)
+        entry["fidelity"] = _fidelity(
+            run.model,
+            run.adapter,
+            spec,
+            [p["prompt"] for p in inputs.probes],
+            min(run.fidelity_tokens, run.max_tokens),
+            run.n_threads,
+        )
     entry["answers"] = answers
     return entry
 
@@ -515,8 +598,14 @@ def _gguf_runner(spec: str, inputs: _Inputs, run: _Run, entry: dict) -> GGUFRunn
 
         items = build_dataset(loss_rows, tuned_tok[0], True, 1 << 30, inputs.heldout)
     n_ctx = max(2048, -(-(max((len(t) for t, _ in items or []), default=0) + 8) // 256) * 256)
-    runner = GGUFRunner(Path(spec), n_ctx=n_ctx, n_threads=run.n_threads, tokenizer=tuned_tok[0] if tuned_tok else None,
-                        markers=tuned_tok[1] if tuned_tok else (THINK_OPEN, THINK_CLOSE), logits_all=scored)
+    runner = GGUFRunner(
+        Path(spec),
+        n_ctx=n_ctx,
+        n_threads=run.n_threads,
+        tokenizer=tuned_tok[0] if tuned_tok else None,
+        markers=tuned_tok[1] if tuned_tok else (THINK_OPEN, THINK_CLOSE),
+        logits_all=scored,
+    )
     if items:
         loss, n = runner.loss(items)
         entry["metrics"].update(val_loss=loss, val_ppl=perplexity(loss), val_tokens=n)
@@ -564,8 +653,9 @@ def _quants(model: str, adapter: Path | None, data, ggufs, n_threads, out: Path,
     if not refs or not quants:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    table = judge_quants(refs[0], quants, heldout_sequences(model, data), n_threads=n_threads, progress=progress,
-                         workdir=out)
+    table = judge_quants(
+        refs[0], quants, heldout_sequences(model, data), n_threads=n_threads, progress=progress, workdir=out
+    )
     return table.to_dict()
 
 
@@ -576,5 +666,11 @@ def _fidelity(model: str, adapter: Path | None, gguf: str, prompts: list[str], t
     from medtune.eval.fidelity import fidelity
 
     rep = fidelity(model, gguf, prompts, tokens, n_threads=n_threads)
-    return {"file_type": rep.file_type, "judged": rep.judged, "passed": rep.passed, "summary": rep.summary,
-            "notes": rep.notes, "runtime": rep.runtime}
+    return {
+        "file_type": rep.file_type,
+        "judged": rep.judged,
+        "passed": rep.passed,
+        "summary": rep.summary,
+        "notes": rep.notes,
+        "runtime": rep.runtime,
+    }

@@ -90,12 +90,18 @@ class FidelityReport:
     @property
     def summary(self) -> dict:
         p = self.prompts
-        return {"prompts": len(p), "tokens_equal": sum(r.tokens_equal for r in p),
-                "continuations_equal": sum(r.continuation_equal for r in p),
-                "near_ties": sum(bool(r.near_tie) for r in p), "mlx_stopped": sum(r.mlx_stopped for r in p),
-                "gguf_stopped": sum(r.gguf_stopped for r in p), "failed": sum(not r.ok for r in p),
-                "max_logit_diff": max((r.max_logit_diff for r in p), default=0.0),
-                "templates": len(self.templates), "templates_equal": sum(t.ok for t in self.templates)}
+        return {
+            "prompts": len(p),
+            "tokens_equal": sum(r.tokens_equal for r in p),
+            "continuations_equal": sum(r.continuation_equal for r in p),
+            "near_ties": sum(bool(r.near_tie) for r in p),
+            "mlx_stopped": sum(r.mlx_stopped for r in p),
+            "gguf_stopped": sum(r.gguf_stopped for r in p),
+            "failed": sum(not r.ok for r in p),
+            "max_logit_diff": max((r.max_logit_diff for r in p), default=0.0),
+            "templates": len(self.templates),
+            "templates_equal": sum(t.ok for t in self.templates),
+        }
 
     @property
     def passed(self) -> bool:
@@ -117,8 +123,9 @@ def read_prompts(path: str | Path | None = None, limit: int | None = None) -> li
         path = SAMPLE_PROMPTS
     path = Path(path)
     if not path.is_file():
-        raise BadInput(f"prompts file not found: {path}", hint="one prompt per line, or .jsonl with a \"prompt\" "
-                                                              "or \"Question\" field")
+        raise BadInput(
+            f"prompts file not found: {path}", hint='one prompt per line, or .jsonl with a "prompt" or "Question" field'
+        )
     text = path.read_text(encoding="utf-8-sig")
     prompts: list[str] = []
 
@@ -130,8 +137,11 @@ def read_prompts(path: str | Path | None = None, limit: int | None = None) -> li
         else:
             value = None
         if not isinstance(value, str) or not value.strip():
-            raise BadInput(f"no prompt text (fields {', '.join(TEXT_FIELDS)})", where=where,
-                           hint="each record needs one of these fields, with text")
+            raise BadInput(
+                f"no prompt text (fields {', '.join(TEXT_FIELDS)})",
+                where=where,
+                hint="each record needs one of these fields, with text",
+            )
         return value.strip()
 
     suffix = path.suffix.lower()
@@ -151,8 +161,9 @@ def read_prompts(path: str | Path | None = None, limit: int | None = None) -> li
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise BadInput(f"invalid JSON: {exc.msg}", where=f"{path}:{n}",
-                                   hint="each line must be a JSON object") from exc
+                    raise BadInput(
+                        f"invalid JSON: {exc.msg}", where=f"{path}:{n}", hint="each line must be a JSON object"
+                    ) from exc
                 prompts.append(pick(row, f"{path}:{n}"))
             else:
                 prompts.append(line.strip())
@@ -165,6 +176,7 @@ def read_prompts(path: str | Path | None = None, limit: int | None = None) -> li
 @dataclass
 class GGUFRun:
     """One runtime's greedy answer, seen the way _compare needs it."""
+
     tokens: list[int]
     stopped: bool  # ended on an end-of-generation token
     first_diff: float  # max |Δ| against MLX at the first generated position
@@ -181,17 +193,32 @@ def _rows_run(theirs: list[int], rows, mlx_first_row, is_eog) -> GGUFRun:
         g = rows[d]
         return abs(g[a] - g[b]) if max(a, b) < len(g) else float("inf")
 
-    return GGUFRun(theirs, bool(theirs) and bool(is_eog(theirs[-1])),
-                   float(np.abs(mlx_first_row[:width] - rows[0][:width]).max()), margin)
+    return GGUFRun(
+        theirs,
+        bool(theirs) and bool(is_eog(theirs[-1])),
+        float(np.abs(mlx_first_row[:width] - rows[0][:width]).max()),
+        margin,
+    )
 
 
-def _compare(prompt: str, ids: list[int], gguf_ids: list[int], mlx_run, gguf: GGUFRun, stops: set[int],
-             decode, tolerance: Optional[float]) -> PromptReport:
+def _compare(
+    prompt: str,
+    ids: list[int],
+    gguf_ids: list[int],
+    mlx_run,
+    gguf: GGUFRun,
+    stops: set[int],
+    decode,
+    tolerance: Optional[float],
+) -> PromptReport:
     ours, our_rows = mlx_run
     theirs = gguf.tokens
     tokens_equal = ids == gguf_ids
-    mismatch = None if tokens_equal else next((i for i, (a, b) in enumerate(zip(ids, gguf_ids)) if a != b),
-                                              min(len(ids), len(gguf_ids)))
+    mismatch = (
+        None
+        if tokens_equal
+        else next((i for i, (a, b) in enumerate(zip(ids, gguf_ids)) if a != b), min(len(ids), len(gguf_ids)))
+    )
     mlx_stopped = bool(ours) and ours[-1] in stops
     equal = ours == theirs
     divergence = margin = near_tie = None
@@ -203,8 +230,9 @@ def _compare(prompt: str, ids: list[int], gguf_ids: list[int], mlx_run, gguf: GG
             m = our_rows[divergence]
             margin = float(max(abs(m[a] - m[b]), gguf.margin(divergence, a, b)))
             near_tie = tolerance is not None and margin <= tolerance
-            reason = f"continuations part at token {divergence}: top-2 margin {margin:.4g}" + \
-                (" (a near-tie)" if near_tie else "")
+            reason = f"continuations part at token {divergence}: top-2 margin {margin:.4g}" + (
+                " (a near-tie)" if near_tie else ""
+            )
         else:  # one runtime stopped, the other went on past the same token
             near_tie = False
             last = (ours if len(ours) < len(theirs) else theirs)[-1]
@@ -213,11 +241,25 @@ def _compare(prompt: str, ids: list[int], gguf_ids: list[int], mlx_run, gguf: GG
     if not tokens_equal:
         reason = f"token ids differ from index {mismatch}" + (f"; {reason}" if reason else "")
     ok = tokens_equal and (equal or tolerance is None or bool(near_tie))
-    return PromptReport(prompt=prompt, prompt_tokens=len(ids), tokens_equal=tokens_equal, first_token_mismatch=mismatch,
-                        continuation_equal=equal, divergence=divergence, mlx_tokens=ours, gguf_tokens=theirs,
-                        mlx_text=decode(ours), gguf_text=decode(theirs), max_logit_diff=gguf.first_diff,
-                        top2_margin=margin, near_tie=near_tie, mlx_stopped=mlx_stopped, gguf_stopped=gguf.stopped,
-                        ok=ok, reason="" if ok and equal else reason)
+    return PromptReport(
+        prompt=prompt,
+        prompt_tokens=len(ids),
+        tokens_equal=tokens_equal,
+        first_token_mismatch=mismatch,
+        continuation_equal=equal,
+        divergence=divergence,
+        mlx_tokens=ours,
+        gguf_tokens=theirs,
+        mlx_text=decode(ours),
+        gguf_text=decode(theirs),
+        max_logit_diff=gguf.first_diff,
+        top2_margin=margin,
+        near_tie=near_tie,
+        mlx_stopped=mlx_stopped,
+        gguf_stopped=gguf.stopped,
+        ok=ok,
+        reason="" if ok and equal else reason,
+    )
 
 
 def file_type_name(raw) -> str:
@@ -242,9 +284,18 @@ def _file_type(llm) -> str:
     return file_type_name(llm.metadata.get("general.file_type"))
 
 
-def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None = None, tokens: int = DEFAULT_TOKENS,
-             *, tie_tolerance: float | None = None, progress=None, n_threads: int | None = None,
-             runtime: str = "auto", llama_cpp_dir: str | Path | None = None) -> FidelityReport:
+def fidelity(
+    model_dir: str | Path,
+    gguf: str | Path,
+    prompts: list[str] | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    *,
+    tie_tolerance: float | None = None,
+    progress=None,
+    n_threads: int | None = None,
+    runtime: str = "auto",
+    llama_cpp_dir: str | Path | None = None,
+) -> FidelityReport:
     """Compare the GGUF (llama.cpp) with the MLX model in `model_dir` on `prompts` (default: the sample
     set's questions). See the module docstring for what is compared and when it fails.
 
@@ -254,8 +305,9 @@ def fidelity(model_dir: str | Path, gguf: str | Path, prompts: list[str] | None 
     model_dir, gguf = Path(model_dir), Path(gguf)
     header, prompts = _check_inputs(model_dir, gguf, prompts, tokens)
     if choose_runtime(runtime, llama_cpp_dir) == "llama-server":
-        return _server_fidelity(model_dir, gguf, prompts, tokens, tie_tolerance, progress, n_threads, llama_cpp_dir,
-                                header)
+        return _server_fidelity(
+            model_dir, gguf, prompts, tokens, tie_tolerance, progress, n_threads, llama_cpp_dir, header
+        )
     return _inprocess_fidelity(model_dir, gguf, prompts, tokens, tie_tolerance, progress, n_threads)
 
 
@@ -276,11 +328,20 @@ def _check_inputs(model_dir: Path, gguf: Path, prompts: list[str] | None, tokens
     return header, prompts
 
 
-def _new_report(model_dir: Path, gguf: Path, ftype: str, tokens: int, tie_tolerance, adds_bos: bool,
-                runtime: str) -> FidelityReport:
+def _new_report(
+    model_dir: Path, gguf: Path, ftype: str, tokens: int, tie_tolerance, adds_bos: bool, runtime: str
+) -> FidelityReport:
     tolerance = tie_tolerance if tie_tolerance is not None else TIE_TOLERANCE.get(ftype)
-    return FidelityReport(model_dir=str(model_dir), gguf=str(gguf), file_type=ftype, judged=tolerance is not None,
-                          tie_tolerance=tolerance, tokens=tokens, gguf_adds_bos=adds_bos, runtime=runtime)
+    return FidelityReport(
+        model_dir=str(model_dir),
+        gguf=str(gguf),
+        file_type=ftype,
+        judged=tolerance is not None,
+        tie_tolerance=tolerance,
+        tokens=tokens,
+        gguf_adds_bos=adds_bos,
+        runtime=runtime,
+    )
 
 
 def _quantized_note(report: FidelityReport) -> None:
@@ -288,8 +349,9 @@ def _quantized_note(report: FidelityReport) -> None:
         report.notes.append(f"{report.file_type} is a quantized type: continuations are reported, not judged")
 
 
-def _inprocess_fidelity(model_dir: Path, gguf: Path, prompts: list[str], tokens: int, tie_tolerance, progress,
-                        n_threads) -> FidelityReport:
+def _inprocess_fidelity(
+    model_dir: Path, gguf: Path, prompts: list[str], tokens: int, tie_tolerance, progress, n_threads
+) -> FidelityReport:
     """llama.cpp in process, fed the HF rendering's text: full logits on both sides."""
     from medtune.core.errors import require
 
@@ -301,11 +363,13 @@ def _inprocess_fidelity(model_dir: Path, gguf: Path, prompts: list[str], tokens:
     rendered = [mlx.render_prompt(tokenizer, mlx.messages_for(p)) for p in prompts]
     ids_list = [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
     n_ctx = -(-(max(len(i) for i in ids_list) + tokens + 8) // 256) * 256
-    llm = llamacpp.load_gguf(gguf, n_ctx, n_threads=n_threads, logits_all=True,
-                             purpose="the GGUF runtime fidelity compares against")
+    llm = llamacpp.load_gguf(
+        gguf, n_ctx, n_threads=n_threads, logits_all=True, purpose="the GGUF runtime fidelity compares against"
+    )
     try:
-        report = _new_report(model_dir, gguf, _file_type(llm), tokens, tie_tolerance, llamacpp.adds_bos(llm),
-                             "llama-cpp-python")
+        report = _new_report(
+            model_dir, gguf, _file_type(llm), tokens, tie_tolerance, llamacpp.adds_bos(llm), "llama-cpp-python"
+        )
         _quantized_note(report)
         if llm.n_vocab() != len(tokenizer._tokenizer):
             report.notes.append(f"vocabulary sizes differ: GGUF {llm.n_vocab()}, tokenizer {len(tokenizer._tokenizer)}")
@@ -316,8 +380,18 @@ def _inprocess_fidelity(model_dir: Path, gguf: Path, prompts: list[str], tokens:
             ours = mlx.greedy(model, ids, tokens, end_ids=stops, rows=True)
             theirs = llamacpp.greedy(llm, ids, tokens, rows=True)
             gguf_run = _rows_run(theirs.tokens, theirs.rows, ours.rows[0], is_eog)
-            report.prompts.append(_compare(prompt, ids, gguf_ids, (ours.tokens, ours.rows), gguf_run, stops,
-                                           tokenizer.decode, report.tie_tolerance))
+            report.prompts.append(
+                _compare(
+                    prompt,
+                    ids,
+                    gguf_ids,
+                    (ours.tokens, ours.rows),
+                    gguf_run,
+                    stops,
+                    tokenizer.decode,
+                    report.tie_tolerance,
+                )
+            )
             if progress:
                 progress.advance(task)
     finally:
@@ -330,21 +404,28 @@ RUNTIMES = ("auto", "llama-server", "llama-cpp-python")
 # Conversations rendered by both chat-template engines besides each prompt's own: a system prompt, several
 # turns, and an assistant turn with reasoning in the history (which think families must strip or keep as HF does).
 CONVERSATIONS = {
-    "system + user": [{"role": "system", "content": "You are a careful clinician. Answer briefly."},
-                      {"role": "user", "content": "BP 150/95 mmHg on 3 visits, eGFR 58. Next step?"}],
-    "several turns": [{"role": "system", "content": "You are a careful clinician."},
-                      {"role": "user", "content": "What lowers fever?"},
-                      {"role": "assistant", "content": "Paracetamol, fluids and rest."},
-                      {"role": "user", "content": "发烧39度怎么办？"}],
-    "reasoning turn": [{"role": "user", "content": "Is 38.5 C a fever?"},
-                       {"role": "assistant", "content": "<think>\nAdults: fever from 38.0 C.\n</think>\n\nYes, a mild one."},
-                       {"role": "user", "content": "Treat it?"}],
+    "system + user": [
+        {"role": "system", "content": "You are a careful clinician. Answer briefly."},
+        {"role": "user", "content": "BP 150/95 mmHg on 3 visits, eGFR 58. Next step?"},
+    ],
+    "several turns": [
+        {"role": "system", "content": "You are a careful clinician."},
+        {"role": "user", "content": "What lowers fever?"},
+        {"role": "assistant", "content": "Paracetamol, fluids and rest."},
+        {"role": "user", "content": "发烧39度怎么办？"},
+    ],
+    "reasoning turn": [
+        {"role": "user", "content": "Is 38.5 C a fever?"},
+        {"role": "assistant", "content": "<think>\nAdults: fever from 38.0 C.\n</think>\n\nYes, a mild one."},
+        {"role": "user", "content": "Treat it?"},
+    ],
 }
 
 
 @dataclass
 class TemplateCheck:
     """One conversation rendered by the GGUF's chat template in llama-server against the HF rendering."""
+
     name: str
     rendered_equal: bool
     render_diff: Optional[str]
@@ -368,7 +449,7 @@ def engine_view(hf_text: str, bos_text: str | None, adds_bos: bool) -> str:
     """The HF rendering as llama-server shows it: a leading BOS *string* is dropped from its rendering when
     the GGUF adds BOS as a token (it is fed to the model all the same)."""
     if adds_bos and bos_text and hf_text.startswith(bos_text):
-        return hf_text[len(bos_text):]
+        return hf_text[len(bos_text) :]
     return hf_text
 
 
@@ -378,7 +459,7 @@ def first_difference(a: str, b: str) -> Optional[str]:
         return None
     i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     lo = max(0, i - 12)
-    return f"@{i}: HF {a[lo:i + 24]!r} | llama-server {b[lo:i + 24]!r}"
+    return f"@{i}: HF {a[lo : i + 24]!r} | llama-server {b[lo : i + 24]!r}"
 
 
 def _first_mismatch(a: list[int], b: list[int]) -> Optional[int]:
@@ -406,13 +487,24 @@ def _server_run(run, mlx_first_row) -> GGUFRun:
     return GGUFRun(run.tokens, run.stopped, float(diff), margin)
 
 
-def _server_fidelity(model_dir: Path, gguf: Path, prompts: list[str], tokens: int, tie_tolerance, progress,
-                     n_threads, llama_cpp_dir, header: dict) -> FidelityReport:
+def _server_fidelity(
+    model_dir: Path,
+    gguf: Path,
+    prompts: list[str],
+    tokens: int,
+    tie_tolerance,
+    progress,
+    n_threads,
+    llama_cpp_dir,
+    header: dict,
+) -> FidelityReport:
     """llama-server renders, tokenizes and continues each prompt; the HF rendering and MLX are the reference."""
     from medtune.runtimes import mlx, tools
     from medtune.runtimes.llama_server import LlamaServer
 
-    binary = tools.require("llama-server", llama_cpp_dir, purpose="fidelity in the engine Ollama runs")  # before loading
+    binary = tools.require(
+        "llama-server", llama_cpp_dir, purpose="fidelity in the engine Ollama runs"
+    )  # before loading
     meta = header["metadata"]
     ftype = file_type_name(meta.get("general.file_type"))
     model, tokenizer = mlx.load(str(model_dir))
@@ -420,11 +512,24 @@ def _server_fidelity(model_dir: Path, gguf: Path, prompts: list[str], tokens: in
     hf_texts = [mlx.render_prompt(tokenizer, c) for c in convs]
     hf_ids = [tokenizer.encode(t, add_special_tokens=False) for t in hf_texts]
     n_ctx = max(512, -(-(max(len(i) for i in hf_ids) + tokens + 64) // 256) * 256)
-    report = _new_report(model_dir, gguf, ftype, tokens, tie_tolerance,
-                         bool(meta.get("tokenizer.ggml.add_bos_token", False)), "llama-server")
-    report.notes.append(f"llama-server {tools.version(binary) or '?'} ({binary}), --jinja: the GGUF's own chat template")
+    report = _new_report(
+        model_dir,
+        gguf,
+        ftype,
+        tokens,
+        tie_tolerance,
+        bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "llama-server",
+    )
+    report.notes.append(
+        f"llama-server {tools.version(binary) or '?'} ({binary}), --jinja: the GGUF's own chat template"
+    )
     _quantized_note(report)
-    task = progress.add_task("comparing MLX and llama-server", total=len(prompts) + len(CONVERSATIONS)) if progress else None
+    task = (
+        progress.add_task("comparing MLX and llama-server", total=len(prompts) + len(CONVERSATIONS))
+        if progress
+        else None
+    )
     kv = "f32" if ftype == "F32" else None  # an F32 file is a reference: keep its KV cache in F32 too
     with LlamaServer(gguf, ctx=n_ctx, llama_cpp_dir=llama_cpp_dir, n_threads=n_threads, kv_type=kv) as srv:
         for name, conv in CONVERSATIONS.items():
@@ -455,12 +560,14 @@ def _check_template(srv, tokenizer, name: str, conv: list[dict], report: Fidelit
         return
     _, diff, got = _server_view(srv, tokenizer, conv, hf, report.gguf_adds_bos)
     ids = tokenizer.encode(hf, add_special_tokens=False)
-    report.templates.append(TemplateCheck(name, diff is None, diff, ids == got, _first_mismatch(ids, got),
-                                          diff is None and ids == got))
+    report.templates.append(
+        TemplateCheck(name, diff is None, diff, ids == got, _first_mismatch(ids, got), diff is None and ids == got)
+    )
 
 
-def _server_prompt(srv, model, tokenizer, prompt: str, conv: list[dict], hf: str, ids: list[int],
-                   report: FidelityReport) -> PromptReport:
+def _server_prompt(
+    srv, model, tokenizer, prompt: str, conv: list[dict], hf: str, ids: list[int], report: FidelityReport
+) -> PromptReport:
     """One prompt: llama-server's rendering, tokens and greedy continuation against the HF rendering and MLX."""
     from medtune.runtimes import mlx
 
@@ -468,8 +575,16 @@ def _server_prompt(srv, model, tokenizer, prompt: str, conv: list[dict], hf: str
     stops = set(tokenizer.eos_token_ids)
     ours = mlx.greedy(model, ids, report.tokens, end_ids=stops, rows=True)
     theirs = srv.greedy(server_text, report.tokens)
-    row = _compare(prompt, ids, got, (ours.tokens, ours.rows), _server_run(theirs, ours.rows[0]), stops,
-                   tokenizer.decode, report.tie_tolerance)
+    row = _compare(
+        prompt,
+        ids,
+        got,
+        (ours.tokens, ours.rows),
+        _server_run(theirs, ours.rows[0]),
+        stops,
+        tokenizer.decode,
+        report.tie_tolerance,
+    )
     row.rendered_equal, row.render_diff = diff is None, diff
     if diff is not None:
         row.ok = False

@@ -18,8 +18,11 @@ class EvalOptions:
     probe_limit: int | None = option(None, "Use the first N probes.")
     choices: Path | None = option(None, "Multiple-choice .jsonl (question, options, answer).", cli_type=Optional[Path])
     fidelity_tokens: int = option(32, "Greedy tokens compared per prompt in each GGUF's fidelity check.")
-    gguf_loss: bool = option(False, "Also the GGUFs' validation loss and multiple-choice accuracy (memory: context x "
-                                    "vocabulary floats).", flags=("--gguf-loss",))
+    gguf_loss: bool = option(
+        False,
+        "Also the GGUFs' validation loss and multiple-choice accuracy (memory: context x vocabulary floats).",
+        flags=("--gguf-loss",),
+    )
     threads: int | None = option(None, "llama.cpp threads (default: half the cores).", aliases=("n_threads",))
 
     def to_dict(self) -> dict:

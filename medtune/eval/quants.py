@@ -89,9 +89,15 @@ class QuantTable:
 
     def to_dict(self) -> dict:
         best = self.recommended
-        return {"reference": self.reference, "reference_type": self.reference_type, "reference_ppl": self.reference_ppl,
-                "positions": self.positions, "thresholds": self.thresholds, "rows": [r.to_dict() for r in self.rows],
-                "recommended": best.file if best else None}
+        return {
+            "reference": self.reference,
+            "reference_type": self.reference_type,
+            "reference_ppl": self.reference_ppl,
+            "positions": self.positions,
+            "thresholds": self.thresholds,
+            "rows": [r.to_dict() for r in self.rows],
+            "recommended": best.file if best else None,
+        }
 
 
 def judge(s: QuantStats) -> QuantStats:
@@ -106,9 +112,11 @@ def judge(s: QuantStats) -> QuantStats:
             s.verdict, s.why = level, ""
             return s
     t = THRESHOLDS["usable"]
-    over = [f"mean KLD {s.mean_kld:.3g} > {t['mean_kld']}" if s.mean_kld > t["mean_kld"] else "",
-            f"p99 KLD {s.p99_kld:.3g} > {t['p99_kld']}" if s.p99_kld > t["p99_kld"] else "",
-            f"same top {100 * s.same_top:.1f}% < {100 * t['same_top']:.0f}%" if s.same_top < t["same_top"] else ""]
+    over = [
+        f"mean KLD {s.mean_kld:.3g} > {t['mean_kld']}" if s.mean_kld > t["mean_kld"] else "",
+        f"p99 KLD {s.p99_kld:.3g} > {t['p99_kld']}" if s.p99_kld > t["p99_kld"] else "",
+        f"same top {100 * s.same_top:.1f}% < {100 * t['same_top']:.0f}%" if s.same_top < t["same_top"] else "",
+    ]
     s.verdict, s.why = "poor", "; ".join(o for o in over if o)
     return s
 
@@ -128,7 +136,9 @@ def heldout_sequences(model_dir: str | Path, data: str | Path, limit: int | None
     path = heldout_file(Path(data))
     rows = _read_jsonl(path)[:limit] if limit else _read_jsonl(path)
     if not rows:
-        raise BadInput("no held-out records to score", where=str(path), hint="prepare with --valid-ratio or --test-ratio")
+        raise BadInput(
+            "no held-out records to score", where=str(path), hint="prepare with --valid-ratio or --test-ratio"
+        )
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     return [(ids, offset - 1) for ids, offset in build_dataset(rows, tok, True, 1 << 30, path)]
 
@@ -138,7 +148,7 @@ def chunk_sequences(ids: list[int], n_ctx: int, bos: Optional[int]) -> list[Sequ
     adds one), positions n_ctx/2 .. n_ctx-2 scored."""
     out = []
     for i in range(len(ids) // n_ctx):
-        chunk = list(ids[i * n_ctx:(i + 1) * n_ctx])
+        chunk = list(ids[i * n_ctx : (i + 1) * n_ctx])
         if bos is not None:
             chunk[0] = bos
         out.append((chunk, n_ctx // 2))
@@ -156,8 +166,10 @@ def _cap(seqs: list[Sequence], max_positions: int) -> list[Sequence]:
         kept.append((ids, start))
         total += n
     if not kept:
-        raise BadInput("no positions to score (every sequence is empty or longer than --max-positions)",
-                       hint="raise --max-positions")
+        raise BadInput(
+            "no positions to score (every sequence is empty or longer than --max-positions)",
+            hint="raise --max-positions",
+        )
     return kept
 
 
@@ -166,8 +178,9 @@ def _load(path: Path, n_ctx: int, n_threads: int | None):
     """A GGUF in llama-cpp-python with the logits of every position (medtune.runtimes.llamacpp.logprobs)."""
     from medtune.runtimes.llamacpp import load_gguf
 
-    return load_gguf(path, n_ctx, n_threads=n_threads, logits_all=True, n_batch=n_ctx,
-                     purpose="the KL divergence of quantized GGUFs")
+    return load_gguf(
+        path, n_ctx, n_threads=n_threads, logits_all=True, n_batch=n_ctx, purpose="the KL divergence of quantized GGUFs"
+    )
 
 
 def _n_ctx(seqs: list[Sequence]) -> int:
@@ -189,9 +202,9 @@ def _reference_pass(ref: Path, seqs: list[Sequence], store: Path, n_threads, pro
         for ids, start in seqs:
             lp = logprobs(model, ids, start)
             n = len(lp)
-            mm[pos:pos + n] = lp
-            nll[pos:pos + n] = -lp[np.arange(n), np.asarray(ids[start + 1:])]
-            top[pos:pos + n] = lp.argmax(axis=1)
+            mm[pos : pos + n] = lp
+            nll[pos : pos + n] = -lp[np.arange(n), np.asarray(ids[start + 1 :])]
+            top[pos : pos + n] = lp.argmax(axis=1)
             pos += n
             if progress:
                 progress.advance(task)
@@ -210,18 +223,21 @@ def _quant_pass(path: Path, seqs: list[Sequence], ref, n_threads, progress=None)
     model = _load(path, _n_ctx(seqs), n_threads)
     if model.n_vocab() != mm.shape[1]:
         model.close()
-        raise BadInput(f"vocabulary of {model.n_vocab()} tokens, the reference has {mm.shape[1]}", where=str(path),
-                       hint="compare quants of the same model")
+        raise BadInput(
+            f"vocabulary of {model.n_vocab()} tokens, the reference has {mm.shape[1]}",
+            where=str(path),
+            hint="compare quants of the same model",
+        )
     kld, nll, same, pos = [], [], 0, 0
     task = progress.add_task(f"KL divergence {path.name}", total=len(seqs)) if progress else None
     try:
         for ids, start in seqs:
             lq = logprobs(model, ids, start)
             n = len(lq)
-            lr = np.asarray(mm[pos:pos + n], dtype=np.float64)
+            lr = np.asarray(mm[pos : pos + n], dtype=np.float64)
             kld.append((np.exp(lr) * (lr - lq)).sum(axis=1))
-            nll.append(-lq[np.arange(n), np.asarray(ids[start + 1:])])
-            same += int((lq.argmax(axis=1) == ref_top[pos:pos + n]).sum())
+            nll.append(-lq[np.arange(n), np.asarray(ids[start + 1 :])])
+            same += int((lq.argmax(axis=1) == ref_top[pos : pos + n]).sum())
             pos += n
             if progress:
                 progress.advance(task)
@@ -229,14 +245,30 @@ def _quant_pass(path: Path, seqs: list[Sequence], ref, n_threads, progress=None)
         model.close()
     k = np.maximum(np.concatenate(kld), 0.0)  # rounding can make a KL divergence of ~0 slightly negative
     q_nll = np.concatenate(nll)
-    return QuantStats(file=str(path), file_type=gguf_file_type(path), bytes=path.stat().st_size, positions=len(k),
-                      mean_kld=float(k.mean()), p99_kld=float(np.percentile(k, 99)), max_kld=float(k.max()),
-                      same_top=same / len(k), ppl=float(np.exp(q_nll.mean())), ref_ppl=float(np.exp(ref_nll.mean())))
+    return QuantStats(
+        file=str(path),
+        file_type=gguf_file_type(path),
+        bytes=path.stat().st_size,
+        positions=len(k),
+        mean_kld=float(k.mean()),
+        p99_kld=float(np.percentile(k, 99)),
+        max_kld=float(k.max()),
+        same_top=same / len(k),
+        ppl=float(np.exp(q_nll.mean())),
+        ref_ppl=float(np.exp(ref_nll.mean())),
+    )
 
 
-def judge_quants(reference: str | Path, quants: list[str | Path], seqs: list[Sequence], *,
-                 max_positions: int = MAX_POSITIONS, n_threads: int | None = None, progress=None,
-                 workdir: str | Path | None = None) -> QuantTable:
+def judge_quants(
+    reference: str | Path,
+    quants: list[str | Path],
+    seqs: list[Sequence],
+    *,
+    max_positions: int = MAX_POSITIONS,
+    n_threads: int | None = None,
+    progress=None,
+    workdir: str | Path | None = None,
+) -> QuantTable:
     """KL divergence, same-top and ΔPPL of each quant against `reference` on `seqs`, with verdicts."""
     import numpy as np
 
@@ -246,13 +278,20 @@ def judge_quants(reference: str | Path, quants: list[str | Path], seqs: list[Seq
             raise BadInput(f"GGUF not found: {p}", hint="`medtune export -q f16,q8_0,q4_k_m` writes them")
     ref_type = gguf_file_type(reference)
     if ref_type not in REFERENCE_TYPES:
-        raise BadInput(f"the reference is {ref_type}, a quantized type", where=str(reference),
-                       hint="pass the F16 (or F32/BF16) export as the reference")
+        raise BadInput(
+            f"the reference is {ref_type}, a quantized type",
+            where=str(reference),
+            hint="pass the F16 (or F32/BF16) export as the reference",
+        )
     seqs = _cap(seqs, max_positions)
     with tempfile.TemporaryDirectory(prefix=".medtune-kld-", dir=workdir) as tmp:
         ref = _reference_pass(reference, seqs, Path(tmp) / "reference.npy", n_threads, progress)
-        table = QuantTable(reference=str(reference), reference_type=ref_type,
-                           reference_ppl=float(np.exp(ref[1].mean())), positions=len(ref[1]))
+        table = QuantTable(
+            reference=str(reference),
+            reference_type=ref_type,
+            reference_ppl=float(np.exp(ref[1].mean())),
+            positions=len(ref[1]),
+        )
         for q in quants:
             table.rows.append(judge(_quant_pass(Path(q), seqs, ref, n_threads, progress)))
         del ref
@@ -261,9 +300,14 @@ def judge_quants(reference: str | Path, quants: list[str | Path], seqs: list[Seq
 
 
 # ---- llama-perplexity's own figures on the same text ---------------------------------------------------------
-_PATTERNS = {"mean_kld": r"Mean\s+KLD:\s*([-\d.eE+]+)", "p99_kld": r"99\.0%\s+KLD:\s*([-\d.eE+]+)",
-             "max_kld": r"Maximum KLD:\s*([-\d.eE+]+)", "same_top": r"Same top p:\s*([-\d.eE+]+)",
-             "ppl": r"Mean PPL\(Q\)\s*:\s*([-\d.eE+]+)", "ref_ppl": r"Mean PPL\(base\)\s*:\s*([-\d.eE+]+)"}
+_PATTERNS = {
+    "mean_kld": r"Mean\s+KLD:\s*([-\d.eE+]+)",
+    "p99_kld": r"99\.0%\s+KLD:\s*([-\d.eE+]+)",
+    "max_kld": r"Maximum KLD:\s*([-\d.eE+]+)",
+    "same_top": r"Same top p:\s*([-\d.eE+]+)",
+    "ppl": r"Mean PPL\(Q\)\s*:\s*([-\d.eE+]+)",
+    "ref_ppl": r"Mean PPL\(base\)\s*:\s*([-\d.eE+]+)",
+}
 
 
 def parse_llama_perplexity(text: str) -> dict:
@@ -283,8 +327,16 @@ def _run(cmd: list[str], what: str) -> str:
     return res.stdout + res.stderr
 
 
-def crosscheck(reference: str | Path, quant: str | Path, text_file: str | Path, n_ctx: int = 128, *,
-               llama_cpp_dir=None, n_threads: int | None = None, workdir: str | Path | None = None) -> dict:
+def crosscheck(
+    reference: str | Path,
+    quant: str | Path,
+    text_file: str | Path,
+    n_ctx: int = 128,
+    *,
+    llama_cpp_dir=None,
+    n_threads: int | None = None,
+    workdir: str | Path | None = None,
+) -> dict:
     """llama-perplexity --kl-divergence and our code on the same text and chunks: both sets of figures."""
     from medtune.core.errors import require
     from medtune.runtimes import tools
@@ -298,8 +350,9 @@ def crosscheck(reference: str | Path, quant: str | Path, text_file: str | Path, 
         base = str(Path(tmp) / "base.kld")
         common = ["-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx), "-t", t, "--kl-divergence-base", base]
         base_pass = _run([str(binary), "-m", str(reference), *common], "llama-perplexity (reference pass)")
-        theirs = parse_llama_perplexity(_run([str(binary), "-m", str(quant), *common, "--kl-divergence"],
-                                             "llama-perplexity --kl-divergence"))
+        theirs = parse_llama_perplexity(
+            _run([str(binary), "-m", str(quant), *common, "--kl-divergence"], "llama-perplexity --kl-divergence")
+        )
         m = re.search(r"Final estimate: PPL = ([\d.]+)", base_pass)
         if m:  # the reference pass's perplexity from its float logits (the KL pass rereads 16-bit log-probs)
             theirs["ref_ppl_exact"] = float(m.group(1))
@@ -313,9 +366,17 @@ def crosscheck(reference: str | Path, quant: str | Path, text_file: str | Path, 
         llm.close()
     seqs = chunk_sequences(ids, n_ctx, bos)
     if len(seqs) < 2:
-        raise BadInput(f"the text has {len(ids)} tokens; llama-perplexity needs at least {2 * n_ctx}",
-                       where=str(text_file), hint="a longer text, or a smaller -c")
+        raise BadInput(
+            f"the text has {len(ids)} tokens; llama-perplexity needs at least {2 * n_ctx}",
+            where=str(text_file),
+            hint="a longer text, or a smaller -c",
+        )
     ours = judge_quants(reference, [quant], seqs, max_positions=1 << 30, n_threads=n_threads, workdir=workdir).rows[0]
-    return {"text": str(text_file), "n_ctx": n_ctx, "chunks": len(seqs), "positions": ours.positions,
-            "llama_perplexity": theirs,
-            "medtune": {k: getattr(ours, k) for k in ("mean_kld", "p99_kld", "max_kld", "same_top", "ppl", "ref_ppl")}}
+    return {
+        "text": str(text_file),
+        "n_ctx": n_ctx,
+        "chunks": len(seqs),
+        "positions": ours.positions,
+        "llama_perplexity": theirs,
+        "medtune": {k: getattr(ours, k) for k in ("mean_kld", "p99_kld", "max_kld", "same_top", "ppl", "ref_ppl")},
+    }

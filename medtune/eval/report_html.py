@@ -5,9 +5,13 @@ from __future__ import annotations
 from html import escape
 
 COLUMNS = [  # (key, heading, format)
-    ("val_loss", "val loss", "{:.3f}"), ("val_ppl", "val ppl", "{:.2f}"), ("mc_accuracy", "MC accuracy", "{:.0%}"),
-    ("stop_rate", "stop rate", "{:.0%}"), ("mean_tokens", "mean tokens", "{:.1f}"),
-    ("think_present", "think present", "{:.0%}"), ("think_ok", "think well-formed", "{:.0%}"),
+    ("val_loss", "val loss", "{:.3f}"),
+    ("val_ppl", "val ppl", "{:.2f}"),
+    ("mc_accuracy", "MC accuracy", "{:.0%}"),
+    ("stop_rate", "stop rate", "{:.0%}"),
+    ("mean_tokens", "mean tokens", "{:.1f}"),
+    ("think_present", "think present", "{:.0%}"),
+    ("think_ok", "think well-formed", "{:.0%}"),
     ("repetition_rate", "repeated 4-grams", "{:.1%}"),
 ]
 
@@ -35,9 +39,19 @@ QUANT_HEADINGS = ["file", "type", "size", "mean KLD", "p99 KLD", "same top", "Δ
 
 def quant_rows(report: dict) -> list[list[str]]:
     q = report.get("quants") or {}
-    return [[r["file"].rsplit("/", 1)[-1], r["file_type"], f"{r['bytes'] / 1e6:.0f} MB", f"{r['mean_kld']:.4f}",
-             f"{r['p99_kld']:.3f}", f"{100 * r['same_top']:.1f}%", f"{r['delta_ppl']:+.3f}",
-             r["verdict"] + (f" ({r['why']})" if r.get("why") else "")] for r in q.get("rows", [])]
+    return [
+        [
+            r["file"].rsplit("/", 1)[-1],
+            r["file_type"],
+            f"{r['bytes'] / 1e6:.0f} MB",
+            f"{r['mean_kld']:.4f}",
+            f"{r['p99_kld']:.3f}",
+            f"{100 * r['same_top']:.1f}%",
+            f"{r['delta_ppl']:+.3f}",
+            r["verdict"] + (f" ({r['why']})" if r.get("why") else ""),
+        ]
+        for r in q.get("rows", [])
+    ]
 
 
 def quant_summary(report: dict) -> str:
@@ -46,12 +60,15 @@ def quant_summary(report: dict) -> str:
         return ""
     best = q.get("recommended")
     t = q["thresholds"]
-    return (f"Quantized files against {q['reference'].rsplit('/', 1)[-1]} ({q['reference_type']}, PPL "
-            f"{q['reference_ppl']:.3f}), teacher-forced on {q['positions']} held-out answer tokens (KL divergence in nats, "
-            f"as llama-perplexity --kl-divergence). good: mean KLD ≤ {t['good']['mean_kld']}, p99 ≤ {t['good']['p99_kld']}, "
-            f"same top ≥ {t['good']['same_top']:.0%}; usable: ≤ {t['usable']['mean_kld']}, ≤ {t['usable']['p99_kld']}, "
-            f"≥ {t['usable']['same_top']:.0%}. Recommended: "
-            + (best.rsplit("/", 1)[-1] if best else "none of them (keep the unquantized file)") + ".")
+    return (
+        f"Quantized files against {q['reference'].rsplit('/', 1)[-1]} ({q['reference_type']}, PPL "
+        f"{q['reference_ppl']:.3f}), teacher-forced on {q['positions']} held-out answer tokens (KL divergence in nats, "
+        f"as llama-perplexity --kl-divergence). good: mean KLD ≤ {t['good']['mean_kld']}, p99 ≤ {t['good']['p99_kld']}, "
+        f"same top ≥ {t['good']['same_top']:.0%}; usable: ≤ {t['usable']['mean_kld']}, ≤ {t['usable']['p99_kld']}, "
+        f"≥ {t['usable']['same_top']:.0%}. Recommended: "
+        + (best.rsplit("/", 1)[-1] if best else "none of them (keep the unquantized file)")
+        + "."
+    )
 
 
 def metric_rows(report: dict) -> list[list[str]]:
@@ -67,8 +84,12 @@ def headings() -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
-    out = [f"# medtune eval: {report['model']}", "",
-           f"Held-out: `{report['held_out']}`; probes: `{report['probes']}`; greedy, at most {report['max_tokens']} tokens.", ""]
+    out = [
+        f"# medtune eval: {report['model']}",
+        "",
+        f"Held-out: `{report['held_out']}`; probes: `{report['probes']}`; greedy, at most {report['max_tokens']} tokens.",
+        "",
+    ]
     out.append("| " + " | ".join(headings()) + " |")
     out.append("|" + "---|" * len(headings()))
     for r in metric_rows(report):
@@ -76,15 +97,24 @@ def render_markdown(report: dict) -> str:
     out.append("")
     out += [f"> {n}" for n in report.get("notes") or []] + ([""] if report.get("notes") else [])
     if report.get("quants"):
-        out += ["## Quantized files", "", quant_summary(report), "", "| " + " | ".join(QUANT_HEADINGS) + " |",
-                "|" + "---|" * len(QUANT_HEADINGS)]
+        out += [
+            "## Quantized files",
+            "",
+            quant_summary(report),
+            "",
+            "| " + " | ".join(QUANT_HEADINGS) + " |",
+            "|" + "---|" * len(QUANT_HEADINGS),
+        ]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in quant_rows(report)] + [""]
     for q in report["questions"]:
         prompt = q["messages"][-1]["content"]
         out += [f"## {q['id']} ({q['source']})", "", "> " + prompt.replace("\n", "\n> "), ""]
         for label, a in q["answers"].items():
             flag = "stopped" if a["finish_reason"] == "stop" else "cut at max tokens"
-            out += [f"**{label}** ({a['tokens']} tokens, {flag}, think: {a['think']}, repeated 4-grams {a['repetition']:.0%})", ""]
+            out += [
+                f"**{label}** ({a['tokens']} tokens, {flag}, think: {a['think']}, repeated 4-grams {a['repetition']:.0%})",
+                "",
+            ]
             if a["reasoning"]:
                 out += ["<details><summary>reasoning</summary>", "", a["reasoning"], "", "</details>", ""]
             out += [a["answer"] or "*(no answer)*", ""]
@@ -108,16 +138,22 @@ def svg_curves(curves: dict, width: int = 640, height: int = 260) -> str:
     def sy(y):
         return height - pad_b - (y - y0) / (y1 - y0) * (height - pad_t - pad_b)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="loss curves"><rect width="100%" height="100%" fill="#fff"/>',
-             f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - pad_r}" y2="{height - pad_b}" stroke="#999"/>',
-             f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{height - pad_b}" stroke="#999"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="loss curves"><rect width="100%" height="100%" fill="#fff"/>',
+        f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - pad_r}" y2="{height - pad_b}" stroke="#999"/>',
+        f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{height - pad_b}" stroke="#999"/>',
+    ]
     for frac in (0, 0.5, 1):
         y = y0 + frac * (y1 - y0)
         parts.append(f'<text x="{pad_l - 5}" y="{sy(y) + 4:.1f}" font-size="11" text-anchor="end">{y:.3g}</text>')
     for x in sorted({x0, x1}):
-        parts.append(f'<text x="{sx(x):.1f}" y="{height - pad_b + 15}" font-size="11" text-anchor="middle">{x:g}</text>')
-    parts.append(f'<text x="{(width + pad_l) / 2:.0f}" y="{height - 5}" font-size="11" text-anchor="middle">step</text>')
+        parts.append(
+            f'<text x="{sx(x):.1f}" y="{height - pad_b + 15}" font-size="11" text-anchor="middle">{x:g}</text>'
+        )
+    parts.append(
+        f'<text x="{(width + pad_l) / 2:.0f}" y="{height - 5}" font-size="11" text-anchor="middle">step</text>'
+    )
     for i, (name, colour, s) in enumerate(series):
         if not s:
             continue
@@ -125,8 +161,10 @@ def svg_curves(curves: dict, width: int = 640, height: int = 260) -> str:
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>')
         for x, y in s if name == "val" else []:
             parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>')
-        parts.append(f'<text x="{width - pad_r - 5}" y="{pad_t + 12 + 14 * i}" font-size="12" text-anchor="end" '
-                     f'fill="{colour}">{name} loss</text>')
+        parts.append(
+            f'<text x="{width - pad_r - 5}" y="{pad_t + 12 + 14 * i}" font-size="12" text-anchor="end" '
+            f'fill="{colour}">{name} loss</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -141,12 +179,15 @@ th{background:#f3f3f3}.answers td{white-space:pre-wrap;font-size:13px;min-width:
 
 def render_html(report: dict) -> str:
     h = escape
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>medtune eval: {h(report['model'])}</title><style>{CSS}</style></head><body>",
-           f"<h1>medtune eval: {h(report['model'])}</h1>",
-           f'<p class="meta">held-out: {h(str(report["held_out"]))}; probes: {h(report["probes"])}; greedy decoding, '
-           f'repeat penalty {report.get("repeat_penalty")} over {report.get("repeat_last_n")} tokens, '
-           f'at most {report["max_tokens"]} tokens; created {h(report["created"])}</p>']
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>medtune eval: {h(report['model'])}</title><style>{CSS}</style></head><body>",
+        f"<h1>medtune eval: {h(report['model'])}</h1>",
+        f'<p class="meta">held-out: {h(str(report["held_out"]))}; probes: {h(report["probes"])}; greedy decoding, '
+        f"repeat penalty {report.get('repeat_penalty')} over {report.get('repeat_last_n')} tokens, "
+        f"at most {report['max_tokens']} tokens; created {h(report['created'])}</p>",
+    ]
     svg = svg_curves(report.get("curves") or {})
     if svg:
         out += ["<h2>Training loss</h2>", svg, f'<p class="meta">from {h(report["curves"].get("source", ""))}</p>']
@@ -158,7 +199,11 @@ def render_html(report: dict) -> str:
     out.append("</tbody></table>")
     out += [f'<p class="note">{h(n)}</p>' for n in report.get("notes") or []]
     if report.get("quants"):
-        out += ["<h2>Quantized files</h2>", f'<p class="meta">{h(quant_summary(report))}</p>', '<table id="quants"><tr>']
+        out += [
+            "<h2>Quantized files</h2>",
+            f'<p class="meta">{h(quant_summary(report))}</p>',
+            '<table id="quants"><tr>',
+        ]
         out += [f"<th>{h(c)}</th>" for c in QUANT_HEADINGS] + ["</tr>"]
         out += ["<tr>" + "".join(f"<td>{h(c)}</td>" for c in r) + "</tr>" for r in quant_rows(report)]
         out.append("</table>")
@@ -172,15 +217,19 @@ def render_html(report: dict) -> str:
         for label in labels:
             a = q["answers"][label]
             stopped = a["finish_reason"] == "stop"
-            meta = (f'<div class="meta"><span class="{"ok" if stopped else "cut"}">'
-                    f'{"stopped" if stopped else "cut at max tokens"}</span>, {a["tokens"]} tokens, think: {h(a["think"])}, '
-                    f'repeated 4-grams {a["repetition"]:.0%}</div>')
-            think = (f"<details><summary>reasoning</summary>{h(a['reasoning'])}</details>" if a["reasoning"] else "")
+            meta = (
+                f'<div class="meta"><span class="{"ok" if stopped else "cut"}">'
+                f"{'stopped' if stopped else 'cut at max tokens'}</span>, {a['tokens']} tokens, think: {h(a['think'])}, "
+                f"repeated 4-grams {a['repetition']:.0%}</div>"
+            )
+            think = f"<details><summary>reasoning</summary>{h(a['reasoning'])}</details>" if a["reasoning"] else ""
             out.append(f"<td>{meta}{think}{h(a['answer']) or '<i>(no answer)</i>'}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")
     if report.get("multiple_choice"):
-        out.append(f"<p>{len(report['multiple_choice'])} multiple-choice question(s), each option scored by its mean "
-                   "token log-likelihood.</p>")
+        out.append(
+            f"<p>{len(report['multiple_choice'])} multiple-choice question(s), each option scored by its mean "
+            "token log-likelihood.</p>"
+        )
     out.append("</body></html>")
     return "\n".join(out) + "\n"

@@ -18,10 +18,11 @@ from pathlib import Path
 from medtune.core.errors import BadInput
 from medtune.core.lock import holds as _holds_lock
 from medtune.core.options import from_kwargs
-from medtune.export.options import ExportOptions
 from medtune.export.gguf_reader import file_type_name, read_gguf_header
+from medtune.export.options import ExportOptions
 
 __all__ = ["ExportResult", "export", "inspect_gguf", "modelfile_from", "ollama_commands", "read_gguf_header"]
+
 
 @dataclass
 class ExportResult:
@@ -40,18 +41,30 @@ class ExportResult:
     quantizer: str | None = None  # what made the K-quants, if any
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "gguf_paths": {q: str(p) for q, p in self.gguf_paths.items()},
-                "modelfile_path": str(self.modelfile_path), "modelfile_text": self.modelfile_text,
-                "family": self.family, "stops": self.stops, "system": self.system,
-                "manifest_path": str(self.manifest_path), "ollama_commands": self.ollama_commands,
-                "summaries": self.summaries, "warnings": self.warnings, "converter": self.converter,
-                "quantizer": self.quantizer}
+        return {
+            "name": self.name,
+            "gguf_paths": {q: str(p) for q, p in self.gguf_paths.items()},
+            "modelfile_path": str(self.modelfile_path),
+            "modelfile_text": self.modelfile_text,
+            "family": self.family,
+            "stops": self.stops,
+            "system": self.system,
+            "manifest_path": str(self.manifest_path),
+            "ollama_commands": self.ollama_commands,
+            "summaries": self.summaries,
+            "warnings": self.warnings,
+            "converter": self.converter,
+            "quantizer": self.quantizer,
+        }
 
 
 def ollama_commands(name: str, modelfile_path: str | Path) -> list[str]:
     import shlex
 
-    return [f"ollama create {shlex.quote(name)} -f {shlex.quote(str(modelfile_path))}", f"ollama run {shlex.quote(name)}"]
+    return [
+        f"ollama create {shlex.quote(name)} -f {shlex.quote(str(modelfile_path))}",
+        f"ollama run {shlex.quote(name)}",
+    ]
 
 
 def modelfile_from(gguf_path: str | Path, modelfile_path: str | Path) -> str:
@@ -71,8 +84,17 @@ def modelfile_from(gguf_path: str | Path, modelfile_path: str | Path) -> str:
 
 
 @_holds_lock("out_dir")  # one writer per output folder (medtune.core.lock)
-def export(model_dir: str | Path, out_dir: str | Path, name: str, opts: ExportOptions | None = None, progress=None, *,
-           modelfile_path: str | Path | None = None, params: dict | None = None, **fields) -> ExportResult:
+def export(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    name: str,
+    opts: ExportOptions | None = None,
+    progress=None,
+    *,
+    modelfile_path: str | Path | None = None,
+    params: dict | None = None,
+    **fields,
+) -> ExportResult:
     """Write `<out_dir>/<name>-<quant>.gguf` for each quant, a Modelfile (FROM the first quant, by a path
     relative to the Modelfile's folder, as Ollama resolves it: `./NAME.gguf`, `../models/run/NAME.gguf`)
     and `<out_dir>/export_manifest.json`.
@@ -109,10 +131,19 @@ def export(model_dir: str | Path, out_dir: str | Path, name: str, opts: ExportOp
     manifest_path = _write_manifest(job, model_dir, options, mf.info, summaries, hashes)
     info = mf.info
     return ExportResult(
-        name=name, gguf_paths=job.ggufs, modelfile_path=job.mf_path, modelfile_text=mf.text, family=info["family"],
-        stops=info["stops"], system=info["system"], manifest_path=manifest_path,
-        ollama_commands=ollama_commands(name, job.mf_path), summaries=summaries, warnings=info["warnings"],
-        converter=job.route.converter, quantizer=job.quantizer.describe() if job.quantizer else None,
+        name=name,
+        gguf_paths=job.ggufs,
+        modelfile_path=job.mf_path,
+        modelfile_text=mf.text,
+        family=info["family"],
+        stops=info["stops"],
+        system=info["system"],
+        manifest_path=manifest_path,
+        ollama_commands=ollama_commands(name, job.mf_path),
+        summaries=summaries,
+        warnings=info["warnings"],
+        converter=job.route.converter,
+        quantizer=job.quantizer.describe() if job.quantizer else None,
     )
 
 
@@ -149,8 +180,9 @@ class _Job:
     vocab: object | None  # tokenizer.Vocab, when medtune reads this tokenizer
 
 
-def _decide(model_dir: Path, out_dir: Path, name: str, quants: list[str], modelfile_path, converter,
-            llama_cpp_dir) -> _Job:
+def _decide(
+    model_dir: Path, out_dir: Path, name: str, quants: list[str], modelfile_path, converter, llama_cpp_dir
+) -> _Job:
     """Converter, quantizer, the files and their order, our writer's plans and the vocabulary."""
     from medtune.export import llamacpp
     from medtune.export import quantize as qz
@@ -213,8 +245,9 @@ class _Modelfile:
     def render(self, vocab) -> None:
         from medtune.export.modelfile import render_modelfile
 
-        self.text, self.info = render_modelfile(self.from_path, self.model_dir, system=self.system,
-                                                params=self.params, family=self.family, vocab=vocab)
+        self.text, self.info = render_modelfile(
+            self.from_path, self.model_dir, system=self.system, params=self.params, family=self.family, vocab=vocab
+        )
 
 
 def _check_resources(job: _Job, model_dir: Path) -> None:
@@ -223,15 +256,20 @@ def _check_resources(job: _Job, model_dir: Path) -> None:
     from medtune.export.gguf_writer import check_disk, estimate_bytes
 
     n_params = _n_params(model_dir)
-    need = sum(estimate_bytes(job.plans[q]) if q in job.plans else int(n_params * qz.BITS[q] / 8) + (8 << 20)
-               for q in dict.fromkeys([*job.written, *job.quants]))
+    need = sum(
+        estimate_bytes(job.plans[q]) if q in job.plans else int(n_params * qz.BITS[q] / 8) + (8 << 20)
+        for q in dict.fromkeys([*job.written, *job.quants])
+    )
     check_disk(job.ggufs[job.quants[0]], need)
     if job.plans:
         from medtune.core.resources import check_memory
 
         biggest = max((math.prod(s) for s in job.plans[job.written[0]].ckpt.shape.values()), default=0)
-        check_memory(biggest * 4 * 3 + (256 << 20), "writing the GGUF",
-                     hint="close other programs, or export on a bigger machine")
+        check_memory(
+            biggest * 4 * 3 + (256 << 20),
+            "writing the GGUF",
+            hint="close other programs, or export on a bigger machine",
+        )
 
 
 def _input_files(job: _Job, model_dir: Path) -> list[Path]:
@@ -239,9 +277,18 @@ def _input_files(job: _Job, model_dir: Path) -> list[Path]:
     from medtune.export.gguf_writer import Checkpoint
 
     weight_files = job.plans[job.written[0]].ckpt.files if job.plans else _weight_files(model_dir, Checkpoint)
-    return [model_dir / f for f in ("config.json", "tokenizer.json", "tokenizer_config.json",
-                                    "generation_config.json", "chat_template.jinja",
-                                    "model.safetensors.index.json") if (model_dir / f).is_file()] + weight_files
+    return [
+        model_dir / f
+        for f in (
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "chat_template.jinja",
+            "model.safetensors.index.json",
+        )
+        if (model_dir / f).is_file()
+    ] + weight_files
 
 
 def _write_ggufs(job: _Job, model_dir: Path, name: str, progress) -> tuple[list[dict], dict[Path, str]]:
@@ -262,14 +309,16 @@ def _write_ggufs(job: _Job, model_dir: Path, name: str, progress) -> tuple[list[
         tmp = {q: stack.enter_context(fsutil.atomic_path(job.ggufs[q])) for q in job.quants}
         if source in job.written and source not in tmp:
             tmp[source] = stack.enter_context(
-                _scratch(job.out_dir / f".{job.stem}-{source}.intermediate-{os.getpid()}.gguf"))
+                _scratch(job.out_dir / f".{job.stem}-{source}.intermediate-{os.getpid()}.gguf")
+            )
         for q in job.written:
             s = _write_one(job, model_dir, name, q, tmp[q], progress)
             if q in job.ggufs:
                 summaries[q] = s
         for q in job.derived:
-            summaries[q] = qz.quantize_gguf(tmp[source], tmp[q], q, job.quantizer, progress,
-                                            label=f"quantizing {job.stem}-{q}.gguf")
+            summaries[q] = qz.quantize_gguf(
+                tmp[source], tmp[q], q, job.quantizer, progress, label=f"quantizing {job.stem}-{q}.gguf"
+            )
             summaries[q]["quantized_from"] = source
     for q, s in summaries.items():  # the summaries speak of the files under their final names
         s.update(path=str(job.ggufs[q]), bytes=job.ggufs[q].stat().st_size)
@@ -285,28 +334,41 @@ def _write_one(job: _Job, model_dir: Path, name: str, q: str, tmp: Path, progres
     label = f"writing {job.stem}-{q}.gguf" if q in job.ggufs else f"writing the {q} intermediate"
     if job.route.converter == "medtune":
         return write_gguf(model_dir, tmp, q, progress, name=name, plan=job.plans[q], label=label)
-    return llamacpp.convert(job.route, model_dir, tmp, q, progress, name=name,
-                            label=label.replace("writing", "converting (llama.cpp)"))
+    return llamacpp.convert(
+        job.route, model_dir, tmp, q, progress, name=name, label=label.replace("writing", "converting (llama.cpp)")
+    )
 
 
-def _write_manifest(job: _Job, model_dir: Path, options: dict, info: dict, summaries: list[dict],
-                    hashes: dict[Path, str]) -> Path:
+def _write_manifest(
+    job: _Job, model_dir: Path, options: dict, info: dict, summaries: list[dict], hashes: dict[Path, str]
+) -> Path:
     from medtune import __version__
     from medtune.core import fsutil, redact
 
     route, quantizer = job.route, job.quantizer
     inputs = {"model_dir": str(model_dir.absolute()), "files": {f.name: h for f, h in hashes.items()}}
-    outputs = {str(p): {"sha256": fsutil.sha256_file(p), "bytes": p.stat().st_size}
-               for p in [*job.ggufs.values(), job.mf_path]}
+    outputs = {
+        str(p): {"sha256": fsutil.sha256_file(p), "bytes": p.stat().st_size} for p in [*job.ggufs.values(), job.mf_path]
+    }
     manifest = {
         "stage": "export",
         "inputs": inputs,
-        "options": {**options, "modelfile_path": str(job.mf_path), "converter": route.converter,
-                    "llama_cpp_dir": str(route.checkout) if route.checkout else None},
-        "result": {"family": info["family"], "stops": info["stops"], "system": info["system"],
-                   "default_system": info["default_system"], "parameters": info["params"],
-                   "warnings": info["warnings"], "gguf": summaries,
-                   "quantizer": quantizer.describe() if quantizer else None},
+        "options": {
+            **options,
+            "modelfile_path": str(job.mf_path),
+            "converter": route.converter,
+            "llama_cpp_dir": str(route.checkout) if route.checkout else None,
+        },
+        "result": {
+            "family": info["family"],
+            "stops": info["stops"],
+            "system": info["system"],
+            "default_system": info["default_system"],
+            "parameters": info["params"],
+            "warnings": info["warnings"],
+            "gguf": summaries,
+            "quantizer": quantizer.describe() if quantizer else None,
+        },
         "outputs": outputs,
         "versions": _versions(__version__),
     }
@@ -391,8 +453,11 @@ def _weight_files(model_dir: Path, checkpoint_cls) -> list[Path]:
 def _versions(medtune_version: str) -> dict:
     from medtune.core.versions import versions
 
-    return {"medtune": medtune_version, "python": sys.version.split()[0],
-            **versions(("gguf", "transformers", "safetensors", "numpy"), missing=True, own=False)}
+    return {
+        "medtune": medtune_version,
+        "python": sys.version.split()[0],
+        **versions(("gguf", "transformers", "safetensors", "numpy"), missing=True, own=False),
+    }
 
 
 # ---- reading GGUF files back ---------------------------------------------------------------------------
@@ -447,7 +512,8 @@ def inspect_gguf(path: str | Path, *, head: int = 5) -> dict:
         "eot": token("tokenizer.ggml.eot_token_id"),
         "add_bos": meta.get("tokenizer.ggml.add_bos_token"),
         "chat_template": bool(template),
-        "chat_template_first_line": template.strip().splitlines()[0] if isinstance(template, str) and template.strip()
+        "chat_template_first_line": template.strip().splitlines()[0]
+        if isinstance(template, str) and template.strip()
         else None,
         "metadata": meta,
         "n_tensors": len(tensors),

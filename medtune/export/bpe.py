@@ -37,9 +37,11 @@ class ByteLevelBPE(TokenizerKind):
     def pretokenizer(cls, pre_name: str, where: str) -> pretok.PreTokenizer:
         pre = pretok.by_name(pre_name)  # llama.cpp's name, or an alias such as "gpt2" (older medtune GGUFs)
         if pre is None:
-            raise BadInput(f"GGUF pre-tokenizer {pre_name!r} is not in our registry", where=where,
-                           hint=f"known: {', '.join(sorted(pretok.REGISTRY))} (also read: "
-                                f"{', '.join(sorted(pretok.ALIASES))})")
+            raise BadInput(
+                f"GGUF pre-tokenizer {pre_name!r} is not in our registry",
+                where=where,
+                hint=f"known: {', '.join(sorted(pretok.REGISTRY))} (also read: {', '.join(sorted(pretok.ALIASES))})",
+            )
         return pre
 
     @classmethod
@@ -50,9 +52,17 @@ class ByteLevelBPE(TokenizerKind):
         types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
         merges = [m.split(" ", 1) for m in meta.get("tokenizer.ggml.merges", [])]
         added = [
-            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": types[i] == CONTROL}
-            for i, t in enumerate(tokens) if types[i] in (CONTROL, 4)
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": types[i] == CONTROL,
+            }
+            for i, t in enumerate(tokens)
+            if types[i] in (CONTROL, 4)
         ]
         return {
             "version": "1.0",
@@ -64,9 +74,16 @@ class ByteLevelBPE(TokenizerKind):
             "post_processor": _post_processor(specials),
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
             "model": {
-                "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges,
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": None,
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": False,
+                "ignore_merges": False,
+                "vocab": {t: i for i, t in enumerate(tokens)},
+                "merges": merges,
             },
         }
 
@@ -77,21 +94,32 @@ def _post_processor(specials: dict) -> dict:
     post: dict = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     if not (add_bos or add_eos):
         return post
-    single = ([{"SpecialToken": {"id": bos[1], "type_id": 0}}] if add_bos else []) + \
-             [{"Sequence": {"id": "A", "type_id": 0}}] + \
-             ([{"SpecialToken": {"id": eos[1], "type_id": 0}}] if add_eos else [])
-    special_tokens = {t[1]: {"id": t[1], "ids": [t[0]], "tokens": [t[1]]}
-                      for t, on in ((bos, add_bos), (eos, add_eos)) if on}
-    return {"type": "Sequence", "processors": [post, {"type": "TemplateProcessing", "single": single,
-                                                      "pair": single, "special_tokens": special_tokens}]}
+    single = (
+        ([{"SpecialToken": {"id": bos[1], "type_id": 0}}] if add_bos else [])
+        + [{"Sequence": {"id": "A", "type_id": 0}}]
+        + ([{"SpecialToken": {"id": eos[1], "type_id": 0}}] if add_eos else [])
+    )
+    special_tokens = {
+        t[1]: {"id": t[1], "ids": [t[0]], "tokens": [t[1]]} for t, on in ((bos, add_bos), (eos, add_eos)) if on
+    }
+    return {
+        "type": "Sequence",
+        "processors": [
+            post,
+            {"type": "TemplateProcessing", "single": single, "pair": single, "special_tokens": special_tokens},
+        ],
+    }
 
 
 def _check_normalizer(tok: dict, where: str) -> None:
     normalizer = _normalizer_kind(tok.get("normalizer"))
     if normalizer not in (None, "NFC"):
-        raise BadInput(f"tokenizer normalizer {normalizer!r} cannot be exported", where=where,
-                       hint="llama.cpp's BPE tokenizer does not normalise text; only none and NFC (Qwen's, "
-                            "a no-op on the composed text people type) keep tokenization the same")
+        raise BadInput(
+            f"tokenizer normalizer {normalizer!r} cannot be exported",
+            where=where,
+            hint="llama.cpp's BPE tokenizer does not normalise text; only none and NFC (Qwen's, "
+            "a no-op on the composed text people type) keep tokenization the same",
+        )
 
 
 def _recognise_pretokenizer(tok: dict, where: str) -> pretok.PreTokenizer:
@@ -105,8 +133,9 @@ def _recognise_pretokenizer(tok: dict, where: str) -> pretok.PreTokenizer:
         f"pre-tokenizer not recognised: {found}",
         where=where,
         hint=f"medtune knows the pre-tokenizers {', '.join(sorted(pretok.REGISTRY))} (a wrong one would split text "
-             "differently from training); export with llama.cpp's converter (--converter llama.cpp --llama-cpp DIR) "
-             "if it knows this tokenizer, or fine-tune a model whose tokenizer is one of those")
+        "differently from training); export with llama.cpp's converter (--converter llama.cpp --llama-cpp DIR) "
+        "if it knows this tokenizer, or fine-tune a model whose tokenizer is one of those",
+    )
 
 
 def _merges(model: dict, where: str) -> list[str]:
@@ -118,8 +147,11 @@ def _merges(model: dict, where: str) -> list[str]:
             continue
         a, b = m
         if " " in a or " " in b:
-            raise BadInput(f"merge {m!r} contains a space and cannot be written to GGUF", where=where,
-                           hint="this tokenizer is not a byte-level BPE that llama.cpp can load")
+            raise BadInput(
+                f"merge {m!r} contains a space and cannot be written to GGUF",
+                where=where,
+                hint="this tokenizer is not a byte-level BPE that llama.cpp can load",
+            )
         merges.append(f"{a} {b}")
     return merges
 

@@ -53,7 +53,7 @@ class _Cursor:
         n = self.take("<Q")
         if self.pos + n > self.size:
             raise ValueError("a string runs past the end of the file")
-        value = self.buf[self.pos:self.pos + n].decode("utf-8", errors="replace")
+        value = self.buf[self.pos : self.pos + n].decode("utf-8", errors="replace")
         self.pos += n
         return value
 
@@ -82,14 +82,16 @@ class _Cursor:
             items = [self.value(etype, key) for _ in range(count)]
         if full or count <= self.head:
             return items
-        return {"len": count, "head": items[:self.head]}
+        return {"len": count, "head": items[: self.head]}
 
     def header(self) -> tuple[int, dict, list]:
         """(version, metadata, [(name, dims, type, offset)]) of the file."""
         version = self.take("<I")
         if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)"
-                             + (" - a big-endian file?" if version > 0xFFFF else ""))
+            raise ValueError(
+                f"GGUF version {version} is not supported (2 and 3 are)"
+                + (" - a big-endian file?" if version > 0xFFFF else "")
+            )
         n_tensors, n_kv = self.take("<Q"), self.take("<Q")
         metadata = {}
         for _ in range(n_kv):
@@ -112,11 +114,17 @@ def _open_checked(path: Path):
     size = path.stat().st_size
     with open(path, "rb") as fh:
         if fh.read(4) != b"GGUF":
-            raise BadInput("not a GGUF file (it does not start with the magic bytes 'GGUF')", where=str(path),
-                           hint="check the path; an interrupted download or a git-lfs pointer looks like this")
+            raise BadInput(
+                "not a GGUF file (it does not start with the magic bytes 'GGUF')",
+                where=str(path),
+                hint="check the path; an interrupted download or a git-lfs pointer looks like this",
+            )
         if size < 24:
-            raise BadInput(f"truncated GGUF file ({size} bytes, shorter than the 24-byte header)", where=str(path),
-                           hint="the file is truncated; export or download it again")
+            raise BadInput(
+                f"truncated GGUF file ({size} bytes, shorter than the 24-byte header)",
+                where=str(path),
+                hint="the file is truncated; export or download it again",
+            )
         return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), size
 
 
@@ -136,8 +144,11 @@ def read_gguf_header(path: str | Path, *, head: int = 5, full_arrays=()) -> dict
         data_start = (cursor.pos + alignment - 1) // alignment * alignment
     except (struct.error, ValueError, UnicodeDecodeError, OverflowError) as exc:
         detail = "the header runs past the end of the file" if isinstance(exc, struct.error) else exc
-        raise BadInput(f"not a readable GGUF file ({detail})", where=str(path),
-                       hint="the file is truncated or damaged; export or download it again") from exc
+        raise BadInput(
+            f"not a readable GGUF file ({detail})",
+            where=str(path),
+            hint="the file is truncated or damaged; export or download it again",
+        ) from exc
     finally:
         mm.close()
     tensors = _tensor_table(raw, data_start, size)
@@ -145,8 +156,11 @@ def read_gguf_header(path: str | Path, *, head: int = 5, full_arrays=()) -> dict
         last = max(tensors, key=lambda t: t["offset"] + t["bytes"])
         end = data_start + last["offset"] + last["bytes"]
         if end > size:
-            raise BadInput(f"truncated GGUF file: tensor {last['name']} ends at byte {end}, the file has {size}",
-                           where=str(path), hint="the file is truncated; export or download it again")
+            raise BadInput(
+                f"truncated GGUF file: tensor {last['name']} ends at byte {end}, the file has {size}",
+                where=str(path),
+                hint="the file is truncated; export or download it again",
+            )
     return {"version": version, "metadata": metadata, "tensors": tensors, "data_offset": data_start}
 
 

@@ -38,18 +38,27 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
-                raise BadInput(f"model.safetensors.index.json has no valid weight_map ({exc})", where=str(index),
-                               hint="re-download the model") from exc
+                raise BadInput(
+                    f"model.safetensors.index.json has no valid weight_map ({exc})",
+                    where=str(index),
+                    hint="re-download the model",
+                ) from exc
             self.files = sorted({model_dir / f for f in weight_map.values()})
             missing = [f.name for f in self.files if not f.is_file()]
             if missing:
-                raise BadInput(f"shard {missing[0]} named in the index is missing", where=str(index),
-                               hint="the download is incomplete")
+                raise BadInput(
+                    f"shard {missing[0]} named in the index is missing",
+                    where=str(index),
+                    hint="the download is incomplete",
+                )
         else:
             self.files = sorted(model_dir.glob("*.safetensors"))
         if not self.files:
-            raise BadInput(f"no *.safetensors weights in {model_dir}", where=str(model_dir),
-                           hint="export reads safetensors (fuse or save_pretrained write them); .bin checkpoints are not read")
+            raise BadInput(
+                f"no *.safetensors weights in {model_dir}",
+                where=str(model_dir),
+                hint="export reads safetensors (fuse or save_pretrained write them); .bin checkpoints are not read",
+            )
         self.where: dict[str, Path] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
         self.dtype: dict[str, str] = {}
@@ -71,8 +80,11 @@ class Checkpoint:
 
             problem = safetensors_problem(path)  # e.g. tensor data cut short: refused now, before any writing
             if problem:
-                raise BadInput(f"not a readable safetensors file: {problem}", where=str(path),
-                               hint="the file is damaged or incomplete; re-download it (or fuse again)")
+                raise BadInput(
+                    f"not a readable safetensors file: {problem}",
+                    where=str(path),
+                    hint="the file is damaged or incomplete; re-download it (or fuse again)",
+                )
             self._headers[path] = (n, header)
         return self._headers[path]
 
@@ -87,8 +99,11 @@ class Checkpoint:
         """
         path, dtype = self.where[name], self.dtype[name]
         if dtype not in _ST_DTYPES:
-            raise BadInput(f"tensor {name} has dtype {dtype}; only float checkpoints can be exported",
-                           where=str(path), hint="fuse with de-quantization (mlx_lm fuse --dequantize) first")
+            raise BadInput(
+                f"tensor {name} has dtype {dtype}; only float checkpoints can be exported",
+                where=str(path),
+                hint="fuse with de-quantization (mlx_lm fuse --dequantize) first",
+            )
         n, header = self._header(path)
         start, end = header[name]["data_offsets"]
         np_dtype = _ST_DTYPES[dtype]
@@ -176,8 +191,11 @@ def plan_gguf(model_dir: str | Path, outtype: str = "f16") -> Plan:
 
     model_dir = Path(model_dir)
     if outtype not in OUTTYPES:
-        raise BadInput(f"unknown GGUF type {outtype!r}", hint=f"choose one of: {', '.join(OUTTYPES)} "
-                       "(K-quants such as q4_k_m come from llama.cpp's quantizer or `ollama create --quantize`)")
+        raise BadInput(
+            f"unknown GGUF type {outtype!r}",
+            hint=f"choose one of: {', '.join(OUTTYPES)} "
+            "(K-quants such as q4_k_m come from llama.cpp's quantizer or `ollama create --quantize`)",
+        )
     cfg = read_config(model_dir)
     arch = archs.for_config(cfg, where=str(model_dir / "config.json"))
     ckpt = Checkpoint(model_dir)
@@ -191,9 +209,11 @@ def plan_gguf(model_dir: str | Path, outtype: str = "f16") -> Plan:
         if not name:
             continue
         if ckpt.dtype[hf] not in _ST_DTYPES:
-            raise BadInput(f"tensor {hf} has dtype {ckpt.dtype[hf]}; only float checkpoints can be exported",
-                           where=str(ckpt.where[hf]),
-                           hint="fuse with de-quantization (mlx_lm fuse --dequantize) first")
+            raise BadInput(
+                f"tensor {hf} has dtype {ckpt.dtype[hf]}; only float checkpoints can be exported",
+                where=str(ckpt.where[hf]),
+                hint="fuse with de-quantization (mlx_lm fuse --dequantize) first",
+            )
         shape = ckpt.shape[hf]
         logits = name == "output.weight" or (name == "token_embd.weight" and arch.tied)
         qtype = tensor_qtype(name, shape, outtype, logits=logits)
@@ -201,13 +221,18 @@ def plan_gguf(model_dir: str | Path, outtype: str = "f16") -> Plan:
         seen.add(name)
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
-        raise BadInput(f"tensors with no GGUF counterpart for {arch.hf_arch}: {', '.join(unknown[:3])}{more}",
-                       where=str(model_dir),
-                       hint="fuse adapter weights and de-quantize quantized ones first (medtune fuse --dequantize); "
-                            "if the folder holds neither, export with --converter llama.cpp --llama-cpp DIR")
+        raise BadInput(
+            f"tensors with no GGUF counterpart for {arch.hf_arch}: {', '.join(unknown[:3])}{more}",
+            where=str(model_dir),
+            hint="fuse adapter weights and de-quantize quantized ones first (medtune fuse --dequantize); "
+            "if the folder holds neither, export with --converter llama.cpp --llama-cpp DIR",
+        )
     if "token_embd.weight" not in seen:
-        raise BadInput("the checkpoint has no token embedding (model.embed_tokens.weight)", where=str(model_dir),
-                       hint="the safetensors files are incomplete")
+        raise BadInput(
+            "the checkpoint has no token embedding (model.embed_tokens.weight)",
+            where=str(model_dir),
+            hint="the safetensors files are incomplete",
+        )
     for name, data in arch.extra_tensors():
         qtype = tensor_qtype(name, data.shape, outtype)
         tensors.append(TensorPlan(name, None, tuple(data.shape), qtype, _nbytes(data.shape, qtype)))
@@ -234,8 +259,16 @@ def _add_kv(w, key: str, vtype: str, value) -> None:
     {"u32": w.add_uint32, "f32": w.add_float32, "str": w.add_string, "bool": w.add_bool}[vtype](key, value)
 
 
-def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16", progress=None,
-               *, name: str | None = None, plan: Plan | None = None, label: str | None = None) -> dict:
+def write_gguf(
+    model_dir: str | Path,
+    out_path: str | Path,
+    outtype: str = "f16",
+    progress=None,
+    *,
+    name: str | None = None,
+    plan: Plan | None = None,
+    label: str | None = None,
+) -> dict:
     """Write `model_dir` as a GGUF file at `out_path`. Returns a summary of what was written.
 
     label: the progress bar's text (default: "writing <file name>").

@@ -67,7 +67,7 @@ def _find_close(src: str, i: int) -> int:
                 continue
             if c == quote:
                 quote = None
-        elif c in "\"`":
+        elif c in '"`':
             quote = c
         elif src.startswith("}}", i):
             return i
@@ -75,7 +75,8 @@ def _find_close(src: str, i: int) -> int:
     raise TemplateError("unclosed action")
 
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<ws>\s+)
   | (?P<str>"(?:[^"\\]|\\.)*"|`[^`]*`)
   | (?P<num>-?\d+(?:\.\d+)?)
@@ -85,7 +86,9 @@ _TOKEN = re.compile(r"""
   | (?P<var>\$[A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)
   | (?P<field>(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\.)
   | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 
 
 def _tokens(body: str) -> list[tuple[str, str]]:
@@ -93,7 +96,7 @@ def _tokens(body: str) -> list[tuple[str, str]]:
     while pos < len(body):
         m = _TOKEN.match(body, pos)
         if not m:
-            raise TemplateError(f"cannot read {body[pos:pos + 20]!r}")
+            raise TemplateError(f"cannot read {body[pos : pos + 20]!r}")
         pos = m.end()
         if m.lastgroup != "ws":
             out.append((m.lastgroup, m.group()))
@@ -174,7 +177,7 @@ def _parse_list(items, pos, top=False):
             if ("decl", ":=") in toks:
                 k = toks.index(("decl", ":="))
                 names = [t[1] for t in toks[:k] if t[0] == "var"]
-                toks = toks[k + 1:]
+                toks = toks[k + 1 :]
             node = Range(names, toks)
             node.body, pos = _parse_list(items, pos + 1)
             if _closing(items, pos) == "else":
@@ -256,8 +259,8 @@ def _slice(x, *idx):
     if len(idx) == 0:
         return x
     if len(idx) == 1:
-        return x[idx[0]:]
-    return x[idx[0]:idx[1]]
+        return x[idx[0] :]
+    return x[idx[0] : idx[1]]
 
 
 def _index(x, *keys):
@@ -323,7 +326,7 @@ class _Eval:
                         raise TemplateError("unbalanced parentheses")
                     depth += {("punct", "("): 1, ("punct", ")"): -1}.get(toks[j], 0)
                     j += 1
-                out.append(("paren", toks[i + 1:j - 1]))
+                out.append(("paren", toks[i + 1 : j - 1]))
                 i = j
             else:
                 out.append(toks[i])
@@ -409,13 +412,11 @@ def _run(nodes, dot, ev: _Eval, out):
 
 
 # ---- Ollama's chat pipeline -------------------------------------------------------------------------
-def ollama_prompt(template: str, messages: list[dict], system: str | None = None, *,
-                  think: bool | None = None) -> str:
+def ollama_prompt(template: str, messages: list[dict], system: str | None = None, *, think: bool | None = None) -> str:
     """The prompt Ollama's /api/chat builds from a Modelfile TEMPLATE and SYSTEM for these messages.
 
     A message may carry "thinking" (what Ollama parsed out of a reply); think is the request's option."""
-    msgs = [{"role": m["role"], "content": m.get("content", ""), "thinking": m.get("thinking", "")}
-            for m in messages]
+    msgs = [{"role": m["role"], "content": m.get("content", ""), "thinking": m.get("thinking", "")} for m in messages]
     if system and (not msgs or msgs[0]["role"] != "system"):
         msgs.insert(0, {"role": "system", "content": system, "thinking": ""})
     systems, collated = [], []
@@ -426,5 +427,13 @@ def ollama_prompt(template: str, messages: list[dict], system: str | None = None
             collated[-1]["Content"] += "\n\n" + m["content"]
         else:
             collated.append({"Role": m["role"], "Content": m["content"], "Thinking": m["thinking"]})
-    return execute(template, {"System": "\n\n".join(systems), "Messages": collated, "Response": "",
-                              "Think": bool(think), "IsThinkSet": think is not None})
+    return execute(
+        template,
+        {
+            "System": "\n\n".join(systems),
+            "Messages": collated,
+            "Response": "",
+            "Think": bool(think),
+            "IsThinkSet": think is not None,
+        },
+    )

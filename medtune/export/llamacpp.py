@@ -42,9 +42,12 @@ def checkout_dir(llama_cpp_dir: str | Path | None = None) -> Path | None:
     folder = Path(folder).expanduser().absolute()
     if not (folder / "convert_hf_to_gguf.py").is_file():
         src = "--llama-cpp" if llama_cpp_dir else ENV
-        raise BadInput(f"{folder} is not a llama.cpp checkout: it has no convert_hf_to_gguf.py", where=src,
-                       hint="git clone https://github.com/ggml-org/llama.cpp and point --llama-cpp (or LLAMA_CPP_DIR) "
-                            "at that folder")
+        raise BadInput(
+            f"{folder} is not a llama.cpp checkout: it has no convert_hf_to_gguf.py",
+            where=src,
+            hint="git clone https://github.com/ggml-org/llama.cpp and point --llama-cpp (or LLAMA_CPP_DIR) "
+            "at that folder",
+        )
     return folder
 
 
@@ -67,9 +70,10 @@ def choose(converter: str, model_dir: Path, llama_cpp_dir: str | Path | None = N
     if folder is None:
         if converter == "auto":
             raise _unsupported(hf_arch, model_dir, supported())
-        raise MissingDependency("--converter llama.cpp needs a llama.cpp checkout and none is configured",
-                                hint="git clone https://github.com/ggml-org/llama.cpp, then pass --llama-cpp DIR "
-                                     "or set LLAMA_CPP_DIR=DIR")
+        raise MissingDependency(
+            "--converter llama.cpp needs a llama.cpp checkout and none is configured",
+            hint="git clone https://github.com/ggml-org/llama.cpp, then pass --llama-cpp DIR or set LLAMA_CPP_DIR=DIR",
+        )
     check_python_deps()
     return Route("llama.cpp", hf_arch, folder)
 
@@ -79,7 +83,8 @@ def _unsupported(hf_arch, model_dir: Path, names: list[str]) -> BadInput:
         f"architecture {hf_arch!r} cannot be exported by medtune's GGUF writer (supported: {', '.join(names)})",
         where=str(Path(model_dir) / "config.json"),
         hint=f"export it with llama.cpp's converter: {_OPTION}, a llama.cpp checkout "
-             "(git clone https://github.com/ggml-org/llama.cpp)")
+        "(git clone https://github.com/ggml-org/llama.cpp)",
+    )
 
 
 def check_python_deps() -> None:
@@ -88,20 +93,32 @@ def check_python_deps() -> None:
 
     missing = [m for m in ("torch", "transformers", "numpy") if importlib.util.find_spec(m) is None]
     if missing:
-        raise MissingDependency(f"llama.cpp's convert_hf_to_gguf.py needs {', '.join(missing)} in this Python",
-                                hint=f"pip install {' '.join(missing)} (see the checkout's "
-                                     "requirements/requirements-convert_hf_to_gguf.txt)")
+        raise MissingDependency(
+            f"llama.cpp's convert_hf_to_gguf.py needs {', '.join(missing)} in this Python",
+            hint=f"pip install {' '.join(missing)} (see the checkout's "
+            "requirements/requirements-convert_hf_to_gguf.txt)",
+        )
 
 
-def convert(route: Route, model_dir: str | Path, out_path: str | Path, outtype: str, progress=None, *,
-            name: str | None = None, label: str | None = None) -> dict:
+def convert(
+    route: Route,
+    model_dir: str | Path,
+    out_path: str | Path,
+    outtype: str,
+    progress=None,
+    *,
+    name: str | None = None,
+    label: str | None = None,
+) -> dict:
     """Run `convert_hf_to_gguf.py MODEL --outfile OUT --outtype T`; OUT appears only when complete."""
     from medtune.core import fsutil
     from medtune.export.gguf_reader import file_type
     from medtune.export.quantize import run_tool
 
     if outtype not in CONVERTER_TYPES:
-        raise BadInput(f"llama.cpp's converter does not write {outtype}", hint=f"it writes {', '.join(CONVERTER_TYPES)}")
+        raise BadInput(
+            f"llama.cpp's converter does not write {outtype}", hint=f"it writes {', '.join(CONVERTER_TYPES)}"
+        )
     out_path = Path(out_path)
     gguf_py = route.checkout / "gguf-py"
     from medtune.core.redact import scrubbed_env
@@ -111,19 +128,41 @@ def convert(route: Route, model_dir: str | Path, out_path: str | Path, outtype: 
     env.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local folder: nothing to download
     env["PYTHONUNBUFFERED"] = "1"
     with fsutil.atomic_path(out_path) as tmp:
-        cmd = [sys.executable, str(route.script), str(Path(model_dir).absolute()), "--outfile", str(tmp),
-               "--outtype", outtype]
+        cmd = [
+            sys.executable,
+            str(route.script),
+            str(Path(model_dir).absolute()),
+            "--outfile",
+            str(tmp),
+            "--outtype",
+            outtype,
+        ]
         if name:
             cmd += ["--model-name", name]
-        run_tool(cmd, f"llama.cpp's convert_hf_to_gguf.py ({route.checkout})", progress=progress,
-                 label=label or f"converting with llama.cpp → {out_path.name}", env=env, error=BadInput,
-                 hint="a model llama.cpp cannot convert, or a checkout too old for it (git pull); "
-                      "--debug shows the converter's full output")
+        run_tool(
+            cmd,
+            f"llama.cpp's convert_hf_to_gguf.py ({route.checkout})",
+            progress=progress,
+            label=label or f"converting with llama.cpp → {out_path.name}",
+            env=env,
+            error=BadInput,
+            hint="a model llama.cpp cannot convert, or a checkout too old for it (git pull); "
+            "--debug shows the converter's full output",
+        )
         if not tmp.is_file():
-            raise BadInput("llama.cpp's convert_hf_to_gguf.py finished without writing the file",
-                           where=str(route.script), hint="re-run with --debug to see its output")
-    return {"path": str(out_path), "outtype": outtype, "file_type": file_type(outtype),
-            "bytes": out_path.stat().st_size, "converter": f"llama.cpp ({route.checkout})", "hf_arch": route.hf_arch}
+            raise BadInput(
+                "llama.cpp's convert_hf_to_gguf.py finished without writing the file",
+                where=str(route.script),
+                hint="re-run with --debug to see its output",
+            )
+    return {
+        "path": str(out_path),
+        "outtype": outtype,
+        "file_type": file_type(outtype),
+        "bytes": out_path.stat().st_size,
+        "converter": f"llama.cpp ({route.checkout})",
+        "hf_arch": route.hf_arch,
+    }
 
 
 def vocab_from_gguf(path: str | Path, model_dir: str | Path):
@@ -132,8 +171,9 @@ def vocab_from_gguf(path: str | Path, model_dir: str | Path):
     from medtune.export.gguf_reader import read_gguf_header
     from medtune.export.tokenizer import EOS_IDS_KEY, Vocab
 
-    meta = read_gguf_header(path, full_arrays=("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-                                               EOS_IDS_KEY))["metadata"]
+    meta = read_gguf_header(path, full_arrays=("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", EOS_IDS_KEY))[
+        "metadata"
+    ]
     tokens = list(meta.get("tokenizer.ggml.tokens") or [])
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eos_ids = [eos] if eos is not None else []
@@ -146,15 +186,19 @@ def vocab_from_gguf(path: str | Path, model_dir: str | Path):
             value = json.loads((Path(model_dir) / fname).read_text(encoding="utf-8")).get("eos_token_id")
         except (OSError, ValueError, AttributeError):
             continue
-        for idx in ([value] if isinstance(value, int) else value or []):
+        for idx in [value] if isinstance(value, int) else value or []:
             if isinstance(idx, int):
                 eos_ids.append(idx)
         if value is not None:
             break
     return Vocab(
-        model=meta.get("tokenizer.ggml.model") or "?", pre=meta.get("tokenizer.ggml.pre") or "default",
-        tokens=tokens, token_types=list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)), merges=[],
-        bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_id=eos,
+        model=meta.get("tokenizer.ggml.model") or "?",
+        pre=meta.get("tokenizer.ggml.pre") or "default",
+        tokens=tokens,
+        token_types=list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)),
+        merges=[],
+        bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_id=eos,
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         chat_template=meta.get("tokenizer.chat_template"),

@@ -85,13 +85,19 @@ QWEN3_TEMPLATE = """\
 # Two published versions differ only in the generation prompt: the later one (February 2025 on) opens the
 # think block itself (`<｜Assistant｜><think>\n`); the January 2025 one ends at `<｜Assistant｜>`, so the
 # model opens <think> on its own. DS_THINK_OPEN is what the later prompt adds.
-DS_BOS, DS_EOS, DS_USER, DS_ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+DS_BOS, DS_EOS, DS_USER, DS_ASSISTANT = (
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+)
 DS_THINK_OPEN = "<think>\n"
 
 
 def _deepseek_r1_template(think_open: str) -> str:
     """The DeepSeek-R1 Go TEMPLATE whose generation prompt is <｜Assistant｜> + `think_open`."""
-    return """\
+    return (
+        """\
 {{- .System }}
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
@@ -104,8 +110,11 @@ def _deepseek_r1_template(think_open: str) -> str:
 
 {{ end }}{{ .Content }}<｜end▁of▁sentence｜>
 {{- end }}
-{{- if and $last (ne .Role "assistant") }}<｜Assistant｜>""" + think_open + """{{ end }}
+{{- if and $last (ne .Role "assistant") }}<｜Assistant｜>"""
+        + think_open
+        + """{{ end }}
 {{- end }}"""
+    )
 
 
 DEEPSEEK_R1_TEMPLATE = _deepseek_r1_template(DS_THINK_OPEN)
@@ -162,7 +171,9 @@ def _render_qwen3(messages: list[dict], add_generation_prompt: bool = True) -> s
     return "".join(out) + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def _render_deepseek_r1(messages: list[dict], add_generation_prompt: bool = True, think_open: str = DS_THINK_OPEN) -> str:
+def _render_deepseek_r1(
+    messages: list[dict], add_generation_prompt: bool = True, think_open: str = DS_THINK_OPEN
+) -> str:
     out = [DS_BOS, "\n\n".join(m["content"] for m in messages if m["role"] == "system")]
     for m in messages:
         if m["role"] == "user":
@@ -173,8 +184,9 @@ def _render_deepseek_r1(messages: list[dict], add_generation_prompt: bool = True
 
 
 def _render_llama3(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    out = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-                  for m in messages)
+    out = "".join(
+        f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages
+    )
     return LLAMA3_BOS + out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
 
 
@@ -204,38 +216,82 @@ def _pass_family() -> str:
 def get_family(name: str) -> Family:
     """The registered family `name` (export's --family); an unknown name is refused listing the known ones."""
     if name not in FAMILIES:
-        raise BadInput(f"unknown chat-template family {name!r} (known: {', '.join(FAMILIES)})", where="--family",
-                       hint="pass one of those, or leave --family out to detect the family from the tokenizer's "
-                            "chat template")
+        raise BadInput(
+            f"unknown chat-template family {name!r} (known: {', '.join(FAMILIES)})",
+            where="--family",
+            hint="pass one of those, or leave --family out to detect the family from the tokenizer's chat template",
+        )
     return FAMILIES[name]
 
 
-register(Family("chatml", CHATML_TEMPLATE, _render_chatml, ("<|im_end|>", "<|im_start|>"),
-                "<|im_start|>system\n", "<|im_end|>\n"))
+register(
+    Family(
+        "chatml",
+        CHATML_TEMPLATE,
+        _render_chatml,
+        ("<|im_end|>", "<|im_start|>"),
+        "<|im_start|>system\n",
+        "<|im_end|>\n",
+    )
+)
 register(Family("generic", GENERIC_TEMPLATE, _render_generic, ("User:",), "", "\n\n"))
-register(Family("qwen3", QWEN3_TEMPLATE, _render_qwen3, ("<|im_end|>", "<|im_start|>"),
-                "<|im_start|>system\n", "<|im_end|>\n"))
-register(Family("deepseek-r1", DEEPSEEK_R1_TEMPLATE, _render_deepseek_r1, (DS_EOS, DS_USER, DS_ASSISTANT),
-                DS_BOS, DS_USER, bos=DS_BOS))
-register(replace(FAMILIES["deepseek-r1"], name="deepseek-r1-jan", template=DEEPSEEK_R1_JAN_TEMPLATE,
-                 render=functools.partial(_render_deepseek_r1, think_open="")))
-register(Family("llama3", LLAMA3_TEMPLATE, _render_llama3, ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
-                LLAMA3_BOS + "<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>", bos=LLAMA3_BOS))
+register(
+    Family(
+        "qwen3", QWEN3_TEMPLATE, _render_qwen3, ("<|im_end|>", "<|im_start|>"), "<|im_start|>system\n", "<|im_end|>\n"
+    )
+)
+register(
+    Family(
+        "deepseek-r1",
+        DEEPSEEK_R1_TEMPLATE,
+        _render_deepseek_r1,
+        (DS_EOS, DS_USER, DS_ASSISTANT),
+        DS_BOS,
+        DS_USER,
+        bos=DS_BOS,
+    )
+)
+register(
+    replace(
+        FAMILIES["deepseek-r1"],
+        name="deepseek-r1-jan",
+        template=DEEPSEEK_R1_JAN_TEMPLATE,
+        render=functools.partial(_render_deepseek_r1, think_open=""),
+    )
+)
+register(
+    Family(
+        "llama3",
+        LLAMA3_TEMPLATE,
+        _render_llama3,
+        ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+        LLAMA3_BOS + "<|start_header_id|>system<|end_header_id|>\n\n",
+        "<|eot_id|>",
+        bos=LLAMA3_BOS,
+    )
+)
 
 # Probe conversations: what the template is checked against. Contents avoid what a template might
 # rewrite by accident (leading/trailing spaces); the last probe has reasoning in an assistant turn of
 # the history, which tells the families that strip it (qwen3, deepseek-r1) from those that keep it.
 _PROBES = [
-    [{"role": "system", "content": "You are a careful clinician."},
-     {"role": "user", "content": "What lowers fever?"},
-     {"role": "assistant", "content": "Paracetamol, fluids and rest."},
-     {"role": "user", "content": "And in children?"}],
+    [
+        {"role": "system", "content": "You are a careful clinician."},
+        {"role": "user", "content": "What lowers fever?"},
+        {"role": "assistant", "content": "Paracetamol, fluids and rest."},
+        {"role": "user", "content": "And in children?"},
+    ],
     [{"role": "user", "content": "Define tachycardia."}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-     {"role": "user", "content": "Dose of\nibuprofen?"}],
-    [{"role": "user", "content": "Is 38.5 C a fever?"},
-     {"role": "assistant", "content": "<think>\nAdults: fever from 38.0 C.\n</think>\n\nYes, a mild one."},
-     {"role": "user", "content": "Treat it?"}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Dose of\nibuprofen?"},
+    ],
+    [
+        {"role": "user", "content": "Is 38.5 C a fever?"},
+        {"role": "assistant", "content": "<think>\nAdults: fever from 38.0 C.\n</think>\n\nYes, a mild one."},
+        {"role": "user", "content": "Treat it?"},
+    ],
 ]
 
 
@@ -297,7 +353,7 @@ def _match_family(family: Family, render) -> Match | None:
         end = got.find(family.system_close, len(family.system_open))
         if end < 0:
             return None
-        candidate = got[len(family.system_open):end]
+        candidate = got[len(family.system_open) : end]
         if got != family.render([{"role": "system", "content": candidate}, *probe]):
             return None
         defaults.add(candidate)
@@ -313,9 +369,12 @@ def detect_family(model_dir: str | Path, template: str | None = None) -> Match:
     model_dir = Path(model_dir)
     template = template if template is not None else chat_template(model_dir)
     if not template:
-        raise BadInput("the tokenizer has no chat template", where=str(model_dir),
-                       hint="fine-tune a chat model (its tokenizer has a chat template), or pass --family generic for "
-                            "medtune's plain User:/Assistant: format")
+        raise BadInput(
+            "the tokenizer has no chat template",
+            where=str(model_dir),
+            hint="fine-tune a chat model (its tokenizer has a chat template), or pass --family generic for "
+            "medtune's plain User:/Assistant: format",
+        )
     try:
         render = _hf_renderer(model_dir)
         for family in FAMILIES.values():
@@ -325,13 +384,16 @@ def detect_family(model_dir: str | Path, template: str | None = None) -> Match:
     except BadInput:
         raise
     except Exception as exc:  # jinja errors: the template raised on a probe
-        raise BadInput(f"the tokenizer's chat template cannot render a probe conversation ({exc})",
-                       where=str(model_dir),
-                       hint="copy the base chat model's tokenizer_config.json into the folder, or "
-                            + _pass_family()) from exc
-    raise BadInput(f"the tokenizer's chat template matches no known family ({', '.join(FAMILIES)})",
-                   where=str(model_dir),
-                   hint=_pass_family() + "; Ollama's prompts then follow that family, not this template")
+        raise BadInput(
+            f"the tokenizer's chat template cannot render a probe conversation ({exc})",
+            where=str(model_dir),
+            hint="copy the base chat model's tokenizer_config.json into the folder, or " + _pass_family(),
+        ) from exc
+    raise BadInput(
+        f"the tokenizer's chat template matches no known family ({', '.join(FAMILIES)})",
+        where=str(model_dir),
+        hint=_pass_family() + "; Ollama's prompts then follow that family, not this template",
+    )
 
 
 # ---- Modelfile values -------------------------------------------------------------------------------
@@ -346,8 +408,10 @@ def _check_chars(value: str, what: str) -> None:
         if ch in "\n\r\t":
             continue
         if not ch.isprintable():
-            raise BadInput(f"{what} contains the non-printable character U+{ord(ch):04X}, which Ollama's "
-                           "Modelfile parser drops", hint="remove it (or replace it with a plain space)")
+            raise BadInput(
+                f"{what} contains the non-printable character U+{ord(ch):04X}, which Ollama's Modelfile parser drops",
+                hint="remove it (or replace it with a plain space)",
+            )
 
 
 def quote_value(value: str, what: str = "value") -> str:
@@ -356,10 +420,13 @@ def quote_value(value: str, what: str = "value") -> str:
         raise BadInput(f"{what} must be text, got {type(value).__name__}")
     _check_chars(value, what)
     if '"""' in value:
-        raise BadInput(f'{what} contains """, which cannot be written into a Modelfile safely',
-                       hint='Modelfile values have no escapes and """ ends a block; rephrase without """')
-    simple = value and value == value.strip(" \t") and "\n" not in value and "\r" not in value \
-        and not value.startswith('"')
+        raise BadInput(
+            f'{what} contains """, which cannot be written into a Modelfile safely',
+            hint='Modelfile values have no escapes and """ ends a block; rephrase without """',
+        )
+    simple = (
+        value and value == value.strip(" \t") and "\n" not in value and "\r" not in value and not value.startswith('"')
+    )
     if simple:
         return value
     return f'"""{value}"""'
@@ -373,18 +440,22 @@ def _param_value(name: str, value) -> str:
     return quote_value(str(value), f"PARAMETER {name}")
 
 
-def modelfile_lines(from_path: str, template: str, system: str | None, stops: list[str],
-                    params: dict) -> list[str]:
-    lines = ["# Written by medtune. TEMPLATE reproduces the tokenizer's chat template; do not edit by hand.",
-             "# Ollama >= 0.30 runs the GGUF in llama-server: for a chat template that mentions tools or <think> it renders",
-             "# the GGUF's own template (tokenizer.chat_template) instead of TEMPLATE (OLLAMA_GO_TEMPLATE=1 forces TEMPLATE);",
-             "# older Ollama renders TEMPLATE. `medtune eval fidelity` proves the GGUF's template in llama-server, the tests",
-             "# prove TEMPLATE with Go's text/template. Stopping rests on the GGUF's end tokens (eos, eot): llama-server",
-             "# runs without --special, so a stop that is a control token only matters to older Ollama.",
-             *(["# TEMPLATE uses .Thinking (the reasoning Ollama parses out of a reply): it needs Ollama >= 0.9."]
-               if ".Thinking" in template else []),
-             f"FROM {quote_value(str(from_path), 'FROM path')}",
-             f"TEMPLATE {quote_value(template, 'TEMPLATE')}"]
+def modelfile_lines(from_path: str, template: str, system: str | None, stops: list[str], params: dict) -> list[str]:
+    lines = [
+        "# Written by medtune. TEMPLATE reproduces the tokenizer's chat template; do not edit by hand.",
+        "# Ollama >= 0.30 runs the GGUF in llama-server: for a chat template that mentions tools or <think> it renders",
+        "# the GGUF's own template (tokenizer.chat_template) instead of TEMPLATE (OLLAMA_GO_TEMPLATE=1 forces TEMPLATE);",
+        "# older Ollama renders TEMPLATE. `medtune eval fidelity` proves the GGUF's template in llama-server, the tests",
+        "# prove TEMPLATE with Go's text/template. Stopping rests on the GGUF's end tokens (eos, eot): llama-server",
+        "# runs without --special, so a stop that is a control token only matters to older Ollama.",
+        *(
+            ["# TEMPLATE uses .Thinking (the reasoning Ollama parses out of a reply): it needs Ollama >= 0.9."]
+            if ".Thinking" in template
+            else []
+        ),
+        f"FROM {quote_value(str(from_path), 'FROM path')}",
+        f"TEMPLATE {quote_value(template, 'TEMPLATE')}",
+    ]
     if system:
         lines.append(f"SYSTEM {quote_value(system, 'system prompt')}")
     for s in stops:
@@ -420,21 +491,31 @@ def _with_bos(family: Family, vocab, model_dir: Path, warnings: list[str]) -> st
     bos_text = vocab.text(vocab.bos_id) if vocab.bos_id is not None else None
     if not family.bos:
         if vocab.add_bos:
-            warnings.append(f"the GGUF adds {bos_text} before every prompt and the chat template does not: "
-                            "Ollama's prompts start with one token that training did not see")
+            warnings.append(
+                f"the GGUF adds {bos_text} before every prompt and the chat template does not: "
+                "Ollama's prompts start with one token that training did not see"
+            )
         return family.template
     if not vocab.add_bos:
         return family.bos + family.template
     if bos_text != family.bos:
-        raise BadInput(f"the chat template starts with {family.bos} but the tokenizer's BOS (added to every "
-                       f"prompt) is {bos_text}", where=str(model_dir),
-                       hint="fix bos_token in the model folder's tokenizer_config.json, or set add_bos_token "
-                            "false there")
+        raise BadInput(
+            f"the chat template starts with {family.bos} but the tokenizer's BOS (added to every prompt) is {bos_text}",
+            where=str(model_dir),
+            hint="fix bos_token in the model folder's tokenizer_config.json, or set add_bos_token false there",
+        )
     return family.template
 
 
-def render_modelfile(gguf_filename: str | Path, model_dir: str | Path, system: str | None = None,
-                     params: dict | None = None, *, family: str | None = None, vocab=None) -> tuple[str, dict]:
+def render_modelfile(
+    gguf_filename: str | Path,
+    model_dir: str | Path,
+    system: str | None = None,
+    params: dict | None = None,
+    *,
+    family: str | None = None,
+    vocab=None,
+) -> tuple[str, dict]:
     """Modelfile text for the GGUF at `gguf_filename`, written as FROM as given (`medtune export` passes it relative
     to the Modelfile's folder, medtune.export.modelfile_from, which is how Ollama resolves FROM).
 
@@ -458,11 +539,15 @@ def render_modelfile(gguf_filename: str | Path, model_dir: str | Path, system: s
             except Exception:  # noqa: BLE001 - a forced family does not need the HF template to render
                 found = None
             if found is None:
-                warnings.append(f"family {family!r} was forced and does not match the tokenizer's chat template: "
-                                "Ollama's prompts will differ from training")
+                warnings.append(
+                    f"family {family!r} was forced and does not match the tokenizer's chat template: "
+                    "Ollama's prompts will differ from training"
+                )
         else:
-            warnings.append(f"the tokenizer has no chat template: the Modelfile uses the {family!r} format, "
-                            "which the model only follows if it was trained on it")
+            warnings.append(
+                f"the tokenizer has no chat template: the Modelfile uses the {family!r} format, "
+                "which the model only follows if it was trained on it"
+            )
         match = found or Match(forced, None)
     else:
         match = detect_family(model_dir, vocab.chat_template)
@@ -470,8 +555,10 @@ def render_modelfile(gguf_filename: str | Path, model_dir: str | Path, system: s
     if system is None:
         system = match.default_system
     elif system == "" and match.default_system:
-        warnings.append("system prompt disabled although the chat template has a default one: "
-                        "Ollama's prompts will differ from training")
+        warnings.append(
+            "system prompt disabled although the chat template has a default one: "
+            "Ollama's prompts will differ from training"
+        )
 
     template = _with_bos(fam, vocab, model_dir, warnings)
     cfg = read_config(model_dir)
@@ -483,8 +570,15 @@ def render_modelfile(gguf_filename: str | Path, model_dir: str | Path, system: s
         stops += [s for s in ([extra] if isinstance(extra, str) else extra) if s not in stops]
     lines = modelfile_lines(str(gguf_filename), template, system or None, stops, merged)
     text = "\n".join(lines) + "\n"
-    info = {"family": fam.name, "stops": stops, "system": system or None, "default_system": match.default_system,
-            "template": template, "params": merged, "warnings": warnings}
+    info = {
+        "family": fam.name,
+        "stops": stops,
+        "system": system or None,
+        "default_system": match.default_system,
+        "template": template,
+        "params": merged,
+        "warnings": warnings,
+    }
     return text, info
 
 
@@ -512,9 +606,20 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
             j += 1
         name = text[i:j].lower()
         if j >= n or text[j] not in " \t":
-            raise ValueError(f"invalid command at offset {i}: {text[i:j + 10]!r}")
-        if name not in ("from", "license", "template", "system", "adapter", "draft", "renderer", "parser",
-                        "parameter", "message", "requires"):
+            raise ValueError(f"invalid command at offset {i}: {text[i : j + 10]!r}")
+        if name not in (
+            "from",
+            "license",
+            "template",
+            "system",
+            "adapter",
+            "draft",
+            "renderer",
+            "parser",
+            "parameter",
+            "message",
+            "requires",
+        ):
             raise ValueError(f"invalid command {name!r}")
         i = j + 1
         if name in ("parameter", "message"):

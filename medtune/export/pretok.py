@@ -60,10 +60,16 @@ register(
     "smollm",
     {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _bytelevel(True)]},
 )
-register("llama-bpe", {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), _bytelevel(False)]},
-         aliases=("llama3", "llama-v3"))
-register("qwen2", {"type": "Sequence", "pretokenizers": [_split(QWEN2_REGEX), _bytelevel(False)]},
-         aliases=("deepseek-r1-qwen",))
+register(
+    "llama-bpe",
+    {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), _bytelevel(False)]},
+    aliases=("llama3", "llama-v3"),
+)
+register(
+    "qwen2",
+    {"type": "Sequence", "pretokenizers": [_split(QWEN2_REGEX), _bytelevel(False)]},
+    aliases=("deepseek-r1-qwen",),
+)
 
 
 def signature(pre: dict | None) -> tuple:
@@ -84,8 +90,11 @@ def signature(pre: dict | None) -> tuple:
         regex = pat.get("Regex") if "Regex" in pat else None
         if regex is None:
             return (("split-string", pat.get("String"), pre.get("behavior"), pre.get("invert")),)
-        return (("split", regex) if not pre.get("invert") and pre.get("behavior") == "Isolated"
-                else ("split", regex, pre.get("behavior"), pre.get("invert")),)
+        return (
+            ("split", regex)
+            if not pre.get("invert") and pre.get("behavior") == "Isolated"
+            else ("split", regex, pre.get("behavior"), pre.get("invert")),
+        )
     return ((kind or "?", repr(sorted(pre.items()))),)
 
 

@@ -34,12 +34,32 @@ WRITER_TYPES = ("f16", "f32", "bf16", "q8_0", "q4_0")
 # Made by llama.cpp's quantizer; llama.cpp's name for each (LLAMA_FTYPE_MOSTLY_<name>, and llama-quantize's type
 # argument) is gguf_reader.file_type_name(file_type(q)).
 KQUANTS = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k")
-ALIASES = {"q4_k": "q4_k_m", "q5_k": "q5_k_m", "q3_k": "q3_k_m", "fp16": "f16", "fp32": "f32", "float16": "f16",
-           "float32": "f32", "bfloat16": "bf16"}
+ALIASES = {
+    "q4_k": "q4_k_m",
+    "q5_k": "q5_k_m",
+    "q3_k": "q3_k_m",
+    "fp16": "f16",
+    "fp32": "f32",
+    "float16": "f16",
+    "float32": "f32",
+    "bfloat16": "bf16",
+}
 ALL_TYPES = WRITER_TYPES + KQUANTS
 # Approximate bits per weight of the whole file, for the disk check.
-BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q4_0": 4.6, "q4_k_m": 5.0, "q4_k_s": 4.7, "q5_k_m": 5.8,
-        "q5_k_s": 5.6, "q6_k": 6.6, "q3_k_m": 4.0, "q2_k": 3.5}
+BITS = {
+    "f32": 32,
+    "f16": 16,
+    "bf16": 16,
+    "q8_0": 8.5,
+    "q4_0": 4.6,
+    "q4_k_m": 5.0,
+    "q4_k_s": 4.7,
+    "q5_k_m": 5.8,
+    "q5_k_s": 5.6,
+    "q6_k": 6.6,
+    "q3_k_m": 4.0,
+    "q2_k": 3.5,
+}
 # The intermediate every K-quant is made from: always F16, so that `--quant q4_k_m` and
 # `--quant f16,q4_k_m` give the same Q4_K_M file.
 SOURCE_TYPE = "f16"
@@ -49,7 +69,7 @@ _PROGRESS_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
 
 def parse_quants(values) -> list[str]:
-    """"f16,q4_k_m" / ["f16", "Q8_0,q4_k_m"] -> ["f16", "q8_0", "q4_k_m"] (lower-case, deduplicated, checked)."""
+    """ "f16,q4_k_m" / ["f16", "Q8_0,q4_k_m"] -> ["f16", "q8_0", "q4_k_m"] (lower-case, deduplicated, checked)."""
     if values is None:
         values = []
     if isinstance(values, str):
@@ -62,8 +82,10 @@ def parse_quants(values) -> list[str]:
                 continue
             q = ALIASES.get(q, q)
             if q not in ALL_TYPES:
-                raise BadInput(f"unknown GGUF type {part!r}",
-                               hint=f"choose from: {', '.join(ALL_TYPES)} (several at once: --quant f16,q4_k_m)")
+                raise BadInput(
+                    f"unknown GGUF type {part!r}",
+                    hint=f"choose from: {', '.join(ALL_TYPES)} (several at once: --quant f16,q4_k_m)",
+                )
             if q not in out:
                 out.append(q)
     if not out:
@@ -129,13 +151,16 @@ def find_quantizer(llama_cpp_dir: str | Path | None = None) -> Quantizer | None:
 def missing_quantizer(wanted: list[str], llama_cpp_dir=None) -> MissingDependency:
     folder = llama_cpp_dir or os.environ.get("LLAMA_CPP_DIR")
     looked = [f"no llama-quantize in {folder}"] if folder else []
-    looked.append(f"llama-cpp-python disabled by {API_ENV}=0" if _api_disabled() else "llama-cpp-python is not installed")
+    looked.append(
+        f"llama-cpp-python disabled by {API_ENV}=0" if _api_disabled() else "llama-cpp-python is not installed"
+    )
     looked.append("no llama-quantize on PATH")
     return MissingDependency(
         f"{', '.join(wanted)} needs llama.cpp's quantizer and none was found ({', '.join(looked)})",
         hint="pip install llama-cpp-python (its llama_model_quantize is used), or build llama.cpp "
-             "(cmake -B build && cmake --build build --target llama-quantize) and pass --llama-cpp DIR or set "
-             "LLAMA_CPP_DIR; or export f16 and let Ollama quantize: ollama create NAME --quantize q4_K_M -f Modelfile")
+        "(cmake -B build && cmake --build build --target llama-quantize) and pass --llama-cpp DIR or set "
+        "LLAMA_CPP_DIR; or export f16 and let Ollama quantize: ollama create NAME --quantize q4_K_M -f Modelfile",
+    )
 
 
 # ---- running it --------------------------------------------------------------------------------------
@@ -151,10 +176,19 @@ sys.exit(1 if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.
 """
 
 
-def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, quantizer: Quantizer, progress=None,
-                  *, label: str | None = None, threads: int = 0) -> dict:
+def quantize_gguf(
+    src: str | Path,
+    dst: str | Path,
+    qtype: str,
+    quantizer: Quantizer,
+    progress=None,
+    *,
+    label: str | None = None,
+    threads: int = 0,
+) -> dict:
     """Quantize the F16/F32 GGUF `src` to `dst` (written under a temporary name, renamed when complete)."""
     from medtune.core import fsutil
+
     if qtype not in KQUANTS and qtype not in ("q4_0", "q8_0"):
         raise BadInput(f"{qtype} is not made by llama.cpp's quantizer here", hint=f"K-quants: {', '.join(KQUANTS)}")
     src, dst = Path(src), Path(dst)
@@ -164,19 +198,42 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, quantizer: Quant
             cmd = [sys.executable, "-c", _API_SCRIPT, str(src), str(tmp), kind, str(threads)]
         else:
             cmd = [str(quantizer.path), str(src), str(tmp), kind] + ([str(threads)] if threads else [])
-        run_tool(cmd, f"llama.cpp's quantizer ({quantizer.describe()})", progress=progress,
-                 label=label or f"quantizing {dst.name}", counter=_PROGRESS_LINE,
-                 hint="no GGUF was written; re-run with --debug for the quantizer's full output, or export f16 and "
-                      "quantize in Ollama: ollama create NAME --quantize q4_K_M -f Modelfile")
+        run_tool(
+            cmd,
+            f"llama.cpp's quantizer ({quantizer.describe()})",
+            progress=progress,
+            label=label or f"quantizing {dst.name}",
+            counter=_PROGRESS_LINE,
+            hint="no GGUF was written; re-run with --debug for the quantizer's full output, or export f16 and "
+            "quantize in Ollama: ollama create NAME --quantize q4_K_M -f Modelfile",
+        )
         if not tmp.is_file() or tmp.stat().st_size == 0:
-            raise MedtuneError(f"llama.cpp's quantizer reported success but wrote no {dst.name}",
-                               hint="re-run with --debug to see its output")
-    return {"path": str(dst), "outtype": qtype, "file_type": file_type(qtype), "bytes": dst.stat().st_size,
-            "quantized_from": str(src), "quantizer": quantizer.describe()}
+            raise MedtuneError(
+                f"llama.cpp's quantizer reported success but wrote no {dst.name}",
+                hint="re-run with --debug to see its output",
+            )
+    return {
+        "path": str(dst),
+        "outtype": qtype,
+        "file_type": file_type(qtype),
+        "bytes": dst.stat().st_size,
+        "quantized_from": str(src),
+        "quantizer": quantizer.describe(),
+    }
 
 
-def run_tool(cmd: list[str], what: str, *, progress=None, label: str = "", counter: re.Pattern | None = None,
-             hint: str = "", env: dict | None = None, error=MedtuneError, tail_lines: int = 12) -> list[str]:
+def run_tool(
+    cmd: list[str],
+    what: str,
+    *,
+    progress=None,
+    label: str = "",
+    counter: re.Pattern | None = None,
+    hint: str = "",
+    env: dict | None = None,
+    error=MedtuneError,
+    tail_lines: int = 12,
+) -> list[str]:
     """Run an external tool, its stdout and stderr merged and read line by line.
 
     Lines matching `counter` (`[  3/ 20]`) advance a progress task. Under --debug (MEDTUNE_DEBUG=1) every
@@ -189,8 +246,16 @@ def run_tool(cmd: list[str], what: str, *, progress=None, label: str = "", count
     task = progress.add_task(label, total=None) if progress else None
     tail: collections.deque[str] = collections.deque(maxlen=200)
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                                encoding="utf-8", errors="replace", bufsize=1)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+        )
     except OSError as exc:
         raise error(f"cannot start {what}: {exc}", hint=hint) from exc
     with contextlib.ExitStack() as stack:
@@ -212,9 +277,12 @@ def run_tool(cmd: list[str], what: str, *, progress=None, label: str = "", count
         reason = _reason(rc, lines)
         shown = "\n  ".join(lines[-tail_lines:]) or "(no output)"
         more = "" if debug else " (--debug shows all of it)"
-        raise error(f"{what} failed: {reason}",
-                    hint=f"{hint}\nlast lines of its output{more}:\n  {shown}" if hint else
-                    f"last lines of its output{more}:\n  {shown}")
+        raise error(
+            f"{what} failed: {reason}",
+            hint=f"{hint}\nlast lines of its output{more}:\n  {shown}"
+            if hint
+            else f"last lines of its output{more}:\n  {shown}",
+        )
     return list(tail)
 
 
@@ -237,11 +305,12 @@ def _reason(rc: int, lines: list[str]) -> str:
             name = signal.Signals(-rc).name
         except ValueError:
             name = f"signal {-rc}"
-        extra = " (an instruction this CPU lacks: the native library was built for another CPU)" \
-            if name == "SIGILL" else ""
+        extra = (
+            " (an instruction this CPU lacks: the native library was built for another CPU)" if name == "SIGILL" else ""
+        )
         return f"killed by {name}{extra}"
     for ln in reversed(lines):  # a Python traceback ends with "SomeError: message"; C tools print "error: ..."
         s = ln.strip()
         if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", s) or re.search(r"\berror\b|\bfailed\b", s, re.I):
             return s[:300]
-    return (lines[-1].strip()[:300] if lines else f"exit status {rc}")
+    return lines[-1].strip()[:300] if lines else f"exit status {rc}"

@@ -60,9 +60,13 @@ class Vocab:
         w.add_token_list(self.tokens)
         w.add_token_types(self.token_types)
         w.add_token_merges(self.merges)
-        for idx, add in ((self.bos_id, w.add_bos_token_id), (self.eos_id, w.add_eos_token_id),
-                         (self.eot_id, w.add_eot_token_id), (self.unk_id, w.add_unk_token_id),
-                         (self.pad_id, w.add_pad_token_id)):
+        for idx, add in (
+            (self.bos_id, w.add_bos_token_id),
+            (self.eos_id, w.add_eos_token_id),
+            (self.eot_id, w.add_eot_token_id),
+            (self.unk_id, w.add_unk_token_id),
+            (self.pad_id, w.add_pad_token_id),
+        ):
             if idx is not None:
                 add(idx)
         if self.eos_ids:
@@ -70,8 +74,9 @@ class Vocab:
 
             # gguf-py has no helper for this key; the element type is given explicitly: INT32, as Ollama writes
             # and reads it (a UINT32 or INT64 array is not found by Ollama's typed lookup).
-            w.add_key_value(EOS_IDS_KEY, [int(i) for i in self.eos_ids], GGUFValueType.ARRAY,
-                            sub_type=GGUFValueType.INT32)
+            w.add_key_value(
+                EOS_IDS_KEY, [int(i) for i in self.eos_ids], GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32
+            )
         w.add_add_bos_token(self.add_bos)
         w.add_add_eos_token(self.add_eos)
         if self.chat_template:
@@ -81,8 +86,11 @@ class Vocab:
 def _load_json(path: Path, required: bool = False) -> dict:
     if not path.is_file():
         if required:
-            raise BadInput(f"no {path.name} in model folder {path.parent}", where=str(path.parent),
-                           hint="export needs a fast tokenizer (tokenizer.json); re-save the tokenizer with transformers")
+            raise BadInput(
+                f"no {path.name} in model folder {path.parent}",
+                where=str(path.parent),
+                hint="export needs a fast tokenizer (tokenizer.json); re-save the tokenizer with transformers",
+            )
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -175,16 +183,20 @@ def kind_for_json(tok: dict, where: str) -> type[TokenizerKind]:
     found = (tok.get("model") or {}).get("type") or "?"
     raise BadInput(
         f"tokenizer model {found!r}{'' if found != 'BPE' else ' without byte-level encoding'} cannot be exported yet",
-        where=where, hint=f"{' and '.join(k.describe for k in KINDS.values())} are supported")
+        where=where,
+        hint=f"{' and '.join(k.describe for k in KINDS.values())} are supported",
+    )
 
 
 def kind_for_gguf(model, where: str) -> type[TokenizerKind]:
     """The kind of a GGUF's `tokenizer.ggml.model`, or BadInput naming what can be imported."""
     kind = KINDS.get(model)
     if kind is None:
-        raise BadInput(f"GGUF tokenizer model {model!r} cannot be imported yet", where=where,
-                       hint=", ".join(f"{k.name} ({k.gguf_model!r})" for k in KINDS.values())
-                            + " tokenizers are supported")
+        raise BadInput(
+            f"GGUF tokenizer model {model!r} cannot be imported yet",
+            where=where,
+            hint=", ".join(f"{k.name} ({k.gguf_model!r})" for k in KINDS.values()) + " tokenizers are supported",
+        )
     return kind
 
 
@@ -204,8 +216,11 @@ def tokens_by_id(tok: dict, where: str, n_vocab: int | None) -> tuple[list[str],
     size = max(by_id) + 1
     if n_vocab is not None:
         if size > n_vocab:
-            raise BadInput(f"the tokenizer has {size} tokens but the embedding matrix only {n_vocab} rows",
-                           where=where, hint="the tokenizer does not belong to these weights")
+            raise BadInput(
+                f"the tokenizer has {size} tokens but the embedding matrix only {n_vocab} rows",
+                where=where,
+                hint="the tokenizer does not belong to these weights",
+            )
         size = n_vocab
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]  # rows with no token: vocab padded to 64/128
     return tokens, [types.get(i, NORMAL) if i in by_id else UNUSED for i in range(size)]
@@ -227,10 +242,20 @@ def read_vocab(model_dir: str | Path, n_vocab: int | None = None) -> Vocab:
     index = {t: i for i, t in enumerate(tokens)}
     eot = index[turn_end] if turn_end is not None and index.get(turn_end) in ids["eos_ids"] else ids["eos"]
     return Vocab(
-        model=kind.gguf_model, pre=pre, tokens=tokens, token_types=token_types, merges=merges,
-        bos_id=ids["bos"], eos_id=ids["eos"], unk_id=ids["unk"], pad_id=ids["pad"],
-        add_bos=bool(_adds(tok, tcfg, "bos", first=True)), add_eos=bool(_adds(tok, tcfg, "eos", first=False)),
-        chat_template=template, eos_ids=ids["eos_ids"], eot_id=eot,
+        model=kind.gguf_model,
+        pre=pre,
+        tokens=tokens,
+        token_types=token_types,
+        merges=merges,
+        bos_id=ids["bos"],
+        eos_id=ids["eos"],
+        unk_id=ids["unk"],
+        pad_id=ids["pad"],
+        add_bos=bool(_adds(tok, tcfg, "bos", first=True)),
+        add_eos=bool(_adds(tok, tcfg, "eos", first=False)),
+        chat_template=template,
+        eos_ids=ids["eos_ids"],
+        eot_id=eot,
     )
 
 
@@ -247,11 +272,15 @@ def _special_ids(model_dir: Path, tok: dict, tcfg: dict, tokens: list[str]) -> d
     bos = id_of(_token_text(tcfg.get("bos_token")))
     if bos is None:
         bos = _first_int(cfg.get("bos_token_id"), gen.get("bos_token_id"))
-    eos, eos_ids = _end_ids(id_of(_token_text(tcfg.get("eos_token"))),
-                            _ids(gen.get("eos_token_id")) or _ids(cfg.get("eos_token_id")))
+    eos, eos_ids = _end_ids(
+        id_of(_token_text(tcfg.get("eos_token"))), _ids(gen.get("eos_token_id")) or _ids(cfg.get("eos_token_id"))
+    )
     if eos is None:
-        raise BadInput("no end-of-sequence token (generation_config.json, config.json and tokenizer_config.json "
-                       "name none)", where=str(model_dir), hint="set eos_token in tokenizer_config.json")
+        raise BadInput(
+            "no end-of-sequence token (generation_config.json, config.json and tokenizer_config.json name none)",
+            where=str(model_dir),
+            hint="set eos_token in tokenizer_config.json",
+        )
     unk = id_of(_token_text(tcfg.get("unk_token")) or (tok.get("model") or {}).get("unk_token"))
     pad = id_of(_token_text(tcfg.get("pad_token")))
     if pad is None:
@@ -259,8 +288,11 @@ def _special_ids(model_dir: Path, tok: dict, tcfg: dict, tokens: list[str]) -> d
     size = len(tokens)
     for label, idx in (("bos", bos), ("eos", eos), ("pad", pad)):
         if idx is not None and not 0 <= idx < size:
-            raise BadInput(f"{label} token id {idx} is outside the vocabulary (size {size})", where=str(model_dir),
-                           hint="fix the token ids in config.json / generation_config.json")
+            raise BadInput(
+                f"{label} token id {idx} is outside the vocabulary (size {size})",
+                where=str(model_dir),
+                hint="fix the token ids in config.json / generation_config.json",
+            )
     eos_ids = [i for i in dict.fromkeys(eos_ids) if 0 <= i < size]
     return {"bos": bos, "eos": eos, "unk": unk, "pad": pad, "eos_ids": eos_ids}
 
@@ -303,12 +335,13 @@ def end_of_turn(template: str | None, candidates: list[str], specials: dict | No
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         kwargs = {k: v for k, v in (specials or {}).items() if v is not None}
-        text = _compile_jinja_template(template).render(messages=_PROBE, add_generation_prompt=False, tools=None,
-                                                        documents=None, **kwargs)
+        text = _compile_jinja_template(template).render(
+            messages=_PROBE, add_generation_prompt=False, tools=None, documents=None, **kwargs
+        )
     except Exception:  # noqa: BLE001 - any jinja error: fall back to reading the template's text
         text = None
     if text is not None and _PROBE_ANSWER in text:
-        after = text[text.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER):]
+        after = text[text.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER) :]
         found = [(after.find(c), n, c) for n, c in enumerate(candidates) if c in after]
         if found:
             return min(found)[2]

@@ -21,8 +21,17 @@ from medtune.core.lock import holds as _holds_lock
 from medtune.core.options import from_kwargs
 from medtune.fuse.options import DTYPES, FuseOptions
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -72,8 +81,11 @@ def adapter_weights(adapter_dir: Path, acfg: dict) -> Path:
 
                 problem = safetensors_problem(path)
                 if problem:
-                    raise BadInput(f"not a readable safetensors file: {problem}", where=str(path),
-                                   hint="the adapter is damaged or was cut short; train it again")
+                    raise BadInput(
+                        f"not a readable safetensors file: {problem}",
+                        where=str(path),
+                        hint="the adapter is damaged or was cut short; train it again",
+                    )
             return path
     raise BadInput(f"no {names[0]} in {adapter_dir}", hint="training did not finish; resume or re-run it")
 
@@ -85,8 +97,11 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     try:
         acfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise BadInput(f"adapter_config.json is not valid JSON ({exc.msg})", where=f"{path}:{exc.lineno}",
-                       hint="re-run training or restore the file") from exc
+        raise BadInput(
+            f"adapter_config.json is not valid JSON ({exc.msg})",
+            where=f"{path}:{exc.lineno}",
+            hint="re-run training or restore the file",
+        ) from exc
     adapter_weights(adapter_dir, acfg)
     return acfg
 
@@ -105,11 +120,15 @@ def fuse(model: str, adapter, out, progress=None, opts: FuseOptions | None = Non
     dtype, dequantize, force = o.dtype, o.dequantize, o.force
     adapter, out = Path(adapter), Path(out)
     if dtype not in DTYPES:
-        raise BadInput(f"--dtype must be one of {', '.join(DTYPES)}", hint="auto picks float32 on CPU, float16 on a GPU")
+        raise BadInput(
+            f"--dtype must be one of {', '.join(DTYPES)}", hint="auto picks float32 on CPU, float16 on a GPU"
+        )
     adapter = safety.adapter_dir_for_loading(adapter)  # symlinks, remote code, pickle-only weights
     acfg = read_adapter_config(adapter)
     if out.exists() and any(out.iterdir()) and not force:
-        raise BadInput(f"output folder exists and is not empty: {out}", hint="pass --force to replace it, or choose another --out")
+        raise BadInput(
+            f"output folder exists and is not empty: {out}", hint="pass --force to replace it, or choose another --out"
+        )
     module, func = FUSERS[adapter_kind(acfg)].split(":")
     return getattr(importlib.import_module(module), func)(model, adapter, out, acfg, dtype=dtype, dequantize=dequantize)
 

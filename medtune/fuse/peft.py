@@ -24,8 +24,9 @@ from medtune.fuse import (
 MISFIT_HINT = "fuse with the same --model the adapter was trained on"
 
 
-def fuse_peft(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str = "auto",
-              dequantize: bool = False) -> FuseResult:
+def fuse_peft(
+    model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str = "auto", dequantize: bool = False
+) -> FuseResult:
     from medtune.models import pull
     from medtune.models.config import read_config
     from medtune.train.hf import count_params
@@ -38,9 +39,11 @@ def fuse_peft(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str = 
     cfg = read_config(base.path)
     quantized = is_quantized(cfg)
     if quantized and not dequantize:
-        raise BadInput("the base model is quantized: pass the unquantized base the adapter was trained from, or "
-                       "--dequantize", where=str(base.path),
-                       hint="a QLoRA adapter trained with --load-in-4bit merges into the original 16-bit base")
+        raise BadInput(
+            "the base model is quantized: pass the unquantized base the adapter was trained from, or --dequantize",
+            where=str(base.path),
+            hint="a QLoRA adapter trained with --load-in-4bit merges into the original 16-bit base",
+        )
     src = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
     target = dtype if dtype != "auto" else (src if src in ("float16", "bfloat16") else "float16")
     work = _merge_dtype(count_params(base.path, cfg), target, out)
@@ -54,10 +57,19 @@ def fuse_peft(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str = 
     cfg["torch_dtype"] = target
     if "dtype" in cfg:
         cfg["dtype"] = target
-    manifest = {"backend": "peft" if kind == "peft" else "torch",
-                "inputs": {"base": base.to_dict(), "adapter": str(adapter), "adapter_sha256": fsutil.sha256_file(weights),
-                           "adapter_config": acfg},
-                "fused_layers": merged, "dtype": target, "merged_in": work, "dequantized": quantized}
+    manifest = {
+        "backend": "peft" if kind == "peft" else "torch",
+        "inputs": {
+            "base": base.to_dict(),
+            "adapter": str(adapter),
+            "adapter_sha256": fsutil.sha256_file(weights),
+            "adapter_config": acfg,
+        },
+        "fused_layers": merged,
+        "dtype": target,
+        "merged_in": work,
+        "dequantized": quantized,
+    }
     files = write_fused(out, lambda tmp: model_obj.save_pretrained(str(tmp)), cfg, base.path, manifest)
     return FuseResult(out=out, base=base.spec, adapter=str(adapter), fused_layers=merged, files=files)
 
@@ -65,8 +77,11 @@ def fuse_peft(model: str, adapter: Path, out: Path, acfg: dict, *, dtype: str = 
 def _check_peft(adapter: Path, acfg: dict) -> None:
     require("peft", "cuda", "merging a PEFT adapter")
     if acfg.get("peft_type") != "LORA":
-        raise BadInput(f"a {acfg.get('peft_type')} adapter cannot be merged; medtune merges LoRA/DoRA adapters",
-                       where=str(adapter / "adapter_config.json"), hint="train with medtune's torch or unsloth backend")
+        raise BadInput(
+            f"a {acfg.get('peft_type')} adapter cannot be merged; medtune merges LoRA/DoRA adapters",
+            where=str(adapter / "adapter_config.json"),
+            hint="train with medtune's torch or unsloth backend",
+        )
 
 
 def _merge_dtype(n_params: int, target: str, out: Path) -> str:
@@ -77,8 +92,11 @@ def _merge_dtype(n_params: int, target: str, out: Path) -> str:
     avail = available_memory()[0]
     work = "float32" if n_params * 4 * 1.2 <= 0.9 * avail else target
     if n_params * DTYPE_BYTES[work] * 1.2 > 0.9 * avail:
-        raise ResourceError(f"merging needs ~{n_params * DTYPE_BYTES[work] * 1.2 / 1e9:.1f} GB of memory, "
-                            f"{avail / 1e9:.1f} GB is available", hint="close other programs, or merge on a bigger machine")
+        raise ResourceError(
+            f"merging needs ~{n_params * DTYPE_BYTES[work] * 1.2 / 1e9:.1f} GB of memory, "
+            f"{avail / 1e9:.1f} GB is available",
+            hint="close other programs, or merge on a bigger machine",
+        )
     check_disk(out / "model.safetensors", int(n_params * DTYPE_BYTES[target] * 1.02), f"the merged model ({out})")
     return work
 
@@ -89,17 +107,24 @@ def _load_base(base_dir: Path, dtype, quantized: bool):
     from medtune.train.hf import dtype_kwargs
 
     try:
-        model_obj = AutoModelForCausalLM.from_pretrained(str(base_dir), **dtype_kwargs(dtype),
-                                                         **safety.hf_load_kwargs(base_dir))
+        model_obj = AutoModelForCausalLM.from_pretrained(
+            str(base_dir), **dtype_kwargs(dtype), **safety.hf_load_kwargs(base_dir)
+        )
     except (ValueError, OSError, KeyError) as exc:
-        raise BadInput(f"transformers cannot load the base model: {str(exc).splitlines()[0]}", where=str(base_dir),
-                       hint="check the model folder") from exc
+        raise BadInput(
+            f"transformers cannot load the base model: {str(exc).splitlines()[0]}",
+            where=str(base_dir),
+            hint="check the model folder",
+        ) from exc
     if quantized:
         try:
             model_obj = model_obj.dequantize()
         except Exception as exc:  # noqa: BLE001 - what the quantizer raises varies
-            raise BadInput(f"cannot dequantize this base on this machine ({exc})", where=str(base_dir),
-                           hint="pass the original unquantized base model instead") from exc
+            raise BadInput(
+                f"cannot dequantize this base on this machine ({exc})",
+                where=str(base_dir),
+                hint="pass the original unquantized base model instead",
+            ) from exc
     return model_obj
 
 
@@ -114,8 +139,11 @@ def _merge_peft(model_obj, adapter: Path, weights: Path):
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         # torch's load_state_dict says "Error(s) in loading state_dict ...:" first, the mismatch after it
         detail = [x for x in lines if "size mismatch" in x or "shape" in x][:1] or lines[:1]
-        raise BadInput(f"adapter does not fit this base model ({detail[0] if detail else type(exc).__name__})",
-                       where=str(adapter), hint=MISFIT_HINT) from exc
+        raise BadInput(
+            f"adapter does not fit this base model ({detail[0] if detail else type(exc).__name__})",
+            where=str(adapter),
+            hint=MISFIT_HINT,
+        ) from exc
     if weights.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -123,11 +151,16 @@ def _merge_peft(model_obj, adapter: Path, weights: Path):
             found = set(fh.keys())
         expected = set(get_peft_model_state_dict(peft_model))
         if found != expected:
-            raise BadInput(f"adapter does not fit this base model ({sorted(found ^ expected)[0]})", where=str(adapter),
-                           hint=MISFIT_HINT)
+            raise BadInput(
+                f"adapter does not fit this base model ({sorted(found ^ expected)[0]})",
+                where=str(adapter),
+                hint=MISFIT_HINT,
+            )
     merged = sum(isinstance(m, LoraLayer) for m in peft_model.modules())
     if not merged:
-        raise BadInput("the adapter added no LoRA layers to the model", where=str(adapter), hint="check adapter_config.json")
+        raise BadInput(
+            "the adapter added no LoRA layers to the model", where=str(adapter), hint="check adapter_config.json"
+        )
     return peft_model.merge_and_unload(), merged
 
 

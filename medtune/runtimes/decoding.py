@@ -47,6 +47,7 @@ def pick_greedy(row, history: list[int], penalty: Optional[Penalty]) -> int:
 @dataclass
 class Greedy:
     """An engine's greedy continuation of a prompt."""
+
     tokens: list[int]  # the generated ids, the end token included when it stopped (as mlx_lm counts them)
     stopped: bool  # ended on an end token, not cut at max_tokens
     rows: Optional[list] = None  # with rows=True: the logits (float32 numpy, before any penalty) before each token
@@ -54,7 +55,7 @@ class Greedy:
 
     @property
     def finish(self) -> str:
-        """"stop" or "length", as mlx_lm and the eval report name them."""
+        """ "stop" or "length", as mlx_lm and the eval report name them."""
         return "stop" if self.stopped else "length"
 
     @property
@@ -76,5 +77,5 @@ def picked(logprobs, ids: list[int], start: int):
     """The log-probability each of `logprobs`' rows (positions start..) gives the token that actually follows."""
     import numpy as np
 
-    targets = np.asarray(ids[start + 1:])
+    targets = np.asarray(ids[start + 1 :])
     return logprobs[np.arange(len(targets)), targets]

@@ -56,19 +56,44 @@ class Completion:
 
 
 class LlamaServer:
-    def __init__(self, gguf: str | Path, *, ctx: int = 2048, llama_cpp_dir: str | Path | None = None,
-                 n_threads: int | None = None, kv_type: str | None = None, extra: list[str] | None = None,
-                 timeout: float = START_TIMEOUT):
+    def __init__(
+        self,
+        gguf: str | Path,
+        *,
+        ctx: int = 2048,
+        llama_cpp_dir: str | Path | None = None,
+        n_threads: int | None = None,
+        kv_type: str | None = None,
+        extra: list[str] | None = None,
+        timeout: float = START_TIMEOUT,
+    ):
         from medtune.runtimes import tools
 
         self.gguf = Path(gguf)
         if not self.gguf.is_file():
-            raise BadInput(f"GGUF not found: {self.gguf}", hint="`medtune export` writes models/<run>/<name>-<quant>.gguf")
+            raise BadInput(
+                f"GGUF not found: {self.gguf}", hint="`medtune export` writes models/<run>/<name>-<quant>.gguf"
+            )
         self.binary = tools.require("llama-server", llama_cpp_dir, purpose="the engine Ollama runs GGUFs in")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(self.port),
-                    "--jinja", "-c", str(ctx), "-np", "1", "-t", str(n_threads or threads()), "--no-webui"]
+        self.cmd = [
+            str(self.binary),
+            "-m",
+            str(self.gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--jinja",
+            "-c",
+            str(ctx),
+            "-np",
+            "1",
+            "-t",
+            str(n_threads or threads()),
+            "--no-webui",
+        ]
         if kv_type:
             self.cmd += ["--cache-type-k", kv_type, "--cache-type-v", kv_type]
         self.cmd += list(extra or [])
@@ -85,8 +110,15 @@ class LlamaServer:
         self.close()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     text=True, errors="replace", start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
         _live.add(self)
         Thread(target=self._drain, daemon=True).start()
         try:
@@ -107,8 +139,11 @@ class LlamaServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 time.sleep(0.2)  # let the reader thread take the last lines
-                raise BadInput(f"llama-server exited ({self.proc.returncode}) while loading the GGUF: {self.log_tail()}",
-                               where=str(self.gguf), hint="a GGUF llama.cpp cannot load: re-export it with `medtune export`")
+                raise BadInput(
+                    f"llama-server exited ({self.proc.returncode}) while loading the GGUF: {self.log_tail()}",
+                    where=str(self.gguf),
+                    hint="a GGUF llama.cpp cannot load: re-export it with `medtune export`",
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
                     if resp.status == 200:
@@ -116,8 +151,10 @@ class LlamaServer:
             except (urllib.error.URLError, OSError, ValueError):
                 pass
             time.sleep(0.15)
-        raise MedtuneError(f"llama-server did not become healthy within {self.timeout:.0f} s: {self.log_tail()}",
-                           hint="a slow or busy machine: try again, or pass a smaller GGUF")
+        raise MedtuneError(
+            f"llama-server did not become healthy within {self.timeout:.0f} s: {self.log_tail()}",
+            hint="a slow or busy machine: try again, or pass a smaller GGUF",
+        )
 
     def close(self) -> None:
         proc, self.proc = self.proc, None
@@ -140,18 +177,27 @@ class LlamaServer:
 
     # ---- the API -----------------------------------------------------------------------------------
     def post(self, path: str, body: dict, timeout: float = 600) -> dict:
-        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.url}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:300]
-            raise BadInput(f"llama-server refused {path} ({exc.code}): {detail}", where=str(self.gguf),
-                           hint="the GGUF's chat template or vocabulary is not what llama.cpp expects") from exc
+            raise BadInput(
+                f"llama-server refused {path} ({exc.code}): {detail}",
+                where=str(self.gguf),
+                hint="the GGUF's chat template or vocabulary is not what llama.cpp expects",
+            ) from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise MedtuneError(f"llama-server stopped answering on {path}: {exc}; {self.log_tail()}",
-                               hint="see the server's last lines above") from exc
+            raise MedtuneError(
+                f"llama-server stopped answering on {path}: {exc}; {self.log_tail()}",
+                hint="see the server's last lines above",
+            ) from exc
 
     def apply_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt llama-server renders from the GGUF's own chat template (llama.cpp's Jinja engine)."""
@@ -165,12 +211,27 @@ class LlamaServer:
     def complete(self, prompt: str | list[int], n_predict: int = 32, n_probs: int = 4, **options) -> Completion:
         """Greedy (temperature 0, no repeat penalty), with no client stop strings: the generation ends on the
         GGUF's end-of-generation tokens or at n_predict."""
-        body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "top_k": 1, "repeat_penalty": 1.0,
-                "cache_prompt": False, "return_tokens": True, "n_probs": n_probs, "stream": False, "seed": 0, **options}
+        body = {
+            "prompt": prompt,
+            "n_predict": n_predict,
+            "temperature": 0.0,
+            "top_k": 1,
+            "repeat_penalty": 1.0,
+            "cache_prompt": False,
+            "return_tokens": True,
+            "n_probs": n_probs,
+            "stream": False,
+            "seed": 0,
+            **options,
+        }
         res = self.post("/completion", body)
         tokens = [int(t) for t in res.get("tokens") or []]
-        return Completion(text=res.get("content", ""), tokens=tokens, top=_align(tokens, res),
-                          stop_type=res.get("stop_type") or ("eos" if res.get("stopped_eos") else "none"))
+        return Completion(
+            text=res.get("content", ""),
+            tokens=tokens,
+            top=_align(tokens, res),
+            stop_type=res.get("stop_type") or ("eos" if res.get("stopped_eos") else "none"),
+        )
 
     def greedy(self, prompt: str | list[int], max_tokens: int, *, n_probs: int = 4) -> Greedy:
         """`complete` as the other runtimes' greedy returns it (medtune.runtimes.decoding.Greedy): no repeat

@@ -26,8 +26,16 @@ def threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def load_gguf(path: str | Path, n_ctx: int, *, n_threads: int | None = None, logits_all: bool = False,
-              n_batch: int | None = None, purpose: str = "running GGUF files", **kwargs):
+def load_gguf(
+    path: str | Path,
+    n_ctx: int,
+    *,
+    n_threads: int | None = None,
+    logits_all: bool = False,
+    n_batch: int | None = None,
+    purpose: str = "running GGUF files",
+    **kwargs,
+):
     """A llama_cpp.Llama on `path`. Prompt processing uses as many threads as generation (llama-cpp-python would
     take every core for it, and spinning threads on a busy machine made a 128-token batch 8x slower). Flash attention
     is on, as llama-server and llama-perplexity run by default (llama-cpp-python turns it off): the same numerics."""
@@ -36,16 +44,33 @@ def load_gguf(path: str | Path, n_ctx: int, *, n_threads: int | None = None, log
     llama_cpp = require("llama_cpp", extra="test", purpose=purpose)
     n = n_threads or threads()
     try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch or min(n_ctx, 512),
-                               n_ubatch=min(n_batch or n_ctx, 512), n_threads=n, n_threads_batch=n,
-                               logits_all=logits_all, seed=0, verbose=False, **{"flash_attn": True, **kwargs})
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_batch or min(n_ctx, 512),
+            n_ubatch=min(n_batch or n_ctx, 512),
+            n_threads=n,
+            n_threads_batch=n,
+            logits_all=logits_all,
+            seed=0,
+            verbose=False,
+            **{"flash_attn": True, **kwargs},
+        )
     except (ValueError, RuntimeError) as exc:
-        raise BadInput(f"llama.cpp cannot load the GGUF: {exc}", where=str(path),
-                       hint="re-export it with `medtune export`") from exc
+        raise BadInput(
+            f"llama.cpp cannot load the GGUF: {exc}", where=str(path), hint="re-export it with `medtune export`"
+        ) from exc
 
 
-def greedy(llm, prompt_ids: list[int], max_tokens: int, *, penalty: Optional[Penalty] = None,
-           end_ids: Iterable[int] = (), rows: bool = False) -> Greedy:
+def greedy(
+    llm,
+    prompt_ids: list[int],
+    max_tokens: int,
+    *,
+    penalty: Optional[Penalty] = None,
+    end_ids: Iterable[int] = (),
+    rows: bool = False,
+) -> Greedy:
     """Greedy tokens after `prompt_ids`: at each step the last position's logits, `penalty` (penalty, last_n) applied
     over prompt + answer so far, the largest picked. Stops on an end-of-generation token of the GGUF or one of
     `end_ids` (kept in the tokens, as mlx_lm counts it), or after `max_tokens`. rows: keep each step's logits."""
@@ -81,7 +106,7 @@ def logprobs(llm, ids: list[int], start: int):
 
     llm.reset()
     llm.eval(ids[:-1])
-    return log_softmax(np.asarray(llm.scores[start:len(ids) - 1], dtype=np.float64))
+    return log_softmax(np.asarray(llm.scores[start : len(ids) - 1], dtype=np.float64))
 
 
 def token_logprobs(llm, ids: list[int], start: int):

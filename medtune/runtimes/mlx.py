@@ -84,10 +84,10 @@ class ThinkSplitter:
                 break
             if i:
                 pieces.append((self.kind, self.buf[:i]))
-            self.buf = self.buf[i + len(marker):]
+            self.buf = self.buf[i + len(marker) :]
             self.in_think = not self.in_think
         keep = _held_back(self.buf, self.close if self.in_think else self.open)
-        ready, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        ready, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
         if ready:
             pieces.append((self.kind, ready))
         return pieces
@@ -97,8 +97,9 @@ class ThinkSplitter:
         return [(self.kind, rest)] if rest else []
 
 
-def split_reasoning(text: str, open_: str = THINK_OPEN, close: str = THINK_CLOSE,
-                    in_think: bool = False) -> tuple[str, str]:
+def split_reasoning(
+    text: str, open_: str = THINK_OPEN, close: str = THINK_CLOSE, in_think: bool = False
+) -> tuple[str, str]:
     """(reasoning, answer). An unterminated think block is all reasoning with an empty answer;
     `in_think` says the prompt already opened the block (DeepSeek-R1-style templates)."""
     splitter = ThinkSplitter(open_, close, in_think)
@@ -114,13 +115,18 @@ def split_reasoning(text: str, open_: str = THINK_OPEN, close: str = THINK_CLOSE
 def _check_adapter(adapter) -> Path:
     path = Path(adapter).expanduser()
     if not path.is_dir():
-        raise BadInput(f"adapter folder not found: {path}",
-                       hint="pass the folder `medtune train` wrote (adapters/<run>/)")
+        raise BadInput(
+            f"adapter folder not found: {path}", hint="pass the folder `medtune train` wrote (adapters/<run>/)"
+        )
     missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
     if missing:
-        raise BadInput(f"adapter folder has no {', '.join(missing)}", where=str(path),
-                       hint="pass the folder `medtune train` wrote (adapter_config.json + adapters.safetensors)")
+        raise BadInput(
+            f"adapter folder has no {', '.join(missing)}",
+            where=str(path),
+            hint="pass the folder `medtune train` wrote (adapter_config.json + adapters.safetensors)",
+        )
     from medtune.core import safety
+
     return safety.adapter_dir_for_loading(path)
 
 
@@ -142,19 +148,26 @@ def load(model: str, adapter: str | Path | None = None):
     from mlx_lm.tuner.utils import load_adapters
 
     from medtune.core import safety
+
     try:
         net, tokenizer = mlx_load(str(path), model_config=overrides, **safety.mlx_load_kwargs())
     except (ValueError, FileNotFoundError, KeyError) as exc:
-        raise BadInput(f"mlx_lm cannot load the model: {str(exc).splitlines()[0]}", where=str(path),
-                       hint="check the model folder (config.json, safetensors, tokenizer)") from exc
+        raise BadInput(
+            f"mlx_lm cannot load the model: {str(exc).splitlines()[0]}",
+            where=str(path),
+            hint="check the model folder (config.json, safetensors, tokenizer)",
+        ) from exc
     if adapter_dir is not None:
         try:
             net = load_adapters(net, str(adapter_dir))
         except (ValueError, FileNotFoundError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
             detail = lines[0] + (f" ({lines[1]}{', …' if len(lines) > 2 else ''})" if len(lines) > 1 else "")
-            raise BadInput(f"cannot apply the adapter: {detail}", where=str(adapter_dir),
-                           hint="was it trained on this base model? adapter_config.json says which (base_model)") from exc
+            raise BadInput(
+                f"cannot apply the adapter: {detail}",
+                where=str(adapter_dir),
+                hint="was it trained on this base model? adapter_config.json says which (base_model)",
+            ) from exc
         net.eval()
     if runtime.on_cpu():
         net.set_dtype(mx.float32)  # bf16/fp16 matmuls are slow on MLX's CPU backend
@@ -188,27 +201,42 @@ def _add_stop_tokens(tokenizer) -> None:
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise BadInput("the model's tokenizer has no chat template",
-                       hint="use an instruct/chat model, or add a chat_template to tokenizer_config.json")
+        raise BadInput(
+            "the model's tokenizer has no chat template",
+            hint="use an instruct/chat model, or add a chat_template to tokenizer_config.json",
+        )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def generate(model, tokenizer, messages: list[dict], *, max_tokens: int = 256, temp: float = 0.0,
-             top_p: float = 1.0, repeat_penalty: float = REPEAT_PENALTY, repeat_last_n: int = REPEAT_LAST_N,
-             seed: int = 0, on_text: Optional[OnText] = None) -> GenerationResult:
+def generate(
+    model,
+    tokenizer,
+    messages: list[dict],
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    repeat_penalty: float = REPEAT_PENALTY,
+    repeat_last_n: int = REPEAT_LAST_N,
+    seed: int = 0,
+    on_text: Optional[OnText] = None,
+) -> GenerationResult:
     """Answer the conversation `messages` ([{role, content}, …]). `on_text(kind, text)` gets the text
     as it is produced, kind "reasoning" or "answer".
 
     `repeat_penalty` divides (positive) or multiplies (negative) the logits of every token among the
     last `repeat_last_n` of prompt + answer, the way llama.cpp and Ollama do; 1 or n = 0 turns it off."""
     if repeat_penalty <= 0 or repeat_last_n < 0:
-        raise BadInput(f"bad repetition options repeat_penalty={repeat_penalty}, repeat_last_n={repeat_last_n}",
-                       hint="--repeat-penalty > 0 (1 = off), --repeat-last-n >= 0 (0 = off)")
+        raise BadInput(
+            f"bad repetition options repeat_penalty={repeat_penalty}, repeat_last_n={repeat_last_n}",
+            hint="--repeat-penalty > 0 (1 = off), --repeat-last-n >= 0 (0 = off)",
+        )
     if max_tokens < 1:
         raise BadInput(f"max_tokens must be at least 1, got {max_tokens}", hint="e.g. --max-tokens 256")
     if temp < 0 or not 0 < top_p <= 1:
-        raise BadInput(f"bad sampling options temp={temp}, top_p={top_p}",
-                       hint="temp >= 0 (0 is greedy), 0 < top_p <= 1")
+        raise BadInput(
+            f"bad sampling options temp={temp}, top_p={top_p}", hint="temp >= 0 (0 is greedy), 0 < top_p <= 1"
+        )
     mx = runtime.mx()
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -232,8 +260,9 @@ def generate(model, tokenizer, messages: list[dict], *, max_tokens: int = 256, t
     last = None
     t0 = time.perf_counter()
     t_first = t_last = t0
-    for resp in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
-                                  logits_processors=processors):
+    for resp in stream_generate(
+        model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler, logits_processors=processors
+    ):
         t_last = time.perf_counter()
         if last is None:
             t_first = t_last
@@ -252,14 +281,27 @@ def generate(model, tokenizer, messages: list[dict], *, max_tokens: int = 256, t
     decode_s = t_last - t_first
     tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else (n / (t_last - t0) if t_last > t0 else 0.0)
     reasoning, answer = split_reasoning(full, open_, close, in_think=in_think_at_start)
-    return GenerationResult(text=full, tokens=n, prompt_tokens=len(ids),
-                            finish_reason=(last.finish_reason or "length") if last else "length",
-                            tokens_per_second=round(tps, 2), seconds=round(t_last - t0, 3),
-                            reasoning=reasoning, answer=answer)
+    return GenerationResult(
+        text=full,
+        tokens=n,
+        prompt_tokens=len(ids),
+        finish_reason=(last.finish_reason or "length") if last else "length",
+        tokens_per_second=round(tps, 2),
+        seconds=round(t_last - t0, 3),
+        reasoning=reasoning,
+        answer=answer,
+    )
 
 
-def greedy(model, prompt_ids: list[int], max_tokens: int, *, penalty: Optional[Penalty] = None,
-           end_ids: Iterable[int] = (), rows: bool = False) -> Greedy:
+def greedy(
+    model,
+    prompt_ids: list[int],
+    max_tokens: int,
+    *,
+    penalty: Optional[Penalty] = None,
+    end_ids: Iterable[int] = (),
+    rows: bool = False,
+) -> Greedy:
     """Greedy tokens after `prompt_ids`, one forward pass per token on a KV cache: at each step the last position's
     logits (float32), `penalty` (penalty, last_n) applied over prompt + answer so far, the largest picked. Stops on
     one of `end_ids` (kept in the tokens, as mlx_lm counts it) or after `max_tokens`. rows: keep each step's logits
@@ -294,7 +336,7 @@ def token_logprobs(model, ids: list[int], start: int):
     mx = runtime.mx()
     logits = model(mx.array([ids[:-1]]))[0].astype(mx.float32)
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logp[start:], mx.array(ids[start + 1:])[:, None], axis=-1)
+    picked = mx.take_along_axis(logp[start:], mx.array(ids[start + 1 :])[:, None], axis=-1)
     return np.array(picked[:, 0])
 
 
@@ -316,9 +358,14 @@ def messages_for(prompt: str, system: Optional[str] = None) -> list[dict]:
     return msgs + [{"role": "user", "content": prompt}]
 
 
-def generate_many(model_spec: str, prompts: list[str], adapter=None, system: Optional[str] = None,
-                  on_result: Optional[Callable[[int, GenerationResult], None]] = None,
-                  **kw) -> list[GenerationResult]:
+def generate_many(
+    model_spec: str,
+    prompts: list[str],
+    adapter=None,
+    system: Optional[str] = None,
+    on_result: Optional[Callable[[int, GenerationResult], None]] = None,
+    **kw,
+) -> list[GenerationResult]:
     """Load once, answer each prompt on its own (no shared history). `kw` goes to `generate`."""
     if not prompts:
         raise BadInput("no prompts to answer", hint="pass --prompt TEXT or --prompts FILE")

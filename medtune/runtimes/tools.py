@@ -23,8 +23,10 @@ from medtune.core.errors import MissingDependency
 ENV = "LLAMA_CPP_DIR"
 TOOLS = ("llama-server", "llama-perplexity", "llama-quantize")
 SUBDIRS = ("build/bin", "build/bin/Release", "bin", ".")
-INSTALL_HINT = ("make test builds them once (bash scripts/build_llama_cpp.sh, cached under ~/.cache/medtune/llama.cpp); "
-                "on a Mac: brew install llama.cpp; or pass --llama-cpp DIR (or set LLAMA_CPP_DIR) to a llama.cpp build")
+INSTALL_HINT = (
+    "make test builds them once (bash scripts/build_llama_cpp.sh, cached under ~/.cache/medtune/llama.cpp); "
+    "on a Mac: brew install llama.cpp; or pass --llama-cpp DIR (or set LLAMA_CPP_DIR) to a llama.cpp build"
+)
 
 
 def own_build() -> Path:

@@ -45,8 +45,10 @@ def resolve_backend(name: str = "auto", opts: TrainOptions | None = None) -> str
         return "mlx"
     if importlib.util.find_spec("torch") is not None:
         return "torch"
-    raise MissingDependency("no training backend is installed (neither mlx nor torch)",
-                            hint='pip install "medtune[cuda]" for PyTorch, or mlx[cpu] on Linux')
+    raise MissingDependency(
+        "no training backend is installed (neither mlx nor torch)",
+        hint='pip install "medtune[cuda]" for PyTorch, or mlx[cpu] on Linux',
+    )
 
 
 def _cuda_available() -> bool:
@@ -64,8 +66,19 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def train(model: str, data, out, options: TrainOptions | None = None, backend: str = "mlx", progress=None,
-          *, resume: bool | None = None, dry_run: bool = False, on_step=None, fresh: bool = False) -> TrainResult:
+def train(
+    model: str,
+    data,
+    out,
+    options: TrainOptions | None = None,
+    backend: str = "mlx",
+    progress=None,
+    *,
+    resume: bool | None = None,
+    dry_run: bool = False,
+    on_step=None,
+    fresh: bool = False,
+) -> TrainResult:
     """Train `model` on the prepared folder `data` into `out`.
 
     backend: mlx | torch | unsloth | auto (see the module docstring);
@@ -80,6 +93,7 @@ def train(model: str, data, out, options: TrainOptions | None = None, backend: s
     from pathlib import Path
 
     from medtune.core import lock, redact
+
     opts = (options or TrainOptions()).check()
     backend = resolve_backend(backend, opts)
     refused = unsupported(backend, opts)
@@ -91,8 +105,17 @@ def train(model: str, data, out, options: TrainOptions | None = None, backend: s
     from medtune.train import loop
 
     def go(resume: bool, dry_run: bool = False) -> TrainResult:
-        return loop.run(backend_class(backend)(opts), model, data, out, opts, progress=progress, resume=resume,
-                        dry_run=dry_run, on_step=on_step)
+        return loop.run(
+            backend_class(backend)(opts),
+            model,
+            data,
+            out,
+            opts,
+            progress=progress,
+            resume=resume,
+            dry_run=dry_run,
+            on_step=on_step,
+        )
 
     if dry_run:
         return go(bool(resume), dry_run=True)
@@ -116,14 +139,17 @@ def train(model: str, data, out, options: TrainOptions | None = None, backend: s
         elif resume is None:
             if prev.get("identity") != ident:
                 changed = _changed(prev.get("identity") or {}, ident)
-                raise BadInput(f"{out} holds an unfinished training run with other settings "
-                               f"(changed: {', '.join(changed)})",
-                               hint="--fresh discards it and starts over; --resume continues it with these "
-                                    "settings; or choose another --out")
+                raise BadInput(
+                    f"{out} holds an unfinished training run with other settings (changed: {', '.join(changed)})",
+                    hint="--fresh discards it and starts over; --resume continues it with these "
+                    "settings; or choose another --out",
+                )
             resume = True
             if progress is not None:
-                progress.console.print(f"[yellow]{out} holds an unfinished run of these settings: resuming from "
-                                       "its last checkpoint[/] (--fresh starts over)")
+                progress.console.print(
+                    f"[yellow]{out} holds an unfinished run of these settings: resuming from "
+                    "its last checkpoint[/] (--fresh starts over)"
+                )
         # down before any checkpoint: a run killed from here on is known as unfinished, with its settings
         redact.write_json(marker, {"identity": ident, "finished": False})
         try:
@@ -179,6 +205,7 @@ def run_identity(model: str, data, opts: TrainOptions, backend: str) -> dict:
     from pathlib import Path
 
     from medtune.core import fsutil
+
     data = Path(data)
     hashes = {n: fsutil.sha256_file(data / n) for n in ("train.jsonl", "valid.jsonl") if (data / n).is_file()}
     options = {k: v for k, v in opts.to_dict().items() if k not in ("keep_checkpoints",)}

@@ -37,8 +37,11 @@ def check_rows(rows: list[dict], where: Path) -> None:
         try:
             encode.style_of(row)
         except ValueError as exc:
-            raise BadInput("record has none of prompt/completion, messages, text", where=f"{where}:{i + 1}",
-                           hint="re-run `medtune prepare`") from exc
+            raise BadInput(
+                "record has none of prompt/completion, messages, text",
+                where=f"{where}:{i + 1}",
+                hint="re-run `medtune prepare`",
+            ) from exc
 
 
 def build_dataset(rows: list[dict], tokenizer, mask_prompt: bool, max_seq_length: int, where: Path):
@@ -53,12 +56,18 @@ def build_dataset(rows: list[dict], tokenizer, mask_prompt: bool, max_seq_length
         raise BadInput(str(exc), where=str(where), hint="re-run `medtune prepare`, which checks every record") from exc
     for i, (tokens, offset) in enumerate(items):
         if len(tokens) > max_seq_length:
-            raise BadInput(f"record is {len(tokens)} tokens, over --max-seq-length {max_seq_length}: "
-                           "truncating it would cut off its end token", where=f"{where}:{i + 1}",
-                           hint="raise --max-seq-length, or re-run prepare with the same --max-seq-length")
+            raise BadInput(
+                f"record is {len(tokens)} tokens, over --max-seq-length {max_seq_length}: "
+                "truncating it would cut off its end token",
+                where=f"{where}:{i + 1}",
+                hint="raise --max-seq-length, or re-run prepare with the same --max-seq-length",
+            )
         if offset >= len(tokens) - 1 and mask_prompt:
-            raise BadInput("record has no completion tokens to learn from (every label is masked)",
-                           where=f"{where}:{i + 1}", hint="check the record's completion")
+            raise BadInput(
+                "record has no completion tokens to learn from (every label is masked)",
+                where=f"{where}:{i + 1}",
+                hint="check the record's completion",
+            )
     return items
 
 
@@ -67,7 +76,7 @@ def batch_order(items, batch_size: int, seed: int, epoch: int) -> list[list[int]
     import numpy as np
 
     idx = sorted(range(len(items)), key=lambda i: len(items[i][0]))
-    groups = [idx[i:i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)]
+    groups = [idx[i : i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)]
     perm = np.random.RandomState(seed + epoch).permutation(len(groups))
     return [groups[p] for p in perm]
 

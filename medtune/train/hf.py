@@ -27,8 +27,11 @@ def weight_shapes(model_dir: Path) -> dict[str, tuple] | None:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             files = sorted({model_dir / f for f in weight_map.values()})
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise BadInput(f"model.safetensors.index.json has no valid weight_map ({exc})", where=str(index),
-                           hint="re-download the model") from exc
+            raise BadInput(
+                f"model.safetensors.index.json has no valid weight_map ({exc})",
+                where=str(index),
+                hint="re-download the model",
+            ) from exc
     else:
         files = sorted(p for p in model_dir.glob("*.safetensors") if not p.name.startswith("adapter"))
     if not files:
@@ -67,4 +70,3 @@ def dtype_kwargs(dtype) -> dict:
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
-

@@ -26,11 +26,22 @@ KINDS = {"lora": "LoRA", "dora": "DoRA", "full": "Full fine-tune"}
 
 class Interrupted(MedtuneError):
     """Ctrl-C (or SIGTERM) stopped the run at a step boundary, after saving a checkpoint."""
+
     exit_code = 130
 
 
-def run(backend, model_spec: str, data, out, opts: TrainOptions, progress=None, *, resume: bool = False,
-        dry_run: bool = False, on_step=None) -> TrainResult:
+def run(
+    backend,
+    model_spec: str,
+    data,
+    out,
+    opts: TrainOptions,
+    progress=None,
+    *,
+    resume: bool = False,
+    dry_run: bool = False,
+    on_step=None,
+) -> TrainResult:
     """Train with `backend` (a Backend instance for `opts`). resume: continue from the last checkpoint in
     `out`; dry_run: stop after the preflight; on_step(step, metrics): called after every optimizer step."""
     from medtune.models import pull
@@ -47,15 +58,18 @@ def run(backend, model_spec: str, data, out, opts: TrainOptions, progress=None, 
     model_ref = pull(model_spec)
     tokenizer = backend.open(model_ref, read_config(model_ref.path))
     try:
-        items = {name: build_dataset(found, tokenizer, opts.mask_prompt, opts.max_seq_length, data / name)
-                 for name, found in rows.items()}
+        items = {
+            name: build_dataset(found, tokenizer, opts.mask_prompt, opts.max_seq_length, data / name)
+            for name, found in rows.items()
+        }
         steps = _steps(backend, opts, items["train.jsonl"], data)
         lead = backend.rank == 0  # only the first process writes files and shows progress
         pf, done = _preflight(backend, opts, items["train.jsonl"], steps, dry_run, progress if lead else None)
         if done:
             return _dry_result(backend, out, steps, pf)
-        fit = Fit(backend, opts, items["train.jsonl"], items["valid.jsonl"], out, steps,
-                  progress if lead else None, lead)
+        fit = Fit(
+            backend, opts, items["train.jsonl"], items["valid.jsonl"], out, steps, progress if lead else None, lead
+        )
         fit.run(ckpts, on_step)
         return fit.finish(data, model_ref, tokenizer, pf)
     finally:
@@ -66,7 +80,9 @@ def _check_inputs(data: Path, out: Path, opts: TrainOptions, resume: bool) -> li
     """The checkpoints to resume from ([] for a fresh run), after the prepared folder is checked."""
     for name in ("train.jsonl", "valid.jsonl"):
         if not (data / name).is_file():
-            raise BadInput(f"no {name} in {data}", hint="run `medtune prepare DATASET --out DIR` first and pass that DIR")
+            raise BadInput(
+                f"no {name} in {data}", hint="run `medtune prepare DATASET --out DIR` first and pass that DIR"
+            )
     if opts.test and not (data / "test.jsonl").is_file():
         raise BadInput(f"--test: no test.jsonl in {data}", hint="re-run prepare with --test-ratio 0.1")
     ckpts = checkpoints.checkpoint_dirs(out) if resume else []
@@ -77,11 +93,16 @@ def _check_inputs(data: Path, out: Path, opts: TrainOptions, resume: bool) -> li
 
 def _steps(backend, opts: TrainOptions, train_items, data: Path) -> int:
     if len(train_items) < opts.batch_size:
-        raise BadInput(f"{len(train_items)} training records, fewer than --batch-size {opts.batch_size}",
-                       where=str(data / "train.jsonl"), hint="lower --batch-size or add data")
+        raise BadInput(
+            f"{len(train_items)} training records, fewer than --batch-size {opts.batch_size}",
+            where=str(data / "train.jsonl"),
+            hint="lower --batch-size or add data",
+        )
     if opts.batch_size % backend.size:
-        raise BadInput(f"--batch-size {opts.batch_size} is not a multiple of the {backend.size} processes",
-                       hint=f"--batch-size is the global batch: use a multiple of {backend.size}")
+        raise BadInput(
+            f"--batch-size {opts.batch_size} is not a multiple of the {backend.size} processes",
+            hint=f"--batch-size is the global batch: use a multiple of {backend.size}",
+        )
     return opts.steps_for(len(train_items))
 
 
@@ -109,28 +130,48 @@ def _verdict(backend, pf: dict, opts: TrainOptions) -> None:
     """Every process refuses together (their devices may differ), or none does: no process is left waiting."""
     err = preflight.refusal(pf, opts, backend.memory_tips(), backend.detailed_refusal)
     if backend.any(err is not None):
-        raise err or ResourceError("another process of this run cannot fit the training in its memory",
-                                   hint="see the first process's message")
+        raise err or ResourceError(
+            "another process of this run cannot fit the training in its memory", hint="see the first process's message"
+        )
 
 
 def _dry_result(backend, out: Path, steps: int, pf: dict) -> TrainResult:
-    return TrainResult(out=out, adapter_file=out / backend.adapter_file, steps=steps, final_train_loss=None,
-                       final_val_loss=None, first_val_loss=None, tokens_per_second=0.0, seconds=0.0,
-                       trainable_parameters=pf["trainable_parameters"], total_parameters=pf["parameters"],
-                       preflight=pf, backend=backend.name)
+    return TrainResult(
+        out=out,
+        adapter_file=out / backend.adapter_file,
+        steps=steps,
+        final_train_loss=None,
+        final_val_loss=None,
+        first_val_loss=None,
+        tokens_per_second=0.0,
+        seconds=0.0,
+        trainable_parameters=pf["trainable_parameters"],
+        total_parameters=pf["parameters"],
+        preflight=pf,
+        backend=backend.name,
+    )
 
 
 class Fit:
     """One training run under way: where it stands (`state`, exactly what a checkpoint holds besides the
     backend's files), the metrics log and the progress bar."""
 
-    def __init__(self, backend, opts: TrainOptions, train_items, val_items, out: Path, steps: int, progress,
-                 lead: bool):
+    def __init__(
+        self, backend, opts: TrainOptions, train_items, val_items, out: Path, steps: int, progress, lead: bool
+    ):
         self.backend, self.opts, self.out, self.steps = backend, opts, out, steps
         self.train_items, self.val_items = train_items, val_items
         self.progress, self.lead = progress, lead
-        self.state = {"epoch": 0, "pos": 0, "micro": 0, "tokens_seen": 0, "t_train": 0.0, "first_val": None,
-                      "val_loss": None, "train_loss": None}
+        self.state = {
+            "epoch": 0,
+            "pos": 0,
+            "micro": 0,
+            "tokens_seen": 0,
+            "t_train": 0.0,
+            "first_val": None,
+            "val_loss": None,
+            "train_loss": None,
+        }
         self.resumed_from: int | None = None
         self.metrics: MetricsLog | None = None
         self.order: list[list[int]] = []
@@ -155,9 +196,10 @@ class Fit:
                     on_step(it, row)
                 if self.backend.any(stop.asked) and it != self.steps:
                     path = self.checkpoint(it)
-                    raise Interrupted(f"stopped at step {it}/{self.steps}; checkpoint {path}",
-                                      hint="run the same command again to continue from this checkpoint "
-                                           f"(output folder {self.out})")
+                    raise Interrupted(
+                        f"stopped at step {it}/{self.steps}; checkpoint {path}",
+                        hint=f"run the same command again to continue from this checkpoint (output folder {self.out})",
+                    )
         finally:
             stop.restore()
 
@@ -181,8 +223,9 @@ class Fit:
         self.order = batch_order(self.train_items, opts.batch_size, opts.seed, self.state["epoch"])
         self.t0 = time.perf_counter()
         if self.progress:
-            self.task = self.progress.add_task("training", total=self.steps, completed=start, loss="-", val="-",
-                                               tps="-", mem="-")
+            self.task = self.progress.add_task(
+                "training", total=self.steps, completed=start, loss="-", val="-", tps="-", mem="-"
+            )
         return start
 
     def draw(self) -> list[int]:
@@ -194,7 +237,7 @@ class Fit:
         if run["pos"] >= len(self.order):
             run["epoch"], run["pos"] = run["epoch"] + 1, 0
             self.order = batch_order(self.train_items, opts.batch_size, opts.seed, run["epoch"])
-        group = self.order[run["pos"]][backend.rank::backend.size]
+        group = self.order[run["pos"]][backend.rank :: backend.size]
         run["pos"] += 1
         return group
 
@@ -208,15 +251,23 @@ class Fit:
         run["tokens_seen"] += done.tokens
         run["train_loss"] = done.loss
         peak = self.backend.peak_memory_gb()
-        row = {"step": it, "epoch": run["epoch"], "train_loss": done.loss, "label_tokens": done.label_tokens,
-               "tokens_per_second": run["tokens_seen"] / run["t_train"], "step_seconds": dt,
-               "learning_rate": done.learning_rate, "peak_memory_gb": peak}
+        row = {
+            "step": it,
+            "epoch": run["epoch"],
+            "train_loss": done.loss,
+            "label_tokens": done.label_tokens,
+            "tokens_per_second": run["tokens_seen"] / run["t_train"],
+            "step_seconds": dt,
+            "learning_rate": done.learning_rate,
+            "peak_memory_gb": peak,
+        }
         if done.overflow:
             row["skipped_overflow"] = True
         self.metrics.write(row)
         if self.progress:
-            self.progress.update(self.task, advance=1, loss=f"{done.loss:.3f}", tps=f"{row['tokens_per_second']:.0f}",
-                                 mem=f"{peak:.2f}")
+            self.progress.update(
+                self.task, advance=1, loss=f"{done.loss:.3f}", tps=f"{row['tokens_per_second']:.0f}", mem=f"{peak:.2f}"
+            )
         return row
 
     def validate(self, it: int) -> None:
@@ -231,8 +282,13 @@ class Fit:
 
     def checkpoint(self, it: int) -> Path:
         if self.lead:
-            checkpoints.write_checkpoint(self.out, it, {**self.state, **self.backend.checkpoint_state()},
-                                         self.backend.save_checkpoint, self.opts.keep_checkpoints)
+            checkpoints.write_checkpoint(
+                self.out,
+                it,
+                {**self.state, **self.backend.checkpoint_state()},
+                self.backend.save_checkpoint,
+                self.opts.keep_checkpoints,
+            )
         return checkpoints.checkpoint_dir(self.out, it)
 
     # ---- the outputs ---------------------------------------------------------------------------------
@@ -246,22 +302,38 @@ class Fit:
         peak = backend.final_peak_memory_gb()
         title = f"{KINDS[opts.fine_tune_type]} on {model_ref.spec}{backend.title_suffix()}"
         plot = plot_losses(self.metrics.rows, out / "loss.png", title=title) if self.lead else None
-        result = TrainResult(out=out, adapter_file=adapter_file, steps=self.steps, final_train_loss=run["train_loss"],
-                             final_val_loss=run["val_loss"], first_val_loss=run["first_val"],
-                             tokens_per_second=run["tokens_seen"] / max(run["t_train"], 1e-9),
-                             seconds=time.perf_counter() - self.t0, trainable_parameters=pf["trainable_parameters"],
-                             total_parameters=pf["parameters"], resumed_from=self.resumed_from, test_loss=test_loss,
-                             preflight=pf, backend=backend.name, peak_memory_gb=peak,
-                             files={"adapters": str(adapter_file), "adapter_config": str(out / "adapter_config.json"),
-                                    "metrics": str(self.metrics.path), "loss_plot": str(plot) if plot else None})
+        result = TrainResult(
+            out=out,
+            adapter_file=adapter_file,
+            steps=self.steps,
+            final_train_loss=run["train_loss"],
+            final_val_loss=run["val_loss"],
+            first_val_loss=run["first_val"],
+            tokens_per_second=run["tokens_seen"] / max(run["t_train"], 1e-9),
+            seconds=time.perf_counter() - self.t0,
+            trainable_parameters=pf["trainable_parameters"],
+            total_parameters=pf["parameters"],
+            resumed_from=self.resumed_from,
+            test_loss=test_loss,
+            preflight=pf,
+            backend=backend.name,
+            peak_memory_gb=peak,
+            files={
+                "adapters": str(adapter_file),
+                "adapter_config": str(out / "adapter_config.json"),
+                "metrics": str(self.metrics.path),
+                "loss_plot": str(plot) if plot else None,
+            },
+        )
         if self.lead:
             write_manifest(backend, out, data, model_ref, opts, result)
         return result
 
     def _test_loss(self, data: Path, tokenizer) -> float:
         opts = self.opts
-        items = build_dataset(load_jsonl(data / "test.jsonl"), tokenizer, opts.mask_prompt, opts.max_seq_length,
-                              data / "test.jsonl")
+        items = build_dataset(
+            load_jsonl(data / "test.jsonl"), tokenizer, opts.mask_prompt, opts.max_seq_length, data / "test.jsonl"
+        )
         loss = self.backend.eval_loss(items)
         self.metrics.write({"step": self.steps, "test_loss": loss, "test_ppl": math.exp(min(loss, 50))})
         return loss
@@ -271,15 +343,26 @@ def write_manifest(backend, out: Path, data: Path, model_ref, opts: TrainOptions
     from medtune.core import fsutil, redact
 
     data_manifest = data / "manifest.json"
-    redact.write_json(out / "manifest.json", {
-        "stage": "train", "backend": backend.name, "processes": backend.size, **backend.manifest_fields(result),
-        "inputs": {"model": model_ref.to_dict(), "data": str(data),
-                   "data_manifest_sha256": fsutil.sha256_file(data_manifest) if data_manifest.exists() else None,
-                   "train_sha256": fsutil.sha256_file(data / "train.jsonl"),
-                   "valid_sha256": fsutil.sha256_file(data / "valid.jsonl")},
-        "options": opts.to_dict(), "result": result.to_dict(), "versions": versions(backend),
-        "outputs": {backend.adapter_file: fsutil.sha256_file(result.adapter_file)},
-    })
+    redact.write_json(
+        out / "manifest.json",
+        {
+            "stage": "train",
+            "backend": backend.name,
+            "processes": backend.size,
+            **backend.manifest_fields(result),
+            "inputs": {
+                "model": model_ref.to_dict(),
+                "data": str(data),
+                "data_manifest_sha256": fsutil.sha256_file(data_manifest) if data_manifest.exists() else None,
+                "train_sha256": fsutil.sha256_file(data / "train.jsonl"),
+                "valid_sha256": fsutil.sha256_file(data / "valid.jsonl"),
+            },
+            "options": opts.to_dict(),
+            "result": result.to_dict(),
+            "versions": versions(backend),
+            "outputs": {backend.adapter_file: fsutil.sha256_file(result.adapter_file)},
+        },
+    )
 
 
 def versions(backend) -> dict:

@@ -30,8 +30,9 @@ class TrainOptions:
     alpha: float | None = option(None, "LoRA alpha (scale = alpha / rank).")
     scale: float = option(20.0, "LoRA scale (when --alpha is not given).")
     dropout: float = option(0.0, "LoRA dropout.")
-    target_modules: list[str] | None = option(None, "Comma-separated, e.g. q_proj,v_proj (default: all linear).",
-                                              cli_type=Optional[str])
+    target_modules: list[str] | None = option(
+        None, "Comma-separated, e.g. q_proj,v_proj (default: all linear).", cli_type=Optional[str]
+    )
     lr: float = option(1e-4, "Peak learning rate.")
     lr_schedule: str = option("constant", "constant | cosine | linear.")
     warmup: int = option(0, "Warm-up steps.")
@@ -44,11 +45,16 @@ class TrainOptions:
     save_every: int = option(100, "Steps between checkpoints.")
     keep_checkpoints: int = option(2, "Checkpoints kept (the newest).")
     test: bool = option(False, "Evaluate loss/perplexity on test.jsonl at the end.", flags=("--test",))
-    load_in_4bit: bool | None = option(None, "torch/unsloth: QLoRA on a 4-bit base (bitsandbytes, CUDA); default: on "
-                                             "for models over 3B parameters on CUDA.",
-                                       flags=("--load-in-4bit/--no-load-in-4bit",))
-    precision: str = option("auto", "torch/unsloth: auto | fp32 | fp16 | bf16. auto: bf16 on Ampere and newer, fp16 "
-                                    "with loss scaling before (T4), fp32 on CPU.")
+    load_in_4bit: bool | None = option(
+        None,
+        "torch/unsloth: QLoRA on a 4-bit base (bitsandbytes, CUDA); default: on for models over 3B parameters on CUDA.",
+        flags=("--load-in-4bit/--no-load-in-4bit",),
+    )
+    precision: str = option(
+        "auto",
+        "torch/unsloth: auto | fp32 | fp16 | bf16. auto: bf16 on Ampere and newer, fp16 "
+        "with loss scaling before (T4), fp32 on CPU.",
+    )
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):  # the command line's and a YAML file's comma-separated form
@@ -77,7 +83,10 @@ class TrainOptions:
             bad(f"--lr-schedule must be one of {', '.join(SCHEDULES)}", "cosine with --warmup is a good default")
         for name in ("iters", "batch_size", "grad_accum", "rank", "max_seq_length", "eval_every", "save_every"):
             if getattr(self, name) < 1:
-                bad(f"--{name.replace('_', '-')} must be at least 1", f"e.g. --{name.replace('_', '-')} {max(1, getattr(TrainOptions, name))}")
+                bad(
+                    f"--{name.replace('_', '-')} must be at least 1",
+                    f"e.g. --{name.replace('_', '-')} {max(1, getattr(TrainOptions, name))}",
+                )
         if not 0 <= self.dropout < 1:
             bad("--dropout must be in [0, 1)", "e.g. --dropout 0.05")
         if self.lr <= 0:

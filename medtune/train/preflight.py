@@ -12,9 +12,20 @@ from medtune.train.data import padded
 from medtune.train.options import TrainOptions
 
 
-def estimate_memory(cfg: dict, weight_bytes: int, trainable: int, batch: int, seq: int, n_train_layers: int,
-                    grad_checkpoint: bool, *, act_bytes: int = 4, attention_matrix: bool = True,
-                    fused_loss: bool = False, optimizer_bytes: int = 16) -> dict:
+def estimate_memory(
+    cfg: dict,
+    weight_bytes: int,
+    trainable: int,
+    batch: int,
+    seq: int,
+    n_train_layers: int,
+    grad_checkpoint: bool,
+    *,
+    act_bytes: int = 4,
+    attention_matrix: bool = True,
+    fused_loss: bool = False,
+    optimizer_bytes: int = 16,
+) -> dict:
     """Peak training memory, from the model config and the longest batch (bytes).
 
     weights as loaded + optimizer_bytes per trainable parameter (float32 weights, grads and two Adam
@@ -35,8 +46,13 @@ def estimate_memory(cfg: dict, weight_bytes: int, trainable: int, batch: int, se
         acts += tokens * hidden * act_bytes * n_train_layers
     logits = tokens * vocab * (act_bytes if fused_loss else act_bytes + 8)
     optimizer = trainable * optimizer_bytes
-    return {"weights": weight_bytes, "optimizer": optimizer, "activations": acts, "logits": logits,
-            "total": weight_bytes + optimizer + acts + logits}
+    return {
+        "weights": weight_bytes,
+        "optimizer": optimizer,
+        "activations": acts,
+        "logits": logits,
+        "total": weight_bytes + optimizer + acts + logits,
+    }
 
 
 def longest_batch(train_items) -> tuple[int, int]:
@@ -45,17 +61,26 @@ def longest_batch(train_items) -> tuple[int, int]:
     return longest, padded(longest)
 
 
-def figures(total: int, trainable: int, opts: TrainOptions, train_items, steps: int, est: dict,
-            available: tuple[int, str]) -> dict:
+def figures(
+    total: int, trainable: int, opts: TrainOptions, train_items, steps: int, est: dict, available: tuple[int, str]
+) -> dict:
     """The preflight every backend reports (a backend may add its own keys after these)."""
     longest, _ = longest_batch(train_items)
     avail, source = available
-    return {"parameters": int(total), "trainable_parameters": int(trainable), "records": len(train_items),
-            "tokens_per_epoch": int(sum(len(t) for t, _ in train_items)), "longest_record": int(longest),
-            "steps": steps, "micro_batches": steps * opts.grad_accum,
-            "epochs": round(steps * opts.grad_accum * opts.batch_size / max(len(train_items), 1), 2),
-            "estimated_peak_bytes": int(est["total"]), "estimate": {k: int(v) for k, v in est.items()},
-            "available_bytes": int(avail), "available_source": source}
+    return {
+        "parameters": int(total),
+        "trainable_parameters": int(trainable),
+        "records": len(train_items),
+        "tokens_per_epoch": int(sum(len(t) for t, _ in train_items)),
+        "longest_record": int(longest),
+        "steps": steps,
+        "micro_batches": steps * opts.grad_accum,
+        "epochs": round(steps * opts.grad_accum * opts.batch_size / max(len(train_items), 1), 2),
+        "estimated_peak_bytes": int(est["total"]),
+        "estimate": {k: int(v) for k, v in est.items()},
+        "available_bytes": int(avail),
+        "available_source": source,
+    }
 
 
 def refusal(pf: dict, opts: TrainOptions, extra_tips=(), detailed: bool = False) -> ResourceError | None:
@@ -78,7 +103,10 @@ def refusal(pf: dict, opts: TrainOptions, extra_tips=(), detailed: bool = False)
         e = pf["estimate"]
         parts = ", ".join(f"{k} {e[k] / 1e9:.1f}" for k in ("weights", "optimizer", "activations", "logits"))
         detail = f" ({parts} GB; batch {opts.batch_size}, longest record {pf['longest_record']} tokens)"
-    err = ResourceError(f"training needs ~{need / 1e9:.1f} GB at its peak{detail}, {have / 1e9:.1f} GB is available "
-                        f"({pf['available_source']})", hint="try " + ", ".join(tips))
+    err = ResourceError(
+        f"training needs ~{need / 1e9:.1f} GB at its peak{detail}, {have / 1e9:.1f} GB is available "
+        f"({pf['available_source']})",
+        hint="try " + ", ".join(tips),
+    )
     err.preflight = pf  # the figures, for a dry run to show before the refusal
     return err

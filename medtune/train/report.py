@@ -107,5 +107,8 @@ def log_line(progress, line: str) -> None:
 def log_validation(progress, it: int, steps: int, run: dict, loss: float) -> None:
     """The line every backend prints after a validation pass."""
     tl = run["train_loss"]
-    log_line(progress, f"step {it}/{steps}: train loss {'-' if tl is None else f'{tl:.3f}'}, val loss {loss:.3f}"
-                       + (f", {run['tokens_seen'] / run['t_train']:.0f} tok/s" if run["t_train"] else ""))
+    log_line(
+        progress,
+        f"step {it}/{steps}: train loss {'-' if tl is None else f'{tl:.3f}'}, val loss {loss:.3f}"
+        + (f", {run['tokens_seen'] / run['t_train']:.0f} tok/s" if run["t_train"] else ""),
+    )

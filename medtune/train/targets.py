@@ -12,7 +12,9 @@ def match_targets(linear_paths: list[str], names: list[str]) -> list[str]:
     for name in names:
         hits = [p for p in linear_paths if p == name or p.endswith("." + name)]
         if not hits:
-            raise BadInput(f"--target-modules: no linear layer named {name!r} in this model",
-                           hint=f"available: {', '.join(sorted({p.rsplit('.', 1)[-1] for p in linear_paths}))}")
+            raise BadInput(
+                f"--target-modules: no linear layer named {name!r} in this model",
+                hint=f"available: {', '.join(sorted({p.rsplit('.', 1)[-1] for p in linear_paths}))}",
+            )
         found.update(hits)
     return sorted(found)

@@ -20,6 +20,7 @@ from medtune.train.options import TrainOptions
 @dataclass
 class Step:
     """One optimizer step, as the metrics report it (sums over every process of the run)."""
+
     loss: float  # mean over the step's label tokens (its micro-batches averaged)
     tokens: int  # tokens in the step's batches, padding excluded
     label_tokens: int

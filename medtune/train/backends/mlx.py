@@ -29,12 +29,22 @@ class MLXBackend(Backend):
     def refuses(cls, opts: TrainOptions) -> list[tuple[str, str]]:
         found = []
         if opts.load_in_4bit:
-            found.append(("--load-in-4bit is a bitsandbytes (CUDA) option; the mlx backend trains QLoRA on a base "
-                          "quantized by MLX", "mlx_lm.convert --hf-path MODEL --mlx-path q4 -q, then --model q4; "
-                          "or --backend torch on a CUDA GPU"))
+            found.append(
+                (
+                    "--load-in-4bit is a bitsandbytes (CUDA) option; the mlx backend trains QLoRA on a base "
+                    "quantized by MLX",
+                    "mlx_lm.convert --hf-path MODEL --mlx-path q4 -q, then --model q4; "
+                    "or --backend torch on a CUDA GPU",
+                )
+            )
         if opts.precision != "auto":
-            found.append((f"--precision {opts.precision} is not an mlx backend option (float32 on CPU, the model's "
-                          "own dtype on Apple GPUs)", "drop --precision, or use --backend torch"))
+            found.append(
+                (
+                    f"--precision {opts.precision} is not an mlx backend option (float32 on CPU, the model's "
+                    "own dtype on Apple GPUs)",
+                    "drop --precision, or use --backend torch",
+                )
+            )
         return found
 
     # ---- loading -------------------------------------------------------------------------------------
@@ -56,12 +66,13 @@ class MLXBackend(Backend):
         model.freeze()
         keys = None
         if opts.fine_tune_type == "full":
-            for layer in model.layers[len(model.layers) - self.n_layers:]:
+            for layer in model.layers[len(model.layers) - self.n_layers :]:
                 layer.unfreeze()
         else:
             keys = resolve_target_modules(model, opts.target_modules)
-            linear_to_lora_layers(model, self.n_layers, lora_parameters(opts, keys),
-                                  use_dora=opts.fine_tune_type == "dora")
+            linear_to_lora_layers(
+                model, self.n_layers, lora_parameters(opts, keys), use_dora=opts.fine_tune_type == "dora"
+            )
         if opts.grad_checkpoint:
             from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -82,8 +93,15 @@ class MLXBackend(Backend):
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         param_bytes = max(1, int(sum(v.nbytes for _, v in params) / max(total, 1)))
         _, seq = preflight.longest_batch(train_items)
-        est = preflight.estimate_memory(self.cfg, total * param_bytes, trainable, self.opts.batch_size, seq,
-                                        self.n_layers, self.opts.grad_checkpoint)
+        est = preflight.estimate_memory(
+            self.cfg,
+            total * param_bytes,
+            trainable,
+            self.opts.batch_size,
+            seq,
+            self.n_layers,
+            self.opts.grad_checkpoint,
+        )
         # mlx is imported by now, so on Apple Silicon this is Metal's working set
         return preflight.figures(total, trainable, self.opts, train_items, steps, est, available_memory())
 
@@ -220,6 +238,7 @@ def load_model(model_dir: Path):
     from mlx_lm import load
 
     from medtune.core import safety
+
     try:
         model, tokenizer = load(str(model_dir), **safety.mlx_load_kwargs())
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as exc:  # RuntimeError: a bad safetensors

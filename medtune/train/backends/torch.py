@@ -44,7 +44,6 @@ QLORA_AUTO_PARAMS = 3e9  # on CUDA, models over this many parameters load in 4-b
 NF4_BYTES = 0.53  # bytes per 4-bit weight, with the double-quantized block scales
 
 
-
 def _torch():
     require("torch", "cuda", "the torch training backend")
     import torch
@@ -69,8 +68,12 @@ class Device:
         return self.kind == "cpu" or (self.capability or (0, 0)) >= (8, 0)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "index": self.index, "name": self.name,
-                "capability": ".".join(map(str, self.capability)) if self.capability else None}
+        return {
+            "kind": self.kind,
+            "index": self.index,
+            "name": self.name,
+            "capability": ".".join(map(str, self.capability)) if self.capability else None,
+        }
 
 
 def pick_device(world) -> Device:
@@ -131,7 +134,7 @@ class World:
         offset = 0
         for p, g in zip(params, grads):
             n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+            p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
             offset += n
 
     def same_start(self, params) -> None:
@@ -170,40 +173,56 @@ def stored_quantization(cfg: dict) -> str | None:
             return "bnb-4bit"
         return str(q.get("quant_method") or "unknown")
     if cfg.get("quantization"):
-        raise BadInput("this base was quantized by MLX (mlx_lm.convert -q): PyTorch cannot load it",
-                       hint="pass the original Hugging Face model; --load-in-4bit quantizes it on the fly on CUDA")
+        raise BadInput(
+            "this base was quantized by MLX (mlx_lm.convert -q): PyTorch cannot load it",
+            hint="pass the original Hugging Face model; --load-in-4bit quantizes it on the fly on CUDA",
+        )
     return None
 
 
 def plan_precision(opts: TrainOptions, device: Device, n_params: int, backend: str, stored: str | None = None) -> Plan:
     notes = []
     if stored and stored != "bnb-4bit":
-        raise BadInput(f"the base is stored quantized ({stored}); medtune trains on 16-bit bases or bitsandbytes "
-                       "4-bit ones", hint="pass the unquantized model (--load-in-4bit quantizes it on CUDA)")
+        raise BadInput(
+            f"the base is stored quantized ({stored}); medtune trains on 16-bit bases or bitsandbytes 4-bit ones",
+            hint="pass the unquantized model (--load-in-4bit quantizes it on CUDA)",
+        )
     if stored and opts.load_in_4bit is False:
-        raise BadInput("--no-load-in-4bit: this base is stored in 4-bit (bitsandbytes)",
-                       hint="pass the 16-bit model, or drop --no-load-in-4bit")
+        raise BadInput(
+            "--no-load-in-4bit: this base is stored in 4-bit (bitsandbytes)",
+            hint="pass the 16-bit model, or drop --no-load-in-4bit",
+        )
     if device.kind == "cpu":
         if stored:
-            raise BadInput("this base is stored in 4-bit (bitsandbytes), which needs a CUDA GPU",
-                           hint="pass the 16-bit model to train on CPU")
+            raise BadInput(
+                "this base is stored in 4-bit (bitsandbytes), which needs a CUDA GPU",
+                hint="pass the 16-bit model to train on CPU",
+            )
         if opts.load_in_4bit:
-            raise BadInput("QLoRA (--load-in-4bit) needs a CUDA GPU: bitsandbytes' 4-bit training kernels do not run "
-                           "on this CPU", hint="drop --load-in-4bit (LoRA in float32 on CPU) or train on a CUDA machine; "
-                                               "on a Mac, --backend mlx trains on an MLX-quantized base")
+            raise BadInput(
+                "QLoRA (--load-in-4bit) needs a CUDA GPU: bitsandbytes' 4-bit training kernels do not run on this CPU",
+                hint="drop --load-in-4bit (LoRA in float32 on CPU) or train on a CUDA machine; "
+                "on a Mac, --backend mlx trains on an MLX-quantized base",
+            )
         if opts.precision == "fp16":
-            raise BadInput("--precision fp16 is not supported on CPU (no fast float16 kernels, no loss scaling)",
-                           hint="--precision auto (float32) or bf16")
+            raise BadInput(
+                "--precision fp16 is not supported on CPU (no fast float16 kernels, no loss scaling)",
+                hint="--precision auto (float32) or bf16",
+            )
         return Plan("bfloat16" if opts.precision == "bf16" else "float32", False, False, notes, backend == "unsloth")
     cap = ".".join(map(str, device.capability or ()))
     if opts.precision == "bf16" and not device.bf16:
-        raise BadInput(f"{device.name} (compute capability {cap}) has no bfloat16; bf16 needs Ampere (8.0) or newer",
-                       hint="--precision fp16 (or auto, which picks it with loss scaling)")
+        raise BadInput(
+            f"{device.name} (compute capability {cap}) has no bfloat16; bf16 needs Ampere (8.0) or newer",
+            hint="--precision fp16 (or auto, which picks it with loss scaling)",
+        )
     if opts.precision == "auto":
         dtype = "bfloat16" if device.bf16 else "float16"
         if not device.bf16:
-            notes.append(f"{device.name} (compute capability {cap}) has no bfloat16: training in float16 "
-                         "with autocast and loss scaling (GradScaler)")
+            notes.append(
+                f"{device.name} (compute capability {cap}) has no bfloat16: training in float16 "
+                "with autocast and loss scaling (GradScaler)"
+            )
     else:
         dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[opts.precision]
     four = True if stored else opts.load_in_4bit
@@ -212,11 +231,15 @@ def plan_precision(opts: TrainOptions, device: Device, n_params: int, backend: s
     if four is None:
         four = n_params > QLORA_AUTO_PARAMS and opts.fine_tune_type != "full"
         if four:
-            notes.append(f"the model has {n_params / 1e9:.1f}B parameters (over 3B): loading it in 4-bit (QLoRA, NF4); "
-                         "--no-load-in-4bit to keep 16-bit weights")
+            notes.append(
+                f"the model has {n_params / 1e9:.1f}B parameters (over 3B): loading it in 4-bit (QLoRA, NF4); "
+                "--no-load-in-4bit to keep 16-bit weights"
+            )
     if four and opts.fine_tune_type == "full":
-        raise BadInput("--load-in-4bit cannot be combined with --fine-tune-type full (4-bit weights are frozen)",
-                       hint="use --fine-tune-type lora or dora for QLoRA, or --no-load-in-4bit")
+        raise BadInput(
+            "--load-in-4bit cannot be combined with --fine-tune-type full (4-bit weights are frozen)",
+            hint="use --fine-tune-type lora or dora for QLoRA, or --no-load-in-4bit",
+        )
     if backend == "torch":
         require("accelerate", "cuda", "loading models onto the GPU")
         if four:
@@ -269,7 +292,9 @@ def sizes_from_headers(shapes: dict, opts: TrainOptions, plan: Plan, layer_ids: 
             continue
         if full:
             trainable += n
-        elif len(shape) == 2 and name.endswith(".weight") and m.group(2)[: -len(".weight")].rsplit(".", 1)[-1] in targets:
+        elif (
+            len(shape) == 2 and name.endswith(".weight") and m.group(2)[: -len(".weight")].rsplit(".", 1)[-1] in targets
+        ):
             out_f, in_f = shape
             trainable += opts.rank * (in_f + out_f) + (out_f if opts.fine_tune_type == "dora" else 0)
     return Sizes(base if full else base + trainable, trainable, weight_bytes + (0 if full else trainable * 4))
@@ -283,7 +308,6 @@ def sizes_from_model(model) -> Sizes:
         trainable += n if p.requires_grad else 0
         nbytes += p.numel() * p.element_size()
     return Sizes(total, trainable, nbytes)
-
 
 
 class TorchBackend(Backend):
@@ -304,12 +328,14 @@ class TorchBackend(Backend):
         from transformers import AutoTokenizer
 
         from medtune.core import safety
+
         opts = self.opts
         self.world = World()
         self.device = pick_device(self.world)
         self.model_ref, self.cfg = model_ref, cfg
-        self.plan = plan_precision(opts, self.device, count_params(model_ref.path, cfg), self.name,
-                                   stored_quantization(cfg))
+        self.plan = plan_precision(
+            opts, self.device, count_params(model_ref.path, cfg), self.name, stored_quantization(cfg)
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(model_ref.path), trust_remote_code=safety.trust_remote_code())
         self.rank, self.size = self.world.rank, self.world.size
         self.n_total = int(cfg.get("num_hidden_layers", 0))
@@ -335,18 +361,31 @@ class TorchBackend(Backend):
             return None
         opts, plan, device = self.opts, self.plan, self.device
         _, seq = pre.longest_batch(train_items)
-        est = pre.estimate_memory(self.cfg, sizes.weight_bytes, sizes.trainable, max(1, opts.batch_size // self.size),
-                                  seq, self.n_layers, opts.grad_checkpoint or self.always_checkpoints,
-                                  act_bytes=4 if plan.dtype == "float32" else 2,
-                                  attention_matrix=device.kind == "cpu",  # CUDA kernels do not materialise it
-                                  fused_loss=plan.fused_loss,
-                                  optimizer_bytes=12 if opts.fine_tune_type == "full" else 16)
+        est = pre.estimate_memory(
+            self.cfg,
+            sizes.weight_bytes,
+            sizes.trainable,
+            max(1, opts.batch_size // self.size),
+            seq,
+            self.n_layers,
+            opts.grad_checkpoint or self.always_checkpoints,
+            act_bytes=4 if plan.dtype == "float32" else 2,
+            attention_matrix=device.kind == "cpu",  # CUDA kernels do not materialise it
+            fused_loss=plan.fused_loss,
+            optimizer_bytes=12 if opts.fine_tune_type == "full" else 16,
+        )
         avail, source = available_memory(device)
         if loaded and source != "MEDTUNE_MEMORY_LIMIT_GB":
             avail += _torch().cuda.memory_allocated(device.index) if device.kind == "cuda" else sizes.weight_bytes
         pf = pre.figures(sizes.total, sizes.trainable, opts, train_items, steps, est, (avail, source))
-        pf.update(backend=self.name, device=device.to_dict(), precision=plan.dtype, load_in_4bit=plan.load_in_4bit,
-                  processes=self.size, notes=list(plan.notes))
+        pf.update(
+            backend=self.name,
+            device=device.to_dict(),
+            precision=plan.dtype,
+            load_in_4bit=plan.load_in_4bit,
+            processes=self.size,
+            notes=list(plan.notes),
+        )
         return pf
 
     def memory_tips(self) -> list[str]:
@@ -393,8 +432,11 @@ class TorchBackend(Backend):
     def load_checkpoint(self, ckpt: Path) -> None:
         torch = _torch()
         if not (ckpt / "optimizer.pt").is_file():
-            raise BadInput("this checkpoint was not written by a PyTorch backend (no optimizer.pt)", where=str(ckpt),
-                           hint="resume with the backend that wrote it (--backend mlx), or start without --resume")
+            raise BadInput(
+                "this checkpoint was not written by a PyTorch backend (no optimizer.pt)",
+                where=str(ckpt),
+                hint="resume with the backend that wrote it (--backend mlx), or start without --resume",
+            )
         load_adapter_weights(ckpt, self.model, self.opts)
         state = torch.load(ckpt / "optimizer.pt", map_location=self.device.torch, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -465,8 +507,14 @@ class TorchBackend(Backend):
         (torch, cuda, python, numpy)."""
         torch = _torch()
         self.save_adapter(folder)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler is not None else None}, folder / "optimizer.pt")
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            },
+            folder / "optimizer.pt",
+        )
         torch.save(rng_states(), folder / "rng.pt")
 
     def save_adapter(self, folder: Path) -> None:
@@ -479,9 +527,14 @@ class TorchBackend(Backend):
         return f" ({self.name}, {self.device.name})"
 
     def manifest_fields(self, result) -> dict:
-        return {"device": self.device.to_dict(), "precision": self.plan.dtype, "load_in_4bit": self.plan.load_in_4bit,
-                "loss_scaling": self.plan.scaler, "peak_memory_gb": result.peak_memory_gb,
-                "tokens_per_second": result.tokens_per_second}
+        return {
+            "device": self.device.to_dict(),
+            "precision": self.plan.dtype,
+            "load_in_4bit": self.plan.load_in_4bit,
+            "loss_scaling": self.plan.scaler,
+            "peak_memory_gb": result.peak_memory_gb,
+            "tokens_per_second": result.tokens_per_second,
+        }
 
     def close(self) -> None:
         self.world.close()
@@ -499,7 +552,6 @@ def decoder_layers(model):
     raise BadInput("cannot find the transformer layers of this model", hint="medtune trains decoder-only causal LMs")
 
 
-
 def load_hf_model(path: Path, opts: TrainOptions, plan: Plan, device: Device):
     torch = _torch()
     from transformers import AutoModelForCausalLM
@@ -509,17 +561,24 @@ def load_hf_model(path: Path, opts: TrainOptions, plan: Plan, device: Device):
     if plan.load_in_4bit and not plan.stored_4bit:
         from transformers import BitsAndBytesConfig
 
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True,
-                                                       bnb_4bit_compute_dtype=getattr(torch, plan.dtype))
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, plan.dtype),
+        )
     if device.kind == "cuda":
         kw["device_map"] = {"": device.index}
     from medtune.core import safety
+
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kw, **safety.hf_load_kwargs(path))
     except (ValueError, OSError, KeyError) as exc:
-        raise BadInput(f"transformers cannot load the model: {str(exc).splitlines()[0]}", where=str(path),
-                       hint="check the model folder (config.json, safetensors, tokenizer)") from exc
+        raise BadInput(
+            f"transformers cannot load the model: {str(exc).splitlines()[0]}",
+            where=str(path),
+            hint="check the model folder (config.json, safetensors, tokenizer)",
+        ) from exc
     if device.kind == "cpu":
         model.to("cpu")
     model.config.use_cache = False
@@ -544,9 +603,16 @@ def attach_hf_adapters(model, opts: TrainOptions, layer_ids: list[int], n_total:
         return model
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=opts.rank, lora_alpha=opts.lora_scale * opts.rank, lora_dropout=opts.dropout,
-                        target_modules=targets, layers_to_transform=None if len(layer_ids) == n_total else layer_ids,
-                        use_dora=opts.fine_tune_type == "dora", bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=opts.rank,
+        lora_alpha=opts.lora_scale * opts.rank,
+        lora_dropout=opts.dropout,
+        target_modules=targets,
+        layers_to_transform=None if len(layer_ids) == n_total else layer_ids,
+        use_dora=opts.fine_tune_type == "dora",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(opts.seed)
     return get_peft_model(model, config)
 
@@ -570,7 +636,7 @@ def make_batch(items, group: list[int]):
         toks, offset = items[i]
         ids[j, : len(toks)] = torch.tensor(toks, dtype=torch.long)
         start = max(offset, 1)
-        labels[j, start: len(toks)] = ids[j, start: len(toks)]
+        labels[j, start : len(toks)] = ids[j, start : len(toks)]
     return ids, labels, sum(len(s) for s in seqs)
 
 
@@ -606,8 +672,14 @@ def write_adapter(dest: Path, model, opts: TrainOptions, base_path: Path, n_laye
 
     if opts.fine_tune_type == "full":
         weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        config = {"medtune_format": "torch-full", "fine_tune_type": "full", "num_layers": n_layers,
-                  "base_model_name_or_path": str(base_path), "backend": backend, "medtune": opts.to_dict()}
+        config = {
+            "medtune_format": "torch-full",
+            "fine_tune_type": "full",
+            "num_layers": n_layers,
+            "base_model_name_or_path": str(base_path),
+            "backend": backend,
+            "medtune": opts.to_dict(),
+        }
     else:
         from peft import get_peft_model_state_dict
 
@@ -629,8 +701,11 @@ def load_adapter_weights(ckpt: Path, model, opts: TrainOptions) -> None:
         params = dict(model.named_parameters())
         missing = [k for k in saved if k not in params]
         if missing:
-            raise BadInput(f"checkpoint does not fit this model ({missing[0]})", where=str(ckpt),
-                           hint="resume with the same --model and --num-layers")
+            raise BadInput(
+                f"checkpoint does not fit this model ({missing[0]})",
+                where=str(ckpt),
+                hint="resume with the same --model and --num-layers",
+            )
         with _torch().no_grad():
             for k, v in saved.items():
                 params[k].copy_(v)
@@ -640,8 +715,11 @@ def load_adapter_weights(ckpt: Path, model, opts: TrainOptions) -> None:
     expected = set(get_peft_model_state_dict(model))
     if set(saved) != expected:
         odd = sorted(set(saved) ^ expected)[0]
-        raise BadInput(f"checkpoint does not fit this model and options ({odd})", where=str(ckpt),
-                       hint="resume with the same --model, --fine-tune-type, --rank, --num-layers and --target-modules")
+        raise BadInput(
+            f"checkpoint does not fit this model and options ({odd})",
+            where=str(ckpt),
+            hint="resume with the same --model, --fine-tune-type, --rank, --num-layers and --target-modules",
+        )
     set_peft_model_state_dict(model, saved)
 
 
@@ -652,10 +730,12 @@ def rng_states() -> dict:
 
     torch = _torch()
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(),
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+    }
 
 
 def set_rng_states(state: dict) -> None:
@@ -681,7 +761,7 @@ def evaluate(model, items, batch_size: int, max_batches: int, world: World, plan
     total = count = 0.0
     with torch.no_grad():
         for g in eval_groups(len(items), batch_size, max_batches):
-            mine = g[world.rank::world.size]
+            mine = g[world.rank :: world.size]
             if not mine:
                 continue
             ids, labels, _ = make_batch(items, mine)
@@ -711,10 +791,11 @@ def forward_loss(model, ids, labels, plan: Plan, device: Device):
         lo, hi = int(cols[0]), int(cols[-1]) + 1  # positions lo..hi-1 predict the labels lo+1..hi
         keep = _logits_to_keep(model)
         kw = {keep: hi - lo} if keep else {}
-        logits = model(input_ids=ids[:, :hi], use_cache=False, **kw).logits[:, -(hi - lo):]
-    targets = labels[:, lo + 1: hi + 1]
-    ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                           ignore_index=IGNORE, reduction="sum")
+        logits = model(input_ids=ids[:, :hi], use_cache=False, **kw).logits[:, -(hi - lo) :]
+    targets = labels[:, lo + 1 : hi + 1]
+    ce = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return ce / max(n, 1), n
 
 
@@ -740,4 +821,3 @@ def peak_memory_gb(device: Device) -> float:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
-

@@ -50,11 +50,6 @@ class Stage:
 
 
 TEXT = ("transformers", "tokenizers", "jinja2")  # tokenizing and rendering chat templates
-TRAIN_PACKAGES = {  # per training backend (medtune.train.BACKENDS)
-    "mlx": ("mlx", "mlx-lm", *TEXT),
-    "torch": ("torch", "peft", *TEXT),
-    "unsloth": ("unsloth", "torch", "peft", *TEXT),
-}
 FUSE_PACKAGES = {  # per adapter kind (medtune.fuse.adapter_kind)
     "mlx": ("mlx", "mlx-lm", *TEXT),
     "peft": ("torch", "peft", "safetensors", *TEXT),
@@ -63,8 +58,10 @@ FUSE_PACKAGES = {  # per adapter kind (medtune.fuse.adapter_kind)
 
 
 def _train_packages(run: "Run") -> tuple[str, ...]:
+    from medtune.train.backends import backend_class
+
     extra = ("bitsandbytes",) if run.cfg["train"].get("load_in_4bit") else ()  # QLoRA on CUDA
-    return TRAIN_PACKAGES[run.train_backend()] + extra
+    return backend_class(run.train_backend()).uses + TEXT + extra
 
 
 def _fuse_packages(run: "Run") -> tuple[str, ...]:

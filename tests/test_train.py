@@ -96,12 +96,15 @@ def _losses(out):
 
 # ---- the one training loop, on every backend of the registry that runs on this machine -------------------
 def _runs_here(name: str) -> bool:
-    import importlib.util
-
+    from medtune.core.errors import MedtuneError
     from medtune.train import _cuda_available
+    from medtune.train.backends import backend_class
 
-    needs = {"mlx": ("mlx",), "torch": ("torch", "peft"), "unsloth": ("unsloth", "torch", "peft")}[name]
-    return all(importlib.util.find_spec(m) is not None for m in needs) and (name != "unsloth" or _cuda_available())
+    try:  # any registered backend: what it needs is its own check
+        backend_class(name)(TrainOptions()).check_available()
+    except MedtuneError:
+        return False
+    return name != "unsloth" or _cuda_available()
 
 
 LOOP_BACKENDS = [

@@ -35,6 +35,7 @@ class Backend:
     adapter_kind: str = ""  # what `medtune fuse` finds in --out: "mlx" (mlx_lm's adapter) or "peft"
     adapter_file: str = ""  # the adapter weights file in --out
     packages: tuple = ()  # distributions whose versions the manifest records (beside prepare's: loop.versions)
+    uses: tuple = ()  # distributions whose versions can change what it writes (medtune run's train fingerprint)
     detailed_refusal: bool = False  # the memory refusal names the estimate's parts
 
     def __init__(self, opts: TrainOptions):

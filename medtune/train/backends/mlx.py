@@ -24,6 +24,7 @@ class MLXBackend(Backend):
     name = "mlx"
     adapter_kind = "mlx"
     adapter_file = "adapters.safetensors"
+    uses = ("mlx", "mlx-lm")
 
     @classmethod
     def refuses(cls, opts: TrainOptions) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ from medtune.train.options import TrainOptions
 
 class UnslothBackend(TorchBackend):
     name = "unsloth"
+    uses = ("unsloth", "torch", "peft")
     always_checkpoints = True
 
     @classmethod

@@ -117,7 +117,7 @@ def show_report(report: dict) -> None:
     from rich.table import Table
 
     from medtune.core.console import console, warn
-    from medtune.eval.report_html import QUANT_HEADINGS, headings, metric_rows, quant_rows, quant_summary
+    from medtune.eval.report_html import headings, metric_rows
 
     t = Table(title="medtune eval", title_justify="left")
     for h in headings():
@@ -126,15 +126,25 @@ def show_report(report: dict) -> None:
         t.add_row(*r)
     console.print(t)
     if report.get("quants"):
-        q = Table(title="quantized files (KL divergence against the unquantized file)", title_justify="left")
-        for h in QUANT_HEADINGS:
-            q.add_column(h)
-        for r in quant_rows(report):
-            q.add_row(*r)
-        console.print(q)
-        console.print(quant_summary(report))
+        _show_quants(report)
     for note in report.get("notes") or []:
         warn(note)
+
+
+def _show_quants(report: dict) -> None:
+    """The quant table (a report's "quants" section) and its recommendation."""
+    from rich.table import Table
+
+    from medtune.core.console import console
+    from medtune.eval.report_html import QUANT_HEADINGS, quant_rows, quant_summary
+
+    q = Table(title="quantized files (KL divergence against the unquantized file)", title_justify="left")
+    for h in QUANT_HEADINGS:
+        q.add_column(h)
+    for r in quant_rows(report):
+        q.add_row(*r)
+    console.print(q)
+    console.print(quant_summary(report))
 
 
 @app.command("fidelity")
@@ -187,7 +197,7 @@ def fidelity(
     allow_pickle: AllowPickleOpt = False,
 ):
     """Does the GGUF tokenize and greedily continue like the MLX model? Exit 1 if not (near-ties excused)."""
-    from medtune.core.console import console, done, progress, step, warn
+    from medtune.core.console import console, done, progress, step
     from medtune.eval.fidelity import choose_runtime, read_prompts
     from medtune.eval.fidelity import fidelity as run
 
@@ -208,44 +218,7 @@ def fidelity(
     if as_json:
         emit_json(report.to_dict())
     else:
-        from rich.table import Table
-
-        _template_table(report)
-        t = Table(title=f"fidelity: {gguf.name} ({report.file_type}) in {report.runtime} vs MLX", title_justify="left")
-        server = report.runtime == "llama-server"
-        for col in ("#", *(("prompt text",) if server else ()), "tokens", "continuation", "Δlogit@1", "stops", "ok"):
-            t.add_column(col, no_wrap=True)
-        t.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=max(12, console.width - 66))
-        for i, r in enumerate(report.prompts, start=1):
-            if r.continuation_equal:
-                cont = "equal"
-            else:
-                margin = "" if r.top2_margin is None else f" (Δ {r.top2_margin:.2g})"
-                cont = f"{'[yellow]near-tie' if r.near_tie else '[red]differs'} @{r.divergence}{margin}[/]"
-            rendered = (("equal" if r.rendered_equal else "[red]differs[/]"),) if server else ()
-            t.add_row(
-                str(i),
-                *rendered,
-                "equal" if r.tokens_equal else f"[red]differ @{r.first_token_mismatch}[/]",
-                cont,
-                f"{r.max_logit_diff:.2g}",
-                f"{'y' if r.mlx_stopped else 'n'}/{'y' if r.gguf_stopped else 'n'}",
-                "[green]✓[/]" if r.ok else "[red]✗[/]",
-                r.prompt,
-            )
-        console.print(t)
-        s = report.summary
-        console.print(
-            f"tokens equal {s['tokens_equal']}/{s['prompts']}, continuations equal "
-            f"{s['continuations_equal']}/{s['prompts']} (near-ties {s['near_ties']}), stopped MLX "
-            f"{s['mlx_stopped']} / GGUF {s['gguf_stopped']}, max |Δlogit| at step 1 {s['max_logit_diff']:.3g}"
-            + (f", tie tolerance {report.tie_tolerance}" if report.judged else "")
-        )
-        for note in report.notes:
-            warn(note)
-        for i, r in enumerate(report.prompts, start=1):
-            if r.reason:
-                (warn if not r.ok else console.print)(f"prompt {i}: {r.reason}")
+        _show_fidelity(report, gguf)
     if not report.passed:
         bad_templates = [t for t in report.templates if not t.ok]
         what = f"{report.summary['failed']} of {len(report.prompts)} prompt(s) do not match"
@@ -257,6 +230,50 @@ def fidelity(
         )
         raise typer.Exit(1)
     done(f"the GGUF matches the MLX model on {len(report.prompts)} prompt(s)")
+
+
+def _show_fidelity(report, gguf: Path) -> None:
+    """The template table, one row per prompt, the summary line and the notes."""
+    from rich.table import Table
+
+    from medtune.core.console import console, warn
+
+    _template_table(report)
+    t = Table(title=f"fidelity: {gguf.name} ({report.file_type}) in {report.runtime} vs MLX", title_justify="left")
+    server = report.runtime == "llama-server"
+    for col in ("#", *(("prompt text",) if server else ()), "tokens", "continuation", "Δlogit@1", "stops", "ok"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=max(12, console.width - 66))
+    for i, r in enumerate(report.prompts, start=1):
+        if r.continuation_equal:
+            cont = "equal"
+        else:
+            margin = "" if r.top2_margin is None else f" (Δ {r.top2_margin:.2g})"
+            cont = f"{'[yellow]near-tie' if r.near_tie else '[red]differs'} @{r.divergence}{margin}[/]"
+        rendered = (("equal" if r.rendered_equal else "[red]differs[/]"),) if server else ()
+        t.add_row(
+            str(i),
+            *rendered,
+            "equal" if r.tokens_equal else f"[red]differ @{r.first_token_mismatch}[/]",
+            cont,
+            f"{r.max_logit_diff:.2g}",
+            f"{'y' if r.mlx_stopped else 'n'}/{'y' if r.gguf_stopped else 'n'}",
+            "[green]✓[/]" if r.ok else "[red]✗[/]",
+            r.prompt,
+        )
+    console.print(t)
+    s = report.summary
+    console.print(
+        f"tokens equal {s['tokens_equal']}/{s['prompts']}, continuations equal "
+        f"{s['continuations_equal']}/{s['prompts']} (near-ties {s['near_ties']}), stopped MLX "
+        f"{s['mlx_stopped']} / GGUF {s['gguf_stopped']}, max |Δlogit| at step 1 {s['max_logit_diff']:.3g}"
+        + (f", tie tolerance {report.tie_tolerance}" if report.judged else "")
+    )
+    for note in report.notes:
+        warn(note)
+    for i, r in enumerate(report.prompts, start=1):
+        if r.reason:
+            (warn if not r.ok else console.print)(f"prompt {i}: {r.reason}")
 
 
 def _template_table(report) -> None:
@@ -337,7 +354,6 @@ def quants(
     from medtune.eval.fidelity import gguf_file_type
     from medtune.eval.quants import REFERENCE_TYPES, heldout_sequences, judge_quants
     from medtune.eval.quants import crosscheck as run_crosscheck
-    from medtune.eval.report_html import QUANT_HEADINGS, quant_rows, quant_summary
 
     types = {g: gguf_file_type(g) for g in ggufs}
     refs = [g for g in ggufs if types[g] in REFERENCE_TYPES]
@@ -364,15 +380,7 @@ def quants(
     if as_json:
         emit_json(result)
     else:
-        from rich.table import Table
-
-        t = Table(title="quantized files (KL divergence against the unquantized file)", title_justify="left")
-        for h in QUANT_HEADINGS:
-            t.add_column(h)
-        for r in quant_rows({"quants": result}):
-            t.add_row(*r)
-        console.print(t)
-        console.print(quant_summary({"quants": result}))
+        _show_quants({"quants": result})
         for c, q in zip(checks, quantized):
             theirs, ours = c["llama_perplexity"], c["medtune"]
             console.print(

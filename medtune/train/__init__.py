@@ -131,25 +131,7 @@ def train(
         marker = out / RUN_MARKER
         ident = run_identity(model, data, opts, backend)
         prev = _read_marker(marker)
-        ckpts = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*/state.json"))
-        unfinished = prev is not None and not prev.get("finished") and ckpts
-        if fresh or resume is False or (resume is None and not unfinished):
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # never mix another run's checkpoints in
-            resume = False
-        elif resume is None:
-            if prev.get("identity") != ident:
-                changed = _changed(prev.get("identity") or {}, ident)
-                raise BadInput(
-                    f"{out} holds an unfinished training run with other settings (changed: {', '.join(changed)})",
-                    hint="--fresh discards it and starts over; --resume continues it with these "
-                    "settings; or choose another --out",
-                )
-            resume = True
-            if progress is not None:
-                progress.console.print(
-                    f"[yellow]{out} holds an unfinished run of these settings: resuming from "
-                    "its last checkpoint[/] (--fresh starts over)"
-                )
+        resume = _decide_resume(out, prev, ident, resume, fresh, progress)
         # down before any checkpoint: a run killed from here on is known as unfinished, with its settings
         redact.write_json(marker, {"identity": ident, "finished": False})
         try:
@@ -166,6 +148,32 @@ def train(
             raise
         redact.write_json(marker, {"identity": ident, "finished": True})
         return res
+
+
+def _decide_resume(out, prev: dict | None, ident: dict, resume: bool | None, fresh: bool, progress) -> bool:
+    """Resume or start over in `out`: as told, else resume an unfinished run of the very same settings, refuse one
+    of other settings (naming what changed), and start over when there is none (its checkpoints removed)."""
+    import shutil
+
+    ckpts = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*/state.json"))
+    unfinished = prev is not None and not prev.get("finished") and ckpts
+    if fresh or resume is False or (resume is None and not unfinished):
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # never mix another run's checkpoints in
+        return False
+    if resume is None:
+        if prev.get("identity") != ident:
+            changed = _changed(prev.get("identity") or {}, ident)
+            raise BadInput(
+                f"{out} holds an unfinished training run with other settings (changed: {', '.join(changed)})",
+                hint="--fresh discards it and starts over; --resume continues it with these "
+                "settings; or choose another --out",
+            )
+        if progress is not None:
+            progress.console.print(
+                f"[yellow]{out} holds an unfinished run of these settings: resuming from "
+                "its last checkpoint[/] (--fresh starts over)"
+            )
+    return True
 
 
 def _changed(old: dict, new: dict) -> list[str]:

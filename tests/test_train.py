@@ -107,10 +107,27 @@ def _runs_here(name: str) -> bool:
     return name != "unsloth" or _cuda_available()
 
 
-LOOP_BACKENDS = [
-    pytest.param(name, marks=pytest.mark.skipif(not _runs_here(name), reason=f"{name} cannot train here"))
-    for name in BACKENDS
-]
+# the registered backends this machine can run (CI: mlx and torch; Unsloth needs CUDA); the others are checked to
+# refuse in one line, below, rather than skipped
+LOOP_BACKENDS = [name for name in BACKENDS if _runs_here(name)]
+
+
+def test_a_backend_that_cannot_train_here_says_what_is_missing():
+    from medtune.core.errors import MissingDependency
+    from medtune.train.backends import backend_class
+
+    assert "mlx" in LOOP_BACKENDS and "torch" in LOOP_BACKENDS  # the loop tests below run on both, here and in CI
+    for name in set(BACKENDS) - set(LOOP_BACKENDS):
+        try:
+            backend_class(name)(TrainOptions()).check_available()
+        except MissingDependency as exc:
+            assert exc.exit_code == 3 and exc.hint, name
+        else:  # installed: what this machine lacks is the GPU
+            from medtune.train import _cuda_available
+
+            assert not _cuda_available(), name
+
+
 # How closely a resumed run repeats the unbroken one: MLX compiles its step, PyTorch repeats bit for bit.
 TOLERANCE = {
     "mlx": dict(rtol=1e-5, atol=1e-6),

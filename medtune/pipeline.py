@@ -330,7 +330,7 @@ class Run:
         self.root = inside(runs, self.name, "run folder")
         # the results where the project keeps them: adapters/<name>/, models/<name>/ (the fused model and its
         # GGUFs), Modelfiles/<name>.Modelfile, under outputs_dir (default: the folder that holds runs_dir)
-        top = Path(cfg.get("outputs_dir") or runs.absolute().parent)
+        top = Path(cfg.get("outputs_dir") or runs.parent)
         self.adapter = inside(top / "adapters", self.name, "adapter folder")
         self.fused = self.gguf_dir = inside(top / "models", self.name, "model folder")
         self.modelfile = inside(top / "Modelfiles", f"{self.name}.Modelfile", "Modelfile")

@@ -160,6 +160,16 @@ LLAMA3_ADDED = [
     ("<|eot_id|>", True),
 ]
 
+# the tokenizer settings and special ids Qwen2.5 and Qwen3 share
+QWEN_TOK = {
+    "tokenizer_class": "Qwen2Tokenizer",
+    "bos_token": None,
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|endoftext|>",
+    "add_bos_token": False,
+}
+QWEN_IDS = {"bos": "<|endoftext|>", "eos": ["<|im_end|>", "<|endoftext|>"]}
+
 CASES = {
     "qwen2.5": dict(
         model="Qwen2",
@@ -167,14 +177,8 @@ CASES = {
         added=QWEN_ADDED,
         pre="qwen2",
         template=QWEN25_TEMPLATE,
-        tok={
-            "tokenizer_class": "Qwen2Tokenizer",
-            "bos_token": None,
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            "add_bos_token": False,
-        },
-        ids={"bos": "<|endoftext|>", "eos": ["<|im_end|>", "<|endoftext|>"]},
+        tok=QWEN_TOK,
+        ids=QWEN_IDS,
         gguf_arch="qwen2",
         family="chatml",
         system=QWEN_SYSTEM,
@@ -187,14 +191,8 @@ CASES = {
         pre="qwen2",
         template=QWEN3_TEMPLATE,
         head_dim=32,
-        tok={
-            "tokenizer_class": "Qwen2Tokenizer",
-            "bos_token": None,
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            "add_bos_token": False,
-        },
-        ids={"bos": "<|endoftext|>", "eos": ["<|im_end|>", "<|endoftext|>"]},
+        tok=QWEN_TOK,
+        ids=QWEN_IDS,
         gguf_arch="qwen3",
         family="qwen3",
         system=None,

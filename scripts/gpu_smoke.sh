@@ -10,7 +10,9 @@
 # status is 1 if any failed.
 #
 # Settings (environment): STEPS=50  BATCH=4  MAXLEN=1024  BACKENDS="unsloth torch"  WORK=runs/gpu-smoke
-#   VENV=.venv-gpu (VENV=system installs into the current Python, e.g. a Colab kernel)  PYTHON=python3
+#   VENV=.venv-gpu (VENV=system installs into the current Python, e.g. a Colab kernel; VENV=none installs nothing
+#   and runs this checkout with the current Python, for an offline machine that already has torch, peft, transformers
+#   and gguf)  PYTHON=python3
 set -euo pipefail
 trap 'echo "gpu_smoke: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
@@ -39,7 +41,18 @@ fi
 [ -f "$DATA" ] || die "sample data not found: $DATA (run from a medtune checkout)"
 
 # ---- install ------------------------------------------------------------------------------------
-if [ "$VENV" = system ]; then
+if [ "$VENV" = none ]; then
+  PY=$(command -v "$PYTHON")
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  missing=$("$PY" -c 'import importlib.util as u
+print(" ".join(m for m in ("torch", "peft", "accelerate", "transformers", "safetensors", "gguf", "typer", "rich", "yaml",
+                           "numpy", "matplotlib") if u.find_spec(m) is None))')
+  [ -z "$missing" ] || die "VENV=none, but $PY lacks: $missing (install them, or leave VENV unset to make a virtualenv)"
+  BACKENDS=$(for b in $BACKENDS; do
+    if [ "$b" != unsloth ] || "$PY" -c 'import unsloth' >/dev/null 2>&1; then echo "$b"
+    else echo "gpu_smoke: VENV=none and no unsloth here: skipping the unsloth backend" >&2; fi
+  done | xargs)
+elif [ "$VENV" = system ]; then
   PY=$(command -v "$PYTHON")
 else
   if [ ! -x "$VENV/bin/python" ]; then
@@ -48,6 +61,7 @@ else
   fi
   PY="$VENV/bin/python"
 fi
+if [ "$VENV" != none ]; then
 "$PY" -m pip install -q --upgrade pip
 EXTRA=cuda
 if [[ " $BACKENDS " == *" unsloth "* ]]; then EXTRA=unsloth; fi
@@ -61,6 +75,7 @@ if ! "$PY" -m pip install -q -e ".[$EXTRA]"; then
     die "pip install -e .[cuda] failed"
   fi
 fi
+fi
 "$PY" - <<'EOF' || die "PyTorch is installed but cannot use the GPU (a CPU-only torch wheel, or a CUDA/driver mismatch)"
 import sys
 import torch
@@ -70,6 +85,7 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
 sys.exit(0 if ok else 1)
 EOF
 MT=("$PY" -m medtune)
+[ -n "${BACKENDS// /}" ] || die "no backend left to run (BACKENDS=\"$BACKENDS\")"
 
 # ---- data ---------------------------------------------------------------------------------------
 mkdir -p "$WORK"

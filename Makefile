@@ -6,7 +6,8 @@ MT     := $(BIN)/medtune
 
 # The main job, on the embedded default model and the bundled sample set.
 MODEL  ?= builtin:smollm2-135m
-NAME   ?= medtune-smollm2
+# The run's name: medtune-smollm2 for the default, else from the model (builtin:gemma3-270m -> medtune-gemma3-270m).
+NAME   ?= $(if $(filter builtin:smollm2-135m,$(MODEL)),medtune-smollm2,medtune-$(lastword $(subst :, ,$(subst /, ,$(MODEL)))))
 DATA   ?= data/sample/medical_o1_sample.jsonl
 # Sized to finish well inside 15 minutes on a 2-core CPU; raise them on a Mac.
 ITERS  ?= 24

@@ -139,6 +139,24 @@ LLAMA3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
+# Phi-3.5-mini-instruct (Phi-3-mini's later revisions likewise): role tags on their own line, empty system dropped,
+# eos_token after a conversation rendered without a generation prompt.
+PHI35_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# Phi-4-mini-instruct: the same tags with no newlines, every role written as <|role|>, tools inside the system turn.
+PHI4_MINI_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and "
+    "message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + "
+    "message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + "
+    "message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 DS_BOS, DS_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
@@ -158,6 +176,18 @@ LLAMA3_ADDED = [
     ("<|start_header_id|>", True),
     ("<|end_header_id|>", True),
     ("<|eot_id|>", True),
+]
+
+# Phi-3.5's own added tokens: the role tags and </s> absorb the whitespace after them (rstrip), so "<|user|>\n"
+# is one token. llama.cpp does the same for a GGUF whose general.name says phi3 / phi-3 (and needs <unk> then).
+PHI_ADDED = [
+    ("<unk>", True),
+    ("<s>", True),
+    ("</s>", True, "rstrip"),
+    ("<|assistant|>", True, "rstrip"),
+    ("<|system|>", True, "rstrip"),
+    ("<|end|>", True, "rstrip"),
+    ("<|user|>", True, "rstrip"),
 ]
 
 # the tokenizer settings and special ids Qwen2.5 and Qwen3 share
@@ -240,6 +270,31 @@ CASES = {
         stops=["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"],
     ),
 }
+CASES["phi3"] = dict(
+    model="Phi3",
+    tied=False,
+    added=PHI_ADDED,
+    pre="gpt-2",
+    template=PHI35_TEMPLATE,
+    tok={"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|endoftext|>"},
+    ids={"bos": "<s>", "eos": ["<|end|>", "<|assistant|>", "<|endoftext|>"]},
+    gguf_arch="phi3",
+    family="phi3",
+    system=None,
+    stops=["<|end|>", "<|user|>", "<|assistant|>", "<|endoftext|>"],
+)
+# Phi-4-mini: 3/4 of each head rotated, <|endoftext|> for both BOS and EOS, no token stripping spaces. Its tied
+# embeddings are the ARCHS entry's (a tied random model this small repeats one token, which the greedy test refuses).
+CASES["phi4-mini"] = {
+    **CASES["phi3"],
+    "added": [(text, special) for text, special, *_ in PHI_ADDED],
+    "template": PHI4_MINI_TEMPLATE,
+    "tok": {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
+    "ids": {"bos": "<|endoftext|>", "eos": ["<|end|>", "<|endoftext|>"]},
+    "config_extra": {"partial_rotary_factor": 0.75},
+    "rope_dims": 12,
+    "family": "phi4-mini",
+}
 CASES["deepseek-r1-jan-qwen"] = {
     **CASES["deepseek-r1-qwen"],
     "template": DEEPSEEK_R1_JAN_TEMPLATE,
@@ -263,13 +318,42 @@ ARCHS = {
     ),
     "Qwen2ForCausalLM": dict(case="qwen2.5", model_type="qwen2", gguf_arch="qwen2"),
     "Qwen3ForCausalLM": dict(case="qwen3", model_type="qwen3", gguf_arch="qwen3"),
+    "Phi3ForCausalLM": dict(case="phi4-mini", tied=True, model_type="phi3", gguf_arch="phi3"),
+    # 3 layers, every 2nd global (one pattern period and a half), a window of 8 tokens (shorter than every test
+    # prompt), head_dim 32 != 64 / 4 heads, linear rope scaling on the global layers (as Gemma 3 4B+). Untied:
+    # a tied tiny random Gemma repeats one token (test_gemma3_tied_output_logits_equal_transformers ties it).
+    "Gemma3ForCausalLM": dict(
+        case="llama3",
+        model="Gemma3",
+        config_class="Gemma3TextConfig",
+        tied=False,
+        head_dim=32,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        local_rope_theta=10000.0,
+        config_extra={
+            "num_hidden_layers": 3,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "sliding_window": 8,
+            "query_pre_attn_scalar": 32,
+            "hidden_activation": "gelu_pytorch_tanh",
+        },
+        model_type="gemma3_text",
+        gguf_arch="gemma3",
+        gelu_fp16=True,  # llama.cpp's CPU GELU goes through an F16 table: the logits test's reference does too
+    ),
 }
+
+# Classes with unit tests of their own instead of the table's end-to-end ones: a Gemma3ForConditionalGeneration
+# checkpoint keeps its token embedding under a language-model prefix, which the writer does not look for yet
+# (tests/test_export_archs.py test_gemma3_multimodal_exports_its_language_model).
+ARCHS_UNIT_ONLY = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
 
 
 def arch_case(hf_arch: str) -> dict:
     """The CASES entry an ARCHS entry builds its tiny model from, with the entry's overrides."""
     entry = ARCHS[hf_arch]
-    overrides = {k: v for k, v in entry.items() if k in ("model", "rope_scaling", "tied", "head_dim")}
+    keys = ("model", "rope_scaling", "tied", "head_dim", "config_class", "config_extra", "local_rope_theta")
+    overrides = {k: v for k, v in entry.items() if k in keys}
     return {**CASES[entry["case"]], **overrides}
 
 
@@ -308,7 +392,7 @@ def write_tokenizer(out: Path, smollm2_dir: Path, case: dict) -> int:
     tok["normalizer"] = {"type": "NFC"} if case["pre"] == "qwen2" else None
     n = len(tok["model"]["vocab"])
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    for i, (text, special) in enumerate(case["added"]):
+    for i, (text, special, *strip) in enumerate(case["added"]):  # strip: ("rstrip",) for a token eating spaces after
         ids[text] = n + i
         tok["added_tokens"].append(
             {
@@ -316,7 +400,7 @@ def write_tokenizer(out: Path, smollm2_dir: Path, case: dict) -> int:
                 "content": text,
                 "single_word": False,
                 "lstrip": False,
-                "rstrip": False,
+                "rstrip": "rstrip" in strip,
                 "normalized": False,
                 "special": special,
             }
@@ -374,9 +458,15 @@ def make_model(out: Path, smollm2_dir: Path, case: dict, seed: int = 0) -> Path:
         rope = {**rope, **case["rope_scaling"]}
     if case.get("head_dim"):
         cfg["head_dim"] = case["head_dim"]
+    cfg.update(case.get("config_extra") or {})
+    if case.get("local_rope_theta"):  # Gemma 3: rope parameters per layer type, the scaling on global layers
+        rope = {
+            "full_attention": rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": case["local_rope_theta"]},
+        }
     torch.manual_seed(seed)
     model_cls = getattr(transformers, f"{case['model']}ForCausalLM")
-    config = getattr(transformers, f"{case['model']}Config")(**cfg, rope_parameters=rope)
+    config = getattr(transformers, case.get("config_class", f"{case['model']}Config"))(**cfg, rope_parameters=rope)
     model = model_cls(config).to(torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():

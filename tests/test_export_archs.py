@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from medtune.export.gguf_writer import plan_gguf, write_gguf
 from medtune.export.gotemplate import ollama_prompt
 from medtune.export.modelfile import FAMILIES, detect_family, parse_modelfile
 
-from families import ARCHS, CASES, CHATS, TEXTS, arch_case, make_model, ollama_view
+from families import ARCHS, ARCHS_UNIT_ONLY, CASES, CHATS, TEXTS, arch_case, make_model, ollama_view
 
 N_TOKENS = 20
 
@@ -98,7 +99,7 @@ def test_gguf_metadata_and_tensors(built, name):
     assert _field(f16, f"{a}.embedding_length") == 64 and _field(f16, f"{a}.block_count") == 2
     assert _field(f16, f"{a}.attention.head_count") == 4 and _field(f16, f"{a}.attention.head_count_kv") == 2
     assert _field(f16, f"{a}.context_length") == 1024 and _field(f16, f"{a}.feed_forward_length") == 128
-    assert _field(f16, f"{a}.rope.dimension_count") == head_dim
+    assert _field(f16, f"{a}.rope.dimension_count") == case.get("rope_dims", head_dim)  # Phi-4-mini: partial
     assert _field(f16, f"{a}.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
     assert _field(f16, f"{a}.rope.freq_base") == pytest.approx(500000.0 if a == "llama" else 1000000.0)
     if head_dim * 4 != 64:
@@ -205,6 +206,32 @@ def _llama_greedy(llm, ids, n):
     return out
 
 
+def _assert_greedy_agrees(mlx_model, llm, tok) -> None:
+    """mlx_lm's and llama.cpp's greedy continuations of every chat prompt agree (all but one exactly; that one
+    parts only at a near-tie)."""
+    import mlx.core as mx
+
+    agreeing = 0
+    for conv in CHATS:
+        ids = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
+        ours = _mlx_greedy(mlx_model, ids, N_TOKENS)
+        assert len(ours) == N_TOKENS and len(set(ours)) > 3  # a continuation, not one token repeated
+        theirs = _llama_greedy(llm, ids, N_TOKENS)
+        if theirs == ours:
+            agreeing += 1
+            continue
+        # llama.cpp's F16 matmul rounds the activations to F16 as well, and its sums run in another order
+        # from one CPU build to the next: a parting is allowed only where MLX's two candidates are a
+        # near-tie (what a wrong tensor or a wrong RoPE never gives: those move logits by whole units).
+        k = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        logits = np.array(mlx_model(mx.array([ids + ours[:k]]))[0, -1].astype(mx.float32))
+        margin = abs(float(logits[ours[k]] - logits[theirs[k]]))
+        assert margin < 0.02, (conv, k, margin)
+    assert agreeing >= len(CHATS) - 1
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_greedy_continuation_equals_mlx_and_logits_equal_transformers(built, name):
     pytest.importorskip("llama_cpp")
@@ -216,27 +243,7 @@ def test_greedy_continuation_equals_mlx_and_logits_equal_transformers(built, nam
     tok = _hf_tok(got["dir"])
     mlx_model, _ = load(str(got["dir"]))
     f16 = _llama(got["result"].gguf_paths["f16"])
-    agreeing = 0
-    for conv in CHATS:
-        ids = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
-            "input_ids"
-        ]
-        ours = _mlx_greedy(mlx_model, ids, N_TOKENS)
-        assert len(ours) == N_TOKENS and len(set(ours)) > 3  # a continuation, not one token repeated
-        theirs = _llama_greedy(f16, ids, N_TOKENS)
-        if theirs == ours:
-            agreeing += 1
-            continue
-        # llama.cpp's F16 matmul rounds the activations to F16 as well, and its sums run in another order
-        # from one CPU build to the next: a parting is allowed only where MLX's two candidates are a
-        # near-tie (what a wrong tensor or a wrong RoPE never gives: those move logits by whole units).
-        k = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-        import mlx.core as mx
-
-        logits = np.array(mlx_model(mx.array([ids + ours[:k]]))[0, -1].astype(mx.float32))
-        margin = abs(float(logits[ours[k]] - logits[theirs[k]]))
-        assert margin < 0.02, (conv, k, margin)
-    assert agreeing >= len(CHATS) - 1
+    _assert_greedy_agrees(mlx_model, f16, tok)
     del f16
 
     hf = AutoModelForCausalLM.from_pretrained(str(got["dir"]), dtype=torch.float32).eval()
@@ -406,6 +413,28 @@ def test_unsupported_architecture_fails_before_writing(tmp_path, built, monkeypa
         ("Qwen2ForCausalLM", {"rope_scaling": {"type": "linear"}}, ["factor"]),
         ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 256}, ["use_sliding_window"]),
         ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, ["longrope"]),
+        # Gemma 3: what llama.cpp's gemma3 graph cannot compute (_tiny_config_dir: head_dim defaults to 256)
+        ("Gemma3ForCausalLM", {"query_pre_attn_scalar": 128}, ["query_pre_attn_scalar 128", "1/sqrt(256)"]),
+        ("Gemma3ForCausalLM", {"attn_logit_softcapping": 50.0}, ["attn_logit_softcapping", "does not cap"]),
+        ("Gemma3ForCausalLM", {"use_bidirectional_attention": True}, ["use_bidirectional_attention", "causally"]),
+        ("Gemma3ForCausalLM", {"hidden_activation": "gelu"}, ["'gelu'", "tanh"]),
+        ("Gemma3ForCausalLM", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["'yarn'", "linear"]),
+        (
+            "Gemma3ForCausalLM",
+            {"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]},
+            ["layer_types", "every P-th layer global"],
+        ),
+        (
+            "Gemma3ForCausalLM",
+            {
+                "layer_types": ["sliding_attention", "full_attention"],
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                },
+            },
+            ["'linear' on the sliding layers", "global layers only"],
+        ),
     ],
 )
 def test_config_refusals(tmp_path, arch, cfg, words):
@@ -520,7 +549,7 @@ def arch_built(tmp_path_factory, smollm2_dir):
 def test_every_architecture_class_has_a_table_entry():
     from medtune import archs
 
-    assert set(archs.REGISTRY) == set(ARCHS)
+    assert set(archs.REGISTRY) == set(ARCHS) | set(ARCHS_UNIT_ONLY)
     for hf_arch, entry in ARCHS.items():
         assert archs.REGISTRY[hf_arch].gguf_arch() == entry["gguf_arch"]
 
@@ -553,7 +582,8 @@ def test_arch_export_writes_the_architectures_tensors_and_keys(arch_built, hf_ar
 
     with safe_open(str(got["dir"] / "model.safetensors"), "np") as f:
         want = {arch.gguf_name(n) for n in f.keys()} - {""}
-    assert names == want | ({"rope_freqs.weight"} if case.get("rope_scaling") else set())
+    assert names == want | {name for name, _ in arch.extra_tensors()}
+    assert ("rope_freqs.weight" in names) is (arch.rope_scaling()[0] == "llama3")
     assert ("output.weight" in names) is not case["tied"]
 
 
@@ -597,8 +627,331 @@ def test_arch_loads_in_llama_cpp_with_transformers_logits(arch_built, hf_arch):
     got = arch_built(hf_arch)
     ids = list(range(300, 364))
     hf = AutoModelForCausalLM.from_pretrained(str(got["dir"]), dtype=torch.float32).eval()
+    if not ARCHS[hf_arch].get("gelu_fp16"):
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0].numpy()
+        llm = _llama(got["gguf"])
+        llm.eval(ids)
+        assert np.abs(np.array(llm.scores[: len(ids)]) - want).max() < 2e-3
+        return
+    _assert_logits_with_llama_cpp_gelu(hf, _llama(got["gguf"]), ids)
+
+
+def _assert_logits_with_llama_cpp_gelu(hf, llm, ids) -> None:
+    import torch
+
+    with torch.no_grad():
+        plain = hf(torch.tensor([ids])).logits[0].numpy()
+        _with_llama_cpp_gelu(hf)
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    err = np.abs(got - want)
+    # F16 rounding boundaries still fall differently for a few activations: most logits agree to 1e-5, a few
+    # move by up to ~1e-2; without the F16 GELU the typical logit is off by ~1e-3
+    assert np.abs(want).max() > 1.0
+    assert np.median(err) < 1e-4 and np.quantile(err, 0.99) < 2e-3 and err.max() < 2e-2
+    assert np.median(np.abs(got - plain)) > 10 * np.median(err)
+
+
+def _with_llama_cpp_gelu(hf_model) -> None:
+    """llama.cpp's CPU GELU rounds its input to F16 and reads the result from an F16 table (GGML_GELU_FP16,
+    ggml-cpu/vec.h), even in an F32 model: the reference model computes the same, so that what is compared
+    is the file (tensors, norms, rope, window), not that rounding."""
+    import torch
+
+    class F16TableGelu(torch.nn.Module):
+        def forward(self, x):
+            y = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+            return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
+
+    for layer in hf_model.model.layers:
+        layer.mlp.act_fn = F16TableGelu()
+
+
+# ---- Gemma 3: sliding window, local rope, (1 + w) norms; multimodal checkpoints -----------------------------
+def test_gemma3_greedy_continuation_equals_mlx(arch_built):
+    """mlx_lm (training's runtime) reads the normalised config as transformers does (window, pattern, local
+    rope, scaling), and its greedy continuation of every chat equals llama.cpp's on the F32 GGUF. Every prompt
+    is longer than the 8-token window, so both sides' sliding layers really drop tokens."""
+    pytest.importorskip("llama_cpp")
+    from mlx_lm import load
+
+    got = arch_built("Gemma3ForCausalLM")
+    tok = _hf_tok(got["dir"])
+    mlx_model, _ = load(str(got["dir"]))
+    args = mlx_model.args
+    assert (args.sliding_window, args.sliding_window_pattern, args.num_hidden_layers) == (8, 2, 3)
+    assert (args.rope_theta, args.rope_local_base_freq, args.query_pre_attn_scalar) == (1e6, 1e4, 32)
+    assert args.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    for conv in CHATS:
+        assert len(tok.apply_chat_template(conv, add_generation_prompt=True)["input_ids"]) > 2 * args.sliding_window
+    _assert_greedy_agrees(mlx_model, _llama(got["gguf"]), tok)
+
+
+def test_gemma3_imported_config_runs_like_the_original(arch_built):
+    """The config.json import writes for a gemma3 GGUF: transformers and mlx_lm read it as the original's (same
+    window, pattern, local rope, attention scale, scaling), so the imported model's logits are the original's."""
+    import mlx.core as mx
+    import torch
+    from mlx_lm import load
+    from transformers import AutoModelForCausalLM
+
+    got = arch_built("Gemma3ForCausalLM")
+    cfg = json.loads((got["imported"] / "config.json").read_text())
+    orig = json.loads((got["dir"] / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["model_type"] == "gemma3_text"
+    for key in (
+        "layer_types",
+        "sliding_window",
+        "sliding_window_pattern",
+        "rope_local_base_freq",
+        "query_pre_attn_scalar",
+        "rope_scaling",
+        "hidden_activation",
+    ):
+        assert cfg[key] == orig[key], key
+    ids = list(range(300, 340))
+    logits = []
+    for d in (got["dir"], got["imported"]):
+        hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(hf(torch.tensor([ids])).logits[0].numpy())
+        mlx_model, _ = load(str(d))
+        logits.append(np.array(mlx_model(mx.array([ids]))[0].astype(mx.float32)))
+    hf_orig, mlx_orig, hf_back, mlx_back = logits
+    assert np.abs(hf_back - hf_orig).max() < 1e-5 and np.abs(mlx_back - mlx_orig).max() < 1e-5
+    assert np.abs(mlx_orig - hf_orig).max() < 1e-3  # and mlx_lm computes what transformers does
+
+
+def test_gemma3_multimodal_exports_its_language_model(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (MedGemma 4B's layout, tiny): its text_config gives the GGUF
+    keys of the same text model, its language-model tensors the same GGUF names (transformers 5's
+    model.language_model.* and mlx_lm's fused language_model.model.*), and the vision tower and projector are
+    left out on purpose, with a notice that says so."""
+    import torch
+    import transformers
+    from safetensors import safe_open
+
+    from medtune import archs
+    from medtune.models.config import read_config
+
+    text = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16
+    )
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    transformers.Gemma3ForConditionalGeneration(cfg).save_pretrained(str(tmp_path / "mm"))
+    text_model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**text))
+    text_model.save_pretrained(str(tmp_path / "text"))
+
+    arch = archs.for_config(read_config(tmp_path / "mm"))
+    text_arch = archs.for_config(read_config(tmp_path / "text"))
+    assert type(arch).__name__ == "Gemma3Multimodal" and arch.gguf_arch() == "gemma3"
+    assert arch.hparams(256) == text_arch.hparams(256)
+    assert "vision tower" in arch.notice() and text_arch.notice() is None
+
+    with safe_open(str(tmp_path / "mm" / "model.safetensors"), "np") as f:
+        mm_names = list(f.keys())
+    with safe_open(str(tmp_path / "text" / "model.safetensors"), "np") as f:
+        want = {text_arch.gguf_name(n) for n in f.keys()} - {""}
+    vision_names = [n for n in mm_names if "vision_tower" in n or "multi_modal_projector" in n]
+    assert vision_names and all(arch.gguf_name(n) == "" for n in vision_names)
+    assert {arch.gguf_name(n) for n in mm_names} - {""} == want
+    assert arch.gguf_name("language_model.model.layers.1.post_feedforward_layernorm.weight") == (
+        "blk.1.post_ffw_norm.weight"
+    )
+    assert arch.gguf_name("language_model.model.embed_tokens.weight") == "token_embd.weight"
+
+
+# ---- Phi-3 / Phi-4-mini: Go templates, LongRoPE, sliding window, refusals ---------------------------------
+def test_phi_go_templates_agree(built, go_ollama_render):
+    """The phi3 and phi4-mini TEMPLATEs on Go's text/template give apply_chat_template's prompt; a conversation
+    ending in an assistant turn (a continuation in Ollama) is HF's rendering without a generation prompt, less
+    the eos_token HF appends then. An empty system prompt: Phi-3.5 leaves it out, Phi-4-mini writes it."""
+    convs = [*CHATS, [{"role": "system", "content": ""}, {"role": "user", "content": "a"}]]
+    convs.append([{"role": "user", "content": "q"}, {"role": "assistant", "content": "A"}])
+    cases, ours, hf = [], [], []
+    for name in ("phi3", "phi4-mini"):
+        got = built(name)
+        template = FAMILIES[got["case"]["family"]].template
+        tok = _hf_tok(got["dir"])
+        for conv in convs:
+            cases.append({"template": template, "system": "", "messages": conv})
+            ours.append(ollama_prompt(template, conv))
+            prefill = conv[-1]["role"] == "assistant"
+            want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=not prefill)
+            hf.append(want.removesuffix("<|endoftext|>") if prefill else want)
+    assert go_ollama_render(cases) == ours == hf
+    assert "<|system|><|end|>" in ours[len(convs) + 4] and "<|system|>" not in ours[4]
+
+
+def _longrope(base_cfg: dict, orig: int) -> dict:
+    """A LongRoPE rope_parameters for a tiny model: distinct long and short factors, one per rotated pair."""
+    half = (
+        int(base_cfg["hidden_size"] // base_cfg["num_attention_heads"] * base_cfg.get("partial_rotary_factor", 1)) // 2
+    )
+    return {
+        "rope_type": "longrope",
+        "rope_theta": base_cfg["rope_theta"],
+        "long_factor": [1.0 + 0.75 * i for i in range(half)],
+        "short_factor": [1.0 + 0.05 * i for i in range(half)],
+        "original_max_position_embeddings": orig,
+        **({"partial_rotary_factor": base_cfg["partial_rotary_factor"]} if "partial_rotary_factor" in base_cfg else {}),
+    }
+
+
+def _phi_variant(built, tmp_path, base: str, **changes) -> Path:
+    from medtune.models.config import normalise_config
+
+    model = tmp_path / f"{base}-variant"
+    shutil.copytree(built(base)["dir"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.pop("rope_scaling", None)
+    cfg.update(changes)
+    (model / "config.json").write_text(json.dumps(normalise_config(cfg)))
+    return model
+
+
+@pytest.mark.parametrize("base", ["phi3", "phi4-mini"])  # full and partial (3/4) rotary
+def test_phi_longrope_logits_match_transformers_and_mlx(built, tmp_path, base):
+    """LongRoPE: the factor tensors, the original context and transformers' attention factor. llama.cpp takes
+    the long factors when its context exceeds the original one, transformers (and mlx_lm, always) when the
+    sequence does: a 120-token prompt in a 512 context is long for all three, a 40-token one in a 64 context
+    short for llama.cpp and transformers."""
+    import llama_cpp
+    import mlx.core as mx
+    import torch
+    from mlx_lm import load
+    from transformers import AutoModelForCausalLM
+
+    from medtune import archs
+    from medtune.models.config import read_config
+
+    orig = 64
+    base_cfg = json.loads((built(base)["dir"] / "config.json").read_text())
+    model = _phi_variant(
+        built, tmp_path, base, rope_parameters=_longrope(base_cfg, orig), original_max_position_embeddings=orig
+    )
+    summary = write_gguf(model, tmp_path / "lr.gguf", "f32")
+    assert summary["arch"] == "phi3"
+    arch = archs.for_config(read_config(model))
+    hparams = {k: v for k, _, v in arch.hparams(0)}
+    assert hparams["phi3.rope.scaling.original_context_length"] == orig
+    assert hparams["phi3.rope.scaling.attn_factor"] == pytest.approx(
+        math.sqrt(1 + math.log(1024 / orig) / math.log(orig))
+    )
+    assert "phi3.rope.scaling.type" not in hparams
+    rope_dims = built(base)["case"].get("rope_dims", 16)
+    assert hparams["phi3.rope.dimension_count"] == rope_dims
+    names = {t.name: t for t in _reader(str(tmp_path / "lr.gguf"), (tmp_path / "lr.gguf").stat().st_mtime).tensors}
+    assert list(names["rope_factors_long.weight"].shape) == [rope_dims // 2]
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    mlx_model, _ = load(str(model))
+    for n_ids, n_ctx in ((120, 512), (40, orig)):
+        ids = list(range(300, 300 + n_ids))
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0].numpy()
+        llm = llama_cpp.Llama(
+            model_path=str(tmp_path / "lr.gguf"), n_ctx=n_ctx, n_threads=1, n_threads_batch=1, verbose=False,
+            logits_all=True, type_k=0, type_v=0, seed=0,
+        )  # fmt: skip
+        llm.eval(ids)
+        assert np.abs(np.array(llm.scores[:n_ids]) - want).max() < 2e-3, n_ctx
+        del llm
+        if n_ids > orig:
+            ours = np.array(mlx_model(mx.array([ids]))[0].astype(mx.float32))
+            assert np.abs(ours - want).max() < 2e-3
+
+
+def test_phi_longrope_gguf_import_refused(built, tmp_path):
+    from medtune.models.gguf_import import import_gguf
+
+    base_cfg = json.loads((built("phi3")["dir"] / "config.json").read_text())
+    model = _phi_variant(built, tmp_path, "phi3", rope_parameters=_longrope(base_cfg, 64))
+    write_gguf(model, tmp_path / "lr.gguf", "f32")
+    with pytest.raises(BadInput, match="LongRoPE") as err:
+        import_gguf(tmp_path / "lr.gguf", tmp_path / "back")
+    assert "Hugging Face folder" in err.value.hint and not (tmp_path / "back").exists()
+
+
+def test_phi_sliding_window_accepted_with_a_notice(built, tmp_path):
+    """llama.cpp's phi3 graph attends to the whole context (it switches Phi's window off): a window shorter than
+    the context is written anyway, with a notice; prompts within the window give transformers' logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medtune import archs
+    from medtune.models.config import read_config
+
+    model = _phi_variant(built, tmp_path, "phi3", sliding_window=100)
+    notice = archs.for_config(read_config(model)).notice()
+    assert "sliding_window 100" in notice and "whole context" in notice
+    write_gguf(model, tmp_path / "sw.gguf", "f32")
+    ids = list(range(300, 390))
+    hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0].numpy()
-    llm = _llama(got["gguf"])
+    llm = _llama(tmp_path / "sw.gguf")
     llm.eval(ids)
     assert np.abs(np.array(llm.scores[: len(ids)]) - want).max() < 2e-3
+    full = _phi_variant(built, tmp_path / "x", "phi3", sliding_window=1024)
+    assert archs.for_config(read_config(full)).notice() is None
+
+
+@pytest.mark.parametrize(
+    "cfg, words",
+    [
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ["'linear'", "longrope, su"]),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, ["'yarn'"]),
+        (
+            {"rope_scaling": {"rope_type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 3}},
+            ["short_factor", "8 numbers"],
+        ),
+        (
+            {
+                "partial_rotary_factor": 0.5,
+                "rope_scaling": {"type": "su", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8},
+            },
+            ["long_factor", "4 numbers"],
+        ),
+        ({"head_dim": 32}, ["head_dim 32"]),
+    ],
+)
+def test_phi3_config_refusals(tmp_path, cfg, words):
+    with pytest.raises(BadInput) as err:
+        plan_gguf(_tiny_config_dir(tmp_path, "Phi3ForCausalLM", **cfg))
+    msg = str(err.value) + " " + err.value.hint
+    for w in words:
+        assert w in msg
+
+
+def test_gemma3_tied_output_logits_equal_transformers(tmp_path, smollm2_dir):
+    """Gemma 3 ties its output to the embeddings (the table's entry does not: a tied tiny random model repeats
+    one token, which the greedy test cannot use): no output.weight is written and llama.cpp's logits from the
+    token embedding are transformers'."""
+    pytest.importorskip("llama_cpp")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medtune.export.gguf_reader import read_gguf_header
+
+    model = make_model(tmp_path / "hf", Path(smollm2_dir), {**arch_case("Gemma3ForCausalLM"), "tied": True})
+    write_gguf(model, tmp_path / "t.gguf", "f32")
+    assert "output.weight" not in {t["name"] for t in read_gguf_header(tmp_path / "t.gguf")["tensors"]}
+    hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    _assert_logits_with_llama_cpp_gelu(hf, _llama(tmp_path / "t.gguf"), list(range(300, 364)))

@@ -273,6 +273,16 @@ class Arch:
             **cls.hf_extra,
         }
 
+    # ---- config.json normalisation and notices -----------------------------------------------------
+    @classmethod
+    def normalise_config(cls, cfg: dict) -> dict:
+        """This architecture's own additions to a config.json (after medtune.models.config's generic ones)."""
+        return cfg
+
+    def notice(self) -> str | None:
+        """A line export should show the user about what it leaves out (None: nothing)."""
+        return None
+
     # ---- refusals -------------------------------------------------------------------------------
     def check(self) -> None:
         """Refuse configurations this class cannot express (before anything is written)."""

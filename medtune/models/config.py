@@ -28,6 +28,9 @@ def normalise_config(cfg: dict, *, drop_quantization: bool = False) -> dict:
             cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     if not cfg.get("architectures") and archs.hf_arch_for_model_type(cfg.get("model_type")):
         cfg["architectures"] = [archs.hf_arch_for_model_type(cfg["model_type"])]
+    cls = archs.REGISTRY.get((cfg.get("architectures") or [None])[0])
+    if cls is not None:
+        cfg = cls.normalise_config(cfg)
     if drop_quantization:
         for key in QUANT_KEYS:
             cfg.pop(key, None)

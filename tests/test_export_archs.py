@@ -830,8 +830,8 @@ def _phi_variant(built, tmp_path, base: str, **changes) -> Path:
 def test_phi_longrope_logits_match_transformers_and_mlx(built, tmp_path, base):
     """LongRoPE: the factor tensors, the original context and transformers' attention factor. llama.cpp takes
     the long factors when its context exceeds the original one, transformers (and mlx_lm, always) when the
-    sequence does: a 120-token prompt in a 512 context is long for all three, a 40-token one in a 64 context
-    short for llama.cpp and transformers."""
+    sequence does: a 300-token prompt in a 512 context is long for all three, a 40-token one in a 256 context
+    (llama.cpp rounds contexts up to a multiple of 256) short for llama.cpp and transformers."""
     import llama_cpp
     import mlx.core as mx
     import torch
@@ -841,7 +841,7 @@ def test_phi_longrope_logits_match_transformers_and_mlx(built, tmp_path, base):
     from medtune import archs
     from medtune.models.config import read_config
 
-    orig = 64
+    orig = 256
     base_cfg = json.loads((built(base)["dir"] / "config.json").read_text())
     model = _phi_variant(
         built, tmp_path, base, rope_parameters=_longrope(base_cfg, orig), original_max_position_embeddings=orig
@@ -862,7 +862,7 @@ def test_phi_longrope_logits_match_transformers_and_mlx(built, tmp_path, base):
 
     hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
     mlx_model, _ = load(str(model))
-    for n_ids, n_ctx in ((120, 512), (40, orig)):
+    for n_ids, n_ctx in ((300, 512), (40, orig)):
         ids = list(range(300, 300 + n_ids))
         with torch.no_grad():
             want = hf(torch.tensor([ids])).logits[0].numpy()

@@ -134,6 +134,31 @@ LLAMA3_TEMPLATE = """\
 {{- end }}"""
 
 
+# Phi-3 / Phi-3.5: each turn is its role tag on a line of its own, the content, <|end|> and a newline; a system
+# message with empty content is left out (as the HF template does), as is any role other than these three.
+PHI3_TEMPLATE = """\
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if and (eq .Role "system") .Content }}<|system|>
+{{ .Content }}<|end|>
+{{ else if eq .Role "user" }}<|user|>
+{{ .Content }}<|end|>
+{{ else if eq .Role "assistant" }}<|assistant|>
+{{ .Content }}<|end|>
+{{ end }}
+{{- if and $last (ne .Role "assistant") }}<|assistant|>
+{{ end }}
+{{- end }}"""
+
+# Phi-4-mini: the same tags with no newlines, and every role (an empty system prompt too) written as <|role|>.
+PHI4_MINI_TEMPLATE = """\
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}<|{{ .Role }}|>{{ .Content }}<|end|>
+{{- if and $last (ne .Role "assistant") }}<|assistant|>{{ end }}
+{{- end }}"""
+PHI_EOS = "<|endoftext|>"  # what both Phi templates append to a conversation rendered without a generation prompt
+
+
 def _render_chatml(messages: list[dict], add_generation_prompt: bool = True) -> str:
     out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
@@ -188,6 +213,20 @@ def _render_llama3(messages: list[dict], add_generation_prompt: bool = True) -> 
         f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages
     )
     return LLAMA3_BOS + out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+
+def _render_phi3(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    out = "".join(
+        f"<|{m['role']}|>\n{m['content']}<|end|>\n"
+        for m in messages
+        if m["role"] in ("user", "assistant") or (m["role"] == "system" and m["content"])
+    )
+    return out + ("<|assistant|>\n" if add_generation_prompt else PHI_EOS)
+
+
+def _render_phi4_mini(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    out = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
+    return out + ("<|assistant|>" if add_generation_prompt else PHI_EOS)
 
 
 @dataclass(frozen=True)
@@ -268,6 +307,19 @@ register(
         LLAMA3_BOS + "<|start_header_id|>system<|end_header_id|>\n\n",
         "<|eot_id|>",
         bos=LLAMA3_BOS,
+    )
+)
+register(
+    Family("phi3", PHI3_TEMPLATE, _render_phi3, ("<|end|>", "<|user|>", "<|assistant|>"), "<|system|>\n", "<|end|>\n")
+)
+register(
+    Family(
+        "phi4-mini",
+        PHI4_MINI_TEMPLATE,
+        _render_phi4_mini,
+        ("<|end|>", "<|user|>", "<|assistant|>"),
+        "<|system|>",
+        "<|end|>",
     )
 )
 

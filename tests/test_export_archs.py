@@ -955,3 +955,25 @@ def test_gemma3_tied_output_logits_equal_transformers(tmp_path, smollm2_dir):
     assert "output.weight" not in {t["name"] for t in read_gguf_header(tmp_path / "t.gguf")["tensors"]}
     hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
     _assert_logits_with_llama_cpp_gelu(hf, _llama(tmp_path / "t.gguf"), list(range(300, 364)))
+
+
+def test_phi3_gguf_import_loads_in_transformers_and_mlx(arch_built):
+    """The imported Phi-3 folder (tied, 3/4 rotary) is a model transformers and mlx_lm load and run as the
+    original: same logits, partial rotary included."""
+    import mlx.core as mx
+    import torch
+    from mlx_lm import load
+    from transformers import AutoModelForCausalLM
+
+    got = arch_built("Phi3ForCausalLM")
+    cfg = json.loads((got["imported"] / "config.json").read_text())
+    assert cfg["rope_parameters"]["partial_rotary_factor"] == cfg["partial_rotary_factor"] == 0.75
+    ids = list(range(300, 340))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(str(got["dir"]), dtype=torch.float32)(torch.tensor([ids])).logits
+        back = AutoModelForCausalLM.from_pretrained(str(got["imported"]), dtype=torch.float32).eval()
+        assert type(back).__name__ == "Phi3ForCausalLM"
+        assert np.abs(back(torch.tensor([ids])).logits[0].numpy() - want[0].numpy()).max() < 1e-4
+    mlx_model, _ = load(str(got["imported"]))
+    ours = np.array(mlx_model(mx.array([ids]))[0].astype(mx.float32))
+    assert np.abs(ours - want[0].numpy()).max() < 2e-3

@@ -1,6 +1,7 @@
 """The tokenizer part of a GGUF, read from a Hugging Face folder, and the registry of tokenizer kinds.
 
-A kind (`tokenizer.ggml.model`: byte-level BPE "gpt2" in medtune.export.bpe; SentencePiece "llama" next) reads
+A kind (`tokenizer.ggml.model`: byte-level BPE "gpt2" in medtune.export.bpe; SentencePiece "llama" in
+medtune.export.spm) reads
 its vocabulary from tokenizer.json for export and writes it back as one on import; what every kind shares
 (special tokens, end ids, add_bos/add_eos, the chat template) is read here.
 
@@ -43,6 +44,8 @@ class Vocab:
     chat_template: str | None = None
     eos_ids: list[int] = field(default_factory=list)  # every id the model may end a turn with
     eot_id: int | None = None  # the end-of-turn token (tokenizer.ggml.eot_token_id)
+    scores: list[float] | None = None  # tokenizer.ggml.scores (SentencePiece: the merge order)
+    add_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix (SentencePiece)
 
     def text(self, idx: int | None) -> str | None:
         return self.tokens[idx] if idx is not None and 0 <= idx < len(self.tokens) else None
@@ -58,8 +61,13 @@ class Vocab:
         w.add_tokenizer_model(self.model)
         w.add_tokenizer_pre(self.pre)
         w.add_token_list(self.tokens)
+        if self.scores is not None:
+            w.add_token_scores(self.scores)
         w.add_token_types(self.token_types)
-        w.add_token_merges(self.merges)
+        if self.merges:
+            w.add_token_merges(self.merges)
+        if self.add_space_prefix is not None:
+            w.add_add_space_prefix(self.add_space_prefix)
         for idx, add in (
             (self.bos_id, w.add_bos_token_id),
             (self.eos_id, w.add_eos_token_id),
@@ -155,6 +163,15 @@ class TokenizerKind:
     def read(cls, tok: dict, where: str, n_vocab: int | None) -> tuple[list[str], list[int], list[str], str]:
         """(tokens, token types, merges, tokenizer.ggml.pre) of a tokenizer.json of this kind."""
         raise NotImplementedError
+
+    @classmethod
+    def extras(cls, tok: dict, where: str, tokens: list[str], types: list[int]) -> dict:
+        """Further Vocab fields of this kind (SentencePiece: scores, add_space_prefix), given read()'s result."""
+        return {}
+
+    @classmethod
+    def check_gguf(cls, meta: dict, where: str) -> None:
+        """Refuses, from the header, a GGUF vocabulary of this kind that import cannot rebuild."""
 
     @classmethod
     def pretokenizer(cls, pre_name: str, where: str):
@@ -256,6 +273,7 @@ def read_vocab(model_dir: str | Path, n_vocab: int | None = None) -> Vocab:
         chat_template=template,
         eos_ids=ids["eos_ids"],
         eot_id=eot,
+        **kind.extras(tok, where, tokens, token_types),
     )
 
 
@@ -365,4 +383,4 @@ def _first_int(*values) -> int | None:
     return None
 
 
-from medtune.export import bpe  # noqa: E402,F401  (registers the byte-level BPE kind)
+from medtune.export import bpe, spm  # noqa: E402,F401  (register the byte-level BPE and SentencePiece kinds)

@@ -19,7 +19,7 @@ from medtune.export.gguf_reader import read_gguf_header
 from medtune.export.tokenizer import kind_for_gguf
 
 # Metadata arrays the import reads whole (the others are summarised by the header reader).
-_FULL_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+_FULL_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
 
 
 def _arch(meta: dict, path: Path) -> type[archs.Arch]:
@@ -30,12 +30,16 @@ def _check_tokenizer(meta: dict, path: Path) -> None:
     """Refuse a tokenizer kind or pre-tokenizer the import cannot rebuild."""
     kind = kind_for_gguf(meta.get("tokenizer.ggml.model"), str(path))
     kind.pretokenizer(meta.get("tokenizer.ggml.pre", "default"), str(path))
+    kind.check_gguf(meta, str(path))
 
 
 def _check_tensor_name(arch: type[archs.Arch], name: str, path: Path) -> None:
     if arch.hf_name(name) is None and name not in arch.computed:
-        raise BadInput(f"GGUF tensor {name!r} has no Hugging Face counterpart", where=str(path),
-                       hint="this GGUF layout is not supported for import")
+        raise BadInput(
+            f"GGUF tensor {name!r} has no Hugging Face counterpart",
+            where=str(path),
+            hint="this GGUF layout is not supported for import",
+        )
 
 
 def check_importable(path: str | Path) -> dict:
@@ -72,12 +76,17 @@ def import_gguf(path: str | Path, out_dir: str | Path, progress=None) -> Path:
         fsutil.write_json(tmp / "tokenizer_config.json", tok_files["tokenizer_config.json"])
         fsutil.write_json(tmp / "special_tokens_map.json", tok_files["special_tokens_map.json"])
         fsutil.write_json(tmp / "generation_config.json", tok_files["generation_config.json"])
-        fsutil.write_json(tmp / "medtune_import.json", {
-            "source": str(path), "sha256": fsutil.sha256_file(path),
-            "gguf_architecture": meta.get("general.architecture"), "general.name": meta.get("general.name"),
-            "general.license": meta.get("general.license"),
-            "file_type": meta.get("general.file_type"),
-        })
+        fsutil.write_json(
+            tmp / "medtune_import.json",
+            {
+                "source": str(path),
+                "sha256": fsutil.sha256_file(path),
+                "gguf_architecture": meta.get("general.architecture"),
+                "general.name": meta.get("general.name"),
+                "general.license": meta.get("general.license"),
+                "file_type": meta.get("general.file_type"),
+            },
+        )
     return out_dir
 
 
@@ -95,11 +104,14 @@ def _dequantise(path: Path, header: dict, arch: archs.Arch, progress=None) -> di
         try:
             qtype = gguf.GGMLQuantizationType[t["type"]]
         except KeyError:
-            raise BadInput(f"GGUF tensor {t['name']!r} has type {t['type']}, which gguf-py cannot read",
-                           where=str(path), hint="upgrade gguf (pip install -U gguf)") from None
+            raise BadInput(
+                f"GGUF tensor {t['name']!r} has type {t['type']}, which gguf-py cannot read",
+                where=str(path),
+                hint="upgrade gguf (pip install -U gguf)",
+            ) from None
         dims = [int(d) for d in t["shape"]]
         start = header["data_offset"] + t["offset"]
-        raw = data[start:start + t["bytes"]].reshape(math.prod(dims[1:]), -1)  # rows of bytes, as gguf-py reads
+        raw = data[start : start + t["bytes"]].reshape(math.prod(dims[1:]), -1)  # rows of bytes, as gguf-py reads
         w = gguf.quants.dequantize(raw, qtype).astype(np.float32, copy=False).reshape(list(reversed(dims)))
         weights[hf] = np.ascontiguousarray(arch.from_gguf(t["name"], w))
         if progress:
@@ -120,9 +132,12 @@ def _tokenizer_files(meta: dict, path: Path, cfg: dict) -> dict:
     bos, eos, unk, pad = tok("bos"), tok("eos"), tok("unknown"), tok("padding")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-    tokenizer_json = kind.tokenizer_json(meta, str(path), {"bos": bos, "eos": eos, "add_bos": add_bos,
-                                                           "add_eos": add_eos})
-    special_map = {k: v[1] for k, v in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)) if v[1]}
+    tokenizer_json = kind.tokenizer_json(
+        meta, str(path), {"bos": bos, "eos": eos, "add_bos": add_bos, "add_eos": add_eos}
+    )
+    special_map = {
+        k: v[1] for k, v in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)) if v[1]
+    }
     tok_cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": add_bos,

@@ -277,7 +277,9 @@ CASES["phi3"] = dict(
     pre="gpt-2",
     template=PHI35_TEMPLATE,
     tok={"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|endoftext|>"},
-    ids={"bos": "<s>", "eos": ["<|end|>", "<|assistant|>", "<|endoftext|>"]},
+    # Phi-3.5's generation_config also ends on <|assistant|>: medtune's GGUF marks two end tokens (eos, eot) for
+    # llama.cpp, whose only other slot is eom; a third is left to the Modelfile's stops.
+    ids={"bos": "<s>", "eos": ["<|end|>", "<|endoftext|>"]},
     gguf_arch="phi3",
     family="phi3",
     system=None,

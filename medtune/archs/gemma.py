@@ -10,7 +10,9 @@ What differs from the dense base, and how each side computes it:
 - Sliding-window attention: llama.cpp reads `attention.sliding_window` and a layer pattern "every P-th layer is
   global" (`attention.sliding_window_pattern`, default 6), which is also the only pattern mlx_lm can run; HF
   `layer_types` must have that shape. Sliding layers use the local rotary base (`rope.freq_base_swa`) and no
-  rope scaling; global layers `rope.freq_base` and the linear scaling (Gemma 3 4B and larger).
+  rope scaling; global layers `rope.freq_base` and the linear scaling (Gemma 3 4B and larger). The pattern key
+  is written only when P is not 6 (Ollama's own gemma3 engine assumes 6); both bases are also written under the
+  names Ollama's engine reads.
 - Attention scale: llama.cpp uses 1/sqrt(head_dim) (62-layer models: 1/sqrt(hidden/heads)) and reads no key for
   it, so `query_pre_attn_scalar` must equal that. Final-logit softcapping is written; attention-logit softcapping
   (which the graph ignores) is refused.
@@ -199,6 +201,12 @@ class Gemma3(Arch):
             if pattern != DEFAULT_PATTERN:
                 extra.append((Keys.Attention.SLIDING_WINDOW_PATTERN, "u32", pattern))
             extra.append((Keys.Rope.FREQ_BASE_SWA, "f32", float(self.cfg["rope_local_base_freq"])))
+        # Ollama's own gemma3 engine reads its converter's names for the two bases (defaults 1e6 and 1e4);
+        # llama.cpp ignores them
+        extra += [
+            ("{arch}.rope.global.freq_base", "f32", self.rope_theta),
+            ("{arch}.rope.local.freq_base", "f32", float(self.cfg["rope_local_base_freq"])),
+        ]
         if self.cfg.get("final_logit_softcapping"):
             extra.append((Keys.LLM.FINAL_LOGIT_SOFTCAPPING, "f32", float(self.cfg["final_logit_softcapping"])))
         arch = self.gguf_arch()

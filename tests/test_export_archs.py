@@ -670,10 +670,10 @@ def _with_llama_cpp_gelu(hf_model) -> None:
 
 
 # ---- Gemma 3: sliding window, local rope, (1 + w) norms; multimodal checkpoints -----------------------------
-def test_gemma3_greedy_continuation_equals_mlx(arch_built):
+def test_gemma3_greedy_continuation_equals_mlx(arch_built, tmp_path):
     """mlx_lm (training's runtime) reads the normalised config as transformers does (window, pattern, local
-    rope, scaling), and its greedy continuation of every chat equals llama.cpp's on the F32 GGUF. Every prompt
-    is longer than the 8-token window, so both sides' sliding layers really drop tokens."""
+    rope, scaling), and its greedy continuation of every chat equals llama.cpp's on the F32 and F16 GGUFs.
+    Every prompt is longer than the 8-token window, so both sides' sliding layers really drop tokens."""
     pytest.importorskip("llama_cpp")
     from mlx_lm import load
 
@@ -687,6 +687,8 @@ def test_gemma3_greedy_continuation_equals_mlx(arch_built):
     for conv in CHATS:
         assert len(tok.apply_chat_template(conv, add_generation_prompt=True)["input_ids"]) > 2 * args.sliding_window
     _assert_greedy_agrees(mlx_model, _llama(got["gguf"]), tok)
+    write_gguf(got["dir"], tmp_path / "f16.gguf", "f16")
+    _assert_greedy_agrees(mlx_model, _llama(tmp_path / "f16.gguf"), tok)
 
 
 def test_gemma3_imported_config_runs_like_the_original(arch_built):

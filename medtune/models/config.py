@@ -43,13 +43,14 @@ def read_config(model_dir: str | Path) -> dict:
         raise BadInput(
             f"no config.json in model folder {model_dir}",
             hint="give a Hugging Face model folder (config.json, *.safetensors, tokenizer files), or a spec "
-                 "such as builtin:smollm2-135m",
+            "such as builtin:smollm2-135m",
         )
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInput(f"config.json is not valid JSON ({exc})", where=str(path),
-                       hint="re-download the model or fix the file") from exc
+        raise BadInput(
+            f"config.json is not valid JSON ({exc})", where=str(path), hint="re-download the model or fix the file"
+        ) from exc
     if not isinstance(cfg, dict):
         raise BadInput("config.json is not a JSON object", where=str(path), hint="re-download the model")
     return normalise_config(cfg)
@@ -57,5 +58,6 @@ def read_config(model_dir: str | Path) -> dict:
 
 def write_config(model_dir: str | Path, cfg: dict, *, drop_quantization: bool = False) -> Path:
     from medtune.core import fsutil
+
     cfg = normalise_config(cfg, drop_quantization=drop_quantization)
     return fsutil.write_json(Path(model_dir) / "config.json", cfg)

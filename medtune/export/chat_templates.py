@@ -1,0 +1,52 @@
+"""Chat templates of medtune's own writing, for models whose files carry none.
+
+A GGUF converted without its tokenizer_config (the embedded gemma-3-270m is one) has no
+`tokenizer.chat_template`; importing it then gives a tokenizer that cannot render a chat, and export
+could not tell which prompt format the Modelfile must reproduce. `default_template(arch)` gives the
+format that architecture's instruction-tuned releases use, written here as Jinja that renders the same
+text as the published template on text-only conversations, so family detection, training prompts and
+llama-server's --jinja all see that format.
+"""
+
+from __future__ import annotations
+
+# Gemma 3: BOS, then one `<start_of_turn>ROLE\n ... <end_of_turn>\n` block per turn with the assistant called
+# "model"; a leading system message is not a turn of its own but its text and a blank line open the first
+# turn; turn texts are trimmed, the system text is not. Roles after the system message must alternate,
+# user first, as the published template demands. Content may be a string or a list of text parts.
+GEMMA3_TEMPLATE = """\
+{{- bos_token -}}
+{%- set state = namespace(lead='', skip=0) -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- set sys = messages[0]['content'] -%}
+  {%- if sys is not string -%}{%- set sys = sys[0]['text'] -%}{%- endif -%}
+  {%- set state.lead = sys + '\\n\\n' -%}
+  {%- set state.skip = 1 -%}
+{%- endif -%}
+{%- for turn in messages[state.skip:] -%}
+  {%- set is_user = turn['role'] == 'user' -%}
+  {%- set want_user = loop.index0 % 2 == 0 -%}
+  {%- if is_user != want_user -%}
+    {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}
+  {%- endif -%}
+  {{- '<start_of_turn>' + ('model' if turn['role'] == 'assistant' else turn['role']) + '\\n' -}}
+  {%- if loop.first -%}{{- state.lead -}}{%- endif -%}
+  {%- if turn['content'] is string -%}
+    {{- turn['content'] | trim -}}
+  {%- else -%}
+    {%- for part in turn['content'] -%}
+      {%- if part['type'] == 'text' -%}{{- part['text'] | trim -}}{%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+  {{- '<end_of_turn>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}
+"""
+
+_BY_ARCH = {"gemma3": GEMMA3_TEMPLATE}
+
+
+def default_template(gguf_arch: str) -> str | None:
+    """medtune's chat template for a GGUF of `gguf_arch` (general.architecture) that has none, or None
+    where the architecture has no single prompt format to assume."""
+    return _BY_ARCH.get(gguf_arch)

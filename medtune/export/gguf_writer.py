@@ -238,7 +238,7 @@ def plan_gguf(model_dir: str | Path, outtype: str = "f16") -> Plan:
         tensors.append(TensorPlan(name, None, tuple(data.shape), qtype, _nbytes(data.shape, qtype)))
     tensors.sort(key=lambda t: _order(t.gguf_name))
 
-    n_vocab = ckpt.shape["model.embed_tokens.weight"][0]
+    n_vocab = next(t.shape[0] for t in tensors if t.gguf_name == "token_embd.weight")  # any prefix (multimodal)
     vocab = read_vocab(model_dir, n_vocab=n_vocab)
     return Plan(model_dir, cfg, arch, vocab, ckpt, tensors, outtype, file_type(outtype))
 

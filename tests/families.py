@@ -157,6 +157,197 @@ PHI4_MINI_TEMPLATE = (
     "{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
+# Gemma 3 (gemma-3-*-it, MedGemma, gemma-3-270m-it): the system text and a blank line open the first user turn;
+# roles must alternate; the assistant is "model".
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n"
+    '    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = "" -%}\n'
+    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
+    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n"
+)
+
+# Llama-3.1-8B-Instruct: a system block first, always, with the knowledge cut-off and `date_string` (default
+# "26 Jul 2024"); tools go into the first user message (or the system block), tool calls as JSON or builtin calls.
+LLAMA31_TEMPLATE = (
+    "{{- bos_token }}\n{%- if custom_tools is defined %}\n    {%- set tools = custom_tools %}\n{%- endif %}\n"
+    "{%- if not tools_in_user_message is defined %}\n    {%- set tools_in_user_message = true %}\n{%- endif %}\n"
+    '{%- if not date_string is defined %}\n    {%- set date_string = "26 Jul 2024" %}\n{%- endif %}\n'
+    "{%- if not tools is defined %}\n    {%- set tools = none %}\n{%- endif %}\n\n"
+    "{#- This block extracts the system message, so we can slot it into the right place. #}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n"
+    '    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set system_message = "" %}\n{%- endif %}\n\n'
+    '{#- System message + builtin tools #}\n{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}\n'
+    '{%- if builtin_tools is defined or tools is not none %}\n    {{- "Environment: ipython\\n" }}\n{%- endif %}\n'
+    "{%- if builtin_tools is defined %}\n"
+    '    {{- "Tools: " + builtin_tools | reject(\'equalto\', \'code_interpreter\') | join(", ") + "\\n\\n"}}\n'
+    '{%- endif %}\n{{- "Cutting Knowledge Date: December 2023\\n" }}\n{{- "Today Date: " + date_string + "\\n\\n" }}\n'
+    "{%- if tools is not none and not tools_in_user_message %}\n"
+    '    {{- "You have access to the following functions. To call a function, please respond with JSON for a '
+    'function call." }}\n'
+    '    {{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+    "value}.' }}\n"
+    '    {{- "Do not use variables.\\n\\n" }}\n    {%- for t in tools %}\n        {{- t | tojson(indent=4) }}\n'
+    '        {{- "\\n\\n" }}\n    {%- endfor %}\n{%- endif %}\n{{- system_message }}\n{{- "<|eot_id|>" }}\n\n'
+    "{#- Custom tools are passed in a user message with some extra guidance #}\n"
+    "{%- if tools_in_user_message and not tools is none %}\n"
+    "    {#- Extract the first user message so we can plug it in here #}\n    {%- if messages | length != 0 %}\n"
+    "        {%- set first_user_message = messages[0]['content']|trim %}\n        {%- set messages = messages[1:] %}\n"
+    "    {%- else %}\n"
+    '        {{- raise_exception("Cannot put tools in the first user message when there\'s no first user message!") }}\n'
+    "{%- endif %}\n    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}\n"
+    '    {{- "Given the following functions, please respond with a JSON for a function call " }}\n'
+    '    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}\n'
+    '    {{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+    "value}.' }}\n"
+    '    {{- "Do not use variables.\\n\\n" }}\n    {%- for t in tools %}\n        {{- t | tojson(indent=4) }}\n'
+    '        {{- "\\n\\n" }}\n    {%- endfor %}\n    {{- first_user_message + "<|eot_id|>"}}\n{%- endif %}\n\n'
+    "{%- for message in messages %}\n"
+    "    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}\n"
+    "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+    "'<|eot_id|>' }}\n"
+    "    {%- elif 'tool_calls' in message %}\n        {%- if not message.tool_calls|length == 1 %}\n"
+    '            {{- raise_exception("This model only supports single tool-calls at once!") }}\n        {%- endif %}\n'
+    "        {%- set tool_call = message.tool_calls[0].function %}\n"
+    "        {%- if builtin_tools is defined and tool_call.name in builtin_tools %}\n"
+    "            {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+    '            {{- "<|python_tag|>" + tool_call.name + ".call(" }}\n'
+    "            {%- for arg_name, arg_val in tool_call.arguments | items %}\n"
+    "                {{- arg_name + '=\"' + arg_val + '\"' }}\n                {%- if not loop.last %}\n"
+    '                    {{- ", " }}\n                {%- endif %}\n                {%- endfor %}\n'
+    '            {{- ")" }}\n        {%- else  %}\n'
+    "            {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+    "            {{- '{\"name\": \"' + tool_call.name + '\", ' }}\n            {{- '\"parameters\": ' }}\n"
+    '            {{- tool_call.arguments | tojson }}\n            {{- "}" }}\n        {%- endif %}\n'
+    "        {%- if builtin_tools is defined %}\n            {#- This means we're in ipython mode #}\n"
+    '            {{- "<|eom_id|>" }}\n        {%- else %}\n            {{- "<|eot_id|>" }}\n        {%- endif %}\n'
+    '    {%- elif message.role == "tool" or message.role == "ipython" %}\n'
+    '        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}\n'
+    "        {%- if message.content is mapping or message.content is iterable %}\n"
+    "            {{- message.content | tojson }}\n        {%- else %}\n            {{- message.content }}\n"
+    '        {%- endif %}\n        {{- "<|eot_id|>" }}\n    {%- endif %}\n{%- endfor %}\n'
+    "{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n"
+)
+
+# Llama-3.2-1B-Instruct (3.3 likewise): the 3.1 template with today's date (strftime_now) as the default and no
+# builtin tools.
+LLAMA32_TEMPLATE = (
+    "{{- bos_token }}\n{%- if custom_tools is defined %}\n    {%- set tools = custom_tools %}\n{%- endif %}\n"
+    "{%- if not tools_in_user_message is defined %}\n    {%- set tools_in_user_message = true %}\n{%- endif %}\n"
+    "{%- if not date_string is defined %}\n    {%- if strftime_now is defined %}\n"
+    '        {%- set date_string = strftime_now("%d %b %Y") %}\n    {%- else %}\n'
+    '        {%- set date_string = "26 Jul 2024" %}\n    {%- endif %}\n{%- endif %}\n'
+    "{%- if not tools is defined %}\n    {%- set tools = none %}\n{%- endif %}\n\n"
+    "{#- This block extracts the system message, so we can slot it into the right place. #}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n"
+    '    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set system_message = "" %}\n{%- endif %}\n\n'
+    '{#- System message #}\n{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}\n'
+    '{%- if tools is not none %}\n    {{- "Environment: ipython\\n" }}\n{%- endif %}\n'
+    '{{- "Cutting Knowledge Date: December 2023\\n" }}\n{{- "Today Date: " + date_string + "\\n\\n" }}\n'
+    "{%- if tools is not none and not tools_in_user_message %}\n"
+    '    {{- "You have access to the following functions. To call a function, please respond with JSON for a '
+    'function call." }}\n'
+    '    {{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+    "value}.' }}\n"
+    '    {{- "Do not use variables.\\n\\n" }}\n    {%- for t in tools %}\n        {{- t | tojson(indent=4) }}\n'
+    '        {{- "\\n\\n" }}\n    {%- endfor %}\n{%- endif %}\n{{- system_message }}\n{{- "<|eot_id|>" }}\n\n'
+    "{#- Custom tools are passed in a user message with some extra guidance #}\n"
+    "{%- if tools_in_user_message and not tools is none %}\n"
+    "    {#- Extract the first user message so we can plug it in here #}\n    {%- if messages | length != 0 %}\n"
+    "        {%- set first_user_message = messages[0]['content']|trim %}\n        {%- set messages = messages[1:] %}\n"
+    "    {%- else %}\n"
+    '        {{- raise_exception("Cannot put tools in the first user message when there\'s no first user message!") }}\n'
+    "{%- endif %}\n    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}\n"
+    '    {{- "Given the following functions, please respond with a JSON for a function call " }}\n'
+    '    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}\n'
+    '    {{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+    "value}.' }}\n"
+    '    {{- "Do not use variables.\\n\\n" }}\n    {%- for t in tools %}\n        {{- t | tojson(indent=4) }}\n'
+    '        {{- "\\n\\n" }}\n    {%- endfor %}\n    {{- first_user_message + "<|eot_id|>"}}\n{%- endif %}\n\n'
+    "{%- for message in messages %}\n"
+    "    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}\n"
+    "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+    "'<|eot_id|>' }}\n"
+    "    {%- elif 'tool_calls' in message %}\n        {%- if not message.tool_calls|length == 1 %}\n"
+    '            {{- raise_exception("This model only supports single tool-calls at once!") }}\n        {%- endif %}\n'
+    "        {%- set tool_call = message.tool_calls[0].function %}\n"
+    "        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+    "        {{- '{\"name\": \"' + tool_call.name + '\", ' }}\n        {{- '\"parameters\": ' }}\n"
+    '        {{- tool_call.arguments | tojson }}\n        {{- "}" }}\n        {{- "<|eot_id|>" }}\n'
+    '    {%- elif message.role == "tool" or message.role == "ipython" %}\n'
+    '        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}\n'
+    "        {%- if message.content is mapping or message.content is iterable %}\n"
+    "            {{- message.content | tojson }}\n        {%- else %}\n            {{- message.content }}\n"
+    '        {%- endif %}\n        {{- "<|eot_id|>" }}\n    {%- endif %}\n{%- endfor %}\n'
+    "{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n"
+)
+
+# Mistral-7B-Instruct-v0.3: a first system message is prepended to the LAST user message; roles after it must
+# alternate user/assistant (tool calls and results aside) or the template raises; no generation prompt.
+MISTRAL_V03_TEMPLATE = (
+    '{%- if messages[0]["role"] == "system" %}\n    {%- set system_message = messages[0]["content"] %}\n'
+    "    {%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set loop_messages = messages %}\n{%- endif %}\n"
+    "{%- if not tools is defined %}\n    {%- set tools = none %}\n{%- endif %}\n"
+    '{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}\n\n'
+    "{#- This block checks for alternating user/assistant messages, skipping tool calling messages #}\n"
+    "{%- set ns = namespace() %}\n{%- set ns.index = 0 %}\n{%- for message in loop_messages %}\n"
+    '    {%- if not (message.role == "tool" or message.role == "tool_results" or (message.tool_calls is defined and '
+    "message.tool_calls is not none)) %}\n"
+    '        {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}\n'
+    '            {{- raise_exception("After the optional system message, conversation roles must alternate '
+    'user/assistant/user/assistant/...") }}\n'
+    "        {%- endif %}\n        {%- set ns.index = ns.index + 1 %}\n    {%- endif %}\n{%- endfor %}\n\n"
+    "{{- bos_token }}\n{%- for message in loop_messages %}\n"
+    '    {%- if message["role"] == "user" %}\n'
+    "        {%- if tools is not none and (message == user_messages[-1]) %}\n"
+    '            {{- "[AVAILABLE_TOOLS] [" }}\n            {%- for tool in tools %}\n'
+    "                {%- set tool = tool.function %}\n"
+    '                {{- \'{"type": "function", "function": {\' }}\n'
+    '                {%- for key, val in tool.items() if key != "return" %}\n'
+    "                    {%- if val is string %}\n"
+    "                        {{- '\"' + key + '\": \"' + val + '\"' }}\n                    {%- else %}\n"
+    "                        {{- '\"' + key + '\": ' + val|tojson }}\n                    {%- endif %}\n"
+    '                    {%- if not loop.last %}\n                        {{- ", " }}\n'
+    "                    {%- endif %}\n                {%- endfor %}\n"
+    '                {{- "}}" }}\n                {%- if not loop.last %}\n                    {{- ", " }}\n'
+    '                {%- else %}\n                    {{- "]" }}\n                {%- endif %}\n'
+    '            {%- endfor %}\n            {{- "[/AVAILABLE_TOOLS]" }}\n            {%- endif %}\n'
+    "        {%- if loop.last and system_message is defined %}\n"
+    '            {{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}\n'
+    '        {%- else %}\n            {{- "[INST] " + message["content"] + "[/INST]" }}\n        {%- endif %}\n'
+    "    {%- elif message.tool_calls is defined and message.tool_calls is not none %}\n"
+    '        {{- "[TOOL_CALLS] [" }}\n        {%- for tool_call in message.tool_calls %}\n'
+    "            {%- set out = tool_call.function|tojson %}\n            {{- out[:-1] }}\n"
+    "            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}\n"
+    '                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}\n'
+    "            {%- endif %}\n            {{- ', \"id\": \"' + tool_call.id + '\"}' }}\n"
+    '            {%- if not loop.last %}\n                {{- ", " }}\n            {%- else %}\n'
+    '                {{- "]" + eos_token }}\n            {%- endif %}\n        {%- endfor %}\n'
+    '    {%- elif message["role"] == "assistant" %}\n        {{- " " + message["content"]|trim + eos_token}}\n'
+    '    {%- elif message["role"] == "tool_results" or message["role"] == "tool" %}\n'
+    "        {%- if message.content is defined and message.content.content is defined %}\n"
+    "            {%- set content = message.content.content %}\n        {%- else %}\n"
+    "            {%- set content = message.content %}\n        {%- endif %}\n"
+    '        {{- \'[TOOL_RESULTS] {"content": \' + content|string + ", " }}\n'
+    "        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}\n"
+    '            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}\n'
+    "        {%- endif %}\n        {{- '\"call_id\": \"' + message.tool_call_id + '\"}[/TOOL_RESULTS]' }}\n"
+    '    {%- else %}\n        {{- raise_exception("Only user and assistant roles are supported, with the exception '
+    'of an initial optional system message!") }}\n    {%- endif %}\n{%- endfor %}\n'
+)
+
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 DS_BOS, DS_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
@@ -301,6 +492,31 @@ CASES["deepseek-r1-jan-qwen"] = {
     **CASES["deepseek-r1-qwen"],
     "template": DEEPSEEK_R1_JAN_TEMPLATE,
     "family": "deepseek-r1-jan",
+}
+# Llama 3.1: the Llama 3 model and tokens with 3.1's template (its date default is medtune's fixed date).
+CASES["llama3.1"] = {**CASES["llama3"], "template": LLAMA31_TEMPLATE, "family": "llama3.1"}
+# Mistral v0.3 and Gemma 3: their chat templates and special tokens on the tiny Llama model (the template, not the
+# architecture, is what these cases are about).
+CASES["mistral"] = {
+    **CASES["llama3"],
+    "added": [("<s>", True), ("</s>", True), ("[INST]", True), ("[/INST]", True)],
+    "template": MISTRAL_V03_TEMPLATE,
+    "post_bos": "<s>",
+    "rope_scaling": None,
+    "tok": {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"},
+    "ids": {"bos": "<s>", "eos": ["</s>"]},
+    "family": "mistral",
+    "stops": ["</s>", "[INST]", "[/INST]"],
+}
+CASES["gemma3"] = {
+    **CASES["mistral"],
+    "added": [("<bos>", True), ("<eos>", True), ("<start_of_turn>", True), ("<end_of_turn>", True)],
+    "template": GEMMA3_TEMPLATE,
+    "post_bos": "<bos>",
+    "tok": {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>"},
+    "ids": {"bos": "<bos>", "eos": ["<eos>", "<end_of_turn>"]},
+    "family": "gemma3",
+    "stops": ["<end_of_turn>", "<start_of_turn>", "<eos>"],
 }
 
 # ---- the architecture table: one entry per class in medtune.archs -----------------------------------------

@@ -10,6 +10,8 @@ The chat template, not the record, closes the assistant turn with its end-of-tur
 
 from __future__ import annotations
 
+from medtune.export.chat_templates import TEMPLATE_VARS
+
 STYLES = ("completions", "chat", "text")
 
 
@@ -36,7 +38,9 @@ class Renderer:
 
     transformers' apply_chat_template costs ~0.3 ms a call in Python overhead; rendering the compiled
     jinja template directly costs a few microseconds. The two are compared on probe conversations at
-    construction, and we fall back to apply_chat_template if they ever differ.
+    construction, and we fall back to apply_chat_template if they ever differ. Both are given medtune's fixed
+    template variables (chat_templates.TEMPLATE_VARS: Llama 3.x's "Today Date"), so a record renders the same
+    on every day, in prepare and in training, and as the exported GGUF and Modelfile render it.
     """
 
     def __init__(self, tok):
@@ -60,11 +64,12 @@ class Renderer:
                 self.fast = None
 
     def _slow(self, messages, add_generation_prompt):
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                            **TEMPLATE_VARS)
 
     def _fast(self, messages, add_generation_prompt):
         return self.fast.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                                documents=None, **self.extra)
+                                documents=None, **self.extra, **TEMPLATE_VARS)
 
     def __call__(self, messages, add_generation_prompt: bool = False) -> str:
         if self.fast is not None:

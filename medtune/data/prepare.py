@@ -28,6 +28,7 @@ from medtune.core.lock import holds as _holds_lock
 from medtune.core.options import from_kwargs
 from medtune.data import encode, formats, render, sources
 from medtune.data.options import PrepareOptions
+from medtune.export.chat_templates import TEMPLATE_VARS
 
 OUTPUT_FILES = {"train.jsonl", "valid.jsonl", "test.jsonl", "manifest.json"}
 CHECK_SAMPLE = 64  # records fully checked when token statistics are off
@@ -474,6 +475,7 @@ def _manifest(result: PrepareResult, opts: PrepareOptions, mapping: dict, inputs
         "inputs": inputs,
         "options": {"format": result.format, "map": mapping, "style": result.style, **rest},
         "template": dict(result.template),
+        "template_vars": dict(TEMPLATE_VARS),  # what every rendering was given (Llama 3.x's fixed "Today Date")
         "end_token_added_by": "record (style text)" if result.style == "text" and not plain_text else "chat_template",
         "checked": {"records": n_checked, "all": opts.token_stats},
         "counts": result.counts,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medtune.core.errors import BadInput
+from medtune.export.chat_templates import TEMPLATE_VARS
 
 PROBE_ANSWER = "medtune-probe-answer-7c1f"
 PROBE_REASONING = "medtune-probe-reasoning-42ab"
@@ -55,7 +56,8 @@ def load_tokenizer(model_dir):
 
 
 def chat(tok, messages, **kw):
-    return tok.apply_chat_template(messages, return_dict=False, **kw)
+    """apply_chat_template with medtune's fixed template variables (TEMPLATE_VARS: Llama 3.x's date), as encode renders."""
+    return tok.apply_chat_template(messages, return_dict=False, **{**TEMPLATE_VARS, **kw})
 
 
 def _special_strings(tok) -> list[str]:

@@ -211,11 +211,15 @@ def _decide(
 def _plans_and_vocab(route, model_dir: Path, written: list[str]) -> tuple[dict, object | None]:
     """Our writer's plan per type (which reads the vocabulary); on the llama.cpp route, medtune's own reading of
     the tokenizer when it knows it (the same stops as our writer's), else None (read back from its GGUF)."""
+    from medtune.export.chat_templates import with_fixed_vars
     from medtune.export.gguf_writer import plan_gguf
     from medtune.export.tokenizer import read_vocab
 
     if route.converter == "medtune":
         plans = {q: plan_gguf(model_dir, q) for q in written}
+        for plan in plans.values():  # the GGUF's template renders with medtune's fixed date, as training did
+            if plan.vocab.chat_template:
+                plan.vocab.chat_template = with_fixed_vars(plan.vocab.chat_template)
         return plans, plans[written[0]].vocab
     try:
         return {}, read_vocab(model_dir)

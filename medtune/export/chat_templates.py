@@ -43,6 +43,21 @@ GEMMA3_TEMPLATE = """\
 {%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}
 """
 
+# Templates that write "Today Date: ..." (Llama 3.1 / 3.2 / 3.3) read `date_string`: transformers leaves it to the
+# template's default (a fixed day in 3.1, today in 3.2), llama.cpp sets it to today. A prompt that changes with the
+# calendar cannot be reproduced, so medtune fixes it: every HF rendering (prepare, training, family detection) is
+# given TEMPLATE_VARS, the Modelfile's TEMPLATE writes FIXED_DATE, and the GGUF's template starts by setting it
+# (with_fixed_vars), which overrides what llama-server passes. prepare records TEMPLATE_VARS in its metadata.
+FIXED_DATE = "26 Jul 2024"  # Llama 3.1's own default: its renderings are unchanged
+TEMPLATE_VARS = {"date_string": FIXED_DATE}
+
+
+def with_fixed_vars(template: str) -> str:
+    """`template` as written into a GGUF: one that reads a variable of TEMPLATE_VARS first sets it."""
+    sets = "".join(f'{{%- set {k} = "{v}" %}}' for k, v in TEMPLATE_VARS.items() if k in template)
+    return sets + template if sets else template
+
+
 _BY_ARCH = {"gemma3": GEMMA3_TEMPLATE}
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from medtune.core.errors import BadInput
+from medtune.export.chat_templates import FIXED_DATE, TEMPLATE_VARS
 from medtune.runtimes.decoding import REPEAT_LAST_N, REPEAT_PENALTY  # also chat/generate's defaults
 
 # ---- families ---------------------------------------------------------------------------------------
@@ -158,6 +159,76 @@ PHI4_MINI_TEMPLATE = """\
 {{- end }}"""
 PHI_EOS = "<|endoftext|>"  # what both Phi templates append to a conversation rendered without a generation prompt
 
+# Llama 3.1 / 3.2 / 3.3: the Llama 3 turns, but a system block always comes first with the knowledge cut-off and
+# "Today Date: <date>" ahead of the (trimmed) system prompt, written with no system message too. The HF template
+# takes the date from `date_string`, defaulting to a fixed day (3.1) or today (3.2, strftime_now): medtune fixes
+# it to chat_templates.FIXED_DATE everywhere (prepare, training, detection, the GGUF's template), and the TEMPLATE
+# writes that same date. A system message after the first is a turn of its own, as in HF.
+LLAMA31_HEADER = "Cutting Knowledge Date: December 2023\nToday Date: "
+
+
+def _llama31_template(date: str) -> str:
+    """The Llama 3.1 Go TEMPLATE with `date` in its system block."""
+    return (
+        """\
+{{- $sys := false }}<|start_header_id|>system<|end_header_id|>
+
+"""
+        + LLAMA31_HEADER
+        + date
+        + """
+
+{{ range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if and (eq $i 0) (eq .Role "system") }}{{ .Content }}
+{{- else }}
+{{- if eq $i 0 }}<|eot_id|>{{ end }}
+{{- if $sys }}<|eot_id|>{{ end }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+
+{{ .Content }}<|eot_id|>
+{{- end }}
+{{- $sys = and (eq $i 0) (eq .Role "system") }}
+{{- if and $last $sys }}<|eot_id|>{{ end }}
+{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
+
+{{ end }}
+{{- end }}"""
+    )
+
+
+# Mistral v0.3 ([INST]): BOS (left to the runtime), `[INST] user[/INST]`, ` answer</s>`; the system prompt and a
+# blank line open the LAST user message (HF uses only a first system message: others raise there). The HF
+# template trims answers and writes a system block for an empty system message; a Go template does neither.
+MISTRAL_BOS, MISTRAL_EOS = "<s>", "</s>"
+MISTRAL_TEMPLATE = """\
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}[INST] {{ if and $last $.System }}{{ $.System }}
+
+{{ end }}{{ .Content }}[/INST]
+{{- else if eq .Role "assistant" }} {{ .Content }}</s>
+{{- end }}
+{{- end }}"""
+
+# Gemma 3: `<start_of_turn>ROLE\n...<end_of_turn>\n` with the assistant called "model"; a first system message
+# is no turn of its own: its text and a blank line open the first user turn. BOS left to the runtime.
+GEMMA_BOS = "<bos>"
+GEMMA3_TEMPLATE = """\
+{{- $open := false }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "system" }}<start_of_turn>user
+{{ .Content }}
+
+{{ $open = true }}
+{{- else }}
+{{- if not $open }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}
+{{ end }}{{ $open = false }}{{ .Content }}<end_of_turn>
+{{ end }}
+{{- if and $last (ne .Role "assistant") }}<start_of_turn>model
+{{ end }}
+{{- end }}"""
+
 
 def _render_chatml(messages: list[dict], add_generation_prompt: bool = True) -> str:
     out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
@@ -227,6 +298,37 @@ def _render_phi3(messages: list[dict], add_generation_prompt: bool = True) -> st
 def _render_phi4_mini(messages: list[dict], add_generation_prompt: bool = True) -> str:
     out = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
     return out + ("<|assistant|>" if add_generation_prompt else PHI_EOS)
+
+
+def _render_llama31(messages: list[dict], add_generation_prompt: bool = True, date: str = FIXED_DATE) -> str:
+    system = messages[0]["content"].strip() if messages and messages[0]["role"] == "system" else ""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    head = f"<|start_header_id|>system<|end_header_id|>\n\n{LLAMA31_HEADER}{date}\n\n{system}<|eot_id|>"
+    return LLAMA3_BOS + head + _render_llama3(turns, add_generation_prompt)[len(LLAMA3_BOS) :]
+
+
+def _render_mistral(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """(The template has no generation prompt: a prompt ends at [/INST] either way.)"""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    turns = messages[1:] if system is not None else messages
+    out = [MISTRAL_BOS]
+    for i, m in enumerate(turns):
+        if m["role"] == "user":
+            lead = f"{system}\n\n" if system is not None and i == len(turns) - 1 else ""
+            out.append(f"[INST] {lead}{m['content']}[/INST]")
+        else:
+            out.append(f" {m['content'].strip()}{MISTRAL_EOS}")
+    return "".join(out)
+
+
+def _render_gemma3(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    lead = messages[0]["content"] + "\n\n" if messages and messages[0]["role"] == "system" else ""
+    turns = messages[1:] if lead else messages
+    out = [GEMMA_BOS]
+    for i, m in enumerate(turns):
+        role = "model" if m["role"] == "assistant" else m["role"]
+        out.append(f"<start_of_turn>{role}\n{lead if i == 0 else ''}{m['content'].strip()}<end_of_turn>\n")
+    return "".join(out) + ("<start_of_turn>model\n" if add_generation_prompt else "")
 
 
 @dataclass(frozen=True)
@@ -322,6 +424,36 @@ register(
         "<|end|>",
     )
 )
+register(
+    replace(
+        FAMILIES["llama3"],
+        name="llama3.1",
+        template=_llama31_template(FIXED_DATE),
+        render=_render_llama31,
+    )
+)
+register(
+    Family(
+        "mistral",
+        MISTRAL_TEMPLATE,
+        _render_mistral,
+        (MISTRAL_EOS, "[INST]", "[/INST]"),
+        MISTRAL_BOS + "[INST] ",
+        "\n\n",
+        bos=MISTRAL_BOS,
+    )
+)
+register(
+    Family(
+        "gemma3",
+        GEMMA3_TEMPLATE,
+        _render_gemma3,
+        ("<end_of_turn>", "<start_of_turn>"),
+        GEMMA_BOS + "<start_of_turn>user\n",
+        "\n\n",
+        bos=GEMMA_BOS,
+    )
+)
 
 # Probe conversations: what the template is checked against. Contents avoid what a template might
 # rewrite by accident (leading/trailing spaces); the last probe has reasoning in an assistant turn of
@@ -374,17 +506,20 @@ def _hf_renderer(model_dir: Path):
     compiled = _compile_jinja_template(template)
 
     def render(messages):
-        return compiled.render(messages=messages, add_generation_prompt=True, tools=None, documents=None, **special)
+        return compiled.render(
+            messages=messages, add_generation_prompt=True, tools=None, documents=None, **special, **TEMPLATE_VARS
+        )
 
     return render
 
 
 def hf_render(model_dir: str | Path, messages: list[dict]) -> str:
-    """The reference: transformers' apply_chat_template with add_generation_prompt=True."""
+    """The reference: transformers' apply_chat_template with add_generation_prompt=True (and medtune's fixed
+    template variables, chat_templates.TEMPLATE_VARS)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **TEMPLATE_VARS)
 
 
 def _match_family(family: Family, render) -> Match | None:

@@ -8,7 +8,9 @@ whose merges are every split of every token into two tokens, ranked by the joine
 Export reads such a tokenizer.json into tokens, scores (ranked so that llama.cpp merges in the tokenizer.json's
 merge order) and token types; import writes a GGUF's vocabulary back as one, merges derived from the scores.
 A normalizer or pre-tokenizer other than the space-to-"▁" replacement (with or without a leading "▁") is
-refused: llama.cpp would tokenize differently from training.
+refused: llama.cpp would tokenize differently from training. One difference is llama.cpp's own and is let
+through: with a space prefix it adds the "▁" again after every special token, where a Metaspace pre-tokenizer
+with prepend_scheme "first" (Mistral v0.3's tokenizer.json) adds it at the start of the text only.
 """
 
 from __future__ import annotations

@@ -980,3 +980,22 @@ def test_phi3_gguf_import_loads_in_transformers_and_mlx(arch_built):
     mlx_model, _ = load(str(got["imported"]))
     ours = np.array(mlx_model(mx.array([ids]))[0].astype(mx.float32))
     assert np.abs(ours - want[0].numpy()).max() < 2e-3
+
+
+@pytest.mark.parametrize("case_name, name", [("phi3", "clinic-model"), ("qwen2.5", "my-phi3-qwen")])
+def test_llama_cpp_whitespace_rule_follows_the_tokenizer_not_the_name(built, tmp_path, case_name, name):
+    """llama.cpp gives special tokens Phi-3's rstrip rule when general.name says phi3: the writer names the GGUF so
+    the rule applies exactly when the tokenizer has it, whatever name the user picked (a Phi-3.5 fine-tune called
+    "clinic-model" tokenizes as HF; a Qwen model called "my-phi3-qwen" loads and tokenizes as HF)."""
+    from medtune.export.gguf_reader import read_gguf_header
+
+    model_dir = built(case_name)["dir"]
+    result = export(model_dir, tmp_path / "out", name, quants=("f16",))
+    path = result.gguf_paths["f16"]
+    written = read_gguf_header(path)["metadata"]["general.name"]
+    assert ("phi3" in written.lower()) == (case_name == "phi3"), written
+    tok, llm = _hf_tok(model_dir), _llama(path)
+    for conv in CHATS:
+        text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        want = tok(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == want, (name, text)

@@ -9,6 +9,7 @@ written under a temporary name and renamed into place.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,6 +244,34 @@ def plan_gguf(model_dir: str | Path, outtype: str = "f16") -> Plan:
     return Plan(model_dir, cfg, arch, vocab, ckpt, tensors, outtype, file_type(outtype))
 
 
+# llama.cpp gives special tokens Phi-3's whitespace rule (each one swallows the whitespace after it, as Phi-3.5's
+# tokenizer.json marks with rstrip) when, and only when, general.name contains one of these (llama-vocab.cpp).
+_RSTRIP_NAMES = ("phi-3", "phi3")
+
+
+def _special_rstrip(model_dir: Path) -> bool:
+    """Does the tokenizer make a special token swallow the whitespace after it (Phi-3.5's added tokens)?"""
+    try:
+        tok = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    added = tok.get("added_tokens") if isinstance(tok, dict) else None
+    return any(t.get("special") and t.get("rstrip") for t in added or [] if isinstance(t, dict))
+
+
+def gguf_name(name: str, model_dir: Path) -> str:
+    """general.name such that llama.cpp applies Phi-3's whitespace rule exactly when the tokenizer has it: a name
+    is kept when it already agrees, else "phi3" is added (the rule is needed) or the marker is taken out."""
+    has_marker = any(m in name.lower() for m in _RSTRIP_NAMES)
+    needed = _special_rstrip(model_dir)
+    if needed and not has_marker:
+        return f"{name} (phi3 tokens)"
+    if has_marker and not needed:
+        for marker in _RSTRIP_NAMES:
+            name = re.sub(re.escape(marker), lambda m: m.group(0).replace("3", "_3"), name, flags=re.IGNORECASE)
+    return name
+
+
 def check_disk(out_path: Path, need: int) -> None:
     """ResourceError unless the folder of `out_path` has `need` bytes free (plus a margin)."""
     from medtune.core.resources import check_disk as check
@@ -285,7 +314,7 @@ def write_gguf(
     with fsutil.atomic_path(out_path) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch.gguf_arch())
         try:
-            w.add_name(name or plan.model_dir.name)
+            w.add_name(gguf_name(name or plan.model_dir.name, plan.model_dir))
             w.add_file_type(plan.file_type)
             if plan.outtype.startswith("q"):
                 w.add_quantization_version(gguf.GGML_QUANT_VERSION)

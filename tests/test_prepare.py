@@ -155,3 +155,37 @@ def test_prepare_takes_the_options_dataclass_and_keywords_on_top(tmp_path, smoll
     with pytest.raises(BadInput) as exc:
         prepare(SAMPLE, str(smollm2_dir), tmp_path / "c", max_seq_lenght=10)
     assert "max_seq_length" in exc.value.hint
+
+
+@pytest.mark.parametrize("name", ["llama3.1", "llama3.2", "mistral", "gemma3"])
+def test_prepare_checks_pass_on_the_new_families_templates(tmp_path, smollm2_dir, name):
+    """Records prepared through Llama 3.1/3.2's, Mistral v0.3's and Gemma 3's real templates pass prepare's checks
+    (prompt tokens a prefix, the end token once at the end, reasoning kept), and Llama 3.x's "Today Date" is
+    medtune's fixed date, recorded in the manifest, not the day prepare ran (3.2 defaults to today)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from medtune.export.chat_templates import FIXED_DATE
+
+    from families import CASES, LLAMA32_TEMPLATE, write_tokenizer
+
+    case = {**CASES["llama3.1"], "template": LLAMA32_TEMPLATE} if name == "llama3.2" else CASES[name]
+    model = tmp_path / "tok"
+    model.mkdir()
+    write_tokenizer(model, Path(smollm2_dir), case)
+    out = tmp_path / "prep"
+    tok = AutoTokenizer.from_pretrained(str(model))
+    res = prepare(SAMPLE, str(model), out, limit=12, tokenizer=tok)
+    end = {"mistral": "</s>", "gemma3": "<end_of_turn>"}.get(name, "<|eot_id|>")
+    assert res.template["end_token"] == end and res.counts["train"] > 0
+    train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert all(r["completion"].startswith("<think>\n") and end not in r["completion"] for r in train)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["template_vars"] == {"date_string": FIXED_DATE}
+    rendered = manifest["first_example"]["rendered"]
+    assert rendered.count(end) == {"mistral": 1, "gemma3": 2}.get(name, 3)  # answer; +user; +system, user
+    today = tok.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False)
+    if name.startswith("llama"):
+        assert f"Today Date: {FIXED_DATE}\n\n" in rendered
+        assert (FIXED_DATE in today) is (name == "llama3.1")  # 3.2 alone would have rendered today's date

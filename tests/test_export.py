@@ -651,3 +651,106 @@ def test_real_go_template_agrees(tiny_dir, go_ollama_render):
     got = go_ollama_render(cases)
     assert got == ours
     assert got[::2] == hf
+
+
+def _compiled(template: str):
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(template)
+
+
+# the real templates of the Llama 3.1 / 3.2, Mistral v0.3 and Gemma 3 families, with their special tokens
+_NEW_FAMILIES = {
+    "llama3.1": ("LLAMA31_TEMPLATE", {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
+    "llama3.2": ("LLAMA32_TEMPLATE", {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
+    "mistral": ("MISTRAL_V03_TEMPLATE", {"bos_token": "<s>", "eos_token": "</s>"}),
+    "gemma3": ("GEMMA3_TEMPLATE", {"bos_token": "<bos>", "eos_token": "<eos>"}),
+}
+
+
+def test_new_families_go_templates_render_as_the_real_templates(go_ollama_render):
+    """Go's own text/template, given each family's TEMPLATE as Ollama gives it the messages (a Modelfile SYSTEM
+    or a system message), builds the prompt the real HF template renders (with medtune's fixed date), BOS left
+    to the runtime; our interpreter agrees. Includes a continued assistant reply and multi-turn history."""
+    from medtune.export.chat_templates import TEMPLATE_VARS
+    from medtune.export.modelfile import FAMILIES
+
+    import families
+
+    convs = [
+        *families.CHATS,
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "A"}],
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "A"}],
+    ]
+    cases, ours, want = [], [], []
+    for name, (const, special) in _NEW_FAMILIES.items():
+        family = FAMILIES["llama3.1" if name == "llama3.2" else name]
+        hf = _compiled(getattr(families, const))
+        for conv in convs:
+            prefill = conv[-1]["role"] == "assistant"
+            text = hf.render(messages=conv, add_generation_prompt=not prefill, tools=None, **special, **TEMPLATE_VARS)
+            system = conv[0]["content"] if conv[0]["role"] == "system" else ""
+            for msgs, sys_prompt in ((conv, ""), (conv[1:], system)) if system else ((conv, ""),):
+                cases.append({"template": family.template, "system": sys_prompt, "messages": msgs})
+                ours.append(ollama_prompt(family.template, msgs, sys_prompt))
+                want.append(text[len(family.bos) :])
+            assert text.startswith(family.bos) and family.render(conv, not prefill) == text
+    got = go_ollama_render(cases)
+    assert got == ours == want
+
+
+def test_llama32_is_detected_with_the_date_fixed_everywhere(tmp_path, smollm2_dir):
+    """Llama 3.2's template defaults to today's date (strftime_now): detection renders it with medtune's fixed
+    date, so it is the llama3.1 family; the GGUF's template sets that date first, which wins over the date_string
+    llama-server passes (today)."""
+    from medtune.export.chat_templates import FIXED_DATE, with_fixed_vars
+    from medtune.export.modelfile import FAMILIES, detect_family
+
+    import families
+
+    case = {**families.CASES["llama3.1"], "template": families.LLAMA32_TEMPLATE}
+    model = tmp_path / "l32"
+    model.mkdir()
+    families.write_tokenizer(model, Path(smollm2_dir), case)
+    match = detect_family(model)
+    assert match.family.name == "llama3.1" and match.default_system is None
+    assert f"Today Date: {FIXED_DATE}\n\n" in FAMILIES["llama3.1"].template
+    conv = families.CHATS[1]
+    special = {"bos_token": "<|begin_of_text|>"}
+    gguf_text = _compiled(with_fixed_vars(case["template"])).render(
+        messages=conv, add_generation_prompt=True, date_string="01 Jan 2031", **special
+    )
+    assert gguf_text == hf_render(model, conv) == FAMILIES["llama3.1"].render(conv)
+    assert "01 Jan 2031" in _compiled(case["template"]).render(messages=conv, date_string="01 Jan 2031", **special)
+    assert with_fixed_vars(families.GEMMA3_TEMPLATE) == families.GEMMA3_TEMPLATE  # no date: unchanged
+
+
+def test_gemma3_default_template_is_detected_as_gemma3(tmp_path, smollm2_dir):
+    """medtune's own Gemma 3 template (for a gemma3 GGUF imported without one) renders as the real one on
+    text-only chats, raises on the same role orders, and is detected as the gemma3 family."""
+    from medtune.export.chat_templates import default_template
+    from medtune.export.modelfile import detect_family
+
+    import families
+
+    ours, real = _compiled(default_template("gemma3")), _compiled(families.GEMMA3_TEMPLATE)
+    convs = [
+        *families.CHATS,
+        [{"role": "system", "content": " S "}, {"role": "user", "content": [{"type": "text", "text": " q "}]}],
+    ]
+    for conv in convs:
+        for gen in (True, False):
+            assert ours.render(messages=conv, add_generation_prompt=gen, bos_token="<bos>") == real.render(
+                messages=conv, add_generation_prompt=gen, bos_token="<bos>"
+            )
+    for bad in ([{"role": "assistant", "content": "a"}], [{"role": "user", "content": "a"}] * 2):
+        for t in (ours, real):
+            with pytest.raises(Exception, match="alternate"):
+                t.render(messages=bad, add_generation_prompt=True, bos_token="<bos>")
+    assert default_template("llama") is None
+    model = tmp_path / "g3"
+    model.mkdir()
+    families.write_tokenizer(
+        model, Path(smollm2_dir), {**families.CASES["gemma3"], "template": default_template("gemma3")}
+    )
+    assert detect_family(model).family.name == "gemma3"

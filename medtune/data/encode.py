@@ -53,8 +53,10 @@ class Renderer:
 
                 self.fast = _compile_jinja_template(template)
                 self.extra = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
-                probes = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
-                          [{"role": "system", "content": "S"}, {"role": "user", "content": "Q\n2"}]]
+                probes = [
+                    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+                    [{"role": "system", "content": "S"}, {"role": "user", "content": "Q\n2"}],
+                ]
                 for p in probes:
                     for gen in (False, True):
                         if self._fast(p, gen) != self._slow(p, gen):
@@ -64,12 +66,19 @@ class Renderer:
                 self.fast = None
 
     def _slow(self, messages, add_generation_prompt):
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                            **TEMPLATE_VARS)
+        return self.tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **TEMPLATE_VARS
+        )
 
     def _fast(self, messages, add_generation_prompt):
-        return self.fast.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                                documents=None, **self.extra, **TEMPLATE_VARS)
+        return self.fast.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=None,
+            documents=None,
+            **self.extra,
+            **TEMPLATE_VARS,
+        )
 
     def __call__(self, messages, add_generation_prompt: bool = False) -> str:
         if self.fast is not None:
@@ -114,7 +123,12 @@ def with_eos(tok, record: dict, ids: list[int]) -> list[int]:
     """Plain-text records (no template, no prompt) end with eos, as mlx_lm's text dataset does; records
     rendered through a chat template already end on its end-of-turn token."""
     eos = tok.eos_token_id
-    if style_of(record) == "text" and not record.get("prompt_chars") and eos is not None and (not ids or ids[-1] != eos):
+    if (
+        style_of(record) == "text"
+        and not record.get("prompt_chars")
+        and eos is not None
+        and (not ids or ids[-1] != eos)
+    ):
         return ids + [eos]
     return ids
 

@@ -66,9 +66,11 @@ class Fields:
         if key is None:
             if required:
                 shown = self.mapping.get(name.lower(), name)
-                raise BadInput(f"missing field {shown!r}", where=self.where,
-                               hint=f"fields present: {', '.join(map(str, self.rec)) or 'none'}; "
-                                    "--map NAME=FIELD renames a field")
+                raise BadInput(
+                    f"missing field {shown!r}",
+                    where=self.where,
+                    hint=f"fields present: {', '.join(map(str, self.rec)) or 'none'}; --map NAME=FIELD renames a field",
+                )
             return None
         return self.rec[key]
 
@@ -86,8 +88,11 @@ class Fields:
         if value is None:
             return []
         if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
-            raise BadInput(f"field {self.key(name)!r} must be a list of {kind.__name__}s", where=self.where,
-                           hint="see the format's documentation in `medtune prepare --help`")
+            raise BadInput(
+                f"field {self.key(name)!r} must be a list of {kind.__name__}s",
+                where=self.where,
+                hint="see the format's documentation in `medtune prepare --help`",
+            )
         return value
 
 
@@ -119,8 +124,14 @@ def _medical_o1(f: Fields) -> list[Example]:
     return [Example(_turns(f.text("question"), f.text("response")), reasoning=f.text("complex_cot"), where=f.where)]
 
 
-register(Format("medical-o1", ("question", "complex_cot", "response"), _medical_o1,
-                "Question / Complex_CoT / Response (medical-o1-reasoning-SFT, en and zh)"))
+register(
+    Format(
+        "medical-o1",
+        ("question", "complex_cot", "response"),
+        _medical_o1,
+        "Question / Complex_CoT / Response (medical-o1-reasoning-SFT, en and zh)",
+    )
+)
 
 
 # ---- alpaca: instruction / input / output (+ system, history) --------------------------------------
@@ -130,19 +141,36 @@ def _alpaca(f: Fields) -> list[Example]:
     msgs = [{"role": "system", "content": f.text("system", required=False)}] if f.text("system", required=False) else []
     for turn in f.items("history", list, required=False):
         if len(turn) != 2 or not all(isinstance(t, str) for t in turn):
-            raise BadInput("history entries must be [instruction, output] pairs of strings", where=f.where,
-                           hint="alpaca history: [[\"previous question\", \"previous answer\"], ...]")
+            raise BadInput(
+                "history entries must be [instruction, output] pairs of strings",
+                where=f.where,
+                hint='alpaca history: [["previous question", "previous answer"], ...]',
+            )
         msgs += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
     msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": f.text("output")}]
     return [Example(msgs, where=f.where)]
 
 
-register(Format("alpaca", ("instruction", "output"), _alpaca,
-                "instruction / input / output, optional system and history", multi_turn=True))
+register(
+    Format(
+        "alpaca",
+        ("instruction", "output"),
+        _alpaca,
+        "instruction / input / output, optional system and history",
+        multi_turn=True,
+    )
+)
 
 # ---- sharegpt: conversations [{from, value}] ------------------------------------------------------
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "bot": "assistant", "model": "assistant"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "bot": "assistant",
+    "model": "assistant",
+}
 
 
 def _conversation(f: Fields, name: str, role_key: str, content_key: str, roles: dict) -> list[Example]:
@@ -152,33 +180,52 @@ def _conversation(f: Fields, name: str, role_key: str, content_key: str, roles: 
         lower = {str(k).lower(): k for k in turn}
         rk, ck = lower.get(role_key), lower.get(content_key)
         if rk is None or ck is None:
-            raise BadInput(f"{name}[{i}] needs {role_key!r} and {content_key!r}", where=f.where,
-                           hint=f"each turn looks like {{\"{role_key}\": ..., \"{content_key}\": ...}}")
+            raise BadInput(
+                f"{name}[{i}] needs {role_key!r} and {content_key!r}",
+                where=f.where,
+                hint=f'each turn looks like {{"{role_key}": ..., "{content_key}": ...}}',
+            )
         role = roles.get(str(turn[rk]).lower())
         if role is None:
-            raise BadInput(f"{name}[{i}] has unknown role {turn[rk]!r}", where=f.where,
-                           hint=f"known roles: {', '.join(sorted(roles))}")
+            raise BadInput(
+                f"{name}[{i}] has unknown role {turn[rk]!r}",
+                where=f.where,
+                hint=f"known roles: {', '.join(sorted(roles))}",
+            )
         content = expect_text(turn[ck], f"{name}[{i}].{content_key}", f.where, "turn contents must be strings")
         msgs.append({"role": role, "content": content})
     body = [m for m in msgs if m["role"] != "system"]
     if not body or body[-1]["role"] != "assistant":
-        raise BadInput(f"{name} must end with an assistant turn", where=f.where,
-                       hint="the last turn is the answer the model learns")
+        raise BadInput(
+            f"{name} must end with an assistant turn",
+            where=f.where,
+            hint="the last turn is the answer the model learns",
+        )
     if any(m["role"] == "system" for m in msgs[1:]):
         raise BadInput("a system turn may only come first", where=f.where, hint="move the system turn to the start")
     for a, b in zip(body, body[1:]):
         if a["role"] == b["role"]:
-            raise BadInput(f"two {a['role']} turns in a row in {name}", where=f.where,
-                           hint="turns must alternate user/assistant")
+            raise BadInput(
+                f"two {a['role']} turns in a row in {name}", where=f.where, hint="turns must alternate user/assistant"
+            )
     if body[0]["role"] != "user":
-        raise BadInput(f"{name} must start with a user turn (after an optional system turn)", where=f.where,
-                       hint="drop the leading assistant turn")
+        raise BadInput(
+            f"{name} must start with a user turn (after an optional system turn)",
+            where=f.where,
+            hint="drop the leading assistant turn",
+        )
     return [Example(msgs, where=f.where)]
 
 
-register(Format("sharegpt", ("conversations",),
-                lambda f: _conversation(f, "conversations", "from", "value", SHAREGPT_ROLES),
-                "conversations: [{from: human|gpt|system, value}], multi-turn", multi_turn=True))
+register(
+    Format(
+        "sharegpt",
+        ("conversations",),
+        lambda f: _conversation(f, "conversations", "from", "value", SHAREGPT_ROLES),
+        "conversations: [{from: human|gpt|system, value}], multi-turn",
+        multi_turn=True,
+    )
+)
 
 # ---- chat: messages [{role, content}] -------------------------------------------------------------
 CHAT_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
@@ -197,9 +244,14 @@ def _chat(f: Fields) -> list[Example]:
 register(Format("chat", ("messages",), _chat, "messages: [{role, content}] (OpenAI chat)", multi_turn=True))
 
 # ---- completions: prompt / completion -------------------------------------------------------------
-register(Format("completions", ("prompt", "completion"),
-                lambda f: [Example(_turns(f.text("prompt"), f.text("completion")), where=f.where)],
-                "prompt / completion"))
+register(
+    Format(
+        "completions",
+        ("prompt", "completion"),
+        lambda f: [Example(_turns(f.text("prompt"), f.text("completion")), where=f.where)],
+        "prompt / completion",
+    )
+)
 
 # ---- text: plain text -----------------------------------------------------------------------------
 register(Format("text", ("text",), lambda f: [Example([], where=f.where, text=f.text("text"))], "text"))
@@ -213,8 +265,14 @@ def _cmedqa2(f: Fields) -> list[Example]:
     return [Example(_turns(question, a), where=f.where) for a in (answers[:1] if first_only else answers)]
 
 
-register(Format("cmedqa2", ("question_id", "question", "answers"), _cmedqa2,
-                "cMedQA2: question.csv (question_id, content) + answer.csv (ans_id, question_id, content)"))
+register(
+    Format(
+        "cmedqa2",
+        ("question_id", "question", "answers"),
+        _cmedqa2,
+        "cMedQA2: question.csv (question_id, content) + answer.csv (ans_id, question_id, content)",
+    )
+)
 
 
 def detect(record: dict, where: str, mapping: dict[str, str] | None = None) -> Format:
@@ -227,8 +285,9 @@ def detect(record: dict, where: str, mapping: dict[str, str] | None = None) -> F
     raise BadInput(
         f"cannot tell the dataset format from fields {sorted(map(str, record))}",
         where=where,
-        hint="known formats: " + "; ".join(f"{x.name} ({x.description})" for x in REGISTRY.values())
-             + ". Use --format NAME and --map NAME=FIELD for other schemas",
+        hint="known formats: "
+        + "; ".join(f"{x.name} ({x.description})" for x in REGISTRY.values())
+        + ". Use --format NAME and --map NAME=FIELD for other schemas",
     )
 
 
@@ -237,8 +296,10 @@ def get(name: str) -> Format:
         import difflib
 
         close = difflib.get_close_matches(name, list(REGISTRY), n=1)
-        raise BadInput(f"--format: unknown format {name!r}",
-                       hint=(f"did you mean {close[0]!r}? " if close else "") + f"known formats: {', '.join(REGISTRY)}")
+        raise BadInput(
+            f"--format: unknown format {name!r}",
+            hint=(f"did you mean {close[0]!r}? " if close else "") + f"known formats: {', '.join(REGISTRY)}",
+        )
     return REGISTRY[name]
 
 

@@ -18,11 +18,16 @@ ANSWERS = ("all", "first")
 
 @dataclass
 class PrepareOptions:
-    fmt: str | None = option(None, "medical-o1, alpaca, sharegpt, chat, completions, text, cmedqa2; detected from the "
-                                   "fields if omitted.", flags=("--format",), aliases=("format",))
+    fmt: str | None = option(
+        None,
+        "medical-o1, alpaca, sharegpt, chat, completions, text, cmedqa2; detected from the fields if omitted.",
+        flags=("--format",),
+        aliases=("format",),
+    )
     # a NAME=FIELD,... string, or (from the library) a dict {name: field}
-    mapping: str | dict | None = option(None, "Rename fields: question=Q,response=A.", flags=("--map",),
-                                        aliases=("map",), cli_type=Optional[str])
+    mapping: str | dict | None = option(
+        None, "Rename fields: question=Q,response=A.", flags=("--map",), aliases=("map",), cli_type=Optional[str]
+    )
     style: str = option("auto", f"{' | '.join(STYLES)}: the records' shape.")
     reasoning: str = option("think", f"{' | '.join(REASONING_MODES)}: where the chain of thought goes.")
     valid_ratio: float = option(0.1, "Fraction for valid.jsonl.")
@@ -34,8 +39,9 @@ class PrepareOptions:
     sample: int | None = option(None, "Use N examples drawn at random (seeded).")
     answers: str = option("all", "cMedQA2: all (one example per answer) | first.")
     skip_invalid: bool = option(False, "Count and drop bad records instead of stopping.", flags=("--skip-invalid",))
-    token_stats: bool = option(True, "Tokenize and check every record (default), or only a sample.",
-                               flags=("--token-stats/--no-token-stats",))
+    token_stats: bool = option(
+        True, "Tokenize and check every record (default), or only a sample.", flags=("--token-stats/--no-token-stats",)
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,16 +51,21 @@ class PrepareOptions:
         more, or a count below 1."""
         from medtune.core.errors import BadInput
 
-        for name, value, allowed in (("--reasoning", self.reasoning, REASONING_MODES),
-                                     ("--overlong", self.overlong, OVERLONG_MODES),
-                                     ("--style", self.style, STYLES), ("--answers", self.answers, ANSWERS)):
+        for name, value, allowed in (
+            ("--reasoning", self.reasoning, REASONING_MODES),
+            ("--overlong", self.overlong, OVERLONG_MODES),
+            ("--style", self.style, STYLES),
+            ("--answers", self.answers, ANSWERS),
+        ):
             if value not in allowed:
-                raise BadInput(f"{name} must be one of {', '.join(allowed)}, not {value!r}",
-                               hint=f"e.g. {name} {allowed[0]}")
+                raise BadInput(
+                    f"{name} must be one of {', '.join(allowed)}, not {value!r}", hint=f"e.g. {name} {allowed[0]}"
+                )
         v, t = self.valid_ratio, self.test_ratio
         if not (0 <= v < 1 and 0 <= t < 1 and v + t < 1):
-            raise BadInput("--valid-ratio and --test-ratio must be in [0, 1) and sum below 1",
-                           hint="e.g. --valid-ratio 0.1")
+            raise BadInput(
+                "--valid-ratio and --test-ratio must be in [0, 1) and sum below 1", hint="e.g. --valid-ratio 0.1"
+            )
         counts = (("--limit", self.limit), ("--sample", self.sample), ("--max-seq-length", self.max_seq_length))
         for name, value in counts:
             if value is not None and value < 1:

@@ -49,9 +49,17 @@ class PrepareResult:
     manifest: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"out": str(self.out) if self.out else None, "counts": self.counts, "format": self.format,
-                "style": self.style, "template": self.template, "tokens": self.tokens, "example": self.example,
-                "notes": self.notes, "files": self.files}
+        return {
+            "out": str(self.out) if self.out else None,
+            "counts": self.counts,
+            "format": self.format,
+            "style": self.style,
+            "template": self.template,
+            "tokens": self.tokens,
+            "example": self.example,
+            "notes": self.notes,
+            "files": self.files,
+        }
 
 
 def clean(text: str, controls: bool = True) -> str:
@@ -84,8 +92,14 @@ def _stats(lengths: list[int]) -> dict:
     if not lengths:
         return {}
     s = sorted(lengths)
-    return {"min": s[0], "median": int(statistics.median(s)), "p95": s[min(len(s) - 1, int(0.95 * len(s)))],
-            "max": s[-1], "mean": round(sum(s) / len(s), 1), "total": sum(s)}
+    return {
+        "min": s[0],
+        "median": int(statistics.median(s)),
+        "p95": s[min(len(s) - 1, int(0.95 * len(s)))],
+        "max": s[-1],
+        "mean": round(sum(s) / len(s), 1),
+        "total": sum(s),
+    }
 
 
 def _check_out(out: Path) -> None:
@@ -94,8 +108,11 @@ def _check_out(out: Path) -> None:
     if out.is_dir():
         foreign = [p.name for p in out.iterdir() if p.name not in OUTPUT_FILES]
         if foreign:
-            raise BadInput(f"--out folder holds files prepare did not write: {', '.join(sorted(foreign)[:3])}",
-                           where=str(out), hint="use an empty or new folder; prepare replaces the whole folder")
+            raise BadInput(
+                f"--out folder holds files prepare did not write: {', '.join(sorted(foreign)[:3])}",
+                where=str(out),
+                hint="use an empty or new folder; prepare replaces the whole folder",
+            )
 
 
 def _clean_example(ex: formats.Example, controls: bool = True) -> str | None:
@@ -137,23 +154,35 @@ def _choose_style(style: str, examples, info: render.TemplateInfo, reasoning: st
         return "text"
     if info.strips_think and has_reasoning:
         if style in ("completions", "chat"):
-            raise BadInput(f"this model's chat template deletes <think> blocks from assistant turns: --style {style} "
-                           "would train without the reasoning", hint="use --style text (the default here), or --reasoning inline/drop")
-        notes.append("the chat template deletes <think> blocks from assistant turns, so records are written "
-                     "pre-rendered (--style text) with the reasoning kept and the prompt masked")
+            raise BadInput(
+                f"this model's chat template deletes <think> blocks from assistant turns: --style {style} "
+                "would train without the reasoning",
+                hint="use --style text (the default here), or --reasoning inline/drop",
+            )
+        notes.append(
+            "the chat template deletes <think> blocks from assistant turns, so records are written "
+            "pre-rendered (--style text) with the reasoning kept and the prompt masked"
+        )
         return "text"
     if not info.prompt_is_prefix:
         if style in ("completions", "chat"):
-            raise BadInput(f"this model's chat template ends its generation prompt with text its assistant turns "
-                           f"do not start with: --style {style} would train on another prompt than the one the "
-                           "model gets", hint="use --style text (the default here)")
-        notes.append("the chat template's generation prompt is not where its assistant turns start, so records "
-                     "are written pre-rendered (--style text) from the generation prompt, prompt masked")
+            raise BadInput(
+                f"this model's chat template ends its generation prompt with text its assistant turns "
+                f"do not start with: --style {style} would train on another prompt than the one the "
+                "model gets",
+                hint="use --style text (the default here)",
+            )
+        notes.append(
+            "the chat template's generation prompt is not where its assistant turns start, so records "
+            "are written pre-rendered (--style text) from the generation prompt, prompt masked"
+        )
         return "text"
     if style != "auto":
         if style == "completions" and any(len(ex.messages) != 2 for ex in examples):
-            raise BadInput("some records have a system prompt or several turns, which --style completions cannot hold",
-                           hint="use --style chat (the default for such data)")
+            raise BadInput(
+                "some records have a system prompt or several turns, which --style completions cannot hold",
+                hint="use --style chat (the default for such data)",
+            )
         return style
     return "completions" if all(len(ex.messages) == 2 for ex in examples) else "chat"
 
@@ -176,27 +205,40 @@ def _check(info, full_text, prompt_text, full_ids, head_ids, reasoning_text, whe
     """Every promise about one rendered record; raises RecordError naming the record."""
     err = sources.RecordError
     if not full_text.startswith(prompt_text) or full_ids[: len(head_ids)] != head_ids:
-        raise err("the prompt's tokens are not a prefix of the rendered record", where=where,
-                  hint="the chat template renders the prompt differently on its own; prompt masking would be wrong")
-    answer_ids = full_ids[len(head_ids):]
+        raise err(
+            "the prompt's tokens are not a prefix of the rendered record",
+            where=where,
+            hint="the chat template renders the prompt differently on its own; prompt masking would be wrong",
+        )
+    answer_ids = full_ids[len(head_ids) :]
     hits = [i for i, t in enumerate(answer_ids) if t == info.end_token_id]
     if len(hits) != 1:
-        raise err(f"end-of-turn token {info.end_token!r} appears {len(hits)} times in the answer, expected once",
-                  where=where, hint="remove end tokens from the record's text; the chat template adds it")
-    tail = full_text[len(prompt_text):]
-    after = tail[tail.rfind(info.end_token) + len(info.end_token):]
+        raise err(
+            f"end-of-turn token {info.end_token!r} appears {len(hits)} times in the answer, expected once",
+            where=where,
+            hint="remove end tokens from the record's text; the chat template adds it",
+        )
+    tail = full_text[len(prompt_text) :]
+    after = tail[tail.rfind(info.end_token) + len(info.end_token) :]
     if after.strip():
-        raise err(f"text after the end-of-turn token: {after[:40]!r}", where=where,
-                  hint="the chat template renders something after the answer's end token")
+        raise err(
+            f"text after the end-of-turn token: {after[:40]!r}",
+            where=where,
+            hint="the chat template renders something after the answer's end token",
+        )
     if reasoning_text and reasoning_text[:48] not in tail:
-        raise err("the reasoning is missing from the rendered record", where=where,
-                  hint="the chat template strips it; use --reasoning inline or --style text")
+        raise err(
+            "the reasoning is missing from the rendered record",
+            where=where,
+            hint="the chat template strips it; use --reasoning inline or --style text",
+        )
 
 
 @dataclass
 class _Tally:
     """What the steps met on the way: records read, what was dropped and why (in the order met), notes for the user.
     A bad record stops the run, unless skip_invalid: then it is counted."""
+
     skip_invalid: bool
     read: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -212,6 +254,7 @@ class _Tally:
 @dataclass
 class _Template:
     """The model's tokenizer, its chat template compiled for rendering, and what that template does."""
+
     tok: Any
     renderer: encode.Renderer
     info: render.TemplateInfo
@@ -226,14 +269,24 @@ class _Template:
 class _Records:
     """The examples still in the running and the records made of them (same order); once tokenized, each checked
     record's length in tokens (-1: it failed the rendering checks and was dropped under skip_invalid)."""
+
     examples: list
     rows: list
     lengths: dict = field(default_factory=dict)
 
 
 @_holds_lock("out")  # one writer per output folder (medtune.core.lock)
-def prepare(dataset, model, out=None, opts: PrepareOptions | None = None, *, dry_run: bool = False, tokenizer=None,
-            progress=None, **fields) -> PrepareResult:
+def prepare(
+    dataset,
+    model,
+    out=None,
+    opts: PrepareOptions | None = None,
+    *,
+    dry_run: bool = False,
+    tokenizer=None,
+    progress=None,
+    **fields,
+) -> PrepareResult:
     """Convert `dataset` for `model` (a spec or folder) and write it to `out` (unless dry_run).
 
     opts: the PrepareOptions; keywords (fmt=..., max_seq_length=..., or the old names format=, map=) set fields on
@@ -265,8 +318,12 @@ def prepare(dataset, model, out=None, opts: PrepareOptions | None = None, *, dry
     result = _result(out if writing else None, fmt.name, style, recs, keep, splits, tpl, opts, tally)
     if not writing:
         return result
-    inputs = {"dataset": str(dataset), "kind": resolved.kind, "sha256": digests.result(),
-              "model": model_ref.to_dict() if model_ref else {"path": str(model_path)}}
+    inputs = {
+        "dataset": str(dataset),
+        "kind": resolved.kind,
+        "sha256": digests.result(),
+        "model": model_ref.to_dict() if model_ref else {"path": str(model_path)},
+    }
     plain_text = recs.examples[0].text is not None
     result.manifest = _manifest(result, opts, mapping, inputs, len(checked), plain_text)
     result.files = write_outputs(out, splits, result.manifest)
@@ -291,8 +348,9 @@ def _hash_meanwhile(files):
     return digests
 
 
-def read_examples(dataset, resolved: sources.Resolved, opts: PrepareOptions, mapping: dict, tally: _Tally,
-                  progress=None) -> tuple[formats.Format, list[formats.Example]]:
+def read_examples(
+    dataset, resolved: sources.Resolved, opts: PrepareOptions, mapping: dict, tally: _Tally, progress=None
+) -> tuple[formats.Format, list[formats.Example]]:
     """Read the records, convert them with the format (opts.fmt, or detected from the first record), clean them and
     drop the empty and repeated ones, up to opts.limit examples: (the format, the examples)."""
     fmt = formats.get(opts.fmt) if opts.fmt else None
@@ -317,13 +375,15 @@ def read_examples(dataset, resolved: sources.Resolved, opts: PrepareOptions, map
             tally.dropped["no answer"] += 1
         examples += _clean_and_new(converted, rec.controls, seen, tally)
         if opts.limit and len(examples) >= opts.limit:
-            examples = examples[:opts.limit]
+            examples = examples[: opts.limit]
             break
     if progress:
         progress.update(task, completed=tally.read, total=tally.read)
     if not examples:
-        raise BadInput(f"no usable records in {dataset} (read {tally.read}, dropped {dict(tally.dropped) or 'none'})",
-                       hint="check the fields (--format, --map) and that they are not empty")
+        raise BadInput(
+            f"no usable records in {dataset} (read {tally.read}, dropped {dict(tally.dropped) or 'none'})",
+            hint="check the fields (--format, --map) and that they are not empty",
+        )
     return fmt, examples
 
 
@@ -360,9 +420,14 @@ def to_records(examples: list, style: str, reasoning: str, tpl: _Template, tally
     for ex in examples:
         texts = [m["content"] for m in ex.messages] + [ex.reasoning, ex.text or ""]
         if any(end in t for t in texts):
-            tally.invalid(sources.RecordError(f"the record's text contains the end-of-turn token {end!r}", where=ex.where,
-                                              hint="remove it: the chat template adds it where it belongs"),
-                          "contains the end-of-turn token")
+            tally.invalid(
+                sources.RecordError(
+                    f"the record's text contains the end-of-turn token {end!r}",
+                    where=ex.where,
+                    hint="remove it: the chat template adds it where it belongs",
+                ),
+                "contains the end-of-turn token",
+            )
             continue
         rows.append(_to_record(ex, style, reasoning, tpl.info, tpl.renderer))
         kept.append(ex)
@@ -380,14 +445,15 @@ def _indices_to_check(n: int, token_stats: bool, seed: int) -> list[int]:
     return sorted(set(range(first)) | set(random.Random(seed).sample(rest, min(CHECK_SAMPLE // 2, len(rest)))))
 
 
-def tokenize_and_check(recs: _Records, indices: list[int], tpl: _Template, reasoning: str, tally: _Tally,
-                       progress=None) -> dict[int, int]:
+def tokenize_and_check(
+    recs: _Records, indices: list[int], tpl: _Template, reasoning: str, tally: _Tally, progress=None
+) -> dict[int, int]:
     """Render and tokenize the records at `indices` in batches, check each one (_check), and return their lengths
     in tokens (-1 for one that failed the checks under skip_invalid)."""
     lengths: dict[int, int] = {}
     task = progress.add_task("tokenizing", total=len(indices)) if progress else None
     for start in range(0, len(indices), CHUNK):
-        chunk = indices[start:start + CHUNK]
+        chunk = indices[start : start + CHUNK]
         pairs, full_ids, head_ids = encode.render_and_encode(tpl.tok, tpl.renderer, [recs.rows[i] for i in chunk])
         for i, (full_text, prompt_text), ids, head in zip(chunk, pairs, full_ids, head_ids):
             ex = recs.examples[i]
@@ -420,23 +486,33 @@ def within_length(recs: _Records, opts: PrepareOptions, tally: _Tally, dataset) 
             if longest is None or length > longest[0]:
                 longest = (length, recs.examples[i].where)
             if opts.overlong == "error":
-                raise BadInput(f"record is {length} tokens, over --max-seq-length {opts.max_seq_length}",
-                               where=recs.examples[i].where, hint="raise --max-seq-length, or --overlong drop")
+                raise BadInput(
+                    f"record is {length} tokens, over --max-seq-length {opts.max_seq_length}",
+                    where=recs.examples[i].where,
+                    hint="raise --max-seq-length, or --overlong drop",
+                )
             if opts.overlong == "drop":
                 tally.dropped["over max_seq_length"] += 1
                 continue
-            tally.notes.append("--overlong keep: some records exceed --max-seq-length; training refuses them unless "
-                               "its --max-seq-length is raised")
+            tally.notes.append(
+                "--overlong keep: some records exceed --max-seq-length; training refuses them unless "
+                "its --max-seq-length is raised"
+            )
         keep.append(i)
     if keep:
         return keep
     dropped = tally.dropped
     if longest is not None:
-        raise BadInput(f"no records left: {dropped['over max_seq_length']} dropped for being over --max-seq-length "
-                       f"{opts.max_seq_length}; this one is {longest[0]} tokens", where=longest[1],
-                       hint=f"raise --max-seq-length, or split such records (dropped: {dict(dropped)})")
-    raise BadInput(f"no records left in {dataset} after the length and rendering checks",
-                   hint=f"dropped: {dict(dropped)}; raise --max-seq-length?")
+        raise BadInput(
+            f"no records left: {dropped['over max_seq_length']} dropped for being over --max-seq-length "
+            f"{opts.max_seq_length}; this one is {longest[0]} tokens",
+            where=longest[1],
+            hint=f"raise --max-seq-length, or split such records (dropped: {dict(dropped)})",
+        )
+    raise BadInput(
+        f"no records left in {dataset} after the length and rendering checks",
+        hint=f"dropped: {dict(dropped)}; raise --max-seq-length?",
+    )
 
 
 def split(recs: _Records, keep: list[int], opts: PrepareOptions) -> dict[str, list[dict]]:
@@ -451,22 +527,50 @@ def split(recs: _Records, keep: list[int], opts: PrepareOptions) -> dict[str, li
     return splits
 
 
-def _result(out: Path | None, fmt: str, style: str, recs: _Records, keep: list[int], splits: dict, tpl: _Template,
-            opts: PrepareOptions, tally: _Tally) -> PrepareResult:
+def _result(
+    out: Path | None,
+    fmt: str,
+    style: str,
+    recs: _Records,
+    keep: list[int],
+    splits: dict,
+    tpl: _Template,
+    opts: PrepareOptions,
+    tally: _Tally,
+) -> PrepareResult:
     """The counts, the token statistics and the first kept record as the model sees it."""
     first = keep[0]
     full_text, prompt_text = encode.texts(recs.rows[first], tpl.renderer)
-    example = {"where": recs.examples[first].where, "record": recs.rows[first], "rendered": full_text,
-               "prompt_chars": len(prompt_text), "tokens": recs.lengths.get(first)}
-    counts = {"read": tally.read, "examples": len(recs.examples), "kept": len(keep), "dropped": dict(tally.dropped),
-              **{k: len(v) for k, v in splits.items()}}
+    example = {
+        "where": recs.examples[first].where,
+        "record": recs.rows[first],
+        "rendered": full_text,
+        "prompt_chars": len(prompt_text),
+        "tokens": recs.lengths.get(first),
+    }
+    counts = {
+        "read": tally.read,
+        "examples": len(recs.examples),
+        "kept": len(keep),
+        "dropped": dict(tally.dropped),
+        **{k: len(v) for k, v in splits.items()},
+    }
     tokens = _stats([recs.lengths[i] for i in keep if i in recs.lengths]) if opts.token_stats else {}
-    return PrepareResult(out=out, counts=counts, format=fmt, style=style, template=tpl.info.to_dict(), tokens=tokens,
-                         example=example, notes=list(dict.fromkeys(tally.notes)))
+    return PrepareResult(
+        out=out,
+        counts=counts,
+        format=fmt,
+        style=style,
+        template=tpl.info.to_dict(),
+        tokens=tokens,
+        example=example,
+        notes=list(dict.fromkeys(tally.notes)),
+    )
 
 
-def _manifest(result: PrepareResult, opts: PrepareOptions, mapping: dict, inputs: dict, n_checked: int,
-              plain_text: bool) -> dict:
+def _manifest(
+    result: PrepareResult, opts: PrepareOptions, mapping: dict, inputs: dict, n_checked: int, plain_text: bool
+) -> dict:
     """What was read (with content hashes), with which options and package versions, and what came of it. The
     options under their manifest names: format (the one used), map (parsed), style (the one chosen)."""
     rest = {k: v for k, v in opts.to_dict().items() if k not in ("fmt", "mapping", "style")}

@@ -51,14 +51,20 @@ class RecordError(BadInput):
 # ---- text decoding --------------------------------------------------------------------------------
 def decode(raw: bytes, path: Path) -> str:
     if b"\x00" in raw[:8192]:
-        raise BadInput("file looks binary (NUL bytes), not text", where=str(path),
-                       hint="pass a UTF-8 .json, .jsonl or .csv file (or .parquet)")
+        raise BadInput(
+            "file looks binary (NUL bytes), not text",
+            where=str(path),
+            hint="pass a UTF-8 .json, .jsonl or .csv file (or .parquet)",
+        )
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise BadInput(f"not valid UTF-8 (byte {exc.start})", where=f"{path}:{line}",
-                       hint="re-save the file as UTF-8 (e.g. iconv -f GBK -t UTF-8 in > out)") from exc
+        raise BadInput(
+            f"not valid UTF-8 (byte {exc.start})",
+            where=f"{path}:{line}",
+            hint="re-save the file as UTF-8 (e.g. iconv -f GBK -t UTF-8 in > out)",
+        ) from exc
     if b"\r" in raw:  # searched in the bytes: on a wide str the same search is ~10x slower
         text = text.replace("\r\n", "\n")
     return text
@@ -89,7 +95,7 @@ def read_file(path: Path) -> Iterator[Record | RecordError]:
 
 def _first_char(text: str) -> str:
     m = _LEADING_SPACE.match(text)
-    return text[m.end():m.end() + 1]
+    return text[m.end() : m.end() + 1]
 
 
 _LEADING_SPACE = re.compile(r"\s*")
@@ -102,13 +108,19 @@ def _json(text: str, path: Path, controls: bool = True) -> Iterator[Record]:
         if path.suffix.lower() != ".json":  # an unsuffixed file that is really JSON Lines
             yield from _jsonl(text, path, controls)
             return
-        raise BadInput(f"invalid JSON: {exc.msg}", where=f"{path}:{exc.lineno}:{exc.colno}",
-                       hint="fix the file, or save it as JSON Lines (.jsonl), one object per line") from exc
+        raise BadInput(
+            f"invalid JSON: {exc.msg}",
+            where=f"{path}:{exc.lineno}:{exc.colno}",
+            hint="fix the file, or save it as JSON Lines (.jsonl), one object per line",
+        ) from exc
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise BadInput("a JSON object must hold exactly one list of records", where=str(path),
-                           hint="use a JSON array of objects, or JSON Lines")
+            raise BadInput(
+                "a JSON object must hold exactly one list of records",
+                where=str(path),
+                hint="use a JSON array of objects, or JSON Lines",
+            )
         obj = lists[0]
     if not isinstance(obj, list):
         raise BadInput("JSON top level is not a list of records", where=str(path), hint="use a JSON array of objects")
@@ -131,8 +143,11 @@ def _jsonl(text: str, path: Path, controls: bool = True) -> Iterator[Record]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield RecordError(f"invalid JSON on this line: {exc.msg} (column {exc.colno})", where=f"{path}:{n}",
-                              hint="fix or delete that line (or --skip-invalid); each line must be one JSON object")
+            yield RecordError(
+                f"invalid JSON on this line: {exc.msg} (column {exc.colno})",
+                where=f"{path}:{n}",
+                hint="fix or delete that line (or --skip-invalid); each line must be one JSON object",
+            )
             continue
         yield _object(item, f"{path}:{n}", controls, "line holds a", "each line must be one JSON object")
 
@@ -146,8 +161,11 @@ def _csv(text: str, path: Path, delimiter: str, controls: bool = True) -> Iterat
         raise BadInput(f"bad CSV header: {exc}", where=f"{path}:1", hint="check the quoting of the first line") from exc
     header = [h.strip() for h in header]
     if len(set(header)) != len(header) or not all(header):
-        raise BadInput(f"CSV header has empty or repeated column names: {header}", where=f"{path}:1",
-                       hint="every column needs a unique name")
+        raise BadInput(
+            f"CSV header has empty or repeated column names: {header}",
+            where=f"{path}:1",
+            hint="every column needs a unique name",
+        )
     start = reader.line_num + 1
     while True:
         try:
@@ -155,14 +173,20 @@ def _csv(text: str, path: Path, delimiter: str, controls: bool = True) -> Iterat
         except StopIteration:
             return
         except csv.Error as exc:
-            raise BadInput(f"malformed CSV: {exc}", where=f"{path}:{start}",
-                           hint="look for an unbalanced double quote on or after this line; quotes inside a field are doubled (\"\")") from exc
+            raise BadInput(
+                f"malformed CSV: {exc}",
+                where=f"{path}:{start}",
+                hint='look for an unbalanced double quote on or after this line; quotes inside a field are doubled ("")',
+            ) from exc
         where, start = f"{path}:{start}", reader.line_num + 1
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != len(header):
-            yield RecordError(f"row has {len(row)} columns, the header has {len(header)}", where=where,
-                              hint="quote fields that contain the delimiter")
+            yield RecordError(
+                f"row has {len(row)} columns, the header has {len(header)}",
+                where=where,
+                hint="quote fields that contain the delimiter",
+            )
             continue
         yield Record(dict(zip(header, row)), where, controls)
 
@@ -174,8 +198,9 @@ def _parquet(path: Path) -> Iterator[Record]:
     try:
         pf = pq.ParquetFile(str(path))
     except Exception as exc:  # pyarrow raises ArrowInvalid and friends
-        raise BadInput(f"not a readable parquet file ({str(exc).splitlines()[0]})", where=str(path),
-                       hint="check the download") from exc
+        raise BadInput(
+            f"not a readable parquet file ({str(exc).splitlines()[0]})", where=str(path), hint="check the download"
+        ) from exc
     i = 0
     for batch in pf.iter_batches(batch_size=4096):
         for row in batch.to_pylist():
@@ -202,12 +227,15 @@ def read_cmedqa2(questions: Path, answers: Path) -> Iterator[Record]:
             lower = {k.lower(): v for k, v in rec.data.items()}
             missing = [c for c in need if c not in lower]
             if missing:
-                raise BadInput(f"column {missing[0]!r} missing", where=f"{path}:1",
-                               hint=f"cMedQA2 {path.name} has columns: {', '.join(need)}")
+                raise BadInput(
+                    f"column {missing[0]!r} missing",
+                    where=f"{path}:1",
+                    hint=f"cMedQA2 {path.name} has columns: {', '.join(need)}",
+                )
             yield rec.where, lower
 
     by_q: dict[str, list[str]] = {}
-    for where, row in rows(answers, ("ans_id", "question_id", "content")):
+    for _where, row in rows(answers, ("ans_id", "question_id", "content")):
         by_q.setdefault(row["question_id"].strip(), []).append(row["content"])
     for where, row in rows(questions, ("question_id", "content")):
         qid = row["question_id"].strip()
@@ -217,10 +245,17 @@ def read_cmedqa2(questions: Path, answers: Path) -> Iterator[Record]:
 # ---- everything local ------------------------------------------------------------------------------
 def data_files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
-            raise BadInput(f"no dataset files ({', '.join(SUFFIXES)}) in folder {path}", hint="pass a file or a folder of them")
+            raise BadInput(
+                f"no dataset files ({', '.join(SUFFIXES)}) in folder {path}", hint="pass a file or a folder of them"
+            )
         return files
     return [path]
 
@@ -234,8 +269,9 @@ def read_local(path: Path) -> Iterator[Record]:
         return
     for f in data_files(path):
         if f.suffix.lower() not in SUFFIXES:
-            raise BadInput(f"unsupported file type {f.suffix or '(none)'}", where=str(f),
-                           hint=f"use one of {', '.join(SUFFIXES)}")
+            raise BadInput(
+                f"unsupported file type {f.suffix or '(none)'}", where=str(f), hint=f"use one of {', '.join(SUFFIXES)}"
+            )
         yield from read_file(f)
 
 
@@ -280,8 +316,11 @@ def select_hf_files(root: Path, config: str | None, split: str | None, spec: str
         if config is None:
             chosen = next((c for c in configs if c.get("default")), None) or (configs[0] if len(configs) == 1 else None)
             if chosen is None:
-                raise BadInput(f"dataset has several configs: {', '.join(names)}", where=spec,
-                               hint=f"choose one: hf:ORG/NAME:{names[0]}")
+                raise BadInput(
+                    f"dataset has several configs: {', '.join(names)}",
+                    where=spec,
+                    hint=f"choose one: hf:ORG/NAME:{names[0]}",
+                )
         else:
             chosen = next((c for c in configs if c.get("config_name", "default") == config), None)
             if chosen is None:
@@ -299,8 +338,11 @@ def select_hf_files(root: Path, config: str | None, split: str | None, spec: str
         if split is None:
             split = "train" if "train" in splits else next(iter(splits), None)
         if split not in splits:
-            raise BadInput(f"no split {split!r} in config {chosen.get('config_name', 'default')!r}", where=spec,
-                           hint=f"splits: {', '.join(splits)}")
+            raise BadInput(
+                f"no split {split!r} in config {chosen.get('config_name', 'default')!r}",
+                where=spec,
+                hint=f"splits: {', '.join(splits)}",
+            )
         patterns = splits[split]
     candidates = [p for p in data_files(root)]
     rel = {p: p.relative_to(root).as_posix() for p in candidates}
@@ -313,8 +355,11 @@ def select_hf_files(root: Path, config: str | None, split: str | None, spec: str
         if split:
             found = [p for p in found if split in p.stem or f"/{split}" in rel[p]] or []
     if not found:
-        raise BadInput("no data files match this dataset config/split", where=spec,
-                       hint="list the repo's files, then pass hf:ORG/NAME[:config][@split]")
+        raise BadInput(
+            "no data files match this dataset config/split",
+            where=spec,
+            hint="list the repo's files, then pass hf:ORG/NAME[:config][@split]",
+        )
     return found
 
 
@@ -335,7 +380,9 @@ def resolve(spec: str | Path) -> Resolved:
     if s.startswith("hf:"):
         m = HF_SPEC.match(s)
         if not m:
-            raise BadInput(f"bad Hub dataset spec {s!r}", hint="hf:ORG/NAME, hf:ORG/NAME:config, hf:ORG/NAME:config@split")
+            raise BadInput(
+                f"bad Hub dataset spec {s!r}", hint="hf:ORG/NAME, hf:ORG/NAME:config, hf:ORG/NAME:config@split"
+            )
         from medtune.core.safety import check_hub_id
 
         root = _hf_download(check_hub_id(m["repo"], "dataset"))

@@ -754,3 +754,29 @@ def test_gemma3_default_template_is_detected_as_gemma3(tmp_path, smollm2_dir):
         model, Path(smollm2_dir), {**families.CASES["gemma3"], "template": default_template("gemma3")}
     )
     assert detect_family(model).family.name == "gemma3"
+
+
+@pytest.mark.parametrize("which", ["llama3.2", "gemma3-default"])
+def test_llama_server_renders_the_fixed_date_and_our_gemma_template(tmp_path, smollm2_dir, which):
+    """llama.cpp's own Jinja engine (llama-server --jinja, /apply-template) renders the exported GGUF's template
+    as HF renders the folder's for training: Llama 3.2's with medtune's fixed date although llama-server passes
+    today's, and medtune's own Gemma 3 template."""
+    from medtune.export.chat_templates import FIXED_DATE, default_template
+    from medtune.runtimes.llama_server import LlamaServer
+
+    import families
+
+    if which == "llama3.2":
+        case = {**families.CASES["llama3.1"], "template": families.LLAMA32_TEMPLATE}
+    else:
+        case = {**families.CASES["gemma3"], "template": default_template("gemma3")}
+    model = families.make_model(tmp_path / "hf", Path(smollm2_dir), case)
+    res = export(model, tmp_path / "out", "t", quants=("f32",))
+    assert res.family == ("llama3.1" if which == "llama3.2" else "gemma3") and not res.warnings
+    convs = [*families.CHATS[:3], [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}]]
+    bos = case["post_bos"]
+    with LlamaServer(res.gguf_paths["f32"], ctx=512) as srv:
+        for conv in convs:
+            want = hf_render(model, conv)
+            assert want.startswith(bos) and srv.apply_template(conv) == want[len(bos) :]  # BOS: the runtime's
+    assert (f"Today Date: {FIXED_DATE}\n" in hf_render(model, convs[0])) is (which == "llama3.2")

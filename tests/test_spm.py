@@ -178,6 +178,21 @@ def test_gemma_split_on_space_pre_tokenizer_is_accepted(tmp_path):
     assert vocab.add_space_prefix is True and vocab.tokens == _tiny_meta()["tokenizer.ggml.tokens"]
 
 
+def test_merges_making_an_added_token_are_left_to_the_added_token(tmp_path):
+    """transformers writes merges for SentencePiece's user-defined pieces too (Gemma's "▁▁", score 0, so first):
+    they never apply, the token is written with spaces (llama.cpp finds it in the raw text) and scored -1000."""
+
+    def add_space_run(tok):
+        n = len(tok["model"]["vocab"])
+        tok["model"]["vocab"]["▁▁"] = n
+        tok["added_tokens"].append({"id": n, "content": "▁▁", "special": False, "normalized": True})
+        tok["model"]["merges"].insert(0, ["▁", "▁"])
+
+    vocab = read_vocab(_edited(tmp_path, add_space_run))
+    assert vocab.tokens[-1] == "  " and vocab.token_types[-1] == USER_DEFINED and vocab.scores[-1] == -1000.0
+    assert vocab.tokens[:-1] == _tiny_meta()["tokenizer.ggml.tokens"]
+
+
 # ---- refusals ------------------------------------------------------------------------------------------
 def _edited(tmp_path: Path, edit) -> Path:
     folder = _tiny_folder(tmp_path / "tok", _tiny_meta())

@@ -200,14 +200,19 @@ def _scores(tok: dict, where: str, tokens: list[str], types: list[int]) -> list[
     llama.cpp merges by the joined token's score, HF by the pair's rank: they agree when the merges producing
     one token are consecutive and every split of a token into two tokens is a merge (as SentencePiece-derived
     tokenizer.json files are). When the merges follow token ids, normal tokens are scored by id, as
-    SentencePiece does; else by the first merge producing them."""
-    index = {t: i for i, t in enumerate(tokens)}
+    SentencePiece does; else by the first merge producing them. Merges making an added token (transformers
+    writes them for SentencePiece's user-defined pieces, such as Gemma's runs of spaces) never apply: both HF
+    and llama.cpp take added tokens out of the text first."""
+    index = {t: i for i, t in enumerate(tokens) if types[i] == NORMAL}
+    known = set((tok.get("model") or {}).get("vocab") or {}) | {a["content"] for a in tok.get("added_tokens") or []}
     first: dict[int, int] = {}  # token id -> rank of its first merge
     previous = -1
     pairs = _merge_pairs((tok.get("model") or {}).get("merges") or [], where)
     for rank, (a, b) in enumerate(pairs):
         joined = index.get(a + b)
         if joined is None:
+            if a + b in known:  # an added, byte or control token
+                continue
             raise BadInput(f"merge {a!r} + {b!r} makes no token", where=where, hint="re-save the tokenizer")
         if joined not in first:
             first[joined] = rank

@@ -178,6 +178,14 @@ def test_gemma_split_on_space_pre_tokenizer_is_accepted(tmp_path):
     assert vocab.add_space_prefix is True and vocab.tokens == _tiny_meta()["tokenizer.ggml.tokens"]
 
 
+@pytest.mark.parametrize("scheme, prefix", [("first", True), ("always", True), ("never", False)])
+def test_a_metaspace_that_does_not_split_gives_the_space_prefix(tmp_path, scheme, prefix):
+    """Mistral v0.3's tokenizer.json: no normalizer, a Metaspace pre-tokenizer (no split) writes the spaces."""
+    meta = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": False}
+    vocab = read_vocab(_edited(tmp_path, lambda t: t.update(normalizer=None, pre_tokenizer=meta)))
+    assert vocab.add_space_prefix is prefix
+
+
 def test_merges_making_an_added_token_are_left_to_the_added_token(tmp_path):
     """transformers writes merges for SentencePiece's user-defined pieces too (Gemma's "▁▁", score 0, so first):
     they never apply, the token is written with spaces (llama.cpp finds it in the raw text) and scored -1000."""

@@ -210,4 +210,4 @@ def test_gguf_of_an_architecture_medtune_cannot_import_is_refused_from_its_heade
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert lines[-2] == f"error: {path}: GGUF architecture 'mamba' cannot be imported"
-    assert lines[-1].startswith("hint: medtune imports llama, qwen2, qwen3 GGUFs")
+    assert lines[-1].startswith("hint: medtune imports gemma3, llama, phi3, qwen2, qwen3 GGUFs")

@@ -31,11 +31,17 @@ class ModelRef:
 
 def _check_hf_dir(path: Path, spec: str) -> None:
     if not (path / "config.json").is_file():
-        raise BadInput("model folder has no config.json", where=str(path),
-                       hint="a model folder needs config.json, *.safetensors and tokenizer files")
+        raise BadInput(
+            "model folder has no config.json",
+            where=str(path),
+            hint="a model folder needs config.json, *.safetensors and tokenizer files",
+        )
     if not any(path.glob("*.safetensors")) and not safety.pickle_weights(path):
-        raise BadInput("model folder has no weights (*.safetensors)", where=str(path),
-                       hint="download the full model, or point at a .gguf file")
+        raise BadInput(
+            "model folder has no weights (*.safetensors)",
+            where=str(path),
+            hint="download the full model, or point at a .gguf file",
+        )
 
 
 def pull(spec: str, progress=None) -> ModelRef:
@@ -57,11 +63,15 @@ def pull(spec: str, progress=None) -> ModelRef:
         _check_hf_dir(path, spec)
         return ModelRef(spec, "local", safety.model_dir_for_loading(path.resolve()))
     if path.exists():
-        raise BadInput(f"not a model folder or .gguf file: {path}", hint="pass a folder, a .gguf, builtin:NAME or ORG/NAME")
+        raise BadInput(
+            f"not a model folder or .gguf file: {path}", hint="pass a folder, a .gguf, builtin:NAME or ORG/NAME"
+        )
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return ModelRef(spec, "hub", safety.model_dir_for_loading(_pull_hub(safety.check_hub_id(spec))))
-    raise BadInput(f"cannot resolve model {spec!r}: no such folder or file",
-                   hint="use a local folder, a .gguf file, builtin:smollm2-135m, ORG/NAME (Hub) or modelscope:ORG/NAME")
+    raise BadInput(
+        f"cannot resolve model {spec!r}: no such folder or file",
+        hint="use a local folder, a .gguf file, builtin:smollm2-135m, ORG/NAME (Hub) or modelscope:ORG/NAME",
+    )
 
 
 def resolve(spec: str, progress=None) -> Path:
@@ -91,10 +101,14 @@ def _pull_hub(repo_id: str) -> Path:
     path = hf_snapshot(repo_id, HUB_PATTERNS + (["*.py"] if safety.trust_remote_code() else []))
     if not any(path.glob("*.safetensors")):
         if not safety.allow_pickle():
-            raise BadInput(f"{repo_id} has no safetensors weights (pickle weights are only fetched with "
-                           "--allow-pickle)", where=str(path), hint=safety.PICKLE_HINT)
-        path = hf_snapshot(repo_id, HUB_PATTERNS + safety.PICKLE_PATTERNS
-                           + (["*.py"] if safety.trust_remote_code() else []))
+            raise BadInput(
+                f"{repo_id} has no safetensors weights (pickle weights are only fetched with --allow-pickle)",
+                where=str(path),
+                hint=safety.PICKLE_HINT,
+            )
+        path = hf_snapshot(
+            repo_id, HUB_PATTERNS + safety.PICKLE_PATTERNS + (["*.py"] if safety.trust_remote_code() else [])
+        )
     return path
 
 

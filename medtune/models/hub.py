@@ -20,11 +20,15 @@ def hf_snapshot(repo_id: str, patterns: list[str], repo_type: str = "model") -> 
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, repo_type=repo_type, allow_patterns=patterns))
     except RepositoryNotFoundError as exc:
-        raise BadInput(f"no such {what} on the Hub: {repo_id}",
-                       hint=f"check the id; private or gated {what}s need `huggingface-cli login` or HF_TOKEN") from exc
+        raise BadInput(
+            f"no such {what} on the Hub: {repo_id}",
+            hint=f"check the id; private or gated {what}s need `huggingface-cli login` or HF_TOKEN",
+        ) from exc
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise MedtuneError(f"could not download {what} {repo_id} from the Hub: {str(exc).splitlines()[0]}",
-                           hint="check the network or HF_ENDPOINT; offline, HF_HUB_OFFLINE=1 uses the HF_HOME cache") from exc
+        raise MedtuneError(
+            f"could not download {what} {repo_id} from the Hub: {str(exc).splitlines()[0]}",
+            hint="check the network or HF_ENDPOINT; offline, HF_HUB_OFFLINE=1 uses the HF_HOME cache",
+        ) from exc
 
 
 def modelscope_snapshot(repo_id: str, patterns: list[str] | None = None, repo_type: str = "model") -> Path:
@@ -35,5 +39,7 @@ def modelscope_snapshot(repo_id: str, patterns: list[str] | None = None, repo_ty
             return Path(ms.dataset_snapshot_download(repo_id))
         return Path(ms.snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # modelscope raises many exception types
-        raise MedtuneError(f"could not download {repo_type} {repo_id} from ModelScope: {str(exc).splitlines()[0]}",
-                           hint="check the id and the network (MODELSCOPE_CACHE sets the cache)") from exc
+        raise MedtuneError(
+            f"could not download {repo_type} {repo_id} from ModelScope: {str(exc).splitlines()[0]}",
+            hint="check the id and the network (MODELSCOPE_CACHE sets the cache)",
+        ) from exc

@@ -780,3 +780,20 @@ def test_llama_server_renders_the_fixed_date_and_our_gemma_template(tmp_path, sm
             want = hf_render(model, conv)
             assert want.startswith(bos) and srv.apply_template(conv) == want[len(bos) :]  # BOS: the runtime's
     assert (f"Today Date: {FIXED_DATE}\n" in hf_render(model, convs[0])) is (which == "llama3.2")
+
+
+def test_a_template_llama_cpp_cannot_parse_is_refused_before_writing(tmp_path, tiny_dir):
+    """A {% with %} block renders in transformers but not in llama.cpp's Jinja engine (llama-server --jinja,
+    Ollama >= 0.30): refused with the reason before anything is written. A comment naming it is not a use."""
+    from medtune.export.chat_templates import llama_cpp_refusal
+
+    model = tmp_path / "withtpl"
+    shutil.copytree(tiny_dir, model)
+    tcfg = json.loads((model / "tokenizer_config.json").read_text())
+    tcfg["chat_template"] = "{% with x = 1 %}{% endwith %}" + tcfg["chat_template"]
+    (model / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match=r"\{% with %\}.*llama.cpp"):
+        export(model, out, "x")
+    assert not out.exists() or not any(out.iterdir())
+    assert llama_cpp_refusal("{# {% include 'x' %} #}{% for m in messages %}{% endfor %}") is None

@@ -128,8 +128,8 @@ def export(
 
     fsutil.write_text(job.mf_path, mf.text)
     options = {"name": name, "quants": quants, "system": system, "params": params, "family": family}
-    manifest_path = _write_manifest(job, model_dir, options, mf.info, summaries, hashes)
-    info = mf.info
+    info = {**mf.info, "warnings": [*mf.info["warnings"], *_arch_notices(job)]}
+    manifest_path = _write_manifest(job, model_dir, options, info, summaries, hashes)
     return ExportResult(
         name=name,
         gguf_paths=job.ggufs,
@@ -145,6 +145,14 @@ def export(
         converter=job.route.converter,
         quantizer=job.quantizer.describe() if job.quantizer else None,
     )
+
+
+def _arch_notices(job) -> list[str]:
+    """What the architecture class says the GGUF leaves out or runs differently (a multimodal model's vision
+    tower, a sliding window llama.cpp does not apply)."""
+    plan = next(iter(job.plans.values()), None)
+    notice = plan.arch.notice() if plan is not None else None
+    return [notice] if notice else []
 
 
 def _check_arguments(model_dir, out_dir, name: str, quants) -> tuple[Path, Path, list[str]]:
@@ -204,8 +212,25 @@ def _decide(
     stem = name.replace(":", "-")
     ggufs = {q: out_dir / f"{stem}-{q}.gguf" for q in quants}
     mf_path = Path(modelfile_path).absolute() if modelfile_path else out_dir / "Modelfile"
+    _check_chat_template(model_dir)
     plans, vocab = _plans_and_vocab(route, model_dir, written)
     return _Job(route, quants, written, derived, quantizer, out_dir, stem, ggufs, mf_path, plans, vocab)
+
+
+def _check_chat_template(model_dir: Path) -> None:
+    """Refuse a chat template llama.cpp's Jinja engine cannot parse: the GGUF carries it, and llama-server --jinja
+    (which Ollama >= 0.30 runs) would fail on every chat request."""
+    from medtune.export.chat_templates import llama_cpp_refusal
+    from medtune.export.tokenizer import chat_template
+
+    refusal = llama_cpp_refusal(chat_template(model_dir) or "")
+    if refusal:
+        raise BadInput(
+            refusal,
+            where=str(model_dir),
+            hint="rewrite those parts of tokenizer_config.json's chat_template without them (llama.cpp's engine "
+            "parses set, if, for, macro, call, filter, break, continue)",
+        )
 
 
 def _plans_and_vocab(route, model_dir: Path, written: list[str]) -> tuple[dict, object | None]:

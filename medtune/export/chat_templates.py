@@ -10,6 +10,8 @@ llama-server's --jinja all see that format.
 
 from __future__ import annotations
 
+import re
+
 # Gemma 3: BOS, then one `<start_of_turn>ROLE\n ... <end_of_turn>\n` block per turn with the assistant called
 # "model"; a leading system message is not a turn of its own but its text and a blank line open the first
 # turn; turn texts are trimmed, the system text is not. Roles after the system message must alternate,
@@ -65,3 +67,19 @@ def default_template(gguf_arch: str) -> str | None:
     """medtune's chat template for a GGUF of `gguf_arch` (general.architecture) that has none, or None
     where the architecture has no single prompt format to assume."""
     return _BY_ARCH.get(gguf_arch)
+
+
+# Jinja statements transformers' Jinja renders and llama.cpp's own engine (common/jinja/parser.cpp) does not parse:
+# llama-server --jinja (and Ollama >= 0.30 through it) would fail on every request of such a GGUF.
+_LLAMA_CPP_UNPARSED = ("with", "raw", "block", "extends", "include", "import", "from", "autoescape", "do")
+_STATEMENT = re.compile(r"\{%[-+]?\s*([A-Za-z_]+)")
+_COMMENT = re.compile(r"\{#.*?#\}", re.S)
+
+
+def llama_cpp_refusal(template: str) -> str | None:
+    """Why llama.cpp's Jinja engine cannot parse `template`, or None. (Statements only: a filter or test it lacks
+    fails at render time, in the branch that uses it, which medtune eval fidelity and the tests exercise.)"""
+    used = sorted({m.group(1) for m in _STATEMENT.finditer(_COMMENT.sub("", template))} & set(_LLAMA_CPP_UNPARSED))
+    if not used:
+        return None
+    return f"the chat template uses {', '.join('{% ' + u + ' %}' for u in used)}, which llama.cpp's Jinja engine cannot parse"

@@ -904,12 +904,13 @@ def test_phi_sliding_window_accepted_with_a_notice(built, tmp_path):
     model = _phi_variant(built, tmp_path, "phi3", sliding_window=100)
     notice = archs.for_config(read_config(model)).notice()
     assert "sliding_window 100" in notice and "whole context" in notice
-    write_gguf(model, tmp_path / "sw.gguf", "f32")
+    result = export(model, tmp_path / "sw", "sw", quants=("f32",))
+    assert notice in result.warnings  # the user sees it (export prints its warnings)
     ids = list(range(300, 390))
     hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0].numpy()
-    llm = _llama(tmp_path / "sw.gguf")
+    llm = _llama(result.gguf_paths["f32"])
     llm.eval(ids)
     assert np.abs(np.array(llm.scores[: len(ids)]) - want).max() < 2e-3
     full = _phi_variant(built, tmp_path / "x", "phi3", sliding_window=1024)

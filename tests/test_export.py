@@ -780,6 +780,16 @@ def test_llama_server_renders_the_fixed_date_and_our_gemma_template(tmp_path, sm
             want = hf_render(model, conv)
             assert want.startswith(bos) and srv.apply_template(conv) == want[len(bos) :]  # BOS: the runtime's
     assert (f"Today Date: {FIXED_DATE}\n" in hf_render(model, convs[0])) is (which == "llama3.2")
+    if which == "llama3.2":  # eval fidelity's own template check renders HF's side with the same date
+        from medtune.eval.fidelity import fidelity
+
+        report = fidelity(model, res.gguf_paths["f32"], ["What lowers a fever?"], tokens=4, runtime="llama-server")
+        assert report.templates and all(t.rendered_equal for t in report.templates), report.to_dict()
+        from transformers import AutoTokenizer
+
+        from medtune.runtimes.mlx import render_prompt  # medtune chat / generate on MLX
+
+        assert render_prompt(AutoTokenizer.from_pretrained(str(model)), convs[0]) == hf_render(model, convs[0])
 
 
 def test_a_template_llama_cpp_cannot_parse_is_refused_before_writing(tmp_path, tiny_dir):

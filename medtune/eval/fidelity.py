@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from medtune.core.errors import BadInput
+from medtune.export.chat_templates import TEMPLATE_VARS  # Llama 3.x's date, fixed as training rendered it
 
 SAMPLE_PROMPTS = Path(__file__).resolve().parents[2] / "data" / "sample" / "medical_o1_sample.jsonl"
 DEFAULT_TOKENS = 32
@@ -554,7 +555,7 @@ def _check_template(srv, tokenizer, name: str, conv: list[dict], report: Fidelit
     """One of CONVERSATIONS rendered and tokenized by llama-server against HF (a TemplateCheck, or a note when the
     HF template refuses the conversation)."""
     try:
-        hf = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        hf = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True, **TEMPLATE_VARS)
     except Exception as exc:  # noqa: BLE001 - a template that refuses a shape (e.g. no system role)
         report.notes.append(f"{name}: the HF template refuses this conversation ({exc})")
         return

@@ -205,7 +205,9 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
             "the model's tokenizer has no chat template",
             hint="use an instruct/chat model, or add a chat_template to tokenizer_config.json",
         )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from medtune.export.chat_templates import TEMPLATE_VARS  # Llama 3.x's date, fixed as training rendered it
+
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **TEMPLATE_VARS)
 
 
 def generate(

@@ -242,16 +242,17 @@ class Arch:
 
     # ---- hyper-parameters: from GGUF ------------------------------------------------------------
     @classmethod
+    def gguf_value(cls, meta: dict, key: str, default=None):
+        """A GGUF header value by gguf-py's key template ("{arch}.context_length"), or `default` when absent."""
+        value = meta.get(key.format(arch=cls.gguf_arch()))
+        return default if value is None else value
+
+    @classmethod
     def config_from_gguf(cls, meta: dict, tensor_names: set[str], n_vocab: int) -> dict:
         """The HF config.json of a GGUF of this architecture (float32 weights)."""
         from gguf import Keys
 
-        arch = cls.gguf_arch()
-
-        def key(k, default=None):
-            value = meta.get(k.format(arch=arch))
-            return default if value is None else value
-
+        key = functools.partial(cls.gguf_value, meta)
         n_head = int(key(Keys.Attention.HEAD_COUNT))
         hidden = int(key(Keys.LLM.EMBEDDING_LENGTH))
         eps = float(key(Keys.Attention.LAYERNORM_RMS_EPS))

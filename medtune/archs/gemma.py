@@ -24,6 +24,8 @@ tower and projector are left out (`notice` says so). The GGUF then answers text 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from medtune.archs.base import Arch, register
@@ -216,12 +218,7 @@ class Gemma3(Arch):
     def config_from_gguf(cls, meta: dict, tensor_names: set[str], n_vocab: int) -> dict:
         from gguf import Keys
 
-        arch = cls.gguf_arch()
-
-        def key(k, default=None):
-            value = meta.get(k.format(arch=arch))
-            return default if value is None else value
-
+        key = functools.partial(cls.gguf_value, meta)
         cfg = super().config_from_gguf(meta, tensor_names, n_vocab)
         n_layers = cfg["num_hidden_layers"]
         window = int(key(Keys.Attention.SLIDING_WINDOW, 0))

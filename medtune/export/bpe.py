@@ -11,7 +11,7 @@ import json
 
 from medtune.core.errors import BadInput
 from medtune.export import pretok
-from medtune.export.tokenizer import CONTROL, TokenizerKind, register_kind, tokens_by_id
+from medtune.export.tokenizer import CONTROL, TokenizerKind, bos_eos_processor, register_kind, tokens_by_id
 
 
 @register_kind
@@ -90,25 +90,9 @@ class ByteLevelBPE(TokenizerKind):
 
 def _post_processor(specials: dict) -> dict:
     """Byte-level offsets, and BOS/EOS added around every encoding where the GGUF says so."""
-    bos, eos, add_bos, add_eos = specials["bos"], specials["eos"], specials["add_bos"], specials["add_eos"]
     post: dict = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    if not (add_bos or add_eos):
-        return post
-    single = (
-        ([{"SpecialToken": {"id": bos[1], "type_id": 0}}] if add_bos else [])
-        + [{"Sequence": {"id": "A", "type_id": 0}}]
-        + ([{"SpecialToken": {"id": eos[1], "type_id": 0}}] if add_eos else [])
-    )
-    special_tokens = {
-        t[1]: {"id": t[1], "ids": [t[0]], "tokens": [t[1]]} for t, on in ((bos, add_bos), (eos, add_eos)) if on
-    }
-    return {
-        "type": "Sequence",
-        "processors": [
-            post,
-            {"type": "TemplateProcessing", "single": single, "pair": single, "special_tokens": special_tokens},
-        ],
-    }
+    around = bos_eos_processor(specials)
+    return post if around is None else {"type": "Sequence", "processors": [post, around]}
 
 
 def _check_normalizer(tok: dict, where: str) -> None:

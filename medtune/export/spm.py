@@ -25,6 +25,7 @@ from medtune.export.tokenizer import (
     UNUSED,
     USER_DEFINED,
     TokenizerKind,
+    bos_eos_processor,
     register_kind,
     tokens_by_id,
 )
@@ -106,7 +107,7 @@ class SentencePiece(TokenizerKind):
             "added_tokens": _added_tokens(tokens, types),
             "normalizer": _normalizer(prefix),
             "pre_tokenizer": None,
-            "post_processor": _post_processor(specials),
+            "post_processor": bos_eos_processor(specials),
             "decoder": _decoder(prefix),
             "model": {
                 "type": "BPE",
@@ -314,20 +315,3 @@ def _decoder(prefix: bool) -> dict:
     if prefix:  # llama.cpp drops the space it added in front of the text
         steps.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
     return {"type": "Sequence", "decoders": steps}
-
-
-def _post_processor(specials: dict) -> dict | None:
-    """BOS/EOS added around every encoding where the GGUF says so."""
-    bos, eos, add_bos, add_eos = specials["bos"], specials["eos"], specials["add_bos"], specials["add_eos"]
-    add_bos, add_eos = add_bos and bos[1] is not None, add_eos and eos[1] is not None
-    if not (add_bos or add_eos):
-        return None
-    single = (
-        ([{"SpecialToken": {"id": bos[1], "type_id": 0}}] if add_bos else [])
-        + [{"Sequence": {"id": "A", "type_id": 0}}]
-        + ([{"SpecialToken": {"id": eos[1], "type_id": 0}}] if add_eos else [])
-    )
-    special_tokens = {
-        t[1]: {"id": t[1], "ids": [t[0]], "tokens": [t[1]]} for t, on in ((bos, add_bos), (eos, add_eos)) if on
-    }
-    return {"type": "TemplateProcessing", "single": single, "pair": single, "special_tokens": special_tokens}

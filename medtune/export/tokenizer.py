@@ -145,6 +145,24 @@ def _adds_special(tok: dict, text: str | None, first: bool) -> bool:
     return False
 
 
+def bos_eos_processor(specials: dict) -> dict | None:
+    """The tokenizer.json post-processor that puts BOS/EOS around every encoding where the GGUF says so (None:
+    neither). specials: {"bos"/"eos": (id, text)}, "add_bos"/"add_eos" — what every kind's import passes."""
+    bos, eos = specials["bos"], specials["eos"]
+    add_bos, add_eos = specials["add_bos"] and bos[1] is not None, specials["add_eos"] and eos[1] is not None
+    if not (add_bos or add_eos):
+        return None
+    single = (
+        ([{"SpecialToken": {"id": bos[1], "type_id": 0}}] if add_bos else [])
+        + [{"Sequence": {"id": "A", "type_id": 0}}]
+        + ([{"SpecialToken": {"id": eos[1], "type_id": 0}}] if add_eos else [])
+    )
+    special_tokens = {
+        t[1]: {"id": t[1], "ids": [t[0]], "tokens": [t[1]]} for t, on in ((bos, add_bos), (eos, add_eos)) if on
+    }
+    return {"type": "TemplateProcessing", "single": single, "pair": single, "special_tokens": special_tokens}
+
+
 # ---- tokenizer kinds ------------------------------------------------------------------------------------
 class TokenizerKind:
     """One kind of tokenizer (`tokenizer.ggml.model`): how its vocabulary is read from a tokenizer.json for

@@ -561,9 +561,10 @@ ARCHS = {
     ),
 }
 
-# Classes with unit tests of their own instead of the table's end-to-end ones: a Gemma3ForConditionalGeneration
-# checkpoint keeps its token embedding under a language-model prefix, which the writer does not look for yet
-# (tests/test_export_archs.py test_gemma3_multimodal_exports_its_language_model).
+# Classes with tests of their own instead of the table's (the table builds text-only *ForCausalLM models): a
+# Gemma3ForConditionalGeneration checkpoint (MedGemma) exports its language model only
+# (tests/test_export_archs.py test_gemma3_multimodal_exports_its_language_model: names and keys;
+# tests/test_gemma.py test_a_multimodal_gemma_checkpoint_exports_its_language_model: llama.cpp's logits).
 ARCHS_UNIT_ONLY = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
 
 

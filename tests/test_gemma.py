@@ -126,3 +126,59 @@ def test_records_prepared_for_gemma_pass_the_template_checks(gemma, tmp_path):
     assert rendered.startswith("<bos><start_of_turn>user\n") and "<start_of_turn>model\n<think>\n" in rendered
     assert rendered.endswith("<end_of_turn>\n") or rendered.endswith("<end_of_turn>")
     assert rendered.count("<end_of_turn>") == 2  # the user turn's and the answer's
+
+
+def test_a_multimodal_gemma_checkpoint_exports_its_language_model(tmp_path, gemma_tokenizer_dir):
+    """A Gemma3ForConditionalGeneration folder (MedGemma 4B's layout, tiny, with the real tokenizer) exports the
+    language model alone: llama.cpp's logits equal the multimodal model's on a text prompt, no vision tensor is
+    written, and the export warns that image input is left out."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from medtune.export.gguf_reader import read_gguf_header
+    from medtune.models.config import normalise_config
+
+    text = dict(
+        vocab_size=262144,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=512,
+        sliding_window_pattern=2,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16
+    )
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(
+        transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    ).eval()
+    folder = tmp_path / "mm"
+    model.save_pretrained(str(folder))
+    for f in TOKENIZER_FILES:
+        if (Path(gemma_tokenizer_dir) / f).is_file():
+            shutil.copy(Path(gemma_tokenizer_dir) / f, folder / f)
+    path = folder / "config.json"
+    path.write_text(json.dumps(normalise_config(json.loads(path.read_text())), indent=2))
+
+    res = export(folder, tmp_path / "out", "tiny-medgemma", quants=("f32",))
+    assert res.family == "gemma3" and any("vision tower" in w for w in res.warnings), res.warnings
+    header = read_gguf_header(res.gguf_paths["f32"])
+    names = [t["name"] for t in header["tensors"]]
+    assert header["metadata"]["general.architecture"] == "gemma3"
+    assert not [n for n in names if "vision" in n or "mm" in n.split(".")[0]] and "token_embd.weight" in names
+
+    ids = [2, 105, 2364, 107, 236777, 1126, 563, 496, 2216, 236881, 106, 107, 105, 4368, 107]  # a chat, 15 tokens
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    llm = _llama(res.gguf_paths["f32"])
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    assert np.abs(want).max() > 0.1 and np.abs(got - want).max() < 5e-3

@@ -91,23 +91,12 @@ class Gemma3(Arch):
     hf_names = ("Gemma3ForCausalLM",)
     model_types = ("gemma3_text",)
     model_arch = "GEMMA3"
-    tensors = {
-        "TOKEN_EMBD": "model.embed_tokens",
-        "OUTPUT_NORM": "model.norm",
-        "OUTPUT": "lm_head",
-        "ATTN_NORM": "model.layers.{bid}.input_layernorm",
-        "ATTN_Q": "model.layers.{bid}.self_attn.q_proj",
-        "ATTN_K": "model.layers.{bid}.self_attn.k_proj",
-        "ATTN_V": "model.layers.{bid}.self_attn.v_proj",
-        "ATTN_OUT": "model.layers.{bid}.self_attn.o_proj",
+    tensors = {k: v for k, v in Arch.tensors.items() if k != "FFN_NORM"} | {  # four norms per block, q/k norms
         "ATTN_Q_NORM": "model.layers.{bid}.self_attn.q_norm",
         "ATTN_K_NORM": "model.layers.{bid}.self_attn.k_norm",
         "ATTN_POST_NORM": "model.layers.{bid}.post_attention_layernorm",
         "FFN_PRE_NORM": "model.layers.{bid}.pre_feedforward_layernorm",
         "FFN_POST_NORM": "model.layers.{bid}.post_feedforward_layernorm",
-        "FFN_GATE": "model.layers.{bid}.mlp.gate_proj",
-        "FFN_UP": "model.layers.{bid}.mlp.up_proj",
-        "FFN_DOWN": "model.layers.{bid}.mlp.down_proj",
     }
     bias_kinds = ()  # the graph adds no bias: attention_bias=True checkpoints are refused
     rope_kinds = ("linear",)  # yarn would reach the sliding layers too in llama.cpp, not in transformers

@@ -11,7 +11,15 @@ import json
 
 from medtune.core.errors import BadInput
 from medtune.export import pretok
-from medtune.export.tokenizer import CONTROL, TokenizerKind, bos_eos_processor, register_kind, tokens_by_id
+from medtune.export.tokenizer import (
+    CONTROL,
+    USER_DEFINED,
+    TokenizerKind,
+    added_token,
+    bos_eos_processor,
+    register_kind,
+    tokens_by_id,
+)
 
 
 @register_kind
@@ -52,17 +60,7 @@ class ByteLevelBPE(TokenizerKind):
         types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
         merges = [m.split(" ", 1) for m in meta.get("tokenizer.ggml.merges", [])]
         added = [
-            {
-                "id": i,
-                "content": t,
-                "single_word": False,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-                "special": types[i] == CONTROL,
-            }
-            for i, t in enumerate(tokens)
-            if types[i] in (CONTROL, 4)
+            added_token(i, t, types[i] == CONTROL) for i, t in enumerate(tokens) if types[i] in (CONTROL, USER_DEFINED)
         ]
         return {
             "version": "1.0",

@@ -25,6 +25,7 @@ from medtune.export.tokenizer import (
     UNUSED,
     USER_DEFINED,
     TokenizerKind,
+    added_token,
     bos_eos_processor,
     register_kind,
     tokens_by_id,
@@ -285,15 +286,7 @@ def _vocab(tokens: list[str]) -> dict[str, int]:
 def _added_tokens(tokens: list[str], types: list[int]) -> list[dict]:
     """Control, unknown and user-defined tokens: llama.cpp finds them in the raw text before tokenizing."""
     return [
-        {
-            "id": i,
-            "content": t,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": types[i] != USER_DEFINED,
-        }
+        added_token(i, t, types[i] != USER_DEFINED)
         for i, t in enumerate(tokens)
         if types[i] in (CONTROL, UNKNOWN, USER_DEFINED)
     ]

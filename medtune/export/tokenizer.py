@@ -145,6 +145,19 @@ def _adds_special(tok: dict, text: str | None, first: bool) -> bool:
     return False
 
 
+def added_token(idx: int, text: str, special: bool) -> dict:
+    """One tokenizer.json added_tokens entry as a GGUF import writes it: matched verbatim in the raw text."""
+    return {
+        "id": idx,
+        "content": text,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": special,
+    }
+
+
 def bos_eos_processor(specials: dict) -> dict | None:
     """The tokenizer.json post-processor that puts BOS/EOS around every encoding where the GGUF says so (None:
     neither). specials: {"bos"/"eos": (id, text)}, "add_bos"/"add_eos" — what every kind's import passes."""

@@ -5,7 +5,8 @@ import pytest
 
 from medtune.data.prepare import prepare
 from medtune.train import BACKENDS, TrainOptions, train
-from medtune.train.backends.mlx import make_batch, masked_loss
+from medtune.train import loss as losses
+from medtune.train.backends.mlx import make_batch
 
 from conftest import SAMPLE
 
@@ -28,9 +29,10 @@ def test_mask_counts_exactly_the_completion_tokens():
             return mx.zeros((*x.shape, 16))
 
     items = [([1, 2, 3, 4, 5, 6, 7], 3), ([1, 2, 3, 4, 5], 4)]
-    batch, lengths = make_batch(items, [0, 1])
-    _, ours = masked_loss(Echo(), batch, lengths)
-    _, theirs = default_loss(Echo(), batch, lengths)
+    batch = make_batch(items, [0, 1])
+    _, ours = losses.mlx_loss(None)(Echo(), *batch)
+    _, theirs = default_loss(Echo(), *batch[:2])
+    assert int(batch[3].sum().item()) == int(ours.item())  # the chunked loss's label positions: the same count
     expected = sum(len(t) - off for t, off in items)  # (7-3) + (5-4) = 5 completion tokens
     assert int(ours.item()) == expected
     assert int(theirs.item()) == expected + len(items)

@@ -106,7 +106,7 @@ def test_prompt_masking_and_schedules_match_the_mlx_backend(trained, tiny_llama_
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     items = train_data.build_dataset(train_data.load_jsonl(prepared / "train.jsonl"), tok, True, 300, prepared)
     for group in train_data.batch_order(items, 2, 0, 0):
-        batch, lengths = mlx_backend.make_batch(items, group)
+        batch, lengths, _, _ = mlx_backend.make_batch(items, group)
         pos = np.arange(1, batch.shape[1])[None, :]
         lens = np.array(lengths)
         mlx_mask = (pos >= lens[:, :1]) & (pos < lens[:, 1:2])  # targets batch[:, 1:] that get loss

@@ -1,9 +1,9 @@
 """LoRA/DoRA/full fine-tuning on MLX (Apple Silicon, or CPU on Linux) through mlx_lm's Python API.
 
 We use mlx_lm's model loading and LoRA layers, and medtune.train.loop around them: mlx_lm's `train()`
-draws its own UI, and cannot save the optimizer or data position. Our loss also counts exactly the
-completion tokens as labels (mlx_lm's default mask also takes the padding slot after the last token as a
-label). Under `mlx.launch` each process takes its share of every batch and the gradients are combined
+draws its own UI, and cannot save the optimizer or data position. Our loss (medtune.train.loss) counts
+exactly the completion tokens as labels (mlx_lm's default mask also takes the padding slot after the last
+token as a label), and computes logits only there, a chunk of rows at a time. Under `mlx.launch` each process takes its share of every batch and the gradients are combined
 weighted by label tokens, so N processes compute what one would on the whole batch.
 """
 
@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from medtune.core import fsutil, runtime
+from medtune.train import loss as losses
 from medtune.train import preflight
 from medtune.train.backends.base import Backend, Step
 from medtune.train.data import eval_groups, padded
@@ -78,6 +79,8 @@ class MLXBackend(Backend):
             from mlx_lm.tuner.trainer import grad_checkpoint
 
             grad_checkpoint(model.layers[0])
+        self.split = losses.mlx_split(model, vocab_of(model) or int(self.cfg.get("vocab_size") or 0))
+        self.loss = losses.mlx_loss(self.split)
         # written with the final weights, not now: a killed run must not leave a finished run's
         # adapters.safetensors beside another run's config
         self.config = adapter_config(opts, self.model_ref.path, self.n_layers, keys)
@@ -131,16 +134,16 @@ class MLXBackend(Backend):
         import mlx.nn as nn
 
         model, optimizer = self.model, self.optimizer
-        loss_and_grad = nn.value_and_grad(model, masked_loss)
+        loss_and_grad = nn.value_and_grad(model, self.loss)
         self._state = state = [model.state, optimizer.state, mx.random.state]
 
-        def combined(batch, lengths):
-            (loss, ntoks), grads = loss_and_grad(model, batch, lengths)
+        def combined(*batch):
+            (loss, ntoks), grads = loss_and_grad(model, *batch)
             return self._combine(loss, ntoks, grads)
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def step_one(batch, lengths):
-            loss, ntoks, grads = combined(batch, lengths)
+        def step_one(*batch):
+            loss, ntoks, grads = combined(*batch)
             optimizer.update(model, grads)
             return loss, ntoks
 
@@ -169,10 +172,10 @@ class MLXBackend(Backend):
     def step(self, items, draw) -> Step:
         mx = runtime.mx()
         if self.opts.grad_accum == 1:
-            batch, lengths = make_batch(items, draw())
-            loss, ntoks = self._step_one(batch, lengths)
+            batch = make_batch(items, draw())
+            loss, ntoks = self._step_one(*batch)
             mx.eval(self._state, loss, ntoks)
-            n_tok, loss_v, n_lab = self._tokens_in(lengths), loss.item(), int(ntoks.item())
+            n_tok, loss_v, n_lab = self._tokens_in(batch[1]), loss.item(), int(ntoks.item())
         else:
             loss_v, n_tok, n_lab = self._accumulate(items, draw)
         lr = self.optimizer.learning_rate
@@ -185,12 +188,12 @@ class MLXBackend(Backend):
 
         acc, losses, n_tok, n_lab = None, 0.0, 0, 0
         for _ in range(self.opts.grad_accum):
-            batch, lengths = make_batch(items, draw())
-            loss, ntoks, grads = self._micro(batch, lengths)
+            batch = make_batch(items, draw())
+            loss, ntoks, grads = self._micro(*batch)
             acc = grads if acc is None else tree_map(lambda a, b: a + b, acc, grads)
             mx.eval(acc, loss, ntoks)
             losses += loss.item()
-            n_tok += self._tokens_in(lengths)
+            n_tok += self._tokens_in(batch[1])
             n_lab += int(ntoks.item())
         self.optimizer.update(self.model, tree_map(lambda g: g / self.opts.grad_accum, acc))
         mx.eval(self.model.parameters(), self.optimizer.state)
@@ -203,7 +206,7 @@ class MLXBackend(Backend):
 
     def eval_loss(self, items, max_batches: int = -1) -> float:
         self.model.eval()
-        loss = evaluate(self.model, items, self.opts.batch_size, max_batches, self.world)
+        loss = evaluate(self.model, items, self.opts.batch_size, max_batches, self.world, self.split)
         self.model.train()
         return loss
 
@@ -300,7 +303,8 @@ def make_schedule(opts: TrainOptions, steps: int):
 
 # ---- batches and the loss (public: medtune eval scores held-out records with them) ---------------------
 def make_batch(items, group: list[int]):
-    """(token ids padded to a multiple of 32, [[offset, length]] per row) for the items in `group`."""
+    """(token ids padded to a multiple of 32, [[offset, length]] per row, the label positions and their
+    weights: medtune.train.loss.label_picks) for the items in `group`, as MLX arrays."""
     import numpy as np
 
     mx = runtime.mx()
@@ -309,35 +313,30 @@ def make_batch(items, group: list[int]):
     for j, s in enumerate(seqs):
         arr[j, : len(s)] = s
     lengths = np.array([[items[i][1], len(items[i][0])] for i in group], dtype=np.int32)
-    return mx.array(arr), mx.array(lengths)
+    picks, weights = losses.label_picks(lengths, arr.shape[1])
+    return mx.array(arr), mx.array(lengths), mx.array(picks), mx.array(weights)
 
 
-def masked_loss(model, batch, lengths):
-    """Mean cross-entropy over completion tokens only: targets at positions offset .. length-1."""
-    mx = runtime.mx()
-    import mlx.nn as nn
-
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs)
-    pos = mx.arange(1, targets.shape[1] + 1)[None, :]  # index of each target token in the sequence
-    mask = (pos >= lengths[:, 0:1]) & (pos < lengths[:, 1:2])
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
-    ntoks = mask.sum().astype(mx.float32)
-    return ce.sum() / ntoks, ntoks
+def vocab_of(model) -> int:
+    """The vocabulary size of an mlx_lm model without a config at hand: the rows of its token embedding."""
+    body = getattr(model, "model", model)
+    emb = getattr(body, "embed_tokens", None)
+    return int(emb.weight.shape[0]) if emb is not None else 0
 
 
-def evaluate(model, items, batch_size: int, max_batches: int = -1, world=None) -> float:
+def evaluate(model, items, batch_size: int, max_batches: int = -1, world=None, split=False) -> float:
     """Mean loss over the label tokens of `items`; with several processes each takes its share of every
-    batch and the sums are combined, so the result is the same as one process's."""
+    batch and the sums are combined, so the result is the same as one process's. split: the model's
+    losses.mlx_split (found here when not given; None: the plain loss)."""
     mx = runtime.mx()
+    loss_fn = losses.mlx_loss(losses.mlx_split(model, vocab_of(model)) if split is False else split)
     rank, size = (world.rank(), world.size()) if world is not None else (0, 1)
     total, count = mx.array(0.0), mx.array(0.0)
     for g in eval_groups(len(items), batch_size, max_batches):
         mine = g[rank::size]
         if not mine:
             continue
-        batch, lengths = make_batch(items, mine)
-        loss, ntoks = masked_loss(model, batch, lengths)
+        loss, ntoks = loss_fn(model, *make_batch(items, mine))
         total = total + loss * ntoks
         count = count + ntoks
         mx.eval(total, count)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from medtune.core import fsutil
 from medtune.core.errors import BadInput, require
+from medtune.train import loss as losses
 from medtune.train import preflight as pre
 from medtune.train.backends.base import Backend, Step
 from medtune.train.data import eval_groups, padded
@@ -404,6 +405,8 @@ class TorchBackend(Backend):
             if progress:
                 log_line(progress, note)
         self.model = self.load_model()
+        vocab = int(self.cfg.get("vocab_size") or 0)
+        self.split = None if self.plan.fused_loss else losses.torch_split(self.model, vocab)
         for note in self.plan.notes[shown:]:
             if progress:
                 log_line(progress, note)
@@ -465,7 +468,7 @@ class TorchBackend(Backend):
             mine = int((labels[:, 1:] != IGNORE).sum())
             all_lab, all_tok = world.sum([mine, tokens])
             weight = mine / all_lab  # this process's share of the batch's label tokens
-            loss, _ = forward_loss(self.model, ids, labels, self.plan, self.device)
+            loss, _ = forward_loss(self.model, ids, labels, self.plan, self.device, self.split)
             scaled = loss * (weight / opts.grad_accum)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             losses += world.sum([float(loss.detach()) * weight])[0]
@@ -492,7 +495,9 @@ class TorchBackend(Backend):
 
     def eval_loss(self, items, max_batches: int = -1) -> float:
         self.model.eval()
-        loss = evaluate(self.model, items, self.opts.batch_size, max_batches, self.world, self.plan, self.device)
+        loss = evaluate(
+            self.model, items, self.opts.batch_size, max_batches, self.world, self.plan, self.device, self.split
+        )
         self.model.train()
         return loss
 
@@ -755,7 +760,9 @@ def set_rng_states(state: dict) -> None:
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
-def evaluate(model, items, batch_size: int, max_batches: int, world: World, plan: Plan, device: Device) -> float:
+def evaluate(
+    model, items, batch_size: int, max_batches: int, world: World, plan: Plan, device: Device, split=None
+) -> float:
     """Mean loss over the label tokens of `items`; with several processes each takes its share of every
     batch and the sums are combined, so the result is one process's."""
     torch = _torch()
@@ -766,19 +773,20 @@ def evaluate(model, items, batch_size: int, max_batches: int, world: World, plan
             if not mine:
                 continue
             ids, labels, _ = make_batch(items, mine)
-            loss, n = forward_loss(model, ids, labels, plan, device)
+            loss, n = forward_loss(model, ids, labels, plan, device, split)
             total += float(loss) * n
             count += n
     total, count = world.sum([total, count])
     return total / max(count, 1)
 
 
-def forward_loss(model, ids, labels, plan: Plan, device: Device):
+def forward_loss(model, ids, labels, plan: Plan, device: Device, split=None):
     """(mean cross-entropy over the label tokens, number of label tokens).
 
-    The input stops after the last position that predicts a label (causal attention never looks further),
-    and logits are computed only from the first such position on (transformers' logits_to_keep): the
-    vocabulary projection of the prompt, often the larger part, is never made. The loss is float32.
+    The input stops after the last position that predicts a label (causal attention never looks further).
+    With the model's split (medtune.train.loss.torch_split), logits exist only at label positions, a chunk
+    of rows at a time (forward and backward); without it they are computed from the first label position
+    on (transformers' logits_to_keep). The loss is float32.
     With Unsloth, its fused kernel takes the labels (transformers' convention: shifted, IGNORE skipped)."""
     torch = _torch()
     ids, labels = ids.to(device.torch), labels.to(device.torch)
@@ -790,6 +798,11 @@ def forward_loss(model, ids, labels, plan: Plan, device: Device):
             return model(input_ids=ids, labels=labels, use_cache=False).loss.float(), n
         cols = (labels[:, 1:] != IGNORE).any(0).nonzero().flatten()
         lo, hi = int(cols[0]), int(cols[-1]) + 1  # positions lo..hi-1 predict the labels lo+1..hi
+        if split is not None:
+            h = split.body(input_ids=ids[:, :hi], use_cache=False).last_hidden_state
+            targets = labels[:, 1 : hi + 1]
+            picked = targets != IGNORE
+            return losses.torch_chunked_ce(split.head, h[picked], targets[picked], split.rows) / n, n
         keep = _logits_to_keep(model)
         kw = {keep: hi - lo} if keep else {}
         logits = model(input_ids=ids[:, :hi], use_cache=False, **kw).logits[:, -(hi - lo) :]

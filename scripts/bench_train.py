@@ -50,7 +50,18 @@ so its "sort by length" keeps file order and pairs unrelated records (more paddi
 Batch widths: mlx_lm pads to 1 + a multiple of 32, medtune to a multiple of 32. mlx_lm also clears
 the MLX allocator cache after every step (its default --clear-cache-threshold 0).
 
+Memory (issue 16): the table also gives each medtune run's peak against mlx_lm's on the same BLAS
+((b) vs (a), (c) vs (d)) and the preflight's estimate against the measured peak. Two shapes:
+  --model builtin:smollm2-135m (default) on the sample records, as before;
+  --model qwen-shape[:LAYERS] a random model shaped like Qwen2.5-0.5B (hidden 896, 14 heads, 2 KV heads,
+                 intermediate 4864, vocabulary 151,936, tied embeddings; LAYERS of its 24, default 4),
+                 float32, saved once under ~/.cache/medtune/bench/, with SmolLM2's tokenizer (its ids are all
+                 below 49,152; the logits still span 151,936);
+  --long-records N makes records of about N tokens from the sample (one question, the reasoning and
+                 answers of several records as its completion), prepared by medtune prepare.
+
 Usage: python scripts/bench_train.py [--iters 12] [--warmup 2] [--runs a,b,c] [--json OUT] [--cli-check]
+       python scripts/bench_train.py --model qwen-shape:4 --long-records 1536 --batch-size 4 --runs d,c
 Run it alone on the machine: timings of a shared 2-core box swing with other load.
 """
 
@@ -269,6 +280,8 @@ def child_medtune(cfg: dict) -> dict:
     return {
         "steps": steps,
         "result_tokens_per_second": result.tokens_per_second,
+        "preflight_estimate_gb": (result.preflight or {}).get("estimated_peak_bytes", 0) / 1e9,
+        "preflight_parts_gb": {k: v / 1e9 for k, v in ((result.preflight or {}).get("estimate") or {}).items()},
         "medtune_blas": {"active": blas.active, "path": blas.path, "reason": blas.reason},
         "mlx_peak_memory_gb": mx.get_peak_memory() / 1e9,
     }
@@ -405,6 +418,77 @@ def cli_check(cfg: dict, work: Path) -> dict:
     }
 
 
+QWEN_SHAPE = dict(  # Qwen2.5-0.5B's shape (its config.json), the layer count aside
+    hidden_size=896,
+    intermediate_size=4864,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+
+
+def qwen_shape_model(layers: int) -> Path:
+    """A random float32 model shaped like Qwen2.5-0.5B with `layers` layers and SmolLM2's tokenizer, made once."""
+    sys.path.insert(0, str(ROOT))
+    from medtune.models import pull
+
+    out = Path.home() / ".cache/medtune/bench" / f"qwen-shape-{layers}"
+    if (out / "model.safetensors").is_file():
+        return out
+    import shutil
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = pull("builtin:smollm2-135m").path
+    torch.manual_seed(0)
+    cfg = Qwen2Config(num_hidden_layers=layers, **QWEN_SHAPE)
+    model = Qwen2ForCausalLM(cfg).to(torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tok / name).exists():
+            shutil.copy(tok / name, tmp / name)
+    tmp.rename(out)
+    print(f"made {out} ({layers} layers)", flush=True)
+    return out
+
+
+def long_records(dataset: str, tokens: int, model: str, work: Path) -> Path:
+    """The sample's records as records of about `tokens` tokens each (within a few percent, so that every batch is
+    about as long as the longest one, which the preflight sizes): each question's reasoning is followed by the
+    reasoning and answers of the next records, cut to length, so the completion is most of the record."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = [json.loads(x) for x in Path(dataset).read_text(encoding="utf-8").splitlines() if x.strip()]
+    target = tokens - 48  # the chat template's own tokens
+
+    def size(row, words) -> int:
+        return len(tok(row["Question"] + " " + " ".join(words) + " " + row["Response"])["input_ids"])
+
+    out = work / "long.jsonl"
+    with out.open("w", encoding="utf-8") as fh:
+        for i, row in enumerate(rows):
+            words, k = [], i
+            while size(row, words) < target:
+                other = rows[k % len(rows)]
+                words += (other["Complex_CoT"] + " " + other["Response"]).split()
+                k += 1
+            lo, hi = 0, len(words)  # the most words that keep the record within the target
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if size(row, words[:mid]) <= target else (lo, mid - 1)
+            rec = {"Question": row["Question"], "Complex_CoT": " ".join(words[:lo]), "Response": row["Response"]}
+            fh.write(json.dumps(rec) + "\n")
+    return out
+
+
 def prepare_data(dataset: str, model: str, max_seq_length: int, work: Path) -> Path:
     src = Path(dataset)
     if src.is_dir() and (src / "train.jsonl").is_file():
@@ -413,9 +497,12 @@ def prepare_data(dataset: str, model: str, max_seq_length: int, work: Path) -> P
     from medtune.data.prepare import prepare
 
     out = work / "data"
-    res = prepare(str(src), model, str(out), max_seq_length=max_seq_length)
+    res = prepare(str(src), model, str(out), max_seq_length=max_seq_length, overlong="drop")
     print(f"prepared {src} -> {out}: {res.counts}", flush=True)
     return out
+
+
+SAME_BLAS = {"b": "a", "c": "d"}  # each medtune run's mlx_lm counterpart on the same BLAS
 
 
 def table(results: dict, ref: str | None) -> str:
@@ -439,11 +526,32 @@ def table(results: dict, ref: str | None) -> str:
     return "\n".join(lines)
 
 
+def ratio_table(results: dict) -> str:
+    """medtune against mlx_lm on the same BLAS: peak memory and tokens/s ratios, and the preflight's estimate."""
+    lines = [
+        "| medtune run | vs | peak GB medtune / mlx_lm | peak ratio | tokens/s ratio | preflight estimate GB | estimate / peak |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, ref in SAME_BLAS.items():
+        if key not in results or ref not in results:
+            continue
+        ours, theirs = results[key]["summary"], results[ref]["summary"]
+        est = results[key].get("preflight_estimate_gb") or 0
+        lines.append(
+            f"| ({key}) | ({ref}) | {ours['peak_memory_gb']:.2f} / {theirs['peak_memory_gb']:.2f} | "
+            f"{ours['peak_memory_gb'] / theirs['peak_memory_gb']:.2f}x | "
+            f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x | {est:.2f} | "
+            f"{est / ours['peak_memory_gb']:.2f} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--child":
         return child_main(*sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="builtin:smollm2-135m")
+    ap.add_argument("--model", default="builtin:smollm2-135m", help="a model spec, or qwen-shape[:LAYERS]")
+    ap.add_argument("--long-records", type=int, default=0, help="make records of about this many tokens")
     ap.add_argument(
         "--data",
         default=str(ROOT / "data/sample/medical_o1_sample.jsonl"),
@@ -473,8 +581,11 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         from medtune.models import pull  # resolving the spec imports no mlx
 
+        if a.model.startswith("qwen-shape"):
+            a.model = str(qwen_shape_model(int(a.model.partition(":")[2] or 4)))
         model_path = str(pull(a.model).path)
-        data = prepare_data(a.data, a.model, a.max_seq_length, work)
+        source = str(long_records(a.data, a.long_records, model_path, work)) if a.long_records else a.data
+        data = prepare_data(source, a.model, a.max_seq_length, work)
         cfg = {
             "model_spec": a.model,
             "model_path": model_path,
@@ -495,13 +606,17 @@ def main() -> None:
     ref = "a" if "a" in results else None
     print()
     print(
-        f"LoRA training, {a.model} (float32), batch {a.batch_size}, {a.num_layers} layers, rank {a.rank}, "
+        f"LoRA training, {Path(a.model).name} (float32), batch {a.batch_size}, {a.num_layers} layers, rank {a.rank}, "
         f"scale {a.scale:g}, max_seq_length {a.max_seq_length}, lr {a.lr:g}, seed {a.seed}; "
         f"tokens/s over steps {a.warmup + 1}..{a.iters} (full sequence lengths / trainer step time)"
     )
     print()
     print(table(results, ref))
     print()
+    ratios = ratio_table(results)
+    if ratios:
+        print(ratios)
+        print()
     for key, d in results.items():
         s = d["summary"]
         extra = (

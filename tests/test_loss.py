@@ -81,6 +81,8 @@ def test_mlx_chunked_loss_equals_the_plain_loss(quantized, checkpoint, compiled,
     expected = sum(len(t) - o for t, o in ITEMS)
     assert plain[1] == chunked[1] == expected
     assert chunked[0] == pytest.approx(plain[0], rel=1e-5)
+    value, n = losses.mlx_loss(split, grad=False)(model, *batch)  # evaluation: the chunked sum alone
+    assert value.item() == pytest.approx(plain[0], rel=1e-5) and int(n.item()) == expected
     assert plain[2].keys() == chunked[2].keys() and len(plain[2]) == 28  # lora_a, lora_b of 7 linears in 2 layers
     for k, g in plain[2].items():
         assert np.abs(g).max() > 0, k
@@ -145,6 +147,8 @@ def test_torch_chunked_loss_equals_the_plain_loss(tmp_path, smollm2_dir, checkpo
     assert n0 == n1 == sum(len(t) - o for t, o in ITEMS)
     tol = 1e-5 if dtype == "float32" else 2e-2
     assert chunked == pytest.approx(plain, rel=tol)
+    with torch.no_grad():  # evaluation: the chunked sum alone
+        assert float(tb.forward_loss(model, ids, labels, plan, device, split)[0]) == pytest.approx(plain, rel=tol)
     assert len(g0) == 8
     for k, g in g0.items():
         assert g.abs().max() > 0, k

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 CHUNK_BYTES = 24 * 2**20  # float32 logits of one chunk of rows (the vocabulary-sized arrays are a few of these)
+CHUNK_COPIES = 4  # chunk-sized float32 arrays alive at once at the loss's peak (logits, softmax, gradient, ...)
 PICK_MULTIPLE = 32  # label positions are padded to a multiple of this (fewer shapes for mx.compile)
 PROBE = [[1, 2, 3, 4, 5, 6, 7, 8]]  # token ids the split is checked on
 
@@ -89,44 +90,54 @@ def mlx_split(model, vocab: int) -> MLXSplit | None:
     return MLXSplit(body, head, chunk_rows(vocab)) if same else None
 
 
-def mlx_chunked_ce(head, h, targets, weights, rows: int):
-    """Sum over rows of weights * cross-entropy(head(h), targets), chunk by chunk, with a backward pass that
-    recomputes each chunk's logits (softmax minus one-hot, times the weights) instead of keeping them.
-    mx.depends orders the chunks one after another; mx.contiguous keeps mx.compile from merging the
-    backward's recomputed logits with the forward's (which would keep every chunk's alive)."""
+def mlx_chunked_ce(head, h, targets, weights, rows: int, grad: bool = True):
+    """Sum over rows of weights * cross-entropy(head(h), targets), chunk by chunk.
+
+    grad: the gradient with respect to h is made in the same pass, while a chunk's logits exist (softmax
+    minus one-hot, times the weights, back through the head: the two head matmuls the plain loss makes too),
+    and kept as a second output of a custom function whose vjp scales it by the cotangent; the logits are
+    never kept nor recomputed. mx.depends orders the chunks one after another, so one chunk's arrays are
+    alive at a time. Without grad (evaluation), just the chunked sum."""
     from medtune.core import runtime
 
     mx = runtime.mx()
     parts = spans(h.shape[0], rows)
 
-    def chunk_ce(x, t, w):
+    def chunk(x, t, w):
         logits = head(x).astype(mx.float32)
-        picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return ((mx.logsumexp(logits, axis=-1) - picked) * w).sum()
+        lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = mx.take_along_axis(logits, t[:, None], axis=-1)
+        loss = ((lse - picked)[:, 0] * w).sum()
+        if not grad:
+            return loss, None
+        p = mx.exp(logits - lse)
+        p = mx.put_along_axis(p, t[:, None], mx.take_along_axis(p, t[:, None], axis=-1) - 1, axis=-1) * w[:, None]
+        _, (g,) = mx.vjp(head, [x], [p.astype(x.dtype)])
+        return loss, g
+
+    def chunks(h, targets, weights):
+        loss, grads = None, []
+        for i, j in parts:
+            x = h[i:j] if loss is None else mx.depends([h[i:j]], [loss] + grads[-1:])[0]
+            part, g = chunk(x, targets[i:j], weights[i:j])
+            loss = part if loss is None else loss + part
+            grads += [g] if grad else []
+        return loss, grads
+
+    if not grad:
+        return chunks(h, targets, weights)[0]
 
     @mx.custom_function
     def total(h, targets, weights):  # arrays a compiled step traces must be arguments, not closures
-        out = None
-        for i, j in parts:
-            x = h[i:j] if out is None else mx.depends([h[i:j]], [out])[0]
-            part = chunk_ce(x, targets[i:j], weights[i:j])
-            out = part if out is None else out + part
-        return out
+        loss, grads = chunks(h, targets, weights)
+        return loss, mx.concatenate(grads, axis=0)
 
     @total.vjp
-    def total_vjp(primals, cotangent, _output):
-        h, targets, weights = primals
-        grads = []
-        for i, j in parts:
-            x = h[i:j] if not grads else mx.depends([h[i:j]], [grads[-1]])[0]
-            t, w = targets[i:j, None], weights[i:j, None]
-            p = mx.softmax(head(mx.contiguous(x)).astype(mx.float32), axis=-1, precise=True)
-            p = mx.put_along_axis(p, t, mx.take_along_axis(p, t, axis=-1) - 1, axis=-1) * (w * cotangent)
-            _, (g,) = mx.vjp(head, [x], [p.astype(x.dtype)])
-            grads.append(g)
-        return mx.concatenate(grads, axis=0), mx.zeros_like(targets), mx.zeros_like(weights)
+    def total_vjp(primals, cotangents, outputs):
+        _, targets, weights = primals
+        return outputs[1] * cotangents[0].astype(outputs[1].dtype), mx.zeros_like(targets), mx.zeros_like(weights)
 
-    return total(h, targets, weights)
+    return total(h, targets, weights)[0]
 
 
 def mlx_plain_loss(model, batch, lengths):
@@ -145,8 +156,9 @@ def mlx_plain_loss(model, batch, lengths):
     return ce.sum() / ntoks, ntoks
 
 
-def mlx_loss(split: MLXSplit | None):
-    """loss(model, batch, lengths, picks, weights) -> (mean over label tokens, label tokens)."""
+def mlx_loss(split: MLXSplit | None, grad: bool = True):
+    """loss(model, batch, lengths, picks, weights) -> (mean over label tokens, label tokens); grad: it will be
+    differentiated (training), else only evaluated."""
     if split is None:
         return lambda model, batch, lengths, picks, weights: mlx_plain_loss(model, batch, lengths)
 
@@ -155,7 +167,7 @@ def mlx_loss(split: MLXSplit | None):
         h = h.reshape(-1, h.shape[-1])[picks]
         targets = batch[:, 1:].reshape(-1)[picks]
         ntoks = weights.sum()
-        return mlx_chunked_ce(split.head, h, targets, weights, split.rows) / ntoks, ntoks
+        return mlx_chunked_ce(split.head, h, targets, weights, split.rows, grad) / ntoks, ntoks
 
     return loss
 
@@ -194,8 +206,14 @@ def torch_split(model, vocab: int) -> TorchSplit | None:
 
 
 def torch_chunked_ce(head, h, targets, rows: int):
-    """Sum of cross-entropy(head(h), targets) over the rows, a chunk at a time; the backward pass recomputes
-    each chunk's logits under the autocast state of the forward instead of keeping them."""
+    """Sum of cross-entropy(head(h), targets) over the rows, a chunk at a time. When it will be
+    differentiated, the gradient with respect to h is made in the same pass, while a chunk's logits exist,
+    and kept for backward (which scales it by the incoming gradient): the logits are neither kept nor
+    recomputed. Otherwise (evaluation) just the chunked sum."""
+    import torch
+
+    if not (torch.is_grad_enabled() and h.requires_grad):
+        return sum(_chunk_sum(head, h[i:j], targets[i:j]) for i, j in spans(h.shape[0], rows))
     return _torch_chunked_ce_class().apply(h, targets, head, rows)
 
 
@@ -213,22 +231,19 @@ def _torch_chunked_ce_class():
     class ChunkedCE(torch.autograd.Function):
         @staticmethod
         def forward(ctx, h, targets, head, rows):
-            ctx.save_for_backward(h, targets)
-            ctx.head, ctx.rows = head, rows
-            ctx.autocast = (h.device.type, torch.get_autocast_dtype(h.device.type), torch.is_autocast_enabled())
-            with torch.no_grad():
-                return sum(_chunk_sum(head, h[i:j], targets[i:j]) for i, j in spans(h.shape[0], rows))
+            total, dh = torch.zeros((), dtype=torch.float32, device=h.device), torch.empty_like(h)
+            for i, j in spans(h.shape[0], rows):
+                x = h[i:j].detach().requires_grad_(True)
+                with torch.enable_grad():  # autocast, if on, is the caller's and still applies here
+                    part = _chunk_sum(head, x, targets[i:j])
+                (dh[i:j],) = torch.autograd.grad(part, x)
+                total += part.detach()
+            ctx.save_for_backward(dh)
+            return total
 
         @staticmethod
         def backward(ctx, grad):
-            h, targets = ctx.saved_tensors
-            kind, dtype, enabled = ctx.autocast
-            out = torch.empty_like(h)
-            for i, j in spans(h.shape[0], ctx.rows):
-                x = h[i:j].detach().requires_grad_(True)
-                with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
-                    part = _chunk_sum(ctx.head, x, targets[i:j])
-                (out[i:j],) = torch.autograd.grad(part, x, grad)
-            return out, None, None, None
+            (dh,) = ctx.saved_tensors
+            return dh * grad.to(dh.dtype), None, None, None
 
     return ChunkedCE

@@ -105,6 +105,8 @@ class MLXBackend(Backend):
             seq,
             self.n_layers,
             self.opts.grad_checkpoint,
+            act_bytes=activation_bytes(self.model),
+            loss="chunked" if self.split is not None else "plain",
         )
         # mlx is imported by now, so on Apple Silicon this is Metal's working set
         return preflight.figures(total, trainable, self.opts, train_items, steps, est, available_memory())
@@ -317,6 +319,14 @@ def make_batch(items, group: list[int]):
     return mx.array(arr), mx.array(lengths), mx.array(picks), mx.array(weights)
 
 
+def activation_bytes(model) -> int:
+    """Bytes per activation value: the dtype of the model's norms (float32 on CPU, the model's own on a Mac)."""
+    from mlx.utils import tree_flatten
+
+    sizes = [v.dtype.size for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight")]
+    return sizes[0] if sizes else 4
+
+
 def vocab_of(model) -> int:
     """The vocabulary size of an mlx_lm model without a config at hand: the rows of its token embedding."""
     body = getattr(model, "model", model)
@@ -329,7 +339,7 @@ def evaluate(model, items, batch_size: int, max_batches: int = -1, world=None, s
     batch and the sums are combined, so the result is the same as one process's. split: the model's
     losses.mlx_split (found here when not given; None: the plain loss)."""
     mx = runtime.mx()
-    loss_fn = losses.mlx_loss(losses.mlx_split(model, vocab_of(model)) if split is False else split)
+    loss_fn = losses.mlx_loss(losses.mlx_split(model, vocab_of(model)) if split is False else split, grad=False)
     rank, size = (world.rank(), world.size()) if world is not None else (0, 1)
     total, count = mx.array(0.0), mx.array(0.0)
     for g in eval_groups(len(items), batch_size, max_batches):

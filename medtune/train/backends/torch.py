@@ -372,8 +372,8 @@ class TorchBackend(Backend):
             self.n_layers,
             opts.grad_checkpoint or self.always_checkpoints,
             act_bytes=4 if plan.dtype == "float32" else 2,
-            attention_matrix=device.kind == "cpu",  # CUDA kernels do not materialise it
-            fused_loss=plan.fused_loss,
+            attention_matrices=2 if device.kind == "cpu" else 0,  # CUDA kernels do not materialise them
+            loss=self.loss_kind(loaded),
             optimizer_bytes=12 if opts.fine_tune_type == "full" else 16,
         )
         avail, source = available_memory(device)
@@ -389,6 +389,13 @@ class TorchBackend(Backend):
             notes=list(plan.notes),
         )
         return pf
+
+    def loss_kind(self, loaded: bool) -> str:
+        """How the loss is computed (preflight.estimate_memory's `loss`): before loading, the chunked loss is
+        expected (medtune.train.loss checks the split once the model is loaded)."""
+        if self.plan.fused_loss:
+            return "fused"
+        return "chunked" if not loaded or self.split is not None else "plain"
 
     def memory_tips(self) -> list[str]:
         tips = []

@@ -65,8 +65,10 @@ def make_tiny_llama(
     kv_heads: int = 2,
     seed: int = 0,
     tie: bool = True,
+    vocab: int | None = None,
 ) -> Path:
-    """A random Llama with a real tokenizer, saved as a float32 HF folder."""
+    """A random Llama with a real tokenizer, saved as a float32 HF folder (vocab: more embedding rows than the
+    tokenizer has, as Qwen's 151,936)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -75,7 +77,7 @@ def make_tiny_llama(
     tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=tok_cfg["vocab_size"],
+        vocab_size=vocab or tok_cfg["vocab_size"],
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,

@@ -36,8 +36,8 @@ def estimate_memory(
     running); with gradient checkpointing, each layer's input and two layers' worth. The loss: "chunked"
     (medtune.train.loss) a chunk of rows' float32 logits a few times over and the gathered hidden states;
     "plain" every position's logits (value and three float32 copies: softmax, its gradient, the cast);
-    "fused" (Unsloth's kernel) the value only. Fitted to MLX's peak counter on CPU for Qwen2.5-0.5B-shaped
-    layers (2-4 layers, 512-1024 tokens, batch 1-4): within ~7 %."""
+    "fused" (Unsloth's kernel) the value only. Checked against MLX's peak counter on CPU (scripts/bench_train.py:
+    Qwen2.5-0.5B-shaped layers at 1,024-2,048 tokens, batch 1 and 4, and SmolLM2): within 7 %."""
     hidden = int(cfg.get("hidden_size", 0))
     inter = int(cfg.get("intermediate_size", 4 * hidden))
     heads = int(cfg.get("num_attention_heads", 1))

@@ -152,6 +152,7 @@ class MLXBackend(Backend):
         self._step_one = step_one
         self._micro = partial(mx.compile, inputs=state, outputs=state)(combined)
         model.train()
+        mx.reset_peak_memory()  # the run's own peak, not whatever this process held before
 
     def _combine(self, loss, ntoks, grads):
         """Loss and gradients of the whole (global) batch: each process's share weighted by its label
@@ -214,6 +215,10 @@ class MLXBackend(Backend):
 
     def peak_memory_gb(self) -> float:
         return runtime.mx().get_peak_memory() / 1e9
+
+    def final_peak_memory_gb(self) -> float:
+        """MLX's own peak counter since the first step (what the preflight estimated)."""
+        return self.peak_memory_gb()
 
     # ---- outputs -------------------------------------------------------------------------------------
     def _weights(self) -> dict:

@@ -54,23 +54,38 @@ def from_prepare(d: dict) -> list[dict]:
 
 
 def from_train(d: dict) -> list[dict]:
+    """tokens/s of each medtune run against its mlx_lm peer, and peak MLX memory against the peer on the same
+    BLAS (bench_train.py keeps a run's figures under "summary")."""
     runs = d.get("runs", {})
     out = []
     pairs = (("b", "a"), ("c", "a"), ("c", "d"))  # medtune run, its mlx_lm peer
     for ours, peer in pairs:
         if ours in runs and peer in runs:
             o, p = runs[ours], runs[peer]
+            so, sp = o.get("summary", o), p.get("summary", p)
             out.append(
                 row(
                     "train",
                     f"{o.get('label', ours)}: tokens/s",
-                    o.get("tokens_per_second"),
+                    so.get("tokens_per_second"),
                     p.get("label", peer),
-                    p.get("tokens_per_second"),
+                    sp.get("tokens_per_second"),
                     "tok/s",
                     better="higher",
                 )
             )
+            if (ours, peer) != ("c", "a"):  # memory against the same BLAS only
+                out.append(
+                    row(
+                        "train",
+                        f"{o.get('label', ours)}: peak memory",
+                        so.get("peak_memory_gb"),
+                        p.get("label", peer),
+                        sp.get("peak_memory_gb"),
+                        "GB",
+                        target="≤ 0.6" if "qwen-shape" in str(d.get("settings", {}).get("model_spec")) else None,
+                    )
+                )
     return out
 
 

@@ -24,10 +24,10 @@ def test_bench_report_pairs_each_figure_with_its_peer(tmp_path):
     (tmp_path / "train.json").write_text(
         json.dumps(
             {
-                "runs": {
-                    "a": {"label": "mlx_lm.lora", "tokens_per_second": 5.0},
-                    "b": {"label": "medtune", "tokens_per_second": 6.0},
-                    "c": {"label": "medtune+openblas", "tokens_per_second": 40.0},
+                "runs": {  # bench_train.py's shape: a run's figures under "summary"
+                    "a": {"label": "mlx_lm.lora", "summary": {"tokens_per_second": 5.0, "peak_memory_gb": 4.0}},
+                    "b": {"label": "medtune", "summary": {"tokens_per_second": 6.0, "peak_memory_gb": 1.0}},
+                    "c": {"label": "medtune+openblas", "summary": {"tokens_per_second": 40.0, "peak_memory_gb": 1.0}},
                 }
             }
         )
@@ -40,11 +40,17 @@ def test_bench_report_pairs_each_figure_with_its_peer(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "results.json").read_text())
-    got = {(f["bench"], f["what"].split(",")[0].split(":")[0]): f["ratio"] for f in res["figures"]}
+    got = {
+        (f["bench"], f["what"].split(",")[0].split(":")[0]): f["ratio"]
+        for f in res["figures"]
+        if "peak" not in f["what"]
+    }
     assert got[("prepare", "prepare --no-token-stats")] == 1.5
     assert got[("prepare", "prepare with token stats (every record checked)")] == 1.2
     assert got[("train", "medtune")] == 1.2 and got[("train", "medtune+openblas")] == 8.0
-    assert len(res["figures"]) == 4  # no (c, d) pair without d
+    peaks = [f for f in res["figures"] if f["what"].endswith("peak memory")]
+    assert [(f["what"], f["ratio"]) for f in peaks] == [("medtune: peak memory", 0.25)]  # (c, a): BLAS differs
+    assert len(res["figures"]) == 5  # no (c, d) pair without d
     assert res["missing"] == ["export.json (FileNotFoundError)"]
     md = (tmp_path / "results.md").read_text()
     assert (

@@ -140,19 +140,16 @@ def mlx_chunked_ce(head, h, targets, weights, rows: int, grad: bool = True):
     return total(h, targets, weights)[0]
 
 
-def mlx_plain_loss(model, batch, lengths):
-    """The reference: the whole model's logits at every position, the mask applied after."""
+def mlx_plain_loss(model, batch, picks, weights):
+    """The reference: the whole model's logits at every position, the label positions picked after."""
     from medtune.core import runtime
 
     mx = runtime.mx()
     import mlx.nn as nn
 
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs)
-    pos = mx.arange(1, targets.shape[1] + 1)[None, :]  # index of each target token in the sequence
-    mask = (pos >= lengths[:, 0:1]) & (pos < lengths[:, 1:2])
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
-    ntoks = mask.sum().astype(mx.float32)
+    logits = model(batch[:, :-1])
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), batch[:, 1:]).reshape(-1)[picks] * weights
+    ntoks = weights.sum()
     return ce.sum() / ntoks, ntoks
 
 
@@ -160,7 +157,7 @@ def mlx_loss(split: MLXSplit | None, grad: bool = True):
     """loss(model, batch, lengths, picks, weights) -> (mean over label tokens, label tokens); grad: it will be
     differentiated (training), else only evaluated."""
     if split is None:
-        return lambda model, batch, lengths, picks, weights: mlx_plain_loss(model, batch, lengths)
+        return lambda model, batch, lengths, picks, weights: mlx_plain_loss(model, batch, picks, weights)
 
     def loss(model, batch, lengths, picks, weights):
         h = split.body(batch[:, :-1])

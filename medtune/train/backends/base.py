@@ -36,7 +36,7 @@ class Backend:
     adapter_file: str = ""  # the adapter weights file in --out
     packages: tuple = ()  # distributions whose versions the manifest records (beside prepare's: loop.versions)
     uses: tuple = ()  # distributions whose versions can change what it writes (medtune run's train fingerprint)
-    detailed_refusal: bool = False  # the memory refusal names the estimate's parts
+    detailed_refusal: bool = True  # the memory refusal names the estimate's parts
 
     def __init__(self, opts: TrainOptions):
         self.opts = opts

@@ -317,7 +317,6 @@ class TorchBackend(Backend):
     adapter_file = "adapter_model.safetensors"
     packages = ("torch", "peft", "accelerate", "bitsandbytes", "unsloth")
     uses = ("torch", "peft")
-    detailed_refusal = True
     always_checkpoints = False  # activations are recomputed whatever --grad-checkpoint says (Unsloth)
 
     def check_available(self) -> None:

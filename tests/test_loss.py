@@ -72,7 +72,7 @@ def test_mlx_chunked_loss_equals_the_plain_loss(quantized, checkpoint, compiled,
     from medtune.train.backends.mlx import make_batch
 
     model = _mlx_model(quantized, checkpoint, tie)
-    split = losses.mlx_split(model, 320)
+    split = losses.mlx_split(model)
     assert split is not None and split.rows == losses.chunk_rows(320)
     split.rows = 16  # 73 label positions padded to 96: six chunks
     batch = make_batch(ITEMS, [0, 1, 2])
@@ -103,8 +103,8 @@ def test_mlx_split_refuses_a_model_whose_logits_are_more_than_its_head():
         def __call__(self, x):
             return self.inner(x) / 4.0
 
-    assert losses.mlx_split(model, 320) is not None
-    assert losses.mlx_split(Scaled(model), 320) is None
+    assert losses.mlx_split(model) is not None
+    assert losses.mlx_split(Scaled(model)) is None
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,7 @@ def test_torch_chunked_loss_equals_the_plain_loss(tmp_path, smollm2_dir, checkpo
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     model.train()
-    split = losses.torch_split(model, 49152)
+    split = losses.torch_split(model)
     assert split is not None and split.rows == losses.chunk_rows(49152)
     split.rows = 16
     plan = tb.Plan(dtype=dtype, load_in_4bit=False, scaler=False)
@@ -171,7 +171,7 @@ def test_training_peak_falls_with_the_chunked_loss_and_the_preflight_follows(tmp
     runs = {}
     for kind in ("chunked", "plain"):
         if kind == "plain":
-            monkeypatch.setattr(losses, "mlx_split", lambda model, vocab: None)
+            monkeypatch.setattr(losses, "mlx_split", lambda model: None)
         res = train(str(model), data, tmp_path / kind, opts)
         runs[kind] = (res.final_train_loss, res.peak_memory_gb, res.preflight["estimated_peak_bytes"] / 1e9)
     (loss_c, peak_c, est_c), (loss_p, peak_p, est_p) = runs["chunked"], runs["plain"]

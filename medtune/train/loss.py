@@ -3,9 +3,9 @@
 
 The model is split into its body (embeddings + blocks + final norm: hidden states) and its head (the
 vocabulary projection). Hidden states are gathered at the positions that predict a label only, and the
-head + cross-entropy run over them a chunk of rows at a time, in the forward pass and again in the
-backward pass (recomputed, never stored): a chunk's logits, softmax and gradient are the only
-vocabulary-sized arrays alive. The split is checked on the loaded model (its own logits against head(body)
+head + cross-entropy run over them a chunk of rows at a time; when training, each chunk's gradient with
+respect to the hidden states is made in the same pass, so logits are neither kept nor recomputed: a chunk's
+logits, softmax and gradient are the only vocabulary-sized arrays alive. The split is checked on the loaded model (its own logits against head(body)
 on a probe): a model whose output is more than that (logit scaling or soft-capping the head does not
 carry) falls back to the plain loss, which every backend keeps as the reference the tests compare against.
 
@@ -60,9 +60,10 @@ class MLXSplit:
     rows: int
 
 
-def mlx_split(model, vocab: int) -> MLXSplit | None:
+def mlx_split(model) -> MLXSplit | None:
     """mlx_lm's body (model.model) and head (lm_head, or the tied embedding), when model(x) is exactly
-    head(body(x)) and the head has nothing to train; None otherwise (the plain loss is used)."""
+    head(body(x)) and the head has nothing to train; None otherwise (the plain loss is used). The chunk
+    size follows the vocabulary, read from the probe's logits."""
     from medtune.core import runtime
 
     mx = runtime.mx()
@@ -83,11 +84,12 @@ def mlx_split(model, vocab: int) -> MLXSplit | None:
     model.eval()
     probe = mx.array(PROBE)
     try:
-        same = mx.allclose(model(probe), head(body(probe)), rtol=1e-5, atol=1e-5).item()
+        full = model(probe)
+        same = mx.allclose(full, head(body(probe)), rtol=1e-5, atol=1e-5).item()
     except (TypeError, ValueError, AttributeError):
         same = False
     model.train(was_training)
-    return MLXSplit(body, head, chunk_rows(vocab)) if same else None
+    return MLXSplit(body, head, chunk_rows(full.shape[-1])) if same else None
 
 
 def mlx_chunked_ce(head, h, targets, weights, rows: int, grad: bool = True):
@@ -177,9 +179,10 @@ class TorchSplit:
     rows: int
 
 
-def torch_split(model, vocab: int) -> TorchSplit | None:
+def torch_split(model) -> TorchSplit | None:
     """transformers' decoder and output embedding of the (PEFT-wrapped) model, when its logits are exactly
-    head(decoder(x)) and the head is frozen; None otherwise (the plain loss is used)."""
+    head(decoder(x)) and the head is frozen; None otherwise (the plain loss is used). The chunk size follows
+    the vocabulary, read from the probe's logits."""
     import torch
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -199,7 +202,7 @@ def torch_split(model, vocab: int) -> TorchSplit | None:
     except (TypeError, ValueError, AttributeError, RuntimeError):
         same = False
     model.train(was_training)
-    return TorchSplit(body, head, chunk_rows(getattr(head, "out_features", vocab))) if same else None
+    return TorchSplit(body, head, chunk_rows(full.shape[-1])) if same else None
 
 
 def torch_chunked_ce(head, h, targets, rows: int):

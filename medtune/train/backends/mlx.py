@@ -3,8 +3,9 @@
 We use mlx_lm's model loading and LoRA layers, and medtune.train.loop around them: mlx_lm's `train()`
 draws its own UI, and cannot save the optimizer or data position. Our loss (medtune.train.loss) counts
 exactly the completion tokens as labels (mlx_lm's default mask also takes the padding slot after the last
-token as a label), and computes logits only there, a chunk of rows at a time. Under `mlx.launch` each process takes its share of every batch and the gradients are combined
-weighted by label tokens, so N processes compute what one would on the whole batch.
+token as a label), and computes logits only there, a chunk of rows at a time. Under `mlx.launch` each
+process takes its share of every batch and the gradients are combined weighted by label tokens, so N
+processes compute what one would on the whole batch.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class MLXBackend(Backend):
             from mlx_lm.tuner.trainer import grad_checkpoint
 
             grad_checkpoint(model.layers[0])
-        self.split = losses.mlx_split(model, vocab_of(model) or int(self.cfg.get("vocab_size") or 0))
+        self.split = losses.mlx_split(model)
         self.loss = losses.mlx_loss(self.split)
         # written with the final weights, not now: a killed run must not leave a finished run's
         # adapters.safetensors beside another run's config
@@ -332,19 +333,12 @@ def activation_bytes(model) -> int:
     return sizes[0] if sizes else 4
 
 
-def vocab_of(model) -> int:
-    """The vocabulary size of an mlx_lm model without a config at hand: the rows of its token embedding."""
-    body = getattr(model, "model", model)
-    emb = getattr(body, "embed_tokens", None)
-    return int(emb.weight.shape[0]) if emb is not None else 0
-
-
 def evaluate(model, items, batch_size: int, max_batches: int = -1, world=None, split=False) -> float:
     """Mean loss over the label tokens of `items`; with several processes each takes its share of every
     batch and the sums are combined, so the result is the same as one process's. split: the model's
     losses.mlx_split (found here when not given; None: the plain loss)."""
     mx = runtime.mx()
-    loss_fn = losses.mlx_loss(losses.mlx_split(model, vocab_of(model)) if split is False else split, grad=False)
+    loss_fn = losses.mlx_loss(losses.mlx_split(model) if split is False else split, grad=False)
     rank, size = (world.rank(), world.size()) if world is not None else (0, 1)
     total, count = mx.array(0.0), mx.array(0.0)
     for g in eval_groups(len(items), batch_size, max_batches):

@@ -411,8 +411,7 @@ class TorchBackend(Backend):
             if progress:
                 log_line(progress, note)
         self.model = self.load_model()
-        vocab = int(self.cfg.get("vocab_size") or 0)
-        self.split = None if self.plan.fused_loss else losses.torch_split(self.model, vocab)
+        self.split = None if self.plan.fused_loss else losses.torch_split(self.model)
         for note in self.plan.notes[shown:]:
             if progress:
                 log_line(progress, note)

@@ -582,7 +582,10 @@ def main() -> None:
         from medtune.models import pull  # resolving the spec imports no mlx
 
         if a.model.startswith("qwen-shape"):
-            a.model = str(qwen_shape_model(int(a.model.partition(":")[2] or 4)))
+            layers = a.model.partition(":")[2] or "4"
+            if not layers.isdigit() or not 1 <= int(layers) <= 24:
+                ap.error(f"--model {a.model}: qwen-shape takes 1 to 24 layers (qwen-shape:4)")
+            a.model = str(qwen_shape_model(int(layers)))
         model_path = str(pull(a.model).path)
         source = str(long_records(a.data, a.long_records, model_path, work)) if a.long_records else a.data
         data = prepare_data(source, a.model, a.max_seq_length, work)

@@ -563,7 +563,7 @@ def main() -> None:
     ap.add_argument("--num-layers", type=int, default=8)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--scale", type=float, default=20.0)
-    ap.add_argument("--max-seq-length", type=int, default=512)
+    ap.add_argument("--max-seq-length", type=int, help="default 512, or a quarter over --long-records")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default="a,b,c", help="which of a,b,c,d to run, in this order")
@@ -571,6 +571,8 @@ def main() -> None:
     ap.add_argument("--workdir", help="keep logs and outputs here (default: a temporary folder)")
     ap.add_argument("--json", help="write all figures to this file")
     a = ap.parse_args()
+    if a.max_seq_length is None:
+        a.max_seq_length = a.long_records + a.long_records // 4 if a.long_records else 512
     runs = [k.strip() for k in a.runs.split(",") if k.strip()]
     if not runs or any(k not in RUNS for k in runs):
         ap.error(f"--runs takes a comma-separated subset of {','.join(RUNS)}")

@@ -560,7 +560,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of tokens/s (compile, allocator warm-up)")
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--num-layers", type=int, default=8)
+    ap.add_argument("--num-layers", type=int, help="layers with LoRA (default 8, or all of a smaller model's)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--scale", type=float, default=20.0)
     ap.add_argument("--max-seq-length", type=int, help="default 512, or a quarter over --long-records")
@@ -589,6 +589,11 @@ def main() -> None:
                 ap.error(f"--model {a.model}: qwen-shape takes 1 to 24 layers (qwen-shape:4)")
             a.model = str(qwen_shape_model(int(layers)))
         model_path = str(pull(a.model).path)
+        layers = json.loads((Path(model_path) / "config.json").read_text())["num_hidden_layers"]
+        if a.num_layers is None:
+            a.num_layers = min(8, layers)
+        if not 1 <= a.num_layers <= layers:
+            ap.error(f"--num-layers {a.num_layers}: the model has {layers} layers")
         source = str(long_records(a.data, a.long_records, model_path, work)) if a.long_records else a.data
         data = prepare_data(source, a.model, a.max_seq_length, work)
         cfg = {

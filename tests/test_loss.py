@@ -18,7 +18,12 @@ def test_label_picks_are_the_completion_positions():
     assert n == (7 - 3) + (5 - 4)
     assert picks[:n].tolist() == [2, 3, 4, 5, 7 + 3]  # row 0 positions 2..5 predict tokens 3..6; row 1 predicts 4
     assert len(picks) % losses.PICK_MULTIPLE == 0 and not weights[n:].any()
-    assert losses.chunk_rows(151936) == 32 and losses.chunk_rows(49152) == 128 and losses.chunk_rows(50) == 1024
+    assert (
+        losses.chunk_rows(151936) == 128
+        and losses.chunk_rows(262144) == 128
+        and losses.chunk_rows(49152) == 128
+        and losses.chunk_rows(50) == 1024
+    )
 
 
 def _mlx_model(quantized=False, checkpoint=False, tie=True):
@@ -178,5 +183,8 @@ def test_training_peak_falls_with_the_chunked_loss_and_the_preflight_follows(tmp
     assert loss_c == pytest.approx(loss_p, rel=1e-4)
     assert peak_c < 0.5 * peak_p
     assert est_c < 0.5 * est_p
-    for est, peak in ((est_c, peak_c), (est_p, peak_p)):
-        assert 0.85 < est / peak < 1.2, runs
+    # The chunked loss's own peak varies with how many chunks MLX keeps in flight: 0.67-0.91 GB for the same
+    # run here, alone or after other tests; the estimate takes the upper end. Where the loss is not the whole peak
+    # (scripts/bench_train.py's qwen-shape runs) the estimate is 0.95-1.07x the measured peak.
+    assert 0.85 < est_p / peak_p < 1.2, runs
+    assert 0.85 < est_c / peak_c < 1.45, runs

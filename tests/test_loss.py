@@ -183,8 +183,9 @@ def test_training_peak_falls_with_the_chunked_loss_and_the_preflight_follows(tmp
     assert loss_c == pytest.approx(loss_p, rel=1e-4)
     assert peak_c < 0.5 * peak_p
     assert est_c < 0.5 * est_p
-    # The chunked loss's own peak varies with how many chunks MLX keeps in flight: 0.67-0.91 GB for the same
-    # run here, alone or after other tests; the estimate takes the upper end. Where the loss is not the whole peak
-    # (scripts/bench_train.py's qwen-shape runs) the estimate is 0.95-1.07x the measured peak.
+    # The chunked loss's own peak varies with how many chunks MLX keeps in flight: 0.59-0.91 GB for the same run
+    # here (alone, or after other tests), 7 to 11 chunk-sized arrays; the estimate counts 11. Where the loss is not
+    # the whole peak (scripts/bench_train.py's qwen-shape runs) the estimate is 1.06-1.10x the measured peak.
     assert 0.85 < est_p / peak_p < 1.2, runs
-    assert 0.85 < est_c / peak_c < 1.45, runs
+    chunk = losses.chunk_rows(151936) * 151936 * 4 / 1e9
+    assert -0.15 * peak_c < est_c - peak_c < 5 * chunk, runs

@@ -245,3 +245,14 @@ def test_ctrl_c_during_fidelity_shuts_the_server_down(family_models, tmp_path):
             break
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{server}"), "llama-server outlived the interrupted command"
+
+
+def test_a_null_log_probability_from_the_server_is_minus_infinity():
+    """llama-server writes a probability that underflows to 0 as a null logprob (a very sure fine-tuned model):
+    it is -inf, not a crash."""
+    from medtune.runtimes.llama_server import _align
+
+    res = {
+        "completion_probabilities": [{"id": 7, "top_logprobs": [{"id": 7, "logprob": 0.0}, {"id": 3, "logprob": None}]}]
+    }
+    assert _align([7], res) == [[(7, 0.0), (3, float("-inf"))]]

@@ -477,7 +477,8 @@ def _server_run(run, mlx_first_row) -> GGUFRun:
     top = run.rows or []
     first = np.asarray(mlx_first_row, dtype=np.float64)
     first = first - (np.log(np.exp(first - first.max()).sum()) + first.max())  # MLX log-softmax
-    diff = max((abs(first[i] - lp) for i, lp in ((top[0] if top else None) or []) if i < len(first)), default=0.0)
+    rows = (top[0] if top else None) or []  # a -inf (the server's null: underflowed) has no difference to measure
+    diff = max((abs(first[i] - lp) for i, lp in rows if i < len(first) and np.isfinite(lp)), default=0.0)
 
     def margin(d, a, b):
         if d >= len(top) or top[d] is None:

@@ -242,6 +242,10 @@ class LlamaServer:
         return Greedy(comp.tokens, comp.stopped, comp.top, end_in_tokens=False)
 
 
+def _logprob(value) -> float:
+    return float("-inf") if value is None else float(value)
+
+
 def _align(tokens: list[int], res: dict) -> list:
     """The probability entries matched to the generated tokens they belong to (entries carry their token id and
     come in order, but not one per token)."""
@@ -252,7 +256,9 @@ def _align(tokens: list[int], res: dict) -> list:
             j += 1
         if j == len(tokens):
             break
-        top[j] = [(int(p["id"]), float(p["logprob"])) for p in entry.get("top_logprobs") or []]
+        # a probability that underflows to 0 comes back as a null log-probability (JSON has no -inf): a very sure
+        # fine-tuned model gives those for every candidate but its pick
+        top[j] = [(int(p["id"]), _logprob(p.get("logprob"))) for p in entry.get("top_logprobs") or []]
         j += 1
     return top
 

@@ -107,6 +107,8 @@ def run_eval(
         emit_json(report)
         return
     show_report(report)
+    for card in report.get("cards") or []:
+        done(f"model card updated with these numbers: {card}")
     done(f"report: {report['files']['html']}")
     print(report["files"]["html"])
 
@@ -127,8 +129,26 @@ def show_report(report: dict) -> None:
     console.print(t)
     if report.get("quants"):
         _show_quants(report)
+    for name in report.get("benchmarks") or {}:
+        _show_bench(report, name)
     for note in report.get("notes") or []:
         warn(note)
+
+
+def _show_bench(report: dict, name: str) -> None:
+    """One benchmark's accuracy per subject and overall, a column per model."""
+    from rich.table import Table
+
+    from medtune.core.console import console
+    from medtune.eval.report_html import bench_caption, bench_table
+
+    heads, rows = bench_table(report, name)
+    t = Table(title=bench_caption(report, name), title_justify="left")
+    for h in heads:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
 
 
 def _show_quants(report: dict) -> None:

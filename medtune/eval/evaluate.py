@@ -27,7 +27,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -81,6 +81,20 @@ def think_state(text: str, open_: str = THINK_OPEN, close: str = THINK_CLOSE, in
     return "ok"
 
 
+# Control/special tokens that must never appear in an answer's text (a model that learnt them as words leaks
+# them: Ollama shows them to the user). Chat-format markers of the common families, by pattern.
+_LEAKS = re.compile(
+    r"<\|[A-Za-z0-9_\-]{1,40}\|>"  # <|im_start|> <|eot_id|> <|end|> <|endoftext|> …
+    r"|<｜[^｜<>]{1,40}｜>"  # DeepSeek's full-width <｜end▁of▁sentence｜>, <｜Assistant｜>
+    r"|</?(?:start_of_turn|end_of_turn|bos|eos)>|</s>|\[/?INST\]|\[/?SYSTEM_PROMPT\]"
+)
+
+
+def leaked_tokens(text: str) -> list[str]:
+    """The control/special tokens written out in `text`, in order (e.g. ["<|im_start|>"])."""
+    return _LEAKS.findall(text)
+
+
 def stop_rate(finish_reasons: list[str]) -> Optional[float]:
     """Fraction of answers that ended on an end token ("stop") rather than at max tokens ("length")."""
     return sum(r == "stop" for r in finish_reasons) / len(finish_reasons) if finish_reasons else None
@@ -102,6 +116,8 @@ def summarise(answers: list[dict]) -> dict:
         "think_present": len(present) / len(answers),
         "think_ok": (sum(a["think"] == "ok" for a in present) / len(present)) if present else None,
         "repetition_rate": sum(a["repetition"] for a in answers) / len(answers),
+        "leak_rate": sum(bool(a.get("leaked")) for a in answers) / len(answers),
+        "empty_after_think": sum(a["think"] == "empty_answer" for a in answers) / len(answers),
     }
 
 
@@ -125,6 +141,7 @@ def score_answer(
         "finish_reason": finish_reason,
         "think": think_state(text, open_, close, in_think),
         "repetition": repetition_rate(text),
+        "leaked": leaked_tokens(text),
     }
 
 
@@ -200,6 +217,16 @@ def question_of(row: dict) -> Optional[list[dict]]:
     msgs = row.get("messages")
     if isinstance(msgs, list) and msgs and msgs[-1].get("role") == "assistant":
         return [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]]
+    return None
+
+
+def reference_of(row: dict) -> Optional[str]:
+    """The dataset's own answer to a held-out record (its completion, or the last assistant turn), if any."""
+    if isinstance(row.get("completion"), str):
+        return row["completion"]
+    msgs = row.get("messages")
+    if isinstance(msgs, list) and msgs and msgs[-1].get("role") == "assistant":
+        return msgs[-1].get("content")
     return None
 
 
@@ -279,6 +306,11 @@ class MLXRunner:
         items = build_dataset(rows, self.tokenizer, True, 1 << 30, where)
         self.model.eval()
         return evaluate(self.model, items, batch_size=1), sum(len(t) - o for t, o in items)
+
+    def next_logprobs(self, ids: list[int]):
+        from medtune.runtimes.mlx import next_logprobs
+
+        return next_logprobs(self.model, ids)
 
     def option_scores(self, c: Choice) -> list[float]:
         """Mean log-probability of each option's tokens ("B. text") after the rendered question."""
@@ -370,6 +402,11 @@ class GGUFRunner:
             count += len(nll)
         return total / max(count, 1), count
 
+    def next_logprobs(self, ids: list[int]):
+        from medtune.runtimes.llamacpp import next_logprobs
+
+        return next_logprobs(self.llm, ids)
+
     def option_scores(self, c: Choice) -> list[float]:
         """As MLXRunner.option_scores, on llama.cpp (the tuned model's tokenization)."""
         return [
@@ -417,8 +454,9 @@ def evaluate(
     out = Path(out)
     adapter = Path(adapter) if adapter else None
     t0 = time.time()
-    inputs = _read_inputs(data, probes, probe_limit, choices, limit)
+    inputs = _read_inputs(data, probes, probe_limit, choices, limit, o)
     specs = _model_specs(model, adapter, base, ggufs)
+    per_model = len(inputs.questions) + sum(len(b.items) for b in inputs.sets)
     run = _Run(
         str(model),
         adapter,
@@ -427,7 +465,8 @@ def evaluate(
         n_threads,
         gguf_loss,
         progress,
-        progress.add_task("evaluating", total=len(specs) * len(inputs.questions)) if progress else None,
+        progress.add_task("evaluating", total=len(specs) * per_model) if progress else None,
+        scoring=o.scoring,
     )
     results = [_evaluate_model(label, kind, spec, adp, inputs, run) for label, kind, spec, adp in specs]
     report = {
@@ -447,13 +486,21 @@ def evaluate(
         "curves": read_curves(Path(metrics) if metrics else metrics_for(str(model), adapter)),
         "questions": [{k: v for k, v in q.items()} for q in inputs.questions],
         "multiple_choice": [{"question": c.question, "options": c.options, "answer": c.answer} for c in inputs.mc],
-        "models": [{k: v for k, v in e.items() if k != "answers"} for e in results],
+        "models": [{k: v for k, v in e.items() if k not in ("answers", "benchmarks", "notes")} for e in results],
         "quants": _quants(model, adapter, data, ggufs, n_threads, out, progress),
-        "notes": list(notes),
+        **_bench_report(inputs.sets, results, o.scoring),
+        "notes": list(notes) + [n for e in results for n in e.pop("notes", [])],
     }
     for qi, q in enumerate(report["questions"]):
         q["answers"] = {e["label"]: e["answers"][qi] for e in results}
-    return _write_report(report, out)
+    folders = _card_folders(model, ggufs)
+    report["cards"] = [str(f / "README.md") for f in folders]
+    report = _write_report(report, out)
+    from medtune.models.card import write_card
+
+    for folder in folders:
+        write_card(folder, report)
+    return report
 
 
 @dataclass
@@ -464,14 +511,20 @@ class _Inputs:
     heldout: Optional[Path]  # their file
     probes: list[dict]
     mc: list[Choice]  # multiple-choice questions
-    questions: list[dict]  # the probes, then the first held-out questions: {source, id, lang, messages}
+    questions: list[dict]  # the probes, then the first held-out questions: {source, id, lang, messages, reference}
+    sets: list = field(default_factory=list)  # medtune.eval.exam.BenchSet: the benchmarks
 
     @property
     def loss_rows(self) -> list[dict]:
         return [r for r in self.rows if question_of(r) is not None or isinstance(r.get("text"), str)]
 
 
-def _read_inputs(data, probes, probe_limit: int | None, choices, limit: int) -> _Inputs:
+def _read_inputs(data, probes, probe_limit: int | None, choices, limit: int, o: EvalOptions) -> _Inputs:
+    from medtune.eval import exam
+
+    names = exam.bench_names(o.bench)
+    exam.check_scoring(o.scoring)
+    sets = exam.read_sets(names, exam.parse_files(o.bench_file, names), o.shots, o.bench_limit, o.seed)
     rows, heldout = [], None
     if data is not None:
         heldout = heldout_file(Path(data))
@@ -484,11 +537,17 @@ def _read_inputs(data, probes, probe_limit: int | None, choices, limit: int) -> 
     ]
     held = [(i, question_of(r)) for i, r in enumerate(rows)]
     questions += [
-        {"source": "held-out", "id": f"{heldout.name}:{i + 1}", "lang": "", "messages": m}
+        {
+            "source": "held-out",
+            "id": f"{heldout.name}:{i + 1}",
+            "lang": "",
+            "messages": m,
+            "reference": reference_of(rows[i]),
+        }
         for i, m in held
         if m is not None
     ][:limit]
-    return _Inputs(rows, heldout, probe_rows, mc, questions)
+    return _Inputs(rows, heldout, probe_rows, mc, questions, sets)
 
 
 def _read_choices(rows: list[dict], heldout: Optional[Path], choices) -> list[Choice]:
@@ -540,6 +599,7 @@ class _Run:
     progress: object
     task: object
     tuned_tok: Optional[tuple] = None  # (tokenizer, think markers) of a fused tuned model: the GGUFs' source
+    scoring: str = "loglik"  # how the benchmarks are scored (medtune.eval.exam)
 
 
 def _evaluate_model(label: str, kind: str, spec: str, adp, inputs: _Inputs, run: _Run) -> dict:
@@ -548,6 +608,7 @@ def _evaluate_model(label: str, kind: str, spec: str, adp, inputs: _Inputs, run:
     runner = _mlx_runner(spec, adp, inputs, entry) if kind == "mlx" else _gguf_runner(spec, inputs, run, entry)
     answers = []
     try:
+        _bench_metrics(runner, inputs.sets, run, entry)
         for q in inputs.questions:
             answers.append(runner.answer(q["messages"], run.max_tokens))
             if run.progress:
@@ -597,7 +658,12 @@ def _gguf_runner(spec: str, inputs: _Inputs, run: _Run, entry: dict) -> GGUFRunn
         from medtune.train.data import build_dataset
 
         items = build_dataset(loss_rows, tuned_tok[0], True, 1 << 30, inputs.heldout)
-    n_ctx = max(2048, -(-(max((len(t) for t, _ in items or []), default=0) + 8) // 256) * 256)
+    longest = max((len(t) for t, _ in items or []), default=0)
+    if inputs.sets and tuned_tok:
+        from medtune.eval.exam import longest_prompt
+
+        longest = max(longest, longest_prompt(tuned_tok[0], tuned_tok[1], inputs.sets) + run.max_tokens)
+    n_ctx = max(2048, -(-(longest + 8) // 256) * 256)
     runner = GGUFRunner(
         Path(spec),
         n_ctx=n_ctx,
@@ -620,6 +686,49 @@ def _choice_metrics(runner, mc: list[Choice], entry: dict) -> None:
     entry["mc_picks"] = picks
 
 
+def _bench_metrics(runner, sets: list, run: _Run, entry: dict) -> None:
+    """Each benchmark on this column (a GGUF needs the tuned model's tokenizer: MODEL a fused folder)."""
+    from medtune.eval.exam import run_set
+
+    if not sets:
+        return
+    if getattr(runner, "tokenizer", None) is None:
+        entry["notes"] = [
+            f"{entry['label']}: benchmarks skipped (a GGUF is examined with the fused model's tokenizer: "
+            "pass the fused folder as MODEL)"
+        ]
+        return
+    entry["benchmarks"] = {
+        s.name: run_set(runner, s, run.scoring, run.max_tokens, run.progress, run.task) for s in sets
+    }
+
+
+def _bench_report(sets: list, results: list[dict], scoring: str) -> dict:
+    """report["benchmarks"][name][label] = accuracy (overall, macro, per subject); their questions and every
+    column's pick under report["benchmark_items"][name]; titles, sources and sizes under "benchmark_info"."""
+    if not sets:
+        return {}
+    benchmarks, items, info = {}, {}, {}
+    for s in sets:
+        cols = {e["label"]: e["benchmarks"][s.name] for e in results if s.name in e.get("benchmarks", {})}
+        benchmarks[s.name] = {k: {f: v for f, v in r.items() if f not in ("picks", "answers")} for k, r in cols.items()}
+        info[s.name] = {**s.describe(), "scoring": scoring}
+        items[s.name] = [
+            {
+                "id": i.id,
+                "subject": i.subject,
+                "question": i.question,
+                "answer": i.options[i.answer][0],
+                "picks": {k: r["picks"].get(i.id) for k, r in cols.items()},
+                **({"answers": {k: r["answers"][i.id] for k, r in cols.items()}} if scoring == "generate" else {}),
+            }
+            for i in s.items
+        ]
+    for e in results:
+        e.pop("benchmarks", None)
+    return {"benchmarks": benchmarks, "benchmark_info": info, "benchmark_items": items}
+
+
 def _write_report(report: dict, out: Path) -> dict:
     """report.json, report.md and report.html in `out` (redacted: no Hub token, whatever a model or a path holds)."""
     from medtune.core import fsutil, redact
@@ -632,6 +741,16 @@ def _write_report(report: dict, out: Path) -> dict:
     fsutil.write_text(out / "report.md", render_markdown(report))
     fsutil.write_text(out / "report.html", render_html(report))
     return report
+
+
+def _card_folders(model: str, ggufs) -> list[Path]:
+    """The folders whose model card (README.md) gets this report's numbers: the fused folder, each GGUF's export
+    folder."""
+    from medtune.models.card import EXPORT_MANIFEST, FUSE_MANIFEST
+
+    folders = [Path(model)] if (Path(model) / FUSE_MANIFEST).is_file() else []
+    folders += [Path(g).parent for g in ggufs if (Path(g).parent / EXPORT_MANIFEST).is_file()]
+    return list(dict.fromkeys(folders))
 
 
 def _penalty() -> tuple[float, int]:

@@ -24,6 +24,27 @@ class EvalOptions:
         flags=("--gguf-loss",),
     )
     threads: int | None = option(None, "llama.cpp threads (default: half the cores).", aliases=("n_threads",))
+    bench: str | None = option(
+        None,
+        "Medical benchmarks, comma-separated: medqa, medmcqa, pubmedqa, mmlu-medical, cmexam, ceval-medical, "
+        "cmmlu-medical (read from the Hub or ModelScope, cached).",
+        cli_type=Optional[str],
+        metavar="NAME[,NAME]",
+    )
+    bench_file: str | None = option(
+        None,
+        "Local copies of the benchmarks: PATH (one benchmark) or NAME=PATH,NAME=PATH; a file or a folder.",
+        cli_type=Optional[str],
+        metavar="[NAME=]PATH",
+    )
+    shots: int = option(0, "Few-shot examples per benchmark question, from its dev split (C-Eval uses 5).")
+    bench_limit: int | None = option(None, "At most N questions per benchmark subject (drawn with --seed).")
+    seed: int = option(0, "Seed of the per-subject draw.")
+    scoring: str = option(
+        "loglik",
+        "Benchmark scoring: loglik (the likeliest option letter; fast) or generate (answer, then parse the letter "
+        "after </think>; for reasoning models).",
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,7 +13,10 @@ COLUMNS = [  # (key, heading, format)
     ("think_present", "think present", "{:.0%}"),
     ("think_ok", "think well-formed", "{:.0%}"),
     ("repetition_rate", "repeated 4-grams", "{:.1%}"),
+    ("leak_rate", "leaked special tokens", "{:.0%}"),
+    ("empty_after_think", "empty after think", "{:.0%}"),
 ]
+BAR_COLOURS = ("#7f7f7f", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
 
 
 def _fmt(value, fmt: str) -> str:
@@ -79,6 +82,72 @@ def metric_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+def bench_table(report: dict, name: str) -> tuple[list[str], list[list[str]]]:
+    """(headings, rows) of one benchmark: a row per subject, then overall (micro) and the mean over subjects."""
+    cols = report["benchmarks"][name]
+    labels = list(cols)
+    subjects = sorted({s for r in cols.values() for s in r["subjects"]})
+
+    def cell(r: dict | None) -> str:
+        return "—" if r is None else f"{r['accuracy']:.1%} ({r['correct']}/{r['questions']})"
+
+    rows = [[s] + [cell(cols[k]["subjects"].get(s)) for k in labels] for s in subjects]
+    rows.append(["overall"] + [cell(cols[k]["overall"]) for k in labels])
+    rows.append(["mean of subjects"] + [f"{cols[k]['macro']:.1%}" for k in labels])
+    return ["subject"] + labels, rows
+
+
+def bench_caption(report: dict, name: str) -> str:
+    i = report.get("benchmark_info", {}).get(name, {})
+    shots = f"{i.get('shots', 0)}-shot" if i.get("shots") else "zero-shot"
+    return (
+        f"{i.get('title', name)}: {i.get('questions', '?')} questions, {shots}, scored by {i.get('scoring', '?')}"
+        + (f"; source {i['source']}" if i.get("source") else "")
+    )
+
+
+def svg_bench_bars(report: dict, name: str, width: int = 720, height: int = 240) -> str:
+    """Accuracy per subject and overall, one bar per model (base, tuned, each GGUF), as an inline SVG."""
+    cols = report["benchmarks"][name]
+    labels = list(cols)
+    groups = sorted({s for r in cols.values() for s in r["subjects"]}) + ["overall"]
+    pad_l, pad_b, pad_t = 40, 60, 25
+    gw = (width - pad_l - 10) / max(len(groups), 1)
+    bw = gw * 0.8 / max(len(labels), 1)
+    ph = height - pad_b - pad_t
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="{escape(name)} accuracy"><rect width="100%" height="100%" fill="#fff"/>'
+    ]
+    for frac in (0, 0.5, 1):
+        y = pad_t + ph * (1 - frac)
+        parts.append(f'<line x1="{pad_l}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{pad_l - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{frac:.0%}</text>')
+    for gi, g in enumerate(groups):
+        x0 = pad_l + gi * gw + gw * 0.1
+        for li, label in enumerate(labels):
+            r = cols[label]["overall"] if g == "overall" else cols[label]["subjects"].get(g)
+            if r is None:
+                continue
+            bh = ph * r["accuracy"]
+            parts.append(
+                f'<rect x="{x0 + li * bw:.1f}" y="{pad_t + ph - bh:.1f}" width="{bw * 0.9:.1f}" height="{bh:.1f}" '
+                f'fill="{BAR_COLOURS[li % len(BAR_COLOURS)]}"><title>{escape(label)} {escape(g)}: '
+                f"{r['accuracy']:.1%}</title></rect>"
+            )
+        parts.append(
+            f'<text x="{x0 + gw * 0.4:.1f}" y="{height - pad_b + 14}" font-size="10" text-anchor="middle">'
+            f"{escape(g[:18])}</text>"
+        )
+    for li, label in enumerate(labels):
+        parts.append(
+            f'<text x="{pad_l + 120 * li}" y="14" font-size="11" fill="{BAR_COLOURS[li % len(BAR_COLOURS)]}">'
+            f"■ {escape(label)}</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def headings() -> list[str]:
     return ["model", "runtime"] + [h for _, h, _ in COLUMNS] + ["fidelity"]
 
@@ -106,13 +175,21 @@ def render_markdown(report: dict) -> str:
             "|" + "---|" * len(QUANT_HEADINGS),
         ]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in quant_rows(report)] + [""]
+    for name in report.get("benchmarks") or {}:
+        heads, rows = bench_table(report, name)
+        out += [f"## Benchmark: {name}", "", bench_caption(report, name), "", "| " + " | ".join(heads) + " |"]
+        out += ["|" + "---|" * len(heads)] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
     for q in report["questions"]:
         prompt = q["messages"][-1]["content"]
         out += [f"## {q['id']} ({q['source']})", "", "> " + prompt.replace("\n", "\n> "), ""]
+        if q.get("reference"):
+            out += ["**reference** (the dataset's answer)", "", q["reference"], ""]
         for label, a in q["answers"].items():
             flag = "stopped" if a["finish_reason"] == "stop" else "cut at max tokens"
             out += [
-                f"**{label}** ({a['tokens']} tokens, {flag}, think: {a['think']}, repeated 4-grams {a['repetition']:.0%})",
+                f"**{label}** ({a['tokens']} tokens, {flag}, think: {a['think']}, repeated 4-grams {a['repetition']:.0%}"
+                + (f", leaked {' '.join(a['leaked'])}" if a.get("leaked") else "")
+                + ")",
                 "",
             ]
             if a["reasoning"]:
@@ -207,20 +284,29 @@ def render_html(report: dict) -> str:
         out += [f"<th>{h(c)}</th>" for c in QUANT_HEADINGS] + ["</tr>"]
         out += ["<tr>" + "".join(f"<td>{h(c)}</td>" for c in r) + "</tr>" for r in quant_rows(report)]
         out.append("</table>")
+    for name in report.get("benchmarks") or {}:
+        heads, rows = bench_table(report, name)
+        out += [f"<h2>Benchmark: {h(name)}</h2>", f'<p class="meta">{h(bench_caption(report, name))}</p>']
+        out += [svg_bench_bars(report, name), f'<table class="bench" id="bench-{h(name)}"><tr>']
+        out += [f"<th>{h(c)}</th>" for c in heads] + ["</tr>"]
+        out += ["<tr>" + "".join(f"<td>{h(c)}</td>" for c in r) + "</tr>" for r in rows] + ["</table>"]
     labels = [e["label"] for e in report["models"]]
     out += ["<h2>Answers</h2>", '<table class="answers" id="answers"><thead><tr><th>question</th>']
-    out += [f"<th>{h(label)}</th>" for label in labels]
+    out += ["<th>reference</th>"] + [f"<th>{h(label)}</th>" for label in labels]
     out.append("</tr></thead><tbody>")
     for q in report["questions"]:
         prompt = q["messages"][-1]["content"]
         out.append(f'<tr><td><b>{h(q["id"])}</b> <span class="meta">({h(q["source"])})</span>\n{h(prompt)}</td>')
+        out.append(f"<td>{h(q['reference']) if q.get('reference') else '—'}</td>")
         for label in labels:
             a = q["answers"][label]
             stopped = a["finish_reason"] == "stop"
             meta = (
                 f'<div class="meta"><span class="{"ok" if stopped else "cut"}">'
                 f"{'stopped' if stopped else 'cut at max tokens'}</span>, {a['tokens']} tokens, think: {h(a['think'])}, "
-                f"repeated 4-grams {a['repetition']:.0%}</div>"
+                f"repeated 4-grams {a['repetition']:.0%}"
+                + (f', <span class="cut">leaked {h(" ".join(a["leaked"]))}</span>' if a.get("leaked") else "")
+                + "</div>"
             )
             think = f"<details><summary>reasoning</summary>{h(a['reasoning'])}</details>" if a["reasoning"] else ""
             out.append(f"<td>{meta}{think}{h(a['answer']) or '<i>(no answer)</i>'}</td>")

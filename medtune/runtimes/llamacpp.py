@@ -115,6 +115,17 @@ def token_logprobs(llm, ids: list[int], start: int):
     return picked(logprobs(llm, ids, start), ids, start)
 
 
+def next_logprobs(llm, ids: list[int]):
+    """The float64 log-probabilities of the token after `ids`, from the last position's logits (no logits_all)."""
+    import llama_cpp
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+    return log_softmax(np.asarray(row, dtype=np.float64)[None])[0]
+
+
 def is_eog(llm):
     """A predicate: is this token one of the GGUF's end-of-generation tokens?"""
     import llama_cpp

@@ -342,6 +342,17 @@ def token_logprobs(model, ids: list[int], start: int):
     return np.array(picked[:, 0])
 
 
+def next_logprobs(model, ids: list[int]):
+    """The float64 log-probabilities of the token after `ids` (one forward pass; numpy)."""
+    import numpy as np
+
+    from medtune.runtimes.decoding import log_softmax
+
+    mx = runtime.mx()
+    row = model(mx.array([ids]))[0, -1].astype(mx.float32)
+    return log_softmax(np.array(row)[None])[0]
+
+
 def detokenize(tokenizer, toks: list[int]) -> str:
     """Text of answer tokens as mlx_lm's streaming detokenizer gives it (what `generate` returns), e.g. without
     the leading space a BPE tokenizer's first answer token carries."""

@@ -161,6 +161,11 @@ eval:                            # medtune eval models/<name> --data runs/<name>
   limit: 4                       # held-out questions answered
   # probe_limit: 8
   # threads: 1
+  # bench: medqa,cmexam           # medical benchmarks on base, tuned and each GGUF (medtune eval --bench)
+  # bench_file: medqa=data/sample/bench/medqa.jsonl,cmexam=data/sample/bench/cmexam.csv
+  # shots: 0                      # few-shot examples from the benchmark's dev split
+  # bench_limit: 50               # questions per subject
+  # scoring: loglik               # or generate (reasoning models: the letter after </think>)
 """
 
 
@@ -437,12 +442,19 @@ class Run:
             for key in ("probes", "choices"):
                 if e.get(key):
                     ins[key] = h.spec(str(e[key]))
+            if e.get("bench_file"):
+                from medtune.eval.exam import bench_names, parse_files
+
+                files = parse_files(e["bench_file"], bench_names(e.get("bench")))
+                ins["bench_file"] = {k: h.path(p) for k, p in files.items()}
             return ins, dict(e)
         raise BadInput(f"unknown stage {stage!r}", hint=f"stages: {', '.join(STAGES)}")
 
     def fused_hash(self) -> str:
         """The fused model's content: its folder without the GGUFs and manifest export writes beside it."""
-        return self.hasher.path(self.fused, skip=lambda p: p.suffix == ".gguf" or p.name == "export_manifest.json")
+        return self.hasher.path(
+            self.fused, skip=lambda p: p.suffix == ".gguf" or p.name in ("export_manifest.json", "README.md")
+        )
 
     def outputs(self, stage: str) -> list[Path]:
         if stage == "export":  # fuse replaces models/<name>/ whole, GGUFs included: then export is redone
@@ -574,7 +586,15 @@ class Run:
             progress=progress,
             **fields,
         )
-        return {"files": report["files"], "metrics": {m["label"]: m["metrics"] for m in report["models"]}}
+        benchmarks = {
+            name: {label: r["overall"]["accuracy"] for label, r in cols.items()}
+            for name, cols in (report.get("benchmarks") or {}).items()
+        }
+        return {
+            "files": report["files"],
+            "metrics": {m["label"]: m["metrics"] for m in report["models"]},
+            **({"benchmarks": benchmarks} if benchmarks else {}),
+        }
 
 
 def run_pipeline(

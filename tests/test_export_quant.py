@@ -156,7 +156,7 @@ def test_file_and_tensor_types(exported):
     # Nothing else in the folder: no temporary or intermediate files.
     out = exported.gguf_paths["f16"].parent
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["Modelfile", "export_manifest.json", *(p.name for p in exported.gguf_paths.values())]
+        ["Modelfile", "README.md", "export_manifest.json", *(p.name for p in exported.gguf_paths.values())]
     )
 
 
@@ -233,6 +233,7 @@ def test_cli_f16_and_k_quant_from_one_f16(model256, exported, tmp_path):
     assert list(result["gguf_paths"]) == ["f16", "q4_k_m"]
     assert sorted(p.name for p in out.iterdir()) == [
         "Modelfile",
+        "README.md",  # the model card
         "export_manifest.json",
         "tinyq-f16.gguf",
         "tinyq-q4_k_m.gguf",
@@ -247,7 +248,12 @@ def test_cli_f16_and_k_quant_from_one_f16(model256, exported, tmp_path):
 def test_k_quant_alone_uses_a_temporary_f16(model256, exported, tmp_path):
     _need_kquant(exported)
     res = export(model256, tmp_path, "tinyq", quants="q4_k_m", modelfile_path=tmp_path / "Modelfile")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "export_manifest.json", "tinyq-q4_k_m.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "Modelfile",
+        "README.md",
+        "export_manifest.json",
+        "tinyq-q4_k_m.gguf",
+    ]
     assert res.gguf_paths["q4_k_m"].read_bytes() == exported.gguf_paths["q4_k_m"].read_bytes()
     assert "FROM ./tinyq-q4_k_m.gguf\n" in res.modelfile_text  # relative to the Modelfile, as Ollama resolves it
 
@@ -395,6 +401,7 @@ def test_llama_cpp_converter_fallback_generates_like_ours(model256, exported, ll
     assert greedy(res.gguf_paths["f16"]) == greedy(exported.gguf_paths["f16"])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "Modelfile",
+        "README.md",
         "export_manifest.json",
         "tinyq-f16.gguf",
     ]

@@ -323,3 +323,28 @@ def test_waiting_for_a_running_llama_cpp_build(tmp_path, monkeypatch):
     assert notes and "waiting for the llama.cpp build" in notes[0] and not tools.building()
     assert tools.wait_for_build(poll=0.1) is False  # nothing running: no wait
     held.close()
+
+
+def test_eval_section_runs_benchmarks_and_their_file_is_an_input(done_run, tmp_path):
+    """eval.bench / eval.bench_file in the config: only eval reruns, its record has the accuracies, the model card
+    of the run's model folder gets them; editing the benchmark file makes eval run again."""
+    import shutil
+    from pathlib import Path
+
+    medqa = tmp_path / "medqa.jsonl"
+    shutil.copy(Path(__file__).resolve().parents[1] / "data" / "sample" / "bench" / "medqa.jsonl", medqa)
+    cfg = json.loads(json.dumps(done_run["cfg"]))
+    cfg["eval"].update(bench="medqa", bench_file={"medqa": str(medqa)}, bench_limit=2)
+    res = run_pipeline(cfg)
+    assert res["stages"] == {
+        **{s: "skipped" for s in ("prepare", "train", "fuse", "export")},
+        "ollama": "not run",
+        "eval": "done",
+    }
+    result = Run(load_config(cfg)).record("eval")["result"]
+    assert set(result["benchmarks"]["medqa"]) == {"base", "tuned", "tiny-f32.gguf"}
+    card = (Path(res["outputs"]["model"]) / "README.md").read_text(encoding="utf-8")
+    assert '"medqa"' in card and "| medqa | tuned |" in card
+    assert run_pipeline(cfg)["stages"]["eval"] == "skipped"
+    medqa.write_text(medqa.read_text(encoding="utf-8").replace('"answer_idx": "C"', '"answer_idx": "D"', 1))
+    assert run_pipeline(cfg)["stages"]["eval"] == "done"

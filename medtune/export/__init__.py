@@ -130,6 +130,9 @@ def export(
     options = {"name": name, "quants": quants, "system": system, "params": params, "family": family}
     info = {**mf.info, "warnings": [*mf.info["warnings"], *_arch_notices(job)]}
     manifest_path = _write_manifest(job, model_dir, options, info, summaries, hashes)
+    from medtune.models.card import write_card
+
+    write_card(job.out_dir)  # README.md: what the files are, where they came from, the Ollama lines
     return ExportResult(
         name=name,
         gguf_paths=job.ggufs,

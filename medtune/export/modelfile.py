@@ -627,7 +627,17 @@ def _param_value(name: str, value) -> str:
     return quote_value(str(value), f"PARAMETER {name}")
 
 
-def modelfile_lines(from_path: str, template: str, system: str | None, stops: list[str], params: dict) -> list[str]:
+def licence_value(text: str) -> str | None:
+    """A licence text as a Modelfile LICENSE value: line ends made LF, characters Ollama's parser would drop
+    (form feeds, a BOM...) removed, trimmed as the parser trims; None when it cannot be written (it holds \"\"\")."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = "".join(ch for ch in text if ch in "\n\t" or ch.isprintable()).strip()
+    return text if text and '"""' not in text else None
+
+
+def modelfile_lines(
+    from_path: str, template: str, system: str | None, stops: list[str], params: dict, licence: str | None = None
+) -> list[str]:
     lines = [
         "# Written by medtune. TEMPLATE reproduces the tokenizer's chat template; do not edit by hand.",
         "# Ollama >= 0.30 runs the GGUF in llama-server: for a chat template that mentions tools or <think> it renders",
@@ -652,6 +662,11 @@ def modelfile_lines(from_path: str, template: str, system: str | None, stops: li
             raise BadInput(f"bad Modelfile parameter name {name!r}", hint="use Ollama option names such as temperature")
         values = value if isinstance(value, (list, tuple)) else [value]
         lines += [f"PARAMETER {name} {_param_value(name, v)}" for v in values]
+    if licence:
+        _check_chars(licence, "LICENSE")
+        if '"""' in licence or licence != licence.strip():
+            raise BadInput('the licence text holds """ or is not trimmed', hint="pass it through licence_value")
+        lines.append(f'LICENSE """{licence}"""')  # always a block, as `ollama show --modelfile` writes one
     return lines
 
 
@@ -702,6 +717,7 @@ def render_modelfile(
     *,
     family: str | None = None,
     vocab=None,
+    licence: str | None = None,
 ) -> tuple[str, dict]:
     """Modelfile text for the GGUF at `gguf_filename`, written as FROM as given (`medtune export` passes it relative
     to the Modelfile's folder, medtune.export.modelfile_from, which is how Ollama resolves FROM).
@@ -709,7 +725,10 @@ def render_modelfile(
     system: None -> the chat template's own default system prompt, if it has one; "" -> no SYSTEM.
     params: Ollama PARAMETERs added to / overriding the defaults (temperature, top_p, num_ctx, ...).
     family: force a family by name instead of detecting it (e.g. "generic" for a template-less base).
-    Returns (text, info) where info has family, stops, system, default_system, template, params, warnings.
+    licence: the LICENSE text; None -> the model folder's LICENSE file (the base's, which fuse copies), if any;
+    "" -> no LICENSE.
+    Returns (text, info) where info has family, stops, system, default_system, template, params, licence (whether
+    a LICENSE was written), warnings.
     """
     from medtune.export.tokenizer import read_vocab
     from medtune.models.config import read_config
@@ -755,7 +774,14 @@ def render_modelfile(
     if isinstance(merged.get("stop"), (list, tuple, str)):
         extra = merged.pop("stop")
         stops += [s for s in ([extra] if isinstance(extra, str) else extra) if s not in stops]
-    lines = modelfile_lines(str(gguf_filename), template, system or None, stops, merged)
+    if licence is None:
+        from medtune.models.card import base_licence
+
+        licence = base_licence(model_dir)[1] or ""
+    licence_text = licence_value(licence) if licence else None
+    if licence and licence_text is None:
+        warnings.append('the licence text holds """, which a Modelfile cannot carry: the Modelfile has no LICENSE')
+    lines = modelfile_lines(str(gguf_filename), template, system or None, stops, merged, licence_text)
     text = "\n".join(lines) + "\n"
     info = {
         "family": fam.name,
@@ -764,6 +790,7 @@ def render_modelfile(
         "default_system": match.default_system,
         "template": template,
         "params": merged,
+        "licence": licence_text is not None,
         "warnings": warnings,
     }
     return text, info

@@ -32,6 +32,8 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
+# The base's licence files travel with the fused model (a derivative): LICENSE, LICENSE.txt, NOTICE, USE_POLICY.md...
+LICENCE_PREFIXES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -139,7 +141,8 @@ def is_quantized(cfg: dict) -> bool:
 
 def write_fused(out: Path, save, cfg: dict, base_dir: Path, manifest: dict) -> list[str]:
     """The fused folder, renamed into place whole: save(folder) writes the weights, then the config (without
-    quantization), the base's tokenizer files and medtune_manifest.json. Returns its file names."""
+    quantization), the base's tokenizer files, its licence files (licence_files) and medtune_manifest.json.
+    Returns its file names."""
     from medtune.models.config import write_config
 
     with fsutil.atomic_dir(out) as tmp:
@@ -148,5 +151,20 @@ def write_fused(out: Path, save, cfg: dict, base_dir: Path, manifest: dict) -> l
         for name in TOKENIZER_FILES:
             if (base_dir / name).is_file():
                 shutil.copy2(base_dir / name, tmp / name)
+        for path in licence_files(base_dir):
+            shutil.copy2(path, tmp / path.name)
         redact.write_json(tmp / "medtune_manifest.json", {"stage": "fuse", **manifest})
+        from medtune.models.card import write_card
+
+        write_card(
+            tmp, as_folder=out
+        )  # README.md, the model card: base, licence, data, training (medtune eval adds the metrics)
     return sorted(p.name for p in out.iterdir())
+
+
+def licence_files(model_dir: Path) -> list[Path]:
+    """The model folder's licence files: LICENSE*, LICENCE*, NOTICE*, USE_POLICY* (a Hub snapshot's links to its
+    blobs too: the base folder's links were checked when it was pulled, medtune.core.safety.check_links)."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(p for p in model_dir.iterdir() if p.name.upper().startswith(LICENCE_PREFIXES) and p.is_file())

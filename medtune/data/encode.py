@@ -6,6 +6,14 @@ Styles (what a prepared record holds):
   chat         {"messages": [...]}        rendered through the chat template; loss on the last turn
   text         {"text", "prompt_chars"?}  already rendered; loss after the first prompt_chars characters
 The chat template, not the record, closes the assistant turn with its end-of-turn token.
+
+Preference records (DPO/ORPO; prepare's manifest says "kind": "preference") are one shape, already rendered:
+  {"prompt", "chosen", "rejected"}  prompt: the conversation through the chat template up to and with its
+                                    generation prompt; chosen / rejected: what follows it in each side's rendered
+                                    conversation, ending in the end-of-turn token (once, at the end)
+encode_pair gives the trainer (prompt ids, chosen ids, rejected ids): each side is tokenized whole (prompt +
+completion) and split after the prompt's tokens, which prepare checked are a prefix of both; encode_pair_items gives
+the same as two SFT-style items per pair, ((ids, offset), (ids, offset)).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 from medtune.export.chat_templates import TEMPLATE_VARS
 
 STYLES = ("completions", "chat", "text")
+PAIR_KEYS = ("prompt", "chosen", "rejected")
 
 
 def record_messages(record: dict) -> list[dict] | None:
@@ -157,3 +166,45 @@ def encode_all(tok, records: list[dict], mask_prompt: bool = True) -> list[tuple
             raise ValueError("the prompt's tokens are not a prefix of the record's tokens")
         out.append((ids, len(head)))
     return out
+
+
+def is_pair(record: dict) -> bool:
+    """A preference record: rendered prompt, chosen and rejected texts."""
+    return all(isinstance(record.get(k), str) for k in PAIR_KEYS)
+
+
+def pair_ids(tok, records: list[dict]) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """The preference records' token ids, one batch each: the prompts', prompt + chosen's and prompt + rejected's
+    (what prepare checks and what encode_pairs splits)."""
+    tok = hf_tokenizer(tok)
+    heads = encode_texts(tok, [r["prompt"] for r in records])
+    chosen = encode_texts(tok, [r["prompt"] + r["chosen"] for r in records])
+    rejected = encode_texts(tok, [r["prompt"] + r["rejected"] for r in records])
+    return heads, chosen, rejected
+
+
+def encode_pairs(tok, records: list[dict]) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt ids, chosen ids, rejected ids) of each preference record; prompt ids + chosen ids are exactly the
+    tokens of prompt + chosen (the same for rejected). ValueError when the prompt's tokens are not a prefix of a
+    side's (prepare refuses such records)."""
+    out = []
+    for head, chosen, rejected in zip(*pair_ids(tok, records)):
+        for side in (chosen, rejected):
+            if side[: len(head)] != head:
+                raise ValueError("the prompt's tokens are not a prefix of a side's tokens")
+        out.append((head, chosen[len(head) :], rejected[len(head) :]))
+    return out
+
+
+def encode_pair(tok, record: dict) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen ids, rejected ids) of one preference record (encode_pairs)."""
+    return encode_pairs(tok, [record])[0]
+
+
+def encode_pair_items(tok, records: list[dict]) -> list[tuple[tuple[list[int], int], tuple[list[int], int]]]:
+    """Each preference record as two SFT-style items, ((prompt + chosen ids, offset), (prompt + rejected ids,
+    offset)): the loss covers ids[offset:], the completion (encode_pairs, put back together)."""
+    return [
+        ((head + chosen, len(head)), (head + rejected, len(head)))
+        for head, chosen, rejected in encode_pairs(tok, records)
+    ]

@@ -20,7 +20,8 @@ ANSWERS = ("all", "first")
 class PrepareOptions:
     fmt: str | None = option(
         None,
-        "medical-o1, alpaca, sharegpt, chat, completions, text, cmedqa2; detected from the fields if omitted.",
+        "medical-o1, alpaca, sharegpt, chat, completions, text, cmedqa2; preference pairs: preference, "
+        "alpaca-preference, sharegpt-preference, preference-chat; detected from the fields if omitted.",
         flags=("--format",),
         aliases=("format",),
     )

@@ -9,6 +9,14 @@ prepare() runs the steps in order, each a function below: read_examples (read, c
 to_records (the records in the chosen style), tokenize_and_check, within_length (--overlong), split,
 then the result, the manifest and write_outputs. The options and their checks are PrepareOptions's
 (medtune.data.options).
+
+Preference data (a format of kind "preference": each record a chosen/rejected pair) takes the same steps with its
+own entry in KINDS: a pair is dropped, and counted, when a side is empty, when both sides are the same, or when its
+two sides' prompts differ; each record is {"prompt", "chosen", "rejected"}: the prompt rendered through the chat
+template up to its generation prompt, each completion what the template renders after it, ending in the end-of-turn
+token (style "preference"; "preference-text" where SFT would use --style text: the answer and the end token, as
+written). Both sides are checked as SFT records are; --max-seq-length applies to the prompt with the longer side.
+The manifest says "kind": "preference" (SFT data: "sft").
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from medtune.core import fsutil, jsonl
 from medtune.core.errors import BadInput
@@ -47,10 +55,12 @@ class PrepareResult:
     notes: list = field(default_factory=list)
     files: dict = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
+    kind: str = "sft"  # the data's kind: "sft" (examples) or "preference" (chosen/rejected pairs)
 
     def to_dict(self) -> dict:
         return {
             "out": str(self.out) if self.out else None,
+            "kind": self.kind,
             "counts": self.counts,
             "format": self.format,
             "style": self.style,
@@ -273,6 +283,7 @@ class _Records:
     examples: list
     rows: list
     lengths: dict = field(default_factory=dict)
+    sides: dict = field(default_factory=dict)  # preference pairs: index -> (prompt, prompt + chosen, prompt + rejected)
 
 
 @_holds_lock("out")  # one writer per output folder (medtune.core.lock)
@@ -307,15 +318,16 @@ def prepare(
     digests = _hash_meanwhile(resolved.files) if writing else None
     tally = _Tally(opts.skip_invalid)
     fmt, examples = read_examples(dataset, resolved, opts, mapping, tally, progress)
+    kind = KINDS[fmt.kind]
     tpl = _Template.load(tokenizer, model_path)
     examples = _draw_sample(examples, opts.sample, opts.seed, tally)
-    style = _choose_style(opts.style, examples, tpl.info, opts.reasoning, tally.notes)
-    recs = to_records(examples, style, opts.reasoning, tpl, tally)
+    style = kind.style(opts.style, examples, tpl.info, opts.reasoning, tally.notes)
+    recs = to_records(examples, style, opts.reasoning, tpl, tally, kind)
     checked = _indices_to_check(len(recs.rows), opts.token_stats, opts.seed)
-    recs.lengths = tokenize_and_check(recs, checked, tpl, opts.reasoning, tally, progress)
+    recs.lengths = kind.check(recs, checked, tpl, opts.reasoning, tally, progress)
     keep = within_length(recs, opts, tally, dataset)
     splits = split(recs, keep, opts)
-    result = _result(out if writing else None, fmt.name, style, recs, keep, splits, tpl, opts, tally)
+    result = _result(out if writing else None, fmt.name, style, recs, keep, splits, tpl, opts, tally, kind)
     if not writing:
         return result
     inputs = {
@@ -373,7 +385,7 @@ def read_examples(
             continue
         if not converted:
             tally.dropped["no answer"] += 1
-        examples += _clean_and_new(converted, rec.controls, seen, tally)
+        examples += _clean_and_new(converted, rec.controls, seen, tally, KINDS[fmt.kind])
         if opts.limit and len(examples) >= opts.limit:
             examples = examples[: opts.limit]
             break
@@ -387,15 +399,21 @@ def read_examples(
     return fmt, examples
 
 
-def _clean_and_new(converted: list[formats.Example], controls: bool, seen: set, tally: _Tally) -> list:
-    """The examples, cleaned, that are not empty and not the same as one already in `seen` (which they join)."""
+def _example_key(ex: formats.Example) -> int:
+    return hash((ex.text, ex.reasoning, tuple((m["role"], m["content"]) for m in ex.messages)))
+
+
+def _clean_and_new(converted: list, controls: bool, seen: set, tally: _Tally, kind: Kind | None = None) -> list:
+    """The examples (or pairs: kind), cleaned, that are not empty and not the same as one already in `seen` (which
+    they join)."""
+    kind = kind or KINDS["sft"]
     new = []
     for ex in converted:
-        reason = _clean_example(ex, controls)
+        reason = kind.clean(ex, controls)
         if reason:
             tally.dropped[reason] += 1
             continue
-        key = hash((ex.text, ex.reasoning, tuple((m["role"], m["content"]) for m in ex.messages)))
+        key = kind.key(ex)
         if key in seen:
             tally.dropped["duplicate"] += 1
             continue
@@ -413,13 +431,27 @@ def _draw_sample(examples: list, sample: int | None, seed: int, tally: _Tally) -
     return [examples[i] for i in picked]
 
 
-def to_records(examples: list, style: str, reasoning: str, tpl: _Template, tally: _Tally) -> _Records:
-    """The records in `style`, one per example; no record may carry the end-of-turn token as text."""
+def _example_texts(ex: formats.Example) -> list[str]:
+    return [m["content"] for m in ex.messages] + [ex.reasoning, ex.text or ""]
+
+
+class _Dropped(Exception):
+    """A record that is not made, for `reason` (counted in the manifest's drops, never an error)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def to_records(
+    examples: list, style: str, reasoning: str, tpl: _Template, tally: _Tally, kind: Kind | None = None
+) -> _Records:
+    """The records in `style`, one per example (or pair: kind); no record may carry the end-of-turn token as text."""
+    kind = kind or KINDS["sft"]
     rows, kept = [], []
     end = tpl.info.end_token
     for ex in examples:
-        texts = [m["content"] for m in ex.messages] + [ex.reasoning, ex.text or ""]
-        if any(end in t for t in texts):
+        if any(end in t for t in kind.texts(ex)):
             tally.invalid(
                 sources.RecordError(
                     f"the record's text contains the end-of-turn token {end!r}",
@@ -429,7 +461,15 @@ def to_records(examples: list, style: str, reasoning: str, tpl: _Template, tally
                 "contains the end-of-turn token",
             )
             continue
-        rows.append(_to_record(ex, style, reasoning, tpl.info, tpl.renderer))
+        try:
+            row = kind.record(ex, style, reasoning, tpl.info, tpl.renderer)
+        except _Dropped as drop:
+            tally.dropped[drop.reason] += 1
+            continue
+        except sources.RecordError as exc:
+            tally.invalid(exc, "failed the rendering checks")
+            continue
+        rows.append(row)
         kept.append(ex)
     if not rows:
         raise BadInput("no records left after the checks", hint=f"dropped: {dict(tally.dropped)}")
@@ -537,25 +577,26 @@ def _result(
     tpl: _Template,
     opts: PrepareOptions,
     tally: _Tally,
+    kind: Kind | None = None,
 ) -> PrepareResult:
     """The counts, the token statistics and the first kept record as the model sees it."""
+    kind = kind or KINDS["sft"]
     first = keep[0]
-    full_text, prompt_text = encode.texts(recs.rows[first], tpl.renderer)
     example = {
         "where": recs.examples[first].where,
         "record": recs.rows[first],
-        "rendered": full_text,
-        "prompt_chars": len(prompt_text),
+        **kind.rendered(recs.rows[first], tpl.renderer),
         "tokens": recs.lengths.get(first),
     }
     counts = {
         "read": tally.read,
         "examples": len(recs.examples),
         "kept": len(keep),
+        **({kind.unit: len(keep)} if kind.unit else {}),
         "dropped": dict(tally.dropped),
         **{k: len(v) for k, v in splits.items()},
     }
-    tokens = _stats([recs.lengths[i] for i in keep if i in recs.lengths]) if opts.token_stats else {}
+    tokens = kind.tokens(recs, keep) if opts.token_stats else {}
     return PrepareResult(
         out=out,
         counts=counts,
@@ -565,6 +606,7 @@ def _result(
         tokens=tokens,
         example=example,
         notes=list(dict.fromkeys(tally.notes)),
+        kind=kind.name,
     )
 
 
@@ -574,13 +616,17 @@ def _manifest(
     """What was read (with content hashes), with which options and package versions, and what came of it. The
     options under their manifest names: format (the one used), map (parsed), style (the one chosen)."""
     rest = {k: v for k, v in opts.to_dict().items() if k not in ("fmt", "mapping", "style")}
+    added_by = "record (style text)" if result.style == "text" and not plain_text else "chat_template"
+    if result.kind == "preference":
+        added_by = "record (preference pairs: each completion ends with it)"
     return {
         "stage": "prepare",
+        "kind": result.kind,  # "sft": completions/chat/text records; "preference": {prompt, chosen, rejected} pairs
         "inputs": inputs,
         "options": {"format": result.format, "map": mapping, "style": result.style, **rest},
         "template": dict(result.template),
         "template_vars": dict(TEMPLATE_VARS),  # what every rendering was given (Llama 3.x's fixed "Today Date")
-        "end_token_added_by": "record (style text)" if result.style == "text" and not plain_text else "chat_template",
+        "end_token_added_by": added_by,
         "checked": {"records": n_checked, "all": opts.token_stats},
         "counts": result.counts,
         "tokens": result.tokens,
@@ -601,6 +647,204 @@ def write_outputs(out: Path, splits: dict[str, list[dict]], manifest: dict) -> d
                 jsonl.write_jsonl(tmp / f"{side}.jsonl", data)
         redact.write_json(tmp / "manifest.json", manifest)
     return {side: str(out / f"{side}.jsonl") for side in splits if (out / f"{side}.jsonl").exists()}
+
+
+# ---- preference pairs (formats of kind "preference") -----------------------------------------------------
+PAIR = "preference"  # completions rendered by the chat template after the prompt
+PAIR_TEXT = "preference-text"  # completions written as answer + end token (where SFT would use --style text)
+
+
+def _clean_pair(pair: formats.Pair, controls: bool = True) -> str | None:
+    """Clean both sides in place; return the reason to drop the pair, if any: an empty side, its two sides'
+    prompts differ (chat-style sources give each side its own), or the two sides are the same."""
+    for name, side in zip(formats.PAIR_FIELDS, pair.sides):
+        reason = _clean_example(side, controls)
+        if reason == "empty response":
+            return f"empty {name}"
+        if reason:
+            return reason
+    if [(m["role"], m["content"]) for m in pair.chosen.messages[:-1]] != [
+        (m["role"], m["content"]) for m in pair.rejected.messages[:-1]
+    ]:
+        return "prompts differ"
+    if (pair.chosen.response, pair.chosen.reasoning) == (pair.rejected.response, pair.rejected.reasoning):
+        return "identical sides"
+    return None
+
+
+def _pair_style(style: str, pairs: list, info: render.TemplateInfo, reasoning: str, notes: list) -> str:
+    """PAIR, or PAIR_TEXT where the template cannot render the answers as trained (SFT's reasons for --style text)."""
+    if style != "auto":
+        raise BadInput(
+            f"--style {style} does not apply to preference data",
+            hint="leave --style auto: pairs are written as {prompt, chosen, rejected}, rendered through the template",
+        )
+    if info.strips_think and reasoning == "think" and any(side.reasoning for p in pairs for side in p.sides):
+        notes.append(
+            "the chat template deletes <think> blocks from assistant turns, so each completion is written as the "
+            "answer with its reasoning and the end-of-turn token after the rendered prompt"
+        )
+        return PAIR_TEXT
+    if not info.prompt_is_prefix:
+        notes.append(
+            "the chat template's generation prompt is not where its assistant turns start, so each completion is "
+            "written as the answer and the end-of-turn token after the generation prompt"
+        )
+        return PAIR_TEXT
+    return PAIR
+
+
+def _completion(full: str, prompt: str, info: render.TemplateInfo, name: str, where: str) -> str:
+    """What the template renders after the prompt in one side's whole conversation, up to its end-of-turn token."""
+    err = sources.RecordError
+    if not full.startswith(prompt):
+        raise err(
+            f"{name}: the rendered prompt is not a prefix of the rendered conversation",
+            where=where,
+            hint="the chat template renders the prompt differently on its own",
+        )
+    tail = full[len(prompt) :]
+    end = tail.rfind(info.end_token)
+    if end < 0:
+        raise err(
+            f"{name}: the chat template does not close the answer with {info.end_token!r}",
+            where=where,
+            hint="the tuned model would not learn to stop",
+        )
+    after = tail[end + len(info.end_token) :]
+    if after.strip():
+        raise err(
+            f"{name}: text after the end-of-turn token: {after[:40]!r}",
+            where=where,
+            hint="the chat template renders something after the answer's end token",
+        )
+    return tail[: end + len(info.end_token)]
+
+
+def _pair_record(pair: formats.Pair, style: str, reasoning: str, info, renderer) -> dict:
+    """{"prompt", "chosen", "rejected"}: the prompt through the template with its generation prompt, and after it
+    each side's answer (reasoning placed per --reasoning) as the template renders it (PAIR_TEXT: as written), ending
+    in the end-of-turn token."""
+    prompt = renderer(pair.chosen.messages[:-1], add_generation_prompt=True)
+    opened = style == PAIR_TEXT and prompt.rstrip().endswith(info.think_open)
+    row = {"prompt": prompt}
+    for name, side in zip(formats.PAIR_FIELDS, pair.sides):
+        answer = _answer(side, reasoning, info, opened=opened)
+        if style == PAIR_TEXT:
+            row[name] = answer + info.end_token
+        else:
+            full = renderer(side.messages[:-1] + [{"role": "assistant", "content": answer}])
+            row[name] = _completion(full, prompt, info, name, side.where)
+    if row["chosen"] == row["rejected"]:
+        raise _Dropped("identical sides")
+    return row
+
+
+def check_pairs(
+    recs: _Records, indices: list[int], tpl: _Template, reasoning: str, tally: _Tally, progress=None
+) -> dict[int, int]:
+    """tokenize_and_check for preference records: each side (prompt + completion) is tokenized whole and checked as
+    an SFT record is (_check: the prompt's tokens a prefix, the end-of-turn token once, at its end, the reasoning
+    kept). The length of a pair is its longer side's; recs.sides gets every side's."""
+    lengths: dict[int, int] = {}
+    end_id = tpl.info.end_token_id
+    task = progress.add_task("tokenizing", total=len(indices)) if progress else None
+    for start in range(0, len(indices), CHUNK):
+        chunk = indices[start : start + CHUNK]
+        rows = [recs.rows[i] for i in chunk]
+        for i, row, head, *sides in zip(chunk, rows, *encode.pair_ids(tpl.tok, rows)):
+            pair = recs.examples[i]
+            try:
+                for name, side, ids in zip(formats.PAIR_FIELDS, pair.sides, sides):
+                    kept_reasoning = side.reasoning if reasoning != "drop" else ""
+                    try:
+                        _check(
+                            tpl.info, row["prompt"] + row[name], row["prompt"], ids, head, kept_reasoning, pair.where
+                        )
+                    except sources.RecordError as exc:
+                        raise sources.RecordError(f"{name}: {exc.message}", where=exc.where, hint=exc.hint) from exc
+                    if ids[-1] != end_id:
+                        raise sources.RecordError(
+                            f"{name}: does not end with the end-of-turn token {tpl.info.end_token!r}",
+                            where=pair.where,
+                            hint="the chat template renders something after the answer's end token",
+                        )
+            except sources.RecordError as exc:
+                tally.invalid(exc, "failed the rendering checks")
+                lengths[i] = -1
+                continue
+            lengths[i] = max(len(ids) for ids in sides)
+            recs.sides[i] = (len(head), *(len(ids) for ids in sides))
+        if progress:
+            progress.advance(task, len(chunk))
+    return lengths
+
+
+def _pair_tokens(recs: _Records, keep: list[int]) -> dict:
+    """Statistics of the pairs' lengths (the longer side's), and of each part: prompt, prompt + chosen, prompt +
+    rejected."""
+    measured = [recs.sides[i] for i in keep if i in recs.sides]
+    stats = _stats([recs.lengths[i] for i in keep if i in recs.lengths])
+    parts = ("prompt", *formats.PAIR_FIELDS)
+    return {**stats, "sides": {name: _stats([m[j] for m in measured]) for j, name in enumerate(parts)}} if stats else {}
+
+
+# ---- what prepare does per kind of data ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Kind:
+    """The steps that differ between SFT examples and preference pairs (a Format's `kind` picks the entry)."""
+
+    name: str
+    clean: Callable  # (item, controls) -> the reason to drop it, or None; cleans it in place
+    key: Callable  # item -> what two exact duplicates share
+    texts: Callable  # item -> every text it holds (none may hold the end-of-turn token)
+    style: Callable  # (--style, items, template info, --reasoning, notes) -> the records' style
+    record: Callable  # (item, style, --reasoning, template info, renderer) -> the record written
+    check: Callable  # (records, indices, template, --reasoning, tally, progress) -> {index: tokens}
+    rendered: Callable  # (record, renderer) -> the example's rendered texts, for the manifest and --dry-run
+    tokens: Callable  # (records, kept indices) -> token statistics
+    unit: str | None = None  # what the counts also count the kept records as
+
+
+def _sft_rendered(row: dict, renderer) -> dict:
+    full_text, prompt_text = encode.texts(row, renderer)
+    return {"rendered": full_text, "prompt_chars": len(prompt_text)}
+
+
+def _pair_rendered(row: dict, renderer) -> dict:
+    prompt = row["prompt"]
+    return {
+        "rendered": prompt + row["chosen"],
+        "rendered_rejected": prompt + row["rejected"],
+        "prompt_chars": len(prompt),
+    }
+
+
+KINDS: dict[str, Kind] = {
+    "sft": Kind(
+        "sft",
+        clean=_clean_example,
+        key=_example_key,
+        texts=_example_texts,
+        style=_choose_style,
+        record=_to_record,
+        check=tokenize_and_check,
+        rendered=_sft_rendered,
+        tokens=lambda recs, keep: _stats([recs.lengths[i] for i in keep if i in recs.lengths]),
+    ),
+    "preference": Kind(
+        "preference",
+        clean=_clean_pair,
+        key=lambda pair: hash(tuple(_example_key(side) for side in pair.sides)),
+        texts=lambda pair: [t for side in pair.sides for t in _example_texts(side)],
+        style=_pair_style,
+        record=_pair_record,
+        check=check_pairs,
+        rendered=_pair_rendered,
+        tokens=_pair_tokens,
+        unit="pairs",
+    ),
+}
 
 
 PACKAGES = ("transformers", "tokenizers", "mlx", "mlx-lm", "gguf")  # what prepare's manifest records

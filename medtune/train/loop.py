@@ -17,7 +17,7 @@ from pathlib import Path
 
 from medtune.core.errors import BadInput, MedtuneError, ResourceError
 from medtune.train import checkpoints, preflight
-from medtune.train.data import batch_order, build_dataset, check_rows, load_jsonl
+from medtune.train.data import batch_order, build_dataset, build_pairs, check_rows, is_preference, load_jsonl
 from medtune.train.options import TrainOptions, TrainResult
 from medtune.train.report import MetricsLog, StopOnSignal, log_validation, plot_losses
 
@@ -55,18 +55,18 @@ def run(
     rows = {name: load_jsonl(data / name) for name in ("train.jsonl", "valid.jsonl")}
     for name, found in rows.items():
         check_rows(found, data / name)
+    _check_method(opts, rows, data)
     model_ref = pull(model_spec)
     tokenizer = backend.open(model_ref, read_config(model_ref.path))
     try:
-        items = {
-            name: build_dataset(found, tokenizer, opts.mask_prompt, opts.max_seq_length, data / name)
-            for name, found in rows.items()
-        }
+        items = {name: _items(found, tokenizer, opts, data / name) for name, found in rows.items()}
         steps = _steps(backend, opts, items["train.jsonl"], data)
         lead = backend.rank == 0  # only the first process writes files and shows progress
         pf, done = _preflight(backend, opts, items["train.jsonl"], steps, dry_run, progress if lead else None)
         if done:
             return _dry_result(backend, out, steps, pf)
+        if opts.method == "dpo":
+            _references(backend, items, out, lead, progress if lead else None)
         fit = Fit(
             backend, opts, items["train.jsonl"], items["valid.jsonl"], out, steps, progress if lead else None, lead
         )
@@ -74,6 +74,62 @@ def run(
         return fit.finish(data, model_ref, tokenizer, pf)
     finally:
         backend.close()
+
+
+def _check_method(opts: TrainOptions, rows: dict, data: Path) -> None:
+    """--method and the prepared data agree: sft on completions, dpo/orpo on preference pairs."""
+    pairs = is_preference(rows["train.jsonl"])
+    if pairs and opts.method == "sft":
+        raise BadInput(
+            "train.jsonl holds preference pairs (prompt, chosen, rejected)",
+            where=str(data / "train.jsonl"),
+            hint="train them with --method dpo or --method orpo",
+        )
+    if not pairs and opts.method != "sft":
+        raise BadInput(
+            f"--method {opts.method} trains on preference pairs; train.jsonl holds prompt/completion records",
+            where=str(data / "train.jsonl"),
+            hint="prepare a dataset with chosen and rejected answers (medtune prepare reads them), or --method sft",
+        )
+
+
+def _items(rows: list[dict], tokenizer, opts: TrainOptions, where: Path):
+    if opts.method == "sft":
+        return build_dataset(rows, tokenizer, opts.mask_prompt, opts.max_seq_length, where)
+    return build_pairs(rows, tokenizer, opts.max_seq_length, where)
+
+
+REFERENCE_FILE = "reference_logps.npz"  # DPO's reference log-probs, computed once per run and kept with it
+
+
+def _references(backend, items: dict, out: Path, lead: bool, progress) -> None:
+    """DPO's reference: each pair's summed completion log-probs under the model before training (its adapter
+    is fresh: the base), computed once and kept in out/reference_logps.npz, so that no second copy of the
+    model is held and a resumed run reads the very numbers it started with."""
+    import numpy as np
+
+    path = out / REFERENCE_FILE
+    names = [n.split(".")[0] for n in items]
+    if path.is_file():
+        with np.load(path) as saved:
+            if all(f"{n}_chosen" in saved and len(saved[f"{n}_chosen"]) == len(items[f"{n}.jsonl"]) for n in names):
+                for n in names:
+                    items[f"{n}.jsonl"].ref = (saved[f"{n}_chosen"], saved[f"{n}_rejected"])
+                return
+    task = progress.add_task("reference log-probs", total=None) if progress else None
+    arrays = {}
+    for n in names:
+        items[f"{n}.jsonl"].ref = backend.reference_logps(items[f"{n}.jsonl"])
+        arrays[f"{n}_chosen"], arrays[f"{n}_rejected"] = items[f"{n}.jsonl"].ref
+    if task is not None:
+        progress.remove_task(task)
+    if lead:
+        from medtune.core import fsutil
+
+        out.mkdir(parents=True, exist_ok=True)
+        with fsutil.atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
 
 
 def _check_inputs(data: Path, out: Path, opts: TrainOptions, resume: bool) -> list[Path]:
@@ -263,6 +319,7 @@ class Fit:
         }
         if done.overflow:
             row["skipped_overflow"] = True
+        row.update(done.extra)  # preference methods: reward margin, accuracy, …
         self.metrics.write(row)
         if self.progress:
             self.progress.update(
@@ -275,7 +332,8 @@ class Fit:
         loss = self.backend.eval_loss(self.val_items, self.opts.val_batches)
         run["val_loss"] = loss
         run["first_val"] = loss if run["first_val"] is None else run["first_val"]
-        self.metrics.write({"step": it, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+        extra = {f"val_{k}": v for k, v in getattr(self.backend, "eval_metrics", {}).items()}
+        self.metrics.write({"step": it, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)), **extra})
         if self.progress:
             self.progress.update(self.task, val=f"{loss:.3f}")
             log_validation(self.progress, it, self.steps, run, loss)

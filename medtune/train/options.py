@@ -11,6 +11,7 @@ from medtune.core.errors import BadInput
 from medtune.core.options import option
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
+METHODS = ("sft", "dpo", "orpo")  # what the loss trains on: completions, or preference pairs
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -50,6 +51,13 @@ class TrainOptions:
         "torch/unsloth: QLoRA on a 4-bit base (bitsandbytes, CUDA); default: on for models over 3B parameters on CUDA.",
         flags=("--load-in-4bit/--no-load-in-4bit",),
     )
+    method: str = option(
+        "sft",
+        "sft (prompt/completion data) | dpo | orpo (preference pairs from `medtune prepare`: prompt, chosen, "
+        "rejected). mlx backend.",
+    )
+    beta: float = option(0.1, "DPO: how far the policy may move from the reference (higher: closer).")
+    orpo_lambda: float = option(0.1, "ORPO: weight of the odds-ratio term beside the chosen side's SFT loss.")
     precision: str = option(
         "auto",
         "torch/unsloth: auto | fp32 | fp16 | bf16. auto: bf16 on Ampere and newer, fp16 "
@@ -95,7 +103,16 @@ class TrainOptions:
             bad(f"--warmup {self.warmup} must be below the number of steps ({self.iters})", "e.g. --warmup 10")
         if self.epochs is not None and self.epochs <= 0:
             bad("--epochs must be positive", "e.g. --epochs 2")
+        self._check_method(bad)
         return self
+
+    def _check_method(self, bad) -> None:
+        if self.method not in METHODS:
+            bad(f"--method must be one of {', '.join(METHODS)}", "sft on prompt/completion data, dpo or orpo on pairs")
+        if self.method != "sft" and self.grad_accum != 1:
+            bad(f"--method {self.method} takes --grad-accum 1 for now", "raise --batch-size instead")
+        if self.beta <= 0 or self.orpo_lambda < 0:
+            bad("--beta must be positive and --orpo-lambda not negative", "e.g. --beta 0.1 --orpo-lambda 0.1")
 
     def steps_for(self, n_records: int) -> int:
         """Optimizer steps: --iters, or --epochs over n_records."""

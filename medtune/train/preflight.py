@@ -8,7 +8,7 @@ available and where that number comes from) and the loop gives one verdict from 
 from __future__ import annotations
 
 from medtune.core.errors import ResourceError
-from medtune.train.data import padded
+from medtune.train.data import item_length, padded
 from medtune.train.options import TrainOptions
 
 
@@ -70,9 +70,14 @@ def loss_bytes(loss: str, tokens: int, hidden: int, vocab: int, act_bytes: int) 
 
 
 def longest_batch(train_items) -> tuple[int, int]:
-    """(longest record in tokens, the padded width of a batch holding it)."""
-    longest = max(len(t) for t, _ in train_items)
+    """(longest record in tokens, the padded width of a batch holding it; a pair's longer side)."""
+    longest = max(item_length(item) for item in train_items)
     return longest, padded(longest)
+
+
+def _tokens(item) -> int:
+    """An SFT item's tokens, or both sides' of a pair."""
+    return len(item[0][0]) + len(item[1][0]) if isinstance(item[0], tuple) else len(item[0])
 
 
 def figures(
@@ -85,7 +90,7 @@ def figures(
         "parameters": int(total),
         "trainable_parameters": int(trainable),
         "records": len(train_items),
-        "tokens_per_epoch": int(sum(len(t) for t, _ in train_items)),
+        "tokens_per_epoch": int(sum(_tokens(item) for item in train_items)),
         "longest_record": int(longest),
         "steps": steps,
         "micro_batches": steps * opts.grad_accum,

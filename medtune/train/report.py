@@ -48,21 +48,46 @@ def plot_losses(rows: list[dict], path: Path, title: str = "") -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    pref = any("margin" in r or "val_margin" in r for r in rows)  # preference methods: a second panel
+    fig, axes = plt.subplots(1, 2 if pref else 1, figsize=(12 if pref else 7, 4), dpi=110, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train loss", color="#1f77b4", linewidth=1.2)
     if val:
         ax.plot(*zip(*val), label="validation loss", color="#d62728", marker="o", linewidth=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss" if pref else "loss (nats/token)")
     ax.set_title(title or "medtune training")
     ax.grid(alpha=0.3)
     ax.legend()
+    if pref:
+        _plot_preference(axes[0][1], rows)
     fig.tight_layout()
     with fsutil.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def _plot_preference(ax, rows: list[dict]) -> None:
+    """Reward margin (left axis) and preference accuracy (right axis), train and validation."""
+    for key, label, style in (("margin", "train margin", "-"), ("val_margin", "validation margin", "o-")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label, color="#2ca02c", linewidth=1.2, alpha=1 if "val" in key else 0.6)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward margin (chosen - rejected)")
+    ax.grid(alpha=0.3)
+    acc = ax.twinx()
+    for key, label, style in (("accuracy", "train accuracy", "-"), ("val_accuracy", "validation accuracy", "s-")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            acc.plot(*zip(*pts), style, label=label, color="#9467bd", linewidth=1.2, alpha=1 if "val" in key else 0.6)
+    acc.set_ylim(-0.05, 1.05)
+    acc.set_ylabel("preference accuracy")
+    lines = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
+    ax.legend(lines, [h.get_label() for h in lines], loc="lower right", fontsize=8)
+    ax.set_title("preference: margin and accuracy")
 
 
 class StopOnSignal:

@@ -11,7 +11,7 @@ inside its methods): `--backend` resolution loads every backend class.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medtune.train.options import TrainOptions
@@ -26,6 +26,7 @@ class Step:
     label_tokens: int
     learning_rate: float  # the rate this step's update used
     overflow: bool = False  # fp16 loss scaling skipped the update (inf/nan gradients)
+    extra: dict = field(default_factory=dict)  # more metrics of the step (preference methods: margin, accuracy)
 
 
 class Backend:
@@ -90,6 +91,11 @@ class Backend:
     def step(self, items, draw: Callable[[], list[int]]) -> Step:
         """One optimizer step over opts.grad_accum micro-batches; draw() gives each micro-batch's indices
         into `items` (this process's share), reseeding first."""
+        raise NotImplementedError
+
+    def reference_logps(self, pairs) -> tuple:
+        """DPO: (chosen, rejected) summed completion log-probs of every pair under the model as built (no
+        gradient), numpy arrays in pair order."""
         raise NotImplementedError
 
     def eval_loss(self, items, max_batches: int = -1) -> float:

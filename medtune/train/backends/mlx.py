@@ -81,7 +81,7 @@ class MLXBackend(Backend):
 
             grad_checkpoint(model.layers[0])
         self.split = losses.mlx_split(model)
-        self.loss = losses.mlx_loss(self.split)
+        self.loss = losses.mlx_loss(self.split) if opts.method == "sft" else self._preference_loss(grad=True)
         # written with the final weights, not now: a killed run must not leave a finished run's
         # adapters.safetensors beside another run's config
         self.config = adapter_config(opts, self.model_ref.path, self.n_layers, keys)
@@ -97,12 +97,13 @@ class MLXBackend(Backend):
         total = sum(v.size for _, v in params)
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         param_bytes = max(1, int(sum(v.nbytes for _, v in params) / max(total, 1)))
-        _, seq = preflight.longest_batch(train_items)
+        _, seq = preflight.longest_batch(train_items)  # a pair's longer side: a batch of pairs is as wide
+        rows = self.opts.batch_size * (1 if self.opts.method == "sft" else 2)  # and holds both sides
         est = preflight.estimate_memory(
             self.cfg,
             total * param_bytes,
             trainable,
-            self.opts.batch_size,
+            rows,
             seq,
             self.n_layers,
             self.opts.grad_checkpoint,
@@ -173,8 +174,43 @@ class MLXBackend(Backend):
         mx.random.seed(seed)
         mx.eval(mx.random.state)  # the compiled step takes the generator's key as an input: materialise it
 
+    def _preference_loss(self, grad: bool):
+        from medtune.train.preference import mlx_preference_loss
+
+        weight = self.opts.beta if self.opts.method == "dpo" else self.opts.orpo_lambda
+        return mlx_preference_loss(self.split, self.opts.method, weight, grad=grad)
+
+    def _pairs_step(self, items, draw) -> Step:
+        """One update on a batch of preference pairs: the loss, its metrics (reward margin, accuracy, …)."""
+        mx = runtime.mx()
+        from medtune.train.preference import mlx_batch, pair_batch
+
+        if self.size > 1:
+            from medtune.core.errors import BadInput
+
+            raise BadInput(f"--method {self.opts.method} trains in one process for now", hint="run without mlx.launch")
+        pb = pair_batch(items, draw(), items.ref)
+        loss, metrics = self._step_one(*mlx_batch(pb))
+        mx.eval(self._state, loss, metrics)
+        lr = self.optimizer.learning_rate
+        extra = {k: v.item() for k, v in metrics.items()}
+        return Step(
+            loss.item(),
+            pb.tokens,
+            int(pb.segments.sum()),
+            lr.item() if isinstance(lr, mx.array) else float(lr),
+            extra=extra,
+        )
+
+    def reference_logps(self, pairs) -> tuple:
+        from medtune.train.preference import mlx_reference_logps
+
+        return mlx_reference_logps(self.model, pairs, self.opts.batch_size, split=self.split, adapter_off=False)
+
     def step(self, items, draw) -> Step:
         mx = runtime.mx()
+        if self.opts.method != "sft":
+            return self._pairs_step(items, draw)
         if self.opts.grad_accum == 1:
             batch = make_batch(items, draw())
             loss, ntoks = self._step_one(*batch)
@@ -210,9 +246,28 @@ class MLXBackend(Backend):
 
     def eval_loss(self, items, max_batches: int = -1) -> float:
         self.model.eval()
-        loss = evaluate(self.model, items, self.opts.batch_size, max_batches, self.world, self.split)
+        if self.opts.method != "sft":
+            loss, self.eval_metrics = self._eval_pairs(items, max_batches)
+        else:
+            loss = evaluate(self.model, items, self.opts.batch_size, max_batches, self.world, self.split)
         self.model.train()
         return loss
+
+    def _eval_pairs(self, pairs, max_batches: int) -> tuple[float, dict]:
+        """The preference loss and its metrics over the validation pairs, each batch weighted by its pairs."""
+        mx = runtime.mx()
+        from medtune.train.preference import mlx_batch, pair_batch
+
+        loss_fn, total, sums = self._preference_loss(grad=False), 0.0, {}
+        groups = eval_groups(len(pairs), self.opts.batch_size, max_batches)
+        for group in groups:
+            loss, metrics = loss_fn(self.model, *mlx_batch(pair_batch(pairs, group, pairs.ref)))
+            mx.eval(loss, metrics)
+            total += loss.item() * len(group)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.item() * len(group)
+        n = sum(len(g) for g in groups)
+        return total / n, {k: v / n for k, v in sums.items()}
 
     def peak_memory_gb(self) -> float:
         return runtime.mx().get_peak_memory() / 1e9

@@ -319,6 +319,12 @@ class TorchBackend(Backend):
     uses = ("torch", "peft")
     always_checkpoints = False  # activations are recomputed whatever --grad-checkpoint says (Unsloth)
 
+    @classmethod
+    def refuses(cls, opts: TrainOptions) -> list[tuple[str, str]]:
+        if opts.method != "sft":  # the losses exist (medtune.train.preference); the step does not yet
+            return [(f"--method {opts.method} trains on the mlx backend for now", "--backend mlx")]
+        return []
+
     def check_available(self) -> None:
         _torch()
         require("peft", "cuda", "LoRA on PyTorch")

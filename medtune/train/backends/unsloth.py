@@ -25,7 +25,7 @@ class UnslothBackend(TorchBackend):
 
     @classmethod
     def refuses(cls, opts: TrainOptions) -> list[tuple[str, str]]:
-        found = []
+        found = super().refuses(opts)
         if opts.fine_tune_type == "full":
             found.append(
                 (

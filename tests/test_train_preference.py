@@ -1,0 +1,114 @@
+"""`medtune train --method dpo|orpo` on prepared preference pairs (MLX backend): the held-out preference accuracy
+and reward margin rise, the reference is computed once and kept with the run, a killed run resumes to the same
+losses, and --method must match the data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medtune.core.errors import BadInput, MedtuneError
+from medtune.train import TrainOptions, train
+
+from conftest import SAMPLE, run_cli
+
+OPTS = dict(iters=8, batch_size=4, num_layers=-1, rank=8, lr=5e-3, eval_every=4, save_every=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, tiny_llama_dir):
+    """Pairs in which the chosen answer sends the patient to a clinician and the rejected one reassures: a pattern
+    a tiny model can learn, shared by the held-out pairs."""
+    from medtune.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("pairs")
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()][:30]
+    records = [
+        {
+            "prompt": r["Question"],
+            "chosen": "See a clinician today. " + r["Response"][:80],
+            "rejected": "Nothing to worry about. " + r["Response"][:80],
+        }
+        for r in rows
+    ]
+    src = root / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    prepare(src, str(tiny_llama_dir), root / "data", max_seq_length=512, valid_ratio=0.25, token_stats=False)
+    return root / "data"
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, tiny_llama_dir, pairs):
+    out = tmp_path_factory.mktemp("dpo") / "a"
+    res = train(str(tiny_llama_dir), pairs, out, TrainOptions(method="dpo", beta=0.1, **OPTS))
+    return out, res
+
+
+def test_dpo_raises_heldout_preference_accuracy_and_margin(dpo_run, pairs):
+    out, res = dpo_run
+    val = [r for r in _rows(out) if "val_loss" in r]
+    assert [r["step"] for r in val] == [0, 4, 8]
+    first, last = val[0], val[-1]
+    assert first["val_loss"] == pytest.approx(np.log(2), abs=1e-4)  # the policy is its own reference at step 0
+    assert abs(first["val_margin"]) < 1e-4
+    assert last["val_margin"] > 0.5 and last["val_accuracy"] == 1.0 and last["val_loss"] < 0.5 * first["val_loss"]
+    steps = [r for r in _rows(out) if "train_loss" in r]
+    assert all({"margin", "accuracy", "rewards_chosen", "rewards_rejected"} <= set(r) for r in steps)
+    assert res.final_val_loss == last["val_loss"]
+    from PIL import Image
+
+    assert Image.open(out / "loss.png").size[0] > 1200  # the loss beside the margin/accuracy panel
+    with np.load(out / "reference_logps.npz") as ref:  # the reference, kept with the run
+        assert set(ref.files) == {"train_chosen", "train_rejected", "valid_chosen", "valid_rejected"}
+        n_valid = len((pairs / "valid.jsonl").read_text(encoding="utf-8").splitlines())
+        assert (ref["train_chosen"] < 0).all() and len(ref["valid_chosen"]) == n_valid
+
+
+def test_a_killed_dpo_run_resumes_to_the_same_losses(tmp_path, tiny_llama_dir, pairs, dpo_run):
+    out = tmp_path / "b"
+
+    def power_cut(step, row):
+        if step == 5:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(str(tiny_llama_dir), pairs, out, TrainOptions(method="dpo", **OPTS), on_step=power_cut)
+    res = train(str(tiny_llama_dir), pairs, out, TrainOptions(method="dpo", **OPTS), resume=True)
+    assert res.resumed_from == 3
+
+    def losses(folder):
+        return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in _rows(folder)]
+
+    assert losses(out) == losses(dpo_run[0])
+
+
+def test_orpo_trains_the_chosen_side_and_separates_the_pair(tmp_path, tiny_llama_dir, pairs):
+    out = tmp_path / "orpo"
+    train(str(tiny_llama_dir), pairs, out, TrainOptions(method="orpo", orpo_lambda=0.5, **OPTS))
+    val = [r for r in _rows(out) if "val_loss" in r]
+    assert val[-1]["val_loss"] < val[0]["val_loss"] and val[-1]["val_nll"] < val[0]["val_nll"]
+    assert val[-1]["val_log_odds_ratio"] > val[0]["val_log_odds_ratio"]
+    assert not (out / "reference_logps.npz").exists()  # ORPO has no reference
+
+
+def test_method_must_match_the_data(tmp_path, tiny_llama_dir, pairs):
+    from medtune.data.prepare import prepare
+
+    with pytest.raises(BadInput, match="preference pairs") as err:
+        train(str(tiny_llama_dir), pairs, tmp_path / "a", TrainOptions(iters=1))
+    assert "--method dpo" in err.value.hint
+    sft = tmp_path / "sft"
+    prepare(SAMPLE, str(tiny_llama_dir), sft, max_seq_length=512, limit=8, token_stats=False)
+    with pytest.raises(BadInput, match="--method orpo trains on preference pairs"):
+        train(str(tiny_llama_dir), sft, tmp_path / "b", TrainOptions(method="orpo", iters=1))
+    with pytest.raises(MedtuneError, match="mlx backend for now"):
+        train(str(tiny_llama_dir), pairs, tmp_path / "c", TrainOptions(method="dpo", iters=1), backend="torch")
+    r = run_cli("train", "--model", tiny_llama_dir, "--data", pairs, "--out", tmp_path / "d", "--method", "kto")
+    assert r.returncode == 2 and "--method must be one of sft, dpo, orpo" in r.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()

@@ -112,3 +112,28 @@ def test_method_must_match_the_data(tmp_path, tiny_llama_dir, pairs):
     r = run_cli("train", "--model", tiny_llama_dir, "--data", pairs, "--out", tmp_path / "d", "--method", "kto")
     assert r.returncode == 2 and "--method must be one of sft, dpo, orpo" in r.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+def test_eval_reports_preference_accuracy_for_base_tuned_and_gguf(tmp_path, tiny_llama_dir, pairs, dpo_run):
+    """medtune eval on held-out pairs: the DPO-tuned model prefers the chosen answers more than the base does, and
+    its GGUF (scored in llama.cpp with --gguf-loss) says the same."""
+    from medtune.export import export
+    from medtune.fuse import fuse
+
+    fuse(str(tiny_llama_dir), dpo_run[0], tmp_path / "fused")
+    res = export(tmp_path / "fused", tmp_path / "gguf", "dpo", quants=("f32",), modelfile_path=tmp_path / "m")
+    gguf = res.gguf_paths["f32"]
+    out = tmp_path / "report"
+    r = run_cli(
+        "eval", tmp_path / "fused", "--data", pairs, "--base", tiny_llama_dir, "--gguf", gguf, "--gguf-loss",
+        "--probe-limit", 1, "--max-tokens", 2, "--threads", 1, "--out", out,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    m = {e["label"]: e["metrics"] for e in rep["models"]}
+    assert m["tuned"]["pref_accuracy"] == 1.0 and m["tuned"]["pref_margin"] > m["base"]["pref_margin"]
+    assert m["tuned"]["pref_margin_vs_base"] == pytest.approx(m["tuned"]["pref_margin"] - m["base"]["pref_margin"])
+    assert m[gguf.name]["pref_accuracy"] == 1.0
+    assert m[gguf.name]["pref_margin"] == pytest.approx(m["tuned"]["pref_margin"], abs=0.05)  # summed over the answer
+    assert [q["source"] for q in rep["questions"]] == ["probe"]  # a pair's prompt is not asked as a question
+    assert "preference accuracy" in (out / "report.html").read_text(encoding="utf-8")

@@ -312,6 +312,12 @@ class MLXRunner:
 
         return next_logprobs(self.model, ids)
 
+    def completion_logprob(self, ids: list[int], offset: int) -> float:
+        """Summed log-probability of ids[offset:] given what precedes them."""
+        from medtune.runtimes.mlx import token_logprobs
+
+        return float(token_logprobs(self.model, ids, offset - 1).astype("float64").sum())
+
     def option_scores(self, c: Choice) -> list[float]:
         """Mean log-probability of each option's tokens ("B. text") after the rendered question."""
         from medtune.runtimes.mlx import token_logprobs
@@ -407,6 +413,10 @@ class GGUFRunner:
 
         return next_logprobs(self.llm, ids)
 
+    def completion_logprob(self, ids: list[int], offset: int) -> float:
+        """As MLXRunner.completion_logprob, on llama.cpp (needs logits_all)."""
+        return float(-self._nll(ids, offset).sum())
+
     def option_scores(self, c: Choice) -> list[float]:
         """As MLXRunner.option_scores, on llama.cpp (the tuned model's tokenization)."""
         return [
@@ -469,6 +479,7 @@ def evaluate(
         scoring=o.scoring,
     )
     results = [_evaluate_model(label, kind, spec, adp, inputs, run) for label, kind, spec, adp in specs]
+    _margins_vs_base(results)
     report = {
         "medtune_eval": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -516,7 +527,20 @@ class _Inputs:
 
     @property
     def loss_rows(self) -> list[dict]:
-        return [r for r in self.rows if question_of(r) is not None or isinstance(r.get("text"), str)]
+        return [
+            r for r in self.rows if not is_pair(r) and (question_of(r) is not None or isinstance(r.get("text"), str))
+        ]
+
+    @property
+    def pairs(self) -> list[dict]:
+        """The held-out preference pairs (prepared prompt, chosen, rejected)."""
+        return [r for r in self.rows if is_pair(r)]
+
+
+def is_pair(row: dict) -> bool:
+    from medtune.data.encode import is_pair as pair
+
+    return pair(row)
 
 
 def _read_inputs(data, probes, probe_limit: int | None, choices, limit: int, o: EvalOptions) -> _Inputs:
@@ -535,7 +559,7 @@ def _read_inputs(data, probes, probe_limit: int | None, choices, limit: int, o: 
         {"source": "probe", "id": p["id"], "lang": p["lang"], "messages": [{"role": "user", "content": p["prompt"]}]}
         for p in probe_rows
     ]
-    held = [(i, question_of(r)) for i, r in enumerate(rows)]
+    held = [(i, None if is_pair(r) else question_of(r)) for i, r in enumerate(rows)]
     questions += [
         {
             "source": "held-out",
@@ -646,6 +670,8 @@ def _mlx_runner(spec: str, adp, inputs: _Inputs, entry: dict) -> MLXRunner:
         entry["metrics"].update(val_loss=loss, val_ppl=perplexity(loss), val_tokens=n)
     if inputs.mc:
         _choice_metrics(runner, inputs.mc, entry)
+    if inputs.pairs:
+        _pair_metrics(runner, runner.tokenizer, inputs.pairs, entry)
     return runner
 
 
@@ -677,7 +703,36 @@ def _gguf_runner(spec: str, inputs: _Inputs, run: _Run, entry: dict) -> GGUFRunn
         entry["metrics"].update(val_loss=loss, val_ppl=perplexity(loss), val_tokens=n)
     if inputs.mc and scored:
         _choice_metrics(runner, inputs.mc, entry)
+    if inputs.pairs and scored:
+        _pair_metrics(runner, tuned_tok[0], inputs.pairs, entry)
     return runner
+
+
+def _margins_vs_base(results: list[dict]) -> None:
+    """Each column's mean preference margin minus the base column's, pair by pair (DPO's reward margin / beta)."""
+    base = next((e.get("pair_margins") for e in results if e["label"] == "base"), None)
+    for e in results:
+        mine = e.pop("pair_margins", None)
+        if base and mine and e["label"] != "base":
+            e["metrics"]["pref_margin_vs_base"] = sum(a - b for a, b in zip(mine, base)) / len(mine)
+
+
+def _pair_metrics(runner, tokenizer, pairs: list[dict], entry: dict) -> None:
+    """Held-out preference pairs: the share whose chosen answer the model finds likelier than the rejected one
+    (summed completion log-probs), and the mean margin in nats; the per-pair margins are kept for the margin
+    against the base column (DPO's reward margin over beta, with the base as the reference)."""
+    from medtune.data.encode import encode_pair_items
+
+    margins = [
+        runner.completion_logprob(*chosen) - runner.completion_logprob(*rejected)
+        for chosen, rejected in encode_pair_items(tokenizer, pairs)
+    ]
+    entry["metrics"].update(
+        pref_accuracy=sum(m > 0 for m in margins) / len(margins),
+        pref_margin=sum(margins) / len(margins),
+        pref_pairs=len(margins),
+    )
+    entry["pair_margins"] = margins
 
 
 def _choice_metrics(runner, mc: list[Choice], entry: dict) -> None:

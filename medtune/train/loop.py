@@ -56,6 +56,10 @@ def run(
     for name, found in rows.items():
         check_rows(found, data / name)
     _check_method(opts, rows, data)
+    if opts.adapter is not None and backend.adapter_kind != "mlx":
+        raise BadInput(
+            f"--adapter trains on from an mlx adapter; the {backend.name} backend cannot", hint="--backend mlx"
+        )
     model_ref = pull(model_spec)
     tokenizer = backend.open(model_ref, read_config(model_ref.path))
     try:

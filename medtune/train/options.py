@@ -56,6 +56,12 @@ class TrainOptions:
         "sft (prompt/completion data) | dpo | orpo (preference pairs from `medtune prepare`: prompt, chosen, "
         "rejected). mlx backend.",
     )
+    adapter: Path | None = option(
+        None,
+        "Start from this adapter (an earlier run's --out, e.g. SFT before DPO): its layers and weights, trained "
+        "further; DPO's reference is the model with it. mlx backend.",
+        cli_type=Optional[Path],
+    )
     beta: float = option(0.1, "DPO: how far the policy may move from the reference (higher: closer).")
     orpo_lambda: float = option(0.1, "ORPO: weight of the odds-ratio term beside the chosen side's SFT loss.")
     precision: str = option(
@@ -73,7 +79,9 @@ class TrainOptions:
         return self.eval_every
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["adapter"] = str(self.adapter) if self.adapter is not None else None
+        return d
 
     @property
     def lora_scale(self) -> float:

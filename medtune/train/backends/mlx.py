@@ -68,7 +68,9 @@ class MLXBackend(Backend):
         self.n_layers = len(model.layers) if opts.num_layers < 0 else min(opts.num_layers, len(model.layers))
         model.freeze()
         keys = None
-        if opts.fine_tune_type == "full":
+        if opts.adapter is not None:
+            self._start_from_adapter(Path(opts.adapter))
+        elif opts.fine_tune_type == "full":
             for layer in model.layers[len(model.layers) - self.n_layers :]:
                 layer.unfreeze()
         else:
@@ -84,7 +86,34 @@ class MLXBackend(Backend):
         self.loss = losses.mlx_loss(self.split) if opts.method == "sft" else self._preference_loss(grad=True)
         # written with the final weights, not now: a killed run must not leave a finished run's
         # adapters.safetensors beside another run's config
-        self.config = adapter_config(opts, self.model_ref.path, self.n_layers, keys)
+        if opts.adapter is None:
+            self.config = adapter_config(opts, self.model_ref.path, self.n_layers, keys)
+
+    def _start_from_adapter(self, folder: Path) -> None:
+        """--adapter: the earlier run's LoRA/DoRA layers, as its adapter_config.json lays them out, with its
+        weights; the adapter written at the end has the same layout (medtune fuse merges it as it is)."""
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        from medtune.core.errors import BadInput
+        from medtune.fuse import adapter_kind, adapter_weights, read_adapter_config
+
+        acfg = read_adapter_config(folder)
+        if adapter_kind(acfg) != "mlx" or acfg.get("fine_tune_type", "lora") == "full":
+            raise BadInput(
+                f"--adapter {folder} is not an mlx_lm LoRA/DoRA adapter",
+                hint="pass the --out folder of an mlx-backend LoRA run",
+            )
+        self.n_layers = int(acfg["num_layers"])
+        dora = acfg.get("fine_tune_type") == "dora"
+        linear_to_lora_layers(self.model, self.n_layers, acfg["lora_parameters"], use_dora=dora)
+        mx = runtime.mx()
+        try:
+            self.model.load_weights(list(mx.load(str(adapter_weights(folder, acfg))).items()), strict=False)
+        except ValueError as exc:
+            raise BadInput(
+                f"--adapter {folder} does not fit this model: {exc}", hint="the adapter's base_model"
+            ) from exc
+        self.config = {**acfg, "base_model": str(self.model_ref.path), "medtune": self.opts.to_dict()}
 
     def preflight(self, train_items, steps: int, loaded: bool) -> dict | None:
         if not loaded:

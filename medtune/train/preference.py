@@ -429,7 +429,8 @@ def torch_sequence_logps(model, batch: tuple, split: losses.TorchSplit | None = 
     else:
         h = split.body(input_ids=x, use_cache=False).last_hidden_state
         tok = torch_chunked_logps(split.head, h.reshape(-1, h.shape[-1])[picks], targets, split.rows)
-    summed = segments @ tok
+    with torch.autocast(tok.device.type, enabled=False):  # a float32 sum: autocast would make this matmul 16-bit
+        summed = segments @ tok
     return summed, summed / segments.sum(dim=1)
 
 

@@ -319,12 +319,6 @@ class TorchBackend(Backend):
     uses = ("torch", "peft")
     always_checkpoints = False  # activations are recomputed whatever --grad-checkpoint says (Unsloth)
 
-    @classmethod
-    def refuses(cls, opts: TrainOptions) -> list[tuple[str, str]]:
-        if opts.method != "sft":  # the losses exist (medtune.train.preference); the step does not yet
-            return [(f"--method {opts.method} trains on the mlx backend for now", "--backend mlx")]
-        return []
-
     def check_available(self) -> None:
         _torch()
         require("peft", "cuda", "LoRA on PyTorch")
@@ -367,12 +361,13 @@ class TorchBackend(Backend):
         else:
             return None
         opts, plan, device = self.opts, self.plan, self.device
-        _, seq = pre.longest_batch(train_items)
+        _, seq = pre.longest_batch(train_items)  # a pair's longer side: a batch of pairs is as wide
+        rows = max(1, opts.batch_size // self.size) * (1 if opts.method == "sft" else 2)  # and holds both sides
         est = pre.estimate_memory(
             self.cfg,
             sizes.weight_bytes,
             sizes.trainable,
-            max(1, opts.batch_size // self.size),
+            rows,
             seq,
             self.n_layers,
             opts.grad_checkpoint or self.always_checkpoints,
@@ -472,6 +467,8 @@ class TorchBackend(Backend):
     def step(self, items, draw) -> Step:
         """grad_accum micro-batches, each process's loss weighted by its share of the label tokens, the
         gradients summed over the processes, one (possibly loss-scaled) update."""
+        if self.opts.method != "sft":
+            return self._pairs_step(items, draw)
         world, opts, scaler = self.world, self.opts, self.scaler
         losses, n_tok, n_lab = 0.0, 0, 0
         for _ in range(opts.grad_accum):
@@ -490,6 +487,66 @@ class TorchBackend(Backend):
         overflow = self._update()
         return Step(losses / opts.grad_accum, n_tok, n_lab, lr, overflow)
 
+    # ---- preference pairs (--method dpo|orpo) ------------------------------------------------------------
+    def _one_process(self) -> None:
+        if self.size > 1:
+            raise BadInput(
+                f"--method {self.opts.method} trains in one process for now", hint="run without torchrun / accelerate"
+            )
+
+    def _autocast(self):
+        torch = _torch()
+        return torch.autocast(self.device.kind, dtype=getattr(torch, self.plan.dtype), enabled=self.plan.autocast)
+
+    def _preference_loss(self, batch):
+        """(loss, metrics) of a batch of pairs (medtune.train.preference.PairBatch) in the run's precision."""
+        from medtune.train.preference import torch_batch, torch_preference_loss
+
+        weight = self.opts.beta if self.opts.method == "dpo" else self.opts.orpo_lambda
+        with self._autocast():
+            loss, metrics = torch_preference_loss(
+                self.model, torch_batch(batch, self.device.torch), self.opts.method, weight, self.split
+            )
+        return loss.float(), metrics
+
+    def _pairs_step(self, items, draw) -> Step:
+        """One (possibly loss-scaled) update on a batch of preference pairs: the loss, its metrics (reward
+        margin, accuracy, …)."""
+        from medtune.train.preference import pair_batch
+
+        self._one_process()
+        pb = pair_batch(items, draw(), items.ref)
+        loss, metrics = self._preference_loss(pb)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        lr = self.optimizer.param_groups[0]["lr"]
+        overflow = self._update()
+        extra = {k: float(v) for k, v in metrics.items()}
+        return Step(float(loss.detach()), pb.tokens, int(pb.segments.sum()), lr, overflow, extra=extra)
+
+    def reference_logps(self, pairs) -> tuple:
+        from medtune.train.preference import torch_reference_logps
+
+        self._one_process()
+        with self._autocast():
+            return torch_reference_logps(
+                self.model, pairs, self.opts.batch_size, split=self.split, adapter_off=False, device=self.device.torch
+            )
+
+    def _eval_pairs(self, pairs, max_batches: int) -> tuple[float, dict]:
+        """The preference loss and its metrics over the validation pairs, each batch weighted by its pairs."""
+        from medtune.train.preference import pair_batch
+
+        total, sums = 0.0, {}
+        groups = eval_groups(len(pairs), self.opts.batch_size, max_batches)
+        with _torch().no_grad():
+            for group in groups:
+                loss, metrics = self._preference_loss(pair_batch(pairs, group, pairs.ref))
+                total += float(loss) * len(group)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(group)
+        n = sum(len(g) for g in groups)
+        return total / n, {k: v / n for k, v in sums.items()}
+
     def _update(self) -> bool:
         """The optimizer and scheduler step; True when loss scaling found inf/nan gradients and skipped it."""
         overflow = False
@@ -506,9 +563,12 @@ class TorchBackend(Backend):
 
     def eval_loss(self, items, max_batches: int = -1) -> float:
         self.model.eval()
-        loss = evaluate(
-            self.model, items, self.opts.batch_size, max_batches, self.world, self.plan, self.device, self.split
-        )
+        if self.opts.method != "sft":
+            loss, self.eval_metrics = self._eval_pairs(items, max_batches)
+        else:
+            loss = evaluate(
+                self.model, items, self.opts.batch_size, max_batches, self.world, self.plan, self.device, self.split
+            )
         self.model.train()
         return loss
 

@@ -26,6 +26,8 @@ class UnslothBackend(TorchBackend):
     @classmethod
     def refuses(cls, opts: TrainOptions) -> list[tuple[str, str]]:
         found = super().refuses(opts)
+        if opts.method != "sft":  # its fused loss takes labels, not the pairs' completion log-probs
+            found.append((f"--method {opts.method} is not supported with --backend unsloth", "use --backend torch"))
         if opts.fine_tune_type == "full":
             found.append(
                 (

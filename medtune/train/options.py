@@ -54,7 +54,7 @@ class TrainOptions:
     method: str = option(
         "sft",
         "sft (prompt/completion data) | dpo | orpo (preference pairs from `medtune prepare`: prompt, chosen, "
-        "rejected). mlx backend.",
+        "rejected). mlx and torch backends.",
     )
     adapter: Path | None = option(
         None,

@@ -86,7 +86,7 @@ def read_file(path: Path) -> Iterator[Record | RecordError]:
         return
     text, raw = _read_text(path)
     if suffix in (".csv", ".tsv"):
-        yield from _csv(text, path, "\t" if suffix == ".tsv" else ",", CONTROL_BYTES.search(raw) is not None)
+        yield from csv_records(text, path, "\t" if suffix == ".tsv" else ",", CONTROL_BYTES.search(raw) is not None)
     elif suffix == ".jsonl" or (suffix != ".json" and _first_char(text) not in ("[", "{")):
         yield from _jsonl(text, path, json_may_hold_controls(raw))
     else:
@@ -152,14 +152,19 @@ def _jsonl(text: str, path: Path, controls: bool = True) -> Iterator[Record]:
         yield _object(item, f"{path}:{n}", controls, "line holds a", "each line must be one JSON object")
 
 
-def _csv(text: str, path: Path, delimiter: str, controls: bool = True) -> Iterator[Record]:
+def csv_records(
+    text: str, path: Path, delimiter: str = ",", controls: bool = True, unnamed: bool = False
+) -> Iterator[Record]:
+    """The rows of a CSV text as records with the line each starts on; a row of the wrong width is yielded as a
+    RecordError. unnamed: an empty header cell names its column columnN (an index column pandas wrote, as
+    CMMLU's files have) instead of being refused."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = next(reader)
     except csv.Error as exc:
         raise BadInput(f"bad CSV header: {exc}", where=f"{path}:1", hint="check the quoting of the first line") from exc
-    header = [h.strip() for h in header]
+    header = [h.strip() or (f"column{i + 1}" if unnamed else "") for i, h in enumerate(header)]
     if len(set(header)) != len(header) or not all(header):
         raise BadInput(
             f"CSV header has empty or repeated column names: {header}",
@@ -221,7 +226,7 @@ def cmedqa2_pair(path: Path) -> tuple[Path, Path] | None:
 
 def read_cmedqa2(questions: Path, answers: Path) -> Iterator[Record]:
     def rows(path, need):
-        for rec in _csv(_read_text(path)[0], path, ","):
+        for rec in csv_records(_read_text(path)[0], path, ","):
             if isinstance(rec, RecordError):
                 raise rec
             lower = {k.lower(): v for k, v in rec.data.items()}

@@ -448,35 +448,14 @@ def _json_records(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _csv_records(path: Path) -> Iterator[tuple[str, dict]]:
-    """Rows as {column: cell} with the line each starts on. An unnamed column (CMMLU's index) is named columnN."""
-    import csv
-    import io
-    import sys
+    """Rows as {column: cell} with the line each starts on (medtune.data.sources' CSV reader). An unnamed column
+    (CMMLU's index) is named columnN."""
+    from medtune.data.sources import RecordError, csv_records, decode
 
-    from medtune.data.sources import decode
-
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.reader(io.StringIO(decode(path.read_bytes(), path), newline=""), strict=True)
-    line = 1
-    try:
-        header = [h.strip() or f"column{i + 1}" for i, h in enumerate(next(reader, []))]
-        line = reader.line_num + 1
-        for row in reader:
-            if any(cell.strip() for cell in row):
-                if len(row) != len(header):
-                    raise BadInput(
-                        f"row has {len(row)} columns, the header {len(header)}",
-                        where=f"{path}:{line}",
-                        hint="quote fields that hold a comma",
-                    )
-                yield f"{path}:{line}", dict(zip(header, row))
-            line = reader.line_num + 1
-    except csv.Error as exc:
-        raise BadInput(
-            f"malformed CSV: {exc}",
-            where=f"{path}:{line}",
-            hint="look for an unbalanced double quote on or after this line",
-        ) from exc
+    for rec in csv_records(decode(path.read_bytes(), path), path, unnamed=True):
+        if isinstance(rec, RecordError):
+            raise rec
+        yield rec.where, rec.data
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, dict]]:

@@ -135,13 +135,15 @@ def letter_ids(tokenizer, prompt: str, letters: list[str]) -> list[int]:
 
 def loglik_pick(runner, item, messages: list[dict]) -> Optional[int]:
     """The option whose letter the model most likely answers with (one forward pass)."""
+    from medtune.eval.evaluate import pick
+
     letters = [k for k, _ in item.options]
     prompt = answer_prompt(runner.tokenizer, messages, runner.markers)
     ids = runner.tokenizer.encode(prompt, add_special_tokens=False)
     row = runner.next_logprobs(ids)
     cand = letter_ids(runner.tokenizer, prompt, letters)
     scores = [float(row[t]) if t >= 0 else float("-inf") for t in cand]
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return pick(scores)
 
 
 def generate_pick(runner, item, messages: list[dict], max_tokens: int) -> tuple[Optional[int], str]:

@@ -196,6 +196,29 @@ def test_eval_reports_preference_accuracy_for_base_tuned_and_gguf(tmp_path, tiny
     assert "preference accuracy" in (out / "report.html").read_text(encoding="utf-8")
 
 
+def test_eval_scores_the_pairs_of_a_second_folder(tmp_path, tiny_llama_dir, pairs, dpo_run):
+    """--pairs: one report answers the SFT data's held-out questions and scores a preference folder's held-out pairs;
+    a folder of SFT records, or raw unprepared pairs, given as --pairs are refused, and no report is written."""
+    from medtune.data.prepare import prepare
+
+    sft_data = tmp_path / "sft"
+    prepare(SAMPLE, str(tiny_llama_dir), sft_data, max_seq_length=512, limit=12, token_stats=False)
+    common = ("--probe-limit", 1, "--limit", 1, "--max-tokens", 2)
+    out = tmp_path / "report"
+    r = run_cli("eval", tiny_llama_dir, "--adapter", dpo_run[0], "--data", sft_data, "--pairs", pairs, *common, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    tuned = next(e for e in rep["models"] if e["label"] == "tuned")["metrics"]
+    held = (pairs / "valid.jsonl").read_text(encoding="utf-8").splitlines()
+    assert tuned["pref_pairs"] == len(held) and tuned["pref_accuracy"] == 1.0
+    assert [q["source"] for q in rep["questions"]] == ["probe", "held-out"]
+    assert rep["pairs"] == str(pairs / "valid.jsonl") and "pairs: " in (out / "report.md").read_text(encoding="utf-8")
+    for given, said in ((sft_data, "prepared from sft data, not preference pairs"), (SAMPLE.parent, "no manifest")):
+        bad = run_cli("eval", tiny_llama_dir, "--data", sft_data, "--pairs", given, *common, "--out", tmp_path / "bad")
+        assert bad.returncode == 2 and said in bad.stderr and "medtune prepare PAIRS.jsonl" in bad.stderr
+        assert not (tmp_path / "bad").exists()
+
+
 def test_dpo_starts_from_an_sft_adapter(tmp_path, tiny_llama_dir, pairs, dpo_run):
     """--adapter: DPO continues an SFT run's adapter (its layout, its weights); the reference is the SFT model, so
     the step-0 loss is log 2 again but the reference log-probs are not the base's."""

@@ -488,6 +488,7 @@ def evaluate(
         "adapter": str(adapter) if adapter else None,
         "data": str(data) if data else None,
         "held_out": str(inputs.heldout) if inputs.heldout else None,
+        "pairs": str(inputs.pairs_file) if inputs.pairs_file else None,
         "probes": str(probes or PROBES),
         "max_tokens": max_tokens,
         "decoding": "greedy",
@@ -524,6 +525,8 @@ class _Inputs:
     mc: list[Choice]  # multiple-choice questions
     questions: list[dict]  # the probes, then the first held-out questions: {source, id, lang, messages, reference}
     sets: list = field(default_factory=list)  # medtune.eval.exam.BenchSet: the benchmarks
+    more_pairs: list[dict] = field(default_factory=list)  # held-out pairs of a second folder (--pairs)
+    pairs_file: Optional[Path] = None
 
     @property
     def loss_rows(self) -> list[dict]:
@@ -534,7 +537,7 @@ class _Inputs:
     @property
     def pairs(self) -> list[dict]:
         """The held-out preference pairs (prepared prompt, chosen, rejected)."""
-        return [r for r in self.rows if is_pair(r)]
+        return [r for r in self.rows if is_pair(r)] + self.more_pairs
 
 
 def is_pair(row: dict) -> bool:
@@ -571,7 +574,31 @@ def _read_inputs(data, probes, probe_limit: int | None, choices, limit: int, o: 
         for i, m in held
         if m is not None
     ][:limit]
-    return _Inputs(rows, heldout, probe_rows, mc, questions, sets)
+    pairs_file, more_pairs = _read_pairs(o.pairs)
+    return _Inputs(rows, heldout, probe_rows, mc, questions, sets, more_pairs, pairs_file)
+
+
+def _read_pairs(pairs) -> tuple[Optional[Path], list[dict]]:
+    """--pairs: the held-out split of a folder `medtune prepare` wrote from preference data (its manifest says so:
+    raw pairs are not rendered through the chat template), every row a pair."""
+    if not pairs:
+        return None, []
+    folder, hint = Path(pairs), "--pairs takes the folder `medtune prepare PAIRS.jsonl --out DIR` wrote"
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise BadInput(f"--pairs {folder}: not a prepared folder (no manifest.json)", hint=hint)
+    try:
+        kind = json.loads(manifest.read_text(encoding="utf-8")).get("kind")
+    except (ValueError, AttributeError) as exc:
+        raise BadInput(f"--pairs {manifest}: not a manifest ({exc})", hint=hint) from None
+    if kind != "preference":
+        raise BadInput(f"--pairs {folder}: prepared from {kind or 'SFT'} data, not preference pairs", hint=hint)
+    path = heldout_file(folder)
+    rows = _read_jsonl(path)
+    for i, r in enumerate(rows):
+        if not is_pair(r):
+            raise BadInput("not a preference pair (prompt, chosen, rejected)", where=f"{path}:{i + 1}", hint=hint)
+    return path, rows
 
 
 def _read_choices(rows: list[dict], heldout: Optional[Path], choices) -> list[Choice]:

@@ -17,6 +17,12 @@ class EvalOptions:
     probes: Path | None = option(None, "Probe questions .jsonl (default: data/probes.jsonl).", cli_type=Optional[Path])
     probe_limit: int | None = option(None, "Use the first N probes.")
     choices: Path | None = option(None, "Multiple-choice .jsonl (question, options, answer).", cli_type=Optional[Path])
+    pairs: Path | None = option(
+        None,
+        "A prepared preference folder (or its .jsonl): its held-out pairs are scored too (preference accuracy, "
+        "margin).",
+        cli_type=Optional[Path],
+    )
     fidelity_tokens: int = option(32, "Greedy tokens compared per prompt in each GGUF's fidelity check.")
     gguf_loss: bool = option(
         False,

@@ -159,7 +159,9 @@ def render_markdown(report: dict) -> str:
     out = [
         f"# medtune eval: {report['model']}",
         "",
-        f"Held-out: `{report['held_out']}`; probes: `{report['probes']}`; greedy, at most {report['max_tokens']} tokens.",
+        f"Held-out: `{report['held_out']}`; "
+        + (f"pairs: `{report['pairs']}`; " if report.get("pairs") else "")
+        + f"probes: `{report['probes']}`; greedy, at most {report['max_tokens']} tokens.",
         "",
     ]
     out.append("| " + " | ".join(headings()) + " |")
@@ -264,7 +266,9 @@ def render_html(report: dict) -> str:
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>medtune eval: {h(report['model'])}</title><style>{CSS}</style></head><body>",
         f"<h1>medtune eval: {h(report['model'])}</h1>",
-        f'<p class="meta">held-out: {h(str(report["held_out"]))}; probes: {h(report["probes"])}; greedy decoding, '
+        f'<p class="meta">held-out: {h(str(report["held_out"]))}; '
+        + (f"pairs: {h(str(report['pairs']))}; " if report.get("pairs") else "")
+        + f'probes: {h(report["probes"])}; greedy decoding, '
         f"repeat penalty {report.get('repeat_penalty')} over {report.get('repeat_last_n')} tokens, "
         f"at most {report['max_tokens']} tokens; created {h(report['created'])}</p>",
     ]

@@ -100,6 +100,17 @@ REGISTRY: dict[str, Stage] = {
 }
 STAGES = tuple(REGISTRY)
 DEFAULT_RUNS = Path("runs")
+PREPARED = ("train.jsonl", "valid.jsonl", "test.jsonl")  # a prepared folder's splits
+ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json", "adapter_model.safetensors")
+
+
+def base_stage(stage: str) -> str:
+    """train.dpo → train, prepare.dpo → prepare: the REGISTRY entry of a run's stage."""
+    return stage.partition(".")[0]
+
+
+def _path(value) -> Path | None:
+    return Path(value) if value else None
 
 DEFAULT_CONFIG_TEXT = """\
 # medtune run: one config for the whole chain. Write it with `medtune run --print-config > medtune.yaml`,
@@ -140,6 +151,13 @@ train:                           # medtune train --model MODEL --data runs/<name
   eval_every: 12
   save_every: 12                 # checkpoints: an interrupted run resumes from the last one
   seed: 0
+  # steps:                       # train in steps, each from the adapter of the one before (each a stage):
+  #   - method: sft              #   each step: this section's options, updated with its own keys
+  #   - method: dpo              #   name: (default: the method) → stage train.<name>, adapters/<name>/<step>/
+  #     dataset: data/sample/preference_sample.jsonl   # its own data: stage prepare.<name>, runs/<name>/data-<step>/
+  #     iters: 12                #   (prepared with the prepare section's options; prepare: {…} overrides them)
+  #     lr: 5.0e-6
+  #     beta: 0.1
 
 fuse:                            # medtune fuse --model MODEL --adapter adapters/<name> --out models/<name>
   dtype: auto
@@ -203,7 +221,8 @@ def _section_options() -> dict[str, type]:
     }
 
 
-SECTION_EXTRA = {"prepare": {"dataset"}, "train": {"backend"}}  # what the stage takes beside its options
+SECTION_EXTRA = {"prepare": {"dataset"}, "train": {"backend", "steps"}}  # what the stage takes beside its options
+STEP_EXTRA = {"name", "dataset", "prepare"}  # what a train step takes beside TrainOptions' fields
 TOP_KEYS = {"name", "model", "runs_dir", "outputs_dir", "trust_remote_code", "allow_pickle", *STAGES}
 
 
@@ -242,6 +261,8 @@ def load_config(config: str | Path | dict | None) -> dict:
         value = normalise_keys(value, options.aliases(sections[key]))  # old spellings (format, map, quants…)
         check_keys(value, options.config_keys(sections[key]) | SECTION_EXTRA.get(key, set()), where, key)
         cfg[key].update(value)
+    if "steps" in cfg["train"]:
+        cfg["train"]["steps"] = _check_steps(cfg["train"]["steps"], where, sections)
     e = cfg["export"]
     if isinstance(e.get("quant"), str):
         e["quant"] = [e["quant"]]
@@ -252,6 +273,60 @@ def load_config(config: str | Path | dict | None) -> dict:
     )
     safety.config_flags(cfg, where)  # trust_remote_code / allow_pickle: booleans
     return cfg
+
+
+def _check_steps(steps, where: str, sections: dict) -> list[dict] | None:
+    """train.steps: a list of mappings, each with TrainOptions' keys and name/dataset/prepare; names unique."""
+    from medtune.core import safety
+    from medtune.train.options import METHODS
+
+    if steps is None:
+        return None
+    example = "steps:\n  - method: sft\n  - method: dpo\n    dataset: pairs.jsonl"
+    if not isinstance(steps, list) or not steps or not all(isinstance(x, dict) for x in steps):
+        raise BadInput("train.steps must be a list of mappings", where=where, hint=example)
+    out, names = [], set()
+    for i, raw in enumerate(steps, 1):
+        step = normalise_keys(raw, options.aliases(sections["train"]))
+        here = f"train.steps[{i}]"
+        check_keys(step, options.config_keys(sections["train"]) | STEP_EXTRA, where, here)
+        method = step.get("method", "sft")
+        if method not in METHODS:
+            raise BadInput(f"{here}: method {method!r} is not one of {', '.join(METHODS)}", where=where, hint=example)
+        if i > 1 and step.get("adapter"):
+            raise BadInput(
+                f"{here}: adapter is set; a later step starts from the adapter of the one before it",
+                where=where,
+                hint="set adapter on the first step only (an adapter trained elsewhere)",
+            )
+        name = safety.safe_name(str(step.get("name") or method), f"{here} name", where=where)
+        if "." in name or name in names:
+            raise BadInput(
+                f"{here}: step name {name!r} is {'taken' if name in names else 'not allowed (a dot)'}",
+                where=where,
+                hint="give each step its own name: e.g. name: sft2",
+            )
+        names.add(name)
+        prep = normalise_keys(step.get("prepare") or {}, options.aliases(sections["prepare"]))
+        check_keys(prep, options.config_keys(sections["prepare"]), where, f"{here}.prepare")
+        out.append({**step, "name": name, **({"prepare": prep} if prep else {})})
+    return out
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """One training step of a run (stage `stage`): its TrainOptions keywords (the train section's, updated with
+    the step's; `adapter` is the step before's folder), where it writes (adapter) and reads (data), and its own
+    dataset (prepared by stage prepare.<name> with the prepare section's options updated by `prepare`)."""
+
+    name: str
+    stage: str
+    options: dict
+    adapter: Path
+    data: Path
+    dataset: str | None = None
+    prepare: dict | None = None
+    start: Path | None = None  # the adapter it starts from (the step before's, or an adapter trained elsewhere)
 
 
 # ---- hashing and fingerprints ---------------------------------------------------------------------
@@ -336,30 +411,55 @@ class Run:
         # the results where the project keeps them: adapters/<name>/, models/<name>/ (the fused model and its
         # GGUFs), Modelfiles/<name>.Modelfile, under outputs_dir (default: the folder that holds runs_dir)
         top = Path(cfg.get("outputs_dir") or runs.parent)
-        self.adapter = inside(top / "adapters", self.name, "adapter folder")
+        adapters = inside(top / "adapters", self.name, "adapter folder")
         self.fused = self.gguf_dir = inside(top / "models", self.name, "model folder")
         self.modelfile = inside(top / "Modelfiles", f"{self.name}.Modelfile", "Modelfile")
         self.data, self.eval_dir = self.root / "data", self.root / "eval"
+        self.steps = self._steps(adapters)
+        self.adapter = self.steps[-1].adapter  # what fuse reads: the last step's adapter
         self.stages_dir = self.root / "stages"
         self.hasher = Hasher(self.stages_dir / "hashes.json")
         self._log = log
 
+    def _steps(self, adapters: Path) -> list[TrainStep]:
+        """The train section as steps: one (stage train, adapters/<name>/) or train.steps, chained."""
+        section = {k: v for k, v in self.cfg["train"].items() if k not in ("backend", "steps")}
+        given = self.cfg["train"].get("steps")
+        if not given:
+            return [TrainStep("", "train", section, adapters, self.data, start=_path(section.get("adapter")))]
+        steps: list[TrainStep] = []
+        for raw in given:
+            name = raw["name"]
+            opts = {**section, **{k: v for k, v in raw.items() if k not in STEP_EXTRA}}
+            start = steps[-1].adapter if steps else _path(opts.get("adapter"))
+            opts["adapter"] = str(start) if start else None
+            data = self.root / f"data-{name}" if raw.get("dataset") else self.data
+            steps.append(
+                TrainStep(name, f"train.{name}", opts, adapters / name, data, raw.get("dataset"), raw.get("prepare"), start)
+            )
+        return steps
+
+    def stages(self) -> list[str]:
+        """This run's stages in order: prepare, each train step (after its own prepare.<step>), fuse, …"""
+        names = ["prepare"]
+        for step in self.steps:
+            names += ([f"prepare.{step.name}"] if step.dataset else []) + [step.stage]
+        return names + list(STAGES[STAGES.index("fuse") :])
+
+    def step(self, stage: str) -> TrainStep:
+        """The train step of stage train[.<name>] or prepare.<name>."""
+        name = stage.partition(".")[2]
+        return next(s for s in self.steps if s.name == name)
+
     def versions(self, stage: str) -> dict:
         """The versions that go into `stage`'s fingerprint: medtune's and its packages' (REGISTRY)."""
-        return versions(REGISTRY[stage].packages(self))
-
-    def train_args(self) -> tuple[dict, str]:
-        """(TrainOptions keyword arguments, backend name) from the config's train section."""
-        opts = dict(self.cfg["train"])
-        backend = str(opts.pop("backend", "auto"))
-        return opts, backend
+        return versions(REGISTRY[base_stage(stage)].packages(self))
 
     def train_backend(self) -> str:
-        """The backend the train stage uses on this machine ('auto' resolved)."""
+        """The backend the train stages use on this machine ('auto' resolved; the last step's options)."""
         from medtune.train import TrainOptions, resolve_backend
 
-        opts, backend = self.train_args()
-        return resolve_backend(backend, TrainOptions(**opts))
+        return resolve_backend(str(self.cfg["train"].get("backend", "auto")), TrainOptions(**self.steps[-1].options))
 
     def adapter_kind(self) -> str:
         """mlx | peft | torch-full: what the adapter folder holds (else what the train backend writes)."""
@@ -391,64 +491,95 @@ class Run:
             return None
 
     # -- what each stage reads, and how it is fingerprinted
-    def inputs(self, stage: str) -> tuple[dict, dict]:
-        c, h = self.cfg, self.hasher
-        model = str(c["model"])
-        need = {
-            "train": (self.data, "prepare"),
-            "fuse": (self.adapter, "train"),
+    def needs(self, stage: str) -> tuple[Path, str] | None:
+        """(the folder or file `stage` reads, the stage that writes it) for the stages that read an earlier one's."""
+        base = base_stage(stage)
+        if base == "train":
+            step = self.step(stage)
+            if step.start is not None and step is not self.steps[0]:
+                return step.start, self.steps[self.steps.index(step) - 1].stage
+            return step.data, f"prepare.{step.name}" if step.dataset else "prepare"
+        return {
+            "fuse": (self.adapter, self.steps[-1].stage),
             "export": (self.fused, "fuse"),
             "ollama": (self.modelfile, "export"),
             "eval": (self.fused, "fuse"),
-        }
-        if stage in need and not need[stage][0].exists():
-            raise BadInput(
-                f"stage {stage} needs {need[stage][0]}, which is not there",
-                hint=f"run the earlier stages first (`medtune run` without --only, or --from {need[stage][1]})",
-            )
-        if stage == "prepare":
-            opts = dict(c["prepare"])
-            return {"dataset": h.spec(str(opts["dataset"])), "model": h.spec(model)}, opts
-        if stage == "train":
-            return (
-                {"model": h.spec(model), "data": h.path(self.data, ("train.jsonl", "valid.jsonl", "test.jsonl"))},
-                dict(c["train"]),
-            )
-        if stage == "fuse":
-            return (
-                {
-                    "model": h.spec(model),
-                    "adapter": h.path(
-                        self.adapter, ("adapters.safetensors", "adapter_config.json", "adapter_model.safetensors")
-                    ),
-                },
-                dict(c["fuse"]),
-            )
-        if stage == "export":
-            return {"fused": self.fused_hash()}, {**c["export"], "name": self.name}
-        if stage == "ollama":
-            ggufs = sorted(self.gguf_dir.glob("*.gguf")) if self.gguf_dir.is_dir() else []
-            return (
-                {"modelfile": h.path(self.modelfile), "gguf": {g.name: h.path(g) for g in ggufs}},
-                {**c["ollama"], "name": self.name},
-            )
-        if stage == "eval":
-            ins = {"fused": self.fused_hash(), "data": h.path(self.data, ("valid.jsonl", "test.jsonl"))}
-            e = c["eval"]
-            if e.get("base"):
-                ins["base"] = h.spec(model)
-            if e.get("gguf"):
-                ins["gguf"] = {g.name: h.path(g) for g in self._ggufs()}
-            for key in ("probes", "choices"):
-                if e.get(key):
-                    ins[key] = h.spec(str(e[key]))
-            if e.get("bench_file"):
-                from medtune.eval.exam import bench_names, parse_files
+        }.get(base)
 
-                files = parse_files(e["bench_file"], bench_names(e.get("bench")))
-                ins["bench_file"] = {k: h.path(p) for k, p in files.items()}
-            return ins, dict(e)
-        raise BadInput(f"unknown stage {stage!r}", hint=f"stages: {', '.join(STAGES)}")
+    def inputs(self, stage: str) -> tuple[dict, dict]:
+        need = self.needs(stage)
+        if need and not need[0].exists():
+            raise BadInput(
+                f"stage {stage} needs {need[0]}, which is not there",
+                hint=f"run the earlier stages first (`medtune run` without --only, or --from {need[1]})",
+            )
+        base = base_stage(stage)
+        if base not in REGISTRY:
+            raise BadInput(f"unknown stage {stage!r}", hint=f"stages: {', '.join(self.stages())}")
+        return getattr(self, f"_inputs_{base}")(stage)
+
+    def _inputs_prepare(self, stage: str) -> tuple[dict, dict]:
+        opts = self.prepare_options(stage)
+        return {"dataset": self.hasher.spec(str(opts["dataset"])), "model": self.hasher.spec(str(self.cfg["model"]))}, opts
+
+    def _inputs_train(self, stage: str) -> tuple[dict, dict]:
+        h, step = self.hasher, self.step(stage)
+        ins = {"model": h.spec(str(self.cfg["model"])), "data": h.path(step.data, PREPARED)}
+        if step.start is not None:  # the adapter it continues: its content, not its path
+            ins["adapter"] = h.path(step.start, ADAPTER_FILES)
+        return ins, {**step.options, "backend": self.cfg["train"].get("backend", "auto")}
+
+    def _inputs_fuse(self, stage: str) -> tuple[dict, dict]:
+        h = self.hasher
+        return {"model": h.spec(str(self.cfg["model"])), "adapter": h.path(self.adapter, ADAPTER_FILES)}, dict(
+            self.cfg["fuse"]
+        )
+
+    def _inputs_export(self, stage: str) -> tuple[dict, dict]:
+        return {"fused": self.fused_hash()}, {**self.cfg["export"], "name": self.name}
+
+    def _inputs_ollama(self, stage: str) -> tuple[dict, dict]:
+        ggufs = sorted(self.gguf_dir.glob("*.gguf")) if self.gguf_dir.is_dir() else []
+        return (
+            {"modelfile": self.hasher.path(self.modelfile), "gguf": {g.name: self.hasher.path(g) for g in ggufs}},
+            {**self.cfg["ollama"], "name": self.name},
+        )
+
+    def _inputs_eval(self, stage: str) -> tuple[dict, dict]:
+        h, e = self.hasher, self.eval_options()
+        ins = {"fused": self.fused_hash(), "data": h.path(self.data, ("valid.jsonl", "test.jsonl"))}
+        if e.get("base"):
+            ins["base"] = h.spec(str(self.cfg["model"]))
+        if e.get("gguf"):
+            ins["gguf"] = {g.name: h.path(g) for g in self._ggufs()}
+        for key in ("probes", "choices"):
+            if e.get(key):
+                ins[key] = h.spec(str(e[key]))
+        if e.get("pairs"):
+            ins["pairs"] = h.path(Path(e["pairs"]), ("valid.jsonl", "test.jsonl"))
+        if e.get("bench_file"):
+            from medtune.eval.exam import bench_names, parse_files
+
+            files = parse_files(e["bench_file"], bench_names(e.get("bench")))
+            ins["bench_file"] = {k: h.path(p) for k, p in files.items()}
+        return ins, e
+
+    def prepare_options(self, stage: str) -> dict:
+        """PrepareOptions keywords and the dataset of stage prepare or prepare.<step>."""
+        opts = dict(self.cfg["prepare"])
+        if stage != "prepare":
+            step = self.step(stage)
+            opts.update(step.prepare or {}, dataset=step.dataset)
+        return opts
+
+    def eval_options(self) -> dict:
+        """The eval section; unless it names pairs, the held-out pairs of the last preference step's own data."""
+        e = dict(self.cfg["eval"])
+        if not e.get("pairs"):
+            own = [s for s in self.steps if s.dataset and s.options.get("method", "sft") != "sft"]
+            if own:
+                e["pairs"] = str(own[-1].data)
+        return e
 
     def fused_hash(self) -> str:
         """The fused model's content: its folder without the GGUFs and manifest export writes beside it."""
@@ -457,11 +588,15 @@ class Run:
         )
 
     def outputs(self, stage: str) -> list[Path]:
-        if stage == "export":  # fuse replaces models/<name>/ whole, GGUFs included: then export is redone
+        base = base_stage(stage)
+        if base == "export":  # fuse replaces models/<name>/ whole, GGUFs included: then export is redone
             return [self.modelfile, *self._ggufs(existing=False)]
+        if base == "prepare":
+            data = self.data if stage == "prepare" else self.step(stage).data
+            return [data / "train.jsonl", data / "valid.jsonl"]
+        if base == "train":
+            return [self.step(stage).adapter / "adapter_config.json"]
         return {
-            "prepare": [self.data / "train.jsonl", self.data / "valid.jsonl"],
-            "train": [self.adapter / "adapter_config.json"],
             "fuse": [self.fused / "config.json"],
             "ollama": [],
             "eval": [self.eval_dir / "report.html"],
@@ -469,9 +604,11 @@ class Run:
 
     def where(self) -> dict:
         """Where this run's results are (runs/<name>/outputs.json)."""
+        steps = {s.stage: {"adapter": str(s.adapter), "data": str(s.data)} for s in self.steps if s.name}
         return {
             "data": str(self.data),
             "adapter": str(self.adapter),
+            **({"steps": steps} if steps else {}),
             "model": str(self.fused),
             "gguf": [str(g) for g in self._ggufs()],
             "modelfile": str(self.modelfile),
@@ -484,52 +621,53 @@ class Run:
         return [p for p in paths if p.is_file() or not existing]
 
     # -- the stages themselves
-    def do_prepare(self, progress=None, **_) -> dict:
+    def do_prepare(self, stage: str, progress=None, **_) -> dict:
         from medtune.data.prepare import prepare
 
-        opts = dict(self.cfg["prepare"])
+        opts = self.prepare_options(stage)
         dataset = opts.pop("dataset")
-        res = prepare(dataset, str(self.cfg["model"]), self.data, progress=progress, **opts)
+        out = self.data if stage == "prepare" else self.step(stage).data
+        res = prepare(dataset, str(self.cfg["model"]), out, progress=progress, **opts)
         return {"counts": res.counts, "out": str(res.out)}
 
-    def do_train(self, progress=None, on_step=None, fp: str = "", forced: bool = False, **_) -> dict:
+    def do_train(self, stage: str, progress=None, on_step=None, fp: str = "", forced: bool = False, **_) -> dict:
         from medtune.train import TrainOptions, train
 
-        opts, backend = self.train_args()
-        started = self.stages_dir / "train.started.json"
+        step = self.step(stage)
+        started = self.stages_dir / f"{stage}.started.json"
         resume = False
-        if self.adapter.exists():
+        if step.adapter.exists():
             # resume only a training that started with this fingerprint and did not finish, unless told to redo it
             same = started.is_file() and json.loads(started.read_text(encoding="utf-8")).get("fingerprint") == fp
-            finished = (self.record("train") or {}).get("fingerprint") == fp
-            ckpts = self.adapter / "checkpoints"
+            finished = (self.record(stage) or {}).get("fingerprint") == fp
+            ckpts = step.adapter / "checkpoints"
             if same and not finished and not forced and ckpts.is_dir() and any(ckpts.glob("step-*")):
                 resume = True
-                self.log(f"train: resuming from the last checkpoint in {ckpts}")
+                self.log(f"{stage}: resuming from the last checkpoint in {ckpts}")
             else:
-                shutil.rmtree(self.adapter)  # another fingerprint (or no checkpoint): start afresh
+                shutil.rmtree(step.adapter)  # another fingerprint (or no checkpoint): start afresh
         from medtune.core import fsutil
 
         fsutil.write_json(started, {"fingerprint": fp})
         res = train(
             str(self.cfg["model"]),
-            self.data,
-            self.adapter,
-            TrainOptions(**opts),
-            backend=backend,
+            step.data,
+            step.adapter,
+            TrainOptions(**step.options),
+            backend=str(self.cfg["train"].get("backend", "auto")),
             progress=progress,
             resume=resume,
             on_step=on_step,
         )
         return {k: v for k, v in res.to_dict().items() if k != "preflight"}
 
-    def do_fuse(self, progress=None, **_) -> dict:
+    def do_fuse(self, stage: str, progress=None, **_) -> dict:
         from medtune.fuse import fuse
 
         res = fuse(str(self.cfg["model"]), self.adapter, self.fused, progress=progress, force=True, **self.cfg["fuse"])
         return res.to_dict()
 
-    def do_export(self, progress=None, **_) -> dict:
+    def do_export(self, stage: str, progress=None, **_) -> dict:
         from medtune.export import export
 
         res = export(
@@ -539,7 +677,7 @@ class Run:
         d.pop("modelfile_text", None)
         return d
 
-    def do_ollama(self, progress=None, **_) -> dict:
+    def do_ollama(self, stage: str, progress=None, **_) -> dict:
         from medtune import ollama
 
         o = self.cfg["ollama"]
@@ -555,12 +693,12 @@ class Run:
         created = ollama.create_from_modelfile(self.name, self.modelfile, host=o.get("host"), progress=progress)
         return {"server_version": version, **{k: v for k, v in created.items() if k != "request"}}
 
-    def do_eval(self, progress=None, **_) -> dict:
+    def do_eval(self, stage: str, progress=None, **_) -> dict:
         import importlib.util
 
         from medtune.eval.evaluate import evaluate
 
-        e = self.cfg["eval"]
+        e = self.eval_options()
         if not e.get("enabled", True):
             return {"skipped": "eval.enabled is false"}
         ggufs, missing = self._ggufs() if e.get("gguf") else [], None
@@ -611,17 +749,22 @@ def run_pipeline(
 
     from_stage: redo this stage and every later one (the earlier ones must be done); only: redo just this stage;
     force: redo every stage; on_step(step, metrics): passed to training (notebooks, tests)."""
-    for flag, value in (("--from", from_stage), ("--only", only)):
-        if value is not None and value not in STAGES:
-            raise BadInput(f"{flag} {value!r} is not a stage", hint=f"stages: {', '.join(STAGES)}")
     if from_stage and only:
         raise BadInput("--from and --only together", hint="use one of them")
     cfg = load_config(config)
     r = Run(cfg, log=log)
+    for flag, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and not _matching(r.stages(), value):
+            raise BadInput(f"{flag} {value!r} is not a stage of this run", hint=f"stages: {', '.join(r.stages())}")
     from medtune.core import lock
 
     with lock.locked(r.root):  # one `medtune run` per run folder at a time
         return _run_stages(r, cfg, from_stage, only, force, progress, on_step)
+
+
+def _matching(stages: list[str], name: str) -> list[str]:
+    """The stages `name` picks: itself, or every stage of its kind (train: every train step)."""
+    return [name] if name in stages else [s for s in stages if base_stage(s) == name]
 
 
 def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -> dict:
@@ -637,19 +780,20 @@ def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -
         + "` reproduces it\n"
         + yaml.safe_dump(redact.redact(cfg), sort_keys=False, allow_unicode=True),
     )
+    every = r.stages()
     if only:
-        todo = [only]
+        todo = _matching(every, only)
     elif from_stage:
-        todo = list(STAGES[STAGES.index(from_stage) :])
+        todo = every[every.index(_matching(every, from_stage)[0]) :]
     else:
-        todo = list(STAGES)
+        todo = every
     forced = set(todo) if (force or only or from_stage) else set()
     status: dict[str, str] = {}
     t_run = time.time()
     r.log(f"run {r.name}: stages {', '.join(todo)}" + (" (forced)" if forced else ""))
     try:
         for stage in todo:
-            if "llama-cpp-python" in REGISTRY[stage].packages(r):
+            if "llama-cpp-python" in REGISTRY[base_stage(stage)].packages(r):
                 from medtune.runtimes import tools
 
                 # make all builds llama.cpp in the background on a fresh machine: its version belongs in the fingerprint
@@ -671,8 +815,8 @@ def _run_stages(r: Run, cfg: dict, from_stage, only, force, progress, on_step) -
             t0 = time.time()
             try:
                 with safety.policy(**safety.config_flags(cfg)):  # the config's trust_remote_code / allow_pickle
-                    result = getattr(r, f"do_{stage}")(
-                        progress=progress, on_step=on_step, fp=fp, forced=stage in forced
+                    result = getattr(r, f"do_{base_stage(stage)}")(
+                        stage, progress=progress, on_step=on_step, fp=fp, forced=stage in forced
                     )
             except MedtuneError as exc:
                 if exc.exit_code != 130:  # training's Interrupted (Ctrl-C): say how to go on

@@ -348,3 +348,71 @@ def test_eval_section_runs_benchmarks_and_their_file_is_an_input(done_run, tmp_p
     assert run_pipeline(cfg)["stages"]["eval"] == "skipped"
     medqa.write_text(medqa.read_text(encoding="utf-8").replace('"answer_idx": "C"', '"answer_idx": "D"', 1))
     assert run_pipeline(cfg)["stages"]["eval"] == "done"
+
+
+PAIRS = SAMPLE.parent / "preference_sample.jsonl"
+
+
+def steps_config(root, model):
+    cfg = tiny_config(root, model, name="steps")
+    cfg["train"]["steps"] = [
+        {"method": "sft"},
+        {"method": "dpo", "dataset": str(PAIRS), "lr": 5e-3, "beta": 0.1, "prepare": {"valid_ratio": 0.25, "limit": None}},
+    ]
+    cfg["eval"]["gguf"] = False
+    return cfg
+
+
+def test_train_steps_sft_then_dpo_each_a_fingerprinted_stage(tmp_path, tiny_llama_dir):
+    cfg = steps_config(tmp_path, tiny_llama_dir)
+    first = run_pipeline(cfg)
+    order = ["prepare", "train.sft", "prepare.dpo", "train.dpo", "fuse", "export", "ollama", "eval"]
+    assert list(first["stages"]) == order
+    assert first["stages"] == {s: "done" for s in order} | {"ollama": "not run"}
+    sft, dpo = tmp_path / "adapters/steps/sft", tmp_path / "adapters/steps/dpo"
+    assert (sft / "adapters.safetensors").is_file() and (dpo / "reference_logps.npz").is_file()
+    assert first["outputs"]["adapter"] == str(dpo)  # fuse reads the last step's adapter
+    assert first["outputs"]["steps"]["train.dpo"]["data"] == str(tmp_path / "steps" / "data-dpo")
+    stages = tmp_path / "steps" / "stages"
+    rec = json.loads((stages / "train.dpo.json").read_text())
+    assert rec["options"]["method"] == "dpo" and rec["options"]["adapter"] == str(sft)
+    assert rec["options"]["iters"] == 4  # the train section's options, updated with the step's
+    assert json.loads((stages / "prepare.dpo.json").read_text())["result"]["counts"]["pairs"] == 24
+    # the DPO step started from the SFT adapter: at step 0 the policy is its own reference (loss log 2)
+    rows = [json.loads(x) for x in (dpo / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["val_loss"] == pytest.approx(0.6931, abs=1e-3)
+    # the report scores the DPO step's held-out pairs beside the SFT data's answers
+    rep = json.loads((tmp_path / "steps" / "eval" / "report.json").read_text())
+    assert rep["pairs"] == str(tmp_path / "steps" / "data-dpo" / "valid.jsonl")
+    tuned = next(m for m in rep["models"] if m["label"] == "tuned")["metrics"]
+    held = (tmp_path / "steps" / "data-dpo" / "valid.jsonl").read_text().splitlines()
+    assert tuned["pref_pairs"] == len(held) >= 5 and tuned["pref_margin_vs_base"] > 0
+
+    assert run_pipeline(cfg)["stages"] == {s: "skipped" for s in order} | {"ollama": "not run"}
+    cfg["train"]["steps"][1]["beta"] = 0.2  # only the DPO step, and what reads its adapter, is redone
+    res = run_pipeline(cfg)["stages"]
+    assert [s for s in order if res[s] == "done"] == ["train.dpo", "fuse", "export", "eval"]
+    cfg["train"]["steps"][0]["lr"] = 2e-4  # a new SFT adapter: the DPO step that starts from it is redone too
+    res = run_pipeline(cfg, only="train")["stages"]
+    assert res == {"train.sft": "done", "train.dpo": "done"}
+    with pytest.raises(BadInput, match="not a stage of this run") as e:
+        run_pipeline(cfg, from_stage="train.orpo")
+    assert "train.sft, prepare.dpo, train.dpo" in e.value.hint
+
+
+@pytest.mark.parametrize(
+    "steps, match",
+    [
+        ([], "must be a list of mappings"),
+        ([{"method": "sft"}, {"method": "sft"}], "'sft' is taken"),
+        ([{"method": "sft"}, {"method": "dpo", "adapter": "x"}], "a later step starts from"),
+        ([{"method": "kto"}], "'kto' is not one of"),
+        ([{"method": "dpo", "betta": 0.1}], "unknown option 'betta'"),
+        ([{"method": "dpo", "prepare": {"valid_ration": 0.1}}], "unknown option 'valid_ration'"),
+        ([{"name": "a.b"}], "a dot"),
+    ],
+)
+def test_bad_train_steps_are_refused_with_where(steps, match):
+    with pytest.raises(BadInput, match=match) as e:
+        load_config({"name": "x", "train": {"steps": steps}})
+    assert e.value.where == "config"

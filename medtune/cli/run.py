@@ -28,10 +28,11 @@ def run(
         typer.Option(
             "--from",
             metavar="STAGE",
-            help="Redo STAGE and the ones after it (prepare, train, fuse, export, ollama, eval).",
+            help="Redo STAGE and the ones after it (prepare, train, fuse, export, ollama, eval; with train.steps "
+            "also prepare.STEP and train.STEP; train is the first train step).",
         ),
     ] = None,
-    only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE", help="Redo just STAGE.")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE", help="Redo just STAGE (train: every train step).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo every stage, even those that are up to date.")] = False,
     as_json: JsonOpt = False,
     trust_remote_code: Annotated[

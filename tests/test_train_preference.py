@@ -205,7 +205,9 @@ def test_eval_scores_the_pairs_of_a_second_folder(tmp_path, tiny_llama_dir, pair
     prepare(SAMPLE, str(tiny_llama_dir), sft_data, max_seq_length=512, limit=12, token_stats=False)
     common = ("--probe-limit", 1, "--limit", 1, "--max-tokens", 2)
     out = tmp_path / "report"
-    r = run_cli("eval", tiny_llama_dir, "--adapter", dpo_run[0], "--data", sft_data, "--pairs", pairs, *common, "--out", out)
+    r = run_cli(
+        "eval", tiny_llama_dir, "--adapter", dpo_run[0], "--data", sft_data, "--pairs", pairs, *common, "--out", out
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
     tuned = next(e for e in rep["models"] if e["label"] == "tuned")["metrics"]

@@ -32,7 +32,9 @@ def run(
             "also prepare.STEP and train.STEP; train is the first train step).",
         ),
     ] = None,
-    only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE", help="Redo just STAGE (train: every train step).")] = None,
+    only: Annotated[
+        Optional[str], typer.Option("--only", metavar="STAGE", help="Redo just STAGE (train: every train step).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo every stage, even those that are up to date.")] = False,
     as_json: JsonOpt = False,
     trust_remote_code: Annotated[

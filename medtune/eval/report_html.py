@@ -268,7 +268,7 @@ def render_html(report: dict) -> str:
         f"<h1>medtune eval: {h(report['model'])}</h1>",
         f'<p class="meta">held-out: {h(str(report["held_out"]))}; '
         + (f"pairs: {h(str(report['pairs']))}; " if report.get("pairs") else "")
-        + f'probes: {h(report["probes"])}; greedy decoding, '
+        + f"probes: {h(report['probes'])}; greedy decoding, "
         f"repeat penalty {report.get('repeat_penalty')} over {report.get('repeat_last_n')} tokens, "
         f"at most {report['max_tokens']} tokens; created {h(report['created'])}</p>",
     ]

@@ -39,6 +39,19 @@ def export(
             help="Ollama server for --ollama (default: $OLLAMA_HOST or http://127.0.0.1:11434).",
         ),
     ] = None,
+    base: Annotated[
+        Optional[str],
+        typer.Option(
+            "--base",
+            metavar="MODEL",
+            help="MODEL_DIR is a LoRA adapter: write it as a llama.cpp LoRA GGUF (Ollama's ADAPTER) for this base "
+            "(builtin:NAME, a folder, ORG/NAME, or a .gguf used as is), beside one base GGUF shared by its adapters.",
+        ),
+    ] = None,
+    base_out: Annotated[
+        Optional[Path],
+        typer.Option(help="With --base: folder of the shared base GGUF (default: models/base-<base name>)."),
+    ] = None,
     as_json: JsonOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -48,6 +61,13 @@ def export(
     from medtune.export import export as run
     from medtune.export.quantize import parse_quants
 
+    if ollama:
+        from medtune.ollama import check_name
+
+        check_name(ollama)  # refuse a bad name before an export that may take minutes
+    if base is not None or (model_dir / "adapter_config.json").is_file():
+        with untrusted(trust_remote_code, allow_pickle):
+            return _export_adapter(opts, model_dir, base, out, name, modelfile, base_out, ollama, host, as_json)
     out = out or model_dir
     modelfile = modelfile or Path("Modelfiles") / f"{name}.Modelfile"
     quants = parse_quants(opts.quant)
@@ -55,25 +75,13 @@ def export(
         from medtune.export.modelfile import get_family
 
         get_family(opts.family)  # refuse an unknown name before an export that may take minutes
-    if ollama:
-        from medtune.ollama import check_name
-
-        check_name(ollama)  # refuse a bad name before an export that may take minutes
     step(f"exporting {model_dir} → {out} ({', '.join(quants)})")
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
         res = run(model_dir, out, name, opts, modelfile_path=modelfile, progress=p)
     if not as_json:
         for w in res.warnings:  # e.g. a forced --family that renders other prompts than training saw
             warn(w)
-    created = None
-    if ollama:
-        from medtune.ollama import create_from_modelfile
-
-        if not as_json:
-            done(f"Modelfile: {res.modelfile_path}")
-            step(f"creating {ollama} in Ollama")
-        with progress(transient=True) as p:
-            created = create_from_modelfile(ollama, res.modelfile_path, host=host, progress=p)
+    created = _create(ollama, res.modelfile_path, host, as_json) if ollama else None
     if as_json:
         return emit_json({**res.to_dict(), "ollama": created})
     if created:
@@ -89,3 +97,45 @@ def export(
     info("[bold]To run it in Ollama:[/]")
     for line in res.ollama_commands:
         print(f"  {line}")
+
+
+def _export_adapter(opts: ExportOptions, adapter, base, out, name, modelfile, base_out, ollama, host, as_json):
+    """`medtune export ADAPTER --base MODEL`: the shared base GGUF, the adapter GGUF and their Modelfile."""
+    from medtune.core.console import progress
+    from medtune.export.adapter import check_base_spec, export_adapter
+    from medtune.export.quantize import parse_quants
+
+    quants = parse_quants(opts.quant)
+    if len(quants) != 1 or quants[0] not in ("f16", "f32", "bf16", "q8_0", "q4_0"):
+        raise typer.BadParameter("with --base, one base type: f16, f32, bf16, q8_0 or q4_0", param_hint="--quant")
+    base = check_base_spec(base)
+    step(f"exporting adapter {adapter} on {base} ({quants[0]} base)")
+    with progress(transient=True) as p:
+        res = export_adapter(
+            adapter, base, out or adapter, name, quant=quants[0], base_out=base_out,
+            modelfile_path=modelfile, system=opts.system, family=opts.family, progress=p,
+        )  # fmt: skip
+    created = _create(ollama, res.modelfile_path, host, as_json) if ollama else None
+    if as_json:
+        return emit_json({**res.to_dict(), "ollama": created})
+    done(f"base GGUF ({'written' if res.base_written else 'reused'}): {res.base_gguf}")
+    done(f"adapter GGUF: {res.adapter_gguf} ({res.lora['tensors']} tensors, rank {res.lora['ranks']})")
+    done(f"Modelfile: {res.modelfile_path}")
+    if created:
+        done(f"created {ollama} in Ollama ({created['method']}); try: ollama run {ollama}")
+        return
+    info("[bold]To run it in Ollama:[/]")
+    for line in res.ollama_commands:
+        print(f"  {line}")
+
+
+def _create(ollama: str, modelfile: Path, host, as_json: bool) -> dict:
+    """--ollama NAME: create it from the Modelfile just written (as `medtune ollama create`)."""
+    from medtune.core.console import progress
+    from medtune.ollama import create_from_modelfile
+
+    if not as_json:
+        done(f"Modelfile: {modelfile}")
+        step(f"creating {ollama} in Ollama")
+    with progress(transient=True) as p:
+        return create_from_modelfile(ollama, modelfile, host=host, progress=p)

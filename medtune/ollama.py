@@ -8,11 +8,13 @@ works against a remote server (--host) and reports progress in medtune's console
 
 1. read the Modelfile the way Ollama's parser does (medtune.export.modelfile.parse_modelfile) and turn
    it into the documented create request: FROM → a blob, TEMPLATE, SYSTEM, LICENSE, MESSAGE, and the
-   PARAMETERs typed as Ollama's own client types them (floats, ints, bools, `stop` as a list);
-2. hash the GGUF (sha256) and ask the server whether it has that blob (HEAD /api/blobs/sha256:…);
-   upload it (POST /api/blobs/sha256:…) only when it does not;
-3. POST /api/create {model, files: {file name: digest}, template, system, parameters, license,
-   messages} and follow its NDJSON status stream up to {"status": "success"}.
+   PARAMETERs typed as Ollama's own client types them (floats, ints, bools, `stop` as a list); each
+   ADAPTER (a llama.cpp LoRA GGUF, resolved like FROM) → a blob too;
+2. hash each GGUF, the FROM one and every ADAPTER (sha256), and ask the server whether it has that blob
+   (HEAD /api/blobs/sha256:…); upload it (POST /api/blobs/sha256:…) only when it does not, so a base
+   shared by several adapters is sent once;
+3. POST /api/create {model, files: {file name: digest}, adapters: {file name: digest}, template, system,
+   parameters, license, messages} and follow its NDJSON status stream up to {"status": "success"}.
 
 Step 2 uses plain HTTP (httpx, which the `ollama` client is built on): the client's
 `create_blob` never asks whether the server already has the blob (so a multi-GB GGUF would be sent
@@ -149,6 +151,7 @@ class CreateSpec:
     modelfile: Path
     gguf: Optional[Path] = None  # FROM, when it names a local file
     from_model: Optional[str] = None  # FROM, when it names an existing Ollama model
+    adapters: list = field(default_factory=list)  # ADAPTER files (Paths): LoRA GGUFs, in Modelfile order
     template: Optional[str] = None
     system: Optional[str] = None
     parameters: dict = field(default_factory=dict)
@@ -159,6 +162,7 @@ class CreateSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["modelfile"], d["gguf"] = str(self.modelfile), str(self.gguf) if self.gguf else None
+        d["adapters"] = [str(a) for a in self.adapters]
         return d
 
 
@@ -200,11 +204,12 @@ def _looks_like_path(value: str) -> bool:
     )
 
 
-def resolve_from(value: str, modelfile_dir: str | Path, where: str | None = None) -> Path:
+def resolve_from(value: str, modelfile_dir: str | Path, where: str | None = None, keyword: str = "FROM") -> Path:
     """The local path a FROM value names, by Ollama's rule (parser/parser.go, expandPath): absolute as it is;
     `~` or `~/…` under the home folder, `~user/…` under that user's; anything else joined to the Modelfile's
     folder. Lexically, as Go's filepath.Join/Abs do (`..` removes the previous part; symlinks are not
-    followed). Whether the path exists decides, afterwards, if FROM is a file or a model name."""
+    followed). Whether the path exists decides, afterwards, if FROM is a file or a model name. ADAPTER
+    paths are resolved the same way (`keyword` names the command in the error)."""
     if os.path.isabs(value) or value.startswith(("\\", "/")):
         return Path(os.path.abspath(value))
     if value.startswith("~"):
@@ -212,28 +217,88 @@ def resolve_from(value: str, modelfile_dir: str | Path, where: str | None = None
         if expanded == value:  # ~user of no such user: Ollama refuses the Modelfile
             user = value[1:].split("/", 1)[0]
             raise BadInput(
-                f"FROM names the home folder of {user!r}, and there is no such user: {value}",
+                f"{keyword} names the home folder of {user!r}, and there is no such user: {value}",
                 where=where,
-                hint="fix the FROM line (a path relative to the Modelfile is safest)",
+                hint=f"fix the {keyword} line (a path relative to the Modelfile is safest)",
             )
         return Path(os.path.abspath(expanded))
     return Path(os.path.abspath(os.path.join(os.path.abspath(modelfile_dir), value)))
 
 
-def _where(path: Path, text: str, name: str) -> str:
-    """file:line of the first line that starts the command (or PARAMETER) `name`, for error messages."""
+def _where(path: Path, text: str, name: str, nth: int = 0) -> str:
+    """file:line of the line that starts the command (or PARAMETER) `name` for the `nth` time (0: the first),
+    for error messages."""
     keyword = "FROM" if name == "model" else name
     pattern = re.compile(rf"\s*(?:PARAMETER\s+)?{re.escape(keyword)}\s", re.IGNORECASE)
-    for n, line in enumerate(text.splitlines(), start=1):
-        if pattern.match(line):
-            return f"{path}:{n}"
-    return str(path)
+    lines = [n for n, line in enumerate(text.splitlines(), start=1) if pattern.match(line)]
+    if not lines:
+        return str(path)
+    return f"{path}:{lines[min(nth, len(lines) - 1)]}"
 
 
-def read_modelfile(path: str | Path) -> CreateSpec:
-    """Parse a Modelfile into a CreateSpec; FROM is resolved like Ollama does (~ expanded, a relative
-    path taken from the Modelfile's folder). Refuses what this client cannot send (ADAPTER, DRAFT, a FROM
-    folder) and a FROM file that does not exist."""
+def _relative_hint(value: str, modelfile: Path, what: str) -> str:
+    """For a path that names no file: how a relative one was resolved ("" for an absolute or ~ one)."""
+    if Path(value).is_absolute() or value.startswith("~"):
+        return ""
+    return (
+        f"a relative {what} is taken from the Modelfile's folder ({modelfile.parent.absolute()}): keep the "
+        "GGUF where it names it (move or copy the two together), "
+    )
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _read_adapter(value: str, modelfile: Path, where: str, for_cli: bool = False) -> Path:
+    """The LoRA GGUF an ADAPTER line names, resolved like FROM. Refused: a path that names nothing, and (unless
+    the `ollama` CLI will read the Modelfile, and convert it) a folder or a file that is not a GGUF."""
+    local = resolve_from(value, modelfile.parent, where, keyword="ADAPTER")
+    if local.is_dir() and not for_cli:
+        raise BadInput(
+            f"ADAPTER names a folder ({local}); medtune creates Ollama models from GGUF adapters",
+            where=where,
+            hint=f"run `medtune export {local} --base MODEL` to write a GGUF adapter and name it in ADAPTER, "
+            "or pass --use-cli to let `ollama create` convert the folder",
+        )
+    if not local.exists():
+        raise BadInput(
+            f"the adapter named by ADAPTER does not exist: {local}",
+            where=where,
+            hint=f"{_relative_hint(value, modelfile, 'ADAPTER')}run `medtune export` again, or fix the ADAPTER line",
+        )
+    if not for_cli and not (local.is_file() and _is_gguf(local)):
+        raise BadInput(
+            f"the adapter named by ADAPTER is not a GGUF file (no GGUF magic): {local}",
+            where=where,
+            hint="name a llama.cpp LoRA GGUF (`medtune export ADAPTER_DIR --base MODEL` writes one), or pass "
+            "--use-cli to let `ollama create` convert a safetensors adapter",
+        )
+    return local.resolve()
+
+
+def _add_adapter(spec: CreateSpec, adapter: Path, where: str) -> None:
+    """The create request keys adapters by file name: two with the same name cannot both be sent."""
+    twin = next((a for a in spec.adapters if a.name == adapter.name), None)
+    if twin is not None:
+        raise BadInput(
+            f"two ADAPTER lines name files called {adapter.name!r} ({twin} and {adapter})",
+            where=where,
+            hint="Ollama's create request names each adapter by its file name: rename one of the files, "
+            "or keep one ADAPTER line",
+        )
+    spec.adapters.append(adapter)
+
+
+def read_modelfile(path: str | Path, *, for_cli: bool = False) -> CreateSpec:
+    """Parse a Modelfile into a CreateSpec; FROM and ADAPTER are resolved like Ollama does (~ expanded, a
+    relative path taken from the Modelfile's folder). Refuses what this client cannot send (DRAFT, a FROM
+    folder, an ADAPTER folder or non-GGUF file) and a FROM or ADAPTER file that does not exist. for_cli: the
+    `ollama` CLI reads the Modelfile, and converts an ADAPTER folder or safetensors file itself."""
     from medtune.export.modelfile import parse_modelfile
 
     path = Path(path).expanduser()
@@ -253,8 +318,10 @@ def read_modelfile(path: str | Path) -> CreateSpec:
 
     spec = CreateSpec(modelfile=path.absolute())
     stops: list[str] = []
+    seen: dict[str, int] = {}
     for name, value in commands:
-        where = _where(path, text, name)
+        where = _where(path, text, name, seen.get(name, 0))
+        seen[name] = seen.get(name, 0) + 1
         if name == "model":
             if spec.gguf or spec.from_model:
                 raise BadInput("the Modelfile has more than one FROM", where=where, hint="keep one FROM line")
@@ -269,12 +336,7 @@ def read_modelfile(path: str | Path) -> CreateSpec:
                     "`ollama create` convert the folder",
                 )
             elif _looks_like_path(value):
-                rel = (
-                    ""
-                    if Path(value).is_absolute() or value.startswith("~")
-                    else f"a relative FROM is taken from the Modelfile's folder ({path.parent.absolute()}): keep the "
-                    "GGUF where it names it (move or copy the two together), "
-                )
+                rel = _relative_hint(value, path, "FROM")
                 raise BadInput(
                     f"the GGUF named by FROM does not exist: {local}",
                     where=where,
@@ -295,7 +357,9 @@ def read_modelfile(path: str | Path) -> CreateSpec:
                     hint="e.g. MESSAGE user What lowers fever?",
                 )
             spec.messages.append({"role": role, "content": content})
-        elif name in ("adapter", "draft", "renderer", "parser", "requires"):
+        elif name == "adapter":
+            _add_adapter(spec, _read_adapter(value, path, where, for_cli), where)
+        elif name in ("draft", "renderer", "parser", "requires"):
             raise BadInput(
                 f"{name.upper()} is not supported by `medtune ollama create`",
                 where=where,
@@ -435,11 +499,16 @@ def push_blob(
 
 
 # ---- create -----------------------------------------------------------------------------------------
-def create_request(name: str, spec: CreateSpec, files: dict[str, str] | None = None) -> dict:
-    """The /api/create body for this Modelfile (keyword arguments of ollama.Client.create)."""
+def create_request(
+    name: str, spec: CreateSpec, files: dict[str, str] | None = None, adapters: dict[str, str] | None = None
+) -> dict:
+    """The /api/create body for this Modelfile (keyword arguments of ollama.Client.create). files and adapters:
+    {file name: "sha256:<digest>"} of the FROM GGUF and the ADAPTER GGUFs, pushed as blobs."""
     req: dict[str, Any] = {"model": name}
     if files:
         req["files"] = files
+    if adapters:
+        req["adapters"] = adapters
     if spec.from_model:
         req["from_"] = spec.from_model
     for key in ("template", "system"):
@@ -532,13 +601,14 @@ def create_from_modelfile(
 ) -> dict:
     """Create the Ollama model `name` from a Modelfile (normally one `medtune export` wrote).
 
-    Everything that can be refused locally (name, Modelfile, a FROM file that does not exist) is checked
-    before the server is contacted. `progress` (a rich Progress) shows hashing, upload and the server's
-    steps; `on_status(text)` gets each status line the server streams. Returns a dict: name, host,
-    method ("api" or "cli"), digest, uploaded, gguf, statuses, request (what was sent), warnings.
+    Everything that can be refused locally (name, Modelfile, a FROM or ADAPTER file that does not exist, an
+    ADAPTER that is not a GGUF) is checked before the server is contacted. `progress` (a rich Progress) shows
+    hashing, upload and the server's steps; `on_status(text)` gets each status line the server streams.
+    Returns a dict: name, host, method ("api" or "cli"), digest, uploaded, bytes and gguf (the FROM blob),
+    adapters ([{path, digest, uploaded, bytes}]), statuses, request (what was sent), warnings.
     """
     check_name(name)
-    spec = read_modelfile(modelfile_path)
+    spec = read_modelfile(modelfile_path, for_cli=use_cli)
     host = resolve_host(host)
     cli = shutil.which("ollama")
     if use_cli:
@@ -562,7 +632,8 @@ def create_from_modelfile(
     if spec.gguf is not None:
         blob = push_blob(spec.gguf, host, progress=progress)
         files = {spec.gguf.name: blob["digest"]}
-    request = create_request(name, spec, files)
+    adapters = _push_adapters(spec, host, progress)
+    request = create_request(name, spec, files, {Path(a["path"]).name: a["digest"] for a in adapters})
     statuses: list[str] = []
     task = progress.add_task(f"ollama create {name}", total=None) if progress else None
     client = ollama.Client(host=host)
@@ -606,11 +677,17 @@ def create_from_modelfile(
         "digest": blob["digest"] if blob else None,
         "uploaded": bool(blob and blob["uploaded"]),
         "bytes": blob["bytes"] if blob else 0,
+        "adapters": adapters,
         "statuses": statuses,
         "request": shown,
         "warnings": list(spec.warnings),
         "commands": [f"ollama run {name}"],
     }
+
+
+def _push_adapters(spec: CreateSpec, host: str, progress: Progress = None) -> list[dict]:
+    """Each ADAPTER GGUF as a blob (uploaded only when the server lacks it): [{path, digest, uploaded, bytes}]."""
+    return [{"path": str(a), **push_blob(a, host, progress=progress)} for a in spec.adapters]
 
 
 def _create_with_cli(cli: str, name: str, spec: CreateSpec, host: str, progress: Progress = None) -> dict:
@@ -646,6 +723,7 @@ def _create_with_cli(cli: str, name: str, spec: CreateSpec, host: str, progress:
         "digest": None,
         "uploaded": None,
         "bytes": 0,
+        "adapters": [{"path": str(a), "digest": None, "uploaded": None, "bytes": 0} for a in spec.adapters],
         "statuses": [ln for ln in proc.stdout.splitlines() if ln.strip()],
         "request": {"argv": cmd},
         "warnings": list(spec.warnings),

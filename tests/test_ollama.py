@@ -4,7 +4,7 @@ Real Ollama is NOT tested here: it cannot be installed on these machines. `FakeO
 the contract documented in Ollama's docs/api.md (and its server's checks where the docs are silent):
 GET /api/version; HEAD /api/blobs/<digest> (200 present, 404 absent); POST /api/blobs/<digest> (the
 bytes must hash to the digest, else 400; 201 when stored); POST /api/create (a valid model name,
-`from` or `files`, every file a known blob holding a GGUF, PARAMETERs of Ollama's types, an NDJSON
+`from` or `files`, every file and every `adapters` entry a known blob holding a GGUF, PARAMETERs of Ollama's types, an NDJSON
 status stream that ends with {"status": "success"}; `from` is a model name, as Ollama takes a FROM that
 names no existing file: a path is an invalid name, an unknown name fails as a pull from a registry that
 has no such model); POST /api/generate and /api/chat (404 for an
@@ -250,13 +250,11 @@ class _Handler(BaseHTTPRequestHandler):
                     [{"status": "pulling manifest"}, {"error": "pull model manifest: file does not exist"}]
                 )
             gguf = base["gguf"]
-        for fname, digest in (files or {}).items():
-            if fname.startswith("/") or ".." in fname.split("/") or not fname:
-                return self._error(400, "file path must be relative")
-            if digest not in self.server.blobs:
-                return self._error(400, f"blob {digest} not found: push it first (POST /api/blobs/{digest})")
-            if not fname.endswith(".gguf") or self.server.blobs[digest].read_bytes()[:4] != b"GGUF":
-                return self._error(400, "unknown model type: only GGUF files are supported here")
+        for field in ("files", "adapters"):
+            wrong = self._check_blobs(req.get(field))
+            if wrong:
+                return self._error(400, wrong)
+        for digest in (files or {}).values():
             gguf = digest
         for key in ("template", "system"):
             if key in req and not isinstance(req[key], str):
@@ -271,6 +269,7 @@ class _Handler(BaseHTTPRequestHandler):
         inherited = {k: base[k] for k in ("template", "system", "parameters") if base.get(k) and not req.get(k)}
         self.server.models[name] = {**req, **inherited, "gguf": gguf}
         statuses = ["parsing GGUF", f"using existing layer {gguf}"]
+        statuses += [f"using existing layer {digest}" for digest in (req.get("adapters") or {}).values()]
         statuses += [
             f"creating new layer sha256:{hashlib.sha256(json.dumps(req.get(k)).encode()).hexdigest()}"
             for k in ("template", "system", "parameters")
@@ -280,6 +279,19 @@ class _Handler(BaseHTTPRequestHandler):
         if req.get("stream", True):
             return self._stream({"status": s} for s in statuses)
         self._send(200, {"status": "success"})
+
+    def _check_blobs(self, named) -> str | None:
+        """What is wrong with a `files` or `adapters` map {relative file name: digest of a GGUF blob}, or None."""
+        if named is not None and not isinstance(named, dict):
+            return "files and adapters map file names to digests"
+        for fname, digest in (named or {}).items():
+            if fname.startswith("/") or ".." in fname.split("/") or not fname:
+                return "file path must be relative"
+            if digest not in self.server.blobs:
+                return f"blob {digest} not found: push it first (POST /api/blobs/{digest})"
+            if not fname.endswith(".gguf") or self.server.blobs[digest].read_bytes()[:4] != b"GGUF":
+                return "unknown model type: only GGUF files are supported here"
+        return None
 
     def _answer(self, req: dict, chat: bool):
         from medtune.export.gotemplate import ollama_prompt
@@ -624,6 +636,193 @@ def test_the_servers_refusal_is_shown(server, tmp_path, monkeypatch):
         create_from_modelfile("bad", mf, host=server.url)
     assert "HTTP 400" in err.value.message
     assert "sha256:" + hashlib.sha256(b"not a gguf at all").hexdigest() in server.blobs
+
+
+# ---- ADAPTER: LoRA GGUFs as blobs, sent as `adapters` ---------------------------------------------------
+def _digest(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _blob_posts(server) -> list[str]:
+    return [p.removeprefix("/api/blobs/") for m, p in server.log if m == "POST" and p.startswith("/api/blobs/")]
+
+
+@pytest.fixture()
+def lora_project(tmp_path):
+    """A base GGUF, two LoRA GGUFs (small files that start with the GGUF magic: the server does not parse them)
+    and one Modelfile per adapter, in Modelfiles/, naming them relative to its folder."""
+    files = {
+        "base": tmp_path / "models" / "base-smollm2" / "smollm2-f16.gguf",
+        "cardio": tmp_path / "models" / "cardio" / "cardio-lora-f16.gguf",
+        "neuro": tmp_path / "models" / "neuro" / "neuro-lora-f16.gguf",
+    }
+    for key, path in files.items():
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"GGUF" + f"fake {key} weights".encode() * 50)
+    (tmp_path / "Modelfiles").mkdir()
+    for key in ("cardio", "neuro"):
+        (tmp_path / "Modelfiles" / f"{key}.Modelfile").write_text(
+            f"FROM ../models/base-smollm2/smollm2-f16.gguf\nADAPTER ../models/{key}/{key}-lora-f16.gguf\n"
+            'TEMPLATE """{{ .Prompt }}"""\nPARAMETER temperature 0.2\n'
+        )
+    return {**files, "root": tmp_path, "modelfiles": tmp_path / "Modelfiles"}
+
+
+def test_adapters_are_pushed_as_blobs_and_sent_as_adapters(server, lora_project, monkeypatch, tmp_path):
+    """FROM base + ADAPTER: both GGUFs uploaded the first time, the create request names the base in `files`
+    and the LoRA in `adapters` ({file name: digest}, Ollama's documented field)."""
+    from medtune.ollama import create_from_modelfile
+
+    monkeypatch.setenv("PATH", _no_ollama_path(tmp_path))
+    base, cardio = lora_project["base"], lora_project["cardio"]
+    res = create_from_modelfile("cardio", lora_project["modelfiles"] / "cardio.Modelfile", host=server.url)
+    req = server.creates[-1]
+    assert req["files"] == {"smollm2-f16.gguf": _digest(base)}
+    assert req["adapters"] == {"cardio-lora-f16.gguf": _digest(cardio)}
+    assert sorted(_blob_posts(server)) == sorted([_digest(base), _digest(cardio)])
+    assert server.blobs[_digest(cardio)].read_bytes() == cardio.read_bytes()
+    assert res["uploaded"] is True and res["digest"] == _digest(base) and res["bytes"] == base.stat().st_size
+    assert res["adapters"] == [
+        {"path": str(cardio.resolve()), "digest": _digest(cardio), "uploaded": True, "bytes": cardio.stat().st_size}
+    ]
+    assert res["request"]["adapters"] == req["adapters"] and res["statuses"][-1] == "success"
+    assert server.models["cardio"]["adapters"] == req["adapters"]
+
+
+def test_a_base_shared_by_adapters_is_uploaded_once(server, lora_project, tmp_path):
+    """A second model on the same base with another adapter: the server has the base blob (HEAD says so), so
+    only the new adapter is uploaded; a Modelfile with both adapters uploads nothing."""
+    base, cardio, neuro = lora_project["base"], lora_project["cardio"], lora_project["neuro"]
+    env = {"PATH": _no_ollama_path(tmp_path)}
+    mfs = lora_project["modelfiles"]
+    first = run_cli("ollama", "create", "cardio", "-f", mfs / "cardio.Modelfile", "--host", server.url, env=env)
+    assert first.returncode == 0, first.stderr
+    server.log.clear()
+    res = run_cli("ollama", "create", "neuro", "-f", mfs / "neuro.Modelfile", "--host", server.url, "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert _blob_posts(server) == [_digest(neuro)]
+    assert ("HEAD", f"/api/blobs/{_digest(base)}") in server.log
+    assert got["uploaded"] is False and got["adapters"][0]["uploaded"] is True
+    assert server.creates[-1]["files"] == {base.name: _digest(base)}
+    assert server.creates[-1]["adapters"] == {neuro.name: _digest(neuro)}
+
+    both = mfs / "both.Modelfile"
+    both.write_text(f"FROM {base}\nADAPTER ../models/cardio/{cardio.name}\nADAPTER ../models/neuro/{neuro.name}\n")
+    server.log.clear()
+    res = run_cli("ollama", "create", "both", "-f", both, "--host", server.url, "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    assert _blob_posts(server) == [] and [a["uploaded"] for a in json.loads(res.stdout)["adapters"]] == [False] * 2
+    assert server.creates[-1]["adapters"] == {cardio.name: _digest(cardio), neuro.name: _digest(neuro)}
+
+
+def test_an_adapter_on_an_ollama_model(server, lora_project, monkeypatch, tmp_path):
+    """FROM an existing Ollama model (not a local GGUF) with an ADAPTER: sent as `from` + `adapters`."""
+    from medtune.ollama import create_from_modelfile
+
+    monkeypatch.setenv("PATH", _no_ollama_path(tmp_path))
+    mf = lora_project["root"] / "on-model.Modelfile"
+    mf.write_text("FROM ./models/base-smollm2/smollm2-f16.gguf\n")
+    create_from_modelfile("smol", mf, host=server.url)
+    mf.write_text("FROM smol\nADAPTER ./models/cardio/cardio-lora-f16.gguf\n")
+    res = create_from_modelfile("smol-cardio", mf, host=server.url)
+    req = server.creates[-1]
+    assert req["from"] == "smol" and "files" not in req and res["gguf"] is None
+    assert req["adapters"] == {"cardio-lora-f16.gguf": _digest(lora_project["cardio"])}
+    assert res["statuses"][-1] == "success" and res["adapters"][0]["uploaded"] is True
+
+
+@pytest.mark.parametrize(
+    "adapter, message, hint",
+    [
+        ("../models/gone/gone-lora.gguf", "the adapter named by ADAPTER does not exist", "relative ADAPTER is taken"),
+        ("../models/peft-adapter", "ADAPTER names a folder", "--base MODEL` to write a GGUF adapter"),
+        ("../models/peft-adapter/adapter_model.safetensors", "is not a GGUF file", "--use-cli"),
+        ("../models/neuro/cardio-lora-f16.gguf", "two ADAPTER lines name files called", "rename one"),
+    ],
+    ids=["missing", "folder", "not-gguf", "same-name"],
+)
+def test_a_bad_adapter_is_refused_before_the_server(
+    server, lora_project, monkeypatch, tmp_path, adapter, message, hint
+):
+    """Refused with the ADAPTER line (the second one here) as where, and nothing sent to the server."""
+    from medtune.ollama import create_from_modelfile
+
+    monkeypatch.setenv("PATH", _no_ollama_path(tmp_path))
+    peft = lora_project["root"] / "models" / "peft-adapter"
+    peft.mkdir()
+    (peft / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    (lora_project["root"] / "models" / "neuro" / "cardio-lora-f16.gguf").write_bytes(b"GGUF another")
+    mf = lora_project["modelfiles"] / "bad.Modelfile"
+    mf.write_text(
+        "FROM ../models/base-smollm2/smollm2-f16.gguf\n"
+        f"ADAPTER ../models/cardio/cardio-lora-f16.gguf\nADAPTER {adapter}\nPARAMETER temperature 0.2\n"
+    )
+    with pytest.raises(BadInput, match=re.escape(message)) as err:
+        create_from_modelfile("bad", mf, host=server.url)
+    assert err.value.where == f"{mf}:3" and hint in err.value.hint
+    assert server.log == [] and server.creates == []
+
+
+def test_adapters_are_read_like_from(tmp_path, monkeypatch):
+    """ADAPTER is resolved by FROM's rule (~ expanded, relative to the Modelfile's folder), in Modelfile order."""
+    from medtune.ollama import read_modelfile
+
+    home = tmp_path / "home"
+    (home / "loras").mkdir(parents=True)
+    (home / "loras" / "h.gguf").write_bytes(b"GGUF h")
+    (tmp_path / "mf" / "sub").mkdir(parents=True)
+    (tmp_path / "mf" / "sub" / "a.gguf").write_bytes(b"GGUF a")
+    (tmp_path / "mf" / "base.gguf").write_bytes(b"GGUF base")
+    monkeypatch.setenv("HOME", str(home))
+    mf = tmp_path / "mf" / "Modelfile"
+    mf.write_text("FROM base.gguf\nADAPTER ~/loras/h.gguf\nadapter ./sub/../sub/a.gguf\n")
+    spec = read_modelfile(mf)
+    assert spec.adapters == [home / "loras" / "h.gguf", tmp_path / "mf" / "sub" / "a.gguf"]
+    assert spec.to_dict()["adapters"] == [str(a) for a in spec.adapters]
+    mf.write_text("FROM base.gguf\nADAPTER ~no-such-user-medtune/a.gguf\n")
+    with pytest.raises(BadInput, match="ADAPTER names the home folder"):
+        read_modelfile(mf)
+    for refused in ("DRAFT ./sub/a.gguf", "REQUIRES 0.12.0"):  # still refused
+        mf.write_text(f"FROM base.gguf\n{refused}\n")
+        with pytest.raises(BadInput, match="is not supported by `medtune ollama create`"):
+            read_modelfile(mf)
+
+
+def test_the_ollama_cli_reads_adapters_itself(lora_project, tmp_path, monkeypatch):
+    """--use-cli: `ollama create -f` reads ADAPTER (and converts a safetensors folder): medtune passes the
+    Modelfile as it is and lists the adapters; an ADAPTER that names nothing is still refused first."""
+    from medtune.ollama import create_from_modelfile
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "calls.jsonl"
+    script = bin_dir / "ollama"
+    script.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\nprint('success')\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}")
+    peft = lora_project["root"] / "models" / "peft-adapter"
+    peft.mkdir()
+    mf = lora_project["modelfiles"] / "cli.Modelfile"
+    mf.write_text(
+        "FROM ../models/base-smollm2/smollm2-f16.gguf\nADAPTER ../models/cardio/cardio-lora-f16.gguf\n"
+        "ADAPTER ../models/peft-adapter\n"
+    )
+    down = f"http://127.0.0.1:{_closed_port()}"
+    res = create_from_modelfile("cardio", mf, host=down, use_cli=True)
+    assert res["method"] == "cli" and [json.loads(line) for line in record.read_text().splitlines()] == [
+        ["create", "cardio", "-f", str(mf.absolute())]
+    ]
+    assert [a["path"] for a in res["adapters"]] == [str(lora_project["cardio"].resolve()), str(peft.resolve())]
+    with pytest.raises(BadInput, match="ADAPTER names a folder"):  # the API path cannot send a folder
+        create_from_modelfile("cardio", mf, host=down)
+    mf.write_text("FROM ../models/base-smollm2/smollm2-f16.gguf\nADAPTER ../models/gone.gguf\n")
+    with pytest.raises(BadInput, match="the adapter named by ADAPTER does not exist"):
+        create_from_modelfile("cardio", mf, host=down, use_cli=True)
+    assert len(record.read_text().splitlines()) == 1
 
 
 # Names the two former rules (ollama.py's and export's) disagreed on, and what Ollama's own parser (types/model

@@ -58,6 +58,9 @@ def create(
         what = "uploaded" if res["uploaded"] else "already on the server"
         if res["digest"]:
             done(f"GGUF {Path(res['gguf']).name} ({res['digest'][:19]}…, {res['bytes'] / 1e6:.1f} MB): {what}")
+        for a in res.get("adapters") or []:
+            what = "uploaded" if a["uploaded"] else "already on the server"
+            done(f"ADAPTER {Path(a['path']).name} ({a['digest'][:19]}…, {a['bytes'] / 1e6:.2f} MB): {what}")
     done(f"created {name} ({res['method']})")
     for line in res["commands"]:
         print(f"  {line}")

@@ -171,7 +171,10 @@ def _show_quants(report: dict) -> None:
 def fidelity(
     model_dir: Annotated[
         Path,
-        typer.Argument(metavar="MODEL_DIR", help="The HF folder the GGUF was exported from (from `medtune fuse`)."),
+        typer.Argument(
+            metavar="MODEL_DIR",
+            help="The HF folder the GGUF was exported from (from `medtune fuse`); with --adapter, the base model.",
+        ),
     ],
     gguf: Annotated[Path, typer.Argument(metavar="GGUF", help="The exported .gguf file.")],
     prompts: Annotated[
@@ -212,6 +215,18 @@ def fidelity(
             help="A llama.cpp build with llama-server (default: $LLAMA_CPP_DIR, PATH, medtune's build).",
         ),
     ] = None,
+    lora: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--lora",
+            metavar="LORA_GGUF",
+            help="A LoRA GGUF (medtune export ADAPTER --base …) applied on top of GGUF, the base, as Ollama's ADAPTER.",
+        ),
+    ] = None,
+    adapter: Annotated[
+        Optional[Path],
+        typer.Option("--adapter", metavar="DIR", help="The adapter folder MLX applies to MODEL_DIR (not fused)."),
+    ] = None,
     as_json: JsonOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -223,7 +238,9 @@ def fidelity(
 
     todo = read_prompts(prompts, limit=limit)
     engine = choose_runtime(runtime, llama_cpp)
-    step(f"comparing {gguf} in {engine} with {model_dir} on {len(todo)} prompt(s), {tokens} tokens each")
+    on_top = f" + {lora.name}" if lora else ""
+    ref = f"{model_dir} + {adapter}" if adapter else str(model_dir)
+    step(f"comparing {gguf}{on_top} in {engine} with {ref} on {len(todo)} prompt(s), {tokens} tokens each")
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
         report = run(
             model_dir,
@@ -234,6 +251,8 @@ def fidelity(
             progress=p,
             runtime=engine,
             llama_cpp_dir=llama_cpp,
+            lora=lora,
+            adapter=adapter,
         )
     if as_json:
         emit_json(report.to_dict())

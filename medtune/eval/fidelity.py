@@ -87,6 +87,8 @@ class FidelityReport:
     notes: list[str] = field(default_factory=list)
     runtime: str = "llama-cpp-python"
     templates: list["TemplateCheck"] = field(default_factory=list)  # llama-server: conversations rendered
+    lora: Optional[str] = None  # a LoRA GGUF applied on top of the GGUF (Ollama's ADAPTER, llama.cpp's --lora)
+    adapter: Optional[str] = None  # the adapter folder applied to the MLX model (when it is not fused)
 
     @property
     def summary(self) -> dict:
@@ -296,20 +298,68 @@ def fidelity(
     n_threads: int | None = None,
     runtime: str = "auto",
     llama_cpp_dir: str | Path | None = None,
+    lora: str | Path | None = None,
+    adapter: str | Path | None = None,
 ) -> FidelityReport:
     """Compare the GGUF (llama.cpp) with the MLX model in `model_dir` on `prompts` (default: the sample
     set's questions). See the module docstring for what is compared and when it fails.
 
+    lora: a LoRA GGUF (`medtune export ADAPTER --base …`) that llama.cpp applies on top of the GGUF (the base);
+    adapter: the adapter folder MLX applies to `model_dir` (a base spec then), when the reference is not fused.
+
     runtime: "llama-server" (the engine inside Ollama ≥ 0.30, rendering the GGUF's own chat template),
     "llama-cpp-python" (llama.cpp in process, fed the HF rendering's text), or "auto" (the server when
     llama.cpp's tools are found)."""
+    if adapter is not None and not Path(model_dir).is_dir():
+        from medtune.models import resolve
+
+        model_dir = resolve(str(model_dir))
     model_dir, gguf = Path(model_dir), Path(gguf)
     header, prompts = _check_inputs(model_dir, gguf, prompts, tokens)
+    stack = Stack(Path(lora) if lora else None, Path(adapter) if adapter else None)
+    stack.check(header)
     if choose_runtime(runtime, llama_cpp_dir) == "llama-server":
         return _server_fidelity(
-            model_dir, gguf, prompts, tokens, tie_tolerance, progress, n_threads, llama_cpp_dir, header
+            model_dir, gguf, prompts, tokens, tie_tolerance, progress, n_threads, llama_cpp_dir, header, stack
         )
-    return _inprocess_fidelity(model_dir, gguf, prompts, tokens, tie_tolerance, progress, n_threads)
+    return _inprocess_fidelity(model_dir, gguf, prompts, tokens, tie_tolerance, progress, n_threads, stack)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What sits on top of each side's weights: a LoRA GGUF in llama.cpp, an adapter folder in MLX."""
+
+    lora: Optional[Path] = None
+    adapter: Optional[Path] = None
+
+    def check(self, base_header: dict) -> None:
+        """The LoRA GGUF is a LoRA adapter for the base GGUF's architecture, or a BadInput before anything loads."""
+        if self.lora is None:
+            return
+        from medtune.export import read_gguf_header
+
+        if not self.lora.is_file():
+            raise BadInput(f"LoRA GGUF not found: {self.lora}", hint="`medtune export ADAPTER --base MODEL` writes one")
+        meta = read_gguf_header(self.lora)["metadata"]
+        arch = base_header["metadata"].get("general.architecture")
+        if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+            raise BadInput("not a LoRA adapter GGUF", where=str(self.lora), hint="pass the file written for --lora")
+        if meta.get("general.architecture") != arch:
+            raise BadInput(
+                f"the LoRA is for {meta.get('general.architecture')}, the GGUF is {arch}",
+                where=str(self.lora),
+                hint="pass the base GGUF the adapter was exported for",
+            )
+
+    def server_args(self) -> list[str]:
+        return ["--lora", str(self.lora)] if self.lora else []
+
+    def llama_kwargs(self) -> dict:
+        return {"lora_path": str(self.lora)} if self.lora else {}
+
+    def mark(self, report: FidelityReport) -> None:
+        report.lora = str(self.lora) if self.lora else None
+        report.adapter = str(self.adapter) if self.adapter else None
 
 
 def _check_inputs(model_dir: Path, gguf: Path, prompts: list[str] | None, tokens: int) -> tuple[dict, list[str]]:
@@ -351,7 +401,7 @@ def _quantized_note(report: FidelityReport) -> None:
 
 
 def _inprocess_fidelity(
-    model_dir: Path, gguf: Path, prompts: list[str], tokens: int, tie_tolerance, progress, n_threads
+    model_dir: Path, gguf: Path, prompts: list[str], tokens: int, tie_tolerance, progress, n_threads, stack: Stack
 ) -> FidelityReport:
     """llama.cpp in process, fed the HF rendering's text: full logits on both sides."""
     from medtune.core.errors import require
@@ -359,18 +409,24 @@ def _inprocess_fidelity(
     require("llama_cpp", extra="test", purpose="the GGUF runtime that fidelity compares against")
     from medtune.runtimes import llamacpp, mlx
 
-    model, tokenizer = mlx.load(str(model_dir))
+    model, tokenizer = mlx.load(str(model_dir), stack.adapter)
     stops = set(tokenizer.eos_token_ids)
     rendered = [mlx.render_prompt(tokenizer, mlx.messages_for(p)) for p in prompts]
     ids_list = [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
     n_ctx = -(-(max(len(i) for i in ids_list) + tokens + 8) // 256) * 256
     llm = llamacpp.load_gguf(
-        gguf, n_ctx, n_threads=n_threads, logits_all=True, purpose="the GGUF runtime fidelity compares against"
+        gguf,
+        n_ctx,
+        n_threads=n_threads,
+        logits_all=True,
+        purpose="the GGUF runtime fidelity compares against",
+        **stack.llama_kwargs(),
     )
     try:
         report = _new_report(
             model_dir, gguf, _file_type(llm), tokens, tie_tolerance, llamacpp.adds_bos(llm), "llama-cpp-python"
         )
+        stack.mark(report)
         _quantized_note(report)
         if llm.n_vocab() != len(tokenizer._tokenizer):
             report.notes.append(f"vocabulary sizes differ: GGUF {llm.n_vocab()}, tokenizer {len(tokenizer._tokenizer)}")
@@ -499,6 +555,7 @@ def _server_fidelity(
     n_threads,
     llama_cpp_dir,
     header: dict,
+    stack: Stack = Stack(),
 ) -> FidelityReport:
     """llama-server renders, tokenizes and continues each prompt; the HF rendering and MLX are the reference."""
     from medtune.runtimes import mlx, tools
@@ -509,7 +566,7 @@ def _server_fidelity(
     )  # before loading
     meta = header["metadata"]
     ftype = file_type_name(meta.get("general.file_type"))
-    model, tokenizer = mlx.load(str(model_dir))
+    model, tokenizer = mlx.load(str(model_dir), stack.adapter)
     convs = [mlx.messages_for(p) for p in prompts]
     hf_texts = [mlx.render_prompt(tokenizer, c) for c in convs]
     hf_ids = [tokenizer.encode(t, add_special_tokens=False) for t in hf_texts]
@@ -523,8 +580,10 @@ def _server_fidelity(
         bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         "llama-server",
     )
+    stack.mark(report)
     report.notes.append(
         f"llama-server {tools.version(binary) or '?'} ({binary}), --jinja: the GGUF's own chat template"
+        + (f", --lora {stack.lora.name}" if stack.lora else "")
     )
     _quantized_note(report)
     task = (
@@ -533,7 +592,9 @@ def _server_fidelity(
         else None
     )
     kv = "f32" if ftype == "F32" else None  # an F32 file is a reference: keep its KV cache in F32 too
-    with LlamaServer(gguf, ctx=n_ctx, llama_cpp_dir=llama_cpp_dir, n_threads=n_threads, kv_type=kv) as srv:
+    with LlamaServer(
+        gguf, ctx=n_ctx, llama_cpp_dir=llama_cpp_dir, n_threads=n_threads, kv_type=kv, extra=stack.server_args()
+    ) as srv:
         for name, conv in CONVERSATIONS.items():
             _check_template(srv, tokenizer, name, conv, report)
             if progress:

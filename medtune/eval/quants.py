@@ -60,6 +60,7 @@ class QuantStats:
     ref_ppl: float
     verdict: str = ""  # "good", "usable", "poor"
     why: str = ""
+    lora: Optional[str] = None  # a LoRA GGUF llama.cpp applied on top of `file` (Ollama's ADAPTER)
 
     @property
     def delta_ppl(self) -> float:
@@ -174,12 +175,19 @@ def _cap(seqs: list[Sequence], max_positions: int) -> list[Sequence]:
 
 
 # ---- running llama.cpp ----------------------------------------------------------------------------------
-def _load(path: Path, n_ctx: int, n_threads: int | None):
-    """A GGUF in llama-cpp-python with the logits of every position (medtune.runtimes.llamacpp.logprobs)."""
+def _load(path: Path, n_ctx: int, n_threads: int | None, lora: Optional[Path] = None):
+    """A GGUF (with a LoRA GGUF on top) in llama-cpp-python with the logits of every position
+    (medtune.runtimes.llamacpp.logprobs)."""
     from medtune.runtimes.llamacpp import load_gguf
 
     return load_gguf(
-        path, n_ctx, n_threads=n_threads, logits_all=True, n_batch=n_ctx, purpose="the KL divergence of quantized GGUFs"
+        path,
+        n_ctx,
+        n_threads=n_threads,
+        logits_all=True,
+        n_batch=n_ctx,
+        purpose="the KL divergence of quantized GGUFs",
+        **({"lora_path": str(lora)} if lora else {}),
     )
 
 
@@ -214,13 +222,13 @@ def _reference_pass(ref: Path, seqs: list[Sequence], store: Path, n_threads, pro
     return mm, nll, top
 
 
-def _quant_pass(path: Path, seqs: list[Sequence], ref, n_threads, progress=None) -> QuantStats:
+def _quant_pass(path: Path, seqs: list[Sequence], ref, n_threads, progress=None, lora=None) -> QuantStats:
     import numpy as np
 
     from medtune.runtimes.llamacpp import logprobs
 
     mm, ref_nll, ref_top = ref
-    model = _load(path, _n_ctx(seqs), n_threads)
+    model = _load(path, _n_ctx(seqs), n_threads, lora)
     if model.n_vocab() != mm.shape[1]:
         model.close()
         raise BadInput(
@@ -256,6 +264,7 @@ def _quant_pass(path: Path, seqs: list[Sequence], ref, n_threads, progress=None)
         same_top=same / len(k),
         ppl=float(np.exp(q_nll.mean())),
         ref_ppl=float(np.exp(ref_nll.mean())),
+        lora=str(lora) if lora else None,
     )
 
 
@@ -269,11 +278,13 @@ def judge_quants(
     progress=None,
     workdir: str | Path | None = None,
 ) -> QuantTable:
-    """KL divergence, same-top and ΔPPL of each quant against `reference` on `seqs`, with verdicts."""
+    """KL divergence, same-top and ΔPPL of each quant against `reference` on `seqs`, with verdicts. A quant may be
+    a pair (GGUF, LoRA GGUF): the base with an adapter on top, against e.g. the fused model's F16 GGUF."""
     import numpy as np
 
     reference = Path(reference)
-    for p in [reference, *map(Path, quants)]:
+    stacks = [(Path(q[0]), Path(q[1])) if isinstance(q, tuple) else (Path(q), None) for q in quants]
+    for p in [reference, *(g for g, _ in stacks), *(lo for _, lo in stacks if lo)]:
         if not Path(p).is_file():
             raise BadInput(f"GGUF not found: {p}", hint="`medtune export -q f16,q8_0,q4_k_m` writes them")
     ref_type = gguf_file_type(reference)
@@ -292,8 +303,8 @@ def judge_quants(
             reference_ppl=float(np.exp(ref[1].mean())),
             positions=len(ref[1]),
         )
-        for q in quants:
-            table.rows.append(judge(_quant_pass(Path(q), seqs, ref, n_threads, progress)))
+        for q, lora in stacks:
+            table.rows.append(judge(_quant_pass(q, seqs, ref, n_threads, progress, lora)))
         del ref
     table.rows.sort(key=lambda r: -r.bytes)
     return table

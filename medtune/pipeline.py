@@ -36,6 +36,7 @@ from medtune.core.errors import BadInput, MedtuneError, MissingDependency
 from medtune.core.options import option
 from medtune.core.versions import versions  # a stage's packages' versions, for its fingerprint
 from medtune.eval.options import EvalOptions
+from medtune.export.options import ExportOptions
 
 
 # ---- the stages, and the packages each one uses -----------------------------------------------------
@@ -112,6 +113,7 @@ def base_stage(stage: str) -> str:
 def _path(value) -> Path | None:
     return Path(value) if value else None
 
+
 DEFAULT_CONFIG_TEXT = """\
 # medtune run: one config for the whole chain. Write it with `medtune run --print-config > medtune.yaml`,
 # then `medtune run medtune.yaml`. Keys mirror the options of each command (snake_case or dashed).
@@ -165,6 +167,8 @@ fuse:                            # medtune fuse --model MODEL --adapter adapters
 export:                          # medtune export models/<name> --name <name>
   quant: [f16]                   # f16 f32 bf16 q8_0 q4_0 q4_k_m …
   # system: "You are a careful clinician."
+  # lora: true                   # also the adapter as a LoRA GGUF (Ollama's ADAPTER) on a shared base GGUF:
+                                 # models/base-<base>/, models/<name>/<name>-lora-f16.gguf, Modelfiles/<name>-lora.Modelfile
 
 ollama:                          # ollama create <name> -f Modelfiles/<name>.Modelfile
   create: auto                   # auto: when an Ollama server answers; true: required; false: never
@@ -196,6 +200,17 @@ class OllamaStageOptions:
 
 
 @dataclass
+class ExportStageOptions(ExportOptions):
+    """The `export:` section: medtune export's options, and whether the adapter is exported too."""
+
+    lora: bool = option(
+        False,
+        "also the adapter as a LoRA GGUF (Ollama's ADAPTER) on a base GGUF of the first type, shared by every run on "
+        "that base: models/base-<base>/, models/<name>/<name>-lora-f16.gguf, Modelfiles/<name>-lora.Modelfile",
+    )
+
+
+@dataclass
 class EvalStageOptions(EvalOptions):
     """The `eval:` section: medtune eval's options, and which columns the run's report has."""
 
@@ -207,7 +222,6 @@ class EvalStageOptions(EvalOptions):
 def _section_options() -> dict[str, type]:
     """Each config section's options dataclass: the keys a section may hold are that dataclass's fields."""
     from medtune.data.options import PrepareOptions
-    from medtune.export.options import ExportOptions
     from medtune.fuse.options import FuseOptions
     from medtune.train.options import TrainOptions
 
@@ -215,7 +229,7 @@ def _section_options() -> dict[str, type]:
         "prepare": PrepareOptions,
         "train": TrainOptions,
         "fuse": FuseOptions,
-        "export": ExportOptions,
+        "export": ExportStageOptions,
         "ollama": OllamaStageOptions,
         "eval": EvalStageOptions,
     }
@@ -414,6 +428,7 @@ class Run:
         adapters = inside(top / "adapters", self.name, "adapter folder")
         self.fused = self.gguf_dir = inside(top / "models", self.name, "model folder")
         self.modelfile = inside(top / "Modelfiles", f"{self.name}.Modelfile", "Modelfile")
+        self.lora_modelfile = inside(top / "Modelfiles", f"{self.name}-lora.Modelfile", "Modelfile")
         self.data, self.eval_dir = self.root / "data", self.root / "eval"
         self.steps = self._steps(adapters)
         self.adapter = self.steps[-1].adapter  # what fuse reads: the last step's adapter
@@ -435,7 +450,9 @@ class Run:
             opts["adapter"] = str(start) if start else None
             data = self.root / f"data-{name}" if raw.get("dataset") else self.data
             steps.append(
-                TrainStep(name, f"train.{name}", opts, adapters / name, data, raw.get("dataset"), raw.get("prepare"), start)
+                TrainStep(
+                    name, f"train.{name}", opts, adapters / name, data, raw.get("dataset"), raw.get("prepare"), start
+                )
             )
         return steps
 
@@ -520,7 +537,10 @@ class Run:
 
     def _inputs_prepare(self, stage: str) -> tuple[dict, dict]:
         opts = self.prepare_options(stage)
-        return {"dataset": self.hasher.spec(str(opts["dataset"])), "model": self.hasher.spec(str(self.cfg["model"]))}, opts
+        return {
+            "dataset": self.hasher.spec(str(opts["dataset"])),
+            "model": self.hasher.spec(str(self.cfg["model"])),
+        }, opts
 
     def _inputs_train(self, stage: str) -> tuple[dict, dict]:
         h, step = self.hasher, self.step(stage)
@@ -536,7 +556,13 @@ class Run:
         )
 
     def _inputs_export(self, stage: str) -> tuple[dict, dict]:
-        return {"fused": self.fused_hash()}, {**self.cfg["export"], "name": self.name}
+        ins = {"fused": self.fused_hash()}
+        if self.cfg["export"].get("lora"):  # the adapter GGUF is written from the adapter and the base
+            ins |= {
+                "adapter": self.hasher.path(self.adapter, ADAPTER_FILES),
+                "base": self.hasher.spec(self.cfg["model"]),
+            }
+        return ins, {**self.cfg["export"], "name": self.name}
 
     def _inputs_ollama(self, stage: str) -> tuple[dict, dict]:
         ggufs = sorted(self.gguf_dir.glob("*.gguf")) if self.gguf_dir.is_dir() else []
@@ -590,7 +616,7 @@ class Run:
     def outputs(self, stage: str) -> list[Path]:
         base = base_stage(stage)
         if base == "export":  # fuse replaces models/<name>/ whole, GGUFs included: then export is redone
-            return [self.modelfile, *self._ggufs(existing=False)]
+            return [self.modelfile, *self._ggufs(existing=False), *self._lora_outputs()]
         if base == "prepare":
             data = self.data if stage == "prepare" else self.step(stage).data
             return [data / "train.jsonl", data / "valid.jsonl"]
@@ -612,6 +638,7 @@ class Run:
             "model": str(self.fused),
             "gguf": [str(g) for g in self._ggufs()],
             "modelfile": str(self.modelfile),
+            **({"lora": [str(p) for p in self._lora_outputs()]} if self.cfg["export"].get("lora") else {}),
             "report": str(self.eval_dir / "report.html"),
         }
 
@@ -670,9 +697,42 @@ class Run:
     def do_export(self, stage: str, progress=None, **_) -> dict:
         from medtune.export import export
 
-        res = export(
-            self.fused, self.gguf_dir, self.name, modelfile_path=self.modelfile, progress=progress, **self.cfg["export"]
-        )
+        opts = {k: v for k, v in self.cfg["export"].items() if k != "lora"}
+        res = export(self.fused, self.gguf_dir, self.name, modelfile_path=self.modelfile, progress=progress, **opts)
+        d = res.to_dict()
+        d.pop("modelfile_text", None)
+        if self.cfg["export"].get("lora"):
+            d["lora"] = self._export_lora(progress)
+        return d
+
+    def _lora_base(self) -> tuple[str, Path, str]:
+        """(the base GGUF's type, its folder, its stem) for export.lora: the first type asked for (F16 when that is a
+        K-quant, which only llama.cpp's quantizer makes), in models/base-<base>/, shared by the runs on that base."""
+        from medtune.export.adapter import base_stem
+        from medtune.export.quantize import parse_quants
+
+        first = parse_quants(list(self.cfg["export"].get("quant") or ["f16"]))[0]
+        quant = first if first in ("f16", "f32", "bf16", "q8_0", "q4_0") else "f16"
+        stem = base_stem(str(self.cfg["model"]))
+        return quant, self.gguf_dir.parent / f"base-{stem}", stem
+
+    def _lora_outputs(self) -> list[Path]:
+        if not self.cfg["export"].get("lora"):
+            return []
+        quant, folder, stem = self._lora_base()
+        lora = self.gguf_dir / f"{self.name}-lora-{'f32' if quant == 'f32' else 'f16'}.gguf"
+        return [folder / f"{stem}-{quant}.gguf", lora, self.lora_modelfile]
+
+    def _export_lora(self, progress) -> dict:
+        """The adapter as a LoRA GGUF beside the fused GGUFs, on the shared base GGUF (medtune.export.adapter)."""
+        from medtune.export.adapter import export_adapter
+
+        quant, folder, _ = self._lora_base()
+        e = self.cfg["export"]
+        res = export_adapter(
+            self.adapter, str(self.cfg["model"]), self.gguf_dir, self.name, quant=quant, base_out=folder,
+            modelfile_path=self.lora_modelfile, system=e.get("system"), family=e.get("family"), progress=progress,
+        )  # fmt: skip
         d = res.to_dict()
         d.pop("modelfile_text", None)
         return d

@@ -357,7 +357,13 @@ def steps_config(root, model):
     cfg = tiny_config(root, model, name="steps")
     cfg["train"]["steps"] = [
         {"method": "sft"},
-        {"method": "dpo", "dataset": str(PAIRS), "lr": 5e-3, "beta": 0.1, "prepare": {"valid_ratio": 0.25, "limit": None}},
+        {
+            "method": "dpo",
+            "dataset": str(PAIRS),
+            "lr": 5e-3,
+            "beta": 0.1,
+            "prepare": {"valid_ratio": 0.25, "limit": None},
+        },
     ]
     cfg["eval"]["gguf"] = False
     return cfg
@@ -416,3 +422,26 @@ def test_bad_train_steps_are_refused_with_where(steps, match):
     with pytest.raises(BadInput, match=match) as e:
         load_config({"name": "x", "train": {"steps": steps}})
     assert e.value.where == "config"
+
+
+def test_export_lora_writes_the_adapter_gguf_on_a_base_shared_by_runs(tmp_path, tiny_llama_dir):
+    """export.lora: besides the fused GGUF, the adapter as a LoRA GGUF on one base GGUF that a second run on the
+    same base reuses; its Modelfile stacks FROM and ADAPTER; a second run skips the stage."""
+    from medtune.ollama import read_modelfile
+
+    results = []
+    for name in ("cardio", "peds"):
+        cfg = tiny_config(tmp_path, tiny_llama_dir, name=name, seed=len(results))
+        cfg["export"]["lora"] = True
+        cfg["eval"]["enabled"] = False
+        results.append(run_pipeline(cfg))
+    base = tmp_path / "models" / f"base-{tiny_llama_dir.name}" / f"{tiny_llama_dir.name}-f32.gguf"
+    first, second = (json.loads((tmp_path / n / "stages" / "export.json").read_text()) for n in ("cardio", "peds"))
+    assert first["result"]["lora"]["base_written"] and not second["result"]["lora"]["base_written"]
+    assert first["result"]["lora"]["base_gguf"] == second["result"]["lora"]["base_gguf"] == str(base.absolute())
+    lora = tmp_path / "models" / "peds" / "peds-lora-f32.gguf"
+    assert results[1]["outputs"]["lora"] == [str(base), str(lora), str(tmp_path / "Modelfiles" / "peds-lora.Modelfile")]
+    spec = read_modelfile(tmp_path / "Modelfiles" / "peds-lora.Modelfile")
+    assert spec.gguf == base.resolve() and spec.adapters == [lora.resolve()]
+    assert "adapter" in second["inputs"]  # a new adapter redoes the export
+    assert run_pipeline(cfg)["stages"]["export"] == "skipped"

@@ -578,6 +578,7 @@ class Run:
             ins["base"] = h.spec(str(self.cfg["model"]))
         if e.get("gguf"):
             ins["gguf"] = {g.name: h.path(g) for g in self._ggufs()}
+            ins["lora"] = {Path(p).name: h.path(Path(p)) for stack in self._stacks() for p in stack}
         for key in ("probes", "choices"):
             if e.get(key):
                 ins[key] = h.spec(str(e[key]))
@@ -641,6 +642,12 @@ class Run:
             **({"lora": [str(p) for p in self._lora_outputs()]} if self.cfg["export"].get("lora") else {}),
             "report": str(self.eval_dir / "report.html"),
         }
+
+    def _stacks(self) -> list[tuple[Path, Path]]:
+        """(base GGUF, LoRA GGUF) that export.lora wrote, for the eval stage's columns."""
+        lora = ((self.record("export") or {}).get("result") or {}).get("lora") or {}
+        pair = (Path(lora.get("base_gguf", "")), Path(lora.get("adapter_gguf", "")))
+        return [pair] if lora and all(p.is_file() for p in pair) else []
 
     def _ggufs(self, existing: bool = True) -> list[Path]:
         rec = self.record("export") or {}
@@ -761,7 +768,7 @@ class Run:
         e = self.eval_options()
         if not e.get("enabled", True):
             return {"skipped": "eval.enabled is false"}
-        ggufs, missing = self._ggufs() if e.get("gguf") else [], None
+        ggufs, missing = [*self._ggufs(), *self._stacks()] if e.get("gguf") else [], None
         if ggufs:
             if importlib.util.find_spec("llama_cpp") is None:
                 ggufs, missing = (

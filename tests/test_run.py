@@ -445,3 +445,13 @@ def test_export_lora_writes_the_adapter_gguf_on_a_base_shared_by_runs(tmp_path, 
     assert spec.gguf == base.resolve() and spec.adapters == [lora.resolve()]
     assert "adapter" in second["inputs"]  # a new adapter redoes the export
     assert run_pipeline(cfg)["stages"]["export"] == "skipped"
+    # the eval stage holds the base + adapter stack to the fused model, beside the fused GGUF
+    cfg["eval"] = {"enabled": True, "base": False, "max_tokens": 4, "limit": 1, "probe_limit": 1, "threads": 1}
+    assert run_pipeline(cfg)["stages"]["eval"] == "done"
+    rep = json.loads((tmp_path / "peds" / "eval" / "report.json").read_text())
+    stack = next(m for m in rep["models"] if "+" in m["label"])
+    assert stack["label"] == f"{base.name} + {lora.name}" and stack["adapter"] == str(lora)
+    assert stack["fidelity"]["passed"] and stack["fidelity"]["summary"]["continuations_equal"] == 1
+    assert [m["label"] for m in rep["models"]] == ["tuned", "peds-f32.gguf", stack["label"]]
+    (row,) = rep["quants"]["rows"]  # the stack against the fused F32 GGUF, teacher-forced: the same model
+    assert row["lora"] == str(lora) and row["mean_kld"] < 1e-4 and row["same_top"] == 1.0

@@ -65,7 +65,12 @@ def run_eval(
     adapter: Annotated[Optional[Path], typer.Option("--adapter", "-a", help="Adapter folder applied to MODEL.")] = None,
     base: Annotated[Optional[str], typer.Option("--base", "-b", help="The base model, for comparison.")] = None,
     gguf: Annotated[
-        Optional[list[Path]], typer.Option("--gguf", "-g", help="GGUF file(s) to evaluate (repeatable).")
+        Optional[list[Path]],
+        typer.Option(
+            "--gguf",
+            "-g",
+            help="GGUF file(s) to evaluate (repeatable); BASE.gguf+LORA.gguf: a base GGUF with a LoRA GGUF on top.",
+        ),
     ] = None,
     out: Annotated[
         Optional[Path],

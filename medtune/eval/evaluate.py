@@ -339,6 +339,7 @@ class GGUFRunner:
         tokenizer=None,
         markers: tuple[str, str] = (THINK_OPEN, THINK_CLOSE),
         logits_all: bool = False,
+        lora: Optional[Path] = None,
     ):
         from medtune.runtimes.llamacpp import load_gguf
 
@@ -348,7 +349,12 @@ class GGUFRunner:
                 f"GGUF not found: {self.path}", hint="`medtune export` writes models/<run>/<name>-<quant>.gguf"
             )
         self.llm = load_gguf(
-            self.path, n_ctx, n_threads=n_threads, logits_all=logits_all, purpose="running GGUF files in `medtune eval`"
+            self.path,
+            n_ctx,
+            n_threads=n_threads,
+            logits_all=logits_all,
+            purpose="running GGUF files in `medtune eval`",
+            **({"lora_path": str(lora)} if lora else {}),
         )
 
     def answer(self, messages: list[dict], max_tokens: int) -> dict:
@@ -629,12 +635,24 @@ def _model_specs(model: str, adapter: Path | None, base: str | None, ggufs) -> l
     specs.append(("tuned", "mlx", str(model), adapter))
     labels_seen = set()
     for g in ggufs:
-        label = Path(g).name
+        path, lora = gguf_stack(g)
+        label = path.name + (f" + {lora.name}" if lora else "")
         while label in labels_seen:
             label += "'"
         labels_seen.add(label)
-        specs.append((label, "gguf", str(g), None))
+        specs.append((label, "gguf", str(path), lora))
     return specs
+
+
+def gguf_stack(g) -> tuple[Path, Optional[Path]]:
+    """A GGUF column: a file, or a base GGUF with a LoRA GGUF on top (Ollama's FROM + ADAPTER), given as a pair or as
+    "BASE.gguf+LORA.gguf"."""
+    if isinstance(g, (tuple, list)):
+        return Path(g[0]), Path(g[1]) if g[1] else None
+    base, plus, lora = str(g).partition(".gguf+")
+    if plus and lora.endswith(".gguf"):
+        return Path(base + ".gguf"), Path(lora)
+    return Path(g), None
 
 
 @dataclass
@@ -656,7 +674,7 @@ class _Run:
 def _evaluate_model(label: str, kind: str, spec: str, adp, inputs: _Inputs, run: _Run) -> dict:
     """One column: loss and multiple choice (where the runtime can score), then every question answered."""
     entry = {"label": label, "kind": kind, "spec": spec, "adapter": str(adp) if adp else None, "metrics": {}}
-    runner = _mlx_runner(spec, adp, inputs, entry) if kind == "mlx" else _gguf_runner(spec, inputs, run, entry)
+    runner = _mlx_runner(spec, adp, inputs, entry) if kind == "mlx" else _gguf_runner(spec, adp, inputs, run, entry)
     answers = []
     try:
         _bench_metrics(runner, inputs.sets, run, entry)
@@ -684,6 +702,7 @@ def _evaluate_model(label: str, kind: str, spec: str, adp, inputs: _Inputs, run:
             [p["prompt"] for p in inputs.probes],
             min(run.fidelity_tokens, run.max_tokens),
             run.n_threads,
+            lora=adp,
         )
     entry["answers"] = answers
     return entry
@@ -702,8 +721,9 @@ def _mlx_runner(spec: str, adp, inputs: _Inputs, entry: dict) -> MLXRunner:
     return runner
 
 
-def _gguf_runner(spec: str, inputs: _Inputs, run: _Run, entry: dict) -> GGUFRunner:
-    """A GGUF column; with gguf_loss and a fused tuned model, scored with the tuned model's tokenization."""
+def _gguf_runner(spec: str, lora: Optional[Path], inputs: _Inputs, run: _Run, entry: dict) -> GGUFRunner:
+    """A GGUF column (with `lora` on top); with gguf_loss and a fused tuned model, scored with the tuned model's
+    tokenization."""
     tuned_tok, scored = run.tuned_tok, bool(run.gguf_loss and run.tuned_tok)
     items = None
     loss_rows = inputs.loss_rows
@@ -724,6 +744,7 @@ def _gguf_runner(spec: str, inputs: _Inputs, run: _Run, entry: dict) -> GGUFRunn
         tokenizer=tuned_tok[0] if tuned_tok else None,
         markers=tuned_tok[1] if tuned_tok else (THINK_OPEN, THINK_CLOSE),
         logits_all=scored,
+        lora=lora,
     )
     if items:
         loss, n = runner.loss(items)
@@ -831,7 +852,8 @@ def _card_folders(model: str, ggufs) -> list[Path]:
     from medtune.models.card import EXPORT_MANIFEST, FUSE_MANIFEST
 
     folders = [Path(model)] if (Path(model) / FUSE_MANIFEST).is_file() else []
-    folders += [Path(g).parent for g in ggufs if (Path(g).parent / EXPORT_MANIFEST).is_file()]
+    paths = [gguf_stack(g)[0] for g in ggufs]
+    folders += [p.parent for p in paths if (p.parent / EXPORT_MANIFEST).is_file()]
     return list(dict.fromkeys(folders))
 
 
@@ -848,25 +870,35 @@ def _quants(model: str, adapter: Path | None, data, ggufs, n_threads, out: Path,
 
     if data is None or adapter is not None or not Path(model).is_dir() or len(ggufs) < 2:
         return None
-    types = {str(g): gguf_file_type(g) for g in ggufs}
-    refs = sorted((g for g, t in types.items() if t in REFERENCE_TYPES), key=lambda g: REFERENCE_TYPES.index(types[g]))
-    quants = [g for g, t in types.items() if t not in REFERENCE_TYPES]
+    stacks = [gguf_stack(g) for g in ggufs]
+    types = {g: gguf_file_type(g[0]) for g in stacks}
+    refs = [g for g in stacks if g[1] is None and types[g] in REFERENCE_TYPES]  # a plain unquantized file
+    refs.sort(key=lambda g: REFERENCE_TYPES.index(types[g]))
+    quants = [g for g in stacks if (g[1] is not None or types[g] not in REFERENCE_TYPES) and g not in refs[:1]]
     if not refs or not quants:
         return None
     out.mkdir(parents=True, exist_ok=True)
     table = judge_quants(
-        refs[0], quants, heldout_sequences(model, data), n_threads=n_threads, progress=progress, workdir=out
+        refs[0][0],
+        [(b, lo) if lo else b for b, lo in quants],
+        heldout_sequences(model, data),
+        n_threads=n_threads,
+        progress=progress,
+        workdir=out,
     )
     return table.to_dict()
 
 
-def _fidelity(model: str, adapter: Path | None, gguf: str, prompts: list[str], tokens: int, n_threads) -> dict:
-    """medtune.eval.fidelity against the tuned model's folder (a fused folder only: an adapter is not the GGUF's source)."""
+def _fidelity(
+    model: str, adapter: Path | None, gguf: str, prompts: list[str], tokens: int, n_threads, lora=None
+) -> dict:
+    """medtune.eval.fidelity against the tuned model's folder (a fused folder only: an adapter is not the GGUF's
+    source); a base GGUF with a LoRA GGUF on top is held to the fused model too."""
     if adapter is not None or not Path(model).is_dir():
         return {"skipped": "fidelity needs the fused folder the GGUF came from (pass it as MODEL)"}
     from medtune.eval.fidelity import fidelity
 
-    rep = fidelity(model, gguf, prompts, tokens, n_threads=n_threads)
+    rep = fidelity(model, gguf, prompts, tokens, n_threads=n_threads, lora=lora)
     return {
         "file_type": rep.file_type,
         "judged": rep.judged,

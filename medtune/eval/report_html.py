@@ -47,7 +47,7 @@ def quant_rows(report: dict) -> list[list[str]]:
     q = report.get("quants") or {}
     return [
         [
-            r["file"].rsplit("/", 1)[-1],
+            r["file"].rsplit("/", 1)[-1] + (" + " + r["lora"].rsplit("/", 1)[-1] if r.get("lora") else ""),
             r["file_type"],
             f"{r['bytes'] / 1e6:.0f} MB",
             f"{r['mean_kld']:.4f}",

@@ -779,6 +779,8 @@ def _results(report: dict) -> dict:
     if isinstance(q, dict):
         for r in q.get("rows") or []:
             name = str(r.get("file", "")).replace("\\", "/").rsplit("/", 1)[-1]
+            if r.get("lora"):  # a base GGUF with an adapter on top
+                name += " + " + str(r["lora"]).replace("\\", "/").rsplit("/", 1)[-1]
             res["quants"][name] = {
                 "file_type": r.get("file_type"),
                 "verdict": r.get("verdict"),

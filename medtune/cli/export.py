@@ -45,7 +45,7 @@ def export(
             "--base",
             metavar="MODEL",
             help="MODEL_DIR is a LoRA adapter: write it as a llama.cpp LoRA GGUF (Ollama's ADAPTER) for this base "
-            "(builtin:NAME, a folder, ORG/NAME, or a .gguf used as is), beside one base GGUF shared by its adapters.",
+            "(builtin:NAME, a folder, ORG/NAME, or a .gguf used as is), beside one base GGUF shared by its adapters. Default: the base the adapter records, when that folder is here.",
         ),
     ] = None,
     base_out: Annotated[
@@ -108,7 +108,7 @@ def _export_adapter(opts: ExportOptions, adapter, base, out, name, modelfile, ba
     quants = parse_quants(opts.quant)
     if len(quants) != 1 or quants[0] not in ("f16", "f32", "bf16", "q8_0", "q4_0"):
         raise typer.BadParameter("with --base, one base type: f16, f32, bf16, q8_0 or q4_0", param_hint="--quant")
-    base = check_base_spec(base)
+    base = check_base_spec(base, adapter)
     step(f"exporting adapter {adapter} on {base} ({quants[0]} base)")
     with progress(transient=True) as p:
         res = export_adapter(

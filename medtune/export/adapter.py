@@ -136,10 +136,26 @@ def _same_base(manifest: Path, base_dir: Path, gguf: Path) -> bool:
     return True
 
 
-def check_base_spec(base: str | None) -> str:
-    if not base:
+def check_base_spec(base: str | None, adapter_dir: str | Path) -> str:
+    """--base, or else the base the adapter records (mlx_lm's base_model, PEFT's base_model_name_or_path) when that
+    folder is here; refused with a hint otherwise, and for a folder that is not an adapter."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
         raise BadInput(
-            "exporting an adapter needs its base model",
-            hint="--base MODEL: the model it was trained on (builtin:NAME, a folder, ORG/NAME, or a .gguf)",
+            f"{adapter_dir} is not an adapter folder (no adapter_config.json)",
+            hint="--base exports an adapter (the --out of `medtune train`); export a fused model without --base",
         )
-    return base
+    if base:
+        return base
+    try:
+        acfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        acfg = {}
+    recorded = acfg.get("base_model") or acfg.get("base_model_name_or_path")
+    if isinstance(recorded, str) and Path(recorded).is_dir():
+        return recorded
+    raise BadInput(
+        "exporting an adapter needs its base model",
+        where=str(adapter_dir / "adapter_config.json"),
+        hint="--base MODEL: the model it was trained on (builtin:NAME, a folder, ORG/NAME, or a .gguf)",
+    )

@@ -149,7 +149,7 @@ def main() -> int:
     for name, rows in result["kl"].items():
         for label, r in rows.items():
             if label != "positions":
-                print(f"{name}: {label} vs fused F16 ({rows['positions']} positions): mean KLD {r['mean_kld']:.5f},"
+                print(f"{name}: {label} vs fused F16 ({rows['positions']} positions): mean KLD {r['mean_kld']:.2e},"
                       f" p99 {r['p99_kld']:.4f}, same top {r['same_top']:.1%}, dPPL {r['delta_ppl']:+.3f} ({r['verdict']})")  # fmt: skip
     return 0
 

@@ -147,12 +147,10 @@ def check_base_spec(base: str | None, adapter_dir: str | Path) -> str:
         )
     if base:
         return base
-    try:
-        acfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        acfg = {}
-    recorded = acfg.get("base_model") or acfg.get("base_model_name_or_path")
-    if isinstance(recorded, str) and Path(recorded).is_dir():
+    from medtune.adapters import recorded_base
+
+    recorded = recorded_base(adapter_dir)
+    if recorded and Path(recorded).is_dir():
         return recorded
     raise BadInput(
         "exporting an adapter needs its base model",

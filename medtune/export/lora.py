@@ -8,10 +8,8 @@ What llama.cpp expects (src/llama-adapter.cpp, llama-graph.cpp's build_lora_mm):
 base GGUF (e.g. `blk.0.attn_q.weight`) a pair `W.lora_a` [rank x in] and `W.lora_b` [out x rank] (row-major, as
 numpy holds them), so that W x + (alpha / rank) * B (A x) is what the layer computes.
 
-- mlx_lm keeps lora_a [in x rank] and lora_b [rank x out] and adds scale * (x a) b: A = a^T, B = b^T, alpha =
-  scale * rank.
-- PEFT keeps lora_A [rank x in] and lora_B [out x rank] with scale lora_alpha / r (rsLoRA: / sqrt(r); rank_pattern
-  and alpha_pattern per module).
+- The adapter is read by medtune.adapters.read_lora (mlx_lm's or PEFT's layout): A [rank x in], B [out x rank] and
+  each module's scale.
 - One alpha serves the whole file: a tensor whose own scale differs from alpha / its rank gets the ratio folded into
   its B, so every tensor's product is exact.
 - The base's layout changes reach the adapter: llama's Q/K rows are regrouped per head in the GGUF (medtune.archs),
@@ -25,128 +23,16 @@ apply them everywhere: fuse instead), and any module the base GGUF has no weight
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from medtune.adapters import FUSE_HINT, Lora, read_lora
 from medtune.core.errors import BadInput
 
 OUTTYPES = ("f16", "f32")  # the adapter's tensors: small, so never quantized (a rank-8 row is too short for Q8_0)
 NOT_ADAPTED = ("token_embd.weight", "output.weight")
-FUSE_HINT = "fuse it instead (medtune fuse, then medtune export the fused folder)"
-
-
-@dataclass
-class LoraPair:
-    """One adapted linear layer: module (HF name, e.g. model.layers.0.self_attn.q_proj), A [r x in], B [out x r]
-    and its scale (the layer adds scale * B A x)."""
-
-    module: str
-    a: np.ndarray
-    b: np.ndarray
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
-
-
-@dataclass
-class Lora:
-    kind: str  # mlx | peft
-    source: Path
-    pairs: list[LoraPair]
-
-
-# ---- reading an adapter ------------------------------------------------------------------------------
-def read_lora(adapter_dir: str | Path) -> Lora:
-    """The adapter's low-rank pairs, in PEFT's orientation; what cannot become a LoRA GGUF is refused."""
-    from medtune.fuse import adapter_kind, adapter_weights, read_adapter_config
-
-    adapter_dir = Path(adapter_dir)
-    acfg = read_adapter_config(adapter_dir)
-    kind = adapter_kind(acfg)
-    where = str(adapter_dir / "adapter_config.json")
-    if kind == "torch-full" or acfg.get("fine_tune_type") == "full":
-        raise BadInput("a full fine-tune is not a LoRA adapter: it has no low-rank pairs", where=where, hint=FUSE_HINT)
-    if acfg.get("fine_tune_type") == "dora" or acfg.get("use_dora"):
-        raise BadInput("a DoRA adapter cannot be a llama.cpp LoRA (llama.cpp has no DoRA)", where=where, hint=FUSE_HINT)
-    from safetensors.numpy import load_file
-
-    path = adapter_weights(adapter_dir, acfg)
-    tensors = {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
-    pairs = _mlx_pairs(tensors, acfg, path) if kind == "mlx" else _peft_pairs(tensors, acfg, path)
-    if not pairs:
-        raise BadInput("the adapter has no LoRA weights", where=str(path), hint="train it again")
-    return Lora(kind, adapter_dir, pairs)
-
-
-def _mlx_pairs(tensors: dict, acfg: dict, path: Path) -> list[LoraPair]:
-    """mlx_lm: <module>.lora_a [in x r], <module>.lora_b [r x out]; one scale (lora_parameters.scale)."""
-    scale = float((acfg.get("lora_parameters") or {}).get("scale", 20.0))
-    other = [k for k in tensors if not k.endswith((".lora_a", ".lora_b"))]
-    if other:
-        raise BadInput(f"not a LoRA tensor: {other[0]}", where=str(path), hint=FUSE_HINT)
-    modules = sorted({k.rsplit(".", 1)[0] for k in tensors})
-    return [
-        LoraPair(m, _need(tensors, f"{m}.lora_a", path).T.copy(), _need(tensors, f"{m}.lora_b", path).T.copy(), scale)
-        for m in modules
-    ]
-
-
-PEFT_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight")
-
-
-def _peft_pairs(tensors: dict, acfg: dict, path: Path) -> list[LoraPair]:
-    """PEFT: base_model.model.<module>.lora_A.weight [r x in] and lora_B.weight [out x r]; scale lora_alpha / r
-    (or / sqrt(r) with use_rslora), per module through rank_pattern / alpha_pattern."""
-    if acfg.get("peft_type", "LORA") != "LORA":
-        raise BadInput(f"a {acfg['peft_type']} adapter is not LoRA", where=str(path), hint=FUSE_HINT)
-    if acfg.get("fan_in_fan_out"):
-        raise BadInput("fan_in_fan_out adapters (GPT-2's Conv1D) are not supported", where=str(path), hint=FUSE_HINT)
-    sides: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        m = PEFT_KEY.fullmatch(key)
-        if m is None or m["module"].endswith(("lm_head", "embed_tokens")):
-            raise BadInput(f"{key}: {_peft_problem(key)}", where=str(path), hint=FUSE_HINT)
-        sides.setdefault(m["module"], {})[m["side"]] = value
-    pairs = []
-    for module in sorted(sides):
-        a, b = _need(sides[module], "A", path, module), _need(sides[module], "B", path, module)
-        r = a.shape[0]
-        alpha = float(_pattern(acfg.get("alpha_pattern"), module, acfg.get("lora_alpha", 8)))
-        r_cfg = int(_pattern(acfg.get("rank_pattern"), module, acfg.get("r", r)))
-        scale = alpha / (math.sqrt(r_cfg) if acfg.get("use_rslora") else r_cfg)
-        pairs.append(LoraPair(module, a, b, scale))
-    return pairs
-
-
-def _peft_problem(key: str) -> str:
-    if "lm_head" in key:
-        return (
-            "LoRA on the output layer, which this GGUF adapter does not carry (tied embeddings have no output weight)"
-        )
-    if "embed" in key:
-        return "LoRA on the embeddings, which this GGUF adapter does not carry"
-    return "a whole tensor (modules_to_save), which a llama.cpp LoRA cannot hold"
-
-
-def _pattern(patterns: dict | None, module: str, default):
-    """PEFT's per-module override: the pattern that is the module's name or the end of it (a regex)."""
-    for key, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
-            return value
-    return default
-
-
-def _need(tensors: dict, key: str, path: Path, module: str | None = None) -> np.ndarray:
-    if key not in tensors:
-        raise BadInput(
-            f"{module + ': ' if module else ''}the LoRA pair has no {key}", where=str(path), hint="train it again"
-        )
-    return tensors[key]
 
 
 # ---- onto the base's GGUF names ------------------------------------------------------------------------

@@ -41,12 +41,12 @@ def _root(
         os.environ["MEDTUNE_DEBUG"] = "1"
 
 
-from medtune.cli import chat, data, doctor, eval, export, fuse, gguf, models, ollama, run, train  # noqa: E402 - light modules
+from medtune.cli import adapter, chat, data, doctor, eval, export, fuse, gguf, models, ollama, run, train  # noqa: E402 - light modules
 
 for _command in (doctor.doctor, data.prepare, train.train, fuse.fuse, export.export, chat.chat, chat.generate):
     app.command()(_command)
 app.command("run")(run.run)
-for _name, _area in (("models", models), ("gguf", gguf), ("ollama", ollama), ("eval", eval)):
+for _name, _area in (("models", models), ("adapter", adapter), ("gguf", gguf), ("ollama", ollama), ("eval", eval)):
     app.add_typer(_area.app, name=_name)
 
 

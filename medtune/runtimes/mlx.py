@@ -112,12 +112,20 @@ def split_reasoning(
 # --- loading -----------------------------------------------------------------------------------
 
 
-def _check_adapter(adapter) -> Path:
+def _check_adapter(adapter, base: Path | None = None) -> Path:
+    """The adapter folder, checked; a PEFT adapter (torch, Unsloth, TRL) is converted for mlx_lm first, exactly
+    (medtune.adapters.as_mlx; `base` is the model it applies to)."""
+    from medtune.core import safety
+
     path = Path(adapter).expanduser()
     if not path.is_dir():
         raise BadInput(
             f"adapter folder not found: {path}", hint="pass the folder `medtune train` wrote (adapters/<run>/)"
         )
+    if base is not None and _is_peft(path):
+        from medtune.adapters import as_mlx
+
+        path = as_mlx(safety.adapter_dir_for_loading(path), base)
     missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
     if missing:
         raise BadInput(
@@ -125,9 +133,16 @@ def _check_adapter(adapter) -> Path:
             where=str(path),
             hint="pass the folder `medtune train` wrote (adapter_config.json + adapters.safetensors)",
         )
-    from medtune.core import safety
-
     return safety.adapter_dir_for_loading(path)
+
+
+def _is_peft(folder: Path) -> bool:
+    import json
+
+    try:
+        return "peft_type" in json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def load(model: str, adapter: str | Path | None = None):
@@ -139,8 +154,8 @@ def load(model: str, adapter: str | Path | None = None):
     from medtune.models import pull
     from medtune.models.config import read_config
 
-    adapter_dir = _check_adapter(adapter) if adapter is not None else None
     path = pull(model).path
+    adapter_dir = _check_adapter(adapter, path) if adapter is not None else None
     cfg = read_config(path)
     overrides = {k: cfg[k] for k in ("rope_theta", "rope_scaling") if cfg.get(k) is not None}
     mx = runtime.mx()

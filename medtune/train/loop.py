@@ -58,7 +58,8 @@ def run(
     _check_method(opts, rows, data)
     if opts.adapter is not None and backend.adapter_kind != "mlx":
         raise BadInput(
-            f"--adapter trains on from an mlx adapter; the {backend.name} backend cannot", hint="--backend mlx"
+            f"--init-adapter trains on from an adapter on the mlx backend; the {backend.name} backend cannot yet",
+            hint="--backend mlx (a PEFT adapter is converted for it, exactly)",
         )
     model_ref = pull(model_spec)
     tokenizer = backend.open(model_ref, read_config(model_ref.path))
@@ -420,11 +421,34 @@ def write_manifest(backend, out: Path, data: Path, model_ref, opts: TrainOptions
                 "valid_sha256": fsutil.sha256_file(data / "valid.jsonl"),
             },
             "options": opts.to_dict(),
+            "lineage": lineage(opts.adapter, data),
             "result": result.to_dict(),
             "versions": versions(backend),
             "outputs": {backend.adapter_file: fsutil.sha256_file(result.adapter_file)},
         },
     )
+
+
+def lineage(adapter: Path | None, data: Path) -> list[dict]:
+    """Where the adapter's weights come from, newest first: this run's data, then (--init-adapter) the adapter it
+    started from (its weights' sha256, its data) and that adapter's own lineage, as its manifest gives it."""
+    import json
+
+    from medtune.core import fsutil
+
+    here = {"data": str(data)}
+    if adapter is None:
+        return [here]
+    from medtune.fuse import adapter_weights, read_adapter_config
+
+    adapter = Path(adapter)
+    weights = adapter_weights(adapter, read_adapter_config(adapter))
+    try:
+        before = json.loads((adapter / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        before = {}
+    earlier = before.get("lineage") or [{"data": (before.get("inputs") or {}).get("data")}]
+    return [{**here, "init_adapter": str(adapter), "init_adapter_sha256": fsutil.sha256_file(weights)}, *earlier]
 
 
 def versions(backend) -> dict:

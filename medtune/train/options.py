@@ -58,8 +58,11 @@ class TrainOptions:
     )
     adapter: Path | None = option(
         None,
-        "Start from this adapter (an earlier run's --out, e.g. SFT before DPO): its layers and weights, trained "
-        "further; DPO's reference is the model with it. mlx backend.",
+        "Start from an earlier adapter's weights (an mlx_lm or PEFT LoRA, e.g. SFT before DPO, or a run on other "
+        "data), with a fresh optimizer and schedule; its rank, scale, modules and layers are the adapter's. DPO's "
+        "reference is the model with it. mlx backend.",
+        flags=("--init-adapter", "--adapter"),
+        aliases=("init_adapter",),
         cli_type=Optional[Path],
     )
     beta: float = option(0.1, "DPO: how far the policy may move from the reference (higher: closer).")

@@ -128,7 +128,7 @@ trust_remote_code: false         # true: let a model run its own Python code (au
 allow_pickle: false              # true: accept *.bin/*.pt weights when there are no safetensors (weights_only)
 
 prepare:                         # medtune prepare DATASET --model MODEL --out runs/<name>/data
-  dataset: data/sample/medical_o1_sample.jsonl
+  dataset: data/sample/medical_o1_sample.jsonl   # or a list of sources: [A, {path: B, weight: 0.3, format: alpaca}]
   max_seq_length: 512
   valid_ratio: 0.1
   test_ratio: 0.0
@@ -536,11 +536,13 @@ class Run:
         return getattr(self, f"_inputs_{base}")(stage)
 
     def _inputs_prepare(self, stage: str) -> tuple[dict, dict]:
-        opts = self.prepare_options(stage)
-        return {
-            "dataset": self.hasher.spec(str(opts["dataset"])),
-            "model": self.hasher.spec(str(self.cfg["model"])),
-        }, opts
+        opts, h = self.prepare_options(stage), self.hasher
+        given = opts["dataset"]
+        if isinstance(given, list):  # several sources: each one's content (a mapping's path)
+            found = [h.spec(str(d.get("path") or d.get("dataset")) if isinstance(d, dict) else str(d)) for d in given]
+        else:
+            found = h.spec(str(given))
+        return {"dataset": found, "model": h.spec(str(self.cfg["model"]))}, opts
 
     def _inputs_train(self, stage: str) -> tuple[dict, dict]:
         h, step = self.hasher, self.step(stage)

@@ -23,11 +23,13 @@ from medtune.data.options import PrepareOptions
 
 @stage_options(PrepareOptions)
 def prepare(
-    dataset: Annotated[
-        str,
+    datasets: Annotated[
+        list[str],
         typer.Argument(
+            metavar="DATASET...",
             help="A .json/.jsonl/.csv/.parquet file or folder, a cMedQA2 folder "
-            "(question.csv + answer.csv), hf:ORG/NAME[:config][@split] or modelscope:ORG/NAME."
+            "(question.csv + answer.csv), hf:ORG/NAME[:config][@split] or modelscope:ORG/NAME. Several: mixed "
+            "(--weights), each read with its own detected format.",
         ),
     ],
     opts: PrepareOptions,
@@ -44,14 +46,11 @@ def prepare(
     from medtune.core.console import progress
     from medtune.data.prepare import prepare as run
 
+    dataset = datasets[0] if len(datasets) == 1 else datasets
     if out is None and not dry_run:
         from medtune.core.safety import safe_component
 
-        stem = (
-            dataset.split(":", 1)[-1].rstrip("/").replace("/", "_").split("@")[0]
-            if ":" in dataset
-            else Path(dataset).stem
-        )
+        stem = "+".join(_stem(d) for d in datasets)[:100]
         out = Path("data/processed") / safe_component(stem, "dataset")  # never '..' or a path from the spec
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
         res = run(dataset, model, out, opts, dry_run=dry_run, progress=p)
@@ -60,8 +59,14 @@ def prepare(
     from rich.table import Table
 
     c, t = res.counts, res.tokens
-    table = Table(title=f"prepare: {dataset}", show_header=False, title_justify="left")
+    table = Table(title=f"prepare: {' + '.join(datasets)}", show_header=False, title_justify="left")
     table.add_row("format / style", f"{res.format} → {res.style}")
+    for s in res.sources:  # a mix: what each source gave
+        weight = f"weight {s['weight']:g}, " if s["weight"] is not None else ""
+        table.add_row(
+            f"  {s['dataset']}",
+            f"{s['format']}: {weight}{s['used']} of {s['available']} examples ({100 * s['share']:.1f}%)",
+        )
     table.add_row("end-of-turn token", f"{res.template['end_token']} (eos {res.template['eos_token']})")
     table.add_row(
         "records", f"read {c['read']}, examples {c['examples']}, kept {c['kept']}" + (" pairs" if "pairs" in c else "")
@@ -93,3 +98,9 @@ def prepare(
     else:
         done(f"prepared data in {res.out}")
         print(res.out)
+
+
+def _stem(dataset: str) -> str:
+    if ":" in dataset:
+        return dataset.split(":", 1)[-1].rstrip("/").replace("/", "_").split("@")[0]
+    return Path(dataset).stem

@@ -36,7 +36,13 @@ class PrepareOptions:
     seed: int = option(42, "Seed for the split and --sample.")
     max_seq_length: int = option(2048, "Longest record in tokens, as rendered; see --overlong.")
     overlong: str = option("drop", f"{' | '.join(OVERLONG_MODES)}: records over --max-seq-length.")
-    limit: int | None = option(None, "Use the first N examples.")
+    weights: str | None = option(
+        None,
+        "Several DATASETs: each one's share of the mix, comma-separated (0.6,0.3,0.1); drawn without replacement, "
+        "--sample examples in all (default: as many as the weights allow). Default: every example of each.",
+        cli_type=Optional[str],
+    )
+    limit: int | None = option(None, "Use the first N examples (of each source).")
     sample: int | None = option(None, "Use N examples drawn at random (seeded).")
     answers: str = option("all", "cMedQA2: all (one example per answer) | first.")
     skip_invalid: bool = option(False, "Count and drop bad records instead of stopping.", flags=("--skip-invalid",))

@@ -34,7 +34,7 @@ from medtune.core import fsutil, jsonl
 from medtune.core.errors import BadInput
 from medtune.core.lock import holds as _holds_lock
 from medtune.core.options import from_kwargs
-from medtune.data import encode, formats, render, sources
+from medtune.data import encode, formats, mixture, render, sources
 from medtune.data.options import PrepareOptions
 from medtune.export.chat_templates import TEMPLATE_VARS
 
@@ -56,6 +56,7 @@ class PrepareResult:
     files: dict = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
     kind: str = "sft"  # the data's kind: "sft" (examples) or "preference" (chosen/rejected pairs)
+    sources: list = field(default_factory=list)  # several sources: each one's format, weight, counts, share
 
     def to_dict(self) -> dict:
         return {
@@ -69,6 +70,7 @@ class PrepareResult:
             "example": self.example,
             "notes": self.notes,
             "files": self.files,
+            **({"sources": self.sources} if self.sources else {}),
         }
 
 
@@ -313,27 +315,41 @@ def prepare(
         _check_out(out)
     # The model (its tokenizer is loaded once the records are read: a bad dataset fails in a second).
     model_ref, model_path = _locate_model(model, tokenizer)
-    # The sources' sha256 is computed on the other core while the records are read.
-    resolved = sources.resolve(dataset)
-    digests = _hash_meanwhile(resolved.files) if writing else None
     tally = _Tally(opts.skip_invalid)
-    fmt, examples = read_examples(dataset, resolved, opts, mapping, tally, progress)
+    if mixture.is_mixture(dataset):  # several sources, mixed by weight (medtune.data.mixture)
+        srcs, fmt, examples = _read_mixture(dataset, opts, tally, progress)
+        files, source_kind, fmt_name = [f for s in srcs for f in s.files], "mixture", _mixed_name(srcs)
+        digests = _hash_meanwhile(files) if writing else None
+    else:
+        if opts.weights:
+            raise BadInput("--weights is for several DATASETs, and one was given", hint="drop --weights, or add sources")
+        # The sources' sha256 is computed on the other core while the records are read.
+        dataset = dataset[0] if isinstance(dataset, (list, tuple)) else dataset
+        resolved, srcs = sources.resolve(dataset), []
+        digests = _hash_meanwhile(resolved.files) if writing else None
+        fmt, examples = read_examples(dataset, resolved, opts, mapping, tally, progress)
+        source_kind, fmt_name = resolved.kind, fmt.name
     kind = KINDS[fmt.kind]
     tpl = _Template.load(tokenizer, model_path)
-    examples = _draw_sample(examples, opts.sample, opts.seed, tally)
+    if not (srcs and srcs[0].weight is not None):  # a weighted mix is drawn to --sample already
+        examples = _draw_sample(examples, opts.sample, opts.seed, tally)
     style = kind.style(opts.style, examples, tpl.info, opts.reasoning, tally.notes)
     recs = to_records(examples, style, opts.reasoning, tpl, tally, kind)
     checked = _indices_to_check(len(recs.rows), opts.token_stats, opts.seed)
     recs.lengths = kind.check(recs, checked, tpl, opts.reasoning, tally, progress)
     keep = within_length(recs, opts, tally, dataset)
     splits = split(recs, keep, opts)
-    result = _result(out if writing else None, fmt.name, style, recs, keep, splits, tpl, opts, tally, kind)
+    result = _result(out if writing else None, fmt_name, style, recs, keep, splits, tpl, opts, tally, kind)
+    if srcs:
+        result.sources = mixture.manifest_sources(srcs, {})
     if not writing:
         return result
+    sha = digests.result()
     inputs = {
-        "dataset": str(dataset),
-        "kind": resolved.kind,
-        "sha256": digests.result(),
+        "dataset": [s.spec for s in srcs] if srcs else str(dataset),
+        "kind": source_kind,
+        "sha256": sha,
+        **({"sources": mixture.manifest_sources(srcs, sha)} if srcs else {}),
         "model": model_ref.to_dict() if model_ref else {"path": str(model_path)},
     }
     plain_text = recs.examples[0].text is not None
@@ -361,12 +377,19 @@ def _hash_meanwhile(files):
 
 
 def read_examples(
-    dataset, resolved: sources.Resolved, opts: PrepareOptions, mapping: dict, tally: _Tally, progress=None
+    dataset,
+    resolved: sources.Resolved,
+    opts: PrepareOptions,
+    mapping: dict,
+    tally: _Tally,
+    progress=None,
+    seen: set | None = None,
 ) -> tuple[formats.Format, list[formats.Example]]:
     """Read the records, convert them with the format (opts.fmt, or detected from the first record), clean them and
-    drop the empty and repeated ones, up to opts.limit examples: (the format, the examples)."""
+    drop the empty and repeated ones (`seen`: the examples of earlier sources), up to opts.limit examples: (the
+    format, the examples)."""
     fmt = formats.get(opts.fmt) if opts.fmt else None
-    seen: set[int] = set()
+    seen = set() if seen is None else seen
     examples: list[formats.Example] = []
     options = {"answers": opts.answers}
     task = progress.add_task("reading", total=None) if progress else None
@@ -397,6 +420,34 @@ def read_examples(
             hint="check the fields (--format, --map) and that they are not empty",
         )
     return fmt, examples
+
+
+def _read_mixture(dataset, opts: PrepareOptions, tally: _Tally, progress) -> tuple[list, formats.Format, list]:
+    """(the sources, the first one's format, the mixed examples): each source read with its own format and map, an
+    example of an earlier source dropped as a duplicate; all sources SFT data, or all preference pairs."""
+    import dataclasses
+
+    srcs = mixture.parse_sources(dataset, opts.weights, opts.fmt, opts.mapping)
+    seen: set[int] = set()
+    pools, first = [], None
+    for s in srcs:
+        resolved = sources.resolve(s.spec)
+        s.files, before = resolved.files, tally.read
+        o = dataclasses.replace(opts, fmt=s.fmt)
+        fmt, found = read_examples(s.spec, resolved, o, formats.parse_map(s.mapping), tally, progress, seen)
+        s.read, s.format = tally.read - before, fmt.name
+        if first is not None and fmt.kind != first.kind:
+            raise BadInput(
+                f"{s.spec} holds {fmt.kind} data ({fmt.name}), {srcs[0].spec} {first.kind} data ({first.name})",
+                hint="mix SFT sources with SFT sources, preference pairs with preference pairs",
+            )
+        first = first or fmt
+        pools.append(found)
+    return srcs, first, mixture.mix(pools, srcs, opts.sample, opts.seed)
+
+
+def _mixed_name(srcs: list) -> str:
+    return "+".join(dict.fromkeys(s.format for s in srcs))
 
 
 def _example_key(ex: formats.Example) -> int:

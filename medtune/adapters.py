@@ -299,3 +299,49 @@ def as_mlx(adapter_dir: str | Path, base_dir: str | Path) -> Path:
     if not all((out / f).is_file() for f in MLX_FILES):
         convert(adapter_dir, "mlx", out, str(base_dir))
     return out
+
+
+def as_peft(adapter_dir: str | Path, base_dir: str | Path) -> Path:
+    """An adapter folder PEFT can load: itself when it is PEFT's, else its conversion (mlx → PEFT), made once per
+    adapter weights (sha256) in medtune's cache."""
+    from medtune.core import fsutil
+    from medtune.core.paths import cache_dir
+    from medtune.fuse import adapter_kind, adapter_weights, read_adapter_config
+
+    adapter_dir = Path(adapter_dir)
+    acfg = read_adapter_config(adapter_dir)
+    if adapter_kind(acfg) == "peft":
+        return adapter_dir
+    digest = fsutil.sha256_file(adapter_weights(adapter_dir, acfg))
+    out = cache_dir() / "adapters" / f"peft-{digest[:24]}"
+    if not all((out / f).is_file() for f in PEFT_FILES):
+        convert(adapter_dir, "peft", out, str(base_dir))
+    return out
+
+
+def init_shape(adapter_dir: str | Path, n_model: int) -> dict:
+    """What an adapter fixes for a run that starts from it: rank, scale, num_layers (counted from the top of a model
+    of `n_model` layers) and fine_tune_type, from its adapter_config.json (mlx_lm's or PEFT's)."""
+    from medtune.fuse import adapter_kind, read_adapter_config
+
+    acfg = read_adapter_config(Path(adapter_dir))
+    kind = adapter_kind(acfg)
+    if kind == "mlx":
+        lp = acfg.get("lora_parameters") or {}
+        return {"rank": lp.get("rank"), "scale": lp.get("scale"), "num_layers": acfg.get("num_layers"),
+                "fine_tune_type": acfg.get("fine_tune_type", "lora")}  # fmt: skip
+    if kind != "peft" or acfg.get("peft_type", "LORA") != "LORA":
+        raise BadInput(
+            f"{adapter_dir} is not a LoRA/DoRA adapter",
+            where=str(Path(adapter_dir) / "adapter_config.json"),
+            hint="--init-adapter takes the --out folder of a LoRA run (mlx_lm's or PEFT's)",
+        )
+    r = int(acfg.get("r") or 8)
+    layers = acfg.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    return {
+        "rank": r,
+        "scale": float(acfg.get("lora_alpha", 8)) / (math.sqrt(r) if acfg.get("use_rslora") else r),
+        "num_layers": n_model - min(layers) if layers else n_model,
+        "fine_tune_type": "dora" if acfg.get("use_dora") else "lora",
+    }

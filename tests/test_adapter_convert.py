@@ -157,3 +157,19 @@ def test_a_torch_trained_peft_adapter_continues_on_mlx(tmp_path, tiny_llama_dir,
     torch_val = [x["val_loss"] for x in _rows(torch_out) if "val_loss" in x]
     mlx_val = [x["val_loss"] for x in _rows(mlx_out) if "val_loss" in x]
     assert mlx_val[0] == pytest.approx(torch_val[-1], abs=1e-4) and mlx_val[0] < torch_val[0] - 0.01
+
+
+def test_an_mlx_adapter_continues_on_the_torch_backend(tmp_path, tiny_llama_dir, data, first):
+    """The other way: an adapter trained on MLX continues on the torch backend (converted to PEFT, exactly): its
+    step-0 validation loss is the MLX run's final one; a conflicting --rank is refused there too."""
+    out = tmp_path / "torch"
+    opts = {**OPTS, "num_layers": -1}
+    train(str(tiny_llama_dir), data / "b", out, TrainOptions(iters=3, adapter=first, **opts), backend="torch")
+    mlx_val = [x["val_loss"] for x in _rows(first) if "val_loss" in x]
+    torch_val = [x["val_loss"] for x in _rows(out) if "val_loss" in x]
+    assert torch_val[0] == pytest.approx(mlx_val[-1], abs=1e-4)
+    assert json.loads((out / "manifest.json").read_text())["lineage"][0]["init_adapter"] == str(first)
+    with pytest.raises(BadInput, match="--rank 16"):
+        train(str(tiny_llama_dir), data / "b", tmp_path / "x", TrainOptions(iters=1, adapter=first, **{**opts, "rank": 16}),
+              backend="torch")  # fmt: skip
+    assert not (tmp_path / "x").exists()

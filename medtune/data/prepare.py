@@ -322,7 +322,9 @@ def prepare(
         digests = _hash_meanwhile(files) if writing else None
     else:
         if opts.weights:
-            raise BadInput("--weights is for several DATASETs, and one was given", hint="drop --weights, or add sources")
+            raise BadInput(
+                "--weights is for several DATASETs, and one was given", hint="drop --weights, or add sources"
+            )
         # The sources' sha256 is computed on the other core while the records are read.
         dataset = dataset[0] if isinstance(dataset, (list, tuple)) else dataset
         resolved, srcs = sources.resolve(dataset), []

@@ -56,13 +56,11 @@ def run(
     for name, found in rows.items():
         check_rows(found, data / name)
     _check_method(opts, rows, data)
-    if opts.adapter is not None and backend.adapter_kind != "mlx":
-        raise BadInput(
-            f"--init-adapter trains on from an adapter on the mlx backend; the {backend.name} backend cannot yet",
-            hint="--backend mlx (a PEFT adapter is converted for it, exactly)",
-        )
     model_ref = pull(model_spec)
-    tokenizer = backend.open(model_ref, read_config(model_ref.path))
+    cfg = read_config(model_ref.path)
+    if opts.adapter is not None:
+        check_init_adapter(opts, Path(opts.adapter), int(cfg.get("num_hidden_layers") or 0), backend)
+    tokenizer = backend.open(model_ref, cfg)
     try:
         items = {name: _items(found, tokenizer, opts, data / name) for name, found in rows.items()}
         steps = _steps(backend, opts, items["train.jsonl"], data)
@@ -102,6 +100,40 @@ def _items(rows: list[dict], tokenizer, opts: TrainOptions, where: Path):
     if opts.method == "sft":
         return build_dataset(rows, tokenizer, opts.mask_prompt, opts.max_seq_length, where)
     return build_pairs(rows, tokenizer, opts.max_seq_length, where)
+
+
+def check_init_adapter(opts: TrainOptions, folder: Path, n_model: int, backend) -> None:
+    """--init-adapter: the adapter decides rank, scale, layers and kind (medtune.adapters.init_shape); an option set
+    to something else is refused by name. Unsloth builds its own adapter layers: refused."""
+    from medtune.adapters import init_shape
+
+    if backend.name == "unsloth":
+        raise BadInput("--init-adapter is not available on the unsloth backend", hint="--backend torch or mlx")
+    theirs = init_shape(folder, n_model)
+    default = TrainOptions()
+    mine = {
+        "rank": opts.rank,
+        "scale": opts.lora_scale,
+        "num_layers": n_model if opts.num_layers < 0 else opts.num_layers,  # -1: all of them
+        "fine_tune_type": opts.fine_tune_type,
+    }
+    bad = [
+        f"--{k.replace('_', '-')} {getattr(opts, k, mine[k])} (the adapter's: {theirs[k]:g})"
+        if isinstance(theirs[k], float)
+        else f"--{k.replace('_', '-')} {getattr(opts, k, mine[k])} (the adapter's: {theirs[k]})"
+        for k in theirs
+        if theirs[k] is not None and mine[k] != theirs[k] and mine[k] != getattr(default, k, None)
+    ]
+    if opts.alpha is not None and theirs["scale"] is not None and abs(opts.lora_scale - theirs["scale"]) > 1e-9:
+        bad.append(f"--alpha {opts.alpha} (scale {opts.lora_scale:g}; the adapter's: {theirs['scale']:g})")
+    if opts.target_modules:
+        bad.append(f"--target-modules {','.join(opts.target_modules)} (the adapter's modules are kept)")
+    if bad:
+        raise BadInput(
+            f"--init-adapter {folder} fixes the adapter's shape; these options disagree: {'; '.join(bad)}",
+            where=str(folder / "adapter_config.json"),
+            hint="drop them: rank, scale, layers and modules are taken from the adapter",
+        )
 
 
 REFERENCE_FILE = "reference_logps.npz"  # DPO's reference log-probs, computed once per run and kept with it

@@ -60,7 +60,7 @@ class TrainOptions:
         None,
         "Start from an earlier adapter's weights (an mlx_lm or PEFT LoRA, e.g. SFT before DPO, or a run on other "
         "data), with a fresh optimizer and schedule; its rank, scale, modules and layers are the adapter's. DPO's "
-        "reference is the model with it. mlx backend.",
+        "reference is the model with it. mlx and torch backends.",
         flags=("--init-adapter", "--adapter"),
         aliases=("init_adapter",),
         cli_type=Optional[Path],

@@ -107,7 +107,6 @@ class MLXBackend(Backend):
                 f"--init-adapter {given} is not a LoRA/DoRA adapter",
                 hint="pass the --out folder of a LoRA run (mlx_lm's or PEFT's)",
             )
-        _check_conflicts(self.opts, acfg, given, len(self.model.layers))
         self.n_layers = int(acfg["num_layers"])
         dora = acfg.get("fine_tune_type") == "dora"
         linear_to_lora_layers(self.model, self.n_layers, acfg["lora_parameters"], use_dora=dora)
@@ -356,41 +355,6 @@ def lora_parameters(opts: TrainOptions, keys: list[str] | None) -> dict:
     if keys:
         params["keys"] = keys
     return params
-
-
-def _check_conflicts(opts: TrainOptions, acfg: dict, folder: Path, n_model: int) -> None:
-    """--init-adapter: the adapter decides rank, scale, layers and kind; a flag set to something else is refused."""
-    from medtune.core.errors import BadInput
-    from medtune.train.options import TrainOptions as Defaults
-
-    lp, default = acfg.get("lora_parameters") or {}, Defaults()
-    theirs = {
-        "rank": lp.get("rank"),
-        "scale": lp.get("scale"),
-        "num_layers": acfg.get("num_layers"),
-        "fine_tune_type": acfg.get("fine_tune_type", "lora"),
-    }
-    mine = {
-        "rank": opts.rank,
-        "scale": opts.lora_scale,
-        "num_layers": n_model if opts.num_layers < 0 else opts.num_layers,  # -1: all of them
-        "fine_tune_type": opts.fine_tune_type,
-    }
-    bad = [
-        f"--{k.replace('_', '-')} {getattr(opts, k, mine[k])} (the adapter's: {theirs[k]})"
-        for k in theirs
-        if theirs[k] is not None and mine[k] != theirs[k] and mine[k] != getattr(default, k, None)
-    ]
-    if opts.alpha is not None and lp.get("scale") is not None and opts.lora_scale != lp["scale"]:
-        bad.append(f"--alpha {opts.alpha} (scale {opts.lora_scale}; the adapter's: {lp['scale']})")
-    if opts.target_modules:
-        bad.append(f"--target-modules {','.join(opts.target_modules)} (the adapter's: {lp.get('keys') or 'default'})")
-    if bad:
-        raise BadInput(
-            f"--init-adapter {folder} fixes the adapter's shape; these options disagree: {'; '.join(bad)}",
-            where=str(folder / "adapter_config.json"),
-            hint="drop them: rank, scale, layers and modules are taken from the adapter",
-        )
 
 
 def adapter_config(opts: TrainOptions, model_dir: Path, n_layers: int, keys: list[str] | None) -> dict:

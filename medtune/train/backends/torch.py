@@ -424,6 +424,8 @@ class TorchBackend(Backend):
         import torch.nn as nn
 
         model = load_hf_model(self.model_ref.path, self.opts, self.plan, self.device)
+        if self.opts.adapter is not None:
+            return start_from_adapter(model, Path(self.opts.adapter), self.model_ref.path)
         layer = decoder_layers(model)[0]
         linear = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
         targets = resolve_targets(linear, self.opts.target_modules)
@@ -692,6 +694,24 @@ def attach_hf_adapters(model, opts: TrainOptions, layer_ids: list[int], n_total:
     )
     torch.manual_seed(opts.seed)
     return get_peft_model(model, config)
+
+
+def start_from_adapter(model, folder: Path, base: Path):
+    """--init-adapter: PEFT's layers and weights from the adapter (an mlx_lm one converted first, exactly), trainable."""
+    from peft import PeftModel
+
+    from medtune.adapters import as_peft
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        return PeftModel.from_pretrained(model, str(as_peft(folder, base)), is_trainable=True)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise BadInput(
+            f"--init-adapter {folder} does not fit this model: {str(exc).splitlines()[0]}",
+            where=str(folder),
+            hint="the adapter's base_model: start from an adapter trained on this --model",
+        ) from exc
 
 
 def trainable_params(model) -> list:

@@ -295,7 +295,7 @@ def as_mlx(adapter_dir: str | Path, base_dir: str | Path) -> Path:
     if adapter_kind(acfg) == "mlx":
         return adapter_dir
     digest = fsutil.sha256_file(adapter_weights(adapter_dir, acfg))
-    out = cache_dir() / "adapters" / f"mlx-{digest[:24]}"
+    out = cache_dir() / "adapters" / f"mlx-{digest[:24]}-{_base_key(base_dir)}"  # per weights and base
     if not all((out / f).is_file() for f in MLX_FILES):
         convert(adapter_dir, "mlx", out, str(base_dir))
     return out
@@ -313,7 +313,7 @@ def as_peft(adapter_dir: str | Path, base_dir: str | Path) -> Path:
     if adapter_kind(acfg) == "peft":
         return adapter_dir
     digest = fsutil.sha256_file(adapter_weights(adapter_dir, acfg))
-    out = cache_dir() / "adapters" / f"peft-{digest[:24]}"
+    out = cache_dir() / "adapters" / f"peft-{digest[:24]}-{_base_key(base_dir)}"  # per weights and base
     if not all((out / f).is_file() for f in PEFT_FILES):
         convert(adapter_dir, "peft", out, str(base_dir))
     return out
@@ -345,3 +345,9 @@ def init_shape(adapter_dir: str | Path, n_model: int) -> dict:
         "num_layers": n_model - min(layers) if layers else n_model,
         "fine_tune_type": "dora" if acfg.get("use_dora") else "lora",
     }
+
+
+def _base_key(base_dir) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(Path(base_dir).absolute()).encode()).hexdigest()[:12]

@@ -173,3 +173,14 @@ def test_an_mlx_adapter_continues_on_the_torch_backend(tmp_path, tiny_llama_dir,
         train(str(tiny_llama_dir), data / "b", tmp_path / "x", TrainOptions(iters=1, adapter=first, **{**opts, "rank": 16}),
               backend="torch")  # fmt: skip
     assert not (tmp_path / "x").exists()
+
+
+def test_an_adapter_for_another_base_is_refused_and_nothing_is_written(tmp_path, tiny_llama_dir, data, first):
+    from conftest import make_tiny_llama
+
+    other = make_tiny_llama(tmp_path / "other", tiny_llama_dir, hidden=32, heads=2, kv_heads=1)
+    for backend in ("mlx", "torch"):
+        out = tmp_path / backend
+        with pytest.raises(BadInput, match="does not fit this model") as e:
+            train(str(other), data / "b", out, TrainOptions(iters=1, adapter=first, **OPTS), backend=backend)
+        assert str(first) in str(e.value.where) and not out.exists()

@@ -110,13 +110,22 @@ class MLXBackend(Backend):
         self.n_layers = int(acfg["num_layers"])
         dora = acfg.get("fine_tune_type") == "dora"
         linear_to_lora_layers(self.model, self.n_layers, acfg["lora_parameters"], use_dora=dora)
+        from mlx.utils import tree_flatten
+
         mx = runtime.mx()
-        try:
-            self.model.load_weights(list(mx.load(str(adapter_weights(folder, acfg))).items()), strict=False)
-        except ValueError as exc:
+        weights = mx.load(str(adapter_weights(folder, acfg)))
+        params = dict(tree_flatten(self.model.parameters()))
+        wrong = next((k for k, v in weights.items() if k not in params or params[k].shape != v.shape), None)
+        if wrong is not None:  # mlx's load_weights(strict=False) checks no shape
+            theirs = (
+                f"the model's is {tuple(params[wrong].shape)}" if wrong in params else "the model has no such layer"
+            )
             raise BadInput(
-                f"--adapter {folder} does not fit this model: {exc}", hint="the adapter's base_model"
-            ) from exc
+                f"--init-adapter {given} does not fit this model: {wrong} is {tuple(weights[wrong].shape)}, {theirs}",
+                where=str(given),
+                hint="the adapter's base_model: start from an adapter trained on this --model",
+            )
+        self.model.load_weights(list(weights.items()), strict=False)
         self.config = {**acfg, "base_model": str(self.model_ref.path), "medtune": self.opts.to_dict()}
 
     def preflight(self, train_items, steps: int, loaded: bool) -> dict | None:

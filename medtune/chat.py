@@ -78,8 +78,10 @@ def chat_loop(
     repeat_last_n: int = REPEAT_LAST_N,
     input_fn: Callable[[str], str] = input,
     console=None,
+    wording: Optional[str] = None,
 ) -> list[dict]:
-    """Chat until /exit or EOF; return the conversation (system prompt included)."""
+    """Chat until /exit or EOF; return the conversation (system prompt included). wording: the prompt template
+    training saw (medtune.data.wording.word_prompt), each message put in it."""
     if console is None:
         from medtune.core.console import out as console
     system_msgs = [{"role": "system", "content": system}] if system else []
@@ -108,7 +110,9 @@ def chat_loop(
                 continue
             console.print(f"[yellow]unknown command {cmd}[/] (try /help)")
             continue
-        history.append({"role": "user", "content": text})
+        from medtune.data.wording import word_prompt
+
+        history.append({"role": "user", "content": word_prompt(text, wording)})
         printer = _Printer(console, hide_think)
         try:
             res = generate(

@@ -74,11 +74,13 @@ def chat(
     console.print(f"[dim]loading {model}" + (f" + {adapter}" if adapter else "") + " …[/]")
     with untrusted(trust_remote_code, allow_pickle):
         net, tokenizer = load(model, adapter)
+    system, template = _training_wording(model, adapter, system)
     console.print("[dim]ready. /clear resets the conversation, /exit (or Ctrl-D) ends it.[/]")
     chat_loop(
         net,
         tokenizer,
         system=system,
+        wording=template,
         temp=temp,
         top_p=top_p,
         max_tokens=max_tokens,
@@ -155,10 +157,13 @@ def generate(
             warn(f"answer {i + 1} was cut off at --max-tokens {max_tokens}")
 
     console.print(f"[dim]loading {model}" + (f" + {adapter}" if adapter else "") + f", {len(todo)} prompt(s) …[/]")
+    system, template = _training_wording(model, adapter, system)
+    from medtune.data.wording import word_prompt
+
     with untrusted(trust_remote_code, allow_pickle):
         results = generate_many(
             model,
-            todo,
+            [word_prompt(p, template) for p in todo],
             adapter=adapter,
             system=system,
             on_result=show,
@@ -171,3 +176,20 @@ def generate(
         )
     if as_json:
         emit_json([r.to_dict() for r in results])
+
+
+def _training_wording(model, adapter, system):
+    """(the system prompt, the prompt template) to ask in: --system, else the one training saw (the adapter's or the
+    fused folder's manifest); said on the console when it comes from training."""
+    from medtune.core.console import console
+    from medtune.data.wording import served, unescape
+
+    words = served(model, adapter)
+    if system is None and words.get("system"):
+        console.print(
+            f"system prompt from training: {words['system'][:80]}", style="dim", markup=False, highlight=False
+        )
+    if words.get("prompt_template"):
+        shown = repr(words["prompt_template"])
+        console.print(f"prompt wording from training: {shown}", style="dim", markup=False, highlight=False)
+    return (words.get("system") if system is None else unescape(system)), words.get("prompt_template")

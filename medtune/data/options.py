@@ -29,6 +29,18 @@ class PrepareOptions:
     mapping: str | dict | None = option(
         None, "Rename fields: question=Q,response=A.", flags=("--map",), aliases=("map",), cli_type=Optional[str]
     )
+    system: str | None = option(
+        None,
+        "The system prompt of every record (TEXT, or @FILE); replaces a record's own. Export, chat and eval use it "
+        "by default.",
+        cli_type=Optional[str],
+    )
+    prompt_template: str | None = option(
+        None,
+        'Wording of every user turn: fields by name after --map, {prompt} the turn itself, e.g. "问题：{question}'
+        '\\n回答："; {{ and }} are literal braces.',
+        cli_type=Optional[str],
+    )
     style: str = option("auto", f"{' | '.join(STYLES)}: the records' shape.")
     reasoning: str = option("think", f"{' | '.join(REASONING_MODES)}: where the chain of thought goes.")
     valid_ratio: float = option(0.1, "Fraction for valid.jsonl.")

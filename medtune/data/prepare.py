@@ -34,7 +34,7 @@ from medtune.core import fsutil, jsonl
 from medtune.core.errors import BadInput
 from medtune.core.lock import holds as _holds_lock
 from medtune.core.options import from_kwargs
-from medtune.data import encode, formats, mixture, render, sources
+from medtune.data import encode, formats, mixture, render, sources, wording
 from medtune.data.options import PrepareOptions
 from medtune.export.chat_templates import TEMPLATE_VARS
 
@@ -255,6 +255,7 @@ class _Tally:
     read: int = 0
     dropped: Counter = field(default_factory=Counter)
     notes: list = field(default_factory=list)
+    replaced_system: int = 0  # examples whose own system prompt --system replaced
 
     def invalid(self, exc: BadInput, reason: str | None = None) -> None:
         """Raise `exc`; with skip_invalid, count it instead (under `reason`, or its message up to the first colon)."""
@@ -308,6 +309,7 @@ def prepare(
     """
     opts = from_kwargs(PrepareOptions, opts, **fields)
     opts.check()
+    wording.wording(opts.system, opts.prompt_template)  # a bad --system or --prompt-template fails before any work
     mapping = formats.parse_map(opts.mapping)
     out = Path(out) if out else None
     writing = out is not None and not dry_run
@@ -392,6 +394,7 @@ def read_examples(
     format, the examples)."""
     fmt = formats.get(opts.fmt) if opts.fmt else None
     seen = set() if seen is None else seen
+    words = wording.wording(opts.system, opts.prompt_template)
     examples: list[formats.Example] = []
     options = {"answers": opts.answers}
     task = progress.add_task("reading", total=None) if progress else None
@@ -404,7 +407,10 @@ def read_examples(
             progress.update(task, completed=tally.read)
         try:
             fmt = fmt or formats.detect(rec.data, rec.where, mapping)
-            converted = fmt.convert(formats.Fields(rec.data, rec.where, mapping, options))
+            fields = formats.Fields(rec.data, rec.where, mapping, options)
+            converted = fmt.convert(fields)
+            if not words.empty:
+                _reword(converted, words, fields, tally)
         except BadInput as exc:
             tally.invalid(exc)
             continue
@@ -416,12 +422,29 @@ def read_examples(
             break
     if progress:
         progress.update(task, completed=tally.read, total=tally.read)
+    if tally.replaced_system:
+        tally.notes.append(f"--system replaced the records' own system prompt in {tally.replaced_system} example(s)")
     if not examples:
         raise BadInput(
             f"no usable records in {dataset} (read {tally.read}, dropped {dict(tally.dropped) or 'none'})",
             hint="check the fields (--format, --map) and that they are not empty",
         )
     return fmt, examples
+
+
+def _reword(converted: list, words, fields, tally: _Tally) -> None:
+    """--system and --prompt-template on each example (each side of a pair), in place."""
+    for ex in converted:
+        sides = getattr(ex, "sides", (ex,))
+        for side in sides:
+            if side.text is not None:
+                raise BadInput(
+                    "plain-text records have no turns for --system or --prompt-template",
+                    where=side.where,
+                    hint="drop them, or prepare chat-shaped data",
+                )
+            side.messages, replaced = words.apply(side.messages, fields)
+            tally.replaced_system += replaced and side is sides[0]
 
 
 def _read_mixture(dataset, opts: PrepareOptions, tally: _Tally, progress) -> tuple[list, formats.Format, list]:
@@ -681,6 +704,10 @@ def _manifest(
         "template_vars": dict(TEMPLATE_VARS),  # what every rendering was given (Llama 3.x's fixed "Today Date")
         "end_token_added_by": added_by,
         "checked": {"records": n_checked, "all": opts.token_stats},
+        "wording": {
+            "system": wording.read_system(opts.system),
+            "prompt_template": wording.unescape(opts.prompt_template),
+        },
         "counts": result.counts,
         "tokens": result.tokens,
         "first_example": result.example,

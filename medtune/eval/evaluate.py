@@ -470,7 +470,9 @@ def evaluate(
     out = Path(out)
     adapter = Path(adapter) if adapter else None
     t0 = time.time()
-    inputs = _read_inputs(data, probes, probe_limit, choices, limit, o)
+    from medtune.data.wording import served
+
+    inputs = _read_inputs(data, probes, probe_limit, choices, limit, o, served(model, adapter))
     specs = _model_specs(model, adapter, base, ggufs)
     per_model = len(inputs.questions) + sum(len(b.items) for b in inputs.sets)
     run = _Run(
@@ -552,7 +554,15 @@ def is_pair(row: dict) -> bool:
     return pair(row)
 
 
-def _read_inputs(data, probes, probe_limit: int | None, choices, limit: int, o: EvalOptions) -> _Inputs:
+def _read_inputs(
+    data, probes, probe_limit: int | None, choices, limit: int, o: EvalOptions, words: dict | None = None
+) -> _Inputs:
+    """What every column is asked; the probes in the wording training saw (`words`: system prompt, prompt template),
+    the held-out records as they were prepared."""
+    from medtune.data.wording import word_prompt
+
+    words = words or {}
+    system = [{"role": "system", "content": words["system"]}] if words.get("system") else []
     from medtune.eval import exam
 
     names = exam.bench_names(o.bench)
@@ -565,7 +575,12 @@ def _read_inputs(data, probes, probe_limit: int | None, choices, limit: int, o: 
     probe_rows = read_probes(probes)[:probe_limit] if probe_limit is not None else read_probes(probes)
     mc = _read_choices(rows, heldout, choices)
     questions = [
-        {"source": "probe", "id": p["id"], "lang": p["lang"], "messages": [{"role": "user", "content": p["prompt"]}]}
+        {
+            "source": "probe",
+            "id": p["id"],
+            "lang": p["lang"],
+            "messages": system + [{"role": "user", "content": word_prompt(p["prompt"], words.get("prompt_template"))}],
+        }
         for p in probe_rows
     ]
     held = [(i, None if is_pair(r) else question_of(r)) for i, r in enumerate(rows)]

@@ -316,7 +316,15 @@ def fidelity(
         model_dir = resolve(str(model_dir))
     model_dir, gguf = Path(model_dir), Path(gguf)
     header, prompts = _check_inputs(model_dir, gguf, prompts, tokens)
-    stack = Stack(Path(lora) if lora else None, Path(adapter) if adapter else None)
+    from medtune.data.wording import served
+
+    words = served(model_dir, adapter)
+    stack = Stack(
+        Path(lora) if lora else None,
+        Path(adapter) if adapter else None,
+        words.get("system"),
+        words.get("prompt_template"),
+    )
     stack.check(header)
     if choose_runtime(runtime, llama_cpp_dir) == "llama-server":
         return _server_fidelity(
@@ -331,6 +339,14 @@ class Stack:
 
     lora: Optional[Path] = None
     adapter: Optional[Path] = None
+    system: Optional[str] = None  # the system prompt training saw: every prompt is rendered with it
+    template: Optional[str] = None  # and the prompt wording
+
+    def conversation(self, prompt: str) -> list[dict]:
+        from medtune.data.wording import word_prompt
+        from medtune.runtimes.mlx import messages_for
+
+        return messages_for(word_prompt(prompt, self.template), self.system)
 
     def check(self, base_header: dict) -> None:
         """The LoRA GGUF is a LoRA adapter for the base GGUF's architecture, or a BadInput before anything loads."""
@@ -360,6 +376,12 @@ class Stack:
     def mark(self, report: FidelityReport) -> None:
         report.lora = str(self.lora) if self.lora else None
         report.adapter = str(self.adapter) if self.adapter else None
+        if self.system or self.template:
+            report.notes.append(
+                "rendered with the system prompt and wording training saw"
+                + (f": system {self.system[:40]!r}" if self.system else "")
+                + (f", template {self.template!r}" if self.template else "")
+            )
 
 
 def _check_inputs(model_dir: Path, gguf: Path, prompts: list[str] | None, tokens: int) -> tuple[dict, list[str]]:
@@ -411,7 +433,7 @@ def _inprocess_fidelity(
 
     model, tokenizer = mlx.load(str(model_dir), stack.adapter)
     stops = set(tokenizer.eos_token_ids)
-    rendered = [mlx.render_prompt(tokenizer, mlx.messages_for(p)) for p in prompts]
+    rendered = [mlx.render_prompt(tokenizer, stack.conversation(p)) for p in prompts]
     ids_list = [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
     n_ctx = -(-(max(len(i) for i in ids_list) + tokens + 8) // 256) * 256
     llm = llamacpp.load_gguf(
@@ -567,7 +589,7 @@ def _server_fidelity(
     meta = header["metadata"]
     ftype = file_type_name(meta.get("general.file_type"))
     model, tokenizer = mlx.load(str(model_dir), stack.adapter)
-    convs = [mlx.messages_for(p) for p in prompts]
+    convs = [stack.conversation(p) for p in prompts]
     hf_texts = [mlx.render_prompt(tokenizer, c) for c in convs]
     hf_ids = [tokenizer.encode(t, add_special_tokens=False) for t in hf_texts]
     n_ctx = max(512, -(-(max(len(i) for i in hf_ids) + tokens + 64) // 256) * 256)

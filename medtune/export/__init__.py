@@ -112,8 +112,9 @@ def export(
     failure leaves no new GGUF (and the previous ones untouched).
     """
     o = from_kwargs(ExportOptions, opts, **fields)
-    system, family = o.system, o.family
+    family = o.family
     model_dir, out_dir, quants = _check_arguments(model_dir, out_dir, name, o.quant)
+    system, system_note = training_system(model_dir, o.system)
     # Everything is decided before anything is written: converter, quantizer, tensors, tokenizer, Modelfile.
     job = _decide(model_dir, out_dir, name, quants, modelfile_path, o.converter, o.llama_cpp)
     mf = _Modelfile(modelfile_from(job.ggufs[quants[0]], job.mf_path), model_dir, system, params, family)
@@ -128,7 +129,7 @@ def export(
 
     fsutil.write_text(job.mf_path, mf.text)
     options = {"name": name, "quants": quants, "system": system, "params": params, "family": family}
-    info = {**mf.info, "warnings": [*mf.info["warnings"], *_arch_notices(job)]}
+    info = {**mf.info, "warnings": [*mf.info["warnings"], *_arch_notices(job), *system_note]}
     manifest_path = _write_manifest(job, model_dir, options, info, summaries, hashes)
     from medtune.models.card import write_card
 
@@ -148,6 +149,23 @@ def export(
         converter=job.route.converter,
         quantizer=job.quantizer.describe() if job.quantizer else None,
     )
+
+
+def training_system(model_dir: Path, given: str | None) -> tuple[str | None, list[str]]:
+    """(the Modelfile's SYSTEM, a warning): the one training saw (the fused folder's manifest, from the prepared data)
+    unless --system says otherwise, which is allowed but warned about (and recorded in the manifest)."""
+    from medtune.data.wording import training_wording, unescape
+
+    trained = training_wording(model_dir).get("system")
+    if given is None:
+        return trained, []
+    given = unescape(given)
+    if trained is not None and given != trained:
+        return given, [
+            f"--system differs from the system prompt training saw ({trained[:60]!r}): the model was tuned to answer "
+            "under that one"
+        ]
+    return given, []
 
 
 def _arch_notices(job) -> list[str]:

@@ -153,7 +153,10 @@ def write_fused(out: Path, save, cfg: dict, base_dir: Path, manifest: dict) -> l
                 shutil.copy2(base_dir / name, tmp / name)
         for path in licence_files(base_dir):
             shutil.copy2(path, tmp / path.name)
-        redact.write_json(tmp / "medtune_manifest.json", {"stage": "fuse", **manifest})
+        from medtune.data.wording import training_wording
+
+        words = training_wording((manifest.get("inputs") or {}).get("adapter"))
+        redact.write_json(tmp / "medtune_manifest.json", {"stage": "fuse", **manifest, "wording": words})
         from medtune.models.card import write_card
 
         write_card(

@@ -454,11 +454,19 @@ def write_manifest(backend, out: Path, data: Path, model_ref, opts: TrainOptions
             },
             "options": opts.to_dict(),
             "lineage": lineage(opts.adapter, data),
+            "wording": _wording(data, opts.adapter),
             "result": result.to_dict(),
             "versions": versions(backend),
             "outputs": {backend.adapter_file: fsutil.sha256_file(result.adapter_file)},
         },
     )
+
+
+def _wording(data: Path, adapter) -> dict:
+    """The system prompt and prompt wording training saw (the data's; else the adapter it started from)."""
+    from medtune.data.wording import training_wording
+
+    return training_wording(data) or training_wording(adapter)
 
 
 def lineage(adapter: Path | None, data: Path) -> list[dict]:

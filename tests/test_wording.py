@@ -1,0 +1,139 @@
+"""One system prompt and one prompt wording from the prepared data to Ollama: `prepare --system --prompt-template`,
+carried by the adapter's and the fused model's manifests to export (the Modelfile's SYSTEM), chat, generate, eval and
+fidelity; the Modelfile's Go TEMPLATE (Ollama's rendering) and llama-server's rendering of the GGUF give the training
+prompt token for token; bad wording refused with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medtune.core.errors import BadInput
+from medtune.data.prepare import prepare
+
+from conftest import SAMPLE, run_cli
+
+SYSTEM = "你是一名专业的医生。请用简洁的语言回答。"
+TEMPLATE = "问题：{question}\n回答："
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_llama_dir):
+    from medtune.export import export
+    from medtune.fuse import fuse
+    from medtune.train import TrainOptions, train
+
+    root = tmp_path_factory.mktemp("wording")
+    (root / "system.txt").write_text(SYSTEM + "\n", encoding="utf-8")
+    r = run_cli(
+        "prepare", SAMPLE, "--model", tiny_llama_dir, "--out", root / "data", "--system", f"@{root / 'system.txt'}",
+        "--prompt-template", r"问题：{question}\n回答：", "--limit", 10, "--valid-ratio", 0.2, "--max-seq-length", 1024,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    train(str(tiny_llama_dir), root / "data", root / "adapter", TrainOptions(iters=2, batch_size=2, num_layers=1))
+    fuse(str(tiny_llama_dir), root / "adapter", root / "fused")
+    res = export(root / "fused", root / "fused", "doc", quant=["f32"], modelfile_path=root / "doc.Modelfile")
+    return root, res
+
+
+def test_the_manifests_carry_the_wording_from_data_to_the_fused_model(exported):
+    from medtune.data.wording import training_wording
+
+    root, _ = exported
+    manifest = json.loads((root / "data" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["options"]["system"].startswith("@") and manifest["wording"] == {
+        "system": SYSTEM,
+        "prompt_template": TEMPLATE,
+    }
+    shown = manifest["first_example"]["rendered"]
+    assert SYSTEM in shown and "问题：" in shown and "\n回答：" in shown  # the first example as the model sees it
+    for folder in ("data", "adapter", "fused"):
+        assert training_wording(root / folder) == {"system": SYSTEM, "prompt_template": TEMPLATE}, folder
+
+
+def test_ollama_and_llama_server_render_the_training_prompt_token_for_token(exported, tiny_llama_dir):
+    """The held-out record's prompt, as training tokenized it, against: the Modelfile's TEMPLATE with its SYSTEM
+    (Ollama's rendering, the user sending the worded question), and llama-server rendering the GGUF's template."""
+    from transformers import AutoTokenizer
+
+    from medtune.export.gotemplate import ollama_prompt
+    from medtune.ollama import read_modelfile
+    from medtune.runtimes.llama_server import LlamaServer
+
+    root, res = exported
+    spec = read_modelfile(root / "doc.Modelfile")
+    assert spec.system == SYSTEM
+    tok = AutoTokenizer.from_pretrained(root / "fused")
+    row = json.loads((root / "data" / "valid.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    system, user, _ = row["messages"]  # as prepared: the system prompt, the worded question, the answer
+    assert system == {"role": "system", "content": SYSTEM} and user["content"].startswith("问题：")
+    want = tok.apply_chat_template([system, user], tokenize=False, add_generation_prompt=True)
+    questions = [json.loads(x)["Question"] for x in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    assert any(user["content"] == TEMPLATE.format(question=q) for q in questions)
+    user = [user]
+    ollama = ollama_prompt(spec.template, user, spec.system)
+    assert ollama == want and tok.encode(ollama, add_special_tokens=False) == tok.encode(want, add_special_tokens=False)
+    with LlamaServer(res.gguf_paths["f32"], ctx=1024, n_threads=1) as srv:
+        served = srv.apply_template([{"role": "system", "content": spec.system}, *user])
+        assert served == want
+        assert srv.tokenize(served, add_special=False) == tok.encode(want, add_special_tokens=False)
+
+
+def test_export_warns_when_its_system_prompt_differs_from_training(exported, tmp_path):
+    from medtune.export import export
+
+    root, _ = exported
+    res = export(root / "fused", tmp_path, "other", quant=["f32"], modelfile_path=tmp_path / "o.Modelfile",
+                 system="You are a pirate.")  # fmt: skip
+    assert any("differs from the system prompt training saw" in w for w in res.warnings)
+    manifest = json.loads(res.manifest_path.read_text(encoding="utf-8"))
+    assert manifest["options"]["system"] == "You are a pirate."
+
+
+def test_generate_and_fidelity_ask_in_the_training_wording(exported):
+    root, res = exported
+    r = run_cli("generate", root / "fused", "--prompt", "发烧怎么办？", "--max-tokens", 2, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)[0]["prompt"] == TEMPLATE.format(question="发烧怎么办？")
+    assert "system prompt from training" in r.stderr
+    r = run_cli("eval", "fidelity", root / "fused", res.gguf_paths["f32"], "--limit", 1, "--tokens", 4, "--json")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert any("system prompt and wording training saw" in n for n in json.loads(r.stdout)["notes"])
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (("--prompt-template", "Q: {questoin}"), "missing field 'questoin'"),
+        (("--prompt-template", "Q: {question"), "--prompt-template"),
+        (("--prompt-template", "no field"), "names no field"),
+        (("--system", "@{empty}"), "--system is empty"),
+        (("--system", "@/no/such/file.txt"), "no such file"),
+    ],
+)
+def test_bad_wording_is_refused_and_nothing_is_written(tmp_path, tiny_llama_dir, flags, said):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n", encoding="utf-8")
+    flags = [f.replace("{empty}", str(empty)) if f.startswith("@") else f for f in flags]
+    r = run_cli("prepare", SAMPLE, "--model", tiny_llama_dir, "--out", tmp_path / "x", *flags)
+    assert r.returncode == 2 and said in r.stderr, r.stderr[-1500:]
+    assert not (tmp_path / "x").exists()
+    if "questoin" in said:
+        assert f"{SAMPLE}:1" in r.stderr
+
+
+def test_a_system_prompt_replaces_a_records_own_and_says_so(tmp_path, tiny_llama_dir):
+    src = tmp_path / "alpaca.jsonl"
+    src.write_text(
+        json.dumps({"system": "Be terse.", "instruction": "Name a beta blocker.", "output": "Atenolol."}) + "\n"
+        + json.dumps({"instruction": "Name an ACE inhibitor.", "output": "Ramipril."}) + "\n",
+        encoding="utf-8",
+    )  # fmt: skip
+    res = prepare(src, str(tiny_llama_dir), tmp_path / "d", system=SYSTEM, valid_ratio=0.0, token_stats=False)
+    assert any("replaced the records' own system prompt in 1 example" in n for n in res.notes)
+    rows = [json.loads(x) for x in (tmp_path / "d" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(SYSTEM in (r.get("prompt") or json.dumps(r, ensure_ascii=False)) for r in rows)
+    with pytest.raises(BadInput, match="plain-text records"):
+        (tmp_path / "t.jsonl").write_text('{"text": "some text"}\n', encoding="utf-8")
+        prepare(tmp_path / "t.jsonl", str(tiny_llama_dir), tmp_path / "t", system=SYSTEM)

@@ -232,7 +232,8 @@ def test_dpo_starts_from_an_sft_adapter(tmp_path, tiny_llama_dir, pairs, dpo_run
     sft = tmp_path / "sft-adapter"
     train(str(tiny_llama_dir), sft_data, sft, TrainOptions(iters=4, batch_size=4, num_layers=1, rank=4, lr=1e-2))
     out = tmp_path / "dpo"
-    train(str(tiny_llama_dir), pairs, out, TrainOptions(method="dpo", adapter=sft, **OPTS))
+    layout = {**OPTS, "num_layers": 8, "rank": 8}  # the defaults: the adapter's layout decides (no conflict)
+    train(str(tiny_llama_dir), pairs, out, TrainOptions(method="dpo", adapter=sft, **layout))
     val = [r for r in _rows(out) if "val_loss" in r]
     assert val[0]["val_loss"] == pytest.approx(np.log(2), abs=1e-4) and val[-1]["val_margin"] > 0
     with np.load(out / "reference_logps.npz") as mine, np.load(dpo_run[0] / "reference_logps.npz") as base:

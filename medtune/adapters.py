@@ -284,38 +284,29 @@ def convert(adapter_dir: str | Path, to: str, out: str | Path, base: str | None 
 
 
 def as_mlx(adapter_dir: str | Path, base_dir: str | Path) -> Path:
-    """An adapter folder mlx_lm can load: itself when it is mlx_lm's, else its conversion (PEFT → mlx), made once
-    per adapter weights (sha256) in medtune's cache."""
-    from medtune.core import fsutil
-    from medtune.core.paths import cache_dir
-    from medtune.fuse import adapter_kind, adapter_weights, read_adapter_config
-
-    adapter_dir = Path(adapter_dir)
-    acfg = read_adapter_config(adapter_dir)
-    if adapter_kind(acfg) == "mlx":
-        return adapter_dir
-    digest = fsutil.sha256_file(adapter_weights(adapter_dir, acfg))
-    out = cache_dir() / "adapters" / f"mlx-{digest[:24]}-{_base_key(base_dir)}"  # per weights and base
-    if not all((out / f).is_file() for f in MLX_FILES):
-        convert(adapter_dir, "mlx", out, str(base_dir))
-    return out
+    """An adapter folder mlx_lm can load: itself when it is mlx_lm's, else its exact conversion (PEFT → mlx)."""
+    return _in_layout(Path(adapter_dir), base_dir, "mlx")
 
 
 def as_peft(adapter_dir: str | Path, base_dir: str | Path) -> Path:
-    """An adapter folder PEFT can load: itself when it is PEFT's, else its conversion (mlx → PEFT), made once per
-    adapter weights (sha256) in medtune's cache."""
+    """An adapter folder PEFT can load: itself when it is PEFT's, else its exact conversion (mlx → PEFT)."""
+    return _in_layout(Path(adapter_dir), base_dir, "peft")
+
+
+def _in_layout(adapter_dir: Path, base_dir, kind: str) -> Path:
+    """The adapter in `kind`'s layout: itself, or its conversion, made once per adapter weights (sha256) and base in
+    medtune's cache."""
     from medtune.core import fsutil
     from medtune.core.paths import cache_dir
     from medtune.fuse import adapter_kind, adapter_weights, read_adapter_config
 
-    adapter_dir = Path(adapter_dir)
     acfg = read_adapter_config(adapter_dir)
-    if adapter_kind(acfg) == "peft":
+    if adapter_kind(acfg) == kind:
         return adapter_dir
     digest = fsutil.sha256_file(adapter_weights(adapter_dir, acfg))
-    out = cache_dir() / "adapters" / f"peft-{digest[:24]}-{_base_key(base_dir)}"  # per weights and base
-    if not all((out / f).is_file() for f in PEFT_FILES):
-        convert(adapter_dir, "peft", out, str(base_dir))
+    out = cache_dir() / "adapters" / f"{kind}-{digest[:24]}-{_base_key(base_dir)}"
+    if not all((out / f).is_file() for f in (MLX_FILES if kind == "mlx" else PEFT_FILES)):
+        convert(adapter_dir, kind, out, str(base_dir))
     return out
 
 

@@ -184,3 +184,25 @@ def test_an_adapter_for_another_base_is_refused_and_nothing_is_written(tmp_path,
         with pytest.raises(BadInput, match="does not fit this model") as e:
             train(str(other), data / "b", out, TrainOptions(iters=1, adapter=first, **OPTS), backend=backend)
         assert str(first) in str(e.value.where) and not out.exists()
+
+
+def test_fuse_merges_a_peft_adapter_without_torch_through_mlx(tmp_path, tiny_llama_dir, first, monkeypatch):
+    """On a Mac without torch, `medtune fuse` of a PEFT adapter converts it to mlx_lm's layout and merges it there:
+    the same fused weights as the mlx adapter it came from."""
+    import importlib.util
+
+    from safetensors.numpy import load_file
+
+    from medtune.fuse import fuse
+
+    convert(first, "peft", tmp_path / "peft")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    res = fuse(str(tiny_llama_dir), tmp_path / "peft", tmp_path / "fused", dtype="float32")
+    monkeypatch.undo()
+    fuse(str(tiny_llama_dir), first, tmp_path / "ref", dtype="float32")
+    got, want = load_file(str(tmp_path / "fused/model.safetensors")), load_file(str(tmp_path / "ref/model.safetensors"))
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert res.fused_layers == json.loads((tmp_path / "ref" / "medtune_manifest.json").read_text())["fused_layers"]
+    manifest = json.loads((tmp_path / "fused" / "medtune_manifest.json").read_text())
+    assert "/adapters/mlx-" in manifest["inputs"]["adapter"] and "backend" not in manifest  # merged by the mlx path

@@ -10,6 +10,7 @@ A training backend declares the kind it writes (medtune.train.backends: Backend.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -131,7 +132,14 @@ def fuse(model: str, adapter, out, progress=None, opts: FuseOptions | None = Non
         raise BadInput(
             f"output folder exists and is not empty: {out}", hint="pass --force to replace it, or choose another --out"
         )
-    module, func = FUSERS[adapter_kind(acfg)].split(":")
+    kind = adapter_kind(acfg)
+    if kind == "peft" and importlib.util.find_spec("torch") is None and not acfg.get("use_dora"):
+        from medtune.adapters import as_mlx  # a Mac without torch: the PEFT LoRA in mlx_lm's layout, exactly
+        from medtune.models import resolve
+
+        adapter = as_mlx(adapter, resolve(str(model)))
+        acfg, kind = read_adapter_config(adapter), "mlx"
+    module, func = FUSERS[kind].split(":")
     return getattr(importlib.import_module(module), func)(model, adapter, out, acfg, dtype=dtype, dequantize=dequantize)
 
 

@@ -78,6 +78,18 @@ def test_ollama_and_llama_server_render_the_training_prompt_token_for_token(expo
         served = srv.apply_template([{"role": "system", "content": spec.system}, *user])
         assert served == want
         assert srv.tokenize(served, add_special=False) == tok.encode(want, add_special_tokens=False)
+        # the GGUF's chat template has training's system prompt as its default: a client that sends none gets it
+        assert srv.apply_template(user) == want
+
+
+def test_the_fused_chat_template_defaults_to_the_training_system_prompt(exported, tiny_llama_dir):
+    from medtune.export.modelfile import detect_family
+
+    root, _ = exported
+    assert detect_family(root / "fused").default_system == SYSTEM
+    assert detect_family(tiny_llama_dir).default_system != SYSTEM  # the base's own is left alone
+    fused = json.loads((root / "fused" / "medtune_manifest.json").read_text(encoding="utf-8"))
+    assert fused["wording"]["template_default"] == "set"
 
 
 def test_export_warns_when_its_system_prompt_differs_from_training(exported, tmp_path):

@@ -137,8 +137,9 @@ def training_wording(folder: str | Path | None) -> dict:
         found = m.get("wording") or {
             k: (m.get("options") or {}).get(k) for k in ("system", "prompt_template") if (m.get("options") or {}).get(k)
         }
+        found = {k: v for k, v in found.items() if k in ("system", "prompt_template") and v}
         if found:
-            return {k: v for k, v in found.items() if v}
+            return found
     return {}
 
 
@@ -156,3 +157,53 @@ def word_prompt(text: str, template: str | None) -> str:
     if len(names) != 1:
         return text
     return template.format(**{names[0]: text})
+
+
+def set_default_system(folder: str | Path, system: str) -> str | None:
+    """Make `system` the default system prompt of the chat template in `folder` (tokenizer_config.json or
+    chat_template.jinja), where the template has one (Qwen's, SmolLM2's: the text it inserts when a conversation has
+    no system turn): llama-server and anything rendering the GGUF's template then answer under the prompt training
+    saw. Checked by rendering again (medtune.export.modelfile.detect_family); else nothing changes. Returns why it
+    was not done, or None."""
+    from medtune.export.modelfile import detect_family
+    from medtune.export.tokenizer import chat_template
+
+    folder = Path(folder)
+    template = chat_template(folder)
+    try:
+        old = detect_family(folder, template).default_system if template else None
+    except BadInput:
+        old = None
+    if not old:
+        return "the chat template has no default system prompt: the Modelfile's SYSTEM carries training's"
+    if old == system:
+        return None
+    at = template.find(old)
+    quote = next((c for c in reversed(template[:at]) if c in "'\""), None)
+    if at < 0 or template.count(old) != 1 or quote is None:
+        return "the chat template's default system prompt is not one plain string: left as it is"
+    new = template[:at] + system.replace("\\", "\\\\").replace(quote, "\\" + quote) + template[at + len(old) :]
+    files = _write_template(folder, new)
+    try:
+        if detect_family(folder, new).default_system == system:
+            return None
+    except BadInput:
+        pass
+    for path, text in files.items():  # it did not render as meant: back as it was
+        path.write_text(text, encoding="utf-8")
+    return "the chat template did not take the system prompt as its default: left as it is"
+
+
+def _write_template(folder: Path, template: str) -> dict:
+    """Write the chat template where the folder keeps it; returns {path: its previous text}."""
+    cfg_path, jinja = folder / "tokenizer_config.json", folder / "chat_template.jinja"
+    before = {}
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    if isinstance(cfg.get("chat_template"), str):
+        before[cfg_path] = cfg_path.read_text(encoding="utf-8")
+        cfg["chat_template"] = template
+        cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    elif jinja.is_file():
+        before[jinja] = jinja.read_text(encoding="utf-8")
+        jinja.write_text(template, encoding="utf-8")
+    return before

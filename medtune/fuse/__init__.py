@@ -164,6 +164,11 @@ def write_fused(out: Path, save, cfg: dict, base_dir: Path, manifest: dict) -> l
         from medtune.data.wording import training_wording
 
         words = training_wording((manifest.get("inputs") or {}).get("adapter"))
+        if words.get("system"):  # the chat template's default system prompt becomes training's, where it has one
+            from medtune.data.wording import set_default_system
+
+            why = set_default_system(tmp, words["system"])
+            words = {**words, "template_default": why or "set"}
         redact.write_json(tmp / "medtune_manifest.json", {"stage": "fuse", **manifest, "wording": words})
         from medtune.models.card import write_card
 

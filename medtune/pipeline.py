@@ -139,7 +139,7 @@ prepare:                         # medtune prepare DATASET --model MODEL --out r
   # limit: 1000
   # sample: 2000
   # system: "你是一名专业的医生。"     # or @prompts/doctor.txt: every record's system prompt; export, chat, eval use it
-  # prompt_template: "问题：{question}\n回答："   # the wording of every user turn (fields by name, {prompt}: the turn)
+  # prompt_template: "问题：{question}\\n回答："   # the wording of every user turn (fields by name, {prompt}: the turn)
 
 train:                           # medtune train --model MODEL --data runs/<name>/data --out adapters/<name>
   backend: auto                  # auto | mlx | torch | unsloth

@@ -455,3 +455,5 @@ def test_export_lora_writes_the_adapter_gguf_on_a_base_shared_by_runs(tmp_path, 
     assert [m["label"] for m in rep["models"]] == ["tuned", "peds-f32.gguf", stack["label"]]
     (row,) = rep["quants"]["rows"]  # the stack against the fused F32 GGUF, teacher-forced: the same model
     assert row["lora"] == str(lora) and row["mean_kld"] < 1e-4 and row["same_top"] == 1.0
+    assert rep["quants"]["recommended_name"] == row["name"] == stack["label"]  # named with its adapter
+    assert not any(str(base.parent) in c for c in rep["cards"])  # the shared base's card is not this model's

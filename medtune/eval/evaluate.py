@@ -867,8 +867,8 @@ def _card_folders(model: str, ggufs) -> list[Path]:
     from medtune.models.card import EXPORT_MANIFEST, FUSE_MANIFEST
 
     folders = [Path(model)] if (Path(model) / FUSE_MANIFEST).is_file() else []
-    paths = [gguf_stack(g)[0] for g in ggufs]
-    folders += [p.parent for p in paths if (p.parent / EXPORT_MANIFEST).is_file()]
+    plain = [base for base, lora in map(gguf_stack, ggufs) if lora is None]  # a shared base's card is not this model's
+    folders += [p.parent for p in plain if (p.parent / EXPORT_MANIFEST).is_file()]
     return list(dict.fromkeys(folders))
 
 

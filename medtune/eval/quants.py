@@ -66,8 +66,13 @@ class QuantStats:
     def delta_ppl(self) -> float:
         return self.ppl - self.ref_ppl
 
+    @property
+    def name(self) -> str:
+        """The file's name, and the LoRA GGUF's on top of it ("base-f16.gguf + cardio-lora-f16.gguf")."""
+        return Path(self.file).name + (f" + {Path(self.lora).name}" if self.lora else "")
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "delta_ppl": self.delta_ppl}
+        return {**asdict(self), "delta_ppl": self.delta_ppl, "name": self.name}
 
 
 @dataclass
@@ -98,6 +103,7 @@ class QuantTable:
             "thresholds": self.thresholds,
             "rows": [r.to_dict() for r in self.rows],
             "recommended": best.file if best else None,
+            "recommended_name": best.name if best else None,
         }
 
 

@@ -47,7 +47,7 @@ def quant_rows(report: dict) -> list[list[str]]:
     q = report.get("quants") or {}
     return [
         [
-            r["file"].rsplit("/", 1)[-1] + (" + " + r["lora"].rsplit("/", 1)[-1] if r.get("lora") else ""),
+            r.get("name") or r["file"].rsplit("/", 1)[-1],
             r["file_type"],
             f"{r['bytes'] / 1e6:.0f} MB",
             f"{r['mean_kld']:.4f}",
@@ -72,7 +72,11 @@ def quant_summary(report: dict) -> str:
         f"as llama-perplexity --kl-divergence). good: mean KLD ≤ {t['good']['mean_kld']}, p99 ≤ {t['good']['p99_kld']}, "
         f"same top ≥ {t['good']['same_top']:.0%}; usable: ≤ {t['usable']['mean_kld']}, ≤ {t['usable']['p99_kld']}, "
         f"≥ {t['usable']['same_top']:.0%}. Recommended: "
-        + (best.rsplit("/", 1)[-1] if best else "none of them (keep the unquantized file)")
+        + (
+            (q.get("recommended_name") or best.rsplit("/", 1)[-1])
+            if best
+            else "none of them (keep the unquantized file)"
+        )
         + "."
     )
 

@@ -778,9 +778,7 @@ def _results(report: dict) -> dict:
     q = report.get("quants")
     if isinstance(q, dict):
         for r in q.get("rows") or []:
-            name = str(r.get("file", "")).replace("\\", "/").rsplit("/", 1)[-1]
-            if r.get("lora"):  # a base GGUF with an adapter on top
-                name += " + " + str(r["lora"]).replace("\\", "/").rsplit("/", 1)[-1]
+            name = r.get("name") or str(r.get("file", "")).replace("\\", "/").rsplit("/", 1)[-1]
             res["quants"][name] = {
                 "file_type": r.get("file_type"),
                 "verdict": r.get("verdict"),
@@ -788,7 +786,9 @@ def _results(report: dict) -> dict:
             }
         res["quant_reference"] = q.get("reference_type")
         rec = q.get("recommended")
-        res["recommended"] = str(rec).replace("\\", "/").rsplit("/", 1)[-1] if rec else None
+        res["recommended"] = (
+            (q.get("recommended_name") or str(rec).replace("\\", "/").rsplit("/", 1)[-1]) if rec else None
+        )
     return res
 
 

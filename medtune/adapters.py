@@ -156,7 +156,8 @@ def uniform(lora: Lora) -> tuple[int, float, list[tuple[str, np.ndarray, np.ndar
     for p in lora.pairs:
         a = np.zeros((rank, p.a.shape[1]), np.float32)
         b = np.zeros((p.b.shape[0], rank), np.float32)
-        a[: p.rank], b[:, : p.rank] = p.a, p.b if math.isclose(p.scale, scale) else p.b * np.float32(p.scale / scale)
+        a[: p.rank] = p.a
+        b[:, : p.rank] = p.b if math.isclose(p.scale, scale) else p.b * np.float32(p.scale / scale)
         out.append((p.module, a, b))
     return rank, scale, out
 

@@ -139,9 +139,11 @@ def _check_adapter(adapter, base: Path | None = None) -> Path:
 def _is_peft(folder: Path) -> bool:
     import json
 
+    from medtune.fuse import adapter_kind
+
     try:
-        return "peft_type" in json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
+        return adapter_kind(json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))) == "peft"
+    except (OSError, ValueError, TypeError, AttributeError):
         return False
 
 

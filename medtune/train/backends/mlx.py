@@ -99,8 +99,7 @@ class MLXBackend(Backend):
         from medtune.fuse import adapter_kind, adapter_weights, read_adapter_config
 
         given = folder
-        if adapter_kind(read_adapter_config(folder)) == "peft":  # trained on CUDA (torch, Unsloth): converted, exactly
-            folder = as_mlx(folder, self.model_ref.path)
+        folder = as_mlx(folder, self.model_ref.path)  # a PEFT adapter (torch, Unsloth) converted, exactly
         acfg = read_adapter_config(folder)
         if adapter_kind(acfg) != "mlx" or acfg.get("fine_tune_type", "lora") == "full":
             raise BadInput(

@@ -10,6 +10,8 @@ from medtune.pipeline import Hasher, Run, fingerprint, load_config, run_pipeline
 from conftest import SAMPLE, run_cli
 
 STAGES = ["prepare", "train", "fuse", "export", "ollama", "eval"]
+RUN_SYSTEM = "You are a careful clinician."
+RUN_WORDING = {"system": RUN_SYSTEM, "prompt_template": r"Question: {question}\nAnswer:"}  # done_run's
 
 
 def tiny_config(root, model, name="tiny", **train):
@@ -80,6 +82,7 @@ def test_fingerprints_change_with_inputs_and_options(tmp_path):
 def done_run(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("runs")
     cfg = tiny_config(root, tiny_llama_dir)
+    cfg["prepare"] |= RUN_WORDING
     first = run_pipeline(cfg)
     return {"root": root, "cfg": cfg, "first": first}
 
@@ -133,6 +136,29 @@ def test_run_does_every_stage_then_skips_them(done_run):
     assert second["stages"] == {s: "skipped" for s in STAGES if s != "ollama"} | {"ollama": "not run"}
 
 
+def test_the_runs_system_prompt_and_wording_reach_ollama(done_run):
+    """prepare's system and prompt_template keys in a run config: the data, the fused model and the Modelfile carry
+    them, and Ollama's rendering of the plain question is the prompt training saw."""
+    from medtune.export.gotemplate import ollama_prompt
+    from medtune.ollama import read_modelfile
+
+    top, root = done_run["root"], done_run["root"] / "tiny"
+    row = json.loads((root / "data" / "valid.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    system, user = row["messages"][:2]
+    assert system["content"] == RUN_SYSTEM and user["content"].startswith("Question: ")
+    assert user["content"].endswith("\nAnswer:")
+    fused = json.loads((top / "models" / "tiny" / "medtune_manifest.json").read_text(encoding="utf-8"))
+    assert fused["wording"]["system"] == RUN_SYSTEM
+    spec = read_modelfile(top / "Modelfiles" / "tiny.Modelfile")
+    assert spec.system == RUN_SYSTEM
+    question = user["content"][len("Question: ") : -len("\nAnswer:")]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(top / "models" / "tiny")
+    want = tok.apply_chat_template([system, user], tokenize=False, add_generation_prompt=True)
+    assert ollama_prompt(spec.template, [{"role": "user", "content": question}], spec.system) == want
+
+
 def test_changed_option_reruns_from_that_stage(done_run):
     cfg = json.loads(json.dumps(done_run["cfg"]))
     cfg["eval"]["max_tokens"] = 3
@@ -164,6 +190,7 @@ def test_interrupted_training_resumes_to_the_same_adapter(done_run, tiny_llama_d
 
     cfg = tiny_config(done_run["root"], tiny_llama_dir, name="broken")
     cfg["eval"]["enabled"] = False
+    cfg["prepare"] |= RUN_WORDING  # the same data as the unbroken run
 
     class Crash(Exception):
         pass

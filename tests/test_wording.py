@@ -53,8 +53,9 @@ def test_the_manifests_carry_the_wording_from_data_to_the_fused_model(exported):
 
 
 def test_ollama_and_llama_server_render_the_training_prompt_token_for_token(exported, tiny_llama_dir):
-    """The held-out record's prompt, as training tokenized it, against: the Modelfile's TEMPLATE with its SYSTEM
-    (Ollama's rendering, the user sending the worded question), and llama-server rendering the GGUF's template."""
+    """The held-out record's prompt, as training tokenized it, against what a client gets by sending the plain
+    question: the Modelfile's TEMPLATE with its SYSTEM (Ollama's rendering, Go's text/template), and llama-server
+    rendering the GGUF's chat template. Both put the question in training's wording themselves."""
     from transformers import AutoTokenizer
 
     from medtune.export.gotemplate import ollama_prompt
@@ -64,22 +65,32 @@ def test_ollama_and_llama_server_render_the_training_prompt_token_for_token(expo
     root, res = exported
     spec = read_modelfile(root / "doc.Modelfile")
     assert spec.system == SYSTEM
+    assert "# TEMPLATE (and the GGUF's template) word every question as training did" in res.modelfile_text
     tok = AutoTokenizer.from_pretrained(root / "fused")
     row = json.loads((root / "data" / "valid.jsonl").read_text(encoding="utf-8").splitlines()[0])
     system, user, _ = row["messages"]  # as prepared: the system prompt, the worded question, the answer
     assert system == {"role": "system", "content": SYSTEM} and user["content"].startswith("问题：")
     want = tok.apply_chat_template([system, user], tokenize=False, add_generation_prompt=True)
-    questions = [json.loads(x)["Question"] for x in SAMPLE.read_text(encoding="utf-8").splitlines()]
-    assert any(user["content"] == TEMPLATE.format(question=q) for q in questions)
-    user = [user]
-    ollama = ollama_prompt(spec.template, user, spec.system)
-    assert ollama == want and tok.encode(ollama, add_special_tokens=False) == tok.encode(want, add_special_tokens=False)
+    want_ids = tok.encode(want, add_special_tokens=False)
+    question = user["content"][len("问题：") : -len("\n回答：")]
+    assert TEMPLATE.format(question=question) == user["content"]
+    plain = [{"role": "user", "content": question}]
+    ollama = ollama_prompt(spec.template, plain, spec.system)
+    assert ollama == want and tok.encode(ollama, add_special_tokens=False) == want_ids
+    # an earlier answer in the history keeps its text; the earlier question is worded too
+    history = [{"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多休息。"}, *plain]
+    worded = [{**m, "content": TEMPLATE.format(question=m["content"])} if m["role"] == "user" else m for m in history]
+    assert ollama_prompt(spec.template, history, spec.system) == tok.apply_chat_template(
+        [system, *worded], tokenize=False, add_generation_prompt=True
+    )
     with LlamaServer(res.gguf_paths["f32"], ctx=1024, n_threads=1) as srv:
-        served = srv.apply_template([{"role": "system", "content": spec.system}, *user])
+        served = srv.apply_template([{"role": "system", "content": spec.system}, *plain])
         assert served == want
-        assert srv.tokenize(served, add_special=False) == tok.encode(want, add_special_tokens=False)
+        assert srv.tokenize(served, add_special=False) == want_ids
         # the GGUF's chat template has training's system prompt as its default: a client that sends none gets it
-        assert srv.apply_template(user) == want
+        assert srv.apply_template(plain) == want
+    manifest = json.loads(res.manifest_path.read_text(encoding="utf-8"))
+    assert manifest["result"]["prompt_wording"] == ["问题：", "\n回答："]
 
 
 def test_the_fused_chat_template_defaults_to_the_training_system_prompt(exported, tiny_llama_dir):
@@ -111,7 +122,47 @@ def test_generate_and_fidelity_ask_in_the_training_wording(exported):
     assert "system prompt from training" in r.stderr
     r = run_cli("eval", "fidelity", root / "fused", res.gguf_paths["f32"], "--limit", 1, "--tokens", 4, "--json")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert any("system prompt and wording training saw" in n for n in json.loads(r.stdout)["notes"])
+    report = json.loads(r.stdout)
+    assert any("system prompt and wording training saw" in n for n in report["notes"])
+    # llama-server was sent the plain question (and plain probe conversations) and rendered the worded one
+    assert any("llama-server is sent it plain" in n for n in report["notes"]), report["notes"]
+    assert report["passed"] and report["summary"]["templates_equal"] == report["summary"]["templates"] > 0
+    assert all(p["rendered_equal"] and p["tokens_equal"] for p in report["prompts"])
+
+
+def test_a_template_of_several_fields_is_left_to_the_client_and_said(exported, tmp_path):
+    """A wording that needs several fields of a record cannot be built from one question: the served templates are
+    left plain (no wording in either), and export says the client must send it."""
+    import shutil
+
+    from medtune.export import export, read_gguf_header
+    from medtune.export.chat_templates import words_user_turns
+
+    root, _ = exported
+    fused = tmp_path / "fused"
+    shutil.copytree(root / "fused", fused)
+    manifest = json.loads((fused / "medtune_manifest.json").read_text(encoding="utf-8"))
+    manifest["wording"]["prompt_template"] = "以下是指令：{instruction}\n输入：{input}\n请生成输出。"
+    (fused / "medtune_manifest.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
+    res = export(fused, tmp_path, "multi", quant=["f32"], modelfile_path=tmp_path / "m.Modelfile")
+    assert any("is not served (it needs several fields of a record)" in w for w in res.warnings), res.warnings
+    assert "word every question" not in res.modelfile_text and "以下是指令" not in res.modelfile_text
+    meta = read_gguf_header(res.gguf_paths["f32"])["metadata"]
+    assert not words_user_turns(meta["tokenizer.chat_template"])
+    assert json.loads(res.manifest_path.read_text(encoding="utf-8"))["result"]["prompt_wording"] is None
+
+
+def test_field_names_match_the_records_in_any_case(tmp_path, tiny_llama_dir):
+    from medtune.data.wording import user_wrap, word_prompt
+
+    assert word_prompt("发烧？", "问题：{Question}\n回答：") == "问题：发烧？\n回答："
+    assert user_wrap("Q {{x}}: {Question}!") == ("Q {x}: ", "!") and user_wrap("{a} {A}") is None
+    src = tmp_path / "alpaca.jsonl"
+    src.write_text(json.dumps({"instruction": "Name a beta blocker.", "output": "Atenolol."}) + "\n", encoding="utf-8")
+    prepare(src, str(tiny_llama_dir), tmp_path / "d", prompt_template="Task: {Instruction}", valid_ratio=0.0,
+            token_stats=False)  # fmt: skip
+    row = json.loads((tmp_path / "d" / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert "Task: Name a beta blocker." in json.dumps(row, ensure_ascii=False)
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ class Wording:
             values = {n: fields.text(n) for n in self.names if n != PROMPT}
             for m in out:
                 if m["role"] == "user":
-                    m["content"] = self.template.format(**{**values, PROMPT: m["content"]})
+                    m["content"] = fill(self.template, {**values, PROMPT: m["content"]})
         if self.system is not None:
             replaced = bool(out and out[0]["role"] == "system" and out[0]["content"] != self.system)
             out = [{"role": "system", "content": self.system}] + [m for m in out if m["role"] != "system"]
@@ -148,6 +148,17 @@ def served(model, adapter=None) -> dict:
     return training_wording(adapter) or training_wording(model if isinstance(model, (str, Path)) else None)
 
 
+def fill(template: str, values: dict) -> str:
+    """The template with each {field} replaced by values[field.lower()] ({{ and }} as single braces): field names
+    match the record's case-insensitively, as everywhere in prepare ({Question} and {question} alike)."""
+    out = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        out.append(literal)
+        if name is not None:
+            out.append(values[name.lower()])
+    return "".join(out)
+
+
 def word_prompt(text: str, template: str | None) -> str:
     """A free question (chat, probes, fidelity prompts) in the training wording: every field of a template with one
     field, or {prompt}, is the question; a template naming several fields leaves the question as it is."""
@@ -156,7 +167,26 @@ def word_prompt(text: str, template: str | None) -> str:
     names = parse_template(template)
     if len(names) != 1:
         return text
-    return template.format(**{names[0]: text})
+    return fill(template, {names[0]: text})
+
+
+def word_turns(messages: list[dict], template: str | None) -> list[dict]:
+    """A conversation with every user turn in the training wording (word_prompt)."""
+    return [{**m, "content": word_prompt(m["content"], template)} if m["role"] == "user" else m for m in messages]
+
+
+def user_wrap(template: str | None) -> tuple[str, str] | None:
+    """(the text before, the text after) the question, for a template whose one field appears once: what a served
+    model's chat template can put around every user turn itself (medtune export), so that a client sends the plain
+    question. None for no template, or one that needs several fields (the client must then send the worded turn)."""
+    if not template or len(parse_template(template)) != 1:
+        return None
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    if len(fields) != 1:
+        return None
+    marker = "\x00"
+    before, after = fill(template, {fields[0].lower(): marker}).split(marker)
+    return before, after
 
 
 def set_default_system(folder: str | Path, system: str) -> str | None:

@@ -317,6 +317,7 @@ def fidelity(
     model_dir, gguf = Path(model_dir), Path(gguf)
     header, prompts = _check_inputs(model_dir, gguf, prompts, tokens)
     from medtune.data.wording import served
+    from medtune.export.chat_templates import words_user_turns
 
     words = served(model_dir, adapter)
     stack = Stack(
@@ -324,6 +325,7 @@ def fidelity(
         Path(adapter) if adapter else None,
         words.get("system"),
         words.get("prompt_template"),
+        words_user_turns(header["metadata"].get("tokenizer.chat_template")),
     )
     stack.check(header)
     if choose_runtime(runtime, llama_cpp_dir) == "llama-server":
@@ -341,12 +343,27 @@ class Stack:
     adapter: Optional[Path] = None
     system: Optional[str] = None  # the system prompt training saw: every prompt is rendered with it
     template: Optional[str] = None  # and the prompt wording
+    gguf_words: bool = False  # the GGUF's chat template words each question itself (medtune export)
 
     def conversation(self, prompt: str) -> list[dict]:
+        """The conversation training would have seen: the question in its wording, under its system prompt."""
         from medtune.data.wording import word_prompt
         from medtune.runtimes.mlx import messages_for
 
         return messages_for(word_prompt(prompt, self.template), self.system)
+
+    def served(self, prompt: str) -> list[dict]:
+        """What a client sends llama-server for `prompt`: the plain question when the GGUF's template words it
+        itself, else the conversation training would have seen."""
+        from medtune.runtimes.mlx import messages_for
+
+        return messages_for(prompt, self.system) if self.gguf_words else self.conversation(prompt)
+
+    def reference(self, conv: list[dict]) -> list[dict]:
+        """A probe conversation as the HF rendering is to see it: its user turns worded when the GGUF words them."""
+        from medtune.data.wording import word_turns
+
+        return word_turns(conv, self.template) if self.gguf_words else conv
 
     def check(self, base_header: dict) -> None:
         """The LoRA GGUF is a LoRA adapter for the base GGUF's architecture, or a BadInput before anything loads."""
@@ -381,6 +398,11 @@ class Stack:
                 "rendered with the system prompt and wording training saw"
                 + (f": system {self.system[:40]!r}" if self.system else "")
                 + (f", template {self.template!r}" if self.template else "")
+                + (
+                    "; the GGUF's template words each question itself: llama-server is sent it plain"
+                    if self.gguf_words
+                    else ""
+                )
             )
 
 
@@ -618,11 +640,11 @@ def _server_fidelity(
         gguf, ctx=n_ctx, llama_cpp_dir=llama_cpp_dir, n_threads=n_threads, kv_type=kv, extra=stack.server_args()
     ) as srv:
         for name, conv in CONVERSATIONS.items():
-            _check_template(srv, tokenizer, name, conv, report)
+            _check_template(srv, tokenizer, name, conv, report, stack.reference(conv))
             if progress:
                 progress.advance(task)
-        for prompt, conv, hf, ids in zip(prompts, convs, hf_texts, hf_ids):
-            report.prompts.append(_server_prompt(srv, model, tokenizer, prompt, conv, hf, ids, report))
+        for prompt, hf, ids in zip(prompts, hf_texts, hf_ids):
+            report.prompts.append(_server_prompt(srv, model, tokenizer, prompt, stack.served(prompt), hf, ids, report))
             if progress:
                 progress.advance(task)
     return report
@@ -635,11 +657,13 @@ def _server_view(srv, tokenizer, conv: list[dict], hf: str, adds_bos: bool) -> t
     return server_text, diff, srv.tokenize(server_text)
 
 
-def _check_template(srv, tokenizer, name: str, conv: list[dict], report: FidelityReport) -> None:
-    """One of CONVERSATIONS rendered and tokenized by llama-server against HF (a TemplateCheck, or a note when the
-    HF template refuses the conversation)."""
+def _check_template(srv, tokenizer, name: str, conv: list[dict], report: FidelityReport, reference=None) -> None:
+    """One of CONVERSATIONS rendered and tokenized by llama-server against HF rendering `reference` (default: the
+    same conversation) (a TemplateCheck, or a note when the HF template refuses the conversation)."""
     try:
-        hf = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True, **TEMPLATE_VARS)
+        hf = tokenizer.apply_chat_template(
+            reference or conv, tokenize=False, add_generation_prompt=True, **TEMPLATE_VARS
+        )
     except Exception as exc:  # noqa: BLE001 - a template that refuses a shape (e.g. no system role)
         report.notes.append(f"{name}: the HF template refuses this conversation ({exc})")
         return

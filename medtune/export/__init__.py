@@ -117,7 +117,8 @@ def export(
     system, system_note = training_system(model_dir, o.system)
     # Everything is decided before anything is written: converter, quantizer, tensors, tokenizer, Modelfile.
     job = _decide(model_dir, out_dir, name, quants, modelfile_path, o.converter, o.llama_cpp)
-    mf = _Modelfile(modelfile_from(job.ggufs[quants[0]], job.mf_path), model_dir, system, params, family)
+    wrap, wording_note = served_wording(job, model_dir, family)
+    mf = _Modelfile(modelfile_from(job.ggufs[quants[0]], job.mf_path), model_dir, system, params, family, wrap)
     mf.render_from(job.vocab)
     _check_resources(job, model_dir)
     summaries, hashes = _write_ggufs(job, model_dir, name, progress)
@@ -129,7 +130,7 @@ def export(
 
     fsutil.write_text(job.mf_path, mf.text)
     options = {"name": name, "quants": quants, "system": system, "params": params, "family": family}
-    info = {**mf.info, "warnings": [*mf.info["warnings"], *_arch_notices(job), *system_note]}
+    info = {**mf.info, "warnings": [*mf.info["warnings"], *_arch_notices(job), *system_note, *wording_note]}
     manifest_path = _write_manifest(job, model_dir, options, info, summaries, hashes)
     from medtune.models.card import write_card
 
@@ -166,6 +167,34 @@ def training_system(model_dir: Path, given: str | None) -> tuple[str | None, lis
             "under that one"
         ]
     return given, []
+
+
+def served_wording(job, model_dir: Path, family: str | None) -> tuple[tuple[str, str] | None, list[str]]:
+    """(the text before and after every question, a warning): training's prompt wording (prepare --prompt-template),
+    put into the GGUF's chat template and the Modelfile's TEMPLATE so that Ollama and llama-server are sent the plain
+    question, as chat and eval are. Only where both templates take it (checked on the probe conversations) and the
+    template has one field; otherwise the served model adds only the system prompt, and the warning says so."""
+    from medtune.data.wording import training_wording, user_wrap
+    from medtune.export.chat_templates import with_user_wording, words_user_turns
+    from medtune.export.modelfile import check_user_wording
+
+    template = training_wording(model_dir).get("prompt_template")
+    if not template:
+        return None, []
+    wrap = user_wrap(template)
+    why = None
+    if wrap is None:
+        why = "it needs several fields of a record"
+    elif not job.plans or not job.vocab.chat_template:
+        why = "llama.cpp's converter writes this GGUF's chat template" if not job.plans else "there is no chat template"
+    else:
+        why = check_user_wording(model_dir, job.vocab.chat_template, wrap, family)
+    if why:
+        return None, [f"training's prompt wording {template!r} is not served ({why}): send each question in it"]
+    for plan in job.plans.values():
+        if not words_user_turns(plan.vocab.chat_template):  # plans may share one vocabulary
+            plan.vocab.chat_template = with_user_wording(plan.vocab.chat_template, *wrap)
+    return wrap, []
 
 
 def _arch_notices(job) -> list[str]:
@@ -276,9 +305,9 @@ def _plans_and_vocab(route, model_dir: Path, written: list[str]) -> tuple[dict, 
 class _Modelfile:
     """The Modelfile's text and facts, rendered as soon as the vocabulary is known."""
 
-    def __init__(self, from_path: str, model_dir: Path, system, params, family):
+    def __init__(self, from_path: str, model_dir: Path, system, params, family, wording=None):
         self.from_path, self.model_dir = from_path, model_dir
-        self.system, self.params, self.family = system, params, family
+        self.system, self.params, self.family, self.wording = system, params, family, wording
         self.text: str | None = None
         self.info: dict | None = None
 
@@ -296,7 +325,13 @@ class _Modelfile:
         from medtune.export.modelfile import render_modelfile
 
         self.text, self.info = render_modelfile(
-            self.from_path, self.model_dir, system=self.system, params=self.params, family=self.family, vocab=vocab
+            self.from_path,
+            self.model_dir,
+            system=self.system,
+            params=self.params,
+            family=self.family,
+            vocab=vocab,
+            wording=self.wording,
         )
 
 
@@ -414,6 +449,7 @@ def _write_manifest(
             "stops": info["stops"],
             "system": info["system"],
             "default_system": info["default_system"],
+            "prompt_wording": info.get("wording"),  # [before, after] the plain question, in both templates
             "parameters": info["params"],
             "warnings": info["warnings"],
             "gguf": summaries,

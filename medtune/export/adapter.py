@@ -79,12 +79,29 @@ def export_adapter(
     lora_type = "f32" if quant == "f32" else "f16"
     adapter_gguf = out_dir / f"{name}-lora-{lora_type}.gguf"
     summary = write_lora_gguf(adapter_dir, base_dir, adapter_gguf, lora_type, name=name, progress=progress)
+    system, notes = _adapter_wording(Path(adapter_dir), system)
     text, info = _modelfile(base_gguf, adapter_gguf, modelfile_path, base_dir, system, family)
     fsutil.write_text(modelfile_path, text)
     return AdapterExport(
         name, base_gguf, written, adapter_gguf, modelfile_path, text, summary,
-        ollama_commands(name, modelfile_path), info["warnings"],
+        ollama_commands(name, modelfile_path), [*info["warnings"], *notes],
     )  # fmt: skip
+
+
+def _adapter_wording(adapter_dir: Path, system: str | None) -> tuple[str | None, list[str]]:
+    """(the Modelfile's SYSTEM: training's unless --system, warnings): the prompt wording stays with the client,
+    since the shared base GGUF's template serves every adapter."""
+    from medtune.data.wording import training_wording
+    from medtune.export import training_system
+
+    system, notes = training_system(adapter_dir, system)
+    template = training_wording(adapter_dir).get("prompt_template")
+    if template:
+        notes.append(
+            f"training's prompt wording {template!r} is not served (the shared base GGUF's template serves every "
+            "adapter): send each question in it"
+        )
+    return system, notes
 
 
 def _gguf_type(path: Path) -> str:

@@ -60,6 +60,40 @@ def with_fixed_vars(template: str) -> str:
     return sets + template if sets else template
 
 
+# A served model words every user turn as training did (prepare --prompt-template with one field): the GGUF's
+# template starts by rebuilding `messages` with each user turn's text between the template's text before and after
+# the question. Transformers' Jinja and llama.cpp's engine both run it; medtune export checks the rendering, and
+# medtune eval fidelity tells by WORDING_MARK that this GGUF is to be sent the plain question.
+WORDING_MARK = "{#- medtune: user turns in the training wording -#}"
+
+
+def with_user_wording(template: str, before: str, after: str) -> str:
+    """`template` with every user turn (a string) rendered as before + turn + after."""
+    turn = f"{{'role': 'user', 'content': {_jinja_str(before)} + m['content'] + {_jinja_str(after)}}}"
+    return (
+        WORDING_MARK
+        + "{%- set medtune_w = namespace(turns=[]) -%}"
+        + "{%- for m in messages -%}"
+        + "{%- if m['role'] == 'user' and m['content'] is string -%}"
+        + f"{{%- set medtune_w.turns = medtune_w.turns + [{turn}] -%}}"
+        + "{%- else -%}{%- set medtune_w.turns = medtune_w.turns + [m] -%}{%- endif -%}"
+        + "{%- endfor -%}"
+        + "{%- set messages = medtune_w.turns %}"
+        + template
+    )
+
+
+def words_user_turns(template: str | None) -> bool:
+    """Whether a GGUF's chat template words the user turns itself (with_user_wording)."""
+    return bool(template) and template.startswith(WORDING_MARK)
+
+
+def _jinja_str(text: str) -> str:
+    """A Jinja string literal of `text` (quotes, backslashes and control characters escaped)."""
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\t", "\\t")
+    return "'" + escaped.replace("\r", "\\r") + "'"
+
+
 _BY_ARCH = {"gemma3": GEMMA3_TEMPLATE}
 
 

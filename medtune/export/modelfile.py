@@ -488,8 +488,8 @@ class Match:
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
-def _hf_renderer(model_dir: Path):
-    """The tokenizer's chat template, compiled by transformers' own jinja compiler and given what
+def _hf_renderer(model_dir: Path, template: str | None = None):
+    """The tokenizer's chat template (or `template`), compiled by transformers' own jinja compiler and given what
     apply_chat_template gives it (messages, add_generation_prompt, the special tokens). Building the
     whole tokenizer would import torch and cost ~3 s and ~450 MB in an export that needs neither;
     tests compare this with apply_chat_template (`hf_render`)."""
@@ -497,7 +497,7 @@ def _hf_renderer(model_dir: Path):
 
     from medtune.export.tokenizer import _load_json, _token_text, chat_template
 
-    template = chat_template(model_dir)
+    template = template or chat_template(model_dir)
     if template is None:
         raise ValueError("the tokenizer has no chat template")
     cfg = _load_json(model_dir / "tokenizer_config.json")
@@ -547,6 +547,43 @@ def _match_family(family: Family, render) -> Match | None:
     if len(defaults) > 1:
         return None
     return Match(family, defaults.pop() if defaults else None)
+
+
+def go_with_user_wording(template: str, before: str, after: str) -> str:
+    """A family's Go TEMPLATE with every user turn written as before + .Content + after (the training wording,
+    medtune.data.wording.user_wrap), the other turns as they were."""
+    import json
+
+    def quoted(text: str) -> str:
+        return json.dumps(text, ensure_ascii=False)  # a Go string literal: JSON's escapes are Go's
+
+    worded = (
+        f'{{{{ if eq .Role "user" }}}}{{{{ {quoted(before)} }}}}{{{{ .Content }}}}{{{{ {quoted(after)} }}}}'
+        "{{ else }}{{ .Content }}{{ end }}"
+    )
+    return template.replace("{{ .Content }}", worded)
+
+
+def check_user_wording(model_dir: Path, jinja: str, wrap: tuple[str, str], family: str | None = None) -> str | None:
+    """Why the served templates cannot word the user turns themselves, or None: on every probe conversation, the
+    family's Go TEMPLATE (through medtune.export.gotemplate) and the chat template `jinja` (through transformers'
+    Jinja), each with the wording added, render the plain conversation exactly as they render the worded one."""
+    from medtune.export.chat_templates import with_user_wording
+    from medtune.export.gotemplate import TemplateError, ollama_prompt
+
+    go = get_family(family).template if family else detect_family(model_dir, jinja).family.template
+    go_worded = go_with_user_wording(go, *wrap)
+    plain, worded = _hf_renderer(model_dir, jinja), _hf_renderer(model_dir, with_user_wording(jinja, *wrap))
+    for probe in _PROBES:
+        want = [{**m, "content": wrap[0] + m["content"] + wrap[1]} if m["role"] == "user" else m for m in probe]
+        try:
+            if ollama_prompt(go_worded, probe) != ollama_prompt(go, want):
+                return "the Modelfile's TEMPLATE does not take the prompt wording (its user turns are not plain)"
+        except TemplateError as exc:
+            return f"the Modelfile's TEMPLATE does not take the prompt wording ({exc})"
+        if worded(probe) != plain(want):
+            return "the chat template does not take the prompt wording (it rewrites the user turns)"
+    return None
 
 
 def detect_family(model_dir: str | Path, template: str | None = None) -> Match:
@@ -636,7 +673,13 @@ def licence_value(text: str) -> str | None:
 
 
 def modelfile_lines(
-    from_path: str, template: str, system: str | None, stops: list[str], params: dict, licence: str | None = None
+    from_path: str,
+    template: str,
+    system: str | None,
+    stops: list[str],
+    params: dict,
+    licence: str | None = None,
+    wording: tuple[str, str] | None = None,
 ) -> list[str]:
     lines = [
         "# Written by medtune. TEMPLATE reproduces the tokenizer's chat template; do not edit by hand.",
@@ -648,6 +691,14 @@ def modelfile_lines(
         *(
             ["# TEMPLATE uses .Thinking (the reasoning Ollama parses out of a reply): it needs Ollama >= 0.9."]
             if ".Thinking" in template
+            else []
+        ),
+        *(
+            [
+                f"# TEMPLATE (and the GGUF's template) word every question as training did: {wording[0]!r} before, "
+                f"{wording[1]!r} after. Send the plain question."
+            ]
+            if wording
             else []
         ),
         f"FROM {quote_value(str(from_path), 'FROM path')}",
@@ -718,6 +769,7 @@ def render_modelfile(
     family: str | None = None,
     vocab=None,
     licence: str | None = None,
+    wording: tuple[str, str] | None = None,
 ) -> tuple[str, dict]:
     """Modelfile text for the GGUF at `gguf_filename`, written as FROM as given (`medtune export` passes it relative
     to the Modelfile's folder, medtune.export.modelfile_from, which is how Ollama resolves FROM).
@@ -727,8 +779,10 @@ def render_modelfile(
     family: force a family by name instead of detecting it (e.g. "generic" for a template-less base).
     licence: the LICENSE text; None -> the model folder's LICENSE file (the base's, which fuse copies), if any;
     "" -> no LICENSE.
+    wording: (text before, text after) every user turn, the training wording the TEMPLATE puts around the plain
+    question (checked by export first, check_user_wording).
     Returns (text, info) where info has family, stops, system, default_system, template, params, licence (whether
-    a LICENSE was written), warnings.
+    a LICENSE was written), wording, warnings.
     """
     from medtune.export.tokenizer import read_vocab
     from medtune.models.config import read_config
@@ -767,6 +821,8 @@ def render_modelfile(
         )
 
     template = _with_bos(fam, vocab, model_dir, warnings)
+    if wording:
+        template = go_with_user_wording(template, *wording)
     cfg = read_config(model_dir)
     ctx = int(cfg.get("max_position_embeddings") or 4096)
     merged = {**DEFAULT_PARAMS, "num_ctx": min(ctx, 4096), **(params or {})}
@@ -781,7 +837,7 @@ def render_modelfile(
     licence_text = licence_value(licence) if licence else None
     if licence and licence_text is None:
         warnings.append('the licence text holds """, which a Modelfile cannot carry: the Modelfile has no LICENSE')
-    lines = modelfile_lines(str(gguf_filename), template, system or None, stops, merged, licence_text)
+    lines = modelfile_lines(str(gguf_filename), template, system or None, stops, merged, licence_text, wording)
     text = "\n".join(lines) + "\n"
     info = {
         "family": fam.name,
@@ -791,6 +847,7 @@ def render_modelfile(
         "template": template,
         "params": merged,
         "licence": licence_text is not None,
+        "wording": list(wording) if wording else None,
         "warnings": warnings,
     }
     return text, info

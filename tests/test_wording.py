@@ -200,3 +200,15 @@ def test_a_system_prompt_replaces_a_records_own_and_says_so(tmp_path, tiny_llama
     with pytest.raises(BadInput, match="plain-text records"):
         (tmp_path / "t.jsonl").write_text('{"text": "some text"}\n', encoding="utf-8")
         prepare(tmp_path / "t.jsonl", str(tiny_llama_dir), tmp_path / "t", system=SYSTEM)
+
+
+def test_an_adapter_export_carries_the_system_prompt_and_says_the_wording_is_the_clients(exported, tmp_path):
+    root, _ = exported
+    r = run_cli("export", root / "adapter", "--name", "docl", "--base-out", tmp_path / "base", "--out", tmp_path,
+                "--modelfile", tmp_path / "docl.Modelfile")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "is not served (the shared base GGUF's template serves every adapter)" in r.stderr
+    from medtune.ollama import read_modelfile
+
+    spec = read_modelfile(tmp_path / "docl.Modelfile")
+    assert spec.system == SYSTEM and "问题" not in spec.template

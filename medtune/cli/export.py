@@ -115,6 +115,9 @@ def _export_adapter(opts: ExportOptions, adapter, base, out, name, modelfile, ba
             adapter, base, out or adapter, name, quant=quants[0], base_out=base_out,
             modelfile_path=modelfile, system=opts.system, family=opts.family, progress=p,
         )  # fmt: skip
+    if not as_json:
+        for w in res.warnings:  # e.g. training's wording, which the shared base's template does not serve
+            warn(w)
     created = _create(ollama, res.modelfile_path, host, as_json) if ollama else None
     if as_json:
         return emit_json({**res.to_dict(), "ollama": created})

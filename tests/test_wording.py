@@ -13,6 +13,7 @@ from medtune.core.errors import BadInput
 from medtune.data.prepare import prepare
 
 from conftest import SAMPLE, run_cli
+from families import CASES, write_tokenizer
 
 SYSTEM = "你是一名专业的医生。请用简洁的语言回答。"
 TEMPLATE = "问题：{question}\n回答："
@@ -212,3 +213,35 @@ def test_an_adapter_export_carries_the_system_prompt_and_says_the_wording_is_the
 
     spec = read_modelfile(tmp_path / "docl.Modelfile")
     assert spec.system == SYSTEM and "问题" not in spec.template
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c].get("template")])
+def test_every_familys_templates_take_the_wording(case, tmp_path, smollm2_dir, smollm2_gguf):
+    """For each chat-template family: the Go TEMPLATE (Go's text/template) and the GGUF's Jinja template (in
+    transformers and in llama-server's own engine), with the wording added, render the plain conversation exactly
+    as the unchanged templates render the worded one."""
+    from medtune.export.chat_templates import with_fixed_vars, with_user_wording
+    from medtune.export.modelfile import check_user_wording
+    from medtune.export.tokenizer import chat_template
+    from medtune.runtimes.llama_server import LlamaServer
+
+    folder = tmp_path / case
+    folder.mkdir()
+    write_tokenizer(folder, smollm2_dir, CASES[case])
+    jinja = with_fixed_vars(chat_template(folder))
+    wrap = ("问题：", "\n回答：")
+    assert check_user_wording(folder, jinja, wrap) is None
+    plain = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "头痛怎么办？"},
+        {"role": "assistant", "content": "多休息。"},
+        {"role": "user", "content": "发烧呢？"},
+    ]
+    worded = [{**m, "content": wrap[0] + m["content"] + wrap[1]} if m["role"] == "user" else m for m in plain]
+    rendered = []
+    for template, conv in ((jinja, worded), (with_user_wording(jinja, *wrap), plain)):
+        (tmp_path / "t.jinja").write_text(template, encoding="utf-8")
+        extra = ["--chat-template-file", str(tmp_path / "t.jinja")]
+        with LlamaServer(smollm2_gguf, ctx=512, n_threads=1, extra=extra) as srv:
+            rendered.append(srv.apply_template(conv))
+    assert "问题：发烧呢？\n回答：" in rendered[1] and rendered[0] == rendered[1]

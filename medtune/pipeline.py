@@ -720,18 +720,20 @@ class Run:
         """(the base GGUF's type, its folder, its stem) for export.lora: the first type asked for (F16 when that is a
         K-quant, which only llama.cpp's quantizer makes), in models/base-<base>/, shared by the runs on that base."""
         from medtune.export.adapter import base_stem
-        from medtune.export.quantize import parse_quants
+        from medtune.export.quantize import WRITER_TYPES, parse_quants
 
         first = parse_quants(list(self.cfg["export"].get("quant") or ["f16"]))[0]
-        quant = first if first in ("f16", "f32", "bf16", "q8_0", "q4_0") else "f16"
+        quant = first if first in WRITER_TYPES else "f16"
         stem = base_stem(str(self.cfg["model"]))
         return quant, self.gguf_dir.parent / f"base-{stem}", stem
 
     def _lora_outputs(self) -> list[Path]:
         if not self.cfg["export"].get("lora"):
             return []
+        from medtune.export.adapter import lora_type
+
         quant, folder, stem = self._lora_base()
-        lora = self.gguf_dir / f"{self.name}-lora-{'f32' if quant == 'f32' else 'f16'}.gguf"
+        lora = self.gguf_dir / f"{self.name}-lora-{lora_type(quant)}.gguf"
         return [folder / f"{stem}-{quant}.gguf", lora, self.lora_modelfile]
 
     def _export_lora(self, progress) -> dict:

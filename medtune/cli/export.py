@@ -78,8 +78,39 @@ def export(
     step(f"exporting {model_dir} → {out} ({', '.join(quants)})")
     with progress(transient=True) as p, untrusted(trust_remote_code, allow_pickle):
         res = run(model_dir, out, name, opts, modelfile_path=modelfile, progress=p)
+    written = [f"GGUF ({q}): {g}" for q, g in res.gguf_paths.items()]
+    if res.converter != "medtune":
+        written.insert(0, "converted with llama.cpp's convert_hf_to_gguf.py")
+    _finish(res, written, ollama, host, as_json)
+
+
+def _export_adapter(opts: ExportOptions, adapter, base, out, name, modelfile, base_out, ollama, host, as_json):
+    """`medtune export ADAPTER --base MODEL`: the shared base GGUF, the adapter GGUF and their Modelfile."""
+    from medtune.core.console import progress
+    from medtune.export.adapter import check_base_spec, export_adapter
+    from medtune.export.quantize import WRITER_TYPES, parse_quants
+
+    quants = parse_quants(opts.quant)
+    if len(quants) != 1 or quants[0] not in WRITER_TYPES:
+        raise typer.BadParameter(f"with --base, one base type: {', '.join(WRITER_TYPES)}", param_hint="--quant")
+    base = check_base_spec(base, adapter)
+    step(f"exporting adapter {adapter} on {base} ({quants[0]} base)")
+    with progress(transient=True) as p:
+        res = export_adapter(
+            adapter, base, out or adapter, name, quant=quants[0], base_out=base_out,
+            modelfile_path=modelfile, system=opts.system, family=opts.family, progress=p,
+        )  # fmt: skip
+    written = [
+        f"base GGUF ({'written' if res.base_written else 'reused'}): {res.base_gguf}",
+        f"adapter GGUF: {res.adapter_gguf} ({res.lora['tensors']} tensors, rank {res.lora['ranks']})",
+    ]
+    _finish(res, written, ollama, host, as_json)
+
+
+def _finish(res, written: list[str], ollama, host, as_json: bool):
+    """After either export: its warnings, --ollama's create, then --json, or what was written and how to run it."""
     if not as_json:
-        for w in res.warnings:  # e.g. a forced --family that renders other prompts than training saw
+        for w in res.warnings:  # e.g. a forced --family, or training's wording that the GGUF does not serve
             warn(w)
     created = _create(ollama, res.modelfile_path, host, as_json) if ollama else None
     if as_json:
@@ -89,44 +120,9 @@ def export(
             warn(w)
         done(f"created {ollama} in Ollama ({created['method']}); try: ollama run {ollama}")
         return
-    if res.converter != "medtune":
-        info("converted with llama.cpp's convert_hf_to_gguf.py")
-    for q, g in res.gguf_paths.items():
-        done(f"GGUF ({q}): {g}")
+    for line in written:
+        done(line)
     done(f"Modelfile: {res.modelfile_path}")
-    info("[bold]To run it in Ollama:[/]")
-    for line in res.ollama_commands:
-        print(f"  {line}")
-
-
-def _export_adapter(opts: ExportOptions, adapter, base, out, name, modelfile, base_out, ollama, host, as_json):
-    """`medtune export ADAPTER --base MODEL`: the shared base GGUF, the adapter GGUF and their Modelfile."""
-    from medtune.core.console import progress
-    from medtune.export.adapter import check_base_spec, export_adapter
-    from medtune.export.quantize import parse_quants
-
-    quants = parse_quants(opts.quant)
-    if len(quants) != 1 or quants[0] not in ("f16", "f32", "bf16", "q8_0", "q4_0"):
-        raise typer.BadParameter("with --base, one base type: f16, f32, bf16, q8_0 or q4_0", param_hint="--quant")
-    base = check_base_spec(base, adapter)
-    step(f"exporting adapter {adapter} on {base} ({quants[0]} base)")
-    with progress(transient=True) as p:
-        res = export_adapter(
-            adapter, base, out or adapter, name, quant=quants[0], base_out=base_out,
-            modelfile_path=modelfile, system=opts.system, family=opts.family, progress=p,
-        )  # fmt: skip
-    if not as_json:
-        for w in res.warnings:  # e.g. training's wording, which the shared base's template does not serve
-            warn(w)
-    created = _create(ollama, res.modelfile_path, host, as_json) if ollama else None
-    if as_json:
-        return emit_json({**res.to_dict(), "ollama": created})
-    done(f"base GGUF ({'written' if res.base_written else 'reused'}): {res.base_gguf}")
-    done(f"adapter GGUF: {res.adapter_gguf} ({res.lora['tensors']} tensors, rank {res.lora['ranks']})")
-    done(f"Modelfile: {res.modelfile_path}")
-    if created:
-        done(f"created {ollama} in Ollama ({created['method']}); try: ollama run {ollama}")
-        return
     info("[bold]To run it in Ollama:[/]")
     for line in res.ollama_commands:
         print(f"  {line}")

@@ -354,7 +354,7 @@ class GGUFRunner:
             n_threads=n_threads,
             logits_all=logits_all,
             purpose="running GGUF files in `medtune eval`",
-            **({"lora_path": str(lora)} if lora else {}),
+            lora=lora,
         )
 
     def answer(self, messages: list[dict], max_tokens: int) -> dict:

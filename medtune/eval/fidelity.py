@@ -387,9 +387,6 @@ class Stack:
     def server_args(self) -> list[str]:
         return ["--lora", str(self.lora)] if self.lora else []
 
-    def llama_kwargs(self) -> dict:
-        return {"lora_path": str(self.lora)} if self.lora else {}
-
     def mark(self, report: FidelityReport) -> None:
         report.lora = str(self.lora) if self.lora else None
         report.adapter = str(self.adapter) if self.adapter else None
@@ -464,7 +461,7 @@ def _inprocess_fidelity(
         n_threads=n_threads,
         logits_all=True,
         purpose="the GGUF runtime fidelity compares against",
-        **stack.llama_kwargs(),
+        lora=stack.lora,
     )
     try:
         report = _new_report(
@@ -657,13 +654,12 @@ def _server_view(srv, tokenizer, conv: list[dict], hf: str, adds_bos: bool) -> t
     return server_text, diff, srv.tokenize(server_text)
 
 
-def _check_template(srv, tokenizer, name: str, conv: list[dict], report: FidelityReport, reference=None) -> None:
-    """One of CONVERSATIONS rendered and tokenized by llama-server against HF rendering `reference` (default: the
-    same conversation) (a TemplateCheck, or a note when the HF template refuses the conversation)."""
+def _check_template(srv, tokenizer, name: str, conv: list[dict], report: FidelityReport, reference: list[dict]):
+    """One of CONVERSATIONS rendered and tokenized by llama-server against HF rendering `reference` (the same
+    conversation, its user turns worded when the GGUF words them: Stack.reference) (a TemplateCheck, or a note when
+    the HF template refuses the conversation)."""
     try:
-        hf = tokenizer.apply_chat_template(
-            reference or conv, tokenize=False, add_generation_prompt=True, **TEMPLATE_VARS
-        )
+        hf = tokenizer.apply_chat_template(reference, tokenize=False, add_generation_prompt=True, **TEMPLATE_VARS)
     except Exception as exc:  # noqa: BLE001 - a template that refuses a shape (e.g. no system role)
         report.notes.append(f"{name}: the HF template refuses this conversation ({exc})")
         return

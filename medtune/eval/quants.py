@@ -193,7 +193,7 @@ def _load(path: Path, n_ctx: int, n_threads: int | None, lora: Optional[Path] = 
         logits_all=True,
         n_batch=n_ctx,
         purpose="the KL divergence of quantized GGUFs",
-        **({"lora_path": str(lora)} if lora else {}),
+        lora=lora,
     )
 
 

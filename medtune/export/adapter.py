@@ -37,6 +37,11 @@ class AdapterExport:
         return d
 
 
+def lora_type(base_type: str) -> str:
+    """The adapter GGUF's type beside a base of `base_type`: F32 beside F32, else F16 (never quantized)."""
+    return "f32" if base_type == "f32" else "f16"
+
+
 def base_stem(base: str) -> str:
     """A file-name stem for a base spec: builtin:smollm2-135m → smollm2-135m, ORG/NAME → NAME, a folder → its name."""
     import re
@@ -76,9 +81,8 @@ def export_adapter(
         stem = base_stem(base)
         folder = Path(base_out or Path("models") / f"base-{stem}").absolute()
         base_gguf, written = _shared_base(base_dir, folder, stem, quant, progress)
-    lora_type = "f32" if quant == "f32" else "f16"
-    adapter_gguf = out_dir / f"{name}-lora-{lora_type}.gguf"
-    summary = write_lora_gguf(adapter_dir, base_dir, adapter_gguf, lora_type, name=name, progress=progress)
+    adapter_gguf = out_dir / f"{name}-lora-{lora_type(quant)}.gguf"
+    summary = write_lora_gguf(adapter_dir, base_dir, adapter_gguf, lora_type(quant), name=name, progress=progress)
     system, notes = _adapter_wording(Path(adapter_dir), system)
     text, info = _modelfile(base_gguf, adapter_gguf, modelfile_path, base_dir, system, family)
     fsutil.write_text(modelfile_path, text)

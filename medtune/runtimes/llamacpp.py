@@ -34,9 +34,10 @@ def load_gguf(
     logits_all: bool = False,
     n_batch: int | None = None,
     purpose: str = "running GGUF files",
+    lora: str | Path | None = None,
     **kwargs,
 ):
-    """A llama_cpp.Llama on `path`. Prompt processing uses as many threads as generation (llama-cpp-python would
+    """A llama_cpp.Llama on `path` (with the LoRA GGUF `lora` on top: Ollama's ADAPTER, llama.cpp's --lora). Prompt processing uses as many threads as generation (llama-cpp-python would
     take every core for it, and spinning threads on a busy machine made a 128-token batch 8x slower). Flash attention
     is on, as llama-server and llama-perplexity run by default (llama-cpp-python turns it off): the same numerics."""
     from medtune.core.errors import BadInput, require
@@ -54,7 +55,7 @@ def load_gguf(
             logits_all=logits_all,
             seed=0,
             verbose=False,
-            **{"flash_attn": True, **kwargs},
+            **{"flash_attn": True, **({"lora_path": str(lora)} if lora else {}), **kwargs},
         )
     except (ValueError, RuntimeError) as exc:
         raise BadInput(

@@ -279,7 +279,7 @@ def convert(adapter_dir: str | Path, to: str, out: str | Path, base: str | None 
     source = adapter_weights(adapter_dir, read_adapter_config(adapter_dir))
     lineage = {"converted_from": str(adapter_dir.absolute()), "kind": lora.kind, "sha256": fsutil.sha256_file(source)}
     fsutil.write_text(out / CONVERTED, json.dumps(lineage, indent=2) + "\n")  # PEFT warns of unknown config keys
-    rank, scale, _ = uniform(lora)
+    rank, scale = max(p.rank for p in lora.pairs), lora.pairs[0].scale  # as uniform() wrote them
     return {"out": str(out), "kind": to, "from": lora.kind, "rank": rank, "scale": scale,
             "modules": len(lora.pairs), "layers": layers}  # fmt: skip
 

@@ -82,6 +82,8 @@ def chat_loop(
 ) -> list[dict]:
     """Chat until /exit or EOF; return the conversation (system prompt included). wording: the prompt template
     training saw (medtune.data.wording.word_prompt), each message put in it."""
+    from medtune.data.wording import word_prompt
+
     if console is None:
         from medtune.core.console import out as console
     system_msgs = [{"role": "system", "content": system}] if system else []
@@ -110,8 +112,6 @@ def chat_loop(
                 continue
             console.print(f"[yellow]unknown command {cmd}[/] (try /help)")
             continue
-        from medtune.data.wording import word_prompt
-
         history.append({"role": "user", "content": word_prompt(text, wording)})
         printer = _Printer(console, hide_think)
         try:

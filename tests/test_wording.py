@@ -157,7 +157,11 @@ def test_field_names_match_the_records_in_any_case(tmp_path, tiny_llama_dir):
     from medtune.data.wording import user_wrap, word_prompt
 
     assert word_prompt("发烧？", "问题：{Question}\n回答：") == "问题：发烧？\n回答："
-    assert user_wrap("Q {{x}}: {Question}!") == ("Q {x}: ", "!") and user_wrap("{a} {A}") is None
+    assert (
+        user_wrap("Q {{x}}: {Question}!") == ("Q {x}: ", "!")
+        and user_wrap("{a} {A}") is None
+        and user_wrap("{a}{b}") is None
+    )
     src = tmp_path / "alpaca.jsonl"
     src.write_text(json.dumps({"instruction": "Name a beta blocker.", "output": "Atenolol."}) + "\n", encoding="utf-8")
     prepare(src, str(tiny_llama_dir), tmp_path / "d", prompt_template="Task: {Instruction}", valid_ratio=0.0,

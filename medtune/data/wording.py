@@ -7,8 +7,9 @@
   literal braces. A record without a named field is refused (file:line, field); the template is checked once, before
   any record is read (unbalanced braces, an empty name, a format spec or an attribute are refused).
 
-Both are recorded in the manifest (options.system, options.prompt_template), and from there travel with the adapter
-and the fused model to export, chat and eval (medtune.data.wording.training_wording).
+Both are recorded in the manifest (`wording`: the system prompt's text, the template), and from there travel with the
+adapter and the fused model to export, chat and eval (training_wording); export puts a one-field wording into the
+served templates (user_wrap, medtune.export.served_wording).
 """
 
 from __future__ import annotations
@@ -134,10 +135,7 @@ def training_wording(folder: str | Path | None) -> dict:
             m = json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        found = m.get("wording") or {
-            k: (m.get("options") or {}).get(k) for k in ("system", "prompt_template") if (m.get("options") or {}).get(k)
-        }
-        found = {k: v for k, v in found.items() if k in ("system", "prompt_template") and v}
+        found = {k: v for k, v in (m.get("wording") or {}).items() if k in ("system", "prompt_template") and v}
         if found:
             return found
     return {}
@@ -181,12 +179,8 @@ def user_wrap(template: str | None) -> tuple[str, str] | None:
     question. None for no template, or one that needs several fields (the client must then send the worded turn)."""
     if not template or len(parse_template(template)) != 1:
         return None
-    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    if len(fields) != 1:
-        return None
-    marker = "\x00"
-    before, after = fill(template, {fields[0].lower(): marker}).split(marker)
-    return before, after
+    parts = word_prompt("\x00", template).split("\x00")  # a field used twice gives three parts
+    return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
 def set_default_system(folder: str | Path, system: str) -> str | None:

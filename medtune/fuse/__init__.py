@@ -161,12 +161,10 @@ def write_fused(out: Path, save, cfg: dict, base_dir: Path, manifest: dict) -> l
                 shutil.copy2(base_dir / name, tmp / name)
         for path in licence_files(base_dir):
             shutil.copy2(path, tmp / path.name)
-        from medtune.data.wording import training_wording
+        from medtune.data.wording import set_default_system, training_wording
 
         words = training_wording((manifest.get("inputs") or {}).get("adapter"))
         if words.get("system"):  # the chat template's default system prompt becomes training's, where it has one
-            from medtune.data.wording import set_default_system
-
             why = set_default_system(tmp, words["system"])
             words = {**words, "template_default": why or "set"}
         redact.write_json(tmp / "medtune_manifest.json", {"stage": "fuse", **manifest, "wording": words})

@@ -117,10 +117,9 @@ def check_init_adapter(opts: TrainOptions, folder: Path, n_model: int, backend) 
         "num_layers": n_model if opts.num_layers < 0 else opts.num_layers,  # -1: all of them
         "fine_tune_type": opts.fine_tune_type,
     }
+    shown = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in theirs.items()}
     bad = [
-        f"--{k.replace('_', '-')} {getattr(opts, k, mine[k])} (the adapter's: {theirs[k]:g})"
-        if isinstance(theirs[k], float)
-        else f"--{k.replace('_', '-')} {getattr(opts, k, mine[k])} (the adapter's: {theirs[k]})"
+        f"--{k.replace('_', '-')} {getattr(opts, k, mine[k])} (the adapter's: {shown[k]})"
         for k in theirs
         if theirs[k] is not None and mine[k] != theirs[k] and mine[k] != getattr(default, k, None)
     ]
